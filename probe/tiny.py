@@ -1,0 +1,104 @@
+"""Tiny randomly initialised models of each architecture family, built in memory for tests.
+
+Each is a real transformers model (so TransformerLens's bridge and every probe path treat it exactly
+like a full-size one) with a byte-level tokenizer that needs no files. Weights are drawn from a
+seeded generator: the same name and seed give bit-identical models. The initialiser scale is larger
+than the architectures' default so that attention patterns are not all near-uniform and tests of
+pattern statistics have something to measure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Kind = Literal["language", "vision"]
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+def byte_tokenizer(prepend_bos: bool) -> Any:
+    """A byte-level tokenizer: one token per UTF-8 byte plus BOS/EOS/PAD (259 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [BOS, EOS, PAD]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    if prepend_bos:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)]
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tok.padding_side = "left"
+    return tok
+
+
+@dataclass(frozen=True)
+class TinyBuilder:
+    name: str
+    kind: Kind
+    family: str
+    description: str
+    build: Callable[[int], tuple[torch.nn.Module, Any]]
+
+
+def _seeded(seed: int, make: Callable[[], torch.nn.Module], std: float) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                torch.nn.init.normal_(param, std=std)
+            elif "norm" in name or "ln" in name:
+                torch.nn.init.normal_(param, mean=1.0, std=0.05)
+            else:
+                torch.nn.init.normal_(param, std=0.02)
+    return model.eval()
+
+
+def build_tiny_gpt2(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = byte_tokenizer(prepend_bos=False)  # GPT-2's tokenizer adds no BOS
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=3, n_head=4,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
+    )  # fmt: skip
+    return _seeded(seed, lambda: GPT2LMHeadModel(cfg), std=0.15), tok
+
+
+def build_tiny_llama(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer(prepend_bos=True)  # Llama's tokenizer prepends <s>
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    return _seeded(seed, lambda: LlamaForCausalLM(cfg), std=0.15), tok
+
+
+TINY_BUILDERS: dict[str, TinyBuilder] = {
+    b.name: b
+    for b in [
+        TinyBuilder(
+            "tiny-gpt2", "language", "gpt2",
+            "random GPT-2-style model: learned positions, 3 layers x 4 heads, d 64, byte tokenizer, no BOS",
+            build_tiny_gpt2,
+        ),
+        TinyBuilder(
+            "tiny-llama", "language", "llama",
+            "random Llama-style model: RoPE, 3 layers x 4 heads / 2 KV heads, RMSNorm, byte tokenizer, BOS",
+            build_tiny_llama,
+        ),
+    ]
+}  # fmt: skip

