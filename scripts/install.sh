@@ -28,7 +28,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "no CUDA GPU: installing $spec (the CPU build; set TORCH_INDEX_URL if your pip would pick a CUDA one)"
   fi
   idx=(); [ -n "${TORCH_INDEX_URL:-}" ] && idx=(--index-url "$TORCH_INDEX_URL")
-  "${PIP[@]}" install "$spec" "${idx[@]}" 2>&1 | grep -v "is ignored" || true
+  "${PIP[@]}" install "$spec" numpy "${idx[@]}" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import torch" || { echo "error: torch did not install; set TORCH_SPEC or TORCH_INDEX_URL" >&2; exit 2; }
 fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
