@@ -1,0 +1,224 @@
+"""Head census: what every attention head does, in six numbers.
+
+Background
+----------
+A first map of a model's heads, computed in one pass of in-hook reducers (:mod:`probe.reducers`)
+over two seeded input sets:
+
+* natural text (standard-library documentation, :mod:`analyses.tasks.text`), ``seq_len`` tokens:
+  - ``entropy``: mean entropy (nats) of the head's attention rows; low = focused.
+  - ``alpha_0``: first-token mass, the column importance ``alpha_k`` of PAPERS.md at ``k = 0``
+    (the first real token, BOS when the BOS policy prepends one): the attention-sink signature
+    (Gu et al., ICLR 2025; Xiao et al., "Efficient Streaming Language Models with Attention Sinks").
+  - ``prev_token``: mean attention from each token to the one before it (Olsson et al., 2022).
+  - ``mean_distance``: mean of ``sum_k A[t,k]·(t-k)`` in tokens, how far back a head looks.
+* a random block of ``repeat_len`` tokens repeated twice (uniform over the non-special vocabulary):
+  - ``induction``: attention from a token in the second copy to the token *after* its earlier
+    occurrence (offset ``repeat_len - 1``), the induction-head signature (Olsson et al., 2022;
+    Elhage et al., "A Mathematical Framework for Transformer Circuits", 2021).
+  - ``duplicate_token``: attention to the earlier occurrence of the same token (offset
+    ``repeat_len``), the duplicate-token signature (Wang et al., "Interpretability in the Wild", 2022).
+
+Every score is first averaged over a sample's eligible queries, then over samples (each sample
+counts once); per-sample values are kept in ``per_sample`` so intervals and distributions can be
+drawn. Which metric to use: ``induction`` and ``prev_token`` separate the two halves of an induction
+circuit; ``alpha_0`` finds sink heads (which also have low entropy, so read entropy together with
+``alpha_0``); ``mean_distance`` separates local from global heads.
+
+Usage
+-----
+>>> from analyses.census import CensusConfig, run_census
+>>> result = run_census(model, CensusConfig(n_natural=16))
+>>> result.heads.sort_values("induction").tail()
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.base import AnalysisResult, heads_frame
+from analyses.tasks.text import natural_token_rows
+from probe.capture import capture
+from probe.errors import ConfigError
+from probe.loading import LoadedModel
+from probe.reducers import ColumnImportance, DiagonalScore, KeepPatterns, MeanDistance, RowEntropy
+
+METRICS = ("entropy", "alpha_0", "prev_token", "mean_distance", "induction", "duplicate_token")
+METRIC_LABELS = {
+    "entropy": "attention entropy (nats)",
+    "alpha_0": "first-token mass alpha_0",
+    "prev_token": "previous-token score",
+    "mean_distance": "mean attention distance (tokens)",
+    "induction": "induction score",
+    "duplicate_token": "duplicate-token score",
+}
+
+
+@dataclass
+class CensusConfig:
+    n_natural: int = 32
+    seq_len: int = 128
+    n_repeated: int = 16
+    repeat_len: int = 32
+    batch_size: int = 8
+    mode: Literal["eager", "recompute"] = "eager"
+    query_block: int = 512
+    n_examples: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("n_natural", "n_repeated", "batch_size", "query_block"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.seq_len < 4:
+            raise ConfigError(f"seq_len must be >= 4 (got {self.seq_len})")
+        if self.repeat_len < 2:
+            raise ConfigError(f"repeat_len must be >= 2 (got {self.repeat_len})")
+        if not 0 <= self.n_examples <= self.n_natural:
+            raise ConfigError("n_examples must be between 0 and n_natural")
+
+
+def repeated_random_rows(model: LoadedModel, n: int, repeat_len: int, seed: int) -> list[list[int]]:
+    """``n`` sequences ``r + r`` with ``r`` uniform over the non-special vocabulary (no BOS)."""
+    vocab = len(model.tokenizer)
+    special = set(model.tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        block = allowed[torch.randint(len(allowed), (repeat_len,), generator=gen)].tolist()
+        rows.append(block + block)
+    return rows
+
+
+def run_census(
+    model: LoadedModel, config: CensusConfig | None = None, *, progress: bool = True
+) -> AnalysisResult:
+    cfg = config or CensusConfig()
+    cfg.validate()
+    bos = int(model.bos.prepend)
+    model.check_context(max(cfg.seq_len, 2 * cfg.repeat_len) + bos)
+    t0 = time.perf_counter()
+    natural = natural_token_rows(model.tokenizer, cfg.n_natural, cfg.seq_len, cfg.seed)
+    repeated = repeated_random_rows(model, cfg.n_repeated, cfg.repeat_len, cfg.seed)
+    t_data = time.perf_counter() - t0
+
+    entropy, distance, prev, alpha = (
+        RowEntropy(),
+        MeanDistance(),
+        DiagonalScore(1, name="prev_token"),
+        ColumnImportance(),
+    )
+    keep = KeepPatterns(n_samples=cfg.n_examples, max_tokens=cfg.seq_len + bos)
+    reducers_nat = [entropy, distance, prev, alpha] + ([keep] if cfg.n_examples else [])
+    stats_nat = capture(
+        model, natural, reducers_nat, mode=cfg.mode, batch_size=cfg.batch_size,
+        query_block=cfg.query_block, progress=progress, desc="census: natural text",
+    )  # fmt: skip
+    first, n = bos, cfg.repeat_len  # real position where the first copy starts, block length
+    induction = DiagonalScore(n - 1, query_from=first + n, query_to=first + 2 * n, name="induction")
+    duplicate = DiagonalScore(n, query_from=first + n, query_to=first + 2 * n, name="duplicate_token")
+    stats_rep = capture(
+        model, repeated, [induction, duplicate], mode=cfg.mode, batch_size=cfg.batch_size,
+        query_block=cfg.query_block, progress=progress, desc="census: repeated tokens",
+    )  # fmt: skip
+
+    per_sample = {
+        "entropy": entropy.result(),
+        "alpha_0": alpha.result()[..., 0],
+        "prev_token": prev.result(),
+        "mean_distance": distance.result(),
+        "induction": induction.result(),
+        "duplicate_token": duplicate.result(),
+    }
+    means = {k: torch.nanmean(v, dim=0).numpy() for k, v in per_sample.items()}
+    sems = {
+        f"{k}_sem": (v.std(dim=0, unbiased=True) / np.sqrt(v.shape[0])).nan_to_num(0.0).numpy()
+        for k, v in per_sample.items()
+    }
+    heads = heads_frame(model, {**means, **sems})
+    long_rows = []
+    for metric, values in per_sample.items():
+        arr = values.numpy()
+        s, L, H = np.meshgrid(
+            np.arange(arr.shape[0]), np.arange(arr.shape[1]), np.arange(arr.shape[2]), indexing="ij"
+        )
+        long_rows.append(
+            pd.DataFrame(
+                {
+                    "input_set": "repeated" if metric in ("induction", "duplicate_token") else "natural",
+                    "sample": s.ravel(),
+                    "layer": L.ravel(),
+                    "head": H.ravel(),
+                    "metric": metric,
+                    "value": arr.ravel(),
+                }
+            )
+        )
+    per_sample_frame = pd.concat(long_rows, ignore_index=True)
+
+    arrays: dict[str, np.ndarray] = {}
+    tables: dict[str, pd.DataFrame] = {"heads": heads, "per_sample": per_sample_frame}
+    if cfg.n_examples:
+        arrays["example_patterns"] = keep.result().numpy().astype(np.float16)
+        tables["examples"] = _example_tokens(model, natural[: cfg.n_examples])
+    alpha_mean = torch.nanmean(alpha.result(), dim=0)  # [L, H, T]
+    arrays["alpha_natural"] = alpha_mean.numpy().astype(np.float32)
+    return AnalysisResult(
+        analysis="census",
+        model_info=model.describe(),
+        config=asdict(cfg),
+        tables=tables,
+        arrays=arrays,
+        seeds={"natural": cfg.seed, "repeated": cfg.seed},
+        timings={
+            "data": round(t_data, 3),
+            "capture_natural": round(stats_nat.seconds, 3),
+            "capture_repeated": round(stats_rep.seconds, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+        notes={"metrics": METRIC_LABELS, "bos_prepended": bool(bos)},
+    )
+
+
+def _example_tokens(model: LoadedModel, rows: list[list[int]]) -> pd.DataFrame:
+    out = []
+    prefix = [model.bos.token_id] if model.bos.prepend and model.bos.token_id is not None else []
+    for i, row in enumerate(rows):
+        ids = prefix + list(row)
+        for pos, tid in enumerate(ids):
+            out.append(
+                {"example": i, "position": pos, "token_id": int(tid), "token": model.tokenizer.decode([tid])}
+            )
+    return pd.DataFrame(out)
+
+
+def figures(heads: pd.DataFrame) -> dict[str, Any]:
+    """One layer x head heat map per metric (plotly figures)."""
+    import plotly.graph_objects as go
+
+    figs: dict[str, Any] = {}
+    for metric in METRICS:
+        grid = heads.pivot(index="layer", columns="head", values=metric)
+        fig = go.Figure(
+            go.Heatmap(
+                z=grid.values,
+                x=[str(h) for h in grid.columns],
+                y=[str(layer) for layer in grid.index],
+                colorscale="Viridis",
+                colorbar={"title": metric},
+                hovertemplate="layer %{y}, head %{x}<br>" + metric + " = %{z:.3f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=METRIC_LABELS[metric], xaxis_title="head", yaxis_title="layer", height=520, width=520,
+            yaxis={"autorange": "reversed"}, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        )  # fmt: skip
+        figs[metric] = fig
+    return figs

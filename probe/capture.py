@@ -1,0 +1,302 @@
+"""Capture: run a model over many sequences and reduce its attention inside the hooks.
+
+Background
+----------
+Two ways to read attention (DESIGN.md):
+
+* ``mode="eager"``: the TransformerBridge computes every pattern; a hook on each layer's
+  ``hook_pattern`` hands the rows to the reducers. Needed whenever patterns are also edited
+  (interventions compose with it).
+* ``mode="recompute"``: the model keeps its fused kernel (SDPA) for its own output; a registered
+  attention function also receives the post-RoPE queries and keys and recomputes the softmax rows
+  block by block over queries (``query_block`` rows at a time), so memory is
+  ``O(query_block × T)`` per layer instead of ``O(T²)``.
+
+Both feed the same reducers the same rows (up to float rounding), so they give the same numbers.
+After every run the capture checks that each requested layer produced rows for every batch; a
+layer that was silent (a fused kernel that returns no weights, a wrong module path) raises
+:class:`~probe.errors.CaptureError` naming the layer.
+
+Usage
+-----
+>>> from probe.capture import capture
+>>> from probe.reducers import RowEntropy, ColumnImportance
+>>> ent, alpha = RowEntropy(), ColumnImportance()
+>>> capture(model, token_rows, [ent, alpha], mode="recompute")
+>>> ent.result().shape  # [n_samples, n_layers, n_heads]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from probe.errors import CaptureError, ConfigError
+from probe.hooks import HookSet, attn_hook
+from probe.kernels import _attention_slots, native_attention
+from probe.loading import Batch, LoadedModel
+from probe.reducers import BatchInfo, PatternReducer
+
+Mode = Literal["eager", "recompute"]
+RECOMPUTE_IMPL = "headlab_recompute"
+
+
+@dataclass
+class CaptureStats:
+    mode: Mode
+    n_samples: int
+    n_batches: int
+    seconds: float
+    rows_seen: dict[int, int] = field(default_factory=dict)  # layer -> query rows reduced
+
+
+def batches(model: LoadedModel, rows: Sequence[Sequence[int]], batch_size: int) -> Iterator[Batch]:
+    for i in range(0, len(rows), batch_size):
+        yield model.batch_from_ids([list(r) for r in rows[i : i + batch_size]])
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", disable=not enabled, leave=False)
+
+
+@torch.no_grad()
+def capture(
+    model: LoadedModel,
+    rows: Sequence[Sequence[int]],
+    reducers: Sequence[PatternReducer],
+    *,
+    mode: Mode = "eager",
+    batch_size: int = 8,
+    query_block: int = 512,
+    progress: bool = True,
+    desc: str = "capture",
+) -> CaptureStats:
+    """Run ``model`` over token ``rows`` (raw ids, BOS policy applied here) and feed ``reducers``.
+
+    Sequences are processed ``batch_size`` at a time with left padding; real lengths are passed to
+    the reducers, and position ids follow the real tokens, so a sequence alone and the same
+    sequence padded in a batch give the same numbers.
+    """
+    if mode not in ("eager", "recompute"):
+        raise ConfigError(f"unknown capture mode {mode!r}; choose eager or recompute")
+    if batch_size < 1 or query_block < 1:
+        raise ConfigError("batch_size and query_block must be >= 1")
+    if not rows:
+        raise ConfigError("no sequences to capture; give at least one")
+    longest = max(len(r) for r in rows) + int(model.bos.prepend)
+    model.check_context(longest)
+    t0 = time.perf_counter()
+    stats = CaptureStats(mode=mode, n_samples=len(rows), n_batches=0, seconds=0.0)
+    seen: dict[int, int] = dict.fromkeys(range(model.n_layers), 0)
+    bar = _progress(len(rows), desc, progress)
+    try:
+        for batch in batches(model, rows, batch_size):
+            info = BatchInfo(
+                lengths=batch.lengths,
+                pad_offsets=batch.pad_offsets,
+                T=int(batch.input_ids.shape[1]),
+                n_layers=model.n_layers,
+                n_heads=model.n_heads,
+            )
+            for r in reducers:
+                r.begin_batch(info)
+            before = dict(seen)
+            position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+            if mode == "eager":
+                _run_eager(model, batch, position_ids, reducers, seen)
+            else:
+                _run_recompute(model, batch, position_ids, reducers, seen, query_block)
+            silent = [layer for layer in range(model.n_layers) if seen[layer] == before[layer]]
+            if silent:
+                raise CaptureError(
+                    f"no attention rows were produced for layers {silent} of {model.name} in {mode} mode: "
+                    "the attention kernel returned no weights or the hook was not reached; "
+                    "use mode='eager' or check the model's attention implementation"
+                )
+            for r in reducers:
+                r.end_batch()
+            stats.n_batches += 1
+            bar.update(int(batch.input_ids.shape[0]))
+    finally:
+        bar.close()
+        for r in reducers:
+            r.info = None
+    stats.rows_seen = seen
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _run_eager(
+    model: LoadedModel,
+    batch: Batch,
+    position_ids: torch.Tensor,
+    reducers: Sequence[PatternReducer],
+    seen: dict[int, int],
+) -> None:
+    assert model.bridge is not None
+    hook_set = HookSet(model)
+
+    def make(layer: int) -> Any:
+        def hook(pattern: torch.Tensor, hook: Any) -> None:
+            rows = pattern.float()
+            for r in reducers:
+                r.update(layer, rows, 0)
+            seen[layer] += rows.shape[2]
+
+        return hook
+
+    try:
+        for layer in range(model.n_layers):
+            hook_set.add(attn_hook(layer, "pattern"), make(layer))
+        model.bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)
+    finally:
+        hook_set.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# recompute mode: a registered attention implementation that runs SDPA and reduces rows blockwise
+
+
+class _RecomputeState:
+    """What the registered attention function needs while a recompute capture runs."""
+
+    active: _RecomputeState | None = None
+
+    def __init__(
+        self,
+        layer_of: dict[int, int],
+        reducers: Sequence[PatternReducer],
+        seen: dict[int, int],
+        query_block: int,
+        group: int,
+    ) -> None:
+        self.layer_of = layer_of
+        self.reducers = reducers
+        self.seen = seen
+        self.query_block = query_block
+        self.group = group
+
+
+def _rows_blocks(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    block: int,
+    group: int,
+    sliding_window: int | None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (q_start, softmax rows [b, h, q, T]) in float32, ``block`` query rows at a time."""
+    _b, _h, T, d = query.shape
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    k = key.float()
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # query head h reads KV head h // group (as repeat_kv)
+    k_t = k.transpose(-1, -2)
+    key_idx = torch.arange(key.shape[2], device=query.device)
+    offset = key.shape[2] - T  # > 0 only with a KV cache (decode); then query t sits at offset + t
+    for q0 in range(0, T, block):
+        q1 = min(T, q0 + block)
+        scores = torch.matmul(query[:, :, q0:q1].float(), k_t) * scale  # [b, h, q, Tk]
+        if attention_mask is not None:
+            m = attention_mask[:, :, q0:q1, :]
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        else:
+            q_idx = torch.arange(q0, q1, device=query.device) + offset
+            allowed = key_idx[None, :] <= q_idx[:, None]
+            if sliding_window is not None:
+                allowed &= key_idx[None, :] > q_idx[:, None] - sliding_window
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        rows = torch.softmax(scores, dim=-1)
+        yield q0, torch.nan_to_num(rows, nan=0.0)  # fully masked rows (pad queries) -> zeros
+
+
+def _recompute_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _RecomputeState.active
+    if kwargs.get("softcap") is not None:
+        raise CaptureError("recompute mode does not support soft-capped attention logits; use mode='eager'")
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    if state is not None and id(module) in state.layer_of:
+        layer = state.layer_of[id(module)]
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        for q0, rows in _rows_blocks(
+            module, query, key, attention_mask, scaling, state.query_block, state.group, window
+        ):
+            for r in state.reducers:
+                r.update(layer, rows, q0)
+            state.seen[layer] += rows.shape[2]
+    return out, None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(RECOMPUTE_IMPL, _recompute_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(RECOMPUTE_IMPL, sdpa_mask)
+    _REGISTERED = True
+
+
+@contextmanager
+def recompute_attention(
+    model: LoadedModel, reducers: Sequence[PatternReducer], seen: dict[int, int], query_block: int
+) -> Iterator[None]:
+    """Inside the block, ``model.hf_model`` runs SDPA and feeds recomputed rows to ``reducers``."""
+    _register()
+    slots = _attention_slots(model)
+    layer_of = {id(original): i for i, (*_, original) in enumerate(slots)}
+    state = _RecomputeState(layer_of, reducers, seen, query_block, model.group_size)
+    if _RecomputeState.active is not None:
+        raise CaptureError("a recompute capture is already running in this process")
+    _RecomputeState.active = state
+    try:
+        with native_attention(model, RECOMPUTE_IMPL):
+            yield
+    finally:
+        _RecomputeState.active = None
+
+
+def _run_recompute(
+    model: LoadedModel,
+    batch: Batch,
+    position_ids: torch.Tensor,
+    reducers: Sequence[PatternReducer],
+    seen: dict[int, int],
+    query_block: int,
+) -> None:
+    with recompute_attention(model, reducers, seen, query_block):
+        model.hf_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )

@@ -1,0 +1,289 @@
+"""Reducers: per-head statistics computed from attention rows inside the hook.
+
+Background
+----------
+Keeping every layer's ``[batch, heads, T, T]`` pattern costs ``L·H·T²`` floats (540·T² bytes for
+SmolLM2 in float32), which is what makes long contexts run out of memory. A reducer instead sees the
+post-softmax rows of one layer as they are produced, adds them into accumulators of size
+``O(batch × heads × T)`` or less, and turns those into per-sample, per-head numbers when the batch is
+done. Rows may arrive all at once (eager mode: the bridge's ``hook_pattern``) or in blocks of query
+rows (recompute mode: rows recomputed from post-RoPE q/k while the model keeps its fused kernel);
+every reducer is additive over query blocks, so both modes give the same numbers.
+
+Padding: sequences are left-padded. ``BatchInfo.pad_offsets[b]`` is where sample ``b``'s real tokens
+start; rows of pad queries are ignored, and positions are reported as *real* positions
+(0 = the first real token, which is BOS when the BOS policy prepends one).
+
+Usage
+-----
+Reducers are handed to :func:`probe.capture.capture`; afterwards ``reducer.result()`` holds tensors
+with a leading sample dimension: ``[n_samples, n_layers, n_heads]`` (or ``[..., T]``).
+
+References
+----------
+Column importance ``alpha_k``: Gu et al., "When Attention Sink Emerges" (ICLR 2025) and Yu et al.,
+"Unveiling and Harnessing Hidden Attention Sinks" (ICML 2024). Previous-token, induction and
+duplicate-token scores: Olsson et al., "In-context Learning and Induction Heads" (2022), Wang et al.,
+"Interpretability in the Wild" (2022). Mean attention distance: Dosovitskiy et al., ViT (2021).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_NAN = float("nan")
+
+
+@dataclass
+class BatchInfo:
+    """What reducers need to know about the batch whose rows they see."""
+
+    lengths: torch.Tensor  # [b] real lengths (long, on the model's device)
+    pad_offsets: torch.Tensor  # [b] index of the first real token
+    T: int  # padded length
+    n_layers: int
+    n_heads: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def query_positions(self, q_start: int, q_len: int) -> torch.Tensor:
+        """Real positions of the query rows [q_start, q_start+q_len): [b, q] (negative = padding)."""
+        q = torch.arange(q_start, q_start + q_len, device=self.lengths.device)
+        return q[None, :] - self.pad_offsets[:, None]
+
+    def key_positions(self) -> torch.Tensor:
+        """Real positions of all keys: [b, T] (negative = padding)."""
+        k = torch.arange(self.T, device=self.lengths.device)
+        return k[None, :] - self.pad_offsets[:, None]
+
+
+class PatternReducer:
+    """Base class. Subclasses implement :meth:`_start`, :meth:`update`, :meth:`_finish`.
+
+    ``update(layer, rows, q_start)`` receives ``rows`` of shape ``[b, heads, q, T]`` (float32,
+    post-softmax) for query rows ``q_start … q_start+q-1`` of ``layer``.
+    """
+
+    name = "reducer"
+
+    def __init__(self) -> None:
+        self._results: list[torch.Tensor] = []
+        self.info: BatchInfo | None = None
+
+    # --- lifecycle, driven by probe.capture
+    def begin_batch(self, info: BatchInfo) -> None:
+        self.info = info
+        self._start(info)
+
+    def end_batch(self) -> None:
+        assert self.info is not None
+        self._results.append(self._finish(self.info).float().cpu())
+        self.info = None
+
+    def result(self) -> torch.Tensor:
+        """Per-sample results of every batch so far, concatenated on the sample dimension."""
+        if not self._results:
+            raise RuntimeError(f"reducer {self.name} saw no batch")
+        if len({r.shape[1:] for r in self._results}) > 1:  # [.., T] results of batches of different T
+            width = max(r.shape[-1] for r in self._results)
+            padded = [torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=_NAN) for r in self._results]
+            return torch.cat(padded)
+        return torch.cat(self._results)
+
+    def state_bytes(self, batch: int, T: int, n_layers: int, n_heads: int) -> int:
+        """Bytes this reducer keeps on the device while a batch runs (for the memory budget)."""
+        return 4 * batch * n_layers * n_heads * 2
+
+    # --- to implement
+    def _start(self, info: BatchInfo) -> None:
+        raise NotImplementedError
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self, info: BatchInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared helpers
+    @staticmethod
+    def _query_mask(info: BatchInfo, q_start: int, q_len: int, min_pos: int = 0) -> torch.Tensor:
+        """[b, q] float mask of real queries at real position >= min_pos."""
+        return (info.query_positions(q_start, q_len) >= min_pos).float()
+
+
+class _SumCount(PatternReducer):
+    """Per (layer, sample, head): a sum of per-query values and a count of queries."""
+
+    def _start(self, info: BatchInfo) -> None:
+        dev = info.lengths.device
+        self.sums = torch.zeros(info.n_layers, info.batch_size, info.n_heads, device=dev)
+        self.counts = torch.zeros(info.n_layers, info.batch_size, 1, device=dev)
+
+    def _add(self, layer: int, per_query: torch.Tensor, mask: torch.Tensor) -> None:
+        """per_query: [b, h, q] values; mask: [b, q] which queries count."""
+        self.sums[layer] += (per_query * mask[:, None, :]).sum(-1)
+        self.counts[layer] += mask.sum(-1, keepdim=True)
+
+    def _finish(self, info: BatchInfo) -> torch.Tensor:
+        mean = self.sums / self.counts.clamp_min(1)
+        mean = torch.where(self.counts > 0, mean, torch.full_like(mean, _NAN))
+        return mean.permute(1, 0, 2)  # [b, L, H]
+
+
+class RowEntropy(_SumCount):
+    """Mean Shannon entropy (nats) of a head's attention rows.
+
+    Averaged over the real queries that can see at least two keys (real position >= 1): the row of
+    the first token is a point mass for every head and says nothing. Low entropy = focused head.
+    """
+
+    name = "entropy"
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        assert self.info is not None
+        ent = -(rows * torch.log(rows.clamp_min(1e-30))).sum(-1)  # [b, h, q]
+        self._add(layer, ent, self._query_mask(self.info, q_start, rows.shape[2], min_pos=1))
+
+
+class MeanDistance(_SumCount):
+    """Mean attention distance: ``sum_k A[t,k]·(t-k)``, averaged over real queries with position >= 1.
+
+    In token positions (for a ViT the same idea is measured in patch-grid units elsewhere).
+    """
+
+    name = "mean_distance"
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        assert self.info is not None
+        q = torch.arange(q_start, q_start + rows.shape[2], device=rows.device, dtype=rows.dtype)
+        k = torch.arange(rows.shape[3], device=rows.device, dtype=rows.dtype)
+        dist = (q[:, None] - k[None, :]).clamp_min(0)  # causal rows have no mass at k > t
+        per_query = (rows * dist).sum(-1)  # padded keys carry no mass, so padded distances never count
+        self._add(layer, per_query, self._query_mask(self.info, q_start, rows.shape[2], min_pos=1))
+
+
+class DiagonalScore(_SumCount):
+    """Mean attention from query ``t`` to key ``t - offset``, over real queries in a position range.
+
+    ``offset=1`` is the previous-token score. On a sequence ``r r`` made of a random block ``r`` of
+    length ``n`` repeated (starting at real position ``start``), queries in the second copy give:
+    ``offset=n`` the duplicate-token score (attention to the earlier copy of the same token) and
+    ``offset=n-1`` the induction score (attention to the token after the earlier copy).
+    Queries count when their real position is in ``[query_from, query_to)`` and ``t - offset``
+    is a real position.
+    """
+
+    def __init__(
+        self, offset: int, *, query_from: int = 0, query_to: int | None = None, name: str = ""
+    ) -> None:
+        super().__init__()
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        self.offset = offset
+        self.query_from = query_from
+        self.query_to = query_to
+        self.name = name or f"diagonal_{offset}"
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        assert self.info is not None
+        info = self.info
+        b, _h, q_len, T = rows.shape
+        q_abs = torch.arange(q_start, q_start + q_len, device=rows.device)
+        key_abs = (q_abs - self.offset).clamp_min(0)  # [q]
+        picked = rows.gather(3, key_abs.view(1, 1, q_len, 1).expand(b, rows.shape[1], q_len, 1))[..., 0]
+        pos = info.query_positions(q_start, q_len)  # [b, q]
+        upper = self.query_to if self.query_to is not None else T
+        mask = (pos >= max(self.query_from, self.offset)) & (pos < upper)
+        self._add(layer, picked, mask.float())
+
+
+class ColumnImportance(PatternReducer):
+    """``alpha_k = (sum_{t>=k} A[t,k]) / (T - k)``: mean attention key ``k`` receives from the queries
+    that can see it, for every real key position ``k`` (PAPERS.md, shared primitive).
+
+    With padding, ``T`` and ``k`` count real tokens only. Result: ``[n_samples, L, H, T_max]``,
+    NaN beyond each sample's length. Keeps ``[L, b, H, T]`` column sums on the device while a batch
+    runs: O(heads × T) per layer and sample.
+    """
+
+    name = "alpha"
+
+    def _start(self, info: BatchInfo) -> None:
+        self.colsum = torch.zeros(
+            info.n_layers, info.batch_size, info.n_heads, info.T, device=info.lengths.device
+        )
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        assert self.info is not None
+        mask = self._query_mask(self.info, q_start, rows.shape[2])  # [b, q]
+        self.colsum[layer] += torch.einsum("bhqk,bq->bhk", rows, mask)
+
+    def _finish(self, info: BatchInfo) -> torch.Tensor:
+        L, b, H, T = self.colsum.shape
+        out = torch.full((b, L, H, T), _NAN, device=self.colsum.device)
+        for i in range(b):
+            off, n = int(info.pad_offsets[i]), int(info.lengths[i])
+            denom = torch.arange(n, 0, -1, device=self.colsum.device, dtype=torch.float32)  # T - k
+            out[i, :, :, :n] = self.colsum[:, i, :, off:] / denom
+        return out
+
+    def state_bytes(self, batch: int, T: int, n_layers: int, n_heads: int) -> int:
+        return 4 * n_layers * batch * n_heads * T * 2
+
+
+class KeepPatterns(PatternReducer):
+    """Keep full patterns of the first ``n_samples`` samples (all heads), for display only.
+
+    Stored in float16 on the CPU as ``[n_kept, L, H, T, T]`` in real positions. This is the one
+    reducer that is O(T²): use it for a few short examples, never for long contexts.
+    """
+
+    name = "patterns"
+
+    def __init__(self, n_samples: int = 2, max_tokens: int = 256) -> None:
+        super().__init__()
+        self.n_samples = n_samples
+        self.max_tokens = max_tokens
+        self._seen = 0
+
+    def _start(self, info: BatchInfo) -> None:
+        self.keep = max(0, min(self.n_samples - self._seen, info.batch_size))
+        T = min(info.T, self.max_tokens)
+        self.buf = torch.zeros(self.keep, info.n_layers, info.n_heads, T, T, dtype=torch.float16)
+
+    def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+        assert self.info is not None
+        for i in range(self.keep):
+            off = int(self.info.pad_offsets[i])
+            q0 = max(q_start, off)
+            q1 = min(q_start + rows.shape[2], off + self.buf.shape[-1])
+            if q1 <= q0:
+                continue
+            block = rows[i, :, q0 - q_start : q1 - q_start, off : off + self.buf.shape[-1]]
+            self.buf[i, layer, :, q0 - off : q1 - off, : block.shape[-1]] = block.to("cpu", torch.float16)
+
+    def _finish(self, info: BatchInfo) -> torch.Tensor:
+        self._seen += self.keep
+        return self.buf
+
+    def state_bytes(self, batch: int, T: int, n_layers: int, n_heads: int) -> int:
+        return 0  # kept on the CPU
+
+    def result(self) -> torch.Tensor:
+        kept = [r for r in self._results if r.shape[0] > 0]
+        if not kept:
+            raise RuntimeError("no patterns kept")
+        width = max(r.shape[-1] for r in kept)
+        return torch.cat(
+            [torch.nn.functional.pad(r, (0, width - r.shape[-1], 0, width - r.shape[-2])) for r in kept]
+        )
+
+
+def entropy_upper_bound(n_keys: int) -> float:
+    """Entropy of a uniform row over ``n_keys`` keys (nats): the largest a row can have."""
+    return math.log(n_keys)
