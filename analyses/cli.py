@@ -115,6 +115,103 @@ def sanity(
         raise typer.Exit(1)
 
 
+run_app = typer.Typer(help="Run an analysis on a model and save it as a run directory.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="config override key=value (repeatable); see --show-config")
+]
+RootOpt = Annotated[
+    str | None, typer.Option("--root", help="run store root (default $HEADLAB_RUNS or ./runs)")
+]
+
+
+def _run_analysis(analysis: str, model: str, device: str, dtype: str, bos: str, overrides: list[str] | None,
+                  root: str | None, allow_hub: bool, show_config: bool) -> None:  # fmt: skip
+    import dataclasses
+    import json
+
+    from analyses.base import config_from_overrides
+    from analyses.registry import ANALYSES
+
+    entry = ANALYSES[analysis]
+    config = config_from_overrides(entry.config_cls, overrides)
+    if show_config:
+        typer.echo(json.dumps(dataclasses.asdict(config), indent=2))
+        return
+    from probe import load_model
+
+    m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub)  # type: ignore[arg-type]
+    result = entry.run(m, config)
+    path = result.save(root)
+    typer.echo(entry.summary(result))
+    typer.echo(f"saved run: {path}")
+    typer.echo(f"report:    headlab report {path.name}{f' --root {root}' if root else ''}")
+
+
+@run_app.command("census")
+def run_census_cmd(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    bos: Annotated[
+        str, typer.Option(help="BOS policy: default (the tokenizer's), always, never")
+    ] = "default",
+    overrides: SetOpt = None,
+    root: RootOpt = None,
+    allow_hub: HubOpt = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
+) -> None:
+    """Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance."""
+    _run_analysis("census", model, device, dtype, bos, overrides, root, allow_hub, show_config)
+
+
+@app.command()
+def runs(
+    root: RootOpt = None,
+    analysis: Annotated[str | None, typer.Option(help="only runs of this analysis")] = None,
+) -> None:
+    """List the runs in the run store (newest first); damaged runs are marked."""
+    from analyses import runstore
+
+    summaries = runstore.list_runs(runstore.runs_root(root), analysis=analysis)
+    typer.echo(runstore.format_runs_table(summaries))
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="run id, unique prefix, path, or 'latest'")] = "latest",
+    root: RootOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="output HTML file")] = None,
+) -> None:
+    """Write one self-contained HTML report (opens offline) for RUN."""
+    from pathlib import Path
+
+    from dashboard.report import write_report
+
+    from analyses import runstore
+
+    path = runstore.resolve_run(run, runstore.runs_root(root))
+    written = write_report(path, Path(out) if out else None)
+    typer.echo(f"report written: {written}")
+
+
+@app.command()
+def dashboard(
+    root: RootOpt = None,
+    host: Annotated[
+        str, typer.Option(help="interface to listen on (127.0.0.1 keeps it local)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8050,
+) -> None:
+    """Serve the interactive dashboard over the runs under ROOT."""
+    from dashboard.app import serve
+
+    from analyses import runstore
+
+    serve(runstore.runs_root(root), host=host, port=port)
+
+
 def main() -> None:
     if "--allow-hub" in sys.argv:
         os.environ["HEADLAB_ALLOW_HUB"] = "1"

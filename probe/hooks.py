@@ -45,12 +45,17 @@ class HookSet:
             self.fired[name] += 1
             return fn(activation, hook)
 
-        self._handles.append(point.add_hook(counted, prepend=prepend))  # type: ignore[arg-type]
+        self._handles.append((point, point.add_hook(counted, prepend=prepend)))  # type: ignore[arg-type]
         self.added.append(name)
 
     def remove(self) -> None:
         while self._handles:
-            self._handles.pop().hook.remove()
+            point, handle = self._handles.pop()
+            handle.hook.remove()
+            # The hook point also lists its handles (has_hooks() reads that list): drop ours.
+            registry = getattr(point, "fwd_hooks", None)
+            if registry is not None and handle in registry:
+                registry.remove(handle)
 
     def check_fired(self, names: list[str] | None = None) -> None:
         """Raise if any of ``names`` (default: every hook added) never fired."""

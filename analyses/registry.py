@@ -1,0 +1,34 @@
+"""The analyses the CLI, the demo and the dashboard know: config class, run function, summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from analyses import census
+from analyses.base import AnalysisResult
+from probe.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class AnalysisEntry:
+    name: str
+    config_cls: type[Any]
+    run: Callable[[LoadedModel, Any], AnalysisResult]
+    summary: Callable[[AnalysisResult], str]
+
+
+def _census_summary(result: AnalysisResult) -> str:
+    heads = result.heads
+    lines = [f"census of {result.model_info['name']}: {len(heads)} heads"]
+    for metric in census.METRICS:
+        top = heads.nlargest(3, metric)
+        best = ", ".join(f"L{r.layer}H{r.head} {getattr(r, metric):.2f}" for r in top.itertuples())
+        lines.append(f"  {metric:<16} mean {heads[metric].mean():.3f}; top: {best}")
+    return "\n".join(lines)
+
+
+ANALYSES: dict[str, AnalysisEntry] = {
+    "census": AnalysisEntry("census", census.CensusConfig, census.run_census, _census_summary),
+}

@@ -1,0 +1,116 @@
+"""Capture end to end on tiny models and the real one: modes agree, padding is invisible, hooks go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analyses.census import CensusConfig, run_census
+from probe import capture as capture_module
+from probe.capture import capture
+from probe.errors import CaptureError, ConfigError, ContextTooLongError
+from probe.loading import LoadedModel
+from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, PatternReducer, RowEntropy
+
+
+def random_rows(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
+
+
+def reducers() -> list[PatternReducer]:
+    return [RowEntropy(), MeanDistance(), DiagonalScore(1), ColumnImportance()]
+
+
+def no_hooks_left(model: LoadedModel) -> bool:
+    assert model.bridge is not None
+    return not any(point.has_hooks() for point in model.bridge.hook_dict.values())
+
+
+def test_eager_and_recompute_give_the_same_numbers(tiny_model: LoadedModel) -> None:
+    rows = random_rows(5, [20, 33, 7, 50, 12])
+    eager, recompute = reducers(), reducers()
+    capture(tiny_model, rows, eager, mode="eager", batch_size=3, progress=False)
+    capture(tiny_model, rows, recompute, mode="recompute", batch_size=3, query_block=8, progress=False)
+    for a, b in zip(eager, recompute, strict=True):
+        assert torch.allclose(a.result(), b.result(), atol=1e-4, equal_nan=True), a.name
+    assert no_hooks_left(tiny_model)
+
+
+@pytest.mark.parametrize("mode", ["eager", "recompute"])
+def test_a_sequence_alone_and_left_padded_in_a_batch_score_the_same(
+    tiny_model: LoadedModel, mode: str
+) -> None:
+    rows = random_rows(3, [40, 9, 25])
+    batched, alone = reducers(), reducers()
+    capture(tiny_model, rows, batched, mode=mode, batch_size=3, progress=False)  # type: ignore[arg-type]
+    capture(tiny_model, rows[1:2], alone, mode=mode, batch_size=1, progress=False)  # type: ignore[arg-type]
+    for a, b in zip(alone, batched, strict=True):
+        single, padded = a.result()[0], b.result()[1]
+        padded = padded[..., : single.shape[-1]] if single.dim() == 3 else padded
+        assert torch.allclose(single, padded, atol=1e-5, equal_nan=True), a.name
+
+
+def test_hooks_are_removed_after_an_error_inside_a_reducer(tiny_llama: LoadedModel) -> None:
+    class Exploding(RowEntropy):
+        def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
+            if layer == 1:
+                raise RuntimeError("reducer failed")
+            super().update(layer, rows, q_start)
+
+    with pytest.raises(RuntimeError, match="reducer failed"):
+        capture(tiny_llama, random_rows(2, [10]), [Exploding()], progress=False)
+    assert no_hooks_left(tiny_llama)
+    with pytest.raises(RuntimeError, match="reducer failed"):
+        capture(tiny_llama, random_rows(2, [10]), [Exploding()], mode="recompute", progress=False)
+    assert capture_module._RecomputeState.active is None
+    # and the model still runs through the bridge afterwards
+    capture(tiny_llama, random_rows(1, [10]), [RowEntropy()], progress=False)
+
+
+def test_a_layer_that_produces_no_rows_fails_loudly_naming_it(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = capture_module._RecomputeState.__init__
+
+    def drop_layer_1(self, layer_of, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, {k: v for k, v in layer_of.items() if v != 1}, *args, **kwargs)
+
+    monkeypatch.setattr(capture_module._RecomputeState, "__init__", drop_layer_1)
+    with pytest.raises(CaptureError, match=r"layers \[1\]"):
+        capture(tiny_llama, random_rows(1, [10]), [RowEntropy()], mode="recompute", progress=False)
+
+
+def test_bad_arguments_are_refused(tiny_gpt2: LoadedModel) -> None:
+    with pytest.raises(ConfigError):
+        capture(tiny_gpt2, [], [RowEntropy()], progress=False)
+    with pytest.raises(ConfigError):
+        capture(tiny_gpt2, random_rows(1, [5]), [RowEntropy()], mode="fused", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ContextTooLongError):
+        capture(tiny_gpt2, random_rows(1, [300]), [RowEntropy()], progress=False)
+
+
+def test_census_on_a_tiny_model_has_one_row_per_head(tiny_llama: LoadedModel) -> None:
+    cfg = CensusConfig(n_natural=3, seq_len=24, n_repeated=2, repeat_len=6, n_examples=1)
+    result = run_census(tiny_llama, cfg, progress=False)
+    heads = result.heads
+    assert len(heads) == tiny_llama.n_layers * tiny_llama.n_heads
+    assert list(heads.groupby("head")["kv_head"].first()) == [0, 0, 1, 1]
+    assert heads[["entropy", "alpha_0", "prev_token", "induction", "duplicate_token"]].notna().all().all()
+    assert ((heads["alpha_0"] >= 0) & (heads["alpha_0"] <= 1)).all()
+    assert result.arrays["example_patterns"].shape[:3] == (1, 3, 4)
+
+
+@pytest.mark.real
+def test_census_on_the_real_model_finds_induction_and_previous_token_heads(smollm: LoadedModel) -> None:
+    cfg = CensusConfig(n_natural=8, n_repeated=6, seq_len=96, repeat_len=24, n_examples=1)
+    eager = run_census(smollm, cfg, progress=False).heads
+    recompute = run_census(
+        smollm, CensusConfig(**{**cfg.__dict__, "mode": "recompute"}), progress=False
+    ).heads
+    metrics = ["entropy", "alpha_0", "prev_token", "mean_distance", "induction", "duplicate_token"]
+    assert (eager[metrics] - recompute[metrics]).abs().max().max() < 1e-4
+    assert eager["induction"].max() > 0.5, "SmolLM2 has induction heads (census measured ~0.89)"
+    assert eager["prev_token"].max() > 0.5
+    top = eager.nlargest(1, "induction").iloc[0]
+    assert top["induction"] > 5 * eager["induction"].median()
