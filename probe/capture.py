@@ -41,6 +41,7 @@ from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
 from probe.kernels import _attention_slots, native_attention
 from probe.loading import Batch, LoadedModel
+from probe.moments import attention_moments
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -183,6 +184,9 @@ class _RecomputeState:
         self.seen = seen
         self.query_block = query_block
         self.group = group
+        # All reducers can work from moments: no attention row is ever formed (Triton on CUDA).
+        self.use_moments = all(r.supports_moments for r in reducers)
+        self.pad_offsets: torch.Tensor | None = None
 
 
 def _rows_blocks(
@@ -241,6 +245,15 @@ def _recompute_attention(
     if state is not None and id(module) in state.layer_of:
         layer = state.layer_of[id(module)]
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if state.use_moments:
+            moments = attention_moments(
+                query, key, scale=scaling, pad_offsets=state.pad_offsets, sliding_window=window,
+                block=state.query_block,
+            )  # fmt: skip
+            for r in state.reducers:
+                r.update_moments(layer, moments)
+            state.seen[layer] += query.shape[2]
+            return out, None
         for q0, rows in _rows_blocks(
             module, query, key, attention_mask, scaling, state.query_block, state.group, window
         ):
@@ -293,6 +306,8 @@ def _run_recompute(
     query_block: int,
 ) -> None:
     with recompute_attention(model, reducers, seen, query_block):
+        assert _RecomputeState.active is not None
+        _RecomputeState.active.pad_offsets = batch.pad_offsets
         model.hf_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

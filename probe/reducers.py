@@ -31,8 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from probe.moments import AttentionMoments
 
 _NAN = float("nan")
 
@@ -99,6 +103,12 @@ class PatternReducer:
         """Bytes this reducer keeps on the device while a batch runs (for the memory budget)."""
         return 4 * batch * n_layers * n_heads * 2
 
+    supports_moments = False  # True where update_moments is implemented
+
+    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+        """Update from a layer's attention moments (all queries at once) instead of its rows."""
+        raise NotImplementedError(f"{self.name} needs the attention rows themselves")
+
     # --- to implement
     def _start(self, info: BatchInfo) -> None:
         raise NotImplementedError
@@ -146,8 +156,14 @@ class RowEntropy(_SumCount):
 
     def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
         assert self.info is not None
-        ent = -(rows * torch.log(rows.clamp_min(1e-30))).sum(-1)  # [b, h, q]
+        ent = torch.special.entr(rows).sum(-1)  # -sum p log p, [b, h, q]
         self._add(layer, ent, self._query_mask(self.info, q_start, rows.shape[2], min_pos=1))
+
+    supports_moments = True
+
+    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+        assert self.info is not None
+        self._add(layer, moments.entropy, self._query_mask(self.info, 0, self.info.T, min_pos=1))
 
 
 class MeanDistance(_SumCount):
@@ -160,11 +176,18 @@ class MeanDistance(_SumCount):
 
     def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
         assert self.info is not None
-        q = torch.arange(q_start, q_start + rows.shape[2], device=rows.device, dtype=rows.dtype)
+        # sum_k A[t,k](t-k) = t - sum_k A[t,k]·k for a row that sums to one: one matrix-vector product
+        q = torch.arange(q_start, q_start + rows.shape[2], device=rows.device, dtype=torch.float32)
         k = torch.arange(rows.shape[3], device=rows.device, dtype=rows.dtype)
-        dist = (q[:, None] - k[None, :]).clamp_min(0)  # causal rows have no mass at k > t
-        per_query = (rows * dist).sum(-1)  # padded keys carry no mass, so padded distances never count
+        per_query = q - torch.matmul(rows, k).float()
         self._add(layer, per_query, self._query_mask(self.info, q_start, rows.shape[2], min_pos=1))
+
+    supports_moments = True
+
+    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+        assert self.info is not None
+        t = torch.arange(self.info.T, device=moments.mean_key.device, dtype=torch.float32)
+        self._add(layer, t - moments.mean_key, self._query_mask(self.info, 0, self.info.T, min_pos=1))
 
 
 class DiagonalScore(_SumCount):
@@ -191,15 +214,23 @@ class DiagonalScore(_SumCount):
 
     def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
         assert self.info is not None
-        info = self.info
-        b, _h, q_len, T = rows.shape
+        b, _h, q_len, _T = rows.shape
         q_abs = torch.arange(q_start, q_start + q_len, device=rows.device)
         key_abs = (q_abs - self.offset).clamp_min(0)  # [q]
         picked = rows.gather(3, key_abs.view(1, 1, q_len, 1).expand(b, rows.shape[1], q_len, 1))[..., 0]
-        pos = info.query_positions(q_start, q_len)  # [b, q]
-        upper = self.query_to if self.query_to is not None else T
-        mask = (pos >= max(self.query_from, self.offset)) & (pos < upper)
-        self._add(layer, picked, mask.float())
+        self._add(layer, picked.float(), self._mask(q_start, q_len))
+
+    def _mask(self, q_start: int, q_len: int) -> torch.Tensor:
+        assert self.info is not None
+        pos = self.info.query_positions(q_start, q_len)  # [b, q]
+        upper = self.query_to if self.query_to is not None else self.info.T
+        return ((pos >= max(self.query_from, self.offset)) & (pos < upper)).float()
+
+    supports_moments = True
+
+    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+        assert self.info is not None
+        self._add(layer, moments.diag(self.offset), self._mask(0, self.info.T))
 
 
 class ColumnImportance(PatternReducer):
@@ -221,7 +252,12 @@ class ColumnImportance(PatternReducer):
     def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
         assert self.info is not None
         mask = self._query_mask(self.info, q_start, rows.shape[2])  # [b, q]
-        self.colsum[layer] += torch.einsum("bhqk,bq->bhk", rows, mask)
+        self.colsum[layer] += torch.einsum("bhqk,bq->bhk", rows, mask.to(rows.dtype)).float()
+
+    supports_moments = True
+
+    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+        self.colsum[layer] += moments.colsum  # pad queries are already left out
 
     def _finish(self, info: BatchInfo) -> torch.Tensor:
         L, b, H, T = self.colsum.shape

@@ -10,6 +10,7 @@ from probe import capture as capture_module
 from probe.capture import capture
 from probe.errors import CaptureError, ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
+from probe.moments import AttentionMoments, attention_moments
 from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, PatternReducer, RowEntropy
 
 
@@ -57,6 +58,11 @@ def test_hooks_are_removed_after_an_error_inside_a_reducer(tiny_llama: LoadedMod
             if layer == 1:
                 raise RuntimeError("reducer failed")
             super().update(layer, rows, q_start)
+
+        def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+            if layer == 1:
+                raise RuntimeError("reducer failed")
+            super().update_moments(layer, moments)
 
     with pytest.raises(RuntimeError, match="reducer failed"):
         capture(tiny_llama, random_rows(2, [10]), [Exploding()], progress=False)
@@ -114,3 +120,31 @@ def test_census_on_the_real_model_finds_induction_and_previous_token_heads(smoll
     assert eager["prev_token"].max() > 0.5
     top = eager.nlargest(1, "induction").iloc[0]
     assert top["induction"] > 5 * eager["induction"].median()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_moments_equal_the_statistics_of_explicit_rows(window: int | None) -> None:
+    """The moment path (no T×T tensor) against softmax rows built explicitly, with padding and GQA."""
+    torch.manual_seed(0)
+    b, H, H_kv, T, d = 2, 4, 2, 13, 16
+    q, k = torch.randn(b, H, T, d), torch.randn(b, H_kv, T, d)
+    pads = torch.tensor([0, 4])
+    m = attention_moments(q, k, pad_offsets=pads, sliding_window=window, block=4, use_triton=False)
+    kk = k.repeat_interleave(H // H_kv, dim=1)
+    s = q @ kk.transpose(-1, -2) / d**0.5
+    t = torch.arange(T)
+    allowed = (t[None, :] <= t[:, None])[None] & (t[None, None, :] >= pads[:, None, None])
+    if window is not None:
+        allowed = allowed & (t[None, :] > t[:, None] - window)[None]
+    p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+    real_q = (t[None, :] >= pads[:, None]).float()
+    for i in range(b):
+        r = slice(int(pads[i]), T)
+        ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        assert torch.allclose(m.entropy[i][:, r], ent[i][:, r], atol=1e-5)
+        assert torch.allclose(m.mean_key[i][:, r], (p @ t.float())[i][:, r], atol=1e-4)
+        assert torch.allclose(m.colsum[i], torch.einsum("hqk,q->hk", p[i], real_q[i]), atol=1e-5)
+        diag = torch.stack(
+            [p[i, :, tt, tt - 1] if tt - 1 >= int(pads[i]) else torch.zeros(H) for tt in range(T)], -1
+        )
+        assert torch.allclose(m.diag(1)[i], diag, atol=1e-6)
