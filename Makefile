@@ -22,7 +22,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+browser:
+	bash scripts/browser-deps.sh
+
+pytest: install browser
 	$(BIN)/headlab fetch $(MODEL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -1,0 +1,200 @@
+"""The runs the dashboard may show: only run directories directly under its root, checked once.
+
+Background
+----------
+The dashboard is reachable from a browser, so nothing the browser sends is ever used as a path
+(DESIGN.md: "only reads run directories under its root"). Pages name runs by *run id* (the
+directory name under the root); :meth:`RunCatalog.open` looks the id up in the current listing of
+the root and opens that listed directory, so ``../elsewhere`` or an absolute path simply is not a
+known run.
+
+A run is offered for opening only if it is intact: the listing compares file sizes with the
+manifest (cheap), and the first time a run is offered its files are also hashed against the
+manifest (:func:`analyses.runstore.open_run` with ``verify=True``). The verdict is cached until a
+file in the run directory changes (size or modification time), so a page load does not re-hash
+every run, yet a run damaged while the dashboard runs is noticed.
+
+Usage
+-----
+>>> catalog = RunCatalog(Path("runs"))
+>>> [e.run_id for e in catalog.entries("census") if e.ok]
+>>> run = catalog.open(run_id, analysis="census")   # RunStoreError when unknown or damaged
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from analyses import runstore
+from analyses.runstore import Run
+from probe.errors import RunStoreError
+
+_Signature = tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One run directory under the root, as the dashboard lists it."""
+
+    run_id: str  # the directory name under the root: the only handle pages pass around
+    analysis: str | None
+    model: str | None
+    created: str | None  # ISO 8601 (UTC) from the manifest
+    n_heads: int | None
+    status: str  # "ok" or "damaged: <why>"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def created_label(self) -> str:
+        if self.created is None:
+            return ""
+        try:
+            return datetime.fromisoformat(self.created).strftime("%Y-%m-%d %H:%M:%S UTC")
+        except ValueError:
+            return self.created
+
+    @property
+    def label(self) -> str:
+        """A one-line description for pickers: id, model, size, time."""
+        if not self.ok:
+            return f"{self.run_id} (damaged)"
+        parts = [self.model or "?"]
+        if self.n_heads is not None:
+            parts.append(f"{self.n_heads} heads")
+        if self.created_label:
+            parts.append(self.created_label)
+        return f"{self.run_id} — {', '.join(parts)}"
+
+
+def _is_run_name(name: object) -> bool:
+    """A visible directory name: what :func:`analyses.runstore.list_runs` lists under a root.
+    Anything with a separator, ``..`` or a leading dot (hidden, temporary) is not a run id."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and os.sep not in name
+        and (os.altsep is None or os.altsep not in name)
+        and "\x00" not in name
+    )
+
+
+def _why_damaged(message: str, run_id: str, path: Path) -> str:
+    """``open_run``'s message without its "run <id> (<path>) is unusable: " preamble."""
+    return message.removeprefix(f"run {run_id} ({path}) is unusable: ")
+
+
+def _signature(directory: Path) -> _Signature:
+    """Name, size and mtime of every file of a run (manifest, tables, arrays): changes when any does."""
+    found: list[tuple[str, int, int]] = []
+    for sub in (directory, directory / runstore.ARRAYS_DIR):
+        try:
+            with os.scandir(sub) as it:
+                for item in it:
+                    if item.is_file():
+                        st = item.stat()
+                        found.append((f"{sub.name}/{item.name}", st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(sorted(found))
+
+
+class RunCatalog:
+    """The runs under ``root``, with checked opening by run id and a small cache of opened runs."""
+
+    def __init__(self, root: Path, *, max_open: int = 4) -> None:
+        self.root = Path(root).expanduser()
+        self.max_open = max_open
+        self._lock = threading.Lock()
+        # run id -> (signature, None if intact else why it is damaged)
+        self._verdicts: dict[str, tuple[_Signature, str | None]] = {}
+        self._open: OrderedDict[str, tuple[_Signature, Run]] = OrderedDict()
+
+    def entries(self, analysis: str | None = None) -> list[RunEntry]:
+        """Every run directory under the root (newest first), intact ones hashed once."""
+        result = []
+        for summary in runstore.list_runs(self.root, analysis=analysis, verify=False):
+            run_id = summary.path.name
+            status = summary.status
+            if summary.ok:
+                why = self._verify(run_id, summary.path)
+                status = "ok" if why is None else f"damaged: {why}"
+            result.append(
+                RunEntry(
+                    run_id=run_id,
+                    analysis=summary.analysis,
+                    model=summary.model,
+                    created=summary.created,
+                    n_heads=summary.n_heads,
+                    status=status,
+                )
+            )
+        return result
+
+    def intact(self, analysis: str | None = None) -> list[RunEntry]:
+        return [e for e in self.entries(analysis) if e.ok]
+
+    def open(self, run_id: str, *, analysis: str | None = None) -> Run:
+        """The intact run whose directory under the root is named ``run_id``.
+
+        ``run_id`` must be the name of a visible directory directly under the root (what
+        :meth:`entries` lists): no separators, no ``..``, no leading dot, so it can name nothing
+        else. Raises :class:`RunStoreError` when there is no such run, when it is damaged (sizes
+        and sha256 checked, cached until a file changes), or when it is not a run of ``analysis``.
+        """
+        if not _is_run_name(run_id) or not (self.root / run_id).is_dir():
+            raise RunStoreError(
+                f"no run {run_id!r} under {self.root}; pick one of the listed runs "
+                "(the dashboard only opens run directories under its root)"
+            )
+        run = self._open_checked(run_id, self.root / run_id)
+        if analysis is not None and run.analysis != analysis:
+            raise RunStoreError(f"run {run_id} is a {run.analysis} run, not a {analysis} run; pick another")
+        return run
+
+    def _verify(self, run_id: str, path: Path) -> str | None:
+        signature = _signature(path)
+        with self._lock:
+            cached = self._verdicts.get(run_id)
+        if cached is not None and cached[0] == signature:
+            return None if cached[1] is None else _why_damaged(cached[1], run_id, path)
+        try:
+            self._open_checked(run_id, path)
+        except RunStoreError as err:
+            return _why_damaged(str(err), run_id, path)
+        return None
+
+    def _open_checked(self, run_id: str, path: Path) -> Run:
+        signature = _signature(path)
+        with self._lock:
+            held = self._open.get(run_id)
+            if held is not None and held[0] == signature:
+                self._open.move_to_end(run_id)
+                return held[1]
+            verdict = self._verdicts.get(run_id)
+        if verdict is not None and verdict[0] == signature and verdict[1] is not None:
+            raise RunStoreError(verdict[1])
+        try:
+            run = runstore.open_run(path, verify=True)
+        except RunStoreError as err:
+            with self._lock:
+                self._verdicts[run_id] = (signature, str(err))
+                self._open.pop(run_id, None)
+            raise
+        with self._lock:
+            self._verdicts[run_id] = (signature, None)
+            self._open[run_id] = (signature, run)
+            self._open.move_to_end(run_id)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return run

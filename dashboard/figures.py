@@ -1,0 +1,233 @@
+"""Plotly figures shared by the dashboard pages and the HTML reports.
+
+Nothing here reads files or changes global plotly state (no default templates are touched): each
+function takes tables or arrays and returns a new figure.
+
+* :func:`head_heatmap`: a layer x head heat map of one column of a ``heads`` table (for analyses
+  without a figure of their own); :func:`mark_head` outlines one head on any such map.
+* :func:`pattern_figure`: one head's attention pattern as a PNG image inside a plotly figure, so a
+  long sequence costs one compressed image; hover shows tokens and weights while the pattern is
+  small enough for per-cell hover data.
+* :func:`distributions`: one histogram per metric, of the values across heads.
+* :func:`figure_div`: a figure as an HTML fragment that expects plotly.js to be loaded once by the
+  page (the report inlines it in ``<head>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale, unlabel_rgb
+from plotly.subplots import make_subplots
+
+PatternScale = Literal["linear", "sqrt"]
+PATTERN_SCALES: tuple[PatternScale, ...] = ("linear", "sqrt")
+COLORSCALE = "Viridis"
+MASKED_RGB = (235, 235, 235)  # causally masked cells (key after query, weight exactly 0)
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+@functools.cache
+def _lut(colorscale: str = COLORSCALE) -> np.ndarray:
+    """``[256, 3]`` uint8 colours of ``colorscale`` at 0, 1/255, ..., 1."""
+    colours = sample_colorscale(colorscale, list(np.linspace(0.0, 1.0, 256)))
+    return np.array([unlabel_rgb(c) for c in colours], dtype=np.float64).round().astype(np.uint8)
+
+
+def token_label(token: str) -> str:
+    """A token as shown in hovers and ticks: quoted (leading spaces stay visible), newlines and
+    tabs escaped, HTML-escaped (plotly renders a few tags, and tokens such as ``<|im_start|>``)."""
+    shown = token.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return html.escape(f"'{shown}'", quote=False)
+
+
+def head_heatmap(
+    heads: pd.DataFrame, metric: str, title: str | None = None, *, colorscale: str = COLORSCALE
+) -> go.Figure:
+    """Layer x head heat map of ``heads[metric]`` (layer 0 at the top), like the analyses' own maps."""
+    grid = heads.pivot(index="layer", columns="head", values=metric)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.values,
+            x=[str(h) for h in grid.columns],
+            y=[str(layer) for layer in grid.index],
+            colorscale=colorscale,
+            colorbar={"title": {"text": metric}},
+            hovertemplate="layer %{y}, head %{x}<br>" + metric + " = %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": title or metric},
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis={"autorange": "reversed"},
+        height=heatmap_height(grid.shape[0]),
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+    )
+    return fig
+
+
+def heatmap_height(n_layers: int) -> int:
+    """A height that keeps layer rows readable: about 16 px a layer, between 320 and 900 px."""
+    return int(min(900, max(320, 110 + 16 * n_layers)))
+
+
+def mark_head(fig: go.Figure, layer: int, head: int, *, color: str = "#e4572e") -> go.Figure:
+    """Outline cell (layer, head) on a layer x head heat map whose axes are category labels."""
+    trace = fig.data[0]
+    xs = [str(v) for v in trace.x]
+    ys = [str(v) for v in trace.y]
+    if str(head) in xs and str(layer) in ys:
+        x, y = xs.index(str(head)), ys.index(str(layer))
+        fig.add_shape(
+            type="rect",
+            xref="x",
+            yref="y",
+            x0=x - 0.5,
+            x1=x + 0.5,
+            y0=y - 0.5,
+            y1=y + 0.5,
+            line={"color": color, "width": 3},
+            fillcolor="rgba(0,0,0,0)",
+        )
+    return fig
+
+
+def pattern_rgb(weights: np.ndarray, *, scale: PatternScale = "linear", causal: bool = True) -> np.ndarray:
+    """``[n, n]`` attention weights (row = query, column = key) -> ``[n, n, 3]`` uint8 colours.
+
+    Colours map weights 0..1 (``sqrt``: their square root, which shows small weights) through
+    Viridis. With ``causal``, cells after the query whose weight is exactly 0 are drawn light grey
+    (masked, not "attended 0"); a non-zero weight there keeps its colour, so a leak stays visible.
+    """
+    w = np.nan_to_num(np.asarray(weights, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
+    shown = np.sqrt(w) if scale == "sqrt" else w
+    rgb = _lut()[np.rint(shown * 255).astype(np.intp)]
+    if causal:
+        n_q, n_k = w.shape
+        future = np.arange(n_k)[None, :] > np.arange(n_q)[:, None]
+        rgb[future & (w == 0.0)] = MASKED_RGB
+    return rgb
+
+
+def pattern_figure(
+    weights: np.ndarray,
+    tokens: Sequence[str] | None = None,
+    *,
+    title: str = "",
+    scale: PatternScale = "linear",
+    causal: bool = True,
+    max_token_hover_cells: int = 160 * 160,
+    max_value_hover_cells: int = 512 * 512,
+    max_tick_tokens: int = 40,
+    height: int = 560,
+) -> go.Figure:
+    """One head's attention pattern ``weights`` ``[n_query, n_key]`` as a PNG image.
+
+    Hovering a cell shows its query and key positions, their tokens while the pattern has at most
+    ``max_token_hover_cells`` cells (one hover string per cell), and its weight while it has at
+    most ``max_value_hover_cells`` (4 bytes per cell). Tick labels are the tokens for at most
+    ``max_tick_tokens`` positions.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    n_q, n_k = w.shape
+    fig = px.imshow(pattern_rgb(w, scale=scale, causal=causal), binary_string=True)
+    labels = [token_label(t) for t in tokens] if tokens is not None else None
+    if labels is not None and len(labels) < max(n_q, n_k):
+        labels = labels + [""] * (max(n_q, n_k) - len(labels))
+    where = "query %{y}<br>key %{x}"
+    if labels is not None and n_q * n_k <= max_token_hover_cells:
+        q_part = [f"query {i} {labels[i]}<br>" for i in range(n_q)]
+        k_part = [f"key {j} {labels[j]}" for j in range(n_k)]
+        fig.update_traces(hovertext=[[q + k for k in k_part] for q in q_part])
+        where = "%{hovertext}"
+    if n_q * n_k <= max_value_hover_cells:
+        # numpy goes into the figure as a typed array: 4 bytes a cell, not a decimal string.
+        fig.update_traces(customdata=w, hovertemplate=where + "<br>weight %{customdata:.3f}<extra></extra>")
+    else:
+        fig.update_traces(hovertemplate=where + "<extra></extra>")
+    axis: dict[str, object] = {"showgrid": False, "zeroline": False}
+    xaxis, yaxis = dict(axis, title={"text": "key position"}), dict(axis, title={"text": "query position"})
+    if labels is not None and max(n_q, n_k) <= max_tick_tokens:
+        xaxis.update(tickvals=list(range(n_k)), ticktext=labels[:n_k], tickangle=-60, tickfont={"size": 10})
+        yaxis.update(tickvals=list(range(n_q)), ticktext=labels[:n_q], tickfont={"size": 10})
+    scale_note = (
+        "colour: √weight (shows weights far below the largest)" if scale == "sqrt" else "colour: weight"
+    )
+    fig.update_layout(
+        # Left-aligned so that the mode bar (top right) never covers it.
+        title={"text": title, "x": 0.02, "xanchor": "left", "subtitle": {"text": scale_note}},
+        xaxis=xaxis,
+        yaxis=yaxis,
+        height=height,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+    )
+    return fig
+
+
+def distributions(
+    heads: pd.DataFrame, metrics: Sequence[str], labels: Mapping[str, str] | None = None, *, cols: int = 3
+) -> go.Figure:
+    """One histogram per metric of its values across all heads."""
+    labels = labels or {}
+    rows = max(1, -(-len(metrics) // cols))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[labels.get(m, m) for m in metrics],
+        horizontal_spacing=0.08,
+        vertical_spacing=0.16,
+    )
+    for i, metric in enumerate(metrics):
+        fig.add_trace(
+            go.Histogram(
+                x=heads[metric],
+                nbinsx=30,
+                name=metric,
+                marker_color="#31688e",
+                hovertemplate=metric + " %{x}<br>%{y} heads<extra></extra>",
+            ),
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
+    fig.update_yaxes(title_text="heads", col=1)
+    fig.update_layout(
+        showlegend=False, height=300 * rows, margin={"l": 60, "r": 20, "t": 50, "b": 40}, bargap=0.05
+    )
+    return fig
+
+
+def message_figure(message: str, *, height: int = 320) -> go.Figure:
+    """An empty figure that says why there is nothing to show."""
+    fig = go.Figure()
+    fig.add_annotation(text=html.escape(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(
+        xaxis={"visible": False}, yaxis={"visible": False}, height=height, margin={"t": 20, "b": 20}
+    )
+    return fig
+
+
+def figure_div(fig: go.Figure, div_id: str) -> str:
+    """``fig`` as an HTML fragment (a div and its plot script); plotly.js must be on the page.
+
+    The div gets the figure's own height (a percentage height would collapse inside a page).
+    """
+    height = fig.layout.height
+    return str(
+        fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            include_mathjax=False,
+            div_id=div_id,
+            config=PLOTLY_CONFIG,
+            default_width="100%",
+            default_height=f"{int(height)}px" if height else "450px",
+        )
+    )

@@ -1,0 +1,390 @@
+"""The census page: a layer x head map of one metric; click a head for its numbers and pattern.
+
+Elements (stable ids, used by the browser test): ``census-run`` (run picker), ``census-metric``
+(metric), ``census-heatmap`` (the map), ``census-head`` (store: the selected head),
+``census-head-detail`` (the head's metrics), ``census-example`` and ``census-scale`` (pattern
+controls), ``census-pattern`` (the head's attention pattern, drawn as an image).
+
+The callbacks are methods taking plain values (run id, metric, click data...), so tests call them
+directly; :meth:`CensusPage.register_callbacks` only wires them to the elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, ctx, dcc, html
+from dash.development.base_component import Component
+
+from analyses.runstore import Run
+from dashboard import figures
+from dashboard.figures import PATTERN_SCALES, PatternScale
+from dashboard.pages.base import Page
+from dashboard.views import census as views
+from dashboard.views.census import Head
+from probe.errors import HeadlabError
+
+GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
+DEFAULT_METRIC = "induction"
+DEFAULT_SCALE: PatternScale = "sqrt"
+SelectedHead = dict[str, Any]  # {"run": run id, "layer": int, "head": int}, the census-head store
+
+
+class CensusPage(Page):
+    path: ClassVar[str] = "/census"
+    title: ClassVar[str] = "Census"
+    analysis: ClassVar[str | None] = "census"
+
+    # ------------------------------------------------------------------------------------ layout
+
+    def run_options(self) -> list[dict[str, Any]]:
+        """Intact census runs (newest first), then damaged ones, listed but disabled."""
+        entries = self.catalog.entries("census")
+        ok = [{"label": e.label, "value": e.run_id} for e in entries if e.ok]
+        damaged = [
+            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
+            for e in entries
+            if not e.ok
+        ]
+        return ok + damaged
+
+    def layout(self, params: Mapping[str, str]) -> Component:
+        options = self.run_options()
+        offered = [o["value"] for o in options if not o.get("disabled")]
+        wanted = params.get("run")
+        run_id = wanted if wanted in offered else (offered[0] if offered else None)
+        metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
+        n_damaged = len(options) - len(offered)
+        notes: list[Component | str] = []
+        if not offered:
+            notes.append(
+                html.P(
+                    [
+                        f"No intact census run under {self.catalog.root}. Make one with ",
+                        html.Code(f"headlab run census --root {self.catalog.root}"),
+                        ".",
+                    ],
+                    className="error",
+                )
+            )
+        elif wanted and wanted != run_id:
+            notes.append(
+                html.P(
+                    f"Run {wanted!r} is not an intact census run under the root; showing the newest.",
+                    className="error",
+                )
+            )
+        if n_damaged:
+            notes.append(
+                html.P(
+                    f"{n_damaged} damaged census run(s) listed but not offered; see the Runs page.",
+                    className="hint",
+                )
+            )
+        return html.Div(
+            [
+                html.H2("Head census"),
+                html.P(
+                    "Six numbers per head from one pass over natural text and repeated random tokens. "
+                    "Pick a metric, then click a head on the map for its values and its attention pattern.",
+                    className="hint",
+                ),
+                html.Div(
+                    [
+                        html.Div(
+                            [
+                                html.Label("run", htmlFor="census-run"),
+                                dcc.Dropdown(
+                                    id="census-run",
+                                    options=options,
+                                    value=run_id,
+                                    clearable=False,
+                                    placeholder="no census runs",
+                                ),
+                            ],
+                            className="control control-run",
+                        ),
+                        html.Div(
+                            [
+                                html.Label("metric", htmlFor="census-metric"),
+                                dcc.RadioItems(
+                                    id="census-metric",
+                                    options=[
+                                        {"label": views.METRIC_LABELS[m], "value": m} for m in views.METRICS
+                                    ],
+                                    value=metric,
+                                    inline=True,
+                                    className="radio-inline",
+                                ),
+                            ],
+                            className="control",
+                        ),
+                    ],
+                    className="controls",
+                ),
+                *notes,
+                html.Div(
+                    [
+                        html.Div(
+                            [
+                                dcc.Graph(
+                                    id="census-heatmap", config=GRAPH_CONFIG, figure=_empty("loading…")
+                                ),
+                                html.P("Click a cell to select that head.", className="hint"),
+                            ],
+                            className="col-map panel",
+                        ),
+                        html.Div(
+                            [
+                                html.Div(id="census-head-detail"),
+                                html.Div(
+                                    [
+                                        html.Div(
+                                            [
+                                                html.Label("example", htmlFor="census-example"),
+                                                dcc.Dropdown(id="census-example", clearable=False),
+                                            ],
+                                            className="control control-example",
+                                        ),
+                                        html.Div(
+                                            [
+                                                html.Label("colour", htmlFor="census-scale"),
+                                                dcc.RadioItems(
+                                                    id="census-scale",
+                                                    options=[
+                                                        {"label": "√weight", "value": "sqrt"},
+                                                        {"label": "weight", "value": "linear"},
+                                                    ],
+                                                    value=DEFAULT_SCALE,
+                                                    inline=True,
+                                                    className="radio-inline",
+                                                ),
+                                            ],
+                                            className="control",
+                                        ),
+                                    ],
+                                    className="detail-controls",
+                                ),
+                                dcc.Graph(
+                                    id="census-pattern", config=GRAPH_CONFIG, figure=_empty("loading…")
+                                ),
+                            ],
+                            className="col-detail panel",
+                        ),
+                    ],
+                    className="columns",
+                ),
+                dcc.Store(id="census-head"),
+            ],
+            className="page",
+        )
+
+    # --------------------------------------------------------------------------------- callbacks
+
+    def _run(self, run_id: str) -> Run:
+        return self.catalog.open(run_id, analysis="census")
+
+    def select_head(
+        self,
+        run_id: str | None,
+        click_data: Mapping[str, Any] | None,
+        metric: str | None,
+        current: SelectedHead | None,
+        triggered: str | None = None,
+    ) -> SelectedHead | None:
+        """The head to show: the clicked one (when the map was clicked), else the current one if it
+        belongs to this run, else the run's most notable head for ``metric``."""
+        if not run_id:
+            return None
+        try:
+            heads = self._run(run_id).heads
+        except HeadlabError:
+            return None
+        if triggered == "census-heatmap":
+            clicked = _clicked_head(click_data)
+            if clicked is not None and views.has_head(heads, clicked):
+                return {"run": run_id, "layer": clicked.layer, "head": clicked.head}
+        held = _as_head(current, run_id)
+        if held is not None and views.has_head(heads, held):
+            return {"run": run_id, "layer": held.layer, "head": held.head}
+        top = views.top_head(heads, metric if metric in views.METRICS else DEFAULT_METRIC)
+        return {"run": run_id, "layer": top.layer, "head": top.head}
+
+    def heatmap_figure(
+        self, run_id: str | None, metric: str | None, selected: SelectedHead | None
+    ) -> go.Figure:
+        if not run_id:
+            return _empty("no census run selected")
+        if metric not in views.METRICS:
+            return _empty(f"unknown metric {metric!r}")
+        try:
+            run = self._run(run_id)
+            fig = views.heatmap(run.heads, metric, _as_head(selected, run_id))
+        except (HeadlabError, KeyError) as err:
+            return _empty(f"cannot show run {run_id}: {_why(err)}")
+        fig.update_layout(
+            title={"text": views.METRIC_LABELS[metric], "x": 0.02, "xanchor": "left"},
+            uirevision=run_id,  # keep zoom while the metric or the selected head changes
+            margin={"l": 50, "r": 10, "t": 50, "b": 45},
+        )
+        return fig
+
+    def head_detail(self, run_id: str | None, selected: SelectedHead | None, metric: str | None) -> Component:
+        head = _as_head(selected, run_id)
+        if not run_id or head is None:
+            return html.P("No head selected.", className="hint")
+        try:
+            run = self._run(run_id)
+            summary = views.head_summary(run.heads, head)
+            heads = run.heads
+        except (HeadlabError, KeyError) as err:
+            return html.P(f"cannot show head {head}: {_why(err)}", className="error")
+        row = heads[(heads["layer"] == head.layer) & (heads["head"] == head.head)].iloc[0]
+        kv = f", KV head {int(row['kv_head'])}" if "kv_head" in heads.columns else ""
+        body = []
+        for r in summary.itertuples(index=False):
+            sem = "" if r.sem is None else f"± {r.sem:.3g}"
+            body.append(
+                html.Tr(
+                    [
+                        html.Td(r.label),
+                        html.Td(f"{r.value:.4g}", className="num"),
+                        html.Td(sem, className="num"),
+                        html.Td(f"{r.rank} / {r.of}", className="num"),
+                    ],
+                    className="current" if r.metric == metric else "",
+                )
+            )
+        table = html.Table(
+            [
+                html.Thead(
+                    html.Tr(
+                        [
+                            html.Th("metric"),
+                            html.Th("value", className="num"),
+                            html.Th("± sem", className="num"),
+                            html.Th("rank", className="num"),
+                        ]
+                    )
+                ),
+                html.Tbody(body),
+            ],
+            className="data",
+        )
+        return html.Div(
+            [
+                html.H3(f"{head}: layer {head.layer}, head {head.head}{kv}", id="census-head-title"),
+                table,
+                html.P(
+                    "rank 1 = most notable: lowest entropy, highest value of every other metric. "
+                    "± is the standard error over samples.",
+                    className="hint",
+                ),
+            ],
+        )
+
+    def example_options(
+        self, run_id: str | None, current: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        if not run_id:
+            return [], None
+        try:
+            run = self._run(run_id)
+            ids = views.example_ids(run)
+            options = [{"label": views.example_preview(run, e), "value": e} for e in ids]
+        except (HeadlabError, KeyError):
+            return [], None
+        if not ids:
+            return [], None
+        return options, current if current in ids else ids[0]
+
+    def pattern_figure(
+        self, run_id: str | None, selected: SelectedHead | None, example: int | None, scale: str | None
+    ) -> go.Figure:
+        head = _as_head(selected, run_id)
+        if not run_id or head is None:
+            return _empty("select a head")
+        try:
+            run = self._run(run_id)
+            if not views.example_ids(run):
+                return _empty("this run kept no example patterns (n_examples=0)")
+            if example is None:
+                return _empty("select an example")
+            shown: PatternScale = scale if scale in PATTERN_SCALES else DEFAULT_SCALE
+            fig = views.pattern_figure(run, int(example), head, scale=shown)
+        except (HeadlabError, KeyError, ValueError) as err:
+            return _empty(f"cannot show the pattern: {_why(err)}")
+        fig.update_layout(uirevision=f"{run_id}/{example}", height=600)
+        return fig
+
+    def register_callbacks(self, app: Dash) -> None:
+        def select(
+            run_id: str | None, click: dict[str, Any] | None, metric: str | None, current: SelectedHead | None
+        ) -> SelectedHead | None:
+            return self.select_head(run_id, click, metric, current, ctx.triggered_id)
+
+        app.callback(
+            Output("census-head", "data"),
+            Input("census-run", "value"),
+            Input("census-heatmap", "clickData"),
+            State("census-metric", "value"),
+            State("census-head", "data"),
+        )(select)
+        app.callback(
+            Output("census-heatmap", "figure"),
+            Input("census-run", "value"),
+            Input("census-metric", "value"),
+            Input("census-head", "data"),
+        )(self.heatmap_figure)
+        app.callback(
+            Output("census-head-detail", "children"),
+            Input("census-run", "value"),
+            Input("census-head", "data"),
+            Input("census-metric", "value"),
+        )(self.head_detail)
+        app.callback(
+            Output("census-example", "options"),
+            Output("census-example", "value"),
+            Input("census-run", "value"),
+            State("census-example", "value"),
+        )(self.example_options)
+        app.callback(
+            Output("census-pattern", "figure"),
+            Input("census-run", "value"),
+            Input("census-head", "data"),
+            Input("census-example", "value"),
+            Input("census-scale", "value"),
+        )(self.pattern_figure)
+
+
+def _empty(message: str) -> go.Figure:
+    return figures.message_figure(message)
+
+
+def _why(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _as_head(selected: Mapping[str, Any] | None, run_id: str | None) -> Head | None:
+    """The head in the ``census-head`` store, if it belongs to ``run_id``."""
+    if not isinstance(selected, Mapping) or selected.get("run") != run_id:
+        return None
+    try:
+        return Head(int(selected["layer"]), int(selected["head"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _clicked_head(click_data: Mapping[str, Any] | None) -> Head | None:
+    """The head under a click on the layer x head map (x: head, y: layer)."""
+    if not isinstance(click_data, Mapping):
+        return None
+    points = click_data.get("points")
+    if not isinstance(points, list) or not points or not isinstance(points[0], Mapping):
+        return None
+    try:
+        return Head(int(points[0]["y"]), int(points[0]["x"]))
+    except (KeyError, TypeError, ValueError):
+        return None

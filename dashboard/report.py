@@ -1,0 +1,179 @@
+"""Static HTML reports: one self-contained file per run that opens offline.
+
+Background
+----------
+A report is the run's manifest summary (what model, weights, dtype, device, BOS policy, config,
+seeds, versions, code revision, timings, and the model's caveat, e.g. quantised weights) followed by
+the sections of its analysis (:mod:`dashboard.sections`). plotly.js is inlined once in ``<head>``
+and every figure is a ``<div>`` plus a small script, so the file needs no network and no other
+file. Runs are immutable and checksummed, so the report is written outside the run directory,
+by default to ``./reports/<run_id>.html``; it is written to a temporary file in the target
+directory and renamed, so a reader never sees half a report and an earlier report survives a
+failed write.
+
+Usage
+-----
+>>> from dashboard.report import write_report
+>>> write_report(Path("runs/20250101-120000-census-smollm2-135m-3fa2"))
+PosixPath('reports/20250101-120000-census-smollm2-135m-3fa2.html')
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import importlib.resources
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import plotly.offline
+
+from analyses import runstore
+from analyses.runstore import Run
+from dashboard.sections import ReportSection, sections_for
+from dashboard.sections.base import fmt, table_html
+
+DEFAULT_DIR = Path("reports")
+
+
+def stylesheet() -> str:
+    """The CSS shared by the dashboard and the reports."""
+    return importlib.resources.files("dashboard").joinpath("headlab.css").read_text(encoding="utf-8")
+
+
+def _kv_table(items: list[tuple[str, object]]) -> str:
+    return table_html(None, [(k, fmt(v)) for k, v in items], css_class="data kv")
+
+
+def _bos_policy(bos: Any) -> str:
+    if not isinstance(bos, dict):
+        return str(bos)
+    prepend = "prepends" if bos.get("prepend") else "does not prepend"
+    token = bos.get("token")
+    token_text = f" {token!r} (id {bos.get('token_id')})" if token is not None else ""
+    return f"{bos.get('mode', '?')}: {prepend} BOS{token_text}"
+
+
+def manifest_section(run: Run) -> ReportSection:
+    """The run's manifest: model, environment, config, seeds, timings, files."""
+    m = run.manifest
+    model = m.model
+    sha = str(model.get("weight_sha256") or "")
+    shape = (
+        f"{model.get('n_layers')} layers × {model.get('n_heads')} heads ({model.get('n_kv_heads')} KV heads), "
+        f"d_head {model.get('d_head')}, d_model {model.get('d_model')}, context {model.get('n_ctx')}"
+    )
+    model_rows: list[tuple[str, object]] = [
+        ("name", model.get("name")),
+        ("source", f"{model.get('source')} ({model.get('family')}, {model.get('kind')})"),
+        ("shape", shape),
+        ("weights sha256", f"{sha[:16]}…" if sha else "unknown"),
+        ("dtype", model.get("dtype")),
+        ("device", model.get("device")),
+        ("BOS policy", _bos_policy(model.get("bos"))),
+        ("licence", model.get("licence")),
+    ]
+    run_rows: list[tuple[str, object]] = [
+        ("run id", m.run_id),
+        ("analysis", m.analysis),
+        ("created", m.created),
+        ("code revision", m.code_revision or "unknown (not a git checkout)"),
+        ("schema version", m.schema_version),
+    ]
+    caveat = str(model.get("caveat") or "")
+    caveat_html = f'<p class="caveat"><b>Model caveat:</b> {html.escape(caveat)}</p>' if caveat else ""
+    files = [(f"{name}.parquet", f"{meta['rows']} rows", "") for name, meta in m.tables.items()] + [
+        (f"arrays/{name}.npy", meta["dtype"], "×".join(str(d) for d in meta["shape"]))
+        for name, meta in m.arrays.items()
+    ]
+    blocks = [
+        ("Model", _kv_table(model_rows)),
+        ("Run", _kv_table(run_rows)),
+        ("Config", _kv_table(sorted(m.config.items())) if m.config else "<p>(none)</p>"),
+        ("Seeds", _kv_table(sorted(m.seeds.items())) if m.seeds else "<p>(none)</p>"),
+        (
+            "Timings (s)",
+            _kv_table(list(m.timings.items())) if m.timings else "<p>(none)</p>",
+        ),
+        ("Package versions", _kv_table(sorted(m.package_versions.items()))),
+        ("Files", table_html(["file", "rows / dtype", "shape"], files)),
+    ]
+    body = caveat_html + '<div class="summary">'
+    body += "".join(f"<div><h3>{html.escape(title)}</h3>{content}</div>" for title, content in blocks)
+    body += "</div>"
+    return ReportSection("run", "Run", body)
+
+
+def render_report(run: Run) -> str:
+    """The whole report of ``run`` as one HTML string."""
+    m = run.manifest
+    sections = [manifest_section(run), *sections_for(run)]
+    toc = "".join(f'<li><a href="#{html.escape(s.anchor)}">{html.escape(s.title)}</a></li>' for s in sections)
+    body = "".join(
+        f'<section id="{html.escape(s.anchor)}"><h2>{html.escape(s.title)}</h2>{s.body}</section>'
+        for s in sections
+    )
+    try:
+        version = importlib.metadata.version("headlab")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    title = f"{m.analysis} of {m.model_name}"
+    written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>headlab report: {html.escape(title)} ({html.escape(m.run_id)})</title>\n"
+        f"<style>\n{stylesheet()}\n</style>\n"
+        # plotly.js, once, inline: the report must open offline and from a single file.
+        f'<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>\n'
+        "</head>\n<body>\n"
+        f'<main class="report">\n<header><h1>headlab report: {html.escape(title)}</h1>'
+        f'<p class="muted">run <code>{html.escape(m.run_id)}</code>, created {html.escape(m.created)}</p></header>\n'
+        f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>\n'
+        f"{body}\n"
+        f'<footer class="report-footer">written by headlab {html.escape(version)} on {written}</footer>\n'
+        "</main>\n</body>\n</html>\n"
+    )
+
+
+def default_path(run_id: str) -> Path:
+    return DEFAULT_DIR / f"{run_id}.html"
+
+
+def _target(out: Path | None, run_id: str) -> Path:
+    if out is None:
+        return default_path(run_id)
+    out = Path(out).expanduser()
+    # A directory, existing or to be made (a path without a suffix such as ``reports``).
+    if out.is_dir() or (not out.exists() and not out.suffix):
+        return out / f"{run_id}.html"
+    return out
+
+
+def write_report(run_path: Path, out: Path | None = None) -> Path:
+    """Write the report of the run at ``run_path``; return the file written.
+
+    ``out``: a file path, or a directory (an existing one, or a path without a suffix; the file is
+    then ``<out>/<run_id>.html``); default ``./reports/<run_id>.html``. The run is checked first (size and sha256 of every file), so a
+    damaged run raises :class:`probe.errors.RunStoreError` naming the problem and the fix. The file
+    is written to a temporary file next to it and renamed into place.
+    """
+    run = runstore.open_run(run_path, verify=True)
+    target = _target(out, run.run_id)
+    text = render_report(run)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

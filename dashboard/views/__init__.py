@@ -1,0 +1,1 @@
+"""Views: per-analysis data -> tables and figures, shared by dashboard pages and reports."""

@@ -1,0 +1,168 @@
+"""Census views: what the census page and the census report section show, read from a run.
+
+Background
+----------
+A census run (:mod:`analyses.census`) holds a ``heads`` table with six metrics (and their standard
+errors), the tokens of a few natural-text ``examples`` and their full attention patterns
+(``example_patterns``, ``[n_examples, n_layers, n_heads, T, T]`` in real positions, padded to the
+longest example). This module turns those into rankings, per-head summaries and figures; the
+page and the report only arrange them.
+
+Which heads are notable: for every metric a high value marks a role (sink, previous-token,
+induction, duplicate-token, long-range head) except ``entropy``, where *low* entropy marks a
+focused head; :func:`ranked_heads` orders heads notable first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from analyses import census
+from analyses.runstore import Run
+from dashboard import figures
+from dashboard.figures import PatternScale
+
+METRICS: tuple[str, ...] = census.METRICS
+METRIC_LABELS: dict[str, str] = census.METRIC_LABELS
+LOW_IS_NOTABLE = frozenset({"entropy"})
+# Heads whose patterns the report draws: the clearest signatures first.
+PATTERN_METRICS: tuple[str, ...] = ("induction", "prev_token", "duplicate_token", "alpha_0")
+
+
+class Head(NamedTuple):
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+def ranked_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``heads`` sorted notable first for ``metric`` (lowest first for entropy), NaN last."""
+    if metric not in heads.columns:
+        raise KeyError(f"the heads table has no column {metric!r}; its metrics are {', '.join(METRICS)}")
+    ascending = metric in LOW_IS_NOTABLE
+    return heads.sort_values([metric, "layer", "head"], ascending=[ascending, True, True], na_position="last")
+
+
+def top_head(heads: pd.DataFrame, metric: str) -> Head:
+    row = ranked_heads(heads, metric).iloc[0]
+    return Head(int(row["layer"]), int(row["head"]))
+
+
+def top_heads(heads: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[Head, float, float | None]]:
+    """The ``k`` most notable heads for ``metric``: (head, value, standard error or None)."""
+    sem = f"{metric}_sem"
+    out = []
+    for row in ranked_heads(heads, metric).head(k).itertuples(index=False):
+        values = row._asdict()
+        err = values.get(sem)
+        out.append(
+            (
+                Head(int(values["layer"]), int(values["head"])),
+                float(values[metric]),
+                None if err is None or pd.isna(err) else float(err),
+            )
+        )
+    return out
+
+
+def has_head(heads: pd.DataFrame, head: Head) -> bool:
+    return bool(((heads["layer"] == head.layer) & (heads["head"] == head.head)).any())
+
+
+def head_summary(heads: pd.DataFrame, head: Head) -> pd.DataFrame:
+    """One row per metric for ``head``: metric, label, value, sem, rank (1 = most notable), of."""
+    row = heads[(heads["layer"] == head.layer) & (heads["head"] == head.head)]
+    if row.empty:
+        raise KeyError(f"no head {head} in this run")
+    record = row.iloc[0]
+    out = []
+    for metric in METRICS:
+        order = ranked_heads(heads, metric)
+        position = np.flatnonzero(
+            (order["layer"].to_numpy() == head.layer) & (order["head"].to_numpy() == head.head)
+        )
+        sem = record.get(f"{metric}_sem")
+        out.append(
+            {
+                "metric": metric,
+                "label": METRIC_LABELS[metric],
+                "value": float(record[metric]),
+                "sem": None if sem is None or pd.isna(sem) else float(sem),
+                "rank": int(position[0]) + 1,
+                "of": len(order),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def heatmap(heads: pd.DataFrame, metric: str, selected: Head | None = None) -> go.Figure:
+    """The census's own layer x head map of ``metric`` (:func:`analyses.census.figures`), sized
+    to the page, with the selected head outlined."""
+    if metric not in METRICS:
+        raise KeyError(f"unknown census metric {metric!r}; choose one of {', '.join(METRICS)}")
+    fig = census.figures(heads)[metric]
+    n_layers = int(heads["layer"].nunique())
+    fig.update_layout(width=None, autosize=True, height=figures.heatmap_height(n_layers))
+    if selected is not None:
+        figures.mark_head(fig, selected.layer, selected.head)
+    return fig
+
+
+def example_ids(run: Run) -> list[int]:
+    """The examples whose patterns the run kept (none when it was run with ``n_examples=0``)."""
+    if "examples" not in run.table_names or "example_patterns" not in run.array_names:
+        return []
+    return sorted(int(e) for e in run.table("examples")["example"].unique())
+
+
+def example_tokens(run: Run, example: int) -> list[str]:
+    """The tokens of ``example`` in position order (BOS included when the run prepended it)."""
+    table = run.table("examples")
+    rows = table[table["example"] == example].sort_values("position")
+    if rows.empty:
+        raise KeyError(f"run {run.run_id} has no example {example}; it has {example_ids(run)}")
+    return [str(t) for t in rows["token"]]
+
+
+def example_preview(run: Run, example: int, n_tokens: int = 10) -> str:
+    text = "".join(example_tokens(run, example)[:n_tokens]).replace("\n", " ").strip()
+    return f"example {example}: {text[:60]}…"
+
+
+def pattern(run: Run, example: int, head: Head) -> np.ndarray:
+    """``[n, n]`` attention of ``head`` on ``example`` over its ``n`` real tokens (float32)."""
+    patterns = run.array("example_patterns")
+    if not 0 <= example < patterns.shape[0]:
+        raise KeyError(
+            f"run {run.run_id} kept patterns of {patterns.shape[0]} examples, not example {example}"
+        )
+    n = len(example_tokens(run, example))
+    return patterns[example, head.layer, head.head, :n, :n].astype(np.float32)
+
+
+def pattern_figure(run: Run, example: int, head: Head, *, scale: PatternScale = "linear") -> go.Figure:
+    tokens = example_tokens(run, example)
+    return figures.pattern_figure(
+        pattern(run, example, head),
+        tokens,
+        title=f"{head} on example {example} ({len(tokens)} tokens)",
+        scale=scale,
+    )
+
+
+def pattern_heads(heads: pd.DataFrame, metrics: tuple[str, ...] = PATTERN_METRICS) -> list[tuple[str, Head]]:
+    """The top head of each of ``metrics``, each head once: what the report draws patterns of."""
+    seen: set[Head] = set()
+    out = []
+    for metric in metrics:
+        head = top_head(heads, metric)
+        if head not in seen:
+            seen.add(head)
+            out.append((metric, head))
+    return out
