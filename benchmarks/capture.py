@@ -157,8 +157,9 @@ def run_one(args: argparse.Namespace, method: str, T: int) -> dict[str, Any]:
         "--query-block", str(args.query_block),
     ]  # fmt: skip
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+        cmd, capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )  # fmt: skip
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[7:]))

@@ -1,7 +1,8 @@
 """Check the Triton attention-moment kernels against the PyTorch implementation (needs a CUDA GPU).
 
 Random queries/keys with left padding, grouped-query heads and a sliding window, in float32 and
-bfloat16; prints the largest differences and the time of both paths at a long context.
+bfloat16, through both entry points (from q/k and from a pattern); prints the largest relative
+differences and the time and peak memory of both paths per layer at long contexts.
 
     python benchmarks/moments_check.py
 """
@@ -12,7 +13,19 @@ import time
 
 import torch
 
-from probe.moments import attention_moments, triton_available
+from probe.moments import AttentionMoments, attention_moments, pattern_moments, triton_available
+
+FIELDS = ("entropy", "mean_key", "colsum")
+
+
+def _worst(a: AttentionMoments, r: AttentionMoments) -> dict[str, float]:
+    out = {
+        f: ((getattr(a, f) - getattr(r, f)).abs() / getattr(r, f).abs().clamp_min(1.0)).max().item()
+        for f in FIELDS
+    }
+    for o in r.diagonals:
+        out[f"diag{o}"] = (a.diag(o) - r.diag(o)).abs().max().item()
+    return out
 
 
 def compare(dtype: torch.dtype, window: int | None, T: int = 700) -> float:
@@ -21,36 +34,63 @@ def compare(dtype: torch.dtype, window: int | None, T: int = 700) -> float:
     q = torch.randn(b, H, T, d, device="cuda", generator=gen).to(dtype)
     k = torch.randn(b, H_kv, T, d, device="cuda", generator=gen).to(dtype)
     pads = torch.tensor([0, 37], device="cuda")
-    fast = attention_moments(q, k, pad_offsets=pads, sliding_window=window, use_triton=True)
-    ref = attention_moments(q, k, pad_offsets=pads, sliding_window=window, use_triton=False)
-    worst = 0.0
-    for name in ("lse", "entropy", "mean_key", "colsum"):
-        a, r = getattr(fast, name), getattr(ref, name)
-        rel = ((a - r).abs() / r.abs().clamp_min(1.0)).max().item()
-        worst = max(worst, rel)
-        print(f"  {dtype!s:<15} window={window!s:<5} {name:<9} max rel diff {rel:.2e}")
+    kw = {"pad_offsets": pads, "sliding_window": window, "diag_offsets": (1, 5)}
+    diffs = _worst(
+        attention_moments(q, k, use_triton=True, **kw), attention_moments(q, k, use_triton=False, **kw)
+    )
+    print(
+        f"  q/k     {dtype!s:<15} window={window!s:<5} " + "  ".join(f"{n} {v:.1e}" for n, v in diffs.items())
+    )
+    worst = max(diffs.values())
+    if window is None:
+        kk = k.float().repeat_interleave(H // H_kv, dim=1)
+        t = torch.arange(T, device="cuda")
+        s = (q.float() @ kk.transpose(-1, -2)) / d**0.5
+        s = s.masked_fill(~(t[None, :] <= t[:, None]), float("-inf"))
+        p = torch.softmax(s, -1).to(dtype)
+        kw2 = {"pad_offsets": pads, "diag_offsets": (1, 5)}
+        pdiffs = _worst(
+            pattern_moments(p, use_triton=True, **kw2), pattern_moments(p, use_triton=False, **kw2)
+        )
+        print(f"  pattern {dtype!s:<15}              " + "  ".join(f"{n} {v:.1e}" for n, v in pdiffs.items()))
+        worst = max(worst, *pdiffs.values())
     return worst
+
+
+def timed(fn: object, repeats: int = 5) -> tuple[float, float]:
+    fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()  # type: ignore[operator]
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main() -> None:
     if not torch.cuda.is_available() or not triton_available(torch.zeros(1, 64, device="cuda")):
         raise SystemExit("needs a CUDA GPU with Triton")
     worst = max(compare(dt, w) for dt in (torch.float32, torch.bfloat16) for w in (None, 128))
-    print(f"worst relative difference: {worst:.2e}")
+    print(f"worst difference: {worst:.2e}")
     for T in (8192, 32768):
         q = torch.randn(1, 9, T, 64, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 3, T, 64, device="cuda", dtype=torch.bfloat16)
         for use in (True, False):
-            attention_moments(q, k, use_triton=use)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(3):
-                attention_moments(q, k, use_triton=use, block=1024)
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / 3 * 1e3
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            print(f"T={T} {'triton' if use else 'torch '}: {ms:.2f} ms per layer, peak {peak:.0f} MiB")
+            ms, mib = timed(
+                lambda use=use, q=q, k=k: attention_moments(
+                    q, k, use_triton=use, block=1024, diag_offsets=(1, 5)
+                )
+            )
+            print(f"T={T} q/k     {'triton' if use else 'torch '}: {ms:7.2f} ms per layer, +{mib:.0f} MiB")
+        if T <= 8192:
+            p = torch.rand(1, 9, T, T, device="cuda", dtype=torch.bfloat16)
+            for use in (True, False):
+                ms, mib = timed(lambda use=use, p=p: pattern_moments(p, use_triton=use, diag_offsets=(1, 5)))
+                print(
+                    f"T={T} pattern {'triton' if use else 'torch '}: {ms:7.2f} ms per layer, +{mib:.0f} MiB"
+                )
     assert worst < 2e-2, "Triton moments disagree with the reference"
 
 

@@ -41,7 +41,7 @@ from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
 from probe.kernels import _attention_slots, native_attention
 from probe.loading import Batch, LoadedModel
-from probe.moments import attention_moments
+from probe.moments import attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -135,6 +135,10 @@ def capture(
     return stats
 
 
+def _diag_offsets(reducers: Sequence[PatternReducer]) -> tuple[int, ...]:
+    return tuple(sorted({o for r in reducers for o in r.diag_offsets}))
+
+
 def _run_eager(
     model: LoadedModel,
     batch: Batch,
@@ -145,12 +149,20 @@ def _run_eager(
     assert model.bridge is not None
     hook_set = HookSet(model)
 
+    use_moments = all(r.supports_moments for r in reducers)
+    offsets = _diag_offsets(reducers)
+
     def make(layer: int) -> Any:
         def hook(pattern: torch.Tensor, hook: Any) -> None:
-            rows = pattern.float()
-            for r in reducers:
-                r.update(layer, rows, 0)
-            seen[layer] += rows.shape[2]
+            if use_moments:  # one read of the pattern for every statistic
+                moments = pattern_moments(pattern, pad_offsets=batch.pad_offsets, diag_offsets=offsets)
+                for r in reducers:
+                    r.update_moments(layer, moments)
+            else:
+                rows = pattern.float()
+                for r in reducers:
+                    r.update(layer, rows, 0)
+            seen[layer] += pattern.shape[2]
 
         return hook
 
@@ -186,6 +198,7 @@ class _RecomputeState:
         self.group = group
         # All reducers can work from moments: no attention row is ever formed (Triton on CUDA).
         self.use_moments = all(r.supports_moments for r in reducers)
+        self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
 
 
@@ -248,7 +261,7 @@ def _recompute_attention(
         if state.use_moments:
             moments = attention_moments(
                 query, key, scale=scaling, pad_offsets=state.pad_offsets, sliding_window=window,
-                block=state.query_block,
+                diag_offsets=state.diag_offsets, block=state.query_block,
             )  # fmt: skip
             for r in state.reducers:
                 r.update_moments(layer, moments)

@@ -17,10 +17,16 @@ products on tensor cores in the model's dtype with float32 accumulation). Elsewh
 implementation computes the same numbers over blocks of query rows; it is also the reference the
 kernels are checked against (``benchmarks/capture.py`` prints the agreement on the GPU).
 
+When the pattern already exists (eager mode, where interventions may have edited it),
+:func:`pattern_moments` computes the same moments by reading each pattern once (one more Triton
+kernel on CUDA), instead of the several full passes separate PyTorch reductions would make.
+
 Usage
 -----
-``attention_moments(query, key, scale=..., pad_offsets=..., sliding_window=...)`` with ``query``
-``[b, H, T, d]`` and ``key`` ``[b, H_kv, T, d]`` (query head ``h`` reads KV head ``h // (H/H_kv)``).
+``attention_moments(query, key, scale=..., pad_offsets=..., sliding_window=..., diag_offsets=(1,))``
+with ``query`` ``[b, H, T, d]`` and ``key`` ``[b, H_kv, T, d]`` (query head ``h`` reads KV head
+``h // (H/H_kv)``); ``pattern_moments(pattern, pad_offsets=..., diag_offsets=(1,))`` with
+``pattern`` ``[b, H, T, T]``.
 """
 
 from __future__ import annotations
@@ -41,28 +47,26 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 @dataclass
 class AttentionMoments:
-    """Moments of one layer's attention rows for a batch; all ``[b, H, T]`` float32."""
+    """Moments of one layer's attention rows for a batch; all ``[b, H, T]`` float32.
 
-    query: torch.Tensor  # [b, H, T, d] (kept to answer diag())
-    key: torch.Tensor  # [b, H_kv, T, d]
-    scale: float
-    lse: torch.Tensor
+    Rows of padding queries hold zeros; ``colsum`` counts real queries only.
+    """
+
     entropy: torch.Tensor
     mean_key: torch.Tensor
-    colsum: torch.Tensor  # sum over real queries of p[t, k], per key k
-    pad_offsets: torch.Tensor  # [b]
+    colsum: torch.Tensor
+    diagonals: dict[int, torch.Tensor]  # offset -> p[t, t - offset] (0 where t - offset is no real key)
 
     def diag(self, offset: int) -> torch.Tensor:
-        """``p[t, t - offset]`` for every query ``t`` (0 where ``t - offset`` is not a real key)."""
-        _b, H, T, _d = self.query.shape
-        group = H // self.key.shape[1]
-        idx = torch.arange(T, device=self.query.device) - offset
-        src = idx.clamp_min(0)
-        k = self.key[:, :, src].repeat_interleave(group, dim=1) if group > 1 else self.key[:, :, src]
-        s = (self.query.float() * k.float()).sum(-1) * self.scale
-        p = torch.exp(s - self.lse)
-        real_key = (idx[None, :] >= self.pad_offsets[:, None])[:, None, :]  # [b, 1, T]
-        return torch.where(real_key & (idx >= 0)[None, None, :], p, torch.zeros_like(p))
+        if offset not in self.diagonals:
+            raise KeyError(f"diagonal {offset} was not computed; pass it in diag_offsets")
+        return self.diagonals[offset]
+
+
+def _pads(pad_offsets: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
+    if pad_offsets is None:
+        return torch.zeros(b, dtype=torch.int32, device=device)
+    return pad_offsets.to(device=device, dtype=torch.int32)
 
 
 def attention_moments(
@@ -72,22 +76,41 @@ def attention_moments(
     scale: float | None = None,
     pad_offsets: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    diag_offsets: tuple[int, ...] = (),
     block: int = 256,
     use_triton: bool | None = None,
 ) -> AttentionMoments:
+    """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks."""
     b, H, _T, d = query.shape
     if H % key.shape[1]:
         raise ValueError(f"{H} query heads cannot share {key.shape[1]} KV heads")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    pads = pad_offsets if pad_offsets is not None else torch.zeros(b, dtype=torch.long, device=query.device)
-    pads = pads.to(device=query.device, dtype=torch.int32)
+    pads = _pads(pad_offsets, b, query.device)
+    offsets = tuple(sorted(set(diag_offsets)))
     if use_triton is None:
         use_triton = triton_available(query)
     if use_triton:
-        lse, entropy, mean_key, colsum = _moments_triton(query, key, scale, pads, sliding_window)
-    else:
-        lse, entropy, mean_key, colsum = _moments_torch(query, key, scale, pads, sliding_window, block)
-    return AttentionMoments(query, key, scale, lse, entropy, mean_key, colsum, pads)
+        return _moments_triton(query, key, scale, pads, sliding_window, offsets)
+    return _moments_torch(query, key, scale, pads, sliding_window, offsets, block)
+
+
+def pattern_moments(
+    pattern: torch.Tensor,
+    *,
+    pad_offsets: torch.Tensor | None = None,
+    diag_offsets: tuple[int, ...] = (),
+    use_triton: bool | None = None,
+) -> AttentionMoments:
+    """The same moments read from post-softmax patterns ``[b, H, T, T]`` (keys above the diagonal
+    and padding keys are ignored; rows of padding queries give zeros)."""
+    b = pattern.shape[0]
+    pads = _pads(pad_offsets, b, pattern.device)
+    offsets = tuple(sorted(set(diag_offsets)))
+    if use_triton is None:
+        use_triton = HAVE_TRITON and pattern.is_cuda
+    if use_triton:
+        return _pattern_triton(pattern, pads, offsets)
+    return _pattern_torch(pattern, pads, offsets)
 
 
 def triton_available(tensor: torch.Tensor) -> bool:
@@ -97,53 +120,102 @@ def triton_available(tensor: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------ torch path
 
 
+def _masks(pads: torch.Tensor, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.arange(T, device=device)
+    real = idx[None, :] >= pads[:, None].long()  # [b, T]
+    return idx, real
+
+
+def _diag_from_scores(
+    query: torch.Tensor, key: torch.Tensor, scale: float, lse: torch.Tensor, pads: torch.Tensor, offset: int
+) -> torch.Tensor:
+    _b, H, T, _ = query.shape
+    group = H // key.shape[1]
+    idx, real = _masks(pads, T, query.device)
+    src = (idx - offset).clamp_min(0)
+    k = key[:, :, src].float()
+    k = k.repeat_interleave(group, dim=1) if group > 1 else k
+    p = torch.exp((query.float() * k).sum(-1) * scale - lse)
+    ok = real[:, None, :] & (idx - offset >= 0)[None, None, :] & real[:, src][:, None, :]
+    return torch.where(ok, p, torch.zeros_like(p))
+
+
 def _moments_torch(
-    query: torch.Tensor, key: torch.Tensor, scale: float, pads: torch.Tensor, window: int | None, block: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    pads: torch.Tensor,
+    window: int | None,
+    offsets: tuple[int, ...],
+    block: int,
+) -> AttentionMoments:
     b, H, T, _ = query.shape
     group = H // key.shape[1]
     k = key.float().repeat_interleave(group, dim=1) if group > 1 else key.float()
     k_t = k.transpose(-1, -2)
     dev = query.device
-    key_idx = torch.arange(T, device=dev)
-    key_real = key_idx[None, :] >= pads[:, None].long()  # [b, T]
-    lse = torch.empty(b, H, T, device=dev)
-    entropy = torch.empty_like(lse)
-    mean_key = torch.empty_like(lse)
-    colsum = torch.zeros_like(lse)
+    key_idx, key_real = _masks(pads, T, dev)
+    lse = torch.zeros(b, H, T, device=dev)
+    entropy, mean_key, colsum = torch.zeros_like(lse), torch.zeros_like(lse), torch.zeros_like(lse)
     for q0 in range(0, T, block):
         q1 = min(T, q0 + block)
-        q_idx = torch.arange(q0, q1, device=dev)
+        q_idx = key_idx[q0:q1]
         allowed = key_idx[None, :] <= q_idx[:, None]
         if window is not None:
             allowed = allowed & (key_idx[None, :] > q_idx[:, None] - window)
-        allowed = allowed[None] & key_real[:, None, :]  # [b, q, T]
+        allowed = allowed[None] & key_real[:, None, :] & key_real[:, q0:q1, None]  # [b, q, T]
         s = torch.matmul(query[:, :, q0:q1].float(), k_t) * scale
         s = s.masked_fill(~allowed[:, None], float("-inf"))
-        blk_lse = torch.logsumexp(s, dim=-1)  # -inf for pad queries
-        safe_lse = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
-        p = torch.exp(s - safe_lse[..., None])
-        p = torch.where(allowed[:, None], p, torch.zeros_like(p))
+        blk_lse = torch.logsumexp(s, dim=-1)  # -inf for padding queries
+        finite = torch.isfinite(blk_lse)
+        safe_lse = torch.where(finite, blk_lse, torch.zeros_like(blk_lse))
+        p = torch.where(allowed[:, None], torch.exp(s - safe_lse[..., None]), torch.zeros_like(s))
         lse[:, :, q0:q1] = safe_lse
-        entropy[:, :, q0:q1] = safe_lse - (p * torch.where(allowed[:, None], s, torch.zeros_like(s))).sum(-1)
+        expected_s = (p * torch.where(allowed[:, None], s, torch.zeros_like(s))).sum(-1)
+        entropy[:, :, q0:q1] = torch.where(finite, safe_lse - expected_s, torch.zeros_like(expected_s))
         mean_key[:, :, q0:q1] = torch.matmul(p, key_idx.float())
-        real_query = (q_idx[None, :] >= pads[:, None].long()).float()  # [b, q]
-        colsum += torch.einsum("bhqk,bq->bhk", p, real_query)
-    return lse, entropy, mean_key, colsum
+        colsum += p.sum(2)
+    diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o) for o in offsets}
+    return AttentionMoments(entropy, mean_key, colsum, diagonals)
+
+
+def _pattern_torch(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]) -> AttentionMoments:
+    b, H, T, _ = pattern.shape
+    idx, real = _masks(pads, T, pattern.device)
+    visible = (idx[None, :] <= idx[:, None])[None] & real[:, None, :] & real[:, :, None]  # [b, q, k]
+    p = torch.where(visible[:, None], pattern.float(), torch.zeros((), device=pattern.device))
+    entropy = torch.special.entr(p).sum(-1)
+    mean_key = torch.matmul(p, idx.float())
+    colsum = p.sum(2)
+    diagonals = {}
+    for o in offsets:
+        src = (idx - o).clamp_min(0)
+        picked = p.gather(3, src.view(1, 1, T, 1).expand(b, H, T, 1))[..., 0]
+        diagonals[o] = torch.where((idx - o >= 0)[None, None, :], picked, torch.zeros_like(picked))
+    return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 
 # ----------------------------------------------------------------------------------- triton path
 
-if HAVE_TRITON:
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
+if HAVE_TRITON:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+    ]
+
+    @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
     def _row_moments_kernel(  # type: ignore[no-untyped-def]
         Q, K, LSE, ENT, MK, PADS,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-        T, H, GROUP, WINDOW, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PRECISION: tl.constexpr,
+        T, H, GROUP, WINDOW, scale2,
+        HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
+        # scores in log2 units (s2 = s·log2 e) so that exp2 can be used; converted back at the end
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -165,41 +237,44 @@ if HAVE_TRITON:
             lo = tl.maximum(lo, ((pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N) * BLOCK_N)
             lo = tl.maximum(lo, 0)
         hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+        row_real = (offs_m >= pad) & (offs_m < T)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(
                 K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd,
                 mask=offs_n[None, :] < T, other=0.0,
             )  # fmt: skip
-            s = tl.dot(q, k, input_precision=PRECISION) * scale
-            valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & (offs_n[None, :] < T)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale2
+            valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & row_real[:, None]
             if HAS_WINDOW:
                 valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             s_i = s_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
             k_i = k_i * alpha + tl.sum(p * offs_n[None, :].to(tl.float32), 1)
             m_i = m_new
         has = l_i > 0
         l_safe = tl.where(has, l_i, 1.0)
-        lse = tl.where(has, m_i + tl.log(l_safe), 0.0)
+        lse2 = m_i + tl.log2(l_safe)
         out = bh * T + offs_m
-        tl.store(LSE + out, lse, mask=offs_m < T)
-        tl.store(ENT + out, tl.where(has, lse - s_i / l_safe, 0.0), mask=offs_m < T)
+        tl.store(LSE + out, tl.where(has, lse2 * 0.6931471805599453, 0.0), mask=offs_m < T)
+        tl.store(ENT + out, tl.where(has, (lse2 - s_i / l_safe) * 0.6931471805599453, 0.0), mask=offs_m < T)
         tl.store(MK + out, tl.where(has, k_i / l_safe, 0.0), mask=offs_m < T)
 
+    @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
     def _column_sum_kernel(  # type: ignore[no-untyped-def]
         Q, K, LSE, COL, PADS,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-        T, H, GROUP, WINDOW, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PRECISION: tl.constexpr,
+        T, H, GROUP, WINDOW, scale2,
+        HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
+        # one program per block of keys; loops over the queries that can see them
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -217,54 +292,126 @@ if HAVE_TRITON:
         hi = T
         if HAS_WINDOW:
             hi = tl.minimum(T, (pid_n + 1) * BLOCK_N + WINDOW)
+        key_real = (offs_n >= pad) & (offs_n < T)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = tl.load(
                 Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=offs_m[:, None] < T, other=0.0,
             )  # fmt: skip
-            lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale
+            lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+            s = tl.dot(q, k, input_precision=PRECISION) * scale2
             valid = (
-                (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] >= pad) & (offs_n[None, :] >= pad)
-                & (offs_m[:, None] < T) & (offs_n[None, :] < T)
+                (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] >= pad) & (offs_m[:, None] < T)
+                & key_real[None, :]
             )  # fmt: skip
             if HAS_WINDOW:
                 valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)
+            p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], 0.0)), 0.0)
             acc += tl.sum(p, 0)
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
+    @triton.autotune(configs=_CONFIGS, key=["T"], reset_to_zero=["COL"])
+    @triton.jit
+    def _pattern_moments_kernel(  # type: ignore[no-untyped-def]
+        P, ENT, MK, COL, PADS,
+        spb, sph, spq, spk,
+        T, H,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # reads each visible pattern entry once: row entropy, row mean key, column sums (atomics)
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        pad = tl.load(PADS + b)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_real = (offs_m >= pad) & (offs_m < T)
+        ent = tl.zeros([BLOCK_M], tl.float32)
+        ek = tl.zeros([BLOCK_M], tl.float32)
+        lo = (pad // BLOCK_N) * BLOCK_N
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+        base = P + b * spb + h * sph
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & row_real[:, None]
+            p = tl.load(base + offs_m[:, None] * spq + offs_n[None, :] * spk, mask=valid, other=0.0).to(
+                tl.float32
+            )
+            ent += tl.sum(tl.where(p > 0, -p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
+            ek += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
+            tl.atomic_add(COL + bh * T + offs_n, tl.sum(p, 0), mask=offs_n < T)
+        out = bh * T + offs_m
+        tl.store(ENT + out, ent, mask=offs_m < T)
+        tl.store(MK + out, ek, mask=offs_m < T)
+
     def _moments_triton(
-        query: torch.Tensor, key: torch.Tensor, scale: float, pads: torch.Tensor, window: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float,
+        pads: torch.Tensor,
+        window: int | None,
+        offsets: tuple[int, ...],
+    ) -> AttentionMoments:
         b, H, T, d = query.shape
         group = H // key.shape[1]
         if key.dtype != query.dtype:
             key = key.to(query.dtype)
         lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32)
         ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-        block_m = block_n = 64
         has_window = window is not None and window < T
-        common = (
-            *query.stride(), *key.stride(), T, H, group, int(window or 0), float(scale),
-        )  # fmt: skip
-        # float32 models get exact float32 products (no TF32), half-precision ones use tensor cores
-        precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        common = (*query.stride(), *key.stride(), T, H, group, int(window or 0), float(scale) * _LOG2E)
+        # float32 models get exact float32 products (no TF32); half-precision ones use tensor cores
         meta = {
             "HEAD_DIM": d,
-            "BLOCK_M": block_m,
-            "BLOCK_N": block_n,
             "HAS_WINDOW": has_window,
-            "PRECISION": precision,
+            "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
         }
-        _row_moments_kernel[(triton.cdiv(T, block_m), b * H)](query, key, lse, ent, mk, pads, *common, **meta)
-        _column_sum_kernel[(triton.cdiv(T, block_n), b * H)](query, key, lse, col, pads, *common, **meta)
-        return lse, ent, mk, col
+
+        def grid(cfg: dict[str, int]) -> tuple[int, int]:
+            return (triton.cdiv(T, cfg["BLOCK_M"]), b * H)
+
+        def grid_n(cfg: dict[str, int]) -> tuple[int, int]:
+            return (triton.cdiv(T, cfg["BLOCK_N"]), b * H)
+
+        _row_moments_kernel[grid](query, key, lse, ent, mk, pads, *common, **meta)
+        _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
+        diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o) for o in offsets}
+        return AttentionMoments(ent, mk, col, diagonals)
+
+    def _pattern_triton(
+        pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]
+    ) -> AttentionMoments:
+        b, H, T, _ = pattern.shape
+        ent = torch.empty(b, H, T, device=pattern.device, dtype=torch.float32)
+        mk, col = torch.empty_like(ent), torch.zeros_like(ent)
+
+        def grid(cfg: dict[str, int]) -> tuple[int, int]:
+            return (triton.cdiv(T, cfg["BLOCK_M"]), b * H)
+
+        _pattern_moments_kernel[grid](pattern, ent, mk, col, pads, *pattern.stride(), T, H)
+        idx = torch.arange(T, device=pattern.device)
+        diagonals = {}
+        for o in offsets:
+            src = (idx - o).clamp_min(0)
+            picked = pattern.gather(3, src.view(1, 1, T, 1).expand(b, H, T, 1))[..., 0].float()
+            ok = (idx - o >= 0)[None, None, :] & (src[None, :] >= pads[:, None].long())[:, None, :]
+            diagonals[o] = torch.where(ok, picked, torch.zeros_like(picked))
+        return AttentionMoments(ent, mk, col, diagonals)
 
 else:  # pragma: no cover
 
     def _moments_triton(
-        query: torch.Tensor, key: torch.Tensor, scale: float, pads: torch.Tensor, window: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float,
+        pads: torch.Tensor,
+        window: int | None,
+        offsets: tuple[int, ...],
+    ) -> AttentionMoments:
+        raise RuntimeError("Triton is not available in this torch build")
+
+    def _pattern_triton(
+        pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]
+    ) -> AttentionMoments:
         raise RuntimeError("Triton is not available in this torch build")

@@ -104,6 +104,7 @@ class PatternReducer:
         return 4 * batch * n_layers * n_heads * 2
 
     supports_moments = False  # True where update_moments is implemented
+    diag_offsets: tuple[int, ...] = ()  # diagonals p[t, t - o] that update_moments reads
 
     def update_moments(self, layer: int, moments: AttentionMoments) -> None:
         """Update from a layer's attention moments (all queries at once) instead of its rows."""
@@ -208,6 +209,7 @@ class DiagonalScore(_SumCount):
         if offset < 0:
             raise ValueError("offset must be >= 0")
         self.offset = offset
+        self.diag_offsets = (offset,)
         self.query_from = query_from
         self.query_to = query_to
         self.name = name or f"diagonal_{offset}"

@@ -10,7 +10,7 @@ from probe import capture as capture_module
 from probe.capture import capture
 from probe.errors import CaptureError, ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
-from probe.moments import AttentionMoments, attention_moments
+from probe.moments import AttentionMoments, attention_moments, pattern_moments
 from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, PatternReducer, RowEntropy
 
 
@@ -124,12 +124,12 @@ def test_census_on_the_real_model_finds_induction_and_previous_token_heads(smoll
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_moments_equal_the_statistics_of_explicit_rows(window: int | None) -> None:
-    """The moment path (no T×T tensor) against softmax rows built explicitly, with padding and GQA."""
+    """Both moment paths (from q/k without a T×T tensor, and from the pattern) against explicit rows,
+    with left padding and grouped-query heads."""
     torch.manual_seed(0)
     b, H, H_kv, T, d = 2, 4, 2, 13, 16
     q, k = torch.randn(b, H, T, d), torch.randn(b, H_kv, T, d)
     pads = torch.tensor([0, 4])
-    m = attention_moments(q, k, pad_offsets=pads, sliding_window=window, block=4, use_triton=False)
     kk = k.repeat_interleave(H // H_kv, dim=1)
     s = q @ kk.transpose(-1, -2) / d**0.5
     t = torch.arange(T)
@@ -137,14 +137,20 @@ def test_moments_equal_the_statistics_of_explicit_rows(window: int | None) -> No
     if window is not None:
         allowed = allowed & (t[None, :] > t[:, None] - window)[None]
     p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
-    real_q = (t[None, :] >= pads[:, None]).float()
-    for i in range(b):
-        r = slice(int(pads[i]), T)
-        ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
-        assert torch.allclose(m.entropy[i][:, r], ent[i][:, r], atol=1e-5)
-        assert torch.allclose(m.mean_key[i][:, r], (p @ t.float())[i][:, r], atol=1e-4)
-        assert torch.allclose(m.colsum[i], torch.einsum("hqk,q->hk", p[i], real_q[i]), atol=1e-5)
-        diag = torch.stack(
-            [p[i, :, tt, tt - 1] if tt - 1 >= int(pads[i]) else torch.zeros(H) for tt in range(T)], -1
-        )
-        assert torch.allclose(m.diag(1)[i], diag, atol=1e-6)
+    from_qk = attention_moments(
+        q, k, pad_offsets=pads, sliding_window=window, diag_offsets=(1, 3), block=4, use_triton=False
+    )
+    from_pattern = pattern_moments(p, pad_offsets=pads, diag_offsets=(1, 3), use_triton=False)
+    for m in (from_qk, from_pattern):
+        for i in range(b):
+            r = slice(int(pads[i]), T)
+            ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
+            assert torch.allclose(m.entropy[i][:, r], ent[i][:, r], atol=1e-5)
+            assert torch.allclose(m.mean_key[i][:, r], (p @ t.float())[i][:, r], atol=1e-4)
+            real_q = (t >= pads[i]).float()
+            assert torch.allclose(m.colsum[i], torch.einsum("hqk,q->hk", p[i], real_q), atol=1e-5)
+            for o in (1, 3):
+                diag = torch.stack(
+                    [p[i, :, tt, tt - o] if tt - o >= int(pads[i]) else torch.zeros(H) for tt in range(T)], -1
+                )
+                assert torch.allclose(m.diag(o)[i], diag, atol=1e-6)
