@@ -30,7 +30,8 @@ duplicate-token scores: Olsson et al., "In-context Learning and Induction Heads"
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,13 @@ class BatchInfo:
     T: int  # padded length
     n_layers: int
     n_heads: int
+    # masks are the same for every layer of a batch: computed once (keeps per-layer launches few)
+    _masks: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def cached_mask(self, key: tuple[object, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._masks:
+            self._masks[key] = make()
+        return self._masks[key]
 
     @property
     def batch_size(self) -> int:
@@ -124,7 +132,10 @@ class PatternReducer:
     @staticmethod
     def _query_mask(info: BatchInfo, q_start: int, q_len: int, min_pos: int = 0) -> torch.Tensor:
         """[b, q] float mask of real queries at real position >= min_pos."""
-        return (info.query_positions(q_start, q_len) >= min_pos).float()
+        return info.cached_mask(
+            ("query", q_start, q_len, min_pos),
+            lambda: (info.query_positions(q_start, q_len) >= min_pos).float(),
+        )
 
 
 class _SumCount(PatternReducer):
@@ -137,7 +148,7 @@ class _SumCount(PatternReducer):
 
     def _add(self, layer: int, per_query: torch.Tensor, mask: torch.Tensor) -> None:
         """per_query: [b, h, q] values; mask: [b, q] which queries count."""
-        self.sums[layer] += (per_query * mask[:, None, :]).sum(-1)
+        self.sums[layer] += torch.matmul(per_query, mask[:, :, None])[..., 0]
         self.counts[layer] += mask.sum(-1, keepdim=True)
 
     def _finish(self, info: BatchInfo) -> torch.Tensor:
@@ -223,10 +234,16 @@ class DiagonalScore(_SumCount):
         self._add(layer, picked.float(), self._mask(q_start, q_len))
 
     def _mask(self, q_start: int, q_len: int) -> torch.Tensor:
-        assert self.info is not None
-        pos = self.info.query_positions(q_start, q_len)  # [b, q]
-        upper = self.query_to if self.query_to is not None else self.info.T
-        return ((pos >= max(self.query_from, self.offset)) & (pos < upper)).float()
+        info = self.info
+        assert info is not None
+        lower = max(self.query_from, self.offset)
+        upper = self.query_to if self.query_to is not None else info.T
+
+        def make() -> torch.Tensor:
+            pos = info.query_positions(q_start, q_len)  # [b, q]
+            return ((pos >= lower) & (pos < upper)).float()
+
+        return info.cached_mask(("diag", q_start, q_len, lower, upper), make)
 
     supports_moments = True
 
