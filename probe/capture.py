@@ -39,7 +39,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import _attention_slots, native_attention
+from probe.kernels import attention_modules, native_attention
 from probe.loading import Batch, LoadedModel
 from probe.moments import attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
@@ -294,18 +294,17 @@ def _register() -> None:
 @contextmanager
 def recompute_attention(
     model: LoadedModel, reducers: Sequence[PatternReducer], seen: dict[int, int], query_block: int
-) -> Iterator[None]:
-    """Inside the block, ``model.hf_model`` runs SDPA and feeds recomputed rows to ``reducers``."""
+) -> Iterator[torch.nn.Module]:
+    """Inside the block, the native model runs SDPA and feeds recomputed statistics to ``reducers``."""
     _register()
-    slots = _attention_slots(model)
-    layer_of = {id(original): i for i, (*_, original) in enumerate(slots)}
+    layer_of = {id(module): i for i, module in enumerate(attention_modules(model))}
     state = _RecomputeState(layer_of, reducers, seen, query_block, model.group_size)
     if _RecomputeState.active is not None:
         raise CaptureError("a recompute capture is already running in this process")
     _RecomputeState.active = state
     try:
-        with native_attention(model, RECOMPUTE_IMPL):
-            yield
+        with native_attention(model, RECOMPUTE_IMPL) as native:
+            yield native
     finally:
         _RecomputeState.active = None
 
@@ -318,10 +317,10 @@ def _run_recompute(
     seen: dict[int, int],
     query_block: int,
 ) -> None:
-    with recompute_attention(model, reducers, seen, query_block):
+    with recompute_attention(model, reducers, seen, query_block) as native:
         assert _RecomputeState.active is not None
-        _RecomputeState.active.pad_offsets = batch.pad_offsets
-        model.hf_model(
+        _RecomputeState.active.pad_offsets = batch.pad_offsets.to(torch.int32)
+        native(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=position_ids,

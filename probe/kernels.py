@@ -1,11 +1,13 @@
 """Which attention kernel runs: the bridge's eager attention, or the model's own fast kernel.
 
-The TransformerBridge replaces every attention module of the transformers model with a bridge
-component that always computes the full ``[T, T]`` pattern (so hooks can read and edit it). For
-statistics that need no edit, :func:`native_attention` puts the model's original attention modules
-back for the duration of a block and selects an attention implementation by name ("sdpa" by
-default, or one registered by :mod:`probe.recompute`). The bridge is restored on exit, also after
-an exception.
+The TransformerBridge replaces the modules of the transformers model with bridge components; its
+attention always computes the full ``[T, T]`` pattern (so hooks can read and edit it), and every
+other component adds hook bookkeeping. For work that needs no hook (the recompute capture, a
+plain fast forward), :class:`~probe.loading.LoadedModel` keeps ``native_model``: a second
+transformers module tree made before the bridge was booted, whose parameters and buffers are the
+*same tensors* as the bridged model's (no second copy of the weights). :func:`native_attention`
+selects its attention implementation by name ("sdpa" by default, or one registered by
+:mod:`probe.capture`) for the duration of a block and restores it afterwards, also after an error.
 """
 
 from __future__ import annotations
@@ -20,33 +22,30 @@ from probe.errors import CaptureError
 from probe.loading import LoadedModel
 
 
-def _attention_slots(
-    model: LoadedModel,
-) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
-    """(parent, attribute, bridge component, original module) for every attention layer."""
-    if model.bridge is None:
-        raise CaptureError(f"{model.name} is not wrapped by a TransformerBridge")
-    wanted = {id(model.bridge.blocks[i].attn): i for i in range(model.n_layers)}
-    slots: list[Any] = [None] * model.n_layers
-    for _, parent in model.hf_model.named_modules():
-        for attr, child in parent.named_children():
-            if id(child) in wanted:
-                original = getattr(child, "original_component", None)
-                if original is None:
-                    raise CaptureError(
-                        f"bridge attention of layer {wanted[id(child)]} keeps no original module"
-                    )
-                slots[wanted[id(child)]] = (parent, attr, child, original)
-    missing = [i for i, s in enumerate(slots) if s is None]
-    if missing:
+def _native(model: LoadedModel) -> torch.nn.Module:
+    if model.native_model is None:
+        raise CaptureError(f"{model.name} keeps no native transformers module; load it with probe.load_model")
+    return model.native_model
+
+
+def attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
+    """The native model's attention modules, one per layer, in layer order."""
+    found = [
+        m
+        for m in _native(model).modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+    ]
+    found.sort(key=lambda m: int(m.layer_idx))  # type: ignore[arg-type]
+    if len(found) != model.n_layers or [int(m.layer_idx) for m in found] != list(range(model.n_layers)):  # type: ignore[arg-type]
         raise CaptureError(
-            f"could not find the attention modules of layers {missing} in the transformers model"
+            f"found {len(found)} attention modules in {model.name} for {model.n_layers} layers; "
+            "this architecture's attention modules are not recognised (need a layer_idx attribute)"
         )
-    return slots
+    return found
 
 
-def _configs(model: LoadedModel) -> list[Any]:
-    cfg: Any = model.hf_model.config
+def _configs(module: torch.nn.Module) -> list[Any]:
+    cfg: Any = module.config
     out = [cfg]
     if getattr(cfg, "text_config", None) is not None:
         out.append(cfg.text_config)
@@ -54,26 +53,23 @@ def _configs(model: LoadedModel) -> list[Any]:
 
 
 @contextmanager
-def native_attention(model: LoadedModel, implementation: str = "sdpa") -> Iterator[None]:
-    """Run ``model.hf_model`` with its own attention modules and ``implementation`` inside the block."""
-    slots = _attention_slots(model)
-    configs = _configs(model)
-    saved_impl = [c._attn_implementation for c in configs]
-    saved_module_impl = [getattr(orig.config, "_attn_implementation", None) for *_, orig in slots]
+def native_attention(model: LoadedModel, implementation: str = "sdpa") -> Iterator[torch.nn.Module]:
+    """Yield the native transformers model running attention ``implementation`` inside the block."""
+    native = _native(model)
+    configs = _configs(native)
+    modules = attention_modules(model)
+    saved = [c._attn_implementation for c in configs]
+    saved_modules = [getattr(getattr(m, "config", None), "_attn_implementation", None) for m in modules]
     try:
-        for parent, attr, _bridge, original in slots:
-            setattr(parent, attr, original)
         for c in configs:
             c._attn_implementation = implementation
-        for *_, original in slots:
-            if hasattr(original, "config"):
-                original.config._attn_implementation = implementation  # type: ignore[union-attr]
-        yield
+        for m in modules:
+            if getattr(m, "config", None) is not None:
+                m.config._attn_implementation = implementation  # type: ignore[union-attr]
+        yield native
     finally:
-        for parent, attr, bridge_component, _ in slots:
-            setattr(parent, attr, bridge_component)
-        for c, impl in zip(configs, saved_impl, strict=True):
+        for c, impl in zip(configs, saved, strict=True):
             c._attn_implementation = impl
-        for (*_, original), impl in zip(slots, saved_module_impl, strict=True):
-            if hasattr(original, "config"):
-                original.config._attn_implementation = impl  # type: ignore[union-attr]
+        for m, impl in zip(modules, saved_modules, strict=True):
+            if getattr(m, "config", None) is not None:
+                m.config._attn_implementation = impl  # type: ignore[union-attr]

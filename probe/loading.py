@@ -80,8 +80,9 @@ class LoadedModel:
     bos: BosPolicy
     device: torch.device
     dtype: torch.dtype
-    hf_model: torch.nn.Module
+    hf_model: torch.nn.Module  # the transformers model, its modules replaced by the bridge's
     bridge: TransformerBridge | None
+    native_model: torch.nn.Module | None  # same weights, original modules: fast, hook-free path
     weight_sha256: str
     path: str | None = None
     caveat: str = ""
@@ -225,6 +226,9 @@ def _wrap_language(
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
+    # A module tree of its own for the fast path, sharing every parameter and buffer tensor.
+    shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
+    native_model = copy.deepcopy(hf_model, memo=dict(shared))
     # The bridge keeps its own tokenizer (it may rebuild one that always adds BOS); ours stays
     # untouched and is the only one probe uses, so the BOS policy is explicit.
     bridge_tokenizer = copy.deepcopy(tokenizer)
@@ -246,6 +250,7 @@ def _wrap_language(
         name=name, kind="language", family=family, source=source, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=n_kv, d_head=d_head, d_model=d_model, n_ctx=n_ctx, tokenizer=tokenizer,
         bos=bos_policy(tokenizer, bos), device=device, dtype=dtype, hf_model=hf_model, bridge=bridge,
+        native_model=native_model,
         weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, layer_types=layer_types,
         sliding_window=int(sliding) if sliding and layer_types and "sliding_attention" in layer_types else None,
     )  # fmt: skip

@@ -127,7 +127,13 @@ def _masks(pads: torch.Tensor, T: int, device: torch.device) -> tuple[torch.Tens
 
 
 def _diag_from_scores(
-    query: torch.Tensor, key: torch.Tensor, scale: float, lse: torch.Tensor, pads: torch.Tensor, offset: int
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    lse: torch.Tensor,
+    pads: torch.Tensor,
+    offset: int,
+    window: int | None,
 ) -> torch.Tensor:
     _b, H, T, _ = query.shape
     group = H // key.shape[1]
@@ -137,6 +143,8 @@ def _diag_from_scores(
     k = k.repeat_interleave(group, dim=1) if group > 1 else k
     p = torch.exp((query.float() * k).sum(-1) * scale - lse)
     ok = real[:, None, :] & (idx - offset >= 0)[None, None, :] & real[:, src][:, None, :]
+    if window is not None and offset >= window:  # the key is outside every query's window
+        ok = torch.zeros_like(ok)
     return torch.where(ok, p, torch.zeros_like(p))
 
 
@@ -175,7 +183,7 @@ def _moments_torch(
         entropy[:, :, q0:q1] = torch.where(finite, safe_lse - expected_s, torch.zeros_like(expected_s))
         mean_key[:, :, q0:q1] = torch.matmul(p, key_idx.float())
         colsum += p.sum(2)
-    diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o) for o in offsets}
+    diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o, window) for o in offsets}
     return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 
@@ -209,10 +217,10 @@ if HAVE_TRITON:
     @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
     def _row_moments_kernel(  # type: ignore[no-untyped-def]
-        Q, K, LSE, ENT, MK, PADS,
+        Q, K, LSE, ENT, MK, PADS, DIAG,
         sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-        T, H, GROUP, WINDOW, scale2,
-        HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        T, H, GROUP, WINDOW, scale2, NBHT, D0, D1, D2, D3,
+        HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, N_DIAG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         # scores in log2 units (s2 = s·log2 e) so that exp2 can be used; converted back at the end
@@ -264,6 +272,28 @@ if HAVE_TRITON:
         tl.store(LSE + out, tl.where(has, lse2 * 0.6931471805599453, 0.0), mask=offs_m < T)
         tl.store(ENT + out, tl.where(has, (lse2 - s_i / l_safe) * 0.6931471805599453, 0.0), mask=offs_m < T)
         tl.store(MK + out, tl.where(has, k_i / l_safe, 0.0), mask=offs_m < T)
+        # diagonals p[t, t - o]: one key row per query, scored against the finished normaliser
+        qf = q.to(tl.float32)
+        for j in tl.static_range(N_DIAG):
+            if j == 0:
+                o = D0
+            elif j == 1:
+                o = D1
+            elif j == 2:
+                o = D2
+            else:
+                o = D3
+            kpos = offs_m - o
+            ok = row_real & has & (kpos >= pad) & (kpos >= 0)
+            if HAS_WINDOW:
+                ok = ok & (o < WINDOW)
+            kd = tl.load(
+                K + b * skb + kvh * skh + kpos[:, None] * skt + offs_d[None, :] * skd,
+                mask=ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            sd = tl.sum(qf * kd, 1) * scale2
+            tl.store(DIAG + j * NBHT + out, tl.where(ok, tl.exp2(sd - lse2), 0.0), mask=offs_m < T)
 
     @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
@@ -374,9 +404,16 @@ if HAVE_TRITON:
         def grid_n(cfg: dict[str, int]) -> tuple[int, int]:
             return (triton.cdiv(T, cfg["BLOCK_N"]), b * H)
 
-        _row_moments_kernel[grid](query, key, lse, ent, mk, pads, *common, **meta)
+        in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
+        diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
+        d = [*in_kernel, 0, 0, 0, 0][:4]
+        _row_moments_kernel[grid](
+            query, key, lse, ent, mk, pads, diag, *common, b * H * T, *d, **meta, N_DIAG=len(in_kernel)
+        )
         _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
-        diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o) for o in offsets}
+        diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
+        for o in offsets[4:]:
+            diagonals[o] = _diag_from_scores(query, key, scale, lse, pads, o, window)
         return AttentionMoments(ent, mk, col, diagonals)
 
     def _pattern_triton(

@@ -23,9 +23,12 @@ class SanityReport:
     max_logit_diff_vs_transformers: float  # bridge (eager, hooked) vs the model's SDPA kernel
     continuation: str
     prompt: str
+    dtype: str = "float32"
 
     def ok(self) -> bool:
-        return all(r["fired"] and r["row_sum_err"] < 1e-3 and r["causal_leak"] < 1e-6 for r in self.rows)
+        # half-precision patterns sum to one only to about 1e-2
+        tol = 1e-3 if self.dtype == "float32" else 2e-2
+        return all(r["fired"] and r["row_sum_err"] < tol and r["causal_leak"] < 1e-6 for r in self.rows)
 
 
 @torch.no_grad()
@@ -65,12 +68,12 @@ def sanity_check(
             f"attention pattern hooks did not fire for layers {missing}: the model ran a fused attention "
             "kernel that returns no weights; load it with eager attention"
         )
-    with native_attention(model, "sdpa"):  # the model's own fast kernel, no bridge in the way
-        hf_logits = model.hf_model(input_ids=ids).logits
+    with native_attention(model, "sdpa") as native:  # the model's own fast kernel, no bridge in the way
+        hf_logits = native(input_ids=ids).logits
     diff = (bridge_logits.float() - hf_logits.float()).abs().max().item()
     out = model.hf_model.generate(  # type: ignore[operator]
         ids, attention_mask=batch.attention_mask, max_new_tokens=new_tokens, do_sample=False,
         pad_token_id=model.tokenizer.pad_token_id,
     )  # fmt: skip
     continuation = model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return SanityReport(rows, diff, continuation, prompt)
+    return SanityReport(rows, diff, continuation, prompt, str(model.dtype).removeprefix("torch."))

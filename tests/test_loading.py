@@ -97,8 +97,8 @@ def test_native_attention_matches_the_bridge_and_restores_it(tiny_model: LoadedM
     try:
         with torch.no_grad():
             eager = tiny_model.bridge(ids)  # type: ignore[misc]
-            with native_attention(tiny_model):
-                fast = tiny_model.hf_model(input_ids=ids).logits
+            with native_attention(tiny_model) as native:
+                fast = native(input_ids=ids).logits
             assert len(fired) == 1, "the bridge's pattern hook must not run inside native_attention"
             with pytest.raises(RuntimeError), native_attention(tiny_model):
                 raise RuntimeError("boom")
@@ -109,3 +109,7 @@ def test_native_attention_matches_the_bridge_and_restores_it(tiny_model: LoadedM
     assert len(fired) == 2
     assert torch.allclose(eager, fast, atol=1e-4)
     assert torch.equal(eager, again)
+    shared = {p.data_ptr() for p in tiny_model.hf_model.parameters()}
+    assert all(p.data_ptr() in shared for p in tiny_model.native_model.parameters()), (
+        "weights must not be copied"
+    )  # type: ignore[union-attr]
