@@ -406,9 +406,9 @@ if HAVE_TRITON:
 
         in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
         diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
-        d = [*in_kernel, 0, 0, 0, 0][:4]
+        diag_args = [*in_kernel, 0, 0, 0, 0][:4]
         _row_moments_kernel[grid](
-            query, key, lse, ent, mk, pads, diag, *common, b * H * T, *d, **meta, N_DIAG=len(in_kernel)
+            query, key, lse, ent, mk, pads, diag, *common, b * H * T, *diag_args, **meta, N_DIAG=len(in_kernel)
         )
         _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
         diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
