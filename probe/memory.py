@@ -1,0 +1,687 @@
+"""Memory budget: estimate a capture's peak memory before it runs, and pick a batch size that fits.
+
+Background
+----------
+A capture (:func:`probe.capture.capture`) holds, at its peak, the model's weights plus what the
+forward pass of one batch keeps alive. Only one layer's attention exists at a time (DESIGN.md,
+"Memory"), so the peak is reached either inside one layer (*layer phase*) or when the logits are
+made after the last layer (*output phase*). For a batch of ``b`` sequences padded to ``T`` tokens,
+``H`` query heads of width ``d``, model width ``D``, MLP width ``d_ff`` and element size ``s``:
+
+* **weights**: every parameter and buffer of the transformers model (tied tensors counted once).
+* **activations** (layer phase): hidden state, norm output, q/k/v and their rotated and KV-repeated
+  copies, attention output, projections: ``ACT_COPIES·b·T·D`` elements, plus the MLP's
+  ``MLP_COPIES·b·T·d_ff`` (``d_ff`` from the config's ``intermediate_size``, else ``4·D``).
+* **attention** (layer phase):
+
+  - eager: the bridge materialises the scores and the pattern ``[b, H, T, T]`` of one layer (float32
+    softmax), the capture's hook reads a float32 view, and the statistics make temporaries of the
+    same size (element-wise entropy, masked copies): ``EAGER_ROW_COPIES`` float32 tensors of
+    ``b·H·T²`` elements, plus the 4-D additive mask ``b·T²·s``.
+  - recompute: the model keeps SDPA for its own output and the statistics are recomputed from
+    float32 post-RoPE queries and keys (``3·b·H·T·d``), ``query_block`` query rows at a time:
+    ``RECOMPUTE_ROW_COPIES`` float32 tensors of ``b·H·query_block·T`` elements (scores, masked
+    scores, probabilities, and the products the statistics need). On a GPU with Triton, when every
+    reducer works from attention moments, the fused kernels keep scores in registers and only
+    ``O(b·H·T)`` moments are stored. A left-padded batch (``b > 1``) also needs a ``[b, 1, T, T]``
+    boolean mask, which the CPU's SDPA kernel copies to float: ``b·T²·(1 + 4)`` bytes.
+* **logits** (output phase), float32: eager mode (the bridge) makes them for every position,
+  ``b·T·vocab``; recompute mode asks for ``logits_to_keep=1``: ``b·vocab``.
+* **reducers**: what every reducer keeps on the device while a batch runs
+  (``PatternReducer.state_bytes``); on a CPU device, given ``n_sequences``, also the per-sample
+  results accumulated over the whole capture and the patterns ``KeepPatterns`` keeps.
+
+Peak = weights + reducers + max(layer phase, output phase) on a GPU (the caching allocator reuses
+what a layer freed). On the CPU, glibc serves blocks below its mmap threshold (which grows with the
+blocks freed, up to 32 MiB) from the heap, which keeps them after they are freed and fragments:
+layer-phase tensors made of such blocks count ``HEAP_SLACK`` times and stay held during the output
+phase; larger blocks are mapped and unmapped and behave as on a GPU. So the estimate is not monotone
+where a block crosses 32 MiB (as measured: 8 x 512 tokens of tiny-llama grow RSS less than 4 x 512);
+:func:`plan_batch_size` never relies on a larger batch looking cheaper. A CPU forward also makes
+``CPU_OVERHEAD`` of small allocations.
+
+Calibration. The copy counts are not derived from first principles: they were fitted to the growth
+of the peak resident set size (``ru_maxrss``, and ``VmHWM`` after resetting it) of fresh processes
+running real captures of ``tiny-llama`` and ``smollm2-135m`` in both modes, on both reducer paths
+(attention moments, and rows when a reducer such as ``KeepPatterns`` needs them), with and without
+padding, three times each (``python -m probe.memory measure MODEL --batch-size B --seq-len T --mode
+M``, or :func:`measure_capture_peak`). The estimate bounds the largest of the three measurements and
+is within 1.1-2.2x of it. The same configuration can grow RSS by up to 3x more in one run than in
+another (heap fragmentation depends on thread timing); with a fixed mmap threshold
+(``MALLOC_MMAP_THRESHOLD_=131072``) RSS follows the live tensors: 3.6-4.5 eager copies, 4.8-5.7
+recompute copies. On a GPU (bfloat16, batch 1, T = 1K-8K) the estimate is 1.0-1.9x the peaks of
+shared/MODELS.md ("What a GPU forward costs"). Treat the numbers as "will it fit", not as a profile.
+
+Usage
+-----
+>>> from probe.memory import estimate_capture, plan_batch_size
+>>> est = estimate_capture(model, batch_size=8, seq_len=2048, reducers=reducers, mode="eager")
+>>> print(est.describe())
+>>> batch = plan_batch_size(model, n_sequences=64, seq_len=2048, reducers=reducers,
+...                         mode="eager", requested_batch=8)  # <= 8; raises if even 1 does not fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from probe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from probe.loading import LoadedModel
+    from probe.reducers import PatternReducer
+
+Mode = Literal["eager", "recompute"]
+
+# Calibrated constants (see the module docstring and measure_capture_peak).
+EAGER_ROW_COPIES = 5  # float32 [b, H, T, T] tensors alive in one eager layer (live: 3.6-4.5)
+RECOMPUTE_ROW_COPIES = 7  # float32 [b, H, query_block, T] tensors alive per block (live: 4.8-5.7)
+ACT_COPIES = 4  # [b, T, d_model] tensors alive around one layer
+MLP_COPIES = 2  # [b, T, d_ff] tensors alive in one MLP (gate, up, act(gate)·up)
+HEAP_SLACK = 2.5  # CPU: heap growth per byte of blocks below the mmap threshold (measured 1.5-3x)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest dynamic mmap threshold on 64-bit (M_MMAP_THRESHOLD)
+CPU_OVERHEAD = 1 * 2**20  # thread scratch and small allocations of a CPU forward, bytes
+
+_PROC_MEMINFO = Path("/proc/meminfo")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+class MemoryBudgetError(ConfigError):
+    """A capture plan that does not fit in the memory available, even with batch size 1."""
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``: binary units, 3 significant digits."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------- available memory
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in _PROC_MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _sysconf_available() -> int | None:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_dirs() -> list[tuple[int, Path]]:
+    """(cgroup version, directory) candidates of this process's memory cgroup, most specific first."""
+    out: list[tuple[int, Path]] = []
+    try:
+        lines = _PROC_SELF_CGROUP.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if parts[0] == "0" and controllers == "":
+            out.append((2, _CGROUP_ROOT / rel))
+        elif "memory" in controllers.split(","):
+            out.append((1, _CGROUP_ROOT / "memory" / rel))
+    out += [(2, _CGROUP_ROOT), (1, _CGROUP_ROOT / "memory")]  # inside a container: its own root
+    return out
+
+
+def _cgroup_available() -> int | None:
+    """Limit minus usage (reclaimable page cache added back) of the tightest memory cgroup, if any."""
+    best: int | None = None
+    for version, directory in _cgroup_dirs():
+        if version == 2:
+            limit = _read_int(directory / "memory.max")
+            usage = _read_int(directory / "memory.current")
+            cache = _stat_value(directory / "memory.stat", "inactive_file")
+        else:
+            limit = _read_int(directory / "memory.limit_in_bytes")
+            usage = _read_int(directory / "memory.usage_in_bytes")
+            cache = _stat_value(directory / "memory.stat", "total_inactive_file")
+        if limit is None or limit >= 2**60:  # "max" / the v1 "unlimited" sentinel
+            continue
+        free = max(0, limit - (usage or 0) + cache)
+        best = free if best is None else min(best, free)
+    return best
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Bytes that a new allocation on ``device`` can still use.
+
+    CUDA: the driver's free memory plus what torch's caching allocator holds reserved but unused.
+    CPU (and MPS, which shares host memory): ``MemAvailable`` of /proc/meminfo (else
+    ``sysconf(SC_AVPHYS_PAGES)``), lowered to the memory cgroup's limit minus its usage when that is
+    tighter (a container or a batch-system job). Memory already in use, the model's weights
+    included, is not available.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free + max(0, cached))
+    host = _meminfo_available()
+    if host is None:
+        host = _sysconf_available()
+    limited = _cgroup_available()
+    candidates = [v for v in (host, limited) if v is not None]
+    if not candidates:
+        raise ConfigError("cannot tell how much memory this machine has (no /proc/meminfo or sysconf)")
+    return min(candidates)
+
+
+# ---------------------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory (bytes) of one capture batch, by what holds it.
+
+    ``activations`` and ``attention`` are held in the *layer phase* (inside one layer), ``logits``
+    in the *output phase* (after the last layer), so ``total`` is ``weights + reducers`` plus the
+    larger of the two phases, plus, on the CPU, what the heap kept of the layer phase. ``transient``
+    (``total - weights``) is what the capture needs on top of the weights, which are already
+    resident once a model is loaded: this is what must fit in :func:`available_memory`.
+    """
+
+    weights: int
+    activations: int
+    attention: int
+    reducers: int
+    total: int
+    logits: int = 0
+    mode: str = "eager"
+    batch_size: int = 1
+    seq_len: int = 0
+    query_block: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def transient(self) -> int:
+        return self.total - self.weights
+
+    def describe(self) -> str:
+        block = f", query_block {self.query_block}" if self.mode == "recompute" else ""
+        return (
+            f"{self.mode} capture of {self.batch_size} x {self.seq_len} tokens{block} on {self.device} "
+            f"({self.dtype}): ~{format_bytes(self.total)} peak (weights {format_bytes(self.weights)}, "
+            f"activations {format_bytes(self.activations)}, attention {format_bytes(self.attention)}, "
+            f"logits {format_bytes(self.logits)}, reducers {format_bytes(self.reducers)})"
+        )
+
+
+def weights_bytes(model: LoadedModel) -> int:
+    """Bytes of every parameter and buffer of the transformers model (shared storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    module: torch.nn.Module = model.hf_model
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen and storage.data_ptr() != 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _config_int(model: LoadedModel, *names: str) -> int | None:
+    cfg: Any = model.hf_model.config
+    configs = [getattr(cfg, "text_config", None), cfg]
+    for c in configs:
+        if c is None:
+            continue
+        for name in names:
+            value = getattr(c, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _fused_moments(model: LoadedModel, reducers: Sequence[PatternReducer]) -> bool:
+    """Whether a recompute capture computes its statistics with the fused (Triton) moment kernels."""
+    if model.device.type != "cuda" or not all(getattr(r, "supports_moments", False) for r in reducers):
+        return False
+    try:
+        from probe.moments import HAVE_TRITON
+    except ImportError:
+        return False
+    return bool(HAVE_TRITON) and model.d_head in (16, 32, 64, 128, 256)
+
+
+def _result_bytes(reducer: PatternReducer, n_sequences: int, T: int, n_layers: int, n_heads: int) -> int:
+    """Host bytes of the per-sample results ``reducer`` accumulates over ``n_sequences`` sequences."""
+    from probe.reducers import ColumnImportance, KeepPatterns
+
+    if isinstance(reducer, KeepPatterns):
+        t = min(T, reducer.max_tokens)
+        return min(n_sequences, reducer.n_samples) * n_layers * n_heads * t * t * 2
+    if isinstance(reducer, ColumnImportance):
+        return n_sequences * n_layers * n_heads * T * 4
+    # other reducers keep a few numbers per (layer, head) and sample: bounded by their state
+    return n_sequences * reducer.state_bytes(1, T, n_layers, n_heads)
+
+
+def estimate_capture(
+    model: LoadedModel,
+    *,
+    batch_size: int,
+    seq_len: int,
+    reducers: Sequence[PatternReducer] = (),
+    mode: Mode = "eager",
+    query_block: int = 512,
+    n_sequences: int | None = None,
+    dtype: torch.dtype | None = None,
+    weights: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of capturing ``batch_size`` sequences of ``seq_len`` tokens.
+
+    ``seq_len`` is the padded length of a batch (BOS included). ``n_sequences`` (optional) adds, on
+    a CPU device, the per-sample results the reducers accumulate over the whole capture. ``dtype``
+    overrides the model's dtype (to answer "would bfloat16 fit?"). ``weights`` is
+    ``weights_bytes(model)`` if already known (it walks every module, which takes a few ms). See the
+    module docstring for the model of each term.
+    """
+    if mode not in ("eager", "recompute"):
+        raise ConfigError(f"unknown capture mode {mode!r}; choose eager or recompute")
+    if batch_size < 1 or seq_len < 1 or query_block < 1:
+        raise ConfigError("batch_size, seq_len and query_block must be >= 1")
+    dt = dtype or model.dtype
+    s = torch.empty((), dtype=dt).element_size()
+    if weights is None:
+        weights = weights_bytes(model)
+    if dt != model.dtype:
+        weights = weights * s // torch.empty((), dtype=model.dtype).element_size()
+    b, T = batch_size, seq_len
+    H, L, D, d = model.n_heads, model.n_layers, model.d_model, model.d_head
+    d_ff = _config_int(model, "intermediate_size", "n_inner", "ffn_dim") or 4 * D
+    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
+    on_cpu = model.device.type != "cuda"
+    heap = 0.0  # CPU: bytes the heap holds from the layer phase on (kept through the output phase)
+    mapped = 0.0  # bytes held only while a layer runs (mmapped blocks on the CPU, any block on a GPU)
+
+    def held(n_bytes: float, block: float) -> float:
+        """Account ``n_bytes`` of layer-phase tensors made of blocks of ``block`` bytes.
+
+        On the CPU, blocks below the mmap threshold come from the heap, which keeps them (and its
+        fragments) from then on: they count HEAP_SLACK times and stay held through the output
+        phase. Larger blocks are mapped and unmapped, as every block on a GPU is reused.
+        """
+        nonlocal heap, mapped
+        if on_cpu and block < MMAP_THRESHOLD:
+            heap += HEAP_SLACK * n_bytes
+            return HEAP_SLACK * n_bytes
+        mapped += n_bytes
+        return n_bytes
+
+    # layer phase: one layer's residual-stream / MLP tensors, and its attention tensors
+    activations = held(ACT_COPIES * b * T * D * s, b * T * D * s) + held(
+        MLP_COPIES * b * T * d_ff * s, b * T * d_ff * s
+    )
+    if mode == "eager":
+        rows = b * H * T * T * 4
+        attention = held(EAGER_ROW_COPIES * rows, rows) + held(b * T * T * s, b * T * T * s)  # + 4-D mask
+    else:
+        keys = b * H * T * d * 4
+        attention = held(3 * keys, keys)  # float32 queries and keys (repeated to every query head)
+        if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
+            attention += held(4 * b * H * T * 4, b * H * T * 4)  # lse, entropy, mean key, column sums
+        else:
+            rows = b * H * min(query_block, T) * T * 4
+            attention += held(RECOMPUTE_ROW_COPIES * rows, rows)
+        if b > 1:
+            # a left-padded batch needs a [b, 1, T, T] boolean mask, which the CPU's SDPA kernel
+            # copies to float. A single sequence (or a GPU's fused kernel, is_causal) needs none.
+            attention += held(b * T * T * (5 if on_cpu else 1), b * T * T * (4 if on_cpu else 1))
+    if on_cpu:
+        activations += CPU_OVERHEAD
+        heap += CPU_OVERHEAD
+    # output phase: the logits, float32 (recompute asks for logits_to_keep=1). They are made after
+    # the last layer, when what the layer phase mapped (or, on a GPU, freed) is no longer held.
+    logits = (b * T if mode == "eager" else b) * vocab * 4
+    peak = heap + max(mapped, logits)
+    state = sum(r.state_bytes(b, T, L, H) for r in reducers)
+    if on_cpu and n_sequences is not None:
+        state += sum(_result_bytes(r, n_sequences, T, L, H) for r in reducers)
+    return MemoryEstimate(
+        weights=int(weights),
+        activations=int(activations),
+        attention=int(attention),
+        logits=int(logits),
+        reducers=int(state),
+        total=int(weights + peak + state),
+        mode=mode,
+        batch_size=b,
+        seq_len=T,
+        query_block=min(query_block, T),
+        device=str(model.device),
+        dtype=str(dt).removeprefix("torch."),
+    )
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def _largest_fitting(cost: Callable[[int], int], budget: int, hi: int, step: int = 1) -> int | None:
+    """Largest ``x`` in ``step, 2·step, …, hi`` such that ``cost(y) <= budget`` for every ``y <= x``.
+
+    The estimate is not monotone everywhere (on the CPU a block that crosses the mmap threshold
+    stops counting heap slack), so a larger batch may look cheaper than a smaller one; a plan never
+    relies on that: it stops at the first size that does not fit.
+    """
+    best = None
+    for x in range(step, hi + 1, step):
+        if cost(x) > budget:
+            break
+        best = x
+    return best
+
+
+def plan_batch_size(
+    model: LoadedModel,
+    *,
+    n_sequences: int,
+    seq_len: int,
+    reducers: Sequence[PatternReducer] = (),
+    mode: Mode = "eager",
+    query_block: int = 512,
+    requested_batch: int = 8,
+    budget_fraction: float = 0.8,
+) -> int:
+    """The largest batch size ``<= requested_batch`` whose estimate fits the memory budget.
+
+    The budget is ``budget_fraction × available_memory(model.device)``; the weights are already
+    resident, so what must fit is :attr:`MemoryEstimate.transient`. A smaller batch only means more
+    chunks: results are the same. Raises :class:`MemoryBudgetError` (a :class:`ConfigError`) when
+    even one sequence does not fit; the message gives the estimate, the memory available and what
+    to change.
+    """
+    if n_sequences < 1 or requested_batch < 1:
+        raise ConfigError("n_sequences and requested_batch must be >= 1")
+    if not 0 < budget_fraction <= 1:
+        raise ConfigError(f"budget_fraction must be in (0, 1] (got {budget_fraction})")
+    available = available_memory(model.device)
+    budget = int(budget_fraction * available)
+    weights = weights_bytes(model)
+
+    def need(batch: int, **over: Any) -> MemoryEstimate:
+        kwargs: dict[str, Any] = dict(
+            batch_size=batch, seq_len=seq_len, reducers=reducers, mode=mode, query_block=query_block,
+            n_sequences=n_sequences, weights=weights,
+        )  # fmt: skip
+        kwargs.update(over)
+        return estimate_capture(model, **kwargs)
+
+    best = _largest_fitting(lambda b: need(b).transient, budget, min(requested_batch, n_sequences))
+    if best is not None:
+        return best
+    raise MemoryBudgetError(_advice(model, need(1), need, available, budget_fraction, budget))
+
+
+def _advice(
+    model: LoadedModel,
+    est: MemoryEstimate,
+    need: Callable[..., MemoryEstimate],
+    available: int,
+    fraction: float,
+    budget: int,
+) -> str:
+    fixes: list[str] = []
+    if est.reducers > budget // 2:
+        fixes.append(
+            f"fewer sequences per run, or reducers that keep less (they hold ~{format_bytes(est.reducers)})"
+        )
+    step = max(1, est.seq_len // 256)  # a few hundred estimates at most
+    longest = _largest_fitting(lambda t: need(1, seq_len=t).transient, budget, est.seq_len - 1, step)
+    if longest is not None:
+        fixes.append(f"a shorter seq_len (at most {longest} tokens fits)")
+    for q in (est.query_block, 256, 128, 64, 32):
+        if est.mode == "recompute" and q >= est.query_block:
+            continue
+        alt = need(1, mode="recompute", query_block=q)
+        if alt.transient <= budget:
+            what = "a smaller query_block" if est.mode == "recompute" else "mode='recompute'"
+            fixes.append(f"{what} with query_block={q} (~{format_bytes(alt.transient)})")
+            break
+    if model.dtype == torch.float32:
+        alt = need(1, dtype=torch.bfloat16)
+        verdict = "fits" if alt.transient <= budget else "still too much"
+        fixes.append(
+            f"load the model with dtype='bfloat16' (~{format_bytes(alt.transient)}: {verdict}; "
+            "the attention rows stay float32)"
+        )
+    where = "a GPU (device='cuda')" if model.device.type != "cuda" else "a GPU"
+    fixes.append(f"{where} with more free memory, or fewer processes sharing this one")
+    return (
+        f"not enough memory: {est.describe()}; the capture needs ~{format_bytes(est.transient)} on top of "
+        f"the weights, but {format_bytes(available)} is available on {est.device} and the budget is "
+        f"{fraction:.0%} of it ({format_bytes(budget)}). To fit, use " + "; or ".join(fixes) + "."
+    )
+
+
+# ------------------------------------------------------------------------------------- measurement
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def _vm_hwm() -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+REDUCER_SETS = ("census", "census+patterns")
+
+
+def _reducer_set(name: str) -> list[PatternReducer]:
+    """The census's reducers on natural text; ``+patterns`` adds KeepPatterns (rows, not moments)."""
+    from probe.reducers import ColumnImportance, DiagonalScore, KeepPatterns, MeanDistance, RowEntropy
+
+    if name not in REDUCER_SETS:
+        raise ConfigError(f"unknown reducer set {name!r}; choose one of {', '.join(REDUCER_SETS)}")
+    out: list[PatternReducer] = [
+        RowEntropy(), MeanDistance(), DiagonalScore(1, name="prev_token"), ColumnImportance(),
+    ]  # fmt: skip
+    if name == "census+patterns":
+        out.append(KeepPatterns(n_samples=2))
+    return out
+
+
+def _measure_in_process(
+    name: str, *, batch_size: int, seq_len: int, mode: Mode, query_block: int, device: str, dtype: str,
+    reducers: str, ragged: bool,
+) -> dict[str, Any]:  # fmt: skip
+    import resource
+
+    from probe.capture import capture
+    from probe.loading import load_model
+
+    model = load_model(name, device=device, dtype=dtype)
+    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
+    special = set(model.tokenizer.all_special_ids)
+    gen = torch.Generator().manual_seed(0)
+    n = seq_len - int(model.bos.prepend)
+    rows = []
+    for i in range(batch_size):
+        length = max(1, n - i) if ragged else n  # ragged: a left-padded batch, as real text gives
+        row = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        rows.append([t if t not in special else max(special) + 1 for t in row])
+    # warm up (lazy imports, kernel registration, thread pools), then measure from a settled state
+    capture(model, [rows[0][:8]], _reducer_set(reducers), mode=mode, query_block=query_block, progress=False)
+    chosen = _reducer_set(reducers)
+    est = estimate_capture(
+        model, batch_size=batch_size, seq_len=seq_len, reducers=chosen, mode=mode,
+        query_block=query_block, n_sequences=batch_size,
+    )  # fmt: skip
+    gc.collect()
+    out: dict[str, Any] = {"model": name, "batch_size": batch_size, "seq_len": seq_len, "mode": mode}
+    out.update(query_block=min(query_block, seq_len), device=str(model.device), dtype=dtype)
+    out.update(reducers=reducers, ragged=ragged)
+
+    def run() -> None:
+        capture(
+            model, rows, chosen, mode=mode, batch_size=batch_size, query_block=query_block, progress=False
+        )
+
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        out["measured"] = torch.cuda.max_memory_allocated() - before
+    else:
+        before = _current_rss()
+        ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reset = _reset_hwm()
+        run()
+        ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        hwm = _vm_hwm()
+        by_ru = ru_after - before
+        by_hwm = hwm - before if reset and hwm is not None else None
+        out.update(measured_ru_maxrss=by_ru, measured_vm_hwm=by_hwm)
+        # ru_maxrss never goes down: if loading peaked higher than the capture, it hides the growth
+        out["measured"] = by_hwm if ru_after <= ru_before and by_hwm is not None else max(by_ru, by_hwm or 0)
+    out.update(estimate_total=est.total, estimate=est.transient, weights=est.weights)
+    out.update(
+        activations=est.activations, attention=est.attention, logits=est.logits, reducer_bytes=est.reducers
+    )
+    return out
+
+
+def measure_capture_peak(
+    name: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    mode: Mode = "eager",
+    query_block: int = 512,
+    device: str = "cpu",
+    dtype: str = "float32",
+    reducers: str = "census",
+    ragged: bool = False,
+    timeout: float = 900,
+) -> dict[str, Any]:
+    """Run one capture in a fresh Python process and return measured vs estimated bytes.
+
+    The child loads model ``name``, warms up with an 8-token capture, then captures ``batch_size``
+    random sequences of ``seq_len`` tokens (``ragged``: of lengths ``seq_len, seq_len - 1, …``, so
+    the batch is padded) with the census's natural-text reducers (``reducers="census"``: every one
+    works from attention moments; ``"census+patterns"`` adds ``KeepPatterns``, which needs the rows)
+    and reports how far its peak resident set grew (``ru_maxrss``, and ``VmHWM`` after resetting it)
+    above its resident set just before the capture (on CUDA: ``max_memory_allocated`` growth).
+    Keys: ``measured`` (bytes), ``estimate`` (the estimate's ``transient`` bytes, i.e. beyond the
+    weights), ``estimate_total``, and the estimate's terms. Used to calibrate this module and by its
+    tests.
+    """
+    cmd = [
+        sys.executable, "-m", "probe.memory", "measure", name, "--batch-size", str(batch_size),
+        "--seq-len", str(seq_len), "--mode", mode, "--query-block", str(query_block),
+        "--device", device, "--dtype", dtype, "--reducers", reducers, *(["--ragged"] if ragged else []),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m probe.memory", description=(__doc__ or "").split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="measure one capture's peak memory growth in this process")
+    m.add_argument("model")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--mode", choices=["eager", "recompute"], default="eager")
+    m.add_argument("--query-block", type=int, default=512)
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--dtype", default="float32")
+    m.add_argument("--reducers", choices=REDUCER_SETS, default="census")
+    m.add_argument("--ragged", action="store_true", help="sequences of different lengths (padding)")
+    args = parser.parse_args(argv)
+    result = _measure_in_process(
+        args.model, batch_size=args.batch_size, seq_len=args.seq_len, mode=args.mode,
+        query_block=args.query_block, device=args.device, dtype=args.dtype, reducers=args.reducers,
+        ragged=args.ragged,
+    )  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
