@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
 from probe.kernels import attention_modules, native_attention
 from probe.loading import Batch, LoadedModel
+from probe.memory import plan_batch_size
 from probe.moments import attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 
@@ -55,6 +57,7 @@ class CaptureStats:
     n_batches: int
     seconds: float
     rows_seen: dict[int, int] = field(default_factory=dict)  # layer -> query rows reduced
+    batch_size: int = 0  # the batch size used (the memory plan may lower the one asked for)
 
 
 def batches(model: LoadedModel, rows: Sequence[Sequence[int]], batch_size: int) -> Iterator[Batch]:
@@ -79,6 +82,7 @@ def capture(
     query_block: int = 512,
     progress: bool = True,
     desc: str = "capture",
+    plan_memory: bool = True,
 ) -> CaptureStats:
     """Run ``model`` over token ``rows`` (raw ids, BOS policy applied here) and feed ``reducers``.
 
@@ -94,8 +98,19 @@ def capture(
         raise ConfigError("no sequences to capture; give at least one")
     longest = max(len(r) for r in rows) + int(model.bos.prepend)
     model.check_context(longest)
+    if plan_memory:  # raises MemoryBudgetError saying what to change when even one sequence does not fit
+        planned = plan_batch_size(
+            model, n_sequences=len(rows), seq_len=longest, reducers=reducers, mode=mode,
+            query_block=query_block, requested_batch=batch_size,
+        )  # fmt: skip
+        if planned < batch_size:
+            warnings.warn(
+                f"{desc}: batch size {batch_size} lowered to {planned} to fit the available memory",
+                stacklevel=2,
+            )
+            batch_size = planned
     t0 = time.perf_counter()
-    stats = CaptureStats(mode=mode, n_samples=len(rows), n_batches=0, seconds=0.0)
+    stats = CaptureStats(mode=mode, n_samples=len(rows), n_batches=0, seconds=0.0, batch_size=batch_size)
     seen: dict[int, int] = dict.fromkeys(range(model.n_layers), 0)
     bar = _progress(len(rows), desc, progress)
     try:

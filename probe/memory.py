@@ -46,7 +46,7 @@ running real captures of ``tiny-llama`` and ``smollm2-135m`` in both modes, on b
 (attention moments, and rows when a reducer such as ``KeepPatterns`` needs them), with and without
 padding, three times each (``python -m probe.memory measure MODEL --batch-size B --seq-len T --mode
 M``, or :func:`measure_capture_peak`). The estimate bounds the largest of the three measurements and
-is within 1.1-2.2x of it. The same configuration can grow RSS by up to 3x more in one run than in
+is within 1.1-2.1x of it. The same configuration can grow RSS by up to 3x more in one run than in
 another (heap fragmentation depends on thread timing); with a fixed mmap threshold
 (``MALLOC_MMAP_THRESHOLD_=131072``) RSS follows the live tensors: 3.6-4.5 eager copies, 4.8-5.7
 recompute copies. On a GPU (bfloat16, batch 1, T = 1K-8K) the estimate is 1.0-1.9x the peaks of
@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import re
@@ -267,14 +268,16 @@ def weights_bytes(model: LoadedModel) -> int:
     """Bytes of every parameter and buffer of the transformers model (shared storage counted once)."""
     seen: set[tuple[str, int]] = set()
     total = 0
-    module: torch.nn.Module = model.hf_model
-    for tensor in [*module.parameters(), *module.buffers()]:
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
-        if key in seen and storage.data_ptr() != 0:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
+    for module in model.hf_model.modules():
+        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if tensor is None:
+                continue
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if storage.data_ptr() != 0 and key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
     return total
 
 

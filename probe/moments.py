@@ -408,7 +408,18 @@ if HAVE_TRITON:
         diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
         diag_args = [*in_kernel, 0, 0, 0, 0][:4]
         _row_moments_kernel[grid](
-            query, key, lse, ent, mk, pads, diag, *common, b * H * T, *diag_args, **meta, N_DIAG=len(in_kernel)
+            query,
+            key,
+            lse,
+            ent,
+            mk,
+            pads,
+            diag,
+            *common,
+            b * H * T,
+            *diag_args,
+            **meta,
+            N_DIAG=len(in_kernel),
         )
         _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
         diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}

@@ -282,3 +282,22 @@ def test_estimate_bounds_the_measured_peak_rss_growth(
     assert measured > 2 * MiB, got  # the capture did allocate: the measurement is not empty
     assert estimate >= measured, f"estimate {estimate / MiB:.1f} MiB < measured {measured / MiB:.1f} MiB"
     assert estimate <= 5 * measured, f"estimate {estimate / MiB:.1f} MiB vs measured {measured / MiB:.1f} MiB"
+
+
+def test_capture_lowers_the_batch_to_fit_and_refuses_what_cannot_fit(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe import capture as capture_module
+    from probe.capture import capture
+    from probe.memory import MemoryBudgetError
+
+    rows = [[5] * 400 for _ in range(4)]
+    need_one = _est(tiny_llama, 401, "eager", b=1).transient
+    monkeypatch.setattr("probe.memory.available_memory", lambda device: int(need_one * 2.0))
+    with pytest.warns(UserWarning, match="lowered"):
+        stats = capture(tiny_llama, rows, [RowEntropy()], batch_size=4, progress=False)
+    assert 1 <= stats.batch_size < 4 and stats.n_samples == 4
+    monkeypatch.setattr("probe.memory.available_memory", lambda device: 1000)
+    with pytest.raises(MemoryBudgetError, match=r"not enough memory.*To fit"):
+        capture(tiny_llama, rows, [RowEntropy()], batch_size=4, progress=False)
+    assert capture_module._RecomputeState.active is None
