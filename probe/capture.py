@@ -98,6 +98,7 @@ def capture(
         raise ConfigError("no sequences to capture; give at least one")
     longest = max(len(r) for r in rows) + int(model.bos.prepend)
     model.check_context(longest)
+    batch_size = min(batch_size, len(rows))
     if plan_memory:  # raises MemoryBudgetError saying what to change when even one sequence does not fit
         planned = plan_batch_size(
             model, n_sequences=len(rows), seq_len=longest, reducers=reducers, mode=mode,
