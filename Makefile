@@ -16,8 +16,8 @@ demo: install
 	bash scripts/demo.sh $(MODEL)
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 
 typecheck: install
 	$(BIN)/mypy

@@ -187,9 +187,8 @@ def report(
     """Write one self-contained HTML report (opens offline) for RUN."""
     from pathlib import Path
 
-    from dashboard.report import write_report
-
     from analyses import runstore
+    from dashboard.report import write_report
 
     path = runstore.resolve_run(run, runstore.runs_root(root))
     written = write_report(path, Path(out) if out else None)
@@ -205,9 +204,8 @@ def dashboard(
     port: Annotated[int, typer.Option(help="port")] = 8050,
 ) -> None:
     """Serve the interactive dashboard over the runs under ROOT."""
-    from dashboard.app import serve
-
     from analyses import runstore
+    from dashboard.app import serve
 
     serve(runstore.runs_root(root), host=host, port=port)
 
