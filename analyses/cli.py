@@ -166,6 +166,23 @@ def run_census_cmd(
     _run_analysis("census", model, device, dtype, bos, overrides, root, allow_hub, show_config)
 
 
+@run_app.command("sinks")
+def run_sinks_cmd(
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    bos: Annotated[
+        str, typer.Option(help="BOS policy: default (the tokenizer's), always, never")
+    ] = "default",
+    overrides: SetOpt = None,
+    root: RootOpt = None,
+    allow_hub: HubOpt = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
+) -> None:
+    """Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms."""
+    _run_analysis("sinks", model, device, dtype, bos, overrides, root, allow_hub, show_config)
+
+
 @app.command()
 def runs(
     root: RootOpt = None,

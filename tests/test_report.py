@@ -135,7 +135,7 @@ def test_analysis_without_a_section_gets_generic_heat_maps_with_escaped_names(tm
     heads["sink_score_sem"] = 0.01
     model = {"name": "<script>alert(1)</script>", "weight_sha256": "cd" * 32, "caveat": "made up"}
     path = runstore.write_run(
-        tmp_path / "runs", analysis="sinks", model_info=model, config={"k": 1}, tables={"heads": heads}
+        tmp_path / "runs", analysis="unregistered", model_info=model, config={"k": 1}, tables={"heads": heads}
     )
     text = write_report(path, tmp_path / "r.html").read_text(encoding="utf-8")
     assert 'id="heads-heatmap-0"' in text and "sink_score" in text

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dashboard.pages.base import Page, Site
 from dashboard.pages.census import CensusPage
 from dashboard.pages.home import HomePage
+from dashboard.pages.sinks import SinksPage
 
-PAGES: tuple[type[Page], ...] = (HomePage, CensusPage)
+PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage)
 
-__all__ = ["PAGES", "CensusPage", "HomePage", "Page", "Site"]
+__all__ = ["PAGES", "CensusPage", "HomePage", "Page", "SinksPage", "Site"]
