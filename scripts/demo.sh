@@ -10,7 +10,10 @@ echo "== models"; "$H" models
 echo "== fetch $MODEL"; "$H" fetch "$MODEL"
 echo "== sanity: one forward with a hook on every attention layer"; "$H" sanity --model "$MODEL"
 echo "== head census"; "$H" run census --model "$MODEL" --root "$RUNS"
-echo "== report"; "$H" report "latest:census" --root "$RUNS" --out reports/
+echo "== attention sinks"; "$H" run sinks --model "$MODEL" --root "$RUNS"
+echo "== reports"
+"$H" report "latest:census" --root "$RUNS" --out reports/
+"$H" report "latest:sinks" --root "$RUNS" --out reports/
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"
