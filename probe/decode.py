@@ -1,0 +1,337 @@
+"""Greedy decoding that records, at every step, where each head's attention row peaks.
+
+Background
+----------
+Retrieval-head scoring (Wu et al. 2024, PAPERS.md section 3) needs, at each decoding step, the
+argmax of every head's attention row *of the current query only*. The paper's code runs the whole
+model with eager attention and ``output_attentions=True``, which keeps ``[heads, T]`` per layer per
+step but also materialises the full ``[T, T]`` prefill patterns unless the prefill is split off. Here:
+
+* the prefill (all prompt tokens but the last) runs the model's own fast kernel (SDPA), keeps only
+  the KV cache and computes no attention weights at all;
+* every decode step (the last prompt token, then each generated token) goes through a registered
+  attention function that runs SDPA for the layer's output and, beside it, forms the one score row
+  ``q · K^T`` per head (``[heads, T]``, O(T) memory per layer) to take its argmax. The argmax of the
+  softmax is the argmax of the masked scores, so no softmax is needed.
+
+Positions are absolute: with a sliding-window cache (Gemma 3's local layers keep only the last
+``window`` keys) the key index is shifted by the tokens the cache dropped.
+
+Uniform masking (the paper's masking experiment): heads listed in ``uniform_heads`` attend
+uniformly to every key their mask allows at every decode step (their output is the mean of the
+visible values), the others run unchanged. The prefill is not touched: the heads are masked
+"during decoding", as the experiment asks. The argmax recorded for a masked head is that of its own
+scores (what it would have attended to), not of the uniform row.
+
+Usage
+-----
+>>> from probe.decode import greedy_decode
+>>> out = greedy_decode(model, prompt_ids, max_new_tokens=16)
+>>> out.tokens, out.argmax.shape  # generated ids, [steps, n_layers, n_heads]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from probe.errors import CaptureError, ConfigError
+from probe.kernels import attention_modules, native_attention
+from probe.loading import LoadedModel
+
+DECODE_IMPL = "headlab_decode"
+Head = tuple[int, int]
+
+
+@dataclass
+class DecodeResult:
+    """What one greedy decode produced.
+
+    ``argmax[s, l, h]`` is the absolute prompt-or-generated position of the key where head
+    ``(l, h)``'s attention row peaks at step ``s``; step 0's query is the last prompt token and its
+    output is ``tokens[0]``. ``max_weight[s, l, h]`` is that row's largest attention weight.
+    """
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    argmax: np.ndarray  # [steps, n_layers, n_heads] int64 (-1 where not recorded)
+    max_weight: np.ndarray  # [steps, n_layers, n_heads] float32
+    prefill_seconds: float
+    decode_seconds: float
+    stopped_on: str  # "eos" | "max_new_tokens"
+    logits: np.ndarray | None = None  # [steps, vocab] float32, with keep_logits=True
+
+
+class _DecodeState:
+    active: _DecodeState | None = None
+
+    def __init__(
+        self, layer_of: dict[int, int], n_heads: int, group: int, uniform: dict[int, list[int]]
+    ) -> None:
+        self.layer_of = layer_of
+        self.n_heads = n_heads
+        self.group = group
+        self.uniform = uniform
+        self.decoding = False  # True during decode steps (the prefill is never touched)
+        self.record = True  # form the score rows (argmax) during decode steps
+        self.position = 0  # absolute position of the current (single) query
+        self.argmax: dict[int, torch.Tensor] = {}
+        self.max_weight: dict[int, torch.Tensor] = {}
+
+
+def _visible(attention_mask: torch.Tensor | None, n_keys: int, device: torch.device) -> torch.Tensor | None:
+    """[batch, n_keys] bool of the keys the single query may see, or None when all are visible."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[:, 0, -1, -n_keys:]  # [batch, Tk]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def _decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kwargs.get("softcap") is not None:
+        raise CaptureError("decode scoring does not support soft-capped attention logits")
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    state = _DecodeState.active
+    if state is None or not state.decoding or id(module) not in state.layer_of:
+        return out, None
+    layer = state.layer_of[id(module)]
+    heads = state.uniform.get(layer)
+    if not state.record and not heads:
+        return out, None
+    if query.shape[2] != 1:
+        raise CaptureError(f"decode scoring expects one query per step, got {query.shape[2]}")
+    n_keys = key.shape[2]
+    visible = _visible(attention_mask, n_keys, query.device)
+    if state.record:
+        b, h, _, d = query.shape
+        kvh = key.shape[1]
+        scale = scaling if scaling is not None else d**-0.5
+        # [b, kvh, group, d] @ [b, kvh, d, Tk] -> [b, h, Tk]: O(h × T), no repeat_kv copy
+        q = query[:, :, 0].float().reshape(b, kvh, h // kvh, d)
+        scores = torch.matmul(q, key.float().transpose(-1, -2)).reshape(b, h, n_keys) * scale
+        if visible is not None:
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        first = state.position + 1 - n_keys  # the cache may hold only the last n_keys positions
+        state.argmax[layer] = scores.argmax(dim=-1) + first  # [b, h]
+        state.max_weight[layer] = torch.softmax(scores, dim=-1).amax(dim=-1)
+    if heads:
+        idx = torch.tensor(heads, device=value.device)
+        v = value[:, idx // state.group].float()  # [b, n, Tk, d]
+        if visible is None:
+            mean = v.mean(dim=2)
+        else:
+            w = visible[:, None, :, None].to(v.dtype)
+            mean = (v * w).sum(dim=2) / w.sum(dim=2).clamp_min(1.0)
+        out = out.clone()
+        out[:, 0, idx] = mean.to(out.dtype)  # out is [b, q, h, d]
+    return out, None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_IMPL, _decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_IMPL, sdpa_mask)
+    _REGISTERED = True
+
+
+def _check_heads(model: LoadedModel, heads: Collection[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for item in heads:
+        try:
+            layer, head = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"uniform head {item!r} must be a (layer, head) pair") from None
+        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+            raise ConfigError(
+                f"head ({layer}, {head}) does not exist in {model.name} "
+                f"({model.n_layers} layers × {model.n_heads} heads)"
+            )
+        out.setdefault(layer, [])
+        if head not in out[layer]:
+            out[layer].append(head)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@contextmanager
+def decode_attention(model: LoadedModel, uniform_heads: Collection[Head] = ()) -> Iterator[_DecodeState]:
+    """Inside the block, the native model runs SDPA and records decode-step argmaxes."""
+    _register()
+    layer_of = {id(m): i for i, m in enumerate(attention_modules(model))}
+    if _DecodeState.active is not None:
+        raise CaptureError("a decode capture is already running in this process")
+    state = _DecodeState(layer_of, model.n_heads, model.group_size, _check_heads(model, uniform_heads))
+    _DecodeState.active = state
+    try:
+        with native_attention(model, DECODE_IMPL) as native:
+            state.native = native  # type: ignore[attr-defined]
+            yield state
+    finally:
+        _DecodeState.active = None
+
+
+def _cache_arg(native: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(native.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the tokenizer's EOS plus chat end-of-turn tokens it knows."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+        if name in vocab:
+            ids.add(int(vocab[name]))
+    return ids
+
+
+@dataclass
+class Prefill:
+    """The KV cache after a prompt's prefill (all tokens but the last), reusable across decodes.
+
+    Decoding appends to a cache, so :func:`greedy_decode` works on a copy whenever ``keep`` is set:
+    the masking experiment decodes one prefill under several head sets.
+    """
+
+    prompt_ids: list[int]
+    cache: Any
+    seconds: float
+
+    def copy(self) -> Any:
+        import copy
+
+        return copy.deepcopy(self.cache)
+
+
+@torch.inference_mode()
+def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> Prefill:
+    """Run the fast kernel over ``prompt_ids[:-1]`` (already with BOS if any) and keep the KV cache."""
+    ids = [int(t) for t in prompt_ids]
+    if len(ids) < 2:
+        raise ConfigError("the prompt needs at least two tokens (a prefill and a first decode step)")
+    model.check_context(len(ids) + max_new_tokens)
+    # The prefill records nothing: it runs the model's own SDPA path, exactly as transformers would.
+    with native_attention(model, "sdpa") as native:
+        t0 = time.perf_counter()
+        out = native(
+            input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True, logits_to_keep=1
+        )
+        _sync(model.device)
+        seconds = time.perf_counter() - t0
+    return Prefill(ids, _cache_of(out), seconds)
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: LoadedModel,
+    prompt_ids: Sequence[int] | Prefill,
+    max_new_tokens: int,
+    *,
+    uniform_heads: Collection[Head] = (),
+    stop_ids: Collection[int] | None = None,
+    record: bool = True,
+    keep: bool = False,
+    keep_logits: bool = False,
+) -> DecodeResult:
+    """Greedy-decode up to ``max_new_tokens`` after a prompt (token ids with BOS if any, or a
+    :class:`Prefill` of one; with ``keep=True`` the prefill's cache is copied and stays reusable).
+
+    The prefill uses the fast kernel and records nothing; each decode step records every head's
+    argmax key position (when ``record``) and applies ``uniform_heads``.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}; give at least 1")
+    pre = prompt_ids if isinstance(prompt_ids, Prefill) else prefill(model, prompt_ids, max_new_tokens)
+    ids = pre.prompt_ids
+    model.check_context(len(ids) + max_new_tokens)
+    cache = pre.copy() if keep else pre.cache
+    stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
+    device = model.device
+    tokens: list[int] = []
+    argmax = np.full((max_new_tokens, model.n_layers, model.n_heads), -1, dtype=np.int64)
+    max_weight = np.zeros((max_new_tokens, model.n_layers, model.n_heads), dtype=np.float32)
+    stopped = "max_new_tokens"
+    step_logits: list[np.ndarray] = []
+    with decode_attention(model, uniform_heads) as state:
+        native = state.native  # type: ignore[attr-defined]
+        cache_arg = _cache_arg(native)
+        state.record = record
+        state.decoding = True
+        t1 = time.perf_counter()
+        current = ids[-1]
+        for step in range(max_new_tokens):
+            state.position = len(ids) - 1 + step
+            state.argmax.clear()
+            state.max_weight.clear()
+            out = native(
+                input_ids=torch.tensor([[current]], device=device),
+                use_cache=True,
+                position_ids=torch.tensor([[state.position]], device=device),
+                **{cache_arg: cache},
+            )
+            cache = _cache_of(out)
+            nxt = int(out.logits[0, -1].argmax())
+            if keep_logits:
+                step_logits.append(out.logits[0, -1].float().cpu().numpy())
+            if record:
+                if len(state.argmax) != model.n_layers:
+                    missing = sorted(set(range(model.n_layers)) - set(state.argmax))
+                    raise CaptureError(
+                        f"decode step {step}: layers {missing} produced no attention row; "
+                        "their attention did not go through the registered decode function"
+                    )
+                argmax[step] = torch.stack([state.argmax[i][0] for i in range(model.n_layers)]).cpu().numpy()
+                max_weight[step] = (
+                    torch.stack([state.max_weight[i][0] for i in range(model.n_layers)]).float().cpu().numpy()
+                )
+            tokens.append(nxt)
+            if nxt in stops:
+                stopped = "eos"
+                break
+            current = nxt
+        _sync(device)
+        t2 = time.perf_counter()
+    n = len(tokens)
+    logits = np.stack(step_logits) if keep_logits else None
+    return DecodeResult(ids, tokens, argmax[:n], max_weight[:n], pre.seconds, t2 - t1, stopped, logits)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
