@@ -149,38 +149,36 @@ def _run_analysis(analysis: str, model: str, device: str, dtype: str, bos: str, 
     typer.echo(f"report:    headlab report {path.name}{f' --root {root}' if root else ''}")
 
 
-@run_app.command("census")
-def run_census_cmd(
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    bos: Annotated[
-        str, typer.Option(help="BOS policy: default (the tokenizer's), always, never")
-    ] = "default",
-    overrides: SetOpt = None,
-    root: RootOpt = None,
-    allow_hub: HubOpt = False,
-    show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
-) -> None:
-    """Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance."""
-    _run_analysis("census", model, device, dtype, bos, overrides, root, allow_hub, show_config)
+def _make_run_command(analysis: str, doc: str) -> None:
+    """Register ``headlab run <analysis>``: the same options for every analysis in the registry."""
+
+    def command(
+        model: ModelOpt = "smollm2-135m",
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "float32",
+        bos: Annotated[
+            str, typer.Option(help="BOS policy: default (the tokenizer's), always, never")
+        ] = "default",
+        overrides: SetOpt = None,
+        root: RootOpt = None,
+        allow_hub: HubOpt = False,
+        show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
+    ) -> None:
+        _run_analysis(analysis, model, device, dtype, bos, overrides, root, allow_hub, show_config)
+
+    command.__doc__ = doc
+    command.__name__ = f"run_{analysis}_cmd"
+    run_app.command(analysis)(command)
 
 
-@run_app.command("sinks")
-def run_sinks_cmd(
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    bos: Annotated[
-        str, typer.Option(help="BOS policy: default (the tokenizer's), always, never")
-    ] = "default",
-    overrides: SetOpt = None,
-    root: RootOpt = None,
-    allow_hub: HubOpt = False,
-    show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
-) -> None:
-    """Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms."""
-    _run_analysis("sinks", model, device, dtype, bos, overrides, root, allow_hub, show_config)
+RUN_COMMANDS = {
+    "census": "Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
+    "sinks": "Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
+    "act": "ACT: calibrate hidden attention sinks head by head; held-out accuracy before and after.",
+    "retrieval": "Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
+}
+for _name, _doc in RUN_COMMANDS.items():
+    _make_run_command(_name, _doc)
 
 
 @app.command()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analyses import census, sinks
+from analyses import act, census, retrieval, sinks
 from analyses.base import AnalysisResult
 from probe.loading import LoadedModel
 
@@ -32,4 +32,8 @@ def _census_summary(result: AnalysisResult) -> str:
 ANALYSES: dict[str, AnalysisEntry] = {
     "census": AnalysisEntry("census", census.CensusConfig, census.run_census, _census_summary),
     "sinks": AnalysisEntry("sinks", sinks.SinksConfig, sinks.run_sinks, sinks.summary),
+    "act": AnalysisEntry("act", act.ActConfig, act.run_act, act.summary),
+    "retrieval": AnalysisEntry(
+        "retrieval", retrieval.RetrievalConfig, retrieval.run_retrieval, retrieval.summary
+    ),
 }

@@ -9,6 +9,9 @@ function takes tables or arrays and returns a new figure.
   long sequence costs one compressed image; hover shows tokens and weights while the pattern is
   small enough for per-cell hover data.
 * :func:`distributions`: one histogram per metric, of the values across heads.
+* :func:`titled`, :func:`head_rings`, :func:`head_grid_layout`: the title, the ringed heads and the
+  axes of the analyses' own figures (left-aligned title with a subtitle; layer x head maps drawn
+  with category axes, layer 0 at the top).
 * :func:`figure_div`: a figure as an HTML fragment that expects plotly.js to be loaded once by the
   page (the report inlines it in ``<head>``).
 """
@@ -97,6 +100,37 @@ def mark_head(fig: go.Figure, layer: int, head: int, *, color: str = "#e4572e") 
             line={"color": color, "width": 3},
             fillcolor="rgba(0,0,0,0)",
         )
+    return fig
+
+
+def titled(text: str, subtitle: str) -> dict[str, object]:
+    """A figure title with a subtitle, left-aligned (so the mode bar, top right, never covers it)."""
+    return {"text": text, "x": 0.02, "subtitle": {"text": subtitle}}
+
+
+def head_rings(marks: Sequence[tuple[int, int]], name: str, hover: str, *, color: str) -> go.Scatter:
+    """Open circles on the (layer, head) cells ``marks`` of a layer x head map with category axes."""
+    return go.Scatter(
+        x=[str(h) for _, h in marks],
+        y=[str(layer) for layer, _ in marks],
+        mode="markers",
+        name=name,
+        marker={"symbol": "circle-open", "size": 13, "color": color, "line": {"width": 2.5}},
+        hovertemplate="layer %{y}, head %{x}: " + hover + "<extra></extra>",
+    )
+
+
+def head_grid_layout(fig: go.Figure, title: str, subtitle: str, n_layers: int) -> go.Figure:
+    """Lay out a layer x head map drawn with category axes: head across, layer 0 at the top."""
+    fig.update_layout(
+        title=titled(title, subtitle),
+        xaxis={"title": {"text": "head"}, "type": "category"},
+        yaxis={"title": {"text": "layer"}, "type": "category", "autorange": "reversed"},
+        height=heatmap_height(n_layers),
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+        showlegend=False,
+        plot_bgcolor="#ffffff",
+    )
     return fig
 
 

@@ -11,9 +11,23 @@ echo "== fetch $MODEL"; "$H" fetch "$MODEL"
 echo "== sanity: one forward with a hook on every attention layer"; "$H" sanity --model "$MODEL"
 echo "== head census"; "$H" run census --model "$MODEL" --root "$RUNS"
 echo "== attention sinks"; "$H" run sinks --model "$MODEL" --root "$RUNS"
+# ACT is a search over heads (one forward pass per head and calibration batch): a small config keeps
+# the demo to a few minutes on a CPU; drop the --set options for the paper's defaults.
+echo "== ACT: calibrating hidden attention sinks (small config)"
+"$H" run act --model "$MODEL" --root "$RUNS" \
+    --set tasks=sentiment,topic --set n_calibration=16 --set n_heldout=32 \
+    --set layer_start=2 --set layer_end=5
+# Retrieval heads: a small needle grid (each test is a prefill plus a short greedy decode) and the
+# masking experiment on a few tests; drop the --set options for the default grid.
+echo "== retrieval heads: needles in haystacks (small grid)"
+"$H" run retrieval --model "$MODEL" --root "$RUNS" \
+    --set lengths=512,1024 --set depths=0.0,0.5,1.0 --set n_needles=1 \
+    --set mask_fractions=0.02,0.05 --set mask_seeds=2 --set mask_tests=3
 echo "== reports"
 "$H" report "latest:census" --root "$RUNS" --out reports/
 "$H" report "latest:sinks" --root "$RUNS" --out reports/
+"$H" report "latest:act" --root "$RUNS" --out reports/
+"$H" report "latest:retrieval" --root "$RUNS" --out reports/
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"

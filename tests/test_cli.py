@@ -44,3 +44,14 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     proc = headlab("run", "census", "--model", "tiny-gpt2", "--set", "seq_len=400", cwd=tmp_path)
     assert proc.returncode == 2 and "longer than tiny-gpt2 allows" in proc.stderr
+
+
+def test_every_registered_analysis_has_a_run_command(tmp_path: Path) -> None:
+    from analyses.cli import RUN_COMMANDS
+    from analyses.registry import ANALYSES
+
+    assert set(RUN_COMMANDS) == set(ANALYSES)
+    for name in ANALYSES:
+        proc = headlab("run", name, "--show-config", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.lstrip().startswith("{")

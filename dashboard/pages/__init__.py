@@ -1,18 +1,22 @@
 """Dashboard pages, one per analysis plus the start page.
 
-To give a new analysis a page, write ``dashboard/pages/<analysis>.py`` with a :class:`Page`
-subclass (``path``, ``title``, ``analysis``, ``layout``, ``register_callbacks``; ids prefixed with
-the analysis name) and add the class to :data:`PAGES`. The start page then links that
+To give a new analysis a page, write ``dashboard/pages/<analysis>.py`` with a
+:class:`~dashboard.pages.base.AnalysisPage` subclass (``path``, ``title``, ``analysis``, ``layout``,
+``register_callbacks``; ids prefixed with the analysis name; the run picker, the choice of run and
+its notes, opening the run and the layout pieces come from :mod:`dashboard.pages.base`) and add the
+class to :data:`PAGES`. The start page then links that
 analysis's runs to it.
 """
 
 from __future__ import annotations
 
+from dashboard.pages.act import ActPage
 from dashboard.pages.base import Page, Site
 from dashboard.pages.census import CensusPage
 from dashboard.pages.home import HomePage
+from dashboard.pages.retrieval import RetrievalPage
 from dashboard.pages.sinks import SinksPage
 
-PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage)
+PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage, ActPage, RetrievalPage)
 
-__all__ = ["PAGES", "CensusPage", "HomePage", "Page", "SinksPage", "Site"]
+__all__ = ["PAGES", "ActPage", "CensusPage", "HomePage", "Page", "RetrievalPage", "SinksPage", "Site"]

@@ -1,16 +1,32 @@
-"""What a dashboard page is: a path, a title, a layout built per visit, and its callbacks."""
+"""What a dashboard page is: a path, a title, a layout built per visit, and its callbacks.
+
+:class:`AnalysisPage` is a page that shows the runs of one analysis: it lists them for the run
+picker (damaged ones disabled), picks the run the URL asks for and says why when it cannot, opens
+the chosen run, and draws a figure of it or a message saying why there is none. The helpers
+:func:`control`, :func:`radio`, :func:`dropdown`, :func:`graph`, :func:`panel`, :func:`columns`…,
+:func:`empty_figure` and :func:`why` are what those pages' layouts and callbacks share.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from dash import Dash
+import plotly.graph_objects as go
+from dash import Dash, dcc, html
 from dash.development.base_component import Component
 
+from analyses.runstore import Run
+from dashboard import figures
 from dashboard.catalog import RunCatalog
+from probe.errors import HeadlabError
+
+GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
+RUN_ERRORS: tuple[type[Exception], ...] = (HeadlabError, KeyError, ValueError)
+MAP_PANEL = "col-map panel"
+DETAIL_PANEL = "col-detail panel"
 
 
 @dataclass(frozen=True)
@@ -50,3 +66,170 @@ class Page(ABC):
 
     def register_callbacks(self, app: Dash) -> None:  # noqa: B027  (pages without callbacks are fine)
         """Register this page's callbacks on ``app`` (none by default)."""
+
+
+def empty_figure(message: str) -> go.Figure:
+    """An empty figure saying why there is nothing to show."""
+    return figures.message_figure(message)
+
+
+def why(err: BaseException) -> str:
+    """An error's message (a KeyError's without the quotes ``str`` adds)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def control(label: str, element: Component, element_id: str, css: str = "control") -> Component:
+    """A labelled control: ``element`` under a label for ``element_id``."""
+    return html.Div([html.Label(label, htmlFor=element_id), element], className=css)
+
+
+def graph(element_id: str) -> Component:
+    """A graph that says "loading…" until its callback draws it."""
+    return dcc.Graph(id=element_id, config=GRAPH_CONFIG, figure=empty_figure("loading…"))
+
+
+def radio(label: str, element_id: str, options: list[dict[str, Any]], value: Any) -> Component:
+    """A labelled row of radio buttons."""
+    return control(
+        label,
+        dcc.RadioItems(id=element_id, options=options, value=value, inline=True, className="radio-inline"),
+        element_id,
+    )
+
+
+def dropdown(label: str, element_id: str, css: str = "control control-example", **props: Any) -> Component:
+    """A labelled dropdown that cannot be cleared (``props``: options, value…)."""
+    return control(label, dcc.Dropdown(id=element_id, clearable=False, **props), element_id, css)
+
+
+def controls(*elements: Component) -> Component:
+    """The row of controls under a page's title."""
+    return html.Div(list(elements), className="controls")
+
+
+def detail_controls(*elements: Component) -> Component:
+    """A row of controls inside a panel, above what they steer."""
+    return html.Div(list(elements), className="detail-controls")
+
+
+def panel(*children: Component, css: str = MAP_PANEL) -> Component:
+    """One column of a :func:`columns` row (``MAP_PANEL``: the wide one, ``DETAIL_PANEL``: the other)."""
+    return html.Div(list(children), className=css)
+
+
+def columns(*panels: Component) -> Component:
+    """Panels side by side."""
+    return html.Div(list(panels), className="columns")
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    """The run picker's options, the run shown (None: none offered) and notes on the choice."""
+
+    options: list[dict[str, Any]]
+    run_id: str | None
+    notes: list[Component | str]
+
+
+class AnalysisPage(Page):
+    """A page showing one run of :attr:`analysis`, picked with the ``<analysis>-run`` dropdown."""
+
+    analysis: ClassVar[str]
+    run_noun: ClassVar[str] = ""  # how the page names the analysis's runs ("ACT"); "": the analysis
+
+    @property
+    def noun(self) -> str:
+        return self.run_noun or self.analysis
+
+    @property
+    def run_id_element(self) -> str:
+        return f"{self.analysis}-run"
+
+    # ------------------------------------------------------------------------------------ layout
+
+    def run_options(self) -> list[dict[str, Any]]:
+        """Intact runs of the analysis (newest first), then damaged ones, listed but disabled."""
+        entries = self.catalog.entries(self.analysis)
+        ok = [{"label": e.label, "value": e.run_id} for e in entries if e.ok]
+        damaged = [
+            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
+            for e in entries
+            if not e.ok
+        ]
+        return ok + damaged
+
+    def choose_run(self, params: Mapping[str, str]) -> RunChoice:
+        """The run the URL's ``run`` asks for if it is offered, else the newest, with notes saying
+        when there is none, when the wanted one is not offered, and how many are damaged."""
+        options = self.run_options()
+        offered = [o["value"] for o in options if not o.get("disabled")]
+        wanted = params.get("run")
+        run_id = wanted if wanted in offered else (offered[0] if offered else None)
+        root = self.catalog.root
+        notes: list[Component | str] = []
+        if not offered:
+            notes.append(
+                html.P(
+                    [
+                        f"No intact {self.noun} run under {root}. Make one with ",
+                        html.Code(f"headlab run {self.analysis} --root {root}"),
+                        ".",
+                    ],
+                    className="error",
+                )
+            )
+        elif wanted and wanted != run_id:
+            notes.append(
+                html.P(
+                    f"Run {wanted!r} is not an intact {self.noun} run under the root; showing the newest.",
+                    className="error",
+                )
+            )
+        if len(options) > len(offered):
+            notes.append(
+                html.P(
+                    f"{len(options) - len(offered)} damaged {self.noun} run(s) listed but not offered; "
+                    "see the Runs page.",
+                    className="hint",
+                )
+            )
+        return RunChoice(options, run_id, notes)
+
+    def run_picker(self, choice: RunChoice) -> Component:
+        """The labelled ``<analysis>-run`` dropdown."""
+        return dropdown(
+            "run",
+            self.run_id_element,
+            "control control-run",
+            options=choice.options,
+            value=choice.run_id,
+            placeholder=f"no {self.noun} runs",
+        )
+
+    # --------------------------------------------------------------------------------- callbacks
+
+    def _run(self, run_id: str) -> Run:
+        """Open run ``run_id`` of the analysis (HeadlabError when it is missing or damaged)."""
+        return self.catalog.open(run_id, analysis=self.analysis)
+
+    def _checked(self, run_id: str) -> Run:
+        """The run the figures draw: :meth:`_run`, plus whatever checks a page adds."""
+        return self._run(run_id)
+
+    def _figure(
+        self,
+        run_id: str | None,
+        draw: Callable[[Run], go.Figure],
+        uirevision: str = "",
+        errors: tuple[type[Exception], ...] = RUN_ERRORS,
+    ) -> go.Figure:
+        """``draw`` of the run, or a message figure when no run is selected or drawing fails."""
+        if not run_id:
+            return empty_figure(f"no {self.noun} run selected")
+        try:
+            fig = draw(self._checked(run_id))
+        except errors as err:
+            return empty_figure(f"cannot show run {run_id}: {why(err)}")
+        if uirevision:
+            fig.update_layout(uirevision=uirevision)
+        return fig

@@ -18,71 +18,28 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
-from analyses.runstore import Run
-from dashboard import figures
 from dashboard.figures import PATTERN_SCALES, PatternScale
-from dashboard.pages.base import Page
+from dashboard.pages import base as ui
+from dashboard.pages.base import AnalysisPage, empty_figure, why
 from dashboard.views import census as views
 from dashboard.views.census import Head
 from probe.errors import HeadlabError
 
-GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
 DEFAULT_METRIC = "induction"
 DEFAULT_SCALE: PatternScale = "sqrt"
 SelectedHead = dict[str, Any]  # {"run": run id, "layer": int, "head": int}, the census-head store
 
 
-class CensusPage(Page):
+class CensusPage(AnalysisPage):
     path: ClassVar[str] = "/census"
     title: ClassVar[str] = "Census"
-    analysis: ClassVar[str | None] = "census"
+    analysis: ClassVar[str] = "census"
 
     # ------------------------------------------------------------------------------------ layout
 
-    def run_options(self) -> list[dict[str, Any]]:
-        """Intact census runs (newest first), then damaged ones, listed but disabled."""
-        entries = self.catalog.entries("census")
-        ok = [{"label": e.label, "value": e.run_id} for e in entries if e.ok]
-        damaged = [
-            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
-            for e in entries
-            if not e.ok
-        ]
-        return ok + damaged
-
     def layout(self, params: Mapping[str, str]) -> Component:
-        options = self.run_options()
-        offered = [o["value"] for o in options if not o.get("disabled")]
-        wanted = params.get("run")
-        run_id = wanted if wanted in offered else (offered[0] if offered else None)
+        choice = self.choose_run(params)
         metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
-        n_damaged = len(options) - len(offered)
-        notes: list[Component | str] = []
-        if not offered:
-            notes.append(
-                html.P(
-                    [
-                        f"No intact census run under {self.catalog.root}. Make one with ",
-                        html.Code(f"headlab run census --root {self.catalog.root}"),
-                        ".",
-                    ],
-                    className="error",
-                )
-            )
-        elif wanted and wanted != run_id:
-            notes.append(
-                html.P(
-                    f"Run {wanted!r} is not an intact census run under the root; showing the newest.",
-                    className="error",
-                )
-            )
-        if n_damaged:
-            notes.append(
-                html.P(
-                    f"{n_damaged} damaged census run(s) listed but not offered; see the Runs page.",
-                    className="hint",
-                )
-            )
         return html.Div(
             [
                 html.H2("Head census"),
@@ -91,90 +48,38 @@ class CensusPage(Page):
                     "Pick a metric, then click a head on the map for its values and its attention pattern.",
                     className="hint",
                 ),
-                html.Div(
-                    [
-                        html.Div(
-                            [
-                                html.Label("run", htmlFor="census-run"),
-                                dcc.Dropdown(
-                                    id="census-run",
-                                    options=options,
-                                    value=run_id,
-                                    clearable=False,
-                                    placeholder="no census runs",
-                                ),
-                            ],
-                            className="control control-run",
-                        ),
-                        html.Div(
-                            [
-                                html.Label("metric", htmlFor="census-metric"),
-                                dcc.RadioItems(
-                                    id="census-metric",
-                                    options=[
-                                        {"label": views.METRIC_LABELS[m], "value": m} for m in views.METRICS
-                                    ],
-                                    value=metric,
-                                    inline=True,
-                                    className="radio-inline",
-                                ),
-                            ],
-                            className="control",
-                        ),
-                    ],
-                    className="controls",
+                ui.controls(
+                    self.run_picker(choice),
+                    ui.radio(
+                        "metric",
+                        "census-metric",
+                        [{"label": views.METRIC_LABELS[m], "value": m} for m in views.METRICS],
+                        metric,
+                    ),
                 ),
-                *notes,
-                html.Div(
-                    [
-                        html.Div(
-                            [
-                                dcc.Graph(
-                                    id="census-heatmap", config=GRAPH_CONFIG, figure=_empty("loading…")
-                                ),
-                                html.P("Click a cell to select that head.", className="hint"),
-                            ],
-                            className="col-map panel",
+                *choice.notes,
+                ui.columns(
+                    ui.panel(
+                        ui.graph("census-heatmap"),
+                        html.P("Click a cell to select that head.", className="hint"),
+                    ),
+                    ui.panel(
+                        html.Div(id="census-head-detail"),
+                        ui.detail_controls(
+                            ui.dropdown("example", "census-example"),
+                            ui.radio(
+                                "colour",
+                                "census-scale",
+                                [
+                                    {"label": "√weight", "value": "sqrt"},
+                                    {"label": "weight", "value": "linear"},
+                                ],
+                                DEFAULT_SCALE,
+                            ),
                         ),
-                        html.Div(
-                            [
-                                html.Div(id="census-head-detail"),
-                                html.Div(
-                                    [
-                                        html.Div(
-                                            [
-                                                html.Label("example", htmlFor="census-example"),
-                                                dcc.Dropdown(id="census-example", clearable=False),
-                                            ],
-                                            className="control control-example",
-                                        ),
-                                        html.Div(
-                                            [
-                                                html.Label("colour", htmlFor="census-scale"),
-                                                dcc.RadioItems(
-                                                    id="census-scale",
-                                                    options=[
-                                                        {"label": "√weight", "value": "sqrt"},
-                                                        {"label": "weight", "value": "linear"},
-                                                    ],
-                                                    value=DEFAULT_SCALE,
-                                                    inline=True,
-                                                    className="radio-inline",
-                                                ),
-                                            ],
-                                            className="control",
-                                        ),
-                                    ],
-                                    className="detail-controls",
-                                ),
-                                dcc.Graph(
-                                    id="census-pattern", config=GRAPH_CONFIG, figure=_empty("loading…")
-                                ),
-                            ],
-                            className="col-detail panel",
-                        ),
-                    ],
-                    className="columns",
+                        ui.graph("census-pattern"),
+                        css=ui.DETAIL_PANEL,
+                    ),
                 ),
                 dcc.Store(id="census-head"),
             ],
@@ -182,9 +87,6 @@ class CensusPage(Page):
         )
 
     # --------------------------------------------------------------------------------- callbacks
-
-    def _run(self, run_id: str) -> Run:
-        return self.catalog.open(run_id, analysis="census")
 
     def select_head(
         self,
@@ -216,14 +118,14 @@ class CensusPage(Page):
         self, run_id: str | None, metric: str | None, selected: SelectedHead | None
     ) -> go.Figure:
         if not run_id:
-            return _empty("no census run selected")
+            return empty_figure("no census run selected")
         if metric not in views.METRICS:
-            return _empty(f"unknown metric {metric!r}")
+            return empty_figure(f"unknown metric {metric!r}")
         try:
             run = self._run(run_id)
             fig = views.heatmap(run.heads, metric, _as_head(selected, run_id))
         except (HeadlabError, KeyError) as err:
-            return _empty(f"cannot show run {run_id}: {_why(err)}")
+            return empty_figure(f"cannot show run {run_id}: {why(err)}")
         fig.update_layout(
             title={"text": views.METRIC_LABELS[metric], "x": 0.02, "xanchor": "left"},
             uirevision=run_id,  # keep zoom while the metric or the selected head changes
@@ -240,7 +142,7 @@ class CensusPage(Page):
             summary = views.head_summary(run.heads, head)
             heads = run.heads
         except (HeadlabError, KeyError) as err:
-            return html.P(f"cannot show head {head}: {_why(err)}", className="error")
+            return html.P(f"cannot show head {head}: {why(err)}", className="error")
         row = heads[(heads["layer"] == head.layer) & (heads["head"] == head.head)].iloc[0]
         kv = f", KV head {int(row['kv_head'])}" if "kv_head" in heads.columns else ""
         body = []
@@ -305,17 +207,17 @@ class CensusPage(Page):
     ) -> go.Figure:
         head = _as_head(selected, run_id)
         if not run_id or head is None:
-            return _empty("select a head")
+            return empty_figure("select a head")
         try:
             run = self._run(run_id)
             if not views.example_ids(run):
-                return _empty("this run kept no example patterns (n_examples=0)")
+                return empty_figure("this run kept no example patterns (n_examples=0)")
             if example is None:
-                return _empty("select an example")
+                return empty_figure("select an example")
             shown: PatternScale = scale if scale in PATTERN_SCALES else DEFAULT_SCALE
             fig = views.pattern_figure(run, int(example), head, scale=shown)
         except (HeadlabError, KeyError, ValueError) as err:
-            return _empty(f"cannot show the pattern: {_why(err)}")
+            return empty_figure(f"cannot show the pattern: {why(err)}")
         fig.update_layout(uirevision=f"{run_id}/{example}", height=600)
         return fig
 
@@ -357,14 +259,6 @@ class CensusPage(Page):
             Input("census-example", "value"),
             Input("census-scale", "value"),
         )(self.pattern_figure)
-
-
-def _empty(message: str) -> go.Figure:
-    return figures.message_figure(message)
-
-
-def _why(err: BaseException) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _as_head(selected: Mapping[str, Any] | None, run_id: str | None) -> Head | None:

@@ -18,77 +18,30 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard import figures
-from dashboard.pages.base import Page
+from dashboard.pages import base as ui
+from dashboard.pages.base import AnalysisPage, empty_figure, why
 from dashboard.views import sinks as views
 from probe.errors import HeadlabError
 
-GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
 DEFAULT_INPUT = "natural"
 DEFAULT_QUANTITY: views.HeadQuantity = "alpha"
+_FIGURE_ERRORS = (HeadlabError, KeyError)  # the run-wide figures let a ValueError through
 
 
-class SinksPage(Page):
+class SinksPage(AnalysisPage):
     path: ClassVar[str] = "/sinks"
     title: ClassVar[str] = "Sinks"
-    analysis: ClassVar[str | None] = "sinks"
+    analysis: ClassVar[str] = "sinks"
 
     # ------------------------------------------------------------------------------------ layout
 
-    def run_options(self) -> list[dict[str, Any]]:
-        """Intact sinks runs (newest first), then damaged ones, listed but disabled."""
-        entries = self.catalog.entries("sinks")
-        ok = [{"label": e.label, "value": e.run_id} for e in entries if e.ok]
-        damaged = [
-            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
-            for e in entries
-            if not e.ok
-        ]
-        return ok + damaged
-
     def layout(self, params: Mapping[str, str]) -> Component:
-        options = self.run_options()
-        offered = [o["value"] for o in options if not o.get("disabled")]
-        wanted = params.get("run")
-        run_id = wanted if wanted in offered else (offered[0] if offered else None)
+        choice = self.choose_run(params)
         input_set = params.get("input") if params.get("input") in views.INPUT_LABELS else DEFAULT_INPUT
-        notes: list[Component | str] = []
-        if not offered:
-            notes.append(
-                html.P(
-                    [
-                        f"No intact sinks run under {self.catalog.root}. Make one with ",
-                        html.Code(f"headlab run sinks --root {self.catalog.root}"),
-                        ".",
-                    ],
-                    className="error",
-                )
-            )
-        elif wanted and wanted != run_id:
-            notes.append(
-                html.P(
-                    f"Run {wanted!r} is not an intact sinks run under the root; showing the newest.",
-                    className="error",
-                )
-            )
-        if len(options) > len(offered):
-            notes.append(
-                html.P(
-                    f"{len(options) - len(offered)} damaged sinks run(s) listed but not offered; see the Runs page.",
-                    className="hint",
-                )
-            )
-
-        def control(label: str, element: Component, element_id: str, css: str = "control") -> Component:
-            return html.Div([html.Label(label, htmlFor=element_id), element], className=css)
-
-        def graph(element_id: str) -> Component:
-            return dcc.Graph(id=element_id, config=GRAPH_CONFIG, figure=_empty("loading…"))
-
         return html.Div(
             [
                 html.H2("Attention sinks"),
@@ -98,103 +51,50 @@ class SinksPage(Page):
                     "averaged over samples (Gu et al., ICLR 2025). Position 0 is the first real token.",
                     className="hint",
                 ),
-                html.Div(
-                    [
-                        control(
-                            "run",
-                            dcc.Dropdown(
-                                id="sinks-run",
-                                options=options,
-                                value=run_id,
-                                clearable=False,
-                                placeholder="no sinks runs",
-                            ),
-                            "sinks-run",
-                            "control control-run",
-                        ),
-                        control(
-                            "input set",
-                            dcc.RadioItems(
-                                id="sinks-input",
-                                options=[
-                                    {"label": label, "value": s} for s, label in views.INPUT_LABELS.items()
+                ui.controls(
+                    self.run_picker(choice),
+                    ui.radio(
+                        "input set",
+                        "sinks-input",
+                        [{"label": label, "value": s} for s, label in views.INPUT_LABELS.items()],
+                        input_set,
+                    ),
+                ),
+                *choice.notes,
+                ui.columns(
+                    ui.panel(ui.graph("sinks-bars")),
+                    ui.panel(ui.graph("sinks-positions"), css=ui.DETAIL_PANEL),
+                ),
+                ui.columns(
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.radio(
+                                "map of",
+                                "sinks-quantity",
+                                [
+                                    {"label": views.HEAD_QUANTITY_LABELS[q], "value": q}
+                                    for q in views.HEAD_QUANTITIES
                                 ],
-                                value=input_set,
-                                inline=True,
-                                className="radio-inline",
+                                DEFAULT_QUANTITY,
                             ),
-                            "sinks-input",
+                            ui.dropdown("position k", "sinks-position", value=0),
                         ),
-                    ],
-                    className="controls",
+                        ui.graph("sinks-heatmap"),
+                    ),
+                    ui.panel(
+                        ui.dropdown("example", "sinks-example"),
+                        ui.graph("sinks-example-figure"),
+                        html.Div(id="sinks-example-table"),
+                        html.Div(id="sinks-tokens"),
+                        css=ui.DETAIL_PANEL,
+                    ),
                 ),
-                *notes,
-                html.Div(
-                    [
-                        html.Div([graph("sinks-bars")], className="col-map panel"),
-                        html.Div([graph("sinks-positions")], className="col-detail panel"),
-                    ],
-                    className="columns",
-                ),
-                html.Div(
-                    [
-                        html.Div(
-                            [
-                                html.Div(
-                                    [
-                                        control(
-                                            "map of",
-                                            dcc.RadioItems(
-                                                id="sinks-quantity",
-                                                options=[
-                                                    {"label": views.HEAD_QUANTITY_LABELS[q], "value": q}
-                                                    for q in views.HEAD_QUANTITIES
-                                                ],
-                                                value=DEFAULT_QUANTITY,
-                                                inline=True,
-                                                className="radio-inline",
-                                            ),
-                                            "sinks-quantity",
-                                        ),
-                                        control(
-                                            "position k",
-                                            dcc.Dropdown(id="sinks-position", value=0, clearable=False),
-                                            "sinks-position",
-                                            "control control-example",
-                                        ),
-                                    ],
-                                    className="detail-controls",
-                                ),
-                                graph("sinks-heatmap"),
-                            ],
-                            className="col-map panel",
-                        ),
-                        html.Div(
-                            [
-                                control(
-                                    "example",
-                                    dcc.Dropdown(id="sinks-example", clearable=False),
-                                    "sinks-example",
-                                    "control control-example",
-                                ),
-                                graph("sinks-example-figure"),
-                                html.Div(id="sinks-example-table"),
-                                html.Div(id="sinks-tokens"),
-                            ],
-                            className="col-detail panel",
-                        ),
-                    ],
-                    className="columns",
-                ),
-                html.Div([graph("sinks-norms")], className="panel"),
+                ui.panel(ui.graph("sinks-norms"), css="panel"),
             ],
             className="page",
         )
 
     # --------------------------------------------------------------------------------- callbacks
-
-    def _run(self, run_id: str) -> Run:
-        return self.catalog.open(run_id, analysis="sinks")
 
     def _set(self, run: Run, input_set: str | None) -> str:
         sets = views.input_sets(run)
@@ -219,42 +119,26 @@ class SinksPage(Page):
     def heatmap_figure(
         self, run_id: str | None, input_set: str | None, quantity: str | None, position: int | None
     ) -> go.Figure:
-        if not run_id:
-            return _empty("no sinks run selected")
-        try:
-            run = self._run(run_id)
-            shown = self._set(run, input_set)
+        def draw(run: Run) -> go.Figure:
             q: views.HeadQuantity = "rate" if quantity == "rate" else "alpha"
-            fig = views.heatmap(run, shown, q, int(position or 0))
-        except (HeadlabError, KeyError, ValueError) as err:
-            return _empty(f"cannot show run {run_id}: {_why(err)}")
-        fig.update_layout(uirevision=run_id, margin={"l": 50, "r": 10, "t": 50, "b": 45})
-        return fig
+            fig = views.heatmap(run, self._set(run, input_set), q, int(position or 0))
+            fig.update_layout(margin={"l": 50, "r": 10, "t": 50, "b": 45})
+            return fig
+
+        return self._figure(run_id, draw, uirevision=str(run_id))
 
     def bars_figure(self, run_id: str | None) -> go.Figure:
-        if not run_id:
-            return _empty("no sinks run selected")
-        try:
-            return views.sink_bars(self._run(run_id))
-        except (HeadlabError, KeyError) as err:
-            return _empty(f"cannot show run {run_id}: {_why(err)}")
+        return self._figure(run_id, views.sink_bars, errors=_FIGURE_ERRORS)
 
     def positions_figure(self, run_id: str | None, input_set: str | None) -> go.Figure:
-        if not run_id:
-            return _empty("no sinks run selected")
-        try:
-            return views.position_map(self._run(run_id), highlight=input_set)
-        except (HeadlabError, KeyError) as err:
-            return _empty(f"cannot show run {run_id}: {_why(err)}")
+        return self._figure(
+            run_id, lambda run: views.position_map(run, highlight=input_set), errors=_FIGURE_ERRORS
+        )
 
     def norms_figure(self, run_id: str | None, input_set: str | None) -> go.Figure:
-        if not run_id:
-            return _empty("no sinks run selected")
-        try:
-            run = self._run(run_id)
-            return views.norms_figure(run, self._set(run, input_set))
-        except (HeadlabError, KeyError) as err:
-            return _empty(f"cannot show run {run_id}: {_why(err)}")
+        return self._figure(
+            run_id, lambda run: views.norms_figure(run, self._set(run, input_set)), errors=_FIGURE_ERRORS
+        )
 
     def example_options(
         self, run_id: str | None, input_set: str | None, current: int | None
@@ -274,17 +158,17 @@ class SinksPage(Page):
 
     def example_figure(self, run_id: str | None, input_set: str | None, example: int | None) -> go.Figure:
         if not run_id:
-            return _empty("no sinks run selected")
+            return empty_figure("no sinks run selected")
         try:
             run = self._run(run_id)
             shown = self._set(run, input_set)
             if not views.example_ids(run, shown):
-                return _empty("this run kept no examples (n_examples=0)")
+                return empty_figure("this run kept no examples (n_examples=0)")
             if example is None:
-                return _empty("select an example")
+                return empty_figure("select an example")
             fig = views.example_figure(run, shown, int(example))
         except (HeadlabError, KeyError, ValueError) as err:
-            return _empty(f"cannot show the example: {_why(err)}")
+            return empty_figure(f"cannot show the example: {why(err)}")
         fig.update_layout(uirevision=f"{run_id}/{input_set}/{example}")
         return fig
 
@@ -295,7 +179,7 @@ class SinksPage(Page):
             run = self._run(run_id)
             rows = views.hidden_sinks_of_example(run, self._set(run, input_set), int(example))
         except (HeadlabError, KeyError, ValueError) as err:
-            return html.P(f"cannot list hidden sinks: {_why(err)}", className="error")
+            return html.P(f"cannot list hidden sinks: {why(err)}", className="error")
         if rows.empty:
             return html.P(f"Example {example} has no hidden sinks beyond the first token.", className="hint")
         return html.Div(
@@ -316,7 +200,7 @@ class SinksPage(Page):
             shown = self._set(run, input_set)
             rows = views.top_hidden_tokens(run, shown)
         except (HeadlabError, KeyError) as err:
-            return html.P(f"cannot list hidden-sink tokens: {_why(err)}", className="error")
+            return html.P(f"cannot list hidden-sink tokens: {why(err)}", className="error")
         title = html.H3(f"Tokens that become hidden sinks: {views.INPUT_LABELS[shown]}")
         if rows.empty:
             return html.Div(
@@ -396,11 +280,3 @@ def _table(rows: pd.DataFrame, columns: Mapping[str, str]) -> Component:
     )
     body = [html.Tr([cell(c, row[c]) for c in columns]) for _, row in rows.iterrows()]
     return html.Table([html.Thead(header), html.Tbody(body)], className="data")
-
-
-def _empty(message: str) -> go.Figure:
-    return figures.message_figure(message)
-
-
-def _why(err: BaseException) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

@@ -10,12 +10,14 @@ it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.se
 from __future__ import annotations
 
 from analyses.runstore import Run
-from dashboard.sections import census, generic, sinks
+from dashboard.sections import act, census, generic, retrieval, sinks
 from dashboard.sections.base import ReportSection, SectionBuilder
 
 REPORT_SECTIONS: dict[str, SectionBuilder] = {
     "census": census.report_sections,
     "sinks": sinks.report_sections,
+    "act": act.report_sections,
+    "retrieval": retrieval.report_sections,
 }
 
 

@@ -1,0 +1,475 @@
+"""The ACT page (callbacks called directly and through Dash), its views and its report section, on
+synthetic ACT runs with the analysis's result schema (small, random but seeded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from dash import Dash
+from plotly.utils import PlotlyJSONEncoder
+
+from analyses import runstore
+from analyses.base import AnalysisResult
+from dashboard import figures, report
+from dashboard.catalog import RunCatalog
+from dashboard.pages.act import ActPage
+from dashboard.pages.base import Site
+from dashboard.sections import REPORT_SECTIONS
+from dashboard.sections import act as act_section
+from dashboard.views import act as views
+
+N_LAYERS, N_HEADS, GROUP = 6, 4, 2
+LAYER_START, LAYER_END = 2, 5  # layers 2, 3, 4 searched
+TASKS = {
+    "sentiment": ("classification", 2),
+    "topic": ("classification", 6),
+    "capital": ("multiple_choice", 4),
+}
+TOKENS = [" the", ",", "\n", "<|im_start|>", " and", "."]
+
+
+@dataclass
+class FakeActConfig:
+    """The fields of analyses.act.ActConfig the dashboard reads."""
+
+    tasks: tuple[str, ...] = tuple(TASKS)
+    beta: float = 0.4
+    threshold: str = "alpha"
+    alpha_threshold: float = 0.1
+    filter: str = "task"  # or "pooled" (one search for every task) or "none" (no search)
+    layer_start: int = LAYER_START
+    layer_end: int = LAYER_END
+    n_calibration: int = 20
+    n_heldout: int = 40
+    seed: int = 0
+
+
+def _interval(rng: np.random.Generator, value: float, width: float) -> tuple[float, float]:
+    return value - width * rng.uniform(0.5, 1.0), value + width * rng.uniform(0.5, 1.0)
+
+
+def make_result(cfg: FakeActConfig, seed: int = 0) -> AnalysisResult:
+    """A synthetic ACT result with every table of the schema; ``capital`` improves for sure."""
+    rng = np.random.default_rng(seed)
+    tasks = list(cfg.tasks)
+    scopes = {"task": tasks, "pooled": ["pooled"], "none": []}[cfg.filter]
+    searched = [(lay, h) for lay in range(cfg.layer_start, cfg.layer_end) for h in range(N_HEADS)]
+    filter_rows = []
+    for scope in scopes:
+        base = float(rng.integers(8, 15)) / cfg.n_calibration
+        for lay, h in searched:
+            calibrated = base + float(rng.integers(-2, 3)) / cfg.n_calibration
+            delta = calibrated - base
+            filter_rows.append(
+                {
+                    "scope": scope,
+                    "layer": lay,
+                    "head": h,
+                    "acc_base": base,
+                    "acc_calibrated": calibrated,
+                    "delta": delta,
+                    "kept": bool(delta >= 0),
+                }
+            )
+    filt = pd.DataFrame(
+        filter_rows, columns=["scope", "layer", "head", "acc_base", "acc_calibrated", "delta", "kept"]
+    )
+    item_rows, task_rows = [], []
+    for task in tasks:
+        kind, n_choices = TASKS[task]
+        labels = rng.integers(0, n_choices, cfg.n_heldout)
+        before = rng.random(cfg.n_heldout) < 0.55
+        after = before.copy()
+        flip = rng.random(cfg.n_heldout) < (0.4 if task == "capital" else 0.15)
+        after[flip] = ~before[flip] if task != "capital" else True
+        margin_b = np.where(before, 1.0, -1.0) * rng.uniform(0.1, 3.0, cfg.n_heldout)
+        margin_a = np.where(after, 1.0, -1.0) * rng.uniform(0.1, 3.0, cfg.n_heldout)
+        for i in range(cfg.n_heldout):
+            wrong = (labels[i] + 1) % n_choices
+            item_rows.append(
+                {
+                    "task": task,
+                    "item": i,
+                    "label": int(labels[i]),
+                    "pred_before": int(labels[i] if before[i] else wrong),
+                    "pred_after": int(labels[i] if after[i] else wrong),
+                    "correct_before": bool(before[i]),
+                    "correct_after": bool(after[i]),
+                    "margin_before": float(margin_b[i]),
+                    "margin_after": float(margin_a[i]),
+                }
+            )
+        scope = {"task": task, "pooled": "pooled", "none": "all"}[cfg.filter]
+        acc_b, acc_a = float(before.mean()), float(after.mean())
+        delta = acc_a - acc_b
+        b_lo, b_hi = _interval(rng, acc_b, 0.12)
+        a_lo, a_hi = _interval(rng, acc_a, 0.12)
+        d_lo, d_hi = (delta - 0.03, delta + 0.04) if task == "capital" else _interval(rng, delta, 0.2)
+        task_rows.append(
+            {
+                "task": task,
+                "kind": kind,
+                "chance": 1.0 / n_choices,
+                "n_calibration": cfg.n_calibration,
+                "n_heldout": cfg.n_heldout,
+                "scope": scope,
+                "n_kept": int(filt[(filt["scope"] == scope)]["kept"].sum()) if scopes else len(searched),
+                "acc_before": acc_b,
+                "before_low": b_lo,
+                "before_high": b_hi,
+                "acc_after": acc_a,
+                "after_low": a_lo,
+                "after_high": a_hi,
+                "delta": delta,
+                "delta_low": d_lo,
+                "delta_high": d_hi,
+            }
+        )
+    task_frame = pd.DataFrame(task_rows)
+    head_rows = []
+    for lay in range(N_LAYERS):
+        for h in range(N_HEADS):
+            in_range = cfg.layer_start <= lay < cfg.layer_end
+            mine = filt[(filt["layer"] == lay) & (filt["head"] == h)]
+            n_kept = sum(
+                bool(mine[mine["scope"] == scope]["kept"].any()) for scope in task_frame["scope"]
+            )  # tasks whose scope kept the head
+            n_kept = n_kept if scopes else 1  # no search: every head in range calibrated once
+            head_rows.append(
+                {
+                    "layer": lay,
+                    "head": h,
+                    "kv_head": h // GROUP,
+                    "in_range": in_range,
+                    "n_tasks_kept": int(n_kept) if in_range else 0,
+                    "mean_delta": float(mine["delta"].mean()) if in_range and scopes else float("nan"),
+                    "hidden_sinks": float(rng.uniform(0, 3)),
+                    "first_sink_pos": int(rng.choice([-1, 0])),
+                }
+            )
+    sink_tokens = pd.DataFrame(
+        {
+            "token": TOKENS,
+            "count": rng.integers(1, 50, len(TOKENS)),
+            "share_of_heads": rng.uniform(0, 1, len(TOKENS)),
+        }
+    )
+    return AnalysisResult(
+        analysis="act",
+        model_info={
+            "name": "synthetic",
+            "n_layers": N_LAYERS,
+            "n_heads": N_HEADS,
+            "n_kv_heads": N_HEADS // GROUP,
+        },
+        config=dataclasses.asdict(cfg),  # as analyses.act stores it
+        tables={
+            "heads": pd.DataFrame(head_rows),
+            "filter": filt,
+            "tasks": task_frame,
+            "items": pd.DataFrame(item_rows),
+            "sink_tokens": sink_tokens,
+        },
+        seeds={"seed": cfg.seed},
+    )
+
+
+@dataclass(frozen=True)
+class Runs:
+    root: Path
+    per_task: str  # run id: three tasks, one head search each
+    pooled: str  # run id: two tasks sharing one pooled search, without items and sink tokens
+    unsearched: str  # run id: filter="none", every head in range calibrated, no search
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    root = tmp_path_factory.mktemp("act-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        per_task = make_result(FakeActConfig()).save(root)
+        pooled_result = make_result(FakeActConfig(tasks=("sentiment", "topic"), filter="pooled"), seed=1)
+        for name in ("items", "sink_tokens"):
+            del pooled_result.tables[name]
+        pooled = pooled_result.save(root)
+        unsearched = make_result(FakeActConfig(tasks=("topic",), filter="none"), seed=2).save(root)
+    yield Runs(root, per_task.name, pooled.name, unsearched.name)
+
+
+def _page(root: Path) -> ActPage:
+    return ActPage(Site(catalog=RunCatalog(root), analysis_paths={"act": ActPage.path}))
+
+
+def _open(runs: Runs, run_id: str) -> runstore.Run:
+    return runstore.open_run(runs.root / run_id)
+
+
+def _text(component: Any) -> str:
+    return json.dumps(component, cls=PlotlyJSONEncoder)
+
+
+def test_accuracy_bars_and_delta_equal_the_tasks_table(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    tasks = run.table("tasks").set_index("task").loc[list(TASKS)]
+    fig = views.accuracy_figure(run)
+    before, after, chance = fig.data
+    assert list(before.x) == list(TASKS) and list(after.x) == list(TASKS)
+    np.testing.assert_allclose(before.y, tasks["acc_before"])
+    np.testing.assert_allclose(after.y, tasks["acc_after"])
+    np.testing.assert_allclose(np.asarray(after.y) + after.error_y.array, tasks["after_high"])
+    np.testing.assert_allclose(np.asarray(before.y) - before.error_y.arrayminus, tasks["before_low"])
+    np.testing.assert_allclose(chance.y, [0.5, 1 / 6, 0.25])
+    assert chance.name == "chance" and fig.layout.yaxis.tickformat == ".0%"
+    # the acc_before of the table is the share of held-out items answered right
+    items = run.table("items")
+    assert items.groupby("task")["correct_before"].mean()["topic"] == pytest.approx(
+        tasks.loc["topic", "acc_before"]
+    )
+    highlighted = views.accuracy_figure(run, highlight="topic")
+    assert list(highlighted.data[1].marker.opacity) == [0.35, 1.0, 0.35]
+
+    delta = views.delta_figure(run)
+    (points,) = delta.data
+    assert list(points.y) == list(TASKS)
+    np.testing.assert_allclose(points.x, tasks["delta"])
+    np.testing.assert_allclose(np.asarray(points.x) + points.error_x.array, tasks["delta_high"])
+    np.testing.assert_allclose(np.asarray(points.x) - points.error_x.arrayminus, tasks["delta_low"])
+    # capital's interval lies above 0 (green); the others' colours follow their own intervals
+    colours = dict(zip(points.y, points.marker.color, strict=True))
+    assert colours["capital"] == views.KEPT_COLOUR
+    for task in ("sentiment", "topic"):
+        low, high = tasks.loc[task, ["delta_low", "delta_high"]]
+        expected = views.KEPT_COLOUR if low > 0 else views.DROPPED_COLOUR if high < 0 else "#6c757d"
+        assert colours[task] == expected
+
+
+def test_head_grid_counts_tasks_and_greys_unsearched_layers(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    heads = run.heads
+    fig = views.head_grid(run)
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (N_LAYERS, N_HEADS)
+    expected = heads.pivot(index="layer", columns="head", values="n_tasks_kept").to_numpy(dtype=float)
+    searched = slice(LAYER_START, LAYER_END)
+    np.testing.assert_array_equal(z[searched], expected[searched])
+    assert np.isnan(z[:LAYER_START]).all() and np.isnan(z[LAYER_END:]).all()
+    grey = np.asarray(fig.data[1].z, dtype=float)
+    assert (grey[:LAYER_START] == 1).all() and np.isnan(grey[searched]).all()
+    assert fig.data[0].zmax == 3 and "of the 3 tasks" in fig.layout.title.text
+    assert views.kept_heads(run) == sorted(
+        (int(r.layer), int(r.head)) for r in heads[heads["n_tasks_kept"] > 0].itertuples()
+    )
+    hidden = views.head_grid(run, kind="hidden")
+    np.testing.assert_allclose(
+        np.asarray(hidden.data[0].z, dtype=float),
+        heads.pivot(index="layer", columns="head", values="hidden_sinks"),
+    )
+    assert len(hidden.data) == 1 and "Hidden sinks" in hidden.layout.title.text
+
+
+def test_head_grid_of_a_task_shows_its_deltas_and_rings_its_kept_heads(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    filt = run.table("filter")
+    for task in TASKS:
+        fig = views.head_grid(run, task)
+        mine = filt[filt["scope"] == task]
+        z = np.asarray(fig.data[0].z, dtype=float)
+        for row in mine.itertuples():
+            assert z[row.layer, row.head] == pytest.approx(row.delta)
+        assert np.isnan(z[:LAYER_START]).all()
+        rings = fig.data[-1]
+        assert rings.name == "kept"
+        ringed = sorted(zip((int(y) for y in rings.y), (int(x) for x in rings.x), strict=True))
+        kept = sorted((int(r.layer), int(r.head)) for r in mine[mine["kept"]].itertuples())
+        assert ringed == kept == views.kept_heads(run, task) and kept
+        assert f"{len(kept)} kept" in fig.layout.title.text
+        assert fig.data[0].zmid == 0
+    # different tasks searched differently
+    assert views.kept_heads(run, "sentiment") != views.kept_heads(run, "topic")
+    # a pooled run: every task shows the one pooled search
+    pooled = _open(runs, runs.pooled)
+    a, b = (np.asarray(views.head_grid(pooled, t).data[0].z, dtype=float) for t in ("sentiment", "topic"))
+    np.testing.assert_array_equal(a, b)
+    assert "pooled" in views.head_grid(pooled, "topic").layout.title.subtitle.text
+    with pytest.raises(KeyError, match="no task 'capital'"):
+        views.head_grid(pooled, "capital")
+
+
+def test_search_distribution_and_sink_tokens(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    filt = run.table("filter")
+    mine = filt[filt["scope"] == "topic"]
+    fig = views.search_figure(run, "topic")
+    kept, dropped = fig.data
+    assert kept.name == f"kept ({int(mine['kept'].sum())})" and len(dropped.y) == int((~mine["kept"]).sum())
+    ranked = sorted(mine["delta"], reverse=True)
+    shown = sorted([*zip(kept.x, kept.y, strict=True), *zip(dropped.x, dropped.y, strict=True)])
+    np.testing.assert_allclose([y for _, y in shown], ranked)
+    assert (np.asarray(kept.y) >= 0).all() and (np.asarray(dropped.y) < 0).all()
+    overview = views.search_figure(run)
+    assert [t.name for t in overview.data] == [*TASKS, f"kept ({int(filt['kept'].sum())})",
+                                               f"dropped ({int((~filt['kept']).sum())})"]  # fmt: skip
+    np.testing.assert_allclose(overview.data[2].y, filt[filt["scope"] == "capital"]["delta"])
+    assert sorted(overview.data[3].y) == sorted(filt[filt["kept"]]["delta"])
+    assert list(overview.layout.xaxis.ticktext) == list(TASKS)
+
+    tokens = views.sink_tokens_figure(run)
+    table = run.table("sink_tokens").sort_values("count", ascending=False)
+    np.testing.assert_array_equal(tokens.data[0].x, table["count"])
+    assert list(tokens.data[0].y) == [figures.token_label(t) for t in table["token"]]
+    np.testing.assert_allclose(tokens.data[0].customdata, table["share_of_heads"])
+    np.testing.assert_allclose(tokens.data[0].marker.color, table["share_of_heads"])
+    pooled = _open(runs, runs.pooled)
+    assert "no hidden sink tokens" in views.sink_tokens_figure(pooled).layout.annotations[0].text
+
+
+def test_margins_split_items_by_outcome(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    items = run.table("items")
+    capital = items[items["task"] == "capital"]
+    fig = views.margin_figure(run, "capital")
+    by_name = {t.name.split(" (")[0]: t for t in fig.data}
+    fixed = capital[~capital["correct_before"] & capital["correct_after"]]
+    assert len(by_name["wrong → right"].x) == len(fixed) > 0
+    assert len(by_name["right → wrong"].x) == 0  # capital only ever gains
+    np.testing.assert_allclose(sorted(by_name["wrong → right"].y), sorted(fixed["margin_after"]))
+    assert sum(len(t.x) for t in views.margin_figure(run).data) == len(items)
+
+
+def test_views_read_an_unsaved_result_like_a_saved_run(runs: Runs) -> None:
+    result = make_result(FakeActConfig())
+    run = _open(runs, runs.per_task)
+    assert views.settings_line(result) == views.settings_line(run)
+    line = views.settings_line(run)
+    assert "beta 0.4" in line and "alpha_k > 0.1" in line and "layers 2–4 in range" in line
+    assert "head search per task" in line
+    np.testing.assert_allclose(views.accuracy_figure(result).data[1].y, views.accuracy_figure(run).data[1].y)
+    assert views.kept_heads(result, "capital") == views.kept_heads(run, "capital")
+
+
+def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
+    page = _page(runs.root)
+    run = _open(runs, runs.per_task)
+    options, value = page.task_options(runs.per_task, "topic")
+    assert [o["value"] for o in options] == [views.ALL_TASKS, *TASKS] and value == "topic"
+    assert page.task_options(runs.pooled, "capital")[1] == views.ALL_TASKS  # not a task of that run
+    assert "pooled head search" in _text(page.task_options(runs.pooled, None)[0])
+    grid = page.grid_figure(runs.per_task, "sentiment", "kept")
+    kept = views.kept_heads(run, "sentiment")
+    assert sorted(zip(map(int, grid.data[-1].y), map(int, grid.data[-1].x), strict=True)) == kept
+    assert (
+        page.grid_figure(runs.per_task, views.ALL_TASKS, "kept").data[0].colorbar.title.text
+        == "tasks keeping it"
+    )
+    assert "Hidden sinks" in page.grid_figure(runs.per_task, "sentiment", "hidden").layout.title.text
+    search = page.search_figure(runs.per_task, "sentiment")
+    assert "sentiment" in search.layout.title.text and len(search.data) == 2
+    accuracy = page.accuracy_figure(runs.per_task, "capital")
+    assert list(accuracy.data[0].marker.opacity) == [0.35, 0.35, 1.0]
+    assert len(page.delta_figure(runs.per_task, "capital").data[0].x) == 3
+    assert "capital" in page.margin_figure(runs.per_task, "capital").layout.title.text
+    assert "no per-item table" in page.margin_figure(runs.pooled, None).layout.annotations[0].text
+    assert len(page.tokens_figure(runs.per_task).data[0].x) == len(TOKENS)
+    table = _text(page.tasks_table(runs.per_task, "topic"))
+    row = views.task_rows(run).set_index("task").loc["topic"]
+    assert row["before"] in table and row["delta"] in table and '"className": "current"' in table
+    assert "beta 0.4" in page.settings_text(runs.per_task)
+    assert "no ACT run selected" in page.grid_figure(None, None, "kept").layout.annotations[0].text
+    assert "cannot show run" in page.accuracy_figure("../elsewhere", None).layout.annotations[0].text
+
+
+def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
+    page = _page(runs.root)
+    layout = page.layout({"run": runs.per_task, "task": "topic", "map": "hidden"})
+    text = _text(layout)
+    for element in ("act-run", "act-task", "act-map", "act-accuracy", "act-delta", "act-grid",
+                    "act-search", "act-margins", "act-tokens", "act-table"):  # fmt: skip
+        assert f'"id": "{element}"' in text
+    assert (
+        f'"value": "{runs.per_task}"' in text and '"value": "topic"' in text and '"value": "hidden"' in text
+    )
+    app = Dash(__name__)
+    app.layout = layout
+    page.register_callbacks(app)
+    assert {"act-grid.figure", "act-accuracy.figure", "act-search.figure", "act-table.children"} <= set(
+        app.callback_map
+    )
+    payload = {
+        "output": "act-grid.figure",
+        "outputs": {"id": "act-grid", "property": "figure"},
+        "inputs": [
+            {"id": "act-run", "property": "value", "value": runs.per_task},
+            {"id": "act-task", "property": "value", "value": "capital"},
+            {"id": "act-map", "property": "value", "value": "kept"},
+        ],
+        "changedPropIds": ["act-task.value"],
+        "state": [],
+    }
+    response = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert response.status_code == 200
+    data = json.loads(response.data)["response"]["act-grid"]["figure"]["data"]
+    rings = data[-1]
+    assert rings["name"] == "kept"
+    kept = views.kept_heads(_open(runs, runs.per_task), "capital")
+    assert sorted(zip(map(int, rings["y"]), map(int, rings["x"]), strict=True)) == kept
+    empty = _text(_page(tmp_path / "none").layout({}))
+    assert "No intact ACT run" in empty and "headlab run act" in empty
+
+
+def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _open(runs, runs.per_task)
+    sections = act_section.report_sections(run)
+    assert [s.anchor for s in sections] == [
+        "act-accuracy",
+        "act-heads",
+        "act-search",
+        "act-items",
+        "act-tokens",
+    ]
+    body = "".join(s.body for s in sections)
+    for needle in ("act-accuracy-figure", "act-delta-figure", "act-grid-kept", "act-grid-scope-2",
+                   "act-grid-hidden", "act-search-all", "act-margins-figure", "act-tokens-figure"):  # fmt: skip
+        assert needle in body
+    for row in views.task_rows(run).itertuples(index=False):
+        assert row.before in body and row.delta in body
+    assert "&#x27;&lt;|im_start|&gt;&#x27;" in body  # tokens are escaped
+    pooled = act_section.report_sections(_open(runs, runs.pooled))
+    heads_body = pooled[1].body
+    assert "act-grid-scope-0" in heads_body and "act-grid-scope-1" not in heads_body  # one pooled search
+    assert "kept no per-item table" in pooled[3].body and "No hidden sink token" in pooled[4].body
+    html = report.render_report(run)
+    assert 'id="act-accuracy"' in html and "Heads kept for calibration" in html and "beta 0.4" in html
+    monkeypatch.setitem(REPORT_SECTIONS, "act", act_section.report_sections)
+    foreign = runstore.write_run(
+        tmp_path / "runs", analysis="act", model_info={"name": "m"}, config={},
+        tables={"heads": run.heads[["layer", "head", "kv_head", "hidden_sinks"]]},
+    )  # fmt: skip
+    generic = report.render_report(runstore.open_run(foreign))
+    assert 'id="heads-heatmap-0"' in generic and 'id="act-accuracy"' not in generic
+
+
+def test_a_run_without_head_search_calibrates_every_head_in_range(runs: Runs) -> None:
+    run = _open(runs, runs.unsearched)
+    in_range = [(lay, h) for lay in range(LAYER_START, LAYER_END) for h in range(N_HEADS)]
+    assert views.scopes(run) == [] and views.kept_heads(run, "topic") == in_range
+    fig = views.head_grid(run, "topic")
+    rings = fig.data[-1]
+    assert sorted(zip(map(int, rings.y), map(int, rings.x), strict=True)) == in_range
+    assert "no head search" in fig.layout.title.text
+    assert "no head search" in views.search_figure(run, "topic").layout.annotations[0].text
+    assert "no head search" in views.search_figure(run).layout.annotations[0].text
+    assert "no head search" in views.settings_line(run)
+    assert views.task_rows(run)["scope"].tolist() == ["none: all in range"]
+    page = _page(runs.root)
+    assert "no head search" in _text(page.task_options(runs.unsearched, None)[0])
+    sections = act_section.report_sections(run)
+    body = "".join(s.body for s in sections)
+    assert "act-grid-kept" in body and "act-grid-scope" not in body and "act-search-scope" not in body
