@@ -127,6 +127,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.sinks import token_decoder
 from analyses.tasks import choice
 from analyses.tasks.choice import ChoiceItem, ChoiceToken
 from probe.errors import ConfigError
@@ -756,17 +757,6 @@ def load_tasks(config: ActConfig) -> tuple[list[_Task], dict[str, str]]:
 # ---------------------------------------------------------------------------------------- the run
 
 
-def _decoder(tokenizer: Any) -> Callable[[int], str]:
-    cache: dict[int, str] = {}
-
-    def decode(token_id: int) -> str:
-        if token_id not in cache:
-            cache[token_id] = str(tokenizer.decode([token_id]))
-        return cache[token_id]
-
-    return decode
-
-
 def _sink_tokens(stats: _SinkStats, n_in_range: int, decode: Callable[[int], str]) -> pd.DataFrame:
     tokens: list[str] = []
     shares: list[float] = []
@@ -933,7 +923,7 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
         {"scope": object, "layer": np.int64, "head": np.int64, "acc_base": np.float64,
          "acc_calibrated": np.float64, "delta": np.float64, "kept": bool}
     )  # fmt: skip
-    decode = _decoder(model.tokenizer)
+    decode = token_decoder(model.tokenizer)
     tables = {
         "heads": heads,
         "filter": filter_frame,

@@ -374,7 +374,8 @@ class _SetResult:
     seconds: float
 
 
-def _decoder(tokenizer: Any) -> Callable[[int], str]:
+def token_decoder(tokenizer: Any) -> Callable[[int], str]:
+    """``decode(token_id) -> str`` for one token at a time, memoised (tables list many repeats)."""
     cache: dict[int, str] = {}
 
     def decode(token_id: int) -> str:
@@ -465,7 +466,7 @@ def run_sinks(
     model.check_context(cfg.seq_len)
     n_text = cfg.seq_len - bos
     t_start = time.perf_counter()
-    decode = _decoder(model.tokenizer)
+    decode = token_decoder(model.tokenizer)
 
     head_cols: dict[str, np.ndarray] = {}
     summary_rows: list[dict[str, Any]] = []

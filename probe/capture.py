@@ -40,7 +40,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import attention_modules, native_attention
+from probe.kernels import attention_modules, native_attention, register_attention
 from probe.loading import Batch, LoadedModel
 from probe.memory import plan_batch_size
 from probe.moments import attention_moments, pattern_moments
@@ -292,19 +292,8 @@ def _recompute_attention(
     return out, None
 
 
-_REGISTERED = False
-
-
 def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(RECOMPUTE_IMPL, _recompute_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECOMPUTE_IMPL, sdpa_mask)
-    _REGISTERED = True
+    register_attention(RECOMPUTE_IMPL, _recompute_attention)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from probe.errors import CaptureError, ConfigError
-from probe.kernels import attention_modules, native_attention
+from probe.kernels import attention_modules, native_attention, register_attention
 from probe.loading import LoadedModel
 
 DECODE_IMPL = "headlab_decode"
@@ -146,19 +146,8 @@ def _decode_attention(
     return out, None
 
 
-_REGISTERED = False
-
-
 def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(DECODE_IMPL, _decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_IMPL, sdpa_mask)
-    _REGISTERED = True
+    register_attention(DECODE_IMPL, _decode_attention)
 
 
 def _check_heads(model: LoadedModel, heads: Collection[Head]) -> dict[int, list[int]]:

@@ -44,6 +44,22 @@ def attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
     return found
 
 
+_REGISTERED: set[str] = set()
+
+
+def register_attention(name: str, fn: Any) -> None:
+    """Register ``fn`` as transformers attention implementation ``name`` (once per process), with
+    SDPA's mask construction, so that :func:`native_attention` can select it by name."""
+    if name in _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    _REGISTERED.add(name)
+
+
 def _configs(module: torch.nn.Module) -> list[Any]:
     cfg: Any = module.config
     out = [cfg]
