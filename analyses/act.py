@@ -25,10 +25,13 @@ in some heads, raises zero-shot accuracy. Everything is computed on the post-sof
 
   so the removed ``(1 - beta)·sum_S A[i, s]`` goes to the keys outside ``S`` in proportion to
   their attention (``beta = 0.4``). Rows keep their sum; every zero (causal, padding, sliding
-  window) stays exactly zero because the update is multiplicative. The first detected sink is not in
-  ``S``: it is never damped, and it receives its proportional share like any other key outside
-  ``S`` (exactly as the official code, whose redistribution ratios include its column). With only
-  the first sink detected, the row is unchanged.
+  window) stays exactly zero because the update is multiplicative. The first detected sink is never
+  damped. ``first_sink="frozen"`` (default) leaves its column exactly as it was: the removed mass
+  goes only to the keys that are no sink at all (PAPERS.md: "to the non-sink keys"; the issue: the
+  calibration "never touches the first sink"). ``first_sink="share"`` is the official code's
+  variant (``copied_attention_map[1:, indices] *= 0`` zeroes only the hidden-sink columns before
+  the ratios, so the first sink, usually holding most of the row, takes back its proportional
+  share). With only the first sink detected, the row is unchanged.
 * **Head filtering** (``filter="task"``, the paper): calibrate one head at a time on a calibration
   split; keep the heads whose calibration accuracy is ``>=`` the uncalibrated accuracy (heads that do
   not lower it; a head with no effect is kept); then calibrate all kept heads together and report
@@ -188,6 +191,7 @@ class ActConfig:
     layer_end: int | None = -1
     filter: FilterMode = "task"
     keep: Literal["not_lower", "raise"] = "not_lower"
+    first_sink: Literal["frozen", "share"] = "frozen"
     heads_per_pass: int = 8
     batch_size: int = 16
     choice_token: ChoiceToken = "first"
@@ -195,6 +199,11 @@ class ActConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.first_sink not in ("frozen", "share"):
+            raise ConfigError(
+                f"first_sink must be 'frozen' (its column untouched, PAPERS.md) or 'share' (it takes its "
+                f"proportional share of the removed mass, as the official code) (got {self.first_sink!r})"
+            )
         if self.keep not in ("not_lower", "raise"):
             raise ConfigError(
                 f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, as PAPERS.md) "
@@ -257,7 +266,7 @@ class ActConfig:
             )
 
     def calibration(self) -> Calibration:
-        return Calibration(self.beta, self.threshold, self.alpha_threshold, self.ratio_a)
+        return Calibration(self.beta, self.threshold, self.alpha_threshold, self.ratio_a, self.first_sink)
 
 
 def resolve_layers(config: ActConfig, n_layers: int) -> range:
@@ -348,6 +357,7 @@ class Calibration:
     threshold: Threshold = "alpha"
     alpha_threshold: float = 0.1
     ratio_a: float = 5.0
+    first_sink: Literal["frozen", "share"] = "frozen"
 
     def sinks(self, pattern: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, hidden)`` sink masks ``[B, …, T]`` of patterns ``[B, …, T, T]``."""
@@ -363,6 +373,7 @@ class Calibration:
         return calibrate_pattern(
             pattern, lengths, beta=self.beta, threshold=self.threshold,
             alpha_threshold=self.alpha_threshold, ratio_a=self.ratio_a, rows=rows,
+            first_sink=self.first_sink,
         )  # fmt: skip
 
 
@@ -375,6 +386,7 @@ def calibrate_pattern(
     alpha_threshold: float = 0.1,
     ratio_a: float = 5.0,
     rows: torch.Tensor | None = None,
+    first_sink: Literal["frozen", "share"] = "frozen",
 ) -> torch.Tensor:
     """ACT-calibrate post-softmax patterns ``[B, …, T, T]`` of a left-padded batch (a new tensor).
 
@@ -401,23 +413,24 @@ def calibrate_pattern(
             out = pattern.clone()
             out[rows] = calibrate_pattern(
                 pattern[rows], lengths[rows], beta=beta, threshold=threshold,
-                alpha_threshold=alpha_threshold, ratio_a=ratio_a,
+                alpha_threshold=alpha_threshold, ratio_a=ratio_a, first_sink=first_sink,
             )  # fmt: skip
             return out
     T = pattern.shape[-1]
     A = pattern.float()
-    _, hidden = detect_sinks(
+    first, hidden = detect_sinks(
         column_importance(A, lengths), lengths, threshold=threshold, alpha_threshold=alpha_threshold,
         ratio_a=ratio_a,
     )  # fmt: skip
     in_sink = hidden[..., None, :]  # [B, …, 1, T]: the same columns for every query row
+    frozen = first[..., None, :] if first_sink == "frozen" else torch.zeros_like(in_sink)
     sink_mass = torch.where(in_sink, A, 0.0).sum(-1, keepdim=True)
-    other_mass = torch.where(in_sink, 0.0, A).sum(-1, keepdim=True)
+    other_mass = torch.where(in_sink | frozen, 0.0, A).sum(-1, keepdim=True)
     real_query = _per_row(_real_rows(lengths, T), A.dim() - 1)[..., None]  # [B, …, T, 1]
     edit = real_query & (sink_mass > 0) & (other_mass > 0)
     gain = 1.0 + (1.0 - beta) * sink_mass / torch.where(edit, other_mass, 1.0)
-    new = torch.where(in_sink, A * beta, A * gain)
-    return torch.where(edit, new.to(pattern.dtype), pattern)
+    new = torch.where(in_sink, A * beta, torch.where(frozen, A, A * gain))
+    return torch.where(edit & ~frozen, new.to(pattern.dtype), pattern)  # the frozen first sink: bit-exact
 
 
 def calibrate_heads(

@@ -50,15 +50,20 @@ HAND = torch.tensor(
 )
 
 
-def _hand_expected(beta: float = 0.4) -> torch.Tensor:
-    """Row by row: sink column 2 keeps beta of its weight, the rest is spread over the others."""
+def _hand_expected(beta: float = 0.4, first_sink: str = "frozen") -> torch.Tensor:
+    """Row by row: sink column 2 keeps beta of its weight, the rest is spread over the other keys:
+    the non-sink keys 1, 3, 4 ("frozen": column 0, the first sink, untouched), or every key but 2
+    ("share": the official code's ratios include column 0)."""
     out = HAND.clone()
     for i in (2, 3, 4):
         sink = HAND[i, 2].item()
-        others = HAND[i].sum().item() - sink
+        first = HAND[i, 0].item() if first_sink == "frozen" else 0.0
+        others = HAND[i].sum().item() - sink - first
         gain = 1 + (1 - beta) * sink / others
         out[i] = HAND[i] * gain
         out[i, 2] = beta * sink
+        if first_sink == "frozen":
+            out[i, 0] = HAND[i, 0]
     return out
 
 
@@ -81,8 +86,15 @@ def test_calibration_of_the_hand_pattern_equals_the_hand_computation() -> None:
     out = calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.4)[0]
     expected = _hand_expected(0.4)
     assert torch.allclose(out, expected, atol=1e-12)
-    # the numbers, written out for row 3: [0.45, 0.05, 0.4, 0.1] -> sink 0.16, others x 1.4
-    assert out[3].tolist() == pytest.approx([0.63, 0.07, 0.16, 0.14, 0.0])
+    # the numbers, written out for row 3: [0.45, 0.05, 0.4, 0.1] -> sink 0.16, the 0.24 removed goes
+    # to keys 1 and 3 (mass 0.15, x 2.6); the first sink's 0.45 is untouched
+    assert out[3].tolist() == pytest.approx([0.45, 0.13, 0.16, 0.26, 0.0])
+    assert torch.equal(out[:, 0], HAND[:, 0])
+    # the official code's variant: the first sink takes its proportional share (others x 1.4)
+    share = calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.4, first_sink="share")[0]
+    assert torch.allclose(share, _hand_expected(0.4, "share"), atol=1e-12)
+    assert share[3].tolist() == pytest.approx([0.63, 0.07, 0.16, 0.14, 0.0])
+    assert torch.allclose(share.sum(-1), torch.ones(5, dtype=torch.float64), atol=1e-12)
     assert torch.equal(out[:2], HAND[:2])  # rows that give the hidden sink nothing: unchanged
     assert torch.allclose(out.sum(-1), torch.ones(5, dtype=torch.float64), atol=1e-12)
     # beta = 1 is the identity, beta = 0 removes the hidden sink entirely
@@ -122,7 +134,9 @@ def test_first_sink_is_never_damped_even_when_it_is_not_position_zero() -> None:
     assert first[0].nonzero().ravel().tolist() == [1]
     assert hidden[0].nonzero().ravel().tolist() == [3]
     out = calibrate_pattern(A[None], torch.tensor([6]), alpha_threshold=0.25)[0]
-    assert (out[:, 1] >= A[:, 1]).all()  # the first sink only ever receives
+    assert torch.equal(out[:, 1], A[:, 1])  # the first sink's column is never touched
+    shared = calibrate_pattern(A[None], torch.tensor([6]), alpha_threshold=0.25, first_sink="share")[0]
+    assert (shared[:, 1] >= A[:, 1]).all() and (shared[3:, 1] > A[3:, 1]).all()  # "share": it only receives
     assert torch.allclose(out[3:, 3], 0.4 * A[3:, 3])
     # a row whose attention is all on hidden sinks has nothing to give to: left unchanged
     B = A.clone()
@@ -167,7 +181,7 @@ def test_rows_keep_their_sum_and_zeros_stay_zero_in_a_padded_batch() -> None:
     touched = col & (A > 0) & (out != A)
     assert torch.allclose(out[touched], 0.4 * A[touched])
     first_col = first.unsqueeze(-2).expand_as(A)
-    assert (out[first_col] >= A[first_col] - 1e-7).all()
+    assert torch.equal(out[first_col], A[first_col])  # the first sink: never touched
 
 
 def test_row_mask_edits_only_the_chosen_batch_rows() -> None:
@@ -303,6 +317,7 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         (["threshold=median"], "alpha, ratio"),
         (["filter=best"], "task, pooled, none"),
         (["keep=maybe"], "not_lower"),
+        (["first_sink=drop"], "frozen"),
         (["heads_per_pass=0"], "heads_per_pass"),
         (["n_calibration=0"], "n_calibration"),
         (["layer_start=-1"], "layer_start"),
