@@ -37,9 +37,10 @@ in some heads, raises zero-shot accuracy. Everything is computed on the post-sof
   not lower it; a head with no effect is kept); then calibrate all kept heads together and report
   accuracy on a held-out split before and after, with 95% percentile-bootstrap intervals
   (:func:`analyses.tasks.choice.accuracy`) and a paired bootstrap interval of the difference
-  (items resampled, :func:`paired_difference`). ``filter="pooled"`` keeps one head set for all tasks
-  from all calibration items (what the released code ships: one combined index per task type,
-  ``aug_indices_comb_classification``); ``filter="none"`` calibrates every head in range.
+  (items resampled, :func:`paired_difference`). ``filter="kind"`` keeps one head set per task type
+  (classification, multiple choice) from the calibration items of that type: what the released code
+  ships (``aug_indices_comb_classification``, ``indices_comb_MC``); ``filter="pooled"`` keeps one head
+  set for all tasks from all calibration items; ``filter="none"`` calibrates every head in range.
 * **Layer range**: the official code calibrates layers ``2 .. L-2`` (``signal in range(2, 31)`` on
   32-layer Llama): ``layer_start = 2``, ``layer_end = -1`` (exclusive; negative counts from the end).
 
@@ -64,7 +65,7 @@ Tables
   uncalibrated one; NaN out of range or with ``filter="none"``), ``hidden_sinks`` (mean number of
   hidden sinks per calibration input, the first detected sink excluded), ``first_sink_pos`` (most
   common real position of the first detected sink, 0 = first real token; -1 if none).
-* ``filter`` (one row per scope and searched head): ``scope`` (task name or ``"pooled"``),
+* ``filter`` (one row per scope and searched head): ``scope`` (task name, task kind or ``"pooled"``),
   ``layer``, ``head``, ``acc_base``, ``acc_calibrated``, ``delta``, ``kept``. Empty with
   ``filter="none"``.
 * ``tasks`` (one row per task): ``task``, ``kind``, ``chance``, ``n_calibration``, ``n_heldout``,
@@ -139,7 +140,7 @@ from probe.interventions import Head, edit_pattern
 from probe.loading import LoadedModel
 
 Threshold = Literal["alpha", "ratio"]
-FilterMode = Literal["task", "pooled", "none"]
+FilterMode = Literal["task", "kind", "pooled", "none"]
 THRESHOLDS: tuple[str, ...] = get_args(Threshold)
 FILTERS: tuple[str, ...] = get_args(FilterMode)
 ALL_TASKS: tuple[str, ...] = tuple(choice.TASKS)
@@ -826,6 +827,10 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
     scopes: list[tuple[str, np.ndarray]]  # (scope name, calibration item mask)
     if cfg.filter == "task":
         scopes = [(t.name, cal_task == i) for i, t in enumerate(tasks)]
+    elif cfg.filter == "kind":  # one head set per task type, as the official code's released lists
+        kinds = sorted({t.kind for t in tasks})
+        task_kind = np.array([t.kind for t in tasks])
+        scopes = [(k, task_kind[cal_task] == k) for k in kinds]
     elif cfg.filter == "pooled":
         scopes = [(POOLED, np.ones(len(cal_items), dtype=bool))]
     else:
@@ -866,7 +871,9 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
     before = held_scorer.logprobs(((),), cal)[0]
     after = np.full_like(before, np.nan)
     default_scope = POOLED if cfg.filter == "pooled" else ALL_HEADS
-    scope_of_task = [t.name if cfg.filter == "task" else default_scope for t in tasks]
+    scope_of_task = [
+        t.name if cfg.filter == "task" else t.kind if cfg.filter == "kind" else default_scope for t in tasks
+    ]
     for scope, heads in kept.items():
         on = np.array([scope_of_task[i] == scope for i in held_task])
         if not on.any():

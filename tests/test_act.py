@@ -315,7 +315,7 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         (["tasks=topic,topic"], "twice"),
         (["tasks="], "no tasks"),
         (["threshold=median"], "alpha, ratio"),
-        (["filter=best"], "task, pooled, none"),
+        (["filter=best"], "task, kind, pooled, none"),
         (["keep=maybe"], "not_lower"),
         (["first_sink=drop"], "frozen"),
         (["heads_per_pass=0"], "heads_per_pass"),
@@ -452,6 +452,15 @@ def test_pooled_and_none_filters(tiny_gpt2: LoadedModel) -> None:
     sfilt = strict.tables["filter"]
     assert (sfilt["kept"] == (sfilt["delta"] > 0)).all()
     np.testing.assert_allclose(sfilt["delta"], filt["delta"])  # same search, stricter rule
+    by_kind = run_act(tiny_gpt2, ActConfig(**{**cfg.__dict__, "filter": "kind"}), progress=False)
+    _check_schema(by_kind, tiny_gpt2)
+    ktasks = by_kind.tables["tasks"]
+    assert (ktasks["scope"] == ktasks["kind"]).all()  # each task gets its kind's head set
+    kfilt = by_kind.tables["filter"]
+    assert (
+        set(kfilt["scope"]) == set(ktasks["kind"])
+        and len(kfilt) == tiny_gpt2.n_heads * ktasks["kind"].nunique()
+    )
     none = run_act(tiny_gpt2, ActConfig(**{**cfg.__dict__, "filter": "none"}), progress=False)
     _check_schema(none, tiny_gpt2)
     assert len(none.tables["filter"]) == 0
