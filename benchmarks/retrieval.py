@@ -108,6 +108,7 @@ def _eager(model: Any, ids: list[int], n: int) -> list[int]:
     all-rows method keeps them until it has read them)."""
     import torch
 
+    from probe.decode import _cache_arg, _cache_of
     from probe.kernels import native_attention
 
     kept: list[Any] = []
@@ -117,14 +118,14 @@ def _eager(model: Any, ids: list[int], n: int) -> list[int]:
             input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True, output_attentions=True
         )
         kept.append(out.attentions)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache, cache_arg = _cache_of(out), _cache_arg(native)
         current = ids[-1]
         for _ in range(n):
             out = native(
                 input_ids=torch.tensor([[current]], device=model.device), use_cache=True, output_attentions=True,
-                **({"cache": cache} if "cache" in native.forward.__code__.co_varnames else {"past_key_values": cache}),
+                **{cache_arg: cache},
             )  # fmt: skip
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = _cache_of(out)
             kept.append([a.argmax(-1) for a in out.attentions])
             current = int(out.logits[0, -1].argmax())
             tokens.append(current)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from probe.errors import CaptureError, ConfigError
+from probe.interventions import _by_layer
 from probe.kernels import attention_modules, native_attention, register_attention
 from probe.loading import LoadedModel
 
@@ -72,10 +73,10 @@ class _DecodeState:
     active: _DecodeState | None = None
 
     def __init__(
-        self, layer_of: dict[int, int], n_heads: int, group: int, uniform: dict[int, list[int]]
+        self, native: torch.nn.Module, layer_of: dict[int, int], group: int, uniform: dict[int, list[int]]
     ) -> None:
+        self.native = native
         self.layer_of = layer_of
-        self.n_heads = n_heads
         self.group = group
         self.uniform = uniform
         self.decoding = False  # True during decode steps (the prefill is never touched)
@@ -150,36 +151,21 @@ def _register() -> None:
     register_attention(DECODE_IMPL, _decode_attention)
 
 
-def _check_heads(model: LoadedModel, heads: Collection[Head]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"uniform head {item!r} must be a (layer, head) pair") from None
-        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise ConfigError(
-                f"head ({layer}, {head}) does not exist in {model.name} "
-                f"({model.n_layers} layers × {model.n_heads} heads)"
-            )
-        out.setdefault(layer, [])
-        if head not in out[layer]:
-            out[layer].append(head)
-    return {k: sorted(v) for k, v in out.items()}
-
-
 @contextmanager
 def decode_attention(model: LoadedModel, uniform_heads: Collection[Head] = ()) -> Iterator[_DecodeState]:
     """Inside the block, the native model runs SDPA and records decode-step argmaxes."""
     _register()
     layer_of = {id(m): i for i, m in enumerate(attention_modules(model))}
     if _DecodeState.active is not None:
-        raise CaptureError("a decode capture is already running in this process")
-    state = _DecodeState(layer_of, model.n_heads, model.group_size, _check_heads(model, uniform_heads))
-    _DecodeState.active = state
+        raise CaptureError(
+            "a decode capture is already running in this process; decode captures do not nest: "
+            "finish the first greedy_decode before starting another (e.g. from a callback)"
+        )
+    uniform = {layer: sorted(heads) for layer, heads in _by_layer(model, uniform_heads).items()}
     try:
         with native_attention(model, DECODE_IMPL) as native:
-            state.native = native  # type: ignore[attr-defined]
+            state = _DecodeState(native, layer_of, model.group_size, uniform)
+            _DecodeState.active = state
             yield state
     finally:
         _DecodeState.active = None
@@ -273,12 +259,12 @@ def greedy_decode(
     stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
     device = model.device
     tokens: list[int] = []
-    argmax = np.full((max_new_tokens, model.n_layers, model.n_heads), -1, dtype=np.int64)
-    max_weight = np.zeros((max_new_tokens, model.n_layers, model.n_heads), dtype=np.float32)
+    step_argmax: list[torch.Tensor] = []  # [n_layers, n_heads] per step, kept on the device
+    step_weight: list[torch.Tensor] = []
     stopped = "max_new_tokens"
     step_logits: list[np.ndarray] = []
     with decode_attention(model, uniform_heads) as state:
-        native = state.native  # type: ignore[attr-defined]
+        native = state.native
         cache_arg = _cache_arg(native)
         state.record = record
         state.decoding = True
@@ -303,12 +289,11 @@ def greedy_decode(
                     missing = sorted(set(range(model.n_layers)) - set(state.argmax))
                     raise CaptureError(
                         f"decode step {step}: layers {missing} produced no attention row; "
-                        "their attention did not go through the registered decode function"
+                        "their attention did not go through the registered decode function; load the model with "
+                        "probe.load_model so that its attention modules are recognised"
                     )
-                argmax[step] = torch.stack([state.argmax[i][0] for i in range(model.n_layers)]).cpu().numpy()
-                max_weight[step] = (
-                    torch.stack([state.max_weight[i][0] for i in range(model.n_layers)]).float().cpu().numpy()
-                )
+                step_argmax.append(torch.stack([state.argmax[i][0] for i in range(model.n_layers)]))
+                step_weight.append(torch.stack([state.max_weight[i][0] for i in range(model.n_layers)]))
             tokens.append(nxt)
             if nxt in stops:
                 stopped = "eos"
@@ -317,8 +302,14 @@ def greedy_decode(
         _sync(device)
         t2 = time.perf_counter()
     n = len(tokens)
+    shape = (n, model.n_layers, model.n_heads)
+    if record:
+        argmax = torch.stack(step_argmax).cpu().numpy().astype(np.int64)
+        max_weight = torch.stack(step_weight).float().cpu().numpy()
+    else:
+        argmax, max_weight = np.full(shape, -1, dtype=np.int64), np.zeros(shape, dtype=np.float32)
     logits = np.stack(step_logits) if keep_logits else None
-    return DecodeResult(ids, tokens, argmax[:n], max_weight[:n], pre.seconds, t2 - t1, stopped, logits)
+    return DecodeResult(ids, tokens, argmax, max_weight, pre.seconds, t2 - t1, stopped, logits)
 
 
 def _sync(device: torch.device) -> None:
