@@ -215,7 +215,10 @@ def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> 
     cfg = config or RetrievalConfig()
     cfg.validate()
     if model.kind != "language" or model.native_model is None:
-        raise ConfigError(f"{model.name} is not a language model with a native transformers module")
+        raise ConfigError(
+            f"{model.name} is not a language model with a native transformers module; retrieval scoring "
+            "needs a causal language model loaded with probe.load_model"
+        )
     from tqdm.auto import tqdm
 
     longest = max(int(n) for n in cfg.lengths)

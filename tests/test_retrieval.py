@@ -134,3 +134,11 @@ def test_real_model_copies_the_needle(smollm: LoadedModel) -> None:
     scores = result.arrays["scores"][0]
     np.testing.assert_allclose(heads["retrieval_score"].to_numpy(), scores.ravel(), rtol=1e-6)
     assert int(test["heads_hit"]) == int((scores > 0).sum()) > 0
+
+
+def test_lengths_must_leave_room_to_decode(tiny_llama: LoadedModel) -> None:
+    cfg = RetrievalConfig(
+        lengths=(tiny_llama.n_ctx,), depths=(0.5,), n_needles=1, mask_fractions=(), progress=False
+    )
+    with pytest.raises(ConfigError, match=f"use lengths up to {tiny_llama.n_ctx - 20}"):
+        run_retrieval(tiny_llama, cfg)

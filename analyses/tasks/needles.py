@@ -978,7 +978,10 @@ def iter_grid(
                     ]
                 except _Rejected as err:
                     if attempt == 99:
-                        raise ConfigError(f"100 needles in a row were unusable: {err}") from err
+                        raise ConfigError(
+                            f"100 needles in a row were unusable: {err}; try another seed, fewer answer_words, "
+                            "or novel_answer_tokens=False (a byte-level tokenizer cannot have unseen answer tokens)"
+                        ) from err
                     continue
                 bar.update(len(tests))
                 yield from tests
