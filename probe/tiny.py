@@ -9,7 +9,7 @@ pattern statistics have something to measure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,8 +19,14 @@ Kind = Literal["language", "vision"]
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
-def byte_tokenizer(prepend_bos: bool) -> Any:
-    """A byte-level tokenizer: one token per UTF-8 byte plus BOS/EOS/PAD (259 ids)."""
+def byte_tokenizer(prepend_bos: bool, words: Sequence[str] = ()) -> Any:
+    """A byte-level tokenizer: one token per UTF-8 byte plus BOS/EOS/PAD (259 ids).
+
+    ``words`` become whole tokens too, each with and without a leading space (``" Mary"`` is one
+    id): BPE merges that join a word's bytes left to right are added, so tests of tasks that need
+    single-token words (IOI names, colours) can run on a tiny model. Other text still falls back to
+    bytes, and the offset mapping stays exact.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +34,21 @@ def byte_tokenizer(prepend_bos: bool) -> Any:
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges: list[tuple[str, str]] = []
+    byte_map = pre_tokenizers.ByteLevel.alphabet()
+    encode = {b: ch for b, ch in zip(range(256), _bytes_to_unicode(), strict=True)}
+    # Spaced forms first: BPE applies merges by rank, so " Mary" must not be split as " " + "Mary".
+    for entry in dict.fromkeys([*(" " + w for w in words), *words]):
+        symbols = [encode[b] for b in entry.encode("utf-8")]
+        if not all(ch in byte_map for ch in symbols):
+            continue
+        merged = symbols[0]
+        for ch in symbols[1:]:
+            if merged + ch not in vocab:
+                merges.append((merged, ch))
+                vocab[merged + ch] = len(vocab)
+            merged += ch
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     if prepend_bos:
@@ -40,13 +60,29 @@ def byte_tokenizer(prepend_bos: bool) -> Any:
     return tok
 
 
+def _bytes_to_unicode() -> list[str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2's), in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    out: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
 @dataclass(frozen=True)
 class TinyBuilder:
     name: str
     kind: Kind
     family: str
     description: str
-    build: Callable[[int], tuple[torch.nn.Module, Any]]
+    build: Callable[[int, Sequence[str]], tuple[torch.nn.Module, Any]]
 
 
 def _seeded(seed: int, make: Callable[[], torch.nn.Module], std: float) -> torch.nn.Module:
@@ -63,10 +99,10 @@ def _seeded(seed: int, make: Callable[[], torch.nn.Module], std: float) -> torch
     return model.eval()
 
 
-def build_tiny_gpt2(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+def build_tiny_gpt2(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = byte_tokenizer(prepend_bos=False)  # GPT-2's tokenizer adds no BOS
+    tok = byte_tokenizer(prepend_bos=False, words=words)  # GPT-2's tokenizer adds no BOS
     cfg = GPT2Config(
         vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=3, n_head=4,
         bos_token_id=0, eos_token_id=1, pad_token_id=2,
@@ -75,10 +111,10 @@ def build_tiny_gpt2(seed: int = 0) -> tuple[torch.nn.Module, Any]:
     return _seeded(seed, lambda: GPT2LMHeadModel(cfg), std=0.15), tok
 
 
-def build_tiny_llama(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+def build_tiny_llama(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = byte_tokenizer(prepend_bos=True)  # Llama's tokenizer prepends <s>
+    tok = byte_tokenizer(prepend_bos=True, words=words)  # Llama's tokenizer prepends <s>
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,

@@ -113,3 +113,14 @@ def test_native_attention_matches_the_bridge_and_restores_it(tiny_model: LoadedM
     assert all(p.data_ptr() in shared for p in tiny_model.native_model.parameters()), (
         "weights must not be copied"
     )  # type: ignore[union-attr]
+
+
+def test_tiny_words_become_single_tokens_with_and_without_a_leading_space() -> None:
+    model = probe.load_model("tiny-gpt2", tiny_words=["Mary", "teal"])
+    tok = model.tokenizer
+    for text in (" Mary", "Mary", " teal"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.decode(ids) == text
+    assert len(tok(" Marx", add_special_tokens=False)["input_ids"]) > 1  # other text stays bytes
+    plain = probe.load_model("tiny-gpt2")
+    assert model.hf_model.config.vocab_size > plain.hf_model.config.vocab_size
