@@ -4,6 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 MODEL ?= smollm2-135m
+VISION_MODEL ?= clip-vit-b16
 BIN := $(VENV)/bin
 export PYTHON VENV
 
@@ -27,6 +28,7 @@ browser:
 
 pytest: install browser
 	$(BIN)/headlab fetch $(MODEL)
+	$(BIN)/headlab fetch $(VISION_MODEL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

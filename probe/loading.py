@@ -4,6 +4,9 @@
 transformers checkpoint directory, a local ``.gguf`` file, or (with ``allow_hub=True``) a Hugging
 Face id. Language models are wrapped by TransformerLens's ``TransformerBridge``; the wrapper also
 keeps the underlying transformers module so that probe can run it with its fast attention kernel.
+Vision models (``clip-vit-b16``, ``tiny-vit``, ``tiny-clip-vision``, ViT / DeiT / CLIP checkpoint
+directories) have ``kind="vision"``, no bridge, eager attention and an :class:`probe.vision.ImageSpec`
+(``model.image``: patch grid, token count, preprocessing); :mod:`probe.vision` hooks them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from probe.tiny import TINY_BUILDERS
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+    from probe.vision import ImageInput, ImageSpec
 
 BosMode = Literal["default", "always", "never"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,6 +96,7 @@ class LoadedModel:
     layer_types: list[str] | None = None
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    image: ImageSpec | None = None  # vision models: token grid and preprocessing
 
     # ---------------------------------------------------------------- heads
     @property
@@ -102,17 +108,33 @@ class LoadedModel:
         return head // self.group_size
 
     # ---------------------------------------------------------------- inputs
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """uint8 RGB images ``[H, W, 3]`` -> pixel values ``[N, 3, S, S]`` (vision models only)."""
+        if self.image is None:
+            raise ConfigError(f"{self.name} is a {self.kind} model and takes text; use model.encode(texts)")
+        return self.image.preprocess(images)
+
+    def _require_text(self) -> None:
+        if self.kind != "language" or self.tokenizer is None:
+            raise ConfigError(
+                f"{self.name} is a {self.kind} model and takes images, not text; "
+                "make pixel values with model.preprocess(images)"
+            )
+
     def check_context(self, n_tokens: int) -> None:
+        self._require_text()  # a vision model's token count is fixed by its image size
         if n_tokens > self.n_ctx:
             raise ContextTooLongError(self.name, n_tokens, self.n_ctx)
 
     def encode(self, texts: list[str], *, max_tokens: int | None = None) -> Batch:
         """Tokenize under the model's BOS policy, truncate to ``max_tokens``, left-pad."""
+        self._require_text()
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return self.batch_from_ids(rows, max_tokens=max_tokens)
 
     def batch_from_ids(self, rows: list[list[int]], *, max_tokens: int | None = None) -> Batch:
         """Apply the BOS policy to raw token rows (without BOS), truncate, left-pad."""
+        self._require_text()
         if not rows:
             raise ConfigError("no sequences given; pass at least one text")
         prefix = [self.bos.token_id] if self.bos.prepend and self.bos.token_id is not None else []
@@ -157,6 +179,7 @@ class LoadedModel:
             "sliding_window": self.sliding_window,
             "caveat": self.caveat,
             "licence": self.licence,
+            **({"image": self.image.describe()} if self.image is not None else {}),
         }
 
 
@@ -294,6 +317,13 @@ def load_model(
     if name in TINY_BUILDERS:
         builder = TINY_BUILDERS[name]
         model, tokenizer = builder.build(seed, tuple(tiny_words))
+        if builder.kind == "vision":
+            from probe import vision
+
+            return vision.wrap_vision(
+                name, builder.family, "tiny", model, device=dev, dtype=dt, weight_sha256=_state_sha256(model),
+                path=None, licence="n/a (random weights)",
+            )  # fmt: skip
         return _wrap_language(
             name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
@@ -306,6 +336,8 @@ def load_model(
                 raise HeadlabError(f"{name} is not converted yet; run: headlab fetch {name}")
             directory = zoo.fetch(name)
         marker = cache.read_marker(directory) or {}
+        if spec.kind == "vision":
+            return _load_embedded_vision(spec, directory, marker, device=dev, dtype=dt)
         model, tokenizer = _load_checkpoint_dir(directory, dt)
         return _wrap_language(
             name, spec.family, "embedded", model, tokenizer, device=dev, dtype=dt, bos=bos,
@@ -323,8 +355,15 @@ def load_model(
             caveat="weights read from a GGUF file (dequantised if quantised)",
         )  # fmt: skip
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise HeadlabError(f"{path} has no config.json; pass a transformers checkpoint directory")
+        from probe import vision
+
+        config = vision.read_config(path)
+        if vision.vision_family(config) is not None:
+            hf_model, family, image = vision.load_checkpoint(path, dt)
+            return vision.wrap_vision(
+                path.name, family, "local", hf_model, image, device=dev, dtype=dt,
+                weight_sha256=vision.checkpoint_sha256(path), path=str(path),
+            )  # fmt: skip
         model, tokenizer = _load_checkpoint_dir(path, dt)
         return _wrap_language(
             path.name, _family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
@@ -350,6 +389,30 @@ def load_model(
             "pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
         )
     raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS])
+
+
+def _load_embedded_vision(
+    spec: zoo.ModelSpec, directory: Path, marker: dict[str, Any], *, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    from probe import vision
+
+    hf_model, family, image = vision.load_checkpoint(directory, dtype)
+    source = spec.weight_parts[0].locate() if len(spec.weight_parts) == 1 else None
+    companions = {
+        name: {"path": str(directory / name), "description": text}
+        for name, text in (marker.get("companions") or {}).items()
+        if (directory / name).is_file()
+    }
+    return vision.wrap_vision(
+        spec.name, family, "embedded", hf_model, image, device=device, dtype=dtype,
+        weight_sha256=str(marker.get("source_sha256")), path=str(directory), caveat=spec.caveat,
+        licence=spec.licence,
+        extra={
+            "onnx_file": str(source) if source is not None and source.suffix == ".onnx" else None,
+            "onnx_sha256": spec.weight_sha256,
+            "companions": companions,
+        },
+    )  # fmt: skip
 
 
 def _checkpoint_sha256(directory: Path) -> str:

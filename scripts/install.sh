@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment and install headlab into it.
-#   VENV (default .venv), PYTHON (default python3.11), EXTRAS (default dev)
+#   VENV (default .venv), PYTHON (default python3.11), EXTRAS (default dev,vision: the tests need
+#     onnx and onnxruntime to convert and check the embedded vision model)
 #   TORCH_SPEC: what to ask pip for torch; default picks by hardware (see below).
 #   TORCH_INDEX_URL: optional index for torch, e.g. https://download.pytorch.org/whl/cpu on a machine
 #     without a local CPU wheel where the default PyPI build would be the multi-GB CUDA one.
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,vision}
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 2; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating virtual environment $VENV"
@@ -33,11 +34,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 
-# The project itself (editable), with the extras asked for. Re-run only when pyproject changes.
+# The project itself (editable), with the extras asked for. Re-run only when pyproject changes or
+# other extras are asked for (the stamp records which were installed).
 stamp="$VENV/.headlab-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$EXTRAS" ]; then
   echo "installing headlab[$EXTRAS]"
   "${PIP[@]}" install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import probe, analyses, dashboard" || { echo "error: headlab did not install" >&2; exit 2; }
-  touch "$stamp"
+  echo "$EXTRAS" > "$stamp"
 fi

@@ -1,0 +1,309 @@
+"""The CLIP ViT-B/16 image tower shipped as an INT8 ONNX graph: read it, dequantise it, run it.
+
+Background
+----------
+The embedded vision model arrives as ``clip_encoder.int8.onnx`` inside a PyPI package (MODELS.md):
+the image tower of CLIP ViT-B/16 exported from transformers' ``CLIPVisionModelWithProjection`` and
+then *dynamically* quantised. In that graph every linear layer is a ``MatMulInteger`` whose weight
+is an int8 matrix ``q`` of shape ``[in, out]`` with one scale and one zero point per output column,
+and whose input is quantised on the fly to uint8 (``DynamicQuantizeLinear``). Embeddings, layer
+norms and biases stay float32 and keep their transformers names.
+
+Converting it to a float transformers model means: copy the float tensors by name, and for each
+``MatMulInteger`` dequantise its weight, ``W = (q - zero_point) * scale`` (per column), transpose it
+to torch's ``[out, in]`` and store it under the module the node belongs to. The module is read from
+the node's name (``/vision_model/encoder/layers.3/mlp/fc1/MatMul_quant`` ->
+``vision_model.encoder.layers.3.mlp.fc1``) and cross-checked against the graph: the bias added to
+that node's output must be the module's own ``.bias``. The result must fill every parameter of a
+``CLIPVisionModelWithProjection`` exactly (no key missing, none left over, every shape right), and
+the graph's constants must say what the config says (attention scale ``d_head ** -0.5``, layer-norm
+epsilon, quick-GELU's 1.702); otherwise conversion stops.
+
+The converted float model is *not* bit-identical to the package's own runtime, which also quantises
+every activation to 8 bits: their image embeddings agree to a cosine of about 0.97–0.99
+(:func:`probe.vision.onnx_agreement` measures it). Numbers reported on this model are numbers of the
+dequantised weights; say so.
+
+Usage
+-----
+::
+
+    from probe import onnx_clip
+    state = onnx_clip.read_state_dict(onnx_file)        # {transformers key: float32 array}
+    onnx_clip.convert(onnx_file, out_dir)                # what `headlab fetch clip-vit-b16` runs
+    embeds = onnx_clip.run_onnx(onnx_file, pixel_values)  # the package's own INT8 runtime
+
+References
+----------
+* Radford et al. (2021). Learning Transferable Visual Models From Natural Language Supervision.
+* ONNX operator specs: MatMulInteger, DynamicQuantizeLinear (onnx.ai/onnx/operators).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from probe.errors import HeadlabError, MissingPackageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+VISION_EXTRA = "pip install 'headlab[vision]'  (or: pip install 'onnx>=1.17,<2' 'onnxruntime>=1.20,<2')"
+
+# CLIP ViT-B/16's image tower. The graph carries no config; conversion checks these against it.
+CLIP_VIT_B16_CONFIG: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+}
+QUICK_GELU_ALPHA = 1.702
+_MATMUL_NODE = re.compile(r"^/(?P<module>.+)/MatMul_quant$")
+
+
+def require(module: str) -> Any:
+    """Import ``onnx`` or ``onnxruntime``, or say how to install it."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingPackageError(f"the {module} package (needed for the ONNX CLIP model)", VISION_EXTRA)
+    return importlib.import_module(module)
+
+
+def _load_graph(onnx_file: Path) -> Any:
+    onnx = require("onnx")
+    if not Path(onnx_file).is_file():
+        raise HeadlabError(f"no such ONNX file: {onnx_file}; run: headlab fetch clip-vit-b16")
+    return onnx.load(str(onnx_file))
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    out: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def read_state_dict(onnx_file: Path) -> dict[str, np.ndarray]:
+    """Every weight of the graph under its transformers name, dequantised to float32.
+
+    Raises :class:`~probe.errors.HeadlabError` when a quantised matrix cannot be tied to a module,
+    when its bias belongs to another module, or when two nodes claim the same module.
+    """
+    return _read(onnx_file)[0]
+
+
+def _read(onnx_file: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(state dict, keys of the matrices that were int8 in the graph)."""
+    from onnx import numpy_helper
+
+    graph = _load_graph(onnx_file).graph
+    inits = {t.name: t for t in graph.initializer}
+    state: dict[str, np.ndarray] = {}
+    quantised: list[str] = []
+    for name, tensor in inits.items():
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32 and name.startswith(("vision_model.", "visual_projection.")):
+            state[name] = array
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    for node in graph.node:
+        if node.op_type != "MatMulInteger":
+            continue
+        match = _MATMUL_NODE.match(node.name)
+        if match is None:
+            raise HeadlabError(
+                f"cannot tell which module the quantised node {node.name!r} belongs to; "
+                "this ONNX file is not the expected CLIP export (reinstall the package: headlab fetch clip-vit-b16)"
+            )
+        module = match.group("module").replace("/", ".")
+        weight_q = node.input[1]
+        if not weight_q.endswith("_quantized"):
+            raise HeadlabError(f"node {node.name!r} has no quantised weight input; unexpected ONNX export")
+        stem = weight_q.removesuffix("_quantized")
+        q = numpy_helper.to_array(inits[weight_q]).astype(np.float32)
+        zero = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[stem + "_scale"]).astype(np.float32)
+        if q.ndim != 2 or zero.shape not in ((q.shape[1],), ()) or scale.shape not in ((q.shape[1],), ()):
+            raise HeadlabError(
+                f"{module}: weight {q.shape}, zero point {zero.shape}, scale {scale.shape} are not "
+                "per-output-column; unexpected ONNX export"
+            )
+        weight = ((q - zero) * scale).T  # [in, out] -> torch's [out, in]
+        key = f"{module}.weight"
+        if key in state:
+            raise HeadlabError(f"two quantised nodes map to {key}; unexpected ONNX export")
+        state[key] = np.ascontiguousarray(weight, dtype=np.float32)
+        quantised.append(key)
+        bias = _bias_of(node, consumers)
+        if bias is not None and bias != f"{module}.bias":
+            raise HeadlabError(
+                f"node {node.name!r} is followed by bias {bias!r}, not {module}.bias; "
+                "the graph's names do not match its structure"
+            )
+    return state, quantised
+
+
+def _bias_of(node: Any, consumers: dict[str, list[Any]]) -> str | None:
+    """The name of the float bias added to ``node``'s dequantised output (Cast -> Mul -> Add)."""
+    frontier = list(node.output)
+    for _ in range(3):
+        nxt: list[str] = []
+        for value in frontier:
+            for user in consumers.get(value, []):
+                if user.op_type == "Add":
+                    named = [i for i in user.input if i.endswith(".bias")]
+                    return named[0] if named else None
+                nxt.extend(user.output)
+        frontier = nxt
+    return None
+
+
+def check_constants(onnx_file: Path, config: dict[str, Any] = CLIP_VIT_B16_CONFIG) -> None:
+    """Check the graph's scalar constants against ``config``: attention scale, layer-norm eps, GELU."""
+    graph = _load_graph(onnx_file).graph
+    consts = _constants(graph)
+    d_head = config["hidden_size"] // config["num_attention_heads"]
+    problems: list[str] = []
+    # The export splits the attention scale d_head**-0.5 evenly over queries and keys.
+    scales = [
+        float(consts[i])
+        for n in graph.node
+        if n.op_type == "Mul" and "/self_attn/Mul" in n.name
+        for i in n.input
+        if i in consts and consts[i].size == 1
+    ]
+    if not scales or not np.allclose(np.square(scales), d_head**-0.5, rtol=1e-5):
+        problems.append(f"attention scale {sorted(set(scales))[:3]} is not (d_head={d_head})**-0.25 per side")
+    eps = [
+        float(consts[i])
+        for n in graph.node
+        if n.op_type == "Add" and re.search(r"(layer_norm\d|layrnorm|layernorm)/Add$", n.name)
+        for i in n.input
+        if i in consts
+    ]
+    if not eps or not np.allclose(eps, config["layer_norm_eps"]):
+        problems.append(f"layer-norm eps {sorted(set(eps))[:3]} is not {config['layer_norm_eps']}")
+    alpha = [
+        float(consts[i])
+        for n in graph.node
+        if n.op_type == "Mul" and n.name.endswith("activation_fn/Mul")
+        for i in n.input
+        if i in consts
+    ]
+    if len(alpha) != config["num_hidden_layers"] or not np.allclose(alpha, QUICK_GELU_ALPHA):
+        problems.append(
+            f"activation constants {sorted(set(alpha))[:3]} are not quick-GELU's {QUICK_GELU_ALPHA}"
+        )
+    if problems:
+        raise HeadlabError(
+            f"{Path(onnx_file).name} does not match the CLIP ViT-B/16 config: {'; '.join(problems)}; "
+            "reinstall the package (headlab fetch clip-vit-b16 --force)"
+        )
+
+
+def build_model(
+    state: dict[str, np.ndarray], config: dict[str, Any] = CLIP_VIT_B16_CONFIG
+) -> CLIPVisionModelWithProjection:
+    """A ``CLIPVisionModelWithProjection`` (eager attention) holding ``state``; every key checked.
+
+    Fails when a parameter of the model is not in ``state``, a key of ``state`` has no parameter,
+    or a shape differs: a partly filled model would run with random weights and nobody would notice.
+    """
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(**config)
+    with torch.device("meta"):
+        skeleton = CLIPVisionModelWithProjection(cfg)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise HeadlabError(
+            "the ONNX weights do not fill CLIPVisionModelWithProjection: "
+            f"missing {missing[:4]}{' …' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}, "
+            f"wrong shape {[(k, tuple(state[k].shape), expected[k]) for k in wrong[:3]]}; "
+            "the installed transformers names CLIP's modules differently or the ONNX file is not CLIP ViT-B/16"
+        )
+    model = CLIPVisionModelWithProjection(cfg)
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}  # copies
+    result = model.load_state_dict(tensors, strict=True)
+    if result.missing_keys or result.unexpected_keys:  # strict=True raises first; kept as a guard
+        raise HeadlabError(f"loading the ONNX weights left {result}; report this")
+    from probe.vision import force_eager
+
+    force_eager(model)
+    return model.eval()
+
+
+def convert(onnx_file: Path, out: Path) -> dict[str, Any]:
+    """Convert the INT8 ONNX image tower into a float32 transformers checkpoint in ``out``.
+
+    Writes ``config.json`` and ``model.safetensors`` (``CLIPVisionModelWithProjection``) and
+    ``headlab-source.json`` (what was converted and how). Returns facts for the cache marker.
+    """
+    check_constants(onnx_file)
+    state, quantised = _read(onnx_file)
+    model = build_model(state)
+    model.save_pretrained(out)
+    info = {
+        "onnx_file": Path(onnx_file).name,
+        "architecture": "CLIPVisionModelWithProjection",
+        "torch_dtype": "float32",
+        "dequantisation": "(q - zero_point) * scale, per output channel",
+        "n_tensors": len(state),
+        "n_quantised_matrices": len(quantised),
+    }
+    (out / "headlab-source.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def run_onnx(
+    onnx_file: Path, pixel_values: np.ndarray | torch.Tensor, *, threads: int | None = None
+) -> np.ndarray:
+    """Image embeddings ``[N, 512]`` from the package's own INT8 graph, with onnxruntime on the CPU.
+
+    Images run one at a time, as the package runs them: the graph's activation quantisation uses
+    one range per tensor, so in a batch each image's embedding would depend on the others.
+    """
+    ort = require("onnxruntime")
+    import torch
+
+    if isinstance(pixel_values, torch.Tensor):
+        pixel_values = pixel_values.detach().to("cpu", torch.float32).numpy()
+    pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, 224, 224):
+        raise HeadlabError(
+            f"the ONNX CLIP graph takes pixel values [N, 3, 224, 224], got {pixels.shape}; "
+            "make them with model.preprocess(images)"
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    # One image per call: the graph quantises each activation with one range over the whole batch,
+    # so an image's embedding would otherwise depend on the images run beside it.
+    out = [session.run(["image_embeds"], {name: pixels[i : i + 1]})[0] for i in range(pixels.shape[0])]
+    return np.concatenate(out).astype(np.float32)
