@@ -176,6 +176,10 @@ RUN_COMMANDS = {
     "sinks": "Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
     "act": "ACT: calibrate hidden attention sinks head by head; held-out accuracy before and after.",
     "retrieval": "Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
+    "ioi": "IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
+    "colored-objects": "Colored Objects: the same staged path patching on one-shot colour questions.",
+    "circuit-reuse": "IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
+    "vit-heads": "ViT heads (vision models, e.g. --model clip-vit-b16): pruning importance, attention strength, patterns, artifact tokens.",
 }
 for _name, _doc in RUN_COMMANDS.items():
     _make_run_command(_name, _doc)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analyses import act, census, retrieval, sinks
+from analyses import act, census, circuits, retrieval, sinks, vit_heads
 from analyses.base import AnalysisResult
 from probe.loading import LoadedModel
 
@@ -35,5 +35,15 @@ ANALYSES: dict[str, AnalysisEntry] = {
     "act": AnalysisEntry("act", act.ActConfig, act.run_act, act.summary),
     "retrieval": AnalysisEntry(
         "retrieval", retrieval.RetrievalConfig, retrieval.run_retrieval, retrieval.summary
+    ),
+    "ioi": AnalysisEntry("ioi", circuits.CircuitConfig, circuits.run_ioi, circuits.summary),
+    "colored-objects": AnalysisEntry(
+        "colored-objects", circuits.CircuitConfig, circuits.run_colored_objects, circuits.summary
+    ),
+    "circuit-reuse": AnalysisEntry(
+        "circuit-reuse", circuits.CircuitConfig, circuits.run_circuit_reuse, circuits.summary
+    ),
+    "vit-heads": AnalysisEntry(
+        "vit-heads", vit_heads.VitHeadsConfig, vit_heads.run_vit_heads, vit_heads.summary
     ),
 }

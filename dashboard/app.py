@@ -54,7 +54,7 @@ _INDEX = """<!DOCTYPE html>
 def build_pages(root: Path) -> list[Page]:
     """One instance of every registered page, sharing one run catalog over ``root``."""
     catalog = RunCatalog(Path(root))
-    paths = {cls.analysis: cls.path for cls in PAGES if cls.analysis}
+    paths = {name: cls.path for cls in PAGES for name in cls.shown_analyses()}
     site = Site(catalog=catalog, analysis_paths=paths)
     return [cls(site) for cls in PAGES]
 

@@ -23,11 +23,18 @@ echo "== retrieval heads: needles in haystacks (small grid)"
 "$H" run retrieval --model "$MODEL" --root "$RUNS" \
     --set lengths=512,1024 --set depths=0.0,0.5,1.0 --set n_needles=1 \
     --set mask_fractions=0.02,0.05 --set mask_seeds=2 --set mask_tests=3
+# IOI circuit: every path-patching stage costs two forward passes per sender and prompt, so on a CPU
+# the demo screens the senders (the 12 strongest by attribution patching) on 8 prompts; drop the
+# --set options for the method as published (every head; a GPU runs it in about a minute).
+echo "== IOI circuit: activation and path patching, head classes, faithfulness (small config)"
+"$H" run ioi --model "$MODEL" --root "$RUNS" \
+    --set n_items=8 --set max_senders=12 --set n_random=5 --set batch_size=64
 echo "== reports"
 "$H" report "latest:census" --root "$RUNS" --out reports/
 "$H" report "latest:sinks" --root "$RUNS" --out reports/
 "$H" report "latest:act" --root "$RUNS" --out reports/
 "$H" report "latest:retrieval" --root "$RUNS" --out reports/
+"$H" report "latest:ioi" --root "$RUNS" --out reports/
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"

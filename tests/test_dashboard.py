@@ -18,7 +18,7 @@ from analyses.census import CensusConfig, run_census
 from dashboard import figures
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
-from dashboard.pages import ActPage, CensusPage, HomePage, RetrievalPage, SinksPage
+from dashboard.pages import ActPage, CensusPage, CircuitsPage, HomePage, RetrievalPage, SinksPage
 from dashboard.views import census as views
 from probe.errors import RunStoreError
 
@@ -97,7 +97,14 @@ def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path)
     assert index.status_code == 200 and b"<title>headlab</title>" in index.data
     assert b"--accent" in index.data  # the stylesheet is inlined: nothing outside the packages is needed
     assert client.get("/_dash-layout").status_code == 200
-    assert [type(p) for p in build_pages(root)] == [HomePage, CensusPage, SinksPage, ActPage, RetrievalPage]
+    assert [type(p) for p in build_pages(root)] == [
+        HomePage,
+        CensusPage,
+        SinksPage,
+        ActPage,
+        RetrievalPage,
+        CircuitsPage,
+    ]
 
 
 def test_routing_renders_the_census_page_on_the_requested_run(root: Path) -> None:

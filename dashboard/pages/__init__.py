@@ -5,7 +5,9 @@ To give a new analysis a page, write ``dashboard/pages/<analysis>.py`` with a
 ``register_callbacks``; ids prefixed with the analysis name; the run picker, the choice of run and
 its notes, opening the run and the layout pieces come from :mod:`dashboard.pages.base`) and add the
 class to :data:`PAGES`. The start page then links that
-analysis's runs to it.
+analysis's runs to it. A page that shows the runs of several analyses overrides
+:meth:`~dashboard.pages.base.Page.shown_analyses` (the circuits page: ``ioi``, ``colored-objects``
+and ``circuit-reuse``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,21 @@ from __future__ import annotations
 from dashboard.pages.act import ActPage
 from dashboard.pages.base import Page, Site
 from dashboard.pages.census import CensusPage
+from dashboard.pages.circuits import CircuitsPage
 from dashboard.pages.home import HomePage
 from dashboard.pages.retrieval import RetrievalPage
 from dashboard.pages.sinks import SinksPage
 
-PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage, ActPage, RetrievalPage)
+PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage, ActPage, RetrievalPage, CircuitsPage)
 
-__all__ = ["PAGES", "ActPage", "CensusPage", "HomePage", "Page", "RetrievalPage", "SinksPage", "Site"]
+__all__ = [
+    "PAGES",
+    "ActPage",
+    "CensusPage",
+    "CircuitsPage",
+    "HomePage",
+    "Page",
+    "RetrievalPage",
+    "SinksPage",
+    "Site",
+]

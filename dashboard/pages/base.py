@@ -57,6 +57,11 @@ class Page(ABC):
     def __init__(self, site: Site) -> None:
         self.site = site
 
+    @classmethod
+    def shown_analyses(cls) -> tuple[str, ...]:
+        """The analyses whose runs this page shows (the start page links their runs to it)."""
+        return (cls.analysis,) if cls.analysis else ()
+
     @property
     def catalog(self) -> RunCatalog:
         return self.site.catalog

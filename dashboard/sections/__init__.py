@@ -10,7 +10,7 @@ it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.se
 from __future__ import annotations
 
 from analyses.runstore import Run
-from dashboard.sections import act, census, generic, retrieval, sinks
+from dashboard.sections import act, census, circuits, generic, retrieval, sinks
 from dashboard.sections.base import ReportSection, SectionBuilder
 
 REPORT_SECTIONS: dict[str, SectionBuilder] = {
@@ -18,6 +18,9 @@ REPORT_SECTIONS: dict[str, SectionBuilder] = {
     "sinks": sinks.report_sections,
     "act": act.report_sections,
     "retrieval": retrieval.report_sections,
+    "ioi": circuits.report_sections,
+    "colored-objects": circuits.report_sections,
+    "circuit-reuse": circuits.report_sections,
 }
 
 

@@ -1,0 +1,309 @@
+"""The circuits page: the IOI / Colored Objects circuit found by path patching, and its reuse.
+
+One page serves the three run kinds of :mod:`analyses.circuits`: ``ioi`` and ``colored-objects``
+(one task each) and ``circuit-reuse`` (both tasks, their overlap and the intervention).
+
+Elements (stable ids): ``circuits-run`` (run picker), ``circuits-settings`` (the run's settings),
+``circuits-findings`` (sentences reading the run's numbers), ``circuits-metrics`` (logit difference
+and accuracies per task), ``circuits-faithfulness`` (found circuit vs random and empty circuits),
+``circuits-task`` (the task whose circuit is drawn), ``circuits-graph`` (the circuit as a graph of
+heads by class with the path-patching edges), ``circuits-classes`` (its heads by class, as a table,
+and what each stage patched into), ``circuits-stage`` (activation patching or a path-patching stage),
+``circuits-heatmaps`` (layer x head maps of that stage, the tasks side by side), ``circuits-overlap``
+(overlap vs top-p% per stage, the 2% point marked), ``circuits-iv-metric`` and
+``circuits-intervention`` (Colored Objects before, with IOI heads edited, with random heads edited).
+
+The callbacks are methods taking plain values, so tests call them directly;
+:meth:`CircuitsPage.register_callbacks` only wires them to the elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, html
+from dash.development.base_component import Component
+
+from analyses.runstore import Run
+from dashboard.pages import base as ui
+from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.views import circuits as views
+from probe.errors import RunStoreError
+
+DEFAULT_AXIS = "activation"
+DEFAULT_IV_METRIC: views.IvMetric = "accuracy"
+FINDING_TITLES = {
+    "metrics": "Task performance",
+    "circuit": "Heads by class",
+    "faithfulness": "Faithfulness",
+    "reuse": "Reuse",
+    "intervention": "Intervention",
+}
+
+
+class CircuitsPage(AnalysisPage):
+    path: ClassVar[str] = "/circuits"
+    title: ClassVar[str] = "Circuits"
+    analysis: ClassVar[str] = "circuit-reuse"  # the run kind suggested when there is none
+    analyses: ClassVar[tuple[str, ...]] = views.ANALYSES
+    run_noun: ClassVar[str] = "circuit (ioi, colored-objects or circuit-reuse)"
+
+    @classmethod
+    def shown_analyses(cls) -> tuple[str, ...]:
+        return cls.analyses
+
+    @property
+    def run_id_element(self) -> str:
+        return "circuits-run"
+
+    # ------------------------------------------------------------------------------------ runs
+
+    def run_options(self) -> list[dict[str, Any]]:
+        """Intact runs of the three kinds (newest first), then damaged ones, listed but disabled."""
+        entries = [
+            e
+            for e in self.catalog.entries()
+            if e.analysis in self.analyses
+            or (e.analysis is None and any(f"-{a}-" in e.run_id for a in self.analyses))
+        ]
+        ok = [{"label": f"[{e.analysis}] {e.label}", "value": e.run_id} for e in entries if e.ok]
+        damaged = [
+            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
+            for e in entries
+            if not e.ok
+        ]
+        return ok + damaged
+
+    def _run(self, run_id: str) -> Run:
+        run = self.catalog.open(run_id)
+        if run.analysis not in self.analyses:
+            raise RunStoreError(
+                f"run {run_id} is a {run.analysis} run, not one of {', '.join(self.analyses)}; pick another"
+            )
+        return run
+
+    def _checked(self, run_id: str) -> Run:
+        run = self._run(run_id)
+        if not views.is_circuits(run):
+            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
+            raise KeyError(f"run {run_id} lacks the circuit tables {', '.join(missing)}")
+        return run
+
+    # ------------------------------------------------------------------------------------ layout
+
+    def layout(self, params: Mapping[str, str]) -> Component:
+        choice = self.choose_run(params)
+        task_options, task = self.task_options(choice.run_id, params.get("task"))
+        axis = params.get("stage") if params.get("stage") in views.AXES else DEFAULT_AXIS
+        metric = params.get("metric") if params.get("metric") in views.IV_METRICS else DEFAULT_IV_METRIC
+        return html.Div(
+            [
+                html.H2("Circuits: IOI, Colored Objects and circuit reuse"),
+                html.P(
+                    "Every score is a share of the clean–corrupt gap of the logit difference at END "
+                    "(IOI: logit(IO) − logit(S); Colored Objects: the right colour's logit minus the colour "
+                    "the corrupted question asks for): −1 means the patch removed the whole gap. "
+                    "Activation patching replaces one head's output with its value on the corrupted "
+                    "prompt; path patching (Wang et al. 2022) lets it reach only chosen receivers: the "
+                    "logits (name movers), the name movers' queries (S-inhibition), the S-inhibition "
+                    "heads' keys and values (induction, duplicate token), the induction heads' keys "
+                    "(previous token). A head joins a class when its path score and its attention "
+                    "signature both pass. Reuse (Merullo et al. 2024): how many of IOI's top heads per "
+                    "stage are Colored Objects' too, and whether editing IOI's inhibition heads repairs "
+                    "Colored Objects.",
+                    className="hint",
+                ),
+                ui.controls(self.run_picker(choice)),
+                html.P(id="circuits-settings", className="hint"),
+                *choice.notes,
+                html.Details(
+                    [
+                        html.Summary("What this run's numbers say"),
+                        html.Div(id="circuits-findings"),
+                    ],
+                    open=True,
+                    className="panel",
+                ),
+                ui.columns(
+                    ui.panel(ui.graph("circuits-metrics"), css=ui.DETAIL_PANEL),
+                    ui.panel(ui.graph("circuits-faithfulness")),
+                ),
+                html.Div(
+                    [
+                        ui.detail_controls(ui.radio("circuit of", "circuits-task", task_options, task)),
+                        ui.graph("circuits-graph"),
+                        html.Div(id="circuits-classes"),
+                    ],
+                    className="panel",
+                    style={"margin": "20px 0"},
+                ),
+                html.Div(
+                    [
+                        ui.detail_controls(
+                            ui.radio(
+                                "stage",
+                                "circuits-stage",
+                                [{"label": views.AXIS_LABELS[a], "value": a} for a in views.AXES],
+                                axis,
+                            )
+                        ),
+                        ui.graph("circuits-heatmaps"),
+                    ],
+                    className="panel",
+                    style={"margin": "20px 0"},
+                ),
+                ui.columns(
+                    ui.panel(ui.graph("circuits-overlap"), css=ui.DETAIL_PANEL),
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.radio(
+                                "intervention metric",
+                                "circuits-iv-metric",
+                                [{"label": views.IV_METRIC_LABELS[m], "value": m} for m in views.IV_METRICS],
+                                metric,
+                            )
+                        ),
+                        ui.graph("circuits-intervention"),
+                    ),
+                ),
+            ],
+            className="page",
+        )
+
+    # --------------------------------------------------------------------------------- callbacks
+
+    def task_options(
+        self, run_id: str | None, current: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The run's tasks (each with the size of its circuit); keeps ``current`` when the run has it."""
+        if not run_id:
+            return [], None
+        try:
+            run = self._checked(run_id)
+            names = views.tasks(run)
+            sizes = {t: len(views.head_classes(run, t)) for t in names}
+        except RUN_ERRORS:
+            return [], None
+        options: list[dict[str, Any]] = [
+            {"label": f"{views.task_label(t)} ({sizes[t]} heads)", "value": t} for t in names
+        ]
+        return options, current if current in names else (names[0] if names else None)
+
+    def settings_text(self, run_id: str | None) -> str:
+        if not run_id:
+            return ""
+        try:
+            run = self._checked(run_id)
+            return f"{run.analysis} run of {views.model_name(run)}: {views.settings_line(run)}"
+        except RUN_ERRORS as err:
+            return f"cannot read run {run_id}: {why(err)}"
+
+    def findings(self, run_id: str | None) -> Component:
+        if not run_id:
+            return html.P("No run selected.", className="hint")
+        try:
+            found = views.findings(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return html.P(f"cannot read run {run_id}: {why(err)}", className="error")
+        parts: list[Component] = []
+        for key, lines in found.items():
+            if lines:
+                parts.append(html.H3(FINDING_TITLES.get(key, key)))
+                parts.extend(html.P(line) for line in lines)
+        return html.Div(parts, id="circuits-findings-text")
+
+    def metrics_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.metrics_figure)
+
+    def faithfulness_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.faithfulness_figure)
+
+    def graph_figure(self, run_id: str | None, task: str | None) -> go.Figure:
+        return self._figure(run_id, lambda run: views.circuit_graph(run, task), f"{run_id}/graph/{task}")
+
+    def heatmap_figure(self, run_id: str | None, axis: str | None) -> go.Figure:
+        chosen = axis if axis in views.AXES else DEFAULT_AXIS
+        return self._figure(run_id, lambda run: views.patching_heatmaps(run, chosen), f"{run_id}/maps")
+
+    def overlap_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.overlap_figure)
+
+    def intervention_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
+        chosen: views.IvMetric = metric if metric in views.IV_METRICS else DEFAULT_IV_METRIC
+        return self._figure(run_id, lambda run: views.intervention_figure(run, chosen))
+
+    def classes_table(self, run_id: str | None, task: str | None) -> Component:
+        if not run_id or not task:
+            return html.P("No run selected.", className="hint")
+        try:
+            run = self._checked(run_id)
+            rows = views.class_rows(run, task)
+            receivers = views.receiver_notes(run, task)
+        except RUN_ERRORS as err:
+            return html.P(f"cannot list the heads: {why(err)}", className="error")
+        label = views.task_label(task)
+        if rows.empty:
+            body: Component = html.P(f"No head passed both tests of any class on {label}.", className="hint")
+        else:
+            header = html.Tr([html.Th(v, className=_css(c)) for c, v in views.CLASS_COLUMNS.items()])
+            body = html.Table(
+                [
+                    html.Thead(header),
+                    html.Tbody(
+                        [
+                            html.Tr([html.Td(row[c], className=_css(c)) for c in views.CLASS_COLUMNS])
+                            for _, row in rows.iterrows()
+                        ]
+                    ),
+                ],
+                className="data",
+                id="circuits-classes-table",
+            )
+        return html.Div(
+            [
+                html.H3(f"{label}: heads by class"),
+                body,
+                html.P(
+                    "Path score: share of the clean–corrupt gap in the stage that found the class "
+                    "(negative: the head carries the answer). Attention: the clean prompts' mean "
+                    "attention on the class's signature (query → keys).",
+                    className="hint",
+                ),
+                html.H3("Receivers of each stage"),
+                html.Ul([html.Li(line) for line in receivers])
+                if receivers
+                else html.P("none", className="hint"),
+            ]
+        )
+
+    def register_callbacks(self, app: Dash) -> None:
+        run = Input("circuits-run", "value")
+        app.callback(
+            Output("circuits-task", "options"),
+            Output("circuits-task", "value"),
+            run,
+            State("circuits-task", "value"),
+        )(self.task_options)
+        app.callback(Output("circuits-settings", "children"), run)(self.settings_text)
+        app.callback(Output("circuits-findings", "children"), run)(self.findings)
+        app.callback(Output("circuits-metrics", "figure"), run)(self.metrics_figure)
+        app.callback(Output("circuits-faithfulness", "figure"), run)(self.faithfulness_figure)
+        app.callback(Output("circuits-graph", "figure"), run, Input("circuits-task", "value"))(
+            self.graph_figure
+        )
+        app.callback(Output("circuits-classes", "children"), run, Input("circuits-task", "value"))(
+            self.classes_table
+        )
+        app.callback(Output("circuits-heatmaps", "figure"), run, Input("circuits-stage", "value"))(
+            self.heatmap_figure
+        )
+        app.callback(Output("circuits-overlap", "figure"), run)(self.overlap_figure)
+        app.callback(Output("circuits-intervention", "figure"), run, Input("circuits-iv-metric", "value"))(
+            self.intervention_figure
+        )
+
+
+def _css(column: str) -> str:
+    return "num" if column in ("score", "activation", "attention") else ""
