@@ -185,6 +185,78 @@ for _name, _doc in RUN_COMMANDS.items():
     _make_run_command(_name, _doc)
 
 
+train_app = typer.Typer(help="Train the parts of models the workbench builds itself.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("scene-llava")
+def train_scene_llava_cmd(
+    base: Annotated[
+        str,
+        typer.Option(
+            help="scene-llava (clip-vit-b16 + smollm2-135m, fresh projector), tiny-llava, or a LLaVA dir"
+        ),
+    ] = "scene-llava",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="training setting key=value (repeatable): steps, batch_size, lr, lora_rank, …"
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="data setting key=value (repeatable): n_train, pairs, p_pair, …"),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="projector file (default data/scene_llava_projector.safetensors)"),
+    ] = None,
+    n_eval: Annotated[
+        int | None,
+        typer.Option("--eval", help="held-out scenes per split scored after training (default: n_eval)"),
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="projector file (no LoRA) to continue training from")
+    ] = None,
+    show_config: Annotated[bool, typer.Option("--show-config", help="print both configs and exit")] = False,
+) -> None:
+    """Train scene-llava's projector on synthetic scene captions; write it with its record and loss curve."""
+    import dataclasses
+    import json
+
+    from analyses.base import config_from_overrides
+    from analyses.tasks import scene_captions
+    from probe.vlm_train import TrainConfig
+
+    train_config = config_from_overrides(TrainConfig, overrides)
+    data_config = config_from_overrides(scene_captions.SceneCaptionConfig, data)
+    if show_config:
+        typer.echo(
+            json.dumps(
+                {"train": dataclasses.asdict(train_config), "data": dataclasses.asdict(data_config)}, indent=2
+            )
+        )
+        return
+    record = scene_captions.train_scene_llava(
+        base, data_config, train_config, out=out, device=device, dtype=dtype, n_eval=n_eval, init=resume,
+        command=" ".join(["headlab", *sys.argv[1:]]),
+    )  # fmt: skip
+    t = record["timings"]
+    typer.echo(
+        f"trained {record['steps_done']} steps{' (stopped at the time limit)' if record['stopped_early'] else ''}: "
+        f"loss {record['first_loss']:.3f} -> {record['final_loss']:.3f}, held-out {record['final_eval_loss']:.3f}; "
+        f"features {t['features_per_image_s'] * 1000:.1f} ms/image, {t['seconds_per_step']:.3f} s/step"
+    )
+    for split, result in record.get("evaluation", {}).items():
+        cells = [f"{r['setting'] if r['benchmark'] == 'POPE' else 'CHAIR'} {r['metric']} {r['value']:.3f}"
+                 for r in result["summary"] if r["metric"] in ("CHAIR_S", "CHAIR_I", "F1", "yes_ratio")]  # fmt: skip
+        typer.echo(f"{split}: " + "; ".join(cells))
+    for kind, path in record["files"].items():
+        typer.echo(f"{kind}: {path}")
+
+
 @app.command()
 def runs(
     root: RootOpt = None,

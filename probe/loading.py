@@ -7,6 +7,9 @@ keeps the underlying transformers module so that probe can run it with its fast 
 Vision models (``clip-vit-b16``, ``tiny-vit``, ``tiny-clip-vision``, ViT / DeiT / CLIP checkpoint
 directories) have ``kind="vision"``, no bridge, eager attention and an :class:`probe.vision.ImageSpec`
 (``model.image``: patch grid, token count, preprocessing); :mod:`probe.vision` hooks them.
+Vision-language models (``scene-llava``, ``tiny-llava``, LLaVA checkpoint directories) have
+``kind="vision-language"``: a bridge over the whole LLaVA, the language model's head counts, and
+both ``encode`` and ``preprocess``; :mod:`probe.vlm` assembles, prompts and hooks them.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Batch:
 @dataclass
 class LoadedModel:
     name: str
-    kind: Literal["language", "vision"]
+    kind: Literal["language", "vision", "vision-language"]
     family: str
     source: str  # embedded | tiny | local | gguf | hub
     n_layers: int
@@ -115,7 +118,7 @@ class LoadedModel:
         return self.image.preprocess(images)
 
     def _require_text(self) -> None:
-        if self.kind != "language" or self.tokenizer is None:
+        if self.kind == "vision" or self.tokenizer is None:
             raise ConfigError(
                 f"{self.name} is a {self.kind} model and takes images, not text; "
                 "make pixel values with model.preprocess(images)"
@@ -317,6 +320,13 @@ def load_model(
     if name in TINY_BUILDERS:
         builder = TINY_BUILDERS[name]
         model, tokenizer = builder.build(seed, tuple(tiny_words))
+        if builder.kind == "vision-language":
+            from probe import vlm
+
+            return vlm.wrap_vlm(
+                name, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
+                weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
+            )  # fmt: skip
         if builder.kind == "vision":
             from probe import vision
 
@@ -328,6 +338,10 @@ def load_model(
             name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
         )  # fmt: skip
+    from probe import vlm
+
+    if name in vlm.ASSEMBLIES:
+        return vlm.load_assembly(name, device=dev, dtype=dt, bos=bos, fetch_if_missing=fetch_if_missing)
     if name in zoo.CATALOGUE:
         spec = zoo.CATALOGUE[name]
         directory = zoo.converted_dir(spec)
@@ -358,6 +372,8 @@ def load_model(
         from probe import vision
 
         config = vision.read_config(path)
+        if vlm.is_llava_config(config):
+            return vlm.load_llava_dir(path, device=dev, dtype=dt, bos=bos)
         if vision.vision_family(config) is not None:
             hf_model, family, image = vision.load_checkpoint(path, dt)
             return vision.wrap_vision(
@@ -388,7 +404,7 @@ def load_model(
             f"{name!r} looks like a Hugging Face id, but hub access is off by default; "
             "pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
         )
-    raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS])
+    raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS, *vlm.ASSEMBLIES])
 
 
 def _load_embedded_vision(

@@ -2,7 +2,8 @@
 
 Each is a real transformers model (so TransformerLens's bridge and every probe path treat it exactly
 like a full-size one) with a byte-level tokenizer that needs no files; the vision ones (``tiny-vit``,
-``tiny-clip-vision``) take 32-pixel images in a 4×4 grid of 8-pixel patches and have no tokenizer. Weights are drawn from a
+``tiny-clip-vision``) take 32-pixel images in a 4×4 grid of 8-pixel patches and have no tokenizer;
+``tiny-llava`` joins the tiny CLIP tower and the tiny Llama through a projector (16 image tokens). Weights are drawn from a
 seeded generator: the same name and seed give bit-identical models. The initialiser scale is larger
 than the architectures' default so that attention patterns are not all near-uniform and tests of
 pattern statistics have something to measure.
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-Kind = Literal["language", "vision"]
+Kind = Literal["language", "vision", "vision-language"]
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
@@ -149,6 +150,15 @@ def build_tiny_clip_vision(seed: int = 0, words: Sequence[str] = ()) -> tuple[to
     return _seeded(seed, lambda: CLIPVisionModelWithProjection(cfg), std=0.3), None
 
 
+def build_tiny_llava(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
+    """A LLaVA of the tiny CLIP tower (layer -2, CLS dropped: 16 image tokens) and the tiny Llama."""
+    from probe.vlm import assemble
+
+    vision, _ = build_tiny_clip_vision(seed)
+    language, tok = build_tiny_llama(seed, words)
+    return assemble(vision, language, tok, seed=seed)
+
+
 TINY_BUILDERS: dict[str, TinyBuilder] = {
     b.name: b
     for b in [
@@ -171,6 +181,11 @@ TINY_BUILDERS: dict[str, TinyBuilder] = {
             "tiny-clip-vision", "vision", "clip",
             "random CLIP image tower: 32 px, patch 8 (4x4 grid + CLS), 2 layers x 4 heads, d 32, 16-d projection",
             build_tiny_clip_vision,
+        ),
+        TinyBuilder(
+            "tiny-llava", "vision-language", "llava",
+            "random LLaVA: tiny-clip-vision (layer -2, 16 image tokens) -> 2-layer MLP projector -> tiny-llama",
+            build_tiny_llava,
         ),
     ]
 }  # fmt: skip

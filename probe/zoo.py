@@ -163,10 +163,17 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def get_spec(name: str) -> ModelSpec:
     from probe.tiny import TINY_BUILDERS
+    from probe.vlm import ASSEMBLIES
 
     if name in CATALOGUE:
         return CATALOGUE[name]
-    raise UnknownModelError(name, [*CATALOGUE, *TINY_BUILDERS])
+    if name in ASSEMBLIES:
+        spec = ASSEMBLIES[name]
+        raise HeadlabError(
+            f"{name} is assembled from {spec.vision} and {spec.language} (fetch those: headlab fetch "
+            f"{spec.vision}; headlab fetch {spec.language}) plus a projector trained by: {spec.train_command}"
+        )
+    raise UnknownModelError(name, [*CATALOGUE, *TINY_BUILDERS, *ASSEMBLIES])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,6 +217,26 @@ def catalogue_rows() -> list[dict[str, Any]]:
                 "cache_MB": round(cache.dir_bytes(directory) / 1e6, 1) if problem is None else None,
                 "licence": spec.licence,
                 "caveat": spec.caveat,
+            }
+        )
+    from probe.vlm import ASSEMBLIES
+
+    for assembly in ASSEMBLIES.values():
+        projector = assembly.projector_path
+        parts = [CATALOGUE[assembly.vision], CATALOGUE[assembly.language]]
+        rows.append(
+            {
+                "name": assembly.name,
+                "kind": "vision-language",
+                "what": assembly.description,
+                "installed": "yes" if projector.is_file() else f"no projector: {assembly.train_command}",
+                "converted": "yes"
+                if all(converted_dir(p) is not None for p in parts)
+                else "parts not converted",
+                "weights_MB": round(projector.stat().st_size / 1e6, 1) if projector.is_file() else None,
+                "cache_MB": None,
+                "licence": "; ".join(f"{p.name}: {p.licence}" for p in parts),
+                "caveat": "assembled from the two catalogue models and a projector trained here",
             }
         )
     for name, builder in TINY_BUILDERS.items():
