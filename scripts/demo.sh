@@ -29,12 +29,18 @@ echo "== retrieval heads: needles in haystacks (small grid)"
 echo "== IOI circuit: activation and path patching, head classes, faithfulness (small config)"
 "$H" run ioi --model "$MODEL" --root "$RUNS" \
     --set n_items=8 --set max_senders=12 --set n_random=5 --set batch_size=64
+# ViT heads on the CLIP ViT-B/16 image tower: the small preset (few images, the strongest heads by
+# gradient pruned) keeps it to a few minutes on a CPU; drop --set preset=small on a GPU.
+echo "== ViT heads: importance, attention distance, pattern clusters, artifact tokens (small preset)"
+"$H" fetch clip-vit-b16
+"$H" run vit-heads --model clip-vit-b16 --root "$RUNS" --set preset=small
 echo "== reports"
 "$H" report "latest:census" --root "$RUNS" --out reports/
 "$H" report "latest:sinks" --root "$RUNS" --out reports/
 "$H" report "latest:act" --root "$RUNS" --out reports/
 "$H" report "latest:retrieval" --root "$RUNS" --out reports/
 "$H" report "latest:ioi" --root "$RUNS" --out reports/
+"$H" report "latest:vit-heads" --root "$RUNS" --out reports/
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"

@@ -19,8 +19,17 @@ from dashboard.pages.circuits import CircuitsPage
 from dashboard.pages.home import HomePage
 from dashboard.pages.retrieval import RetrievalPage
 from dashboard.pages.sinks import SinksPage
+from dashboard.pages.vit import VitPage
 
-PAGES: tuple[type[Page], ...] = (HomePage, CensusPage, SinksPage, ActPage, RetrievalPage, CircuitsPage)
+PAGES: tuple[type[Page], ...] = (
+    HomePage,
+    CensusPage,
+    SinksPage,
+    ActPage,
+    RetrievalPage,
+    CircuitsPage,
+    VitPage,
+)
 
 __all__ = [
     "PAGES",
@@ -32,4 +41,5 @@ __all__ = [
     "RetrievalPage",
     "SinksPage",
     "Site",
+    "VitPage",
 ]

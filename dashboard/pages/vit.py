@@ -1,0 +1,261 @@
+"""The ViT page: which heads of a vision transformer matter, how far they look, which patterns they use.
+
+It shows one ``vit-heads`` run (:mod:`analyses.vit_heads`).
+
+Elements (stable ids): ``vit-run`` (run picker), ``vit-settings`` (the run's settings),
+``vit-findings`` (sentences reading the run's numbers), ``vit-metric`` (importance metric),
+``vit-importance`` (layer x head map of that metric; clicking a cell picks the head),
+``vit-agreement`` (Spearman matrix of the metrics), ``vit-trend-metric`` and ``vit-trend`` (a head
+statistic per layer with its spread), ``vit-head`` (the chosen head), ``vit-head-info`` (its numbers),
+``vit-distance`` (its strength against distance), ``vit-offset`` (its offset map) and
+``vit-clusters`` (the pattern-cluster gallery).
+
+The run stores attention maps averaged over images and no pixels, so there is no attention overlay
+on an image. The callbacks are methods taking plain values, so tests call them directly;
+:meth:`VitPage.register_callbacks` only wires them to the elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, ctx, html
+from dash.development.base_component import Component
+
+from analyses.runstore import Run
+from dashboard.pages import base as ui
+from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.views import vit as views
+
+DEFAULT_METRIC = "confidence_drop"
+DEFAULT_TREND = "mean_attention_distance"
+
+
+class VitPage(AnalysisPage):
+    path: ClassVar[str] = "/vit"
+    title: ClassVar[str] = "ViT heads"
+    analysis: ClassVar[str] = views.ANALYSIS
+    run_noun: ClassVar[str] = "vit-heads"
+
+    @property
+    def run_id_element(self) -> str:
+        return "vit-run"
+
+    def _checked(self, run_id: str) -> Run:
+        run = self._run(run_id)
+        if not views.is_vit(run):
+            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
+            raise KeyError(f"run {run_id} lacks the vit-heads tables {', '.join(missing)}")
+        return run
+
+    # ------------------------------------------------------------------------------------ layout
+
+    def layout(self, params: Mapping[str, str]) -> Component:
+        choice = self.choose_run(params)
+        metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
+        head_options = self.head_options(choice.run_id)
+        head = self.select_head(choice.run_id, None, params.get("head"))
+        return html.Div(
+            [
+                html.H2("ViT heads: importance, attention distance and patterns"),
+                html.P(
+                    "Importance: each head's output is removed (pruned) and the linear probes on the image "
+                    "embedding are scored again: accuracy and true-class confidence drops, the embedding's "
+                    "cosine drop, and the gradient of the probes' loss with respect to the head's gate "
+                    "(every head; the drops only for the heads that were pruned, the others blank). "
+                    "Attention strength: mean attention from a patch to the patches at each offset and "
+                    "distance; patterns: clusters of autoencoded per-query attention maps "
+                    "(Li et al., TVCG 2023). The run keeps no per-image attention, so there is no overlay "
+                    "on an image.",
+                    className="hint",
+                ),
+                ui.controls(self.run_picker(choice)),
+                html.P(id="vit-settings", className="hint"),
+                *choice.notes,
+                html.Details(
+                    [html.Summary("What this run's numbers say"), html.Div(id="vit-findings")],
+                    open=True,
+                    className="panel",
+                ),
+                ui.columns(
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.dropdown(
+                                "metric",
+                                "vit-metric",
+                                options=[{"label": views.METRIC_NAMES[m], "value": m} for m in views.METRICS],
+                                value=metric,
+                            )
+                        ),
+                        ui.graph("vit-importance"),
+                    ),
+                    ui.panel(ui.graph("vit-agreement"), css=ui.DETAIL_PANEL),
+                ),
+                ui.columns(
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.radio(
+                                "per layer",
+                                "vit-trend-metric",
+                                [{"label": views.TREND_LABELS[m], "value": m} for m in views.TREND_METRICS],
+                                DEFAULT_TREND,
+                            )
+                        ),
+                        ui.graph("vit-trend"),
+                    ),
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.dropdown("head", "vit-head", options=head_options, value=head),
+                        ),
+                        html.Div(id="vit-head-info"),
+                        ui.graph("vit-distance"),
+                        css=ui.DETAIL_PANEL,
+                    ),
+                ),
+                ui.columns(
+                    ui.panel(ui.graph("vit-clusters")),
+                    ui.panel(ui.graph("vit-offset"), css=ui.DETAIL_PANEL),
+                ),
+            ],
+            className="page",
+        )
+
+    # --------------------------------------------------------------------------------- callbacks
+
+    def head_options(self, run_id: str | None) -> list[dict[str, Any]]:
+        """The run's heads as dropdown options (pruned heads marked)."""
+        if not run_id:
+            return []
+        try:
+            return views.head_options(self._checked(run_id))
+        except RUN_ERRORS:
+            return []
+
+    def select_head(
+        self,
+        run_id: str | None,
+        click: Mapping[str, Any] | None,
+        current: str | None,
+        triggered: str | None = None,
+    ) -> str | None:
+        """The head to show: the clicked importance-map cell (when the map was clicked), else
+        ``current`` if the run has it, else the run's head with the largest confidence drop."""
+        if not run_id:
+            return None
+        try:
+            run = self._checked(run_id)
+            keys = {o["value"] for o in views.head_options(run)}
+            default = views.head_key(*views.default_head(run))
+        except RUN_ERRORS:
+            return None
+        if triggered == "vit-importance":
+            points = (click or {}).get("points") or []
+            if points:
+                x, y = str(points[0].get("x")), str(points[0].get("y"))
+                clicked = views.head_key(int(y), int(x)) if x.isdigit() and y.isdigit() else None
+                if clicked in keys:
+                    return clicked
+        return current if current in keys else default
+
+    def settings(self, run_id: str | None) -> str:
+        if not run_id:
+            return ""
+        try:
+            return views.settings_line(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return f"cannot read the run's settings: {why(err)}"
+
+    def findings(self, run_id: str | None) -> Component:
+        if not run_id:
+            return html.P("No run selected.", className="hint")
+        try:
+            lines = views.findings(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return html.P(f"cannot read the run: {why(err)}", className="error")
+        return html.Ul([html.Li(line) for line in lines])
+
+    def head_info(self, run_id: str | None, head: str | None) -> Component:
+        chosen = views.parse_head(head)
+        if not run_id or chosen is None:
+            return html.P("No head selected.", className="hint")
+        try:
+            lines = views.head_lines(self._checked(run_id), *chosen)
+        except RUN_ERRORS as err:
+            return html.P(f"cannot show the head: {why(err)}", className="error")
+        return html.Div(
+            [
+                html.H3(f"Layer {chosen[0]}, head {chosen[1]}"),
+                *[html.P(line, className="hint") for line in lines],
+            ]
+        )
+
+    def importance_figure(self, run_id: str | None, metric: str | None, head: str | None) -> go.Figure:
+        chosen = views.parse_head(head)
+        shown = metric if metric in views.METRICS else DEFAULT_METRIC
+        return self._figure(
+            run_id, lambda run: views.importance_grid(run, shown, chosen), uirevision=f"{run_id}/{shown}"
+        )
+
+    def agreement_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.agreement_figure)
+
+    def trend_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
+        shown = metric if metric in views.TREND_METRICS else DEFAULT_TREND
+        return self._figure(run_id, lambda run: views.trend_figure(run, shown))
+
+    def _head_figure(
+        self, run_id: str | None, head: str | None, draw: Callable[[Run, int, int], go.Figure]
+    ) -> go.Figure:
+        chosen = views.parse_head(head)
+        if run_id and chosen is None:
+            return ui.empty_figure("select a head")
+        layer, h = chosen or (0, 0)
+        return self._figure(run_id, lambda run: draw(run, layer, h), uirevision=f"{run_id}/{head}")
+
+    def distance_figure(self, run_id: str | None, head: str | None) -> go.Figure:
+        return self._head_figure(run_id, head, views.distance_figure)
+
+    def offset_figure(self, run_id: str | None, head: str | None) -> go.Figure:
+        return self._head_figure(run_id, head, views.offset_map_figure)
+
+    def clusters_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.cluster_gallery)
+
+    def register_callbacks(self, app: Dash) -> None:
+        app.callback(Output("vit-head", "options"), Input("vit-run", "value"))(self.head_options)
+
+        def select_head(
+            run_id: str | None, click: Mapping[str, Any] | None, current: str | None
+        ) -> str | None:
+            return self.select_head(run_id, click, current, ctx.triggered_id)
+
+        app.callback(
+            Output("vit-head", "value"),
+            Input("vit-run", "value"),
+            Input("vit-importance", "clickData"),
+            State("vit-head", "value"),
+        )(select_head)
+        app.callback(Output("vit-settings", "children"), Input("vit-run", "value"))(self.settings)
+        app.callback(Output("vit-findings", "children"), Input("vit-run", "value"))(self.findings)
+        app.callback(
+            Output("vit-head-info", "children"), Input("vit-run", "value"), Input("vit-head", "value")
+        )(self.head_info)
+        app.callback(
+            Output("vit-importance", "figure"),
+            Input("vit-run", "value"),
+            Input("vit-metric", "value"),
+            Input("vit-head", "value"),
+        )(self.importance_figure)
+        app.callback(Output("vit-agreement", "figure"), Input("vit-run", "value"))(self.agreement_figure)
+        app.callback(
+            Output("vit-trend", "figure"), Input("vit-run", "value"), Input("vit-trend-metric", "value")
+        )(self.trend_figure)
+        app.callback(Output("vit-distance", "figure"), Input("vit-run", "value"), Input("vit-head", "value"))(
+            self.distance_figure
+        )
+        app.callback(Output("vit-offset", "figure"), Input("vit-run", "value"), Input("vit-head", "value"))(
+            self.offset_figure
+        )
+        app.callback(Output("vit-clusters", "figure"), Input("vit-run", "value"))(self.clusters_figure)

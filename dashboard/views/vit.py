@@ -1,0 +1,511 @@
+"""ViT head views: what the ViT page and the vit-heads report section show, read from a vit-heads run.
+
+Background
+----------
+A ``vit-heads`` run (:mod:`analyses.vit_heads`) holds ``heads`` (one row per (layer, head): the
+pruning metrics ``accuracy_drop``, ``confidence_drop``, ``cosine_drop`` (NaN for heads that were not
+pruned) and ``grad_importance``, plus attention strength and pattern columns), ``agreement`` (the
+Spearman rank correlation of the metrics over the pruned heads), ``probes`` (the linear-probe tasks),
+``distance`` (strength against patch distance per head), ``attention_trend`` (per-layer spread of
+the head statistics), ``clusters`` / ``cluster_info`` (the attention-pattern clusters) and the arrays
+``offset_maps`` ``[L, H, 2·rows − 1, 2·cols − 1]`` and ``cluster_prototypes``
+``[k, 2·rows − 1, 2·cols − 1]``. Every function takes a saved :class:`~analyses.runstore.Run` or the
+unsaved :class:`~analyses.base.AnalysisResult` alike, so a notebook draws a result before saving it.
+
+The run keeps no per-image attention (only maps averaged over images and queries) and no pixels, so
+no view overlays a head's attention on an image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analyses.base import AnalysisResult
+from analyses.vit_heads import IMPORTANCE_METRICS, METRIC_LABELS
+from dashboard import figures
+from dashboard.views.common import Source, config, table_names
+from dashboard.views.common import table as _table
+
+ANALYSIS = "vit-heads"
+METRICS: tuple[str, ...] = IMPORTANCE_METRICS
+METRIC_NAMES = {
+    "accuracy_drop": "accuracy drop",
+    "confidence_drop": "confidence drop",
+    "cosine_drop": "cosine drop",
+    "grad_importance": "gradient importance",
+}
+TREND_METRICS: tuple[str, ...] = (
+    "mean_attention_distance",
+    "patch_share",
+    "self_strength",
+    "neighbour_strength",
+)
+TREND_LABELS = {
+    "mean_attention_distance": "mean attention distance (patches)",
+    "patch_share": "share of attention on patches (not CLS)",
+    "self_strength": "attention to the query's own patch",
+    "neighbour_strength": "attention per patch at distance 1",
+}
+REQUIRED_TABLES = frozenset({"heads", "agreement", "distance", "attention_trend"})
+BLUE = "#31688e"
+ORANGE = "#e4572e"
+
+
+def table(source: Source, name: str) -> pd.DataFrame:
+    return _table(source, name, kind=ANALYSIS)
+
+
+def array(source: Source, name: str) -> np.ndarray:
+    if isinstance(source, AnalysisResult):
+        if name not in source.arrays:
+            raise KeyError(f"this {ANALYSIS} result has no array {name!r}")
+        return np.asarray(source.arrays[name])
+    return source.array(name)
+
+
+def has_array(source: Source, name: str) -> bool:
+    names = list(source.arrays) if isinstance(source, AnalysisResult) else source.array_names
+    return name in names
+
+
+def is_vit(source: Source) -> bool:
+    """Whether the source has the tables this module reads."""
+    return REQUIRED_TABLES.issubset(table_names(source))
+
+
+def heads(source: Source) -> pd.DataFrame:
+    return table(source, "heads")
+
+
+def head_key(layer: int, head: int) -> str:
+    return f"{int(layer)}-{int(head)}"
+
+
+def parse_head(key: str | None) -> tuple[int, int] | None:
+    """``"3-7"`` → (3, 7); None for anything else."""
+    if not isinstance(key, str) or key.count("-") != 1:
+        return None
+    a, b = key.split("-")
+    return (int(a), int(b)) if a.isdigit() and b.isdigit() else None
+
+
+def head_options(source: Source) -> list[dict[str, str]]:
+    """Every head as a dropdown option (pruned heads marked)."""
+    h = heads(source)
+    return [
+        {
+            "label": f"L{int(r.layer)} H{int(r.head)}" + (" (pruned)" if bool(r.pruned) else ""),
+            "value": head_key(int(r.layer), int(r.head)),
+        }
+        for r in h.itertuples(index=False)
+    ]
+
+
+def default_head(source: Source) -> tuple[int, int]:
+    """The head with the largest confidence drop (else gradient importance)."""
+    h = heads(source)
+    for metric in ("confidence_drop", "grad_importance"):
+        values = pd.to_numeric(h[metric], errors="coerce") if metric in h else None
+        if values is not None and values.notna().any():
+            row = h.loc[values.idxmax()]
+            return int(row["layer"]), int(row["head"])
+    return int(h["layer"].iloc[0]), int(h["head"].iloc[0])
+
+
+def settings_line(source: Source) -> str:
+    """One line naming the run's settings (plain text)."""
+    cfg = config(source)
+    h = heads(source)
+    parts = [f"preset {cfg.get('preset', '?')}", f"{cfg.get('ablation', 'zero')} ablation"]
+    parts.append(f"{int(h['pruned'].sum())} of {len(h)} heads pruned")
+    if "n_eval" in cfg:
+        parts.append(f"at most {cfg['n_eval']} eval images per source")
+    if "tasks" in cfg:
+        parts.append("tasks " + ", ".join(str(t) for t in cfg["tasks"]))
+    if "attention_images" in cfg:
+        parts.append(f"attention on {cfg.get('n_attention_images', '?')} {cfg['attention_images']} images")
+    if "seed" in cfg:
+        parts.append(f"seed {cfg['seed']}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- importance
+
+
+def importance_grid(source: Source, metric: str, selected: tuple[int, int] | None = None) -> go.Figure:
+    """Layer x head heat map of one importance metric; heads that were not pruned are blank (NaN)."""
+    if metric not in METRICS:
+        raise KeyError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    h = heads(source)
+    grid = h.pivot(index="layer", columns="head", values=metric).astype(float)
+    z = grid.to_numpy()
+    status = np.where(np.isfinite(z), "", "not pruned")
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[str(c) for c in grid.columns],
+            y=[str(i) for i in grid.index],
+            customdata=status,
+            colorscale=figures.COLORSCALE,
+            colorbar={"title": {"text": METRIC_NAMES[metric]}},
+            hoverongaps=True,
+            hovertemplate="layer %{y}, head %{x}<br>" + metric + " = %{z:.4f} %{customdata}<extra></extra>",
+        )
+    )
+    n_missing = int((~np.isfinite(z)).sum())
+    subtitle = METRIC_LABELS[metric] + (f"; blank: {n_missing} heads not pruned" if n_missing else "")
+    figures.head_grid_layout(fig, f"Head importance: {METRIC_NAMES[metric]}", subtitle, z.shape[0])
+    fig.update_layout(plot_bgcolor="#ebebeb")
+    if selected is not None:
+        figures.mark_head(fig, selected[0], selected[1])
+    return fig
+
+
+def agreement_matrix(source: Source) -> pd.DataFrame:
+    """Spearman correlations between the metrics (metric x metric)."""
+    agree = table(source, "agreement")
+    present = [m for m in METRICS if m in set(agree["metric_a"])]
+    return agree.pivot(index="metric_a", columns="metric_b", values="spearman").loc[present, present]
+
+
+def agreement_figure(source: Source) -> go.Figure:
+    """Heat map of the Spearman rank correlations between the importance metrics."""
+    matrix = agreement_matrix(source)
+    agree = table(source, "agreement")
+    n = int(agree["n_heads"].max()) if len(agree) else 0
+    names = [METRIC_NAMES[m] for m in matrix.index]
+    z = matrix.to_numpy(dtype=float)
+    text = [["–" if not math.isfinite(v) else f"{v:.2f}" for v in row] for row in z]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=names,
+            y=names,
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu",
+            text=text,
+            texttemplate="%{text}",
+            colorbar={"title": {"text": "Spearman"}},
+            hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=figures.titled("Metric agreement", f"Spearman rank correlation over the {n} pruned heads"),
+        yaxis={"autorange": "reversed"},
+        height=380,
+        margin={"l": 130, "r": 20, "t": 70, "b": 90},
+    )
+    return fig
+
+
+def top_heads(source: Source, metric: str, k: int = 5) -> pd.DataFrame:
+    """The ``k`` heads with the largest ``metric`` (not-pruned heads left out)."""
+    h = heads(source)
+    h = h[np.isfinite(h[metric].astype(float))]
+    return h.nlargest(k, metric)[["layer", "head", *METRICS]].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------- distance
+
+
+def trend_figure(source: Source, metric: str = "mean_attention_distance") -> go.Figure:
+    """Per layer: the mean over heads (line), the interquartile band, min–max whiskers and the heads."""
+    if metric not in TREND_METRICS:
+        raise KeyError(f"unknown trend metric {metric!r}; choose from {', '.join(TREND_METRICS)}")
+    trend = table(source, "attention_trend")
+    rows = trend[trend["metric"] == metric].sort_values("layer")
+    if rows.empty:
+        raise KeyError(f"the run's attention_trend has no {metric!r}")
+    layers = rows["layer"].astype(int).tolist()
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=layers + layers[::-1],
+            y=rows["q75"].tolist() + rows["q25"].tolist()[::-1],
+            fill="toself",
+            fillcolor="rgba(49,104,142,0.2)",
+            line={"width": 0},
+            name="interquartile range",
+            hoverinfo="skip",
+        )
+    )
+    h = heads(source)
+    if metric in h:
+        fig.add_trace(
+            go.Scatter(
+                x=h["layer"],
+                y=h[metric],
+                mode="markers",
+                marker={"size": 5, "color": "#9fb4c7"},
+                name="heads",
+                customdata=h["head"],
+                hovertemplate="layer %{x}, head %{customdata}: %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=layers,
+            y=rows["mean"],
+            mode="lines+markers",
+            line={"color": BLUE, "width": 2.5},
+            error_y={
+                "type": "data",
+                "array": (rows["max"] - rows["mean"]).tolist(),
+                "arrayminus": (rows["mean"] - rows["min"]).tolist(),
+                "visible": True,
+                "color": "rgba(49,104,142,0.5)",
+            },
+            name="mean over heads (whiskers: min–max)",
+            hovertemplate="layer %{x}: mean %{y:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=figures.titled(f"{TREND_LABELS[metric]} by layer", "spread over the heads of each layer"),
+        xaxis={"title": {"text": "layer"}, "dtick": 1},
+        yaxis={"title": {"text": TREND_LABELS[metric]}},
+        height=380,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def distance_figure(source: Source, layer: int, head: int) -> go.Figure:
+    """Strength (mean attention per patch pair) against patch distance for one head, with the
+    mean over its layer's heads for reference."""
+    dist = table(source, "distance")
+    mine = dist[(dist["layer"] == layer) & (dist["head"] == head)].sort_values("distance")
+    if mine.empty:
+        raise KeyError(f"the run has no distance profile for layer {layer}, head {head}")
+    layer_mean = dist[dist["layer"] == layer].groupby("distance")["strength"].mean()
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=layer_mean.index,
+            y=layer_mean.values,
+            mode="lines",
+            line={"color": "#9fb4c7", "dash": "dot"},
+            name=f"mean of layer {layer}",
+            hovertemplate="distance %{x}: %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=mine["distance"],
+            y=mine["strength"],
+            mode="lines+markers",
+            line={"color": ORANGE, "width": 2.5},
+            name=f"L{layer} H{head}",
+            hovertemplate="distance %{x}: %{y:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=figures.titled(
+            f"Strength vs distance: layer {layer}, head {head}",
+            "mean attention per (patch query, patch key) pair at each integer distance",
+        ),
+        xaxis={"title": {"text": "distance (patches)"}, "dtick": 1},
+        yaxis={"title": {"text": "attention per key"}, "rangemode": "tozero"},
+        height=380,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def _offset_axes(n_rows: int, n_cols: int) -> tuple[list[int], list[int]]:
+    return list(range(-(n_rows // 2), n_rows // 2 + 1)), list(range(-(n_cols // 2), n_cols // 2 + 1))
+
+
+def offset_map_figure(source: Source, layer: int, head: int) -> go.Figure:
+    """Mean attention from a patch query to the patch at each (row, column) offset, for one head."""
+    maps = array(source, "offset_maps")
+    if not (0 <= layer < maps.shape[0] and 0 <= head < maps.shape[1]):
+        raise KeyError(f"no head ({layer}, {head}) in offset_maps of shape {maps.shape[:2]}")
+    z = np.asarray(maps[layer, head], dtype=float)
+    rows, cols = _offset_axes(*z.shape)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=cols,
+            y=rows,
+            colorscale=figures.COLORSCALE,
+            colorbar={"title": {"text": "attention"}},
+            hovertemplate="offset (row %{y}, col %{x}): %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[0],
+            y=[0],
+            mode="markers",
+            marker={"symbol": "x-thin-open", "size": 12, "color": ORANGE, "line": {"width": 2}},
+            name="the query",
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )
+    fig.update_layout(
+        title=figures.titled(
+            f"Offset map: layer {layer}, head {head}",
+            "mean attention to the patch at each offset from the query",
+        ),
+        xaxis={"title": {"text": "column offset"}, "scaleanchor": "y", "constrain": "domain"},
+        yaxis={"title": {"text": "row offset"}, "autorange": "reversed", "constrain": "domain"},
+        height=420,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------- patterns
+
+
+def has_clusters(source: Source) -> bool:
+    return has_array(source, "cluster_prototypes") and "cluster_info" in table_names(source)
+
+
+def cluster_gallery(source: Source, per_row: int = 4) -> go.Figure:
+    """The pattern clusters' prototype maps (centred on the query) as small heat maps, with their
+    share of the maps and how many heads they dominate."""
+    if not has_clusters(source):
+        return figures.message_figure("this run has no pattern clusters (too few maps)")
+    protos = np.asarray(array(source, "cluster_prototypes"), dtype=float)
+    info = table(source, "cluster_info").set_index("cluster")
+    k = protos.shape[0]
+    n_cols = min(per_row, k)
+    n_rows = math.ceil(k / n_cols)
+    titles = []
+    for c in range(k):
+        share = float(info.loc[c, "map_share"]) if c in info.index else math.nan
+        dom = int(info.loc[c, "n_heads_dominant"]) if c in info.index else 0
+        titles.append(f"cluster {c}: {100 * share:.0f}% of maps, {dom} heads")
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.04)
+    rows, cols = _offset_axes(*protos.shape[1:])
+    for c in range(k):
+        fig.add_trace(
+            go.Heatmap(
+                z=protos[c],
+                x=cols,
+                y=rows,
+                colorscale=figures.COLORSCALE,
+                showscale=False,
+                hovertemplate=f"cluster {c}<br>offset (row %{{y}}, col %{{x}}): %{{z:.4f}}<extra></extra>",
+            ),
+            row=c // n_cols + 1,
+            col=c % n_cols + 1,
+        )
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    for i in range(1, k + 1):
+        suffix = "" if i == 1 else str(i)
+        fig.update_layout({f"yaxis{suffix}": {"scaleanchor": f"x{suffix}"}})
+    fig.update_annotations(font={"size": 11})
+    fig.update_layout(
+        title=figures.titled(
+            "Attention-pattern clusters", "prototype (mean) map of each cluster, centred on the query"
+        ),
+        height=90 + 230 * n_rows,
+        margin={"l": 20, "r": 20, "t": 90, "b": 20},
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------- findings
+
+
+def head_lines(source: Source, layer: int, head: int) -> list[str]:
+    """Sentences on one head's numbers."""
+    h = heads(source)
+    row = h[(h["layer"] == layer) & (h["head"] == head)]
+    if row.empty:
+        raise KeyError(f"the run has no head ({layer}, {head})")
+    r = row.iloc[0]
+    lines = []
+    if bool(r["pruned"]):
+        drops = ", ".join(f"{METRIC_NAMES[m]} {float(r[m]):.4f}" for m in METRICS)
+        lines.append(f"Pruned: {drops}.")
+    else:
+        lines.append(f"Not pruned; gradient importance {float(r['grad_importance']):.4f}.")
+    lines.append(
+        f"Mean attention distance {float(r['mean_attention_distance']):.2f} patches, "
+        f"{100 * float(r['patch_share']):.0f}% of its attention on patches, "
+        f"self {float(r['self_strength']):.3f}, distance-1 neighbours {float(r['neighbour_strength']):.3f} per patch."
+    )
+    if "cluster" in r and not pd.isna(r["cluster"]):
+        lines.append(
+            f"Dominant pattern cluster {int(r['cluster'])} ({100 * float(r['cluster_share']):.0f}% of its maps)."
+        )
+    return lines
+
+
+def findings(source: Source) -> list[str]:
+    """Plain-text sentences reading the run's numbers."""
+    h = heads(source)
+    lines = []
+    pruned = h[h["pruned"].astype(bool)]
+    if "probes" in table_names(source):
+        probes = table(source, "probes")
+        ok = probes[probes["status"] == "ok"] if "status" in probes else probes
+        if len(ok):
+            acc = ", ".join(
+                f"{t} {a:.2f} (chance {c:.2f})"
+                for t, a, c in zip(ok["task"], ok["test_accuracy"], ok["chance"], strict=True)
+            )
+            lines.append(f"Linear probes on the intact embedding, test accuracy: {acc}.")
+    if len(pruned):
+        best = pruned.loc[pruned["confidence_drop"].astype(float).idxmax()]
+        lines.append(
+            f"{len(pruned)} of {len(h)} heads were pruned; removing layer {int(best['layer'])}, head "
+            f"{int(best['head'])} costs the most true-class confidence ({float(best['confidence_drop']):.3f}, "
+            f"cosine drop {float(best['cosine_drop']):.3f})."
+        )
+        g = h.loc[h["grad_importance"].astype(float).idxmax()]
+        lines.append(
+            f"The largest gradient importance is layer {int(g['layer'])}, head {int(g['head'])} "
+            f"({float(g['grad_importance']):.4f})."
+        )
+    try:
+        matrix = agreement_matrix(source)
+        pairs = [
+            (a, b, float(matrix.loc[a, b]))
+            for i, a in enumerate(matrix.index)
+            for b in matrix.index[i + 1 :]
+            if math.isfinite(float(matrix.loc[a, b]))
+        ]
+        if pairs:
+            hi = max(pairs, key=lambda p: p[2])
+            lo = min(pairs, key=lambda p: p[2])
+            lines.append(
+                f"Metrics agree most between {METRIC_NAMES[hi[0]]} and {METRIC_NAMES[hi[1]]} "
+                f"(Spearman {hi[2]:.2f}) and least between {METRIC_NAMES[lo[0]]} and "
+                f"{METRIC_NAMES[lo[1]]} ({lo[2]:.2f})."
+            )
+    except KeyError:
+        pass
+    trend = table(source, "attention_trend")
+    mad = trend[trend["metric"] == "mean_attention_distance"].sort_values("layer")
+    if len(mad) >= 2:
+        first, last = mad.iloc[0], mad.iloc[-1]
+        direction = "grows" if float(last["mean"]) > float(first["mean"]) else "shrinks"
+        lines.append(
+            f"Mean attention distance {direction} from {float(first['mean']):.2f} patches in layer "
+            f"{int(first['layer'])} to {float(last['mean']):.2f} in layer {int(last['layer'])}; the spread "
+            f"over heads in the first layer is {float(first['min']):.2f}–{float(first['max']):.2f}."
+        )
+    if "cluster_info" in table_names(source):
+        info = table(source, "cluster_info")
+        if len(info):
+            big = info.loc[info["map_share"].idxmax()]
+            lines.append(
+                f"{len(info)} attention-pattern clusters; the largest, cluster {int(big['cluster'])}, holds "
+                f"{100 * float(big['map_share']):.0f}% of the maps (prototype: {100 * float(big['prototype_self']):.0f}% "
+                f"on the query's own patch, mean distance {float(big['prototype_distance']):.2f} patches)."
+            )
+    return lines

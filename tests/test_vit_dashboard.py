@@ -1,0 +1,251 @@
+"""The ViT page (callbacks called directly and through Dash), its views and its report sections, on a
+``vit-heads`` run of the tiny CLIP vision tower with ``preset="small"`` (2 layers x 4 heads, 6 pruned;
+the numbers of random weights mean nothing: the figures must show exactly the tables and arrays)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from dash import Dash
+from plotly.utils import PlotlyJSONEncoder
+
+import probe
+from analyses import runstore, vit_heads
+from analyses.base import AnalysisResult
+from dashboard import report
+from dashboard.app import build_pages, create_app
+from dashboard.catalog import RunCatalog
+from dashboard.pages import HomePage, VitPage
+from dashboard.pages.base import Site
+from dashboard.sections import REPORT_SECTIONS
+from dashboard.sections import vit as vit_section
+from dashboard.views import vit as views
+
+
+@dataclass(frozen=True)
+class Runs:
+    root: Path
+    run_id: str
+    other: str  # a census run under the same root
+    result: AnalysisResult
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    root = tmp_path_factory.mktemp("vit-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        model = probe.load_model("tiny-clip-vision", device="cpu")
+        result = vit_heads.run_vit_heads(model, vit_heads.VitHeadsConfig(preset="small", progress=False))
+        path = result.save(root)
+        other = runstore.write_run(root, analysis="census", model_info={"name": "m"}, config={},
+                                   tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})})  # fmt: skip
+    yield Runs(root, path.name, other.name, result)
+
+
+def _page(root: Path) -> VitPage:
+    return VitPage(Site(catalog=RunCatalog(root), analysis_paths={"vit-heads": "/vit"}))
+
+
+def _run(runs: Runs) -> runstore.Run:
+    return runstore.open_run(runs.root / runs.run_id)
+
+
+def _text(component: Any) -> str:
+    return json.dumps(component, cls=PlotlyJSONEncoder)
+
+
+def _decode(z: Any) -> Any:
+    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
+    if isinstance(z, dict) and "bdata" in z:
+        import base64
+
+        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
+        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
+    return z
+
+
+def _z(fig: Any) -> np.ndarray:
+    return np.asarray(_decode(fig.data[0].z), dtype=float)
+
+
+# ---------------------------------------------------------------------------------------- the page
+
+
+def test_page_offers_only_vit_runs_and_renders(runs: Runs) -> None:
+    page = _page(runs.root)
+    assert {o["value"] for o in page.run_options()} == {runs.run_id}
+    text = _text(page.layout({"run": runs.run_id, "metric": "cosine_drop", "head": "1-2"}))
+    for element in ("vit-run", "vit-settings", "vit-findings", "vit-metric", "vit-importance", "vit-agreement",
+                    "vit-trend-metric", "vit-trend", "vit-head", "vit-head-info", "vit-distance", "vit-offset",
+                    "vit-clusters"):  # fmt: skip
+        assert f'"id": "{element}"' in text
+    assert '"value": "cosine_drop"' in text and '"value": "1-2"' in text
+    assert "no overlay" in text
+    assert page.head_options(runs.run_id)[0] == {"label": "L0 H0 (pruned)", "value": "0-0"}
+    assert page.head_options(None) == [] and page.head_options(runs.other) == []
+
+
+def test_importance_grid_shows_each_metric_with_nan_for_unpruned_heads(runs: Runs) -> None:
+    page = _page(runs.root)
+    heads = _run(runs).heads
+    n_pruned = int(heads["pruned"].sum())
+    assert 0 < n_pruned < len(heads)
+    for metric in views.METRICS:
+        fig = page.importance_figure(runs.run_id, metric, "0-1")
+        z = _z(fig)
+        expected = heads.pivot(index="layer", columns="head", values=metric).to_numpy(dtype=float)
+        np.testing.assert_allclose(z, expected, equal_nan=True)
+        if metric != "grad_importance":
+            assert int(np.isnan(z).sum()) == len(heads) - n_pruned
+            assert "not pruned" in fig.layout.title.subtitle.text
+        assert len(fig.layout.shapes) == 1  # the chosen head outlined
+    first = _z(page.importance_figure(runs.run_id, "accuracy_drop", None))
+    second = _z(page.importance_figure(runs.run_id, "grad_importance", None))
+    assert not np.allclose(np.nan_to_num(first), np.nan_to_num(second))
+
+
+def test_agreement_trend_distance_offset_and_clusters(runs: Runs) -> None:
+    page = _page(runs.root)
+    run = _run(runs)
+    agree = page.agreement_figure(runs.run_id)
+    np.testing.assert_allclose(_z(agree), run.array("agreement"), rtol=1e-5)
+    assert list(agree.data[0].x) == [views.METRIC_NAMES[m] for m in views.METRICS]
+    trend = page.trend_figure(runs.run_id, "mean_attention_distance")
+    rows = run.table("attention_trend")
+    mad = rows[rows["metric"] == "mean_attention_distance"].sort_values("layer")
+    np.testing.assert_allclose(np.asarray(trend.data[-1].y, dtype=float), mad["mean"].to_numpy())
+    assert "distance 1" in page.trend_figure(runs.run_id, "neighbour_strength").layout.yaxis.title.text
+    dist = page.distance_figure(runs.run_id, "1-2")
+    table = run.table("distance")
+    mine = table[(table["layer"] == 1) & (table["head"] == 2)].sort_values("distance")
+    np.testing.assert_allclose(np.asarray(dist.data[1].y, dtype=float), mine["strength"].to_numpy())
+    offset = page.offset_figure(runs.run_id, "1-2")
+    maps = run.array("offset_maps")
+    np.testing.assert_allclose(_z(offset), maps[1, 2], rtol=1e-6)
+    assert offset.data[0].x[0] == -(maps.shape[-1] // 2)
+    gallery = page.clusters_figure(runs.run_id)
+    protos = run.array("cluster_prototypes")
+    heat = [t for t in gallery.data if t.type == "heatmap"]
+    assert len(heat) == protos.shape[0]
+    np.testing.assert_allclose(np.asarray(_decode(heat[0].z), dtype=float), protos[0], rtol=1e-6)
+    info = run.table("cluster_info")
+    share = 100 * float(info.loc[info["cluster"] == 0, "map_share"].iloc[0])
+    assert f"{share:.0f}% of maps" in gallery.layout.annotations[0].text
+
+
+def test_head_selection_click_run_and_messages(runs: Runs) -> None:
+    page = _page(runs.root)
+    click = {"points": [{"x": "3", "y": "1", "z": 0.1}]}
+    assert page.select_head(runs.run_id, click, "0-0", "vit-importance") == "1-3"
+    assert page.select_head(runs.run_id, click, "0-0", "vit-run") == "0-0"  # a stale click is ignored
+    best = views.default_head(runs.result)
+    assert page.select_head(runs.run_id, None, "9-9") == views.head_key(*best)
+    assert page.select_head(None, click, "0-0") is None
+    info = _text(page.head_info(runs.run_id, "1-3"))
+    assert "Layer 1, head 3" in info and "Not pruned" in info
+    assert "No head selected" in _text(page.head_info(runs.run_id, None))
+    findings = _text(page.findings(runs.run_id))
+    assert "Spearman" in findings and "Mean attention distance" in findings
+    assert "preset small" in page.settings(runs.run_id)
+    for fig in (page.importance_figure(None, None, None), page.agreement_figure(runs.other)):
+        assert fig.layout.annotations and not fig.data
+    assert "select a head" in page.distance_figure(runs.run_id, None).layout.annotations[0].text
+
+
+def test_views_read_the_unsaved_result_like_the_run(runs: Runs) -> None:
+    run = _run(runs)
+    assert views.findings(run) == views.findings(runs.result)
+    np.testing.assert_allclose(
+        _z(views.offset_map_figure(runs.result, 0, 1)), _z(views.offset_map_figure(run, 0, 1))
+    )
+    assert views.settings_line(run) == views.settings_line(runs.result)
+
+
+# ---------------------------------------------------------------------------------------- Dash
+
+
+def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
+    page = _page(runs.root)
+    app = Dash(__name__)
+    app.layout = page.layout({"run": runs.run_id})
+    page.register_callbacks(app)
+    assert {"vit-importance.figure", "vit-agreement.figure", "vit-trend.figure", "vit-distance.figure",
+            "vit-offset.figure", "vit-clusters.figure", "vit-head.value", "vit-head.options"} <= set(app.callback_map)  # fmt: skip
+    client = app.server.test_client()
+
+    def post(output: str, inputs: list[tuple[str, Any]]) -> Any:
+        element, prop = output.split(".")
+        payload = {
+            "output": output,
+            "outputs": {"id": element, "property": prop},
+            "inputs": [{"id": i, "property": "value", "value": v} for i, v in inputs],
+            "changedPropIds": [f"{inputs[-1][0]}.value"],
+            "state": [],
+        }
+        response = client.post("/_dash-update-component", json=payload)
+        assert response.status_code == 200
+        return json.loads(response.data)["response"][element][prop]
+
+    grid = post(
+        "vit-importance.figure",
+        [("vit-run", runs.run_id), ("vit-metric", "cosine_drop"), ("vit-head", "0-2")],
+    )
+    assert "cosine drop" in grid["layout"]["title"]["text"]
+    offset = post("vit-offset.figure", [("vit-run", runs.run_id), ("vit-head", "1-0")])
+    np.testing.assert_allclose(np.asarray(_decode(offset["data"][0]["z"]), dtype=float),
+                               _run(runs).array("offset_maps")[1, 0], rtol=1e-6)  # fmt: skip
+    gallery = post("vit-clusters.figure", [("vit-run", runs.run_id)])
+    assert "Attention-pattern clusters" in gallery["layout"]["title"]["text"]
+
+
+def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:
+    app = create_app(runs.root)
+    assert "vit-offset.figure" in app.callback_map
+    payload = {
+        "output": "page-content.children",
+        "outputs": {"id": "page-content", "property": "children"},
+        "inputs": [
+            {"id": "url", "property": "pathname", "value": "/vit"},
+            {"id": "url", "property": "search", "value": f"?run={runs.run_id}&metric=grad_importance"},
+        ],
+        "changedPropIds": ["url.pathname"],
+        "state": [],
+    }
+    response = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert response.status_code == 200
+    served = json.dumps(json.loads(response.data)["response"]["page-content"]["children"])
+    assert "ViT heads: importance" in served and '"value": "grad_importance"' in served
+    home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))
+    assert f"/vit?run={runs.run_id}" in _text(home.layout({}))
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def test_report_sections_render(runs: Runs, tmp_path: Path) -> None:
+    assert REPORT_SECTIONS["vit-heads"] is vit_section.report_sections
+    run = _run(runs)
+    sections = vit_section.report_sections(run)
+    assert [s.anchor for s in sections] == ["vit-overview", "vit-importance", "vit-distance", "vit-patterns"]
+    body = "".join(s.body for s in sections)
+    for needle in ("vit-importance-accuracy_drop", "vit-importance-grad_importance", "vit-agreement", "vit-trend",
+                   "vit-distance", "vit-offset", "vit-clusters"):  # fmt: skip
+        assert f'id="{needle}"' in body
+    for line in views.findings(run):
+        assert line.replace("&", "&amp;").replace("'", "&#x27;") in body
+    page = report.render_report(run)
+    assert 'id="vit-patterns"' in page and "Attention-pattern clusters" in page
+    foreign = runstore.write_run(
+        tmp_path / "runs", analysis="vit-heads", model_info={"name": "m"}, config={},
+        tables={"heads": run.heads[["layer", "head", "grad_importance"]]},
+    )  # fmt: skip
+    generic = report.render_report(runstore.open_run(foreign))
+    assert 'id="heads-heatmap-0"' in generic and 'id="vit-overview"' not in generic
