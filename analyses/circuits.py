@@ -445,8 +445,11 @@ class GroupCache:
     corrupt: EndReadout
 
 
-def cache_group(runner: Runner, group: PromptSet) -> GroupCache:
-    """One clean and one corrupted forward over ``group``: every layer's ``z`` and the END metric."""
+def cache_group(runner: Runner, group: PromptSet, signatures: SignatureSums | None = None) -> GroupCache:
+    """One clean and one corrupted forward over ``group``: every layer's ``z`` and the END metric.
+
+    With ``signatures``, the clean pass also adds the group's attention signatures to it (no extra
+    forward pass)."""
     model = runner.model
     out: list[dict[int, torch.Tensor]] = []
     reads: list[EndReadout] = []
@@ -459,9 +462,10 @@ def cache_group(runner: Runner, group: PromptSet) -> GroupCache:
 
             return hook
 
-        final = runner.run(
-            ids, [(attn_hook(x, "z"), make(x)) for x in range(model.n_layers)], end=group.roles["end"]
-        )
+        points = [(attn_hook(x, "z"), make(x)) for x in range(model.n_layers)]
+        if signatures is not None and ids is group.clean:
+            points += signatures.hooks(group)
+        final = runner.run(ids, points, end=group.roles["end"])
         assert final is not None
         out.append(store)
         reads.append(runner.readout(final, group, 1, top=True))
@@ -611,10 +615,6 @@ class Receivers:
             raise ConfigError(f"receivers of kind {self.input!r} need at least one head")
 
     @property
-    def first_layer(self) -> int:
-        return min((layer for layer, _ in self.heads), default=10**9)
-
-    @property
     def last_layer(self) -> int:
         return max((layer for layer, _ in self.heads), default=10**9)
 
@@ -679,7 +679,7 @@ def path_patching_raw(
             if siblings:
                 s = torch.zeros(1, model.n_heads, dtype=torch.bool)
                 s[0, siblings] = True
-                patch.append((attn_hook(layer, "z"), _pin_hook(cache.clean_z[layer], s, G)))
+                patch.append((attn_hook(layer, "z"), _swap_hook(cache.clean_z[layer], s.expand(G, -1))))
     final = runner.run(clean_ids, patch, end=end)
     assert final is not None
     return runner.readout(final, group, G).logit_diff.reshape(G, n)
@@ -701,12 +701,6 @@ def _input_patch(recorded: torch.Tensor, idx: list[int], end: torch.Tensor | Non
         return out
 
     return hook
-
-
-def _pin_hook(clean_z: torch.Tensor, sel: torch.Tensor, copies: int) -> HookFn:
-    """hook_z: the heads ``sel[0]`` marks take their clean value in every copy."""
-    base = _swap_hook(clean_z, sel.expand(copies, -1))
-    return base
 
 
 def path_patching(
@@ -743,37 +737,54 @@ def path_patching(
 # ---------------------------------------------------------------------------------- signatures
 
 
+class SignatureSums:
+    """Running sums of the attention signatures over clean prompts, read in ``hook_pattern``.
+
+    Each :data:`SIGNATURES` entry is the attention from its query role to its key roles (summed),
+    plus ``previous_token``: the mean of ``A[t, t-1]`` over positions ``t >= 1``. The reduction runs
+    on the pattern's device; only ``[N, H]`` values leave it.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        names = [*SIGNATURES, "previous_token"]
+        self.sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in names}
+        self.count = 0
+
+    def hooks(self, group: PromptSet) -> list[tuple[str, HookFn]]:
+        """Hooks for every layer's pattern on ``group``'s clean prompts (counts the group once)."""
+        self.count += len(group)
+
+        def make(layer: int) -> HookFn:
+            def hook(pattern: torch.Tensor, hook: Any) -> None:
+                p = pattern.detach()  # [N, H, T, T]
+                rows = torch.arange(p.shape[0], device=p.device)
+                roles = {k: v.to(p.device) for k, v in group.roles.items()}
+                for name, (q_role, k_roles) in SIGNATURES.items():
+                    val = torch.stack([p[rows, :, roles[q_role], roles[k]] for k in k_roles]).double().sum(0)
+                    self.sums[name][layer] += val.sum(0).cpu()
+                if p.shape[-1] > 1:
+                    prev = p.diagonal(offset=-1, dim1=-2, dim2=-1).double()  # [N, H, T-1]
+                    self.sums["previous_token"][layer] += prev.mean(-1).sum(0).cpu()
+
+            return hook
+
+        return [(attn_hook(x, "pattern"), make(x)) for x in range(self.sums["previous_token"].shape[0])]
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {k: (v / max(self.count, 1)).numpy() for k, v in self.sums.items()}
+
+
 @torch.no_grad()
 def attention_signatures(
     runner: Runner, groups: Sequence[PromptSet], *, batch_size: int = 128
 ) -> dict[str, np.ndarray]:
-    """Mean attention ``[L, H]`` of each :data:`SIGNATURES` entry on the clean prompts, plus
-    ``previous_token``: the mean of ``A[t, t-1]`` over positions ``t >= 1``."""
+    """Mean attention ``[L, H]`` of each :data:`SIGNATURES` entry (and ``previous_token``) on the
+    clean prompts, in passes of its own (:func:`prepare` reads them during its clean pass instead)."""
     model = runner.model
-    sums = {name: np.zeros((model.n_layers, model.n_heads)) for name in [*SIGNATURES, "previous_token"]}
-    count = 0
-    chunks = [g.subset(rows) for g in groups for rows in _chunks(len(g), batch_size)]
-    for group in chunks:
-        n = len(group)
-        rows = torch.arange(n)
-
-        def make(layer: int, group: PromptSet = group, rows: torch.Tensor = rows) -> HookFn:
-            def hook(pattern: torch.Tensor, hook: Any) -> None:
-                p = pattern.detach().float().cpu()  # [N, H, T, T]
-                for name, (q_role, k_roles) in SIGNATURES.items():
-                    q = group.roles[q_role]
-                    val = torch.stack([p[rows, :, q, group.roles[k]] for k in k_roles]).sum(0)
-                    sums[name][layer] += val.sum(0).double().numpy()
-                t = p.shape[-1]
-                prev = p.diagonal(offset=-1, dim1=-2, dim2=-1)  # [N, H, T-1]
-                sums["previous_token"][layer] += prev.mean(-1).sum(0).double().numpy() if t > 1 else 0.0
-
-            return hook
-
-        runner.run(group.clean, [(attn_hook(x, "pattern"), make(x)) for x in range(model.n_layers)],
-                   stop_after=attn_hook(model.n_layers - 1, "pattern"))  # fmt: skip
-        count += n
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    sums = SignatureSums(model.n_layers, model.n_heads)
+    for group in [g.subset(rows) for g in groups for rows in _chunks(len(g), batch_size)]:
+        runner.run(group.clean, sums.hooks(group), stop_after=attn_hook(model.n_layers - 1, "pattern"))
+    return sums.means()
 
 
 # ---------------------------------------------------------------------------------- discovery
@@ -1120,23 +1131,23 @@ class TaskAnalysis:
     ablation: pd.DataFrame
     attribution: np.ndarray  # [L, H], first-order estimate of activation patching
 
-    @property
-    def circuit(self) -> list[Head]:
-        return sorted({h for heads in self.discovery.classes.values() for h in heads})
 
-
-def prepare(runner: Runner, task: TaskName, cfg: CircuitConfig) -> tuple[TaskData, list[GroupCache]]:
-    """The task's prompts and, per chunk of at most ``batch_size // 4`` prompts, its clean/corrupted cache."""
+def prepare(
+    runner: Runner, task: TaskName, cfg: CircuitConfig
+) -> tuple[TaskData, list[GroupCache], dict[str, np.ndarray]]:
+    """The task's prompts; per chunk of at most ``batch_size // 4`` prompts, its clean/corrupted
+    cache; and the attention signatures, read during the same clean passes."""
     data = TASK_BUILDERS[task](runner.model, cfg.n_items, cfg.seed)
     per = max(1, cfg.batch_size // 4)
     chunks = [g.subset(rows) for g in data.groups for rows in _chunks(len(g), per)]
     bar = _progress(len(chunks), f"{task} clean/corrupted runs", cfg.progress)
+    signatures = SignatureSums(runner.model.n_layers, runner.model.n_heads)
     caches = []
     for chunk in chunks:
-        caches.append(cache_group(runner, chunk))
+        caches.append(cache_group(runner, chunk, signatures))
         bar.update(1)
     bar.close()
-    return data, caches
+    return data, caches, signatures.means()
 
 
 def _metrics(
@@ -1174,9 +1185,8 @@ def _metrics(
 def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnalysis:
     """Metrics, activation patching, staged discovery, faithfulness and the name-mover ablation."""
     model = runner.model
-    data, caches = prepare(runner, task, cfg)
+    data, caches, signatures = prepare(runner, task, cfg)
     metrics, items = _metrics(task, data, caches, cfg)
-    signatures = attention_signatures(runner, data.groups, batch_size=cfg.batch_size)
     all_heads: list[Head] = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
     attribution = attribution_patching(runner, caches)
     screened = screened_senders(model, attribution, cfg.max_senders)

@@ -173,7 +173,7 @@ def main() -> None:
     cfg = circuits.CircuitConfig(
         n_items=args.n_items, seed=args.seed, batch_size=4 * args.n_items, progress=False
     )
-    data, caches = circuits.prepare(runner, "ioi", cfg)  # one cache per template group
+    data, caches, _ = circuits.prepare(runner, "ioi", cfg)  # one cache per template group
 
     target = max(1, (2 * model.n_layers) // 3)
     receiver_heads = tuple(sorted({(target, 0), (target, model.n_heads - 1)}))

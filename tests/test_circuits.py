@@ -378,9 +378,14 @@ def test_template_means_do_not_depend_on_how_a_template_is_chunked(model: Loaded
     assert max(len(g) for g in data.groups) > 1
     whole = [circuits.cache_group(runner, g) for g in data.groups]
     m_whole = circuits.template_means(runner, whole, data.groups)
-    small_data, single = circuits.prepare(
+    small_data, single, sig_single = circuits.prepare(
         runner, "ioi", CircuitConfig(n_items=16, seed=1, batch_size=4, progress=False)
     )
+    # the signatures read during the caching pass equal those of a separate pass
+    separate = circuits.attention_signatures(runner, data.groups)
+    assert set(sig_single) == set(separate)
+    for name, grid in separate.items():
+        np.testing.assert_allclose(sig_single[name], grid, rtol=1e-5, atol=1e-7)
     assert all(len(c.group) == 1 for c in single) and small_data.texts == data.texts
     m_single = circuits.template_means(runner, single, small_data.groups)
     owner = [g for g, group in enumerate(data.groups) for _ in range(len(group))]
@@ -842,8 +847,7 @@ def smol() -> dict[str, Any]:
     screened as ``analyse_task`` screens them (attribution patching, then the ``max_senders`` best)."""
     model = real_model(probe.DEFAULT_MODEL)
     runner = Runner(model)
-    data, caches = circuits.prepare(runner, "ioi", REAL_CFG)
-    signatures = circuits.attention_signatures(runner, data.groups, batch_size=REAL_CFG.batch_size)
+    data, caches, signatures = circuits.prepare(runner, "ioi", REAL_CFG)
     screen = circuits.attribution_patching(runner, caches)
     found = circuits.discover(runner, caches, "ioi", REAL_CFG, signatures, screen)
     return dict(model=model, runner=runner, data=data, caches=caches, screen=screen, found=found)
