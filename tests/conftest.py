@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,3 +63,21 @@ def smollm() -> LoadedModel:
 def fresh_tiny_llama() -> LoadedModel:
     """A private deep copy, for tests that must be free to change the model."""
     return copy.deepcopy(_tiny("tiny-llama"))
+
+
+def render_route(app: Any, pathname: str, search: str = "") -> str:
+    """The dashboard's routed page for ``pathname`` + ``search``, served through Dash's update
+    endpoint as a browser would request it, as the JSON text of its children."""
+    payload = {
+        "output": "page-content.children",
+        "outputs": {"id": "page-content", "property": "children"},
+        "inputs": [
+            {"id": "url", "property": "pathname", "value": pathname},
+            {"id": "url", "property": "search", "value": search},
+        ],
+        "changedPropIds": ["url.pathname"],
+        "state": [],
+    }
+    response = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert response.status_code == 200, response.data[:500]
+    return json.dumps(json.loads(response.data)["response"]["page-content"]["children"])

@@ -37,6 +37,7 @@ from dashboard.pages.circuits import CircuitsPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import circuits as circuits_section
 from dashboard.views import circuits as views
+from tests.conftest import render_route
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
 RICH = CircuitConfig(n_items=4, n_random=3, min_share=0.0, min_attention=0.0, max_per_class=3, n_boot=200,
@@ -435,19 +436,7 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
 def test_the_app_serves_the_page_and_links_every_run_kind(runs: Runs) -> None:
     app = create_app(runs.root)
     assert "circuits-graph.figure" in app.callback_map
-    payload = {
-        "output": "page-content.children",
-        "outputs": {"id": "page-content", "property": "children"},
-        "inputs": [
-            {"id": "url", "property": "pathname", "value": "/circuits"},
-            {"id": "url", "property": "search", "value": f"?run={runs.ioi}&stage=mover_queries"},
-        ],
-        "changedPropIds": ["url.pathname"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    page = json.dumps(json.loads(response.data)["response"]["page-content"]["children"])
+    page = render_route(app, "/circuits", f"?run={runs.ioi}&stage=mover_queries")
     assert "Circuits: IOI, Colored Objects" in page and f'"value": "{runs.ioi}"' in page
     assert '"value": "mover_queries"' in page
     home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))

@@ -25,6 +25,7 @@ from dashboard.pages.retrieval import RetrievalPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import retrieval as retrieval_section
 from dashboard.views import retrieval as views
+from tests.conftest import render_route
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2
 LENGTHS = (256, 512)
@@ -448,19 +449,7 @@ def test_the_app_serves_the_page_once_registered(runs: Runs, monkeypatch: pytest
         monkeypatch.setattr(app_module, "PAGES", (*app_module.PAGES, RetrievalPage))
     app = app_module.create_app(runs.root)
     assert "retrieval-grid.figure" in app.callback_map
-    payload = {
-        "output": "page-content.children",
-        "outputs": {"id": "page-content", "property": "children"},
-        "inputs": [
-            {"id": "url", "property": "pathname", "value": "/retrieval"},
-            {"id": "url", "property": "search", "value": f"?run={runs.unrecalled}"},
-        ],
-        "changedPropIds": ["url.pathname"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    page = json.dumps(json.loads(response.data)["response"]["page-content"]["children"])
+    page = render_route(app, "/retrieval", f"?run={runs.unrecalled}")
     assert "Retrieval heads" in page and f'"value": "{runs.unrecalled}"' in page and f"0 / {N_TESTS}" in page
 
 

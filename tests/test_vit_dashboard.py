@@ -27,6 +27,7 @@ from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import vit as vit_section
 from dashboard.views import vit as views
+from tests.conftest import render_route
 
 
 @dataclass(frozen=True)
@@ -209,19 +210,7 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
 def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:
     app = create_app(runs.root)
     assert "vit-offset.figure" in app.callback_map
-    payload = {
-        "output": "page-content.children",
-        "outputs": {"id": "page-content", "property": "children"},
-        "inputs": [
-            {"id": "url", "property": "pathname", "value": "/vit"},
-            {"id": "url", "property": "search", "value": f"?run={runs.run_id}&metric=grad_importance"},
-        ],
-        "changedPropIds": ["url.pathname"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    served = json.dumps(json.loads(response.data)["response"]["page-content"]["children"])
+    served = render_route(app, "/vit", f"?run={runs.run_id}&metric=grad_importance")
     assert "ViT heads: importance" in served and '"value": "grad_importance"' in served
     home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))
     assert f"/vit?run={runs.run_id}" in _text(home.layout({}))
