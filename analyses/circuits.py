@@ -120,6 +120,7 @@ import torch
 from analyses.base import AnalysisResult, heads_frame
 from analyses.tasks import colored_objects as co
 from analyses.tasks import ioi
+from probe import interventions as iv
 from probe.errors import ConfigError
 from probe.hooks import HookFn, attn_hook, hooks
 from probe.interventions import Head, _by_layer
@@ -701,6 +702,65 @@ def _input_patch(recorded: torch.Tensor, idx: list[int], end: torch.Tensor | Non
         return out
 
     return hook
+
+
+@torch.no_grad()
+def path_patching_reference(
+    model: LoadedModel, group: PromptSet, clean_z: Mapping[int, torch.Tensor],
+    corrupt_z: Mapping[int, torch.Tensor], sender: Head, receivers: Receivers,
+) -> torch.Tensor:  # fmt: skip
+    """Logit difference ``[N]`` after patching one sender -> ``receivers``, written plainly.
+
+    The same two passes as :func:`path_patching_raw`, one sender at a time, with the public
+    interventions of :mod:`probe.interventions` and the bridge's own full logits (no early stop, no
+    END-only unembedding, no batching of senders). It is the definition the batched code is tested
+    and timed against (``tests/test_circuits.py``, ``benchmarks/circuits.py``), not the way to run
+    an analysis.
+    """
+    layer, head = sender
+    every: list[Head] = [(x, h) for x in range(model.n_layers) for h in range(model.n_heads)]
+    ids = group.clean.to(model.device)
+
+    def logit_diff() -> torch.Tensor:
+        bridge: Any = model.bridge
+        logits = bridge(ids)
+        rows = torch.arange(len(group), device=logits.device)
+        at_end = logits[rows, group.roles["end"].to(logits.device)].float()
+        return (
+            at_end[rows, group.right.to(at_end.device)] - at_end[rows, group.wrong.to(at_end.device)]
+        ).cpu()
+
+    def step_a() -> contextlib.AbstractContextManager[Any]:
+        # every head frozen to its clean z, then the sender's z swapped for its corrupted value
+        return iv.compose(
+            iv.freeze_heads(model, every, clean_z),
+            iv.patch_activation(model, attn_hook(layer, "z"), corrupt_z[layer], heads=[head]),
+        )
+
+    if receivers.input == "logits":
+        with step_a():
+            return logit_diff()
+    points: dict[str, list[int]] = {}
+    for _, name, slots in _receiver_points(model, receivers):
+        points[name] = slots
+    with step_a():
+        recorded = iv.cache_activations(model, ids, list(points))
+    end = torch.zeros(group.clean.shape, dtype=torch.bool)
+    end[torch.arange(len(group)), group.roles["end"]] = True
+    with contextlib.ExitStack() as stack:
+        for name, slots in points.items():
+            positions = end if receivers.input == "q" else None
+            stack.enter_context(
+                iv.patch_activation(model, name, recorded[name], heads=slots, positions=positions)
+            )
+        if receivers.input != "q":  # GQA: the receivers' KV-group siblings keep their clean output
+            siblings = [
+                (rl, x) for rl, rh in receivers.heads for x in range(model.n_heads)
+                if model.kv_head(x) == model.kv_head(rh) and (rl, x) not in receivers.heads
+            ]  # fmt: skip
+            if siblings:
+                stack.enter_context(iv.freeze_heads(model, siblings, clean_z))
+        return logit_diff()
 
 
 def path_patching(

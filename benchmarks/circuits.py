@@ -4,8 +4,8 @@ For one model, ``--n-items`` IOI prompts (clean and ABC-corrupted, grouped by te
 ``--senders`` sender heads, each receiver kind is path-patched three ways on the same cached clean
 and corrupted ``z``:
 
-* ``naive``    the definition, one sender at a time, written with :mod:`probe.interventions` (what
-               the tests compare against): (A) a bridge forward on the clean prompts with every head
+* ``naive``    the definition, one sender at a time: :func:`analyses.circuits.path_patching_reference`,
+               written with :mod:`probe.interventions` (what the tests compare against): (A) a bridge forward on the clean prompts with every head
                frozen to its clean ``z`` and the sender's ``z`` from the corrupted run, caching the
                receivers' inputs; (B) a bridge forward with only those inputs patched in (queries at
                END; keys/values at every position, with GQA the receiver's KV-group siblings pinned
@@ -38,7 +38,6 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -53,73 +52,12 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _logit_diff(model: Any, group: Any) -> Any:
-    """logit(IO) - logit(S) at END from a plain bridge forward (under whatever hooks are active)."""
-    import torch
-
-    dev = model.device
-    with torch.no_grad():
-        logits = model.bridge(group.clean.to(dev))
-    rows = torch.arange(len(group), device=dev)
-    at_end = logits[rows, group.roles["end"].to(dev)].float()
-    return (at_end[rows, group.right.to(dev)] - at_end[rows, group.wrong.to(dev)]).cpu()
-
-
-def naive_path_patching(model: Any, cache: Any, sender: tuple[int, int], receivers: Any) -> Any:
-    """The two steps for one sender on one cached prompt group: logit difference ``[N]``."""
-    import torch
-
-    from probe import interventions as iv
-    from probe.hooks import attn_hook
-
-    group, dev = cache.group, model.device
-    every = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
-    layer, head = sender
-
-    def step_a() -> Any:
-        return iv.compose(
-            iv.freeze_heads(model, every, cache.clean_z),
-            iv.patch_activation(model, attn_hook(layer, "z"), cache.corrupt_z[layer], heads=[head]),
-        )
-
-    if receivers.input == "logits":
-        with step_a():
-            return _logit_diff(model, group)
-    points: dict[str, list[int]] = {}
-    for rl, rh in receivers.heads:
-        names = [attn_hook(rl, "q")] if receivers.input == "q" else [attn_hook(rl, "k")]
-        if receivers.input == "kv":
-            names.append(attn_hook(rl, "v"))
-        slot = rh if receivers.input == "q" else model.kv_head(rh)
-        for name in names:
-            if slot not in points.setdefault(name, []):
-                points[name].append(slot)
-    with step_a():
-        recorded = iv.cache_activations(model, group.clean.to(dev), list(points))
-    end = torch.zeros(group.clean.shape, dtype=torch.bool)
-    end[torch.arange(len(group)), group.roles["end"]] = True
-    with ExitStack() as stack:
-        for name, slots in points.items():
-            positions = end if receivers.input == "q" else None
-            stack.enter_context(
-                iv.patch_activation(model, name, recorded[name], heads=slots, positions=positions)
-            )
-        if receivers.input != "q":
-            siblings = [
-                (rl, s)
-                for rl, rh in receivers.heads
-                for s in range(model.n_heads)
-                if model.kv_head(s) == model.kv_head(rh) and (rl, s) not in receivers.heads
-            ]
-            if siblings:
-                stack.enter_context(iv.freeze_heads(model, siblings, cache.clean_z))
-        return _logit_diff(model, group)
-
-
 def naive_shares(model: Any, caches: list[Any], senders: list[tuple[int, int]], receivers: Any) -> Any:
     """Per sender, the share of the gap, from one two-step pass per sender and prompt group."""
     import numpy as np
     import torch
+
+    from analyses import circuits
 
     clean = torch.cat([c.clean.logit_diff for c in caches]).double()
     corrupt = torch.cat([c.corrupt.logit_diff for c in caches]).double()
@@ -128,7 +66,11 @@ def naive_shares(model: Any, caches: list[Any], senders: list[tuple[int, int]], 
     for i, sender in enumerate(senders):
         if receivers.input != "logits" and sender[0] >= receivers.last_layer:
             continue  # cannot reach a receiver: the batched way skips it too
-        deltas = [naive_path_patching(model, c, sender, receivers) - c.clean.logit_diff for c in caches]
+        deltas = [
+            circuits.path_patching_reference(model, c.group, c.clean_z, c.corrupt_z, sender, receivers)
+            - c.clean.logit_diff
+            for c in caches
+        ]
         out[i] = float(torch.cat(deltas).double().mean()) / gap
     return out
 
@@ -189,7 +131,8 @@ def main() -> None:
     print(
         f"{'receivers':<9} {'method':<8} {'time s':>9} {'ms/sender':>10} {'speed-up':>9} {'max |diff|':>11}"
     )
-    _logit_diff(model, caches[0].group)  # warm-up
+    with torch.no_grad():
+        model.bridge(caches[0].group.clean.to(model.device))  # warm-up
     failed = []
     for kind in args.receivers.split(","):
         receivers = circuits.Receivers(kind, () if kind == "logits" else receiver_heads)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -79,70 +79,6 @@ def bridge_logit_diff(model: LoadedModel, ids: torch.Tensor, group: PromptSet) -
     return at_end[rows, group.right] - at_end[rows, group.wrong]
 
 
-def end_mask(group: PromptSet) -> torch.Tensor:
-    mask = torch.zeros(group.clean.shape, dtype=torch.bool)
-    mask[torch.arange(len(group)), group.roles["end"]] = True
-    return mask
-
-
-def receiver_inputs(model: LoadedModel, receivers: Receivers) -> dict[str, list[int]]:
-    """Hook point -> head slots there: query heads for q, the receivers' KV heads for k/v."""
-    points: dict[str, list[int]] = {}
-    for layer, h in receivers.heads:
-        if receivers.input == "q":
-            wanted = [(attn_hook(layer, "q"), h)]
-        else:
-            wanted = [(attn_hook(layer, "k"), model.kv_head(h))]
-            if receivers.input == "kv":
-                wanted.append((attn_hook(layer, "v"), model.kv_head(h)))
-        for name, slot in wanted:
-            if slot not in points.setdefault(name, []):
-                points[name].append(slot)
-    return points
-
-
-def naive_path_patching(
-    model: LoadedModel,
-    group: PromptSet,
-    clean_z: dict[int, torch.Tensor],
-    corrupt_z: dict[int, torch.Tensor],
-    sender: Head,
-    receivers: Receivers,
-) -> torch.Tensor:
-    """Wang et al.'s two steps for one sender, written with probe.interventions: logit diff ``[N]``."""
-    layer, head = sender
-
-    def step_a() -> AbstractContextManager[Any]:
-        # every head frozen to its clean z, then the sender's z swapped for its corrupted value
-        return iv.compose(
-            iv.freeze_heads(model, every_head(model), clean_z),
-            iv.patch_activation(model, attn_hook(layer, "z"), corrupt_z[layer], heads=[head]),
-        )
-
-    if receivers.input == "logits":
-        with step_a():
-            return bridge_logit_diff(model, group.clean, group)
-    points = receiver_inputs(model, receivers)
-    with step_a():
-        recorded = iv.cache_activations(model, group.clean, list(points))
-    with ExitStack() as stack:
-        for name, slots in points.items():
-            positions = end_mask(group) if receivers.input == "q" else None
-            stack.enter_context(
-                iv.patch_activation(model, name, recorded[name], heads=slots, positions=positions)
-            )
-        if receivers.input != "q":  # GQA: the receiver's KV-group siblings keep their clean output
-            siblings = [
-                (rl, s)
-                for rl, rh in receivers.heads
-                for s in range(model.n_heads)
-                if model.kv_head(s) == model.kv_head(rh) and (rl, s) not in receivers.heads
-            ]
-            if siblings:
-                stack.enter_context(iv.freeze_heads(model, siblings, clean_z))
-        return bridge_logit_diff(model, group.clean, group)
-
-
 # ------------------------------------------------------------------------------------ 1. runner
 
 
@@ -201,7 +137,7 @@ def test_batched_path_patching_equals_the_two_step_definition(model: LoadedModel
     batched = circuits.path_patching_raw(runner, cache, SENDERS, receivers)
     assert batched.shape == (len(SENDERS), len(group))
     naive = torch.stack(
-        [naive_path_patching(model, group, clean_z, corrupt_z, s, receivers) for s in SENDERS]
+        [circuits.path_patching_reference(model, group, clean_z, corrupt_z, s, receivers) for s in SENDERS]
     )
     torch.testing.assert_close(batched, naive, atol=1e-5, rtol=1e-5)
     moved = float((naive - cache.clean.logit_diff).abs().max())
@@ -220,7 +156,9 @@ def test_gqa_siblings_are_pinned_and_only_the_receiver_sees_new_keys() -> None:
     senders: list[Head] = [(0, 0), (0, 3), (1, 1)]
     batched = circuits.path_patching_raw(runner, cache, senders, receivers)
     both = Receivers("kv", ((2, 0), (2, 1)))  # the partner as a receiver too: nothing left to pin
-    unpinned = torch.stack([naive_path_patching(model, group, clean_z, corrupt_z, s, both) for s in senders])
+    unpinned = torch.stack(
+        [circuits.path_patching_reference(model, group, clean_z, corrupt_z, s, both) for s in senders]
+    )
     torch.testing.assert_close(
         circuits.path_patching_raw(runner, cache, senders, both), unpinned, atol=1e-4, rtol=1e-4
     )
