@@ -613,7 +613,10 @@ class Receivers:
         if self.input not in get_args(ReceiverInput):
             raise ConfigError(f"receiver input {self.input!r}: choose one of {get_args(ReceiverInput)}")
         if self.input != "logits" and not self.heads:
-            raise ConfigError(f"receivers of kind {self.input!r} need at least one head")
+            raise ConfigError(
+                f"receivers of kind {self.input!r} need at least one head; pass heads=((layer, head), ...) "
+                "or use Receivers('logits') for the path into the logits"
+            )
 
     @property
     def last_layer(self) -> int:
