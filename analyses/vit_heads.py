@@ -71,6 +71,15 @@ importance for a query set that sees every key), ``sink_rate`` (share of images 
 ``alpha0 > sink_eps``) and ``alpha_artifacts`` (mean attention from all queries to that layer's
 artifact tokens, summed over them).
 
+**Display patterns** (for the dashboard's attention overlay): ``n_display`` images (default 2:
+round robin over the natural attention images, the scenes and the faces, so one photograph and one
+scene) get one extra eager forward. The run keeps the image the model received (its resize and crop,
+:func:`input_crops`) and, for every layer and head, the full post-softmax attention row (all ``T``
+keys, CLS included, so a row sums to 1) of the CLS query and of the query patches on every
+``display_stride``-th row and column (aligned to include the centre patch; 1 keeps every patch).
+Read them back with :func:`display_images` and :func:`display_pattern` / :func:`display_attention`
+(``[rows, cols]`` over the key patches); :func:`has_display` is False for older runs.
+
 Tables
 ------
 * ``heads`` (one row per (layer, head)): ``pruned``, ``accuracy_drop``, ``confidence_drop``,
@@ -100,9 +109,19 @@ Tables
   other_norm`` (mean norm of the other patches), ``ratio, n_tokens, median_norm``; ``artifacts``
   (one row per artifact token): ``input_set, image, layer, token, row, col, norm, median_norm, ratio``.
 * ``images``: every image with its source, split, ``eval``/``attention`` flags and labels.
+* ``display`` (one row per display image; absent with ``n_display=0`` and in older runs): ``image``
+  (index into the display arrays), ``name``, ``source`` (``natural``/…, ``scenes``, ``faces``),
+  ``images_row`` (its row of ``images``), ``grid_rows, grid_cols, n_prefix, patch_size`` (pixels of
+  the crop), ``stride`` (``display_stride``).
 
 Arrays: ``offset_maps`` ``[L, H, 2·rows − 1, 2·cols − 1]``, ``cluster_centroids`` ``[k, code_dim]``,
-``cluster_prototypes`` ``[k, 2·rows − 1, 2·cols − 1]``, ``cluster_mix`` ``[L·H, k]``, ``agreement``.
+``cluster_prototypes`` ``[k, 2·rows − 1, 2·cols − 1]``, ``cluster_mix`` ``[L·H, k]``, ``agreement``;
+``display_images`` ``uint8 [n_display, S, S, 3]`` (the model-input crops), ``display_attention``
+``float16 [n_display, L, H, Q, T]`` (query ``q``'s attention over all ``T`` keys, prefix first) and
+``display_queries`` ``int64 [Q, 3]`` (token, row, col of each stored query: the prefix tokens with
+row = col = −1, then the sub-grid patches row-major). For clip-vit-b16 with the default
+``display_stride=2`` (Q = 1 + 7·7) that is 2 × 12 × 12 × 50 × 197 × 2 bytes ≈ 5.7 MB of patterns
+plus 0.3 MB of crops; ``display_stride=1`` would be 4 times larger (22 MB).
 
 Faithfulness
 ------------
@@ -121,7 +140,7 @@ Numbers on ``clip-vit-b16`` are those of its dequantised INT8 weights.
 
 Cost, measured: ``preset="small"`` on clip-vit-b16 on this repository's CPU (2 cores shared with
 other jobs, load ≈ 6) took 183 s wall, 100 s of CPU time (capture 62 s, gradients 23 s, pruning
-55 s, partial 37 s); the defaults on one H200 (ViT-B/16 architecture, every head on 180 eval
+55 s, partial 37 s; the display forward, added later, 3.5 s); the defaults on one H200 (ViT-B/16 architecture, every head on 180 eval
 images, 12 heads × 9 partial conditions, 13 824 pattern maps) take about 96 s, of which 29 s are
 the autoencoder and k-means on the CPU.
 
@@ -166,6 +185,7 @@ import torch
 
 from analyses import vit_attention as va
 from analyses.base import AnalysisResult, heads_frame
+from analyses.runstore import Run
 from analyses.tasks import images as image_set
 from analyses.tasks import scenes
 from probe import vision
@@ -228,6 +248,8 @@ class VitHeadsConfig:
     ``pattern_images`` of them give pattern maps at ``pattern_queries`` query patches; the
     autoencoder has ``code_dim`` and ``ae_epochs``; ``n_clusters`` 0 picks k by silhouette;
     ``n_groups`` head groups. Sinks: ``artifact_ratio`` (× median patch norm) and ``sink_eps``.
+    Display: ``n_display`` images (0: none) keep their model-input crop and every head's attention
+    from the CLS query and from every ``display_stride``-th patch row and column (1: every patch).
     ``batch_size`` rows per forward (pruning packs (head, image) pairs into them).
     """
 
@@ -257,6 +279,8 @@ class VitHeadsConfig:
     n_groups: int = 6
     artifact_ratio: float = 4.0
     sink_eps: float = 0.3
+    n_display: int = 2
+    display_stride: int = 2
     batch_size: int = 64
     seed: int = 0
     progress: bool = True
@@ -321,7 +345,15 @@ class VitHeadsConfig:
             )
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must lie in (0, 1) (got {self.test_fraction})")
-        for name in ("n_eval", "prune_top_k", "partial_heads", "pattern_images", "n_clusters", "seed"):
+        for name in (
+            "n_eval",
+            "prune_top_k",
+            "partial_heads",
+            "pattern_images",
+            "n_clusters",
+            "n_display",
+            "seed",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.n_clusters == 1:
@@ -332,6 +364,7 @@ class VitHeadsConfig:
             "code_dim",
             "ae_epochs",
             "n_groups",
+            "display_stride",
             "batch_size",
         ):
             if getattr(self, name) < 1:
@@ -948,6 +981,230 @@ def _capture_pass(
     )  # fmt: skip
 
 
+# ============================================================================== display patterns
+
+DISPLAY_ARRAYS: tuple[str, ...] = ("display_images", "display_attention", "display_queries")
+DISPLAY_HINT = "this run has no stored display patterns; re-run headlab run vit-heads"
+"""What a reader says of a run saved before display patterns were stored (or with ``n_display=0``)."""
+
+
+def display_query_grid(grid: tuple[int, int], stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the stored query patches: every ``stride``-th of each, aligned so that
+    the centre patch ``(rows // 2, cols // 2)`` is one of them."""
+    if stride < 1:
+        raise ConfigError(f"display_stride must be >= 1 (got {stride})")
+    rows, cols = grid
+    return np.arange((rows // 2) % stride, rows, stride), np.arange((cols // 2) % stride, cols, stride)
+
+
+def input_crops(model: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
+    """The images the model received, ``uint8 [n, S, S, 3]``: ``pixels`` (``model.preprocess``'s output,
+    after the model's own resize, crop and normalisation) un-normalised and rounded. Exact for pixels
+    made by ``model.preprocess``, which scales uint8 values by 1/255 before normalising."""
+    spec = model.image
+    if spec is None:
+        raise ConfigError(
+            f"{model.name} is not a vision model; input_crops needs its ImageSpec (model.image)"
+        )
+    mean = torch.as_tensor(spec.mean, dtype=torch.float64)[:, None, None]
+    std = torch.as_tensor(spec.std, dtype=torch.float64)[:, None, None]
+    scaled = (pixels.detach().double().cpu() * std + mean) * 255.0
+    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def capture_display(
+    model: LoadedModel, pixels: torch.Tensor, stride: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One eager forward over ``pixels [n, 3, S, S]``: ``(crops, attention, queries)``.
+
+    ``crops``: :func:`input_crops`; ``attention``: ``float16 [n, L, H, Q, T]``, the post-softmax row
+    of each stored query over all ``T`` keys (prefix tokens first, so a row sums to 1);
+    ``queries``: ``int64 [Q, 3]`` (token, row, col) of each stored query: the prefix tokens (row and
+    col ``-1``), then the patches of :func:`display_query_grid` in row-major order.
+    """
+    grid = _grid(model)
+    n_prefix = int(model.extra["n_prefix"])
+    rows, cols = display_query_grid(grid, stride)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    patch_tokens = n_prefix + rr.ravel() * grid[1] + cc.ravel()
+    queries = np.concatenate([
+        np.stack([np.arange(n_prefix), np.full(n_prefix, -1), np.full(n_prefix, -1)], axis=1),
+        np.stack([patch_tokens, rr.ravel(), cc.ravel()], axis=1),
+    ]).astype(np.int64)  # fmt: skip
+    n = int(pixels.shape[0])
+    attention = np.zeros((n, model.n_layers, model.n_heads, len(queries), model.n_ctx), dtype=np.float16)
+    if n:
+        cap = vision.capture(model, pixels, patterns="all", batch_size=n)
+        index = torch.as_tensor(queries[:, 0])
+        for layer in range(model.n_layers):
+            attention[:, layer] = cap.patterns[layer][:, :, index].numpy().astype(np.float16)
+    return input_crops(model, pixels), attention, queries
+
+
+def _display_rows(labels: Sequence[str], att_rows: np.ndarray, n_display: int) -> list[int]:
+    """Rows of the display images: round robin over the natural attention images (label
+    ``"attention"``), the scenes and the faces, so that two are one photograph and one scene."""
+    pools = [[int(r) for r in att_rows if labels[int(r)] == "attention"]]
+    pools += [[i for i, x in enumerate(labels) if x == kind] for kind in ("scenes", "faces")]
+    out: list[int] = []
+    for group in itertools.zip_longest(*pools):
+        for row in group:
+            if row is not None and row not in out and len(out) < n_display:
+                out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class DisplayImage:
+    """A display image of a run: its index in the display arrays, name, source and ``uint8 [S, S, 3]``
+    model-input crop."""
+
+    index: int
+    name: str
+    source: str
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class DisplayPattern:
+    """One head's attention from one stored query of a display image.
+
+    ``query`` is the query patch (row, col), or None for the CLS query; ``snapped`` says it is the
+    stored query nearest to the asked one. ``patches [rows, cols]`` is the attention to each key
+    patch, ``prefix [n_prefix]`` to the prefix tokens (CLS first); together they sum to 1.
+    """
+
+    image: int
+    layer: int
+    head: int
+    query: tuple[int, int] | None
+    token: int
+    patches: np.ndarray
+    prefix: np.ndarray
+    snapped: bool = False
+
+    @property
+    def cls(self) -> float:
+        """Attention to CLS."""
+        return float(self.prefix[0])
+
+
+DisplaySource = AnalysisResult | Run
+
+
+def _table_of(source: DisplaySource, name: str) -> pd.DataFrame:
+    if isinstance(source, AnalysisResult):
+        return source.tables[name].copy()
+    return source.table(name)
+
+
+def _array_of(source: DisplaySource, name: str) -> np.ndarray:
+    if isinstance(source, AnalysisResult):
+        return np.asarray(source.arrays[name])
+    return source.array(name)
+
+
+def has_display(source: DisplaySource) -> bool:
+    """Whether the run (or unsaved result) stores display images and patterns."""
+    if isinstance(source, AnalysisResult):
+        tables, arrays = set(source.tables), set(source.arrays)
+    else:
+        tables, arrays = set(source.table_names), set(source.array_names)
+    return "display" in tables and set(DISPLAY_ARRAYS) <= arrays
+
+
+def _require_display(source: DisplaySource) -> pd.DataFrame:
+    if not has_display(source):
+        raise ConfigError(DISPLAY_HINT)
+    return _table_of(source, "display")
+
+
+def display_images(source: DisplaySource) -> list[DisplayImage]:
+    """The run's display images (ConfigError with :data:`DISPLAY_HINT` when it has none)."""
+    table = _require_display(source)
+    crops = _array_of(source, "display_images")
+    return [
+        DisplayImage(int(r.image), str(r.name), str(r.source), crops[int(r.image)])
+        for r in table.itertuples(index=False)
+    ]
+
+
+def display_geometry(source: DisplaySource) -> dict[str, Any]:
+    """``grid`` (rows, cols), ``n_prefix``, ``patch_size`` (pixels of the crop), ``stride`` and
+    ``queries`` (the stored query patches, (row, col) each) of the display patterns."""
+    table = _require_display(source)
+    first = table.iloc[0]
+    queries = _array_of(source, "display_queries")
+    return {
+        "grid": (int(first["grid_rows"]), int(first["grid_cols"])),
+        "n_prefix": int(first["n_prefix"]),
+        "patch_size": int(first["patch_size"]),
+        "stride": int(first["stride"]),
+        "queries": [(int(r), int(c)) for _, r, c in queries if r >= 0],
+    }
+
+
+def display_pattern(
+    source: DisplaySource,
+    image: int,
+    layer: int,
+    head: int,
+    query: tuple[int, int] | Literal["cls"] | None = None,
+    *,
+    snap: bool = False,
+) -> DisplayPattern:
+    """Head ``(layer, head)``'s attention on display image ``image`` from query patch ``query``
+    ((row, col); ``"cls"``: the CLS query; None: the centre patch). A patch that was not stored (see
+    ``display_stride``) is an error, or with ``snap`` the nearest stored patch is used."""
+    table = _require_display(source)
+    geometry = display_geometry(source)
+    rows, cols = geometry["grid"]
+    n_prefix = geometry["n_prefix"]
+    if int(image) not in set(table["image"].astype(int)):
+        raise ConfigError(f"no display image {image}; the run has {', '.join(map(str, table['image']))}")
+    attention = _array_of(source, "display_attention")
+    n_layers, n_heads = attention.shape[1:3]
+    if not (0 <= layer < n_layers and 0 <= head < n_heads):
+        raise ConfigError(f"no head ({layer}, {head}): the run has {n_layers} layers × {n_heads} heads")
+    queries = _array_of(source, "display_queries")
+    snapped = False
+    if isinstance(query, str):
+        if query != "cls":
+            raise ConfigError(f"query is a patch (row, col), 'cls' or None, got {query!r}")
+        index, where = 0, None
+    else:
+        wanted = (rows // 2, cols // 2) if query is None else (int(query[0]), int(query[1]))
+        stored = geometry["queries"]
+        if wanted in stored:
+            where = wanted
+        elif snap:
+            where = min(stored, key=lambda rc: ((rc[0] - wanted[0]) ** 2 + (rc[1] - wanted[1]) ** 2, rc))
+            snapped = True
+        else:
+            raise ConfigError(
+                f"query patch {wanted} is not stored (stride {geometry['stride']}: rows "
+                f"{sorted({r for r, _ in stored})}, cols {sorted({c for _, c in stored})}); pass snap=True "
+                "for the nearest, or re-run with display_stride=1"
+            )
+        index = n_prefix + stored.index(where)
+    row = attention[int(image), layer, head, index].astype(np.float32)
+    return DisplayPattern(
+        image=int(image), layer=int(layer), head=int(head), query=where, token=int(queries[index, 0]),
+        patches=row[n_prefix:].reshape(rows, cols), prefix=row[:n_prefix], snapped=snapped,
+    )  # fmt: skip
+
+
+def display_attention(
+    source: DisplaySource,
+    image: int,
+    layer: int,
+    head: int,
+    query: tuple[int, int] | Literal["cls"] | None = None,
+) -> np.ndarray:
+    """``float32 [rows, cols]``: the attention of :func:`display_pattern` to each key patch."""
+    return display_pattern(source, image, layer, head, query).patches
+
+
 # ============================================================================== the run
 
 
@@ -1016,6 +1273,26 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
     t0 = time.perf_counter()
     cap = _capture_pass(model, pixels, att_rows, train_rows, cfg, queries)
     timings["capture"] = round(time.perf_counter() - t0, 3)
+
+    # ---------------------------------------------------------------- display images: crops and patterns
+    t0 = time.perf_counter()
+    row_sources = [*data.source.tolist(), *(["attention"] * len(extra_names))]
+    display_rows = _display_rows(row_sources, att_rows, cfg.n_display)
+    display_arrays: dict[str, np.ndarray] = {}
+    display_frame: pd.DataFrame | None = None
+    if display_rows:
+        crops, display_att, display_queries = capture_display(model, pixels[display_rows], cfg.display_stride)
+        display_arrays = {
+            "display_images": crops, "display_attention": display_att, "display_queries": display_queries,
+        }  # fmt: skip
+        display_frame = pd.DataFrame({
+            "image": np.arange(len(display_rows)), "name": [all_names[r] for r in display_rows],
+            "source": [cfg.attention_images if row_sources[r] == "attention" else row_sources[r]
+                       for r in display_rows],
+            "images_row": display_rows, "grid_rows": grid[0], "grid_cols": grid[1], "n_prefix": n_prefix,
+            "patch_size": crops.shape[1] // grid[0], "stride": cfg.display_stride,
+        })  # fmt: skip
+    timings["display"] = round(time.perf_counter() - t0, 3)
 
     # ---------------------------------------------------------------- probes
     t0 = time.perf_counter()
@@ -1170,7 +1447,7 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
 
     # ---------------------------------------------------------------- patterns
     t0 = time.perf_counter()
-    arrays: dict[str, np.ndarray] = {"offset_maps": cap.offset.astype(np.float32)}
+    arrays: dict[str, np.ndarray] = {"offset_maps": cap.offset.astype(np.float32), **display_arrays}
     cluster_col = np.full((L, H), np.nan)
     cluster_share = np.full((L, H), np.nan)
     group_col = np.full((L, H), np.nan)
@@ -1294,6 +1571,7 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
             "norms": norms,
             "artifacts": artifacts,
             "images": images_frame,
+            **({"display": display_frame} if display_frame is not None else {}),
         },
         arrays=arrays,
         seeds={"data": cfg.seed, "queries": cfg.seed + 1, "autoencoder": cfg.seed, "kmeans": cfg.seed},
@@ -1321,6 +1599,14 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
             f"images with alpha0 > {cfg.sink_eps}",
             "faithfulness": "best effort: only the paper's abstract was available; see the module docstring",
             "input_set": input_set,
+            "display": (
+                f"{len(display_rows)} display images: model-input crops (display_images, uint8) and every "
+                f"head's attention (display_attention, float16 [image, layer, head, query, key]) from the "
+                f"CLS query and from a query patch every {cfg.display_stride} rows and columns (display_queries: token, "
+                "row, col); read with analyses.vit_heads.display_pattern"
+                if display_rows
+                else "no display images (n_display=0)"
+            ),
         },
     )
 
@@ -1485,9 +1771,13 @@ def summary(result: AnalysisResult) -> str:
 
 
 __all__ = [
+    "DISPLAY_ARRAYS",
+    "DISPLAY_HINT",
     "IMPORTANCE_METRICS",
     "REGIONS",
     "SMALL",
+    "DisplayImage",
+    "DisplayPattern",
     "Effects",
     "LinearProbe",
     "ProbeSet",
@@ -1496,7 +1786,15 @@ __all__ = [
     "agreement",
     "artifact_mask",
     "build_probe_set",
+    "capture_display",
+    "display_attention",
+    "display_geometry",
+    "display_images",
+    "display_pattern",
+    "display_query_grid",
+    "has_display",
     "head_gradients",
+    "input_crops",
     "pruned_embeddings",
     "pruning_effects",
     "query_masks",

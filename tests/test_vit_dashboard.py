@@ -4,6 +4,7 @@ the numbers of random weights mean nothing: the figures must show exactly the ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,10 +87,10 @@ def test_page_offers_only_vit_runs_and_renders(runs: Runs) -> None:
     text = _text(page.layout({"run": runs.run_id, "metric": "cosine_drop", "head": "1-2"}))
     for element in ("vit-run", "vit-settings", "vit-findings", "vit-metric", "vit-importance", "vit-agreement",
                     "vit-trend-metric", "vit-trend", "vit-head", "vit-head-info", "vit-distance", "vit-offset",
-                    "vit-clusters"):  # fmt: skip
+                    "vit-clusters", "vit-display-image", "vit-overlay", "vit-query", "vit-overlay-info"):  # fmt: skip
         assert f'"id": "{element}"' in text
     assert '"value": "cosine_drop"' in text and '"value": "1-2"' in text
-    assert "no overlay" in text
+    assert "overlay shows the chosen head" in text and "astronaut (natural)" in text
     assert page.head_options(runs.run_id)[0] == {"label": "L0 H0 (pruned)", "value": "0-0"}
     assert page.head_options(None) == [] and page.head_options(runs.other) == []
 
@@ -170,6 +171,90 @@ def test_views_read_the_unsaved_result_like_the_run(runs: Runs) -> None:
     assert views.settings_line(run) == views.settings_line(runs.result)
 
 
+# ---------------------------------------------------------------------------------------- overlay
+
+
+@pytest.fixture(scope="module")
+def old_root(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The same run saved without the display table and arrays, as runs made before they existed."""
+    root = tmp_path_factory.mktemp("vit-old-runs")
+    result = runs.result
+    old = dataclasses.replace(
+        result,
+        tables={k: v for k, v in result.tables.items() if k != "display"},
+        arrays={k: v for k, v in result.arrays.items() if not k.startswith("display")},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        path = old.save(root)
+    return root, path.name
+
+
+def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> None:
+    run = _run(runs)
+    assert views.display_options(run) == [{"label": "astronaut (natural)", "value": 0},
+                                          {"label": "scene_0000 (scenes)", "value": 1}]  # fmt: skip
+    fig = views.overlay_figure(run, 1, 1, 2, (2, 2))
+    assert [t.type for t in fig.data] == ["image", "heatmap"]
+    heat = np.asarray(_decode(fig.data[1].z), dtype=float)
+    want = vit_heads.display_attention(run, 1, 1, 2, (2, 2))
+    assert heat.shape == (4, 4)  # the tiny CLIP tower's 4 x 4 patch grid
+    np.testing.assert_allclose(heat, want, rtol=1e-6)
+    row = run.array("display_attention")[1, 1, 2]
+    token = int(np.flatnonzero(run.array("display_queries")[:, 0] == 1 + 2 * 4 + 2)[0])
+    np.testing.assert_allclose(heat.ravel(), row[token, 1:].astype(float), rtol=1e-6)  # the grid is row-major
+    np.testing.assert_allclose(
+        np.asarray(_decode(fig.data[1].x), dtype=float), [4, 12, 20, 28]
+    )  # patch centres
+    (outline,) = fig.layout.shapes
+    assert (outline.x0, outline.x1, outline.y0, outline.y1) == (16, 24, 16, 24)  # patch (2, 2), 8 px a patch
+    cls = float(row[token, 0])
+    assert f"attention to CLS {cls:.3f}" in fig.layout.title.subtitle.text
+    assert fig.data[0].source.startswith("data:image/png;base64,")
+    other = np.asarray(_decode(views.overlay_figure(run, 0, 1, 2, (2, 2)).data[1].z), dtype=float)
+    assert not np.allclose(other, heat)  # another image, another pattern
+    # The default query is the centre patch; an unstored patch snaps to the nearest stored one.
+    centre = views.overlay_figure(runs.result, 1, 1, 2)
+    np.testing.assert_allclose(np.asarray(_decode(centre.data[1].z), dtype=float), heat, rtol=1e-6)
+    snapped = views.overlay_figure(run, 1, 1, 2, (3, 3))
+    assert "nearest stored query" in snapped.layout.title.subtitle.text
+    assert snapped.layout.shapes[0].x0 == 16
+
+
+def test_overlay_page_callbacks_click_a_patch_and_render(runs: Runs) -> None:
+    page = _page(runs.root)
+    assert page.display_choice(runs.run_id, None) == (views.display_options(_run(runs)), 0)
+    assert page.display_choice(runs.run_id, 1)[1] == 1 and page.display_choice(None, 1) == ([], None)
+    click = {"points": [{"x": 20.0, "y": 5.0, "curveNumber": 1}]}  # column 2, row 0 (8 px patches)
+    assert page.select_query(runs.run_id, click, None, "vit-overlay") == [0, 2]
+    assert page.select_query(runs.run_id, click, [2, 2], "vit-run") is None  # a new run: the centre
+    assert page.select_query(runs.run_id, None, [2, 0], "vit-head") == [2, 0]
+    fig = page.overlay_figure(runs.run_id, 0, "1-3", [0, 2])
+    np.testing.assert_allclose(
+        np.asarray(_decode(fig.data[1].z), dtype=float),
+        vit_heads.display_attention(_run(runs), 0, 1, 3, (0, 2)),
+    )
+    assert fig.layout.uirevision
+    info = _text(page.overlay_info(runs.run_id, 0, "1-3", [0, 2]))
+    cls = vit_heads.display_pattern(_run(runs), 0, 1, 3, (0, 2)).cls
+    assert f"attention to CLS {cls:.3f}" in info and "Query patch (0, 2)" in info
+    assert "select a head" in page.overlay_figure(runs.run_id, 0, None, None).layout.annotations[0].text
+    assert "cannot show run" in page.overlay_figure(runs.other, 0, "0-0", None).layout.annotations[0].text
+
+
+def test_a_run_without_display_patterns_shows_the_hint(old_root: tuple[Path, str]) -> None:
+    root, run_id = old_root
+    page = _page(root)
+    assert page.display_choice(run_id, 0) == ([], None)
+    fig = page.overlay_figure(run_id, None, "1-2", None)
+    assert not fig.data and "re-run headlab run vit-heads" in fig.layout.annotations[0].text
+    assert "no stored display patterns" in fig.layout.annotations[0].text
+    assert "no stored display patterns" in _text(page.overlay_info(run_id, None, "1-2", None))
+    assert page.select_query(run_id, {"points": [{"x": 1.0, "y": 1.0}]}, None, "vit-overlay") is None
+    served = render_route(create_app(root), "/vit", f"?run={run_id}")
+    assert '"id": "vit-overlay"' in served and "no stored display images" in served
+
+
 # ---------------------------------------------------------------------------------------- Dash
 
 
@@ -205,6 +290,22 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
                                _run(runs).array("offset_maps")[1, 0], rtol=1e-6)  # fmt: skip
     gallery = post("vit-clusters.figure", [("vit-run", runs.run_id)])
     assert "Attention-pattern clusters" in gallery["layout"]["title"]["text"]
+    assert {"vit-overlay.figure", "vit-overlay-info.children", "vit-query.data"} <= set(app.callback_map)
+    payload = {
+        "output": "vit-overlay.figure",
+        "outputs": {"id": "vit-overlay", "property": "figure"},
+        "inputs": [{"id": "vit-run", "property": "value", "value": runs.run_id},
+                   {"id": "vit-display-image", "property": "value", "value": 1},
+                   {"id": "vit-head", "property": "value", "value": "0-3"},
+                   {"id": "vit-query", "property": "data", "value": [2, 0]}],
+        "changedPropIds": ["vit-query.data"],
+        "state": [],
+    }  # fmt: skip
+    response = client.post("/_dash-update-component", json=payload)
+    assert response.status_code == 200
+    overlay = json.loads(response.data)["response"]["vit-overlay"]["figure"]
+    np.testing.assert_allclose(np.asarray(_decode(overlay["data"][1]["z"]), dtype=float),
+                               vit_heads.display_attention(_run(runs), 1, 0, 3, (2, 0)))  # fmt: skip
 
 
 def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:

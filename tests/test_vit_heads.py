@@ -336,6 +336,93 @@ def test_every_head_pruned_with_mean_ablation_and_all_partial_conditions() -> No
     assert result.notes["input_set"] == "probe" and "alpha0_probe" in result.heads.columns
 
 
+# ---------------------------------------------------------------------------- display patterns
+
+
+def _display_config(**settings: Any) -> VitHeadsConfig:
+    """A cheap small run (8 scenes, 4 faces, 2 attention images)."""
+    base: dict[str, Any] = {"n_scenes": 8, "n_faces": 4, "n_attention_images": 2, "pattern_images": 1,
+                            "ae_epochs": 2, "progress": False}  # fmt: skip
+    return VitHeadsConfig(preset="small", **{**base, **settings})
+
+
+def _original_pixels(cfg: VitHeadsConfig, name: str) -> np.ndarray:
+    """The display image as the run's inputs had it, before the model's resize and crop."""
+    from analyses.tasks import images as image_set
+
+    data = vit_heads.build_probe_set(cfg)
+    return data.pixels[data.names.index(name)] if name in data.names else image_set.load_image(name).pixels
+
+
+def test_display_query_grid_keeps_the_centre_patch() -> None:
+    rows, cols = vit_heads.display_query_grid((14, 14), 2)  # ViT-B/16
+    assert rows.tolist() == cols.tolist() == [1, 3, 5, 7, 9, 11, 13]
+    assert vit_heads.display_query_grid((4, 4), 2)[0].tolist() == [0, 2]
+    assert vit_heads.display_query_grid((5, 3), 1)[1].tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="display_stride"):
+        VitHeadsConfig(display_stride=0).validate()
+    with pytest.raises(ConfigError, match="n_display"):
+        VitHeadsConfig(n_display=-1).validate()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_display_patterns_are_the_attention_rows_of_an_eager_forward(
+    tiny: LoadedModel, stride: int, tmp_path: Path
+) -> None:
+    """Stored crops are what the model saw; stored rows (float16) equal the attention that the HF model
+    itself returns (output_attentions) for the original image, for every layer, head and stored query."""
+    cfg = _display_config(display_stride=stride)
+    result = vit_heads.run_vit_heads(tiny, cfg)
+    display = result.tables["display"]
+    assert display["source"].tolist() == ["natural", "scenes"]  # one photograph, one synthetic scene
+    assert vit_heads.has_display(result)
+    rows, cols = (int(g) for g in tiny.extra["grid"])
+    n_prefix = int(tiny.extra["n_prefix"])
+    queries = result.arrays["display_queries"]
+    attention = result.arrays["display_attention"]
+    n_query = n_prefix + len(vit_heads.display_query_grid((rows, cols), stride)[0]) ** 2
+    assert attention.dtype == np.float16 and queries.shape == (n_query, 3)
+    assert attention.shape == (2, tiny.n_layers, tiny.n_heads, n_query, tiny.n_ctx)
+    np.testing.assert_allclose(attention.astype(np.float64).sum(-1), 1.0, atol=2e-3)  # CLS included
+    run = runstore.open_run(result.save(str(tmp_path)))
+    images = vit_heads.display_images(run)
+    for image in images:
+        original = _original_pixels(cfg, image.name)
+        pixels = tiny.preprocess([original])
+        assert image.pixels.shape == (tiny.image.image_size, tiny.image.image_size, 3)  # type: ignore[union-attr]
+        torch.testing.assert_close(tiny.preprocess([image.pixels]), pixels, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            eager = tiny.hf_model(pixel_values=pixels, output_attentions=True).attentions
+        for layer in range(tiny.n_layers):
+            for head in range(tiny.n_heads):
+                want = eager[layer][0, head].double().numpy()  # [T, T]
+                for token, row, col in queries:
+                    query = "cls" if row < 0 else (int(row), int(col))
+                    got = vit_heads.display_pattern(run, image.index, layer, head, query)
+                    np.testing.assert_allclose(got.patches.ravel(), want[token, n_prefix:], atol=1e-3)
+                    np.testing.assert_allclose(got.prefix, want[token, :n_prefix], atol=1e-3)
+                    assert got.token == token
+        centre = vit_heads.display_attention(run, image.index, 1, 2)
+        assert centre.shape == (rows, cols)
+        np.testing.assert_allclose(
+            centre.ravel(), eager[1][0, 2, n_prefix + (rows // 2) * cols + cols // 2, n_prefix:], atol=1e-3
+        )
+    if stride == 2:
+        with pytest.raises(ConfigError, match="not stored"):
+            vit_heads.display_pattern(run, 0, 0, 0, (1, 1))
+        snapped = vit_heads.display_pattern(run, 0, 0, 0, (1, 1), snap=True)
+        assert snapped.snapped and snapped.query == (0, 0)
+    assert vit_heads.display_geometry(run)["patch_size"] == tiny.image.patch_size  # type: ignore[union-attr]
+
+
+def test_no_display_images_means_no_display_data() -> None:
+    result = vit_heads.run_vit_heads(_tiny("tiny-clip-vision"), _display_config(n_display=0))
+    assert "display" not in result.tables and not any(k.startswith("display") for k in result.arrays)
+    assert not vit_heads.has_display(result)
+    with pytest.raises(ConfigError, match="re-run headlab run vit-heads"):
+        vit_heads.display_images(result)
+
+
 @pytest.mark.real
 def test_clip_vit_b16_end_to_end_small() -> None:
     model = real_model("clip-vit-b16")

@@ -7,11 +7,14 @@ Elements (stable ids): ``vit-run`` (run picker), ``vit-settings`` (the run's set
 ``vit-importance`` (layer x head map of that metric; clicking a cell picks the head),
 ``vit-agreement`` (Spearman matrix of the metrics), ``vit-trend-metric`` and ``vit-trend`` (a head
 statistic per layer with its spread), ``vit-head`` (the chosen head), ``vit-head-info`` (its numbers),
-``vit-distance`` (its strength against distance), ``vit-offset`` (its offset map) and
-``vit-clusters`` (the pattern-cluster gallery).
+``vit-distance`` (its strength against distance), ``vit-offset`` (its offset map),
+``vit-clusters`` (the pattern-cluster gallery), and the overlay: ``vit-display-image`` (a display
+image of the run), ``vit-overlay`` (the chosen head's attention from one query patch over that image;
+clicking a patch makes it the query), ``vit-query`` (a store holding the clicked patch; empty: the
+centre patch) and ``vit-overlay-info`` (the attention to CLS and the most attended patch).
 
-The run stores attention maps averaged over images and no pixels, so there is no attention overlay
-on an image. The callbacks are methods taking plain values, so tests call them directly;
+Runs saved before the display patterns were stored show a hint to re-run the analysis in place of
+the overlay. The callbacks are methods taking plain values, so tests call them directly;
 :meth:`VitPage.register_callbacks` only wires them to the elements.
 """
 
@@ -21,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, State, ctx, html
+from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
@@ -57,6 +60,7 @@ class VitPage(AnalysisPage):
         metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
         head_options = self.head_options(choice.run_id)
         head = self.select_head(choice.run_id, None, params.get("head"))
+        display_options, display_value = self.display_choice(choice.run_id, None)
         return html.Div(
             [
                 html.H2("ViT heads: importance, attention distance and patterns"),
@@ -67,8 +71,8 @@ class VitPage(AnalysisPage):
                     "(every head; the drops only for the heads that were pruned, the others blank). "
                     "Attention strength: mean attention from a patch to the patches at each offset and "
                     "distance; patterns: clusters of autoencoded per-query attention maps "
-                    "(Li et al., TVCG 2023). The run keeps no per-image attention, so there is no overlay "
-                    "on an image.",
+                    "(Li et al., TVCG 2023). The overlay shows the chosen head's attention on a few stored "
+                    "images from the patch you click.",
                     className="hint",
                 ),
                 ui.controls(self.run_picker(choice)),
@@ -113,6 +117,22 @@ class VitPage(AnalysisPage):
                         ui.graph("vit-distance"),
                         css=ui.DETAIL_PANEL,
                     ),
+                ),
+                ui.columns(
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.dropdown(
+                                "image",
+                                "vit-display-image",
+                                options=display_options,
+                                value=display_value,
+                                placeholder="no stored display images",
+                            )
+                        ),
+                        ui.graph("vit-overlay"),
+                        dcc.Store(id="vit-query", data=None),
+                    ),
+                    ui.panel(html.Div(id="vit-overlay-info"), css=ui.DETAIL_PANEL),
                 ),
                 ui.columns(
                     ui.panel(ui.graph("vit-clusters")),
@@ -223,6 +243,85 @@ class VitPage(AnalysisPage):
     def clusters_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, views.cluster_gallery)
 
+    # ------------------------------------------------------------------------------ the overlay
+
+    def display_choice(self, run_id: str | None, current: Any) -> tuple[list[dict[str, Any]], int | None]:
+        """The run's display images as options, and the one to show: ``current`` if the run has it,
+        else the first (None: the run stores none)."""
+        if not run_id:
+            return [], None
+        try:
+            options = views.display_options(self._checked(run_id))
+        except RUN_ERRORS:
+            return [], None
+        values = [o["value"] for o in options]
+        if not values:
+            return [], None
+        return options, (current if current in values else values[0])
+
+    def select_query(
+        self,
+        run_id: str | None,
+        click: Mapping[str, Any] | None,
+        current: Any,
+        triggered: str | None = None,
+    ) -> list[int] | None:
+        """The query patch [row, col]: the clicked patch when the overlay was clicked, else
+        ``current``; None (the centre patch) when the run changes."""
+        if not run_id or triggered == "vit-run":
+            return None
+        if triggered == "vit-overlay":
+            try:
+                clicked = views.query_from_click(self._checked(run_id), click)
+            except RUN_ERRORS:
+                clicked = None
+            if clicked is not None:
+                return [clicked[0], clicked[1]]
+        kept = _as_query(current)
+        return None if kept is None else [kept[0], kept[1]]
+
+    def overlay_figure(self, run_id: str | None, image: Any, head: str | None, query: Any) -> go.Figure:
+        """The chosen head's attention from the query patch over the display image (a hint when
+        the run stores no display patterns)."""
+        chosen = views.parse_head(head)
+        if run_id and chosen is None:
+            return ui.empty_figure("select a head")
+        layer, h = chosen or (0, 0)
+
+        def draw(run: Run) -> go.Figure:
+            if not views.has_display(run):
+                return ui.empty_figure(views.DISPLAY_HINT)
+            return views.overlay_figure(run, _display_image(run, image), layer, h, _as_query(query))
+
+        return self._figure(run_id, draw, uirevision=f"{run_id}/{image}")
+
+    def overlay_info(self, run_id: str | None, image: Any, head: str | None, query: Any) -> Component:
+        chosen = views.parse_head(head)
+        if not run_id or chosen is None:
+            return html.P("No head selected.", className="hint")
+        try:
+            run = self._checked(run_id)
+            if not views.has_display(run):
+                return html.P(
+                    [
+                        "This run has no stored display patterns; re-run ",
+                        html.Code("headlab run vit-heads"),
+                        " to overlay a head's attention on an image.",
+                    ],
+                    className="hint",
+                )
+            lines = views.overlay_lines(
+                run, _display_image(run, image), chosen[0], chosen[1], _as_query(query)
+            )
+        except RUN_ERRORS as err:
+            return html.P(f"cannot show the overlay: {why(err)}", className="error")
+        return html.Div(
+            [
+                html.H3(f"Layer {chosen[0]}, head {chosen[1]}: attention on the image"),
+                *[html.P(line, className="hint") for line in lines],
+            ]
+        )
+
     def register_callbacks(self, app: Dash) -> None:
         app.callback(Output("vit-head", "options"), Input("vit-run", "value"))(self.head_options)
 
@@ -259,3 +358,42 @@ class VitPage(AnalysisPage):
             self.offset_figure
         )
         app.callback(Output("vit-clusters", "figure"), Input("vit-run", "value"))(self.clusters_figure)
+        app.callback(
+            Output("vit-display-image", "options"),
+            Output("vit-display-image", "value"),
+            Input("vit-run", "value"),
+            State("vit-display-image", "value"),
+        )(self.display_choice)
+
+        def select_query(
+            run_id: str | None, click: Mapping[str, Any] | None, current: Any
+        ) -> list[int] | None:
+            return self.select_query(run_id, click, current, ctx.triggered_id)
+
+        app.callback(
+            Output("vit-query", "data"),
+            Input("vit-run", "value"),
+            Input("vit-overlay", "clickData"),
+            State("vit-query", "data"),
+        )(select_query)
+        overlay_inputs = (
+            Input("vit-run", "value"),
+            Input("vit-display-image", "value"),
+            Input("vit-head", "value"),
+            Input("vit-query", "data"),
+        )
+        app.callback(Output("vit-overlay", "figure"), *overlay_inputs)(self.overlay_figure)
+        app.callback(Output("vit-overlay-info", "children"), *overlay_inputs)(self.overlay_info)
+
+
+def _display_image(run: Run, image: Any) -> int:
+    """``image`` if the run has that display image, else its first (the picker may lag a run change)."""
+    values = [int(o["value"]) for o in views.display_options(run)]
+    return int(image) if isinstance(image, int) and image in values else values[0]
+
+
+def _as_query(value: Any) -> tuple[int, int] | None:
+    """A stored query ``[row, col]`` as a tuple; None for anything else (the centre patch)."""
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None

@@ -12,21 +12,30 @@ the head statistics), ``clusters`` / ``cluster_info`` (the attention-pattern clu
 ``[k, 2·rows − 1, 2·cols − 1]``. Every function takes a saved :class:`~analyses.runstore.Run` or the
 unsaved :class:`~analyses.base.AnalysisResult` alike, so a notebook draws a result before saving it.
 
-The run keeps no per-image attention (only maps averaged over images and queries) and no pixels, so
-no view overlays a head's attention on an image.
+Runs saved since the display patterns were added also hold the ``display`` table and the arrays
+``display_images`` (the model-input crops), ``display_attention`` and ``display_queries`` (every head's
+attention from the CLS query and a sub-grid of query patches on a few images;
+:func:`analyses.vit_heads.display_pattern` reads them): :func:`overlay_figure` draws one head's
+attention from one query patch over the image. Older runs have none; the overlay then says
+:data:`analyses.vit_heads.DISPLAY_HINT`.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analyses import vit_heads
 from analyses.base import AnalysisResult
-from analyses.vit_heads import IMPORTANCE_METRICS, METRIC_LABELS
+from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS
 from dashboard import figures
 from dashboard.views.common import Source, config, table_names
 from dashboard.views.common import table as _table
@@ -415,6 +424,155 @@ def cluster_gallery(source: Source, per_row: int = 4) -> go.Figure:
         margin={"l": 20, "r": 20, "t": 90, "b": 20},
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------- overlay
+
+# Viridis with rising opacity: weak attention leaves the image visible, strong attention covers it.
+OVERLAY_COLORSCALE = [
+    [0.0, "rgba(68,1,84,0.0)"],
+    [0.25, "rgba(59,82,139,0.35)"],
+    [0.5, "rgba(33,145,140,0.55)"],
+    [0.75, "rgba(94,201,98,0.7)"],
+    [1.0, "rgba(253,231,37,0.85)"],
+]
+
+
+def has_display(source: Source) -> bool:
+    """Whether the run stores display images and their attention patterns."""
+    return vit_heads.has_display(source)
+
+
+def display_options(source: Source) -> list[dict[str, Any]]:
+    """The run's display images as dropdown options (value: the image index); [] for older runs."""
+    if not has_display(source):
+        return []
+    return [
+        {"label": f"{img.name} ({img.source})", "value": img.index}
+        for img in vit_heads.display_images(source)
+    ]
+
+
+def query_from_click(source: Source, click: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    """The patch (row, col) under a click on :func:`overlay_figure` (its axes are crop pixels, 0 at
+    the top left corner); None when there is no point or the run has no display patterns."""
+    points = (click or {}).get("points") or []
+    if not points or not has_display(source):
+        return None
+    x, y = points[0].get("x"), points[0].get("y")
+    if not isinstance(x, int | float) or not isinstance(y, int | float):
+        return None
+    geometry = vit_heads.display_geometry(source)
+    rows, cols = geometry["grid"]
+    size = geometry["patch_size"]
+    row = min(max(math.floor(float(y) / size), 0), rows - 1)
+    col = min(max(math.floor(float(x) / size), 0), cols - 1)
+    return row, col
+
+
+def _png(rgb: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def overlay_figure(
+    source: Source, image: int, layer: int, head: int, query: tuple[int, int] | None = None
+) -> go.Figure:
+    """Display image ``image`` with head ``(layer, head)``'s attention from query patch ``query``
+    ((row, col); None: the centre patch; an unstored patch: the nearest stored one) as a
+    semi-transparent heat map over the key patches (trace 1, ``z`` = the pattern ``[rows, cols]``),
+    the query patch outlined and the attention to CLS in the subtitle. Axes are crop pixels. A run
+    without display patterns gets a message figure saying how to make them."""
+    if not has_display(source):
+        return figures.message_figure(DISPLAY_HINT)
+    images = {img.index: img for img in vit_heads.display_images(source)}
+    if int(image) not in images:
+        raise KeyError(f"no display image {image}; the run has {', '.join(map(str, images))}")
+    shown = images[int(image)]
+    geometry = vit_heads.display_geometry(source)
+    size = int(geometry["patch_size"])
+    pattern = vit_heads.display_pattern(source, int(image), layer, head, query, snap=True)
+    assert pattern.query is not None
+    rows, cols = pattern.patches.shape
+    height_px, width_px = shown.pixels.shape[:2]
+    r_idx, c_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    z = pattern.patches.astype(float)
+    zmax = float(np.nanmax(z)) if z.size and float(np.nanmax(z)) > 0 else 1.0
+    fig = go.Figure()
+    fig.add_trace(
+        go.Image(source=_png(shown.pixels), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip", name="image")
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=(np.arange(cols) + 0.5) * size,
+            y=(np.arange(rows) + 0.5) * size,
+            customdata=np.stack([r_idx, c_idx], axis=-1),
+            zmin=0.0,
+            zmax=zmax,
+            colorscale=OVERLAY_COLORSCALE,
+            colorbar={"title": {"text": "attention"}},
+            name="attention",
+            hovertemplate="key patch (row %{customdata[0]}, col %{customdata[1]})<br>attention %{z:.4f}"
+            "<extra></extra>",
+        )
+    )
+    q_row, q_col = pattern.query
+    fig.add_shape(
+        type="rect",
+        x0=q_col * size,
+        x1=(q_col + 1) * size,
+        y0=q_row * size,
+        y1=(q_row + 1) * size,
+        line={"color": ORANGE, "width": 3},
+        fillcolor="rgba(0,0,0,0)",
+    )
+    note = (
+        f"; the nearest stored query (one every {geometry['stride']} rows and columns)"
+        if pattern.snapped
+        else ""
+    )
+    fig.update_layout(
+        title=figures.titled(
+            f"Layer {layer}, head {head} on {shown.name}: attention from patch ({q_row}, {q_col})",
+            f"attention to CLS {pattern.cls:.3f}, to the patches {float(z.sum()):.3f}{note}; click a patch",
+        ),
+        xaxis={"range": [0, width_px], "showticklabels": False, "showgrid": False, "zeroline": False,
+               "constrain": "domain"},
+        yaxis={"range": [height_px, 0], "showticklabels": False, "showgrid": False, "zeroline": False,
+               "scaleanchor": "x", "constrain": "domain"},
+        height=480,
+        margin={"l": 20, "r": 20, "t": 70, "b": 20},
+        clickmode="event",
+    )  # fmt: skip
+    return fig
+
+
+def overlay_lines(
+    source: Source, image: int, layer: int, head: int, query: tuple[int, int] | None = None
+) -> list[str]:
+    """Sentences under the overlay: the query, the attention to CLS and the most attended patch."""
+    if not has_display(source):
+        return [DISPLAY_HINT + "."]
+    pattern = vit_heads.display_pattern(source, int(image), layer, head, query, snap=True)
+    geometry = vit_heads.display_geometry(source)
+    assert pattern.query is not None
+    top = np.unravel_index(int(np.argmax(pattern.patches)), pattern.patches.shape)
+    lines = [
+        f"Query patch ({pattern.query[0]}, {pattern.query[1]})"
+        + (" (the stored query nearest to the clicked patch)" if pattern.snapped else "")
+        + f": attention to CLS {pattern.cls:.3f}, to the patches {float(pattern.patches.sum()):.3f}.",
+        f"Most attended patch: ({int(top[0])}, {int(top[1])}) with {float(pattern.patches[top]):.3f}.",
+    ]
+    if geometry["stride"] > 1:
+        lines.append(
+            f"The run stores a query patch every {geometry['stride']} rows and columns; "
+            "a click on another patch shows the nearest stored one."
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------------- findings
