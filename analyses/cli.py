@@ -153,7 +153,7 @@ def _make_run_command(analysis: str, doc: str) -> None:
     """Register ``headlab run <analysis>``: the same options for every analysis in the registry."""
 
     def command(
-        model: ModelOpt = "smollm2-135m",
+        model: ModelOpt = RUN_DEFAULT_MODELS.get(analysis, "smollm2-135m"),
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "float32",
         bos: Annotated[
@@ -171,6 +171,9 @@ def _make_run_command(analysis: str, doc: str) -> None:
     run_app.command(analysis)(command)
 
 
+RUN_DEFAULT_MODELS = {"vit-heads": "clip-vit-b16", "vhd": "scene-llava", "vhr": "scene-llava"}
+"""Analyses that need another kind of model than the embedded language model run on these by default."""
+
 RUN_COMMANDS = {
     "census": "Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
     "sinks": "Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
@@ -179,7 +182,9 @@ RUN_COMMANDS = {
     "ioi": "IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
     "colored-objects": "Colored Objects: the same staged path patching on one-shot colour questions.",
     "circuit-reuse": "IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
-    "vit-heads": "ViT heads (vision models, e.g. --model clip-vit-b16): pruning importance, attention strength, patterns, artifact tokens.",
+    "vit-heads": "ViT heads (vision models; default clip-vit-b16): pruning importance, attention strength, patterns, artifact tokens.",
+    "vhd": "Vision-aware head divergence on a LLaVA (default scene-llava): VHD per head and step, T-VHD of hallucinated vs correct words, CHAIR, POPE.",
+    "vhr": "Vision-aware head reinforcement: CHAIR and POPE before and after VHR, with ablations (alpha, layers, outliers) and a random-heads control.",
 }
 for _name, _doc in RUN_COMMANDS.items():
     _make_run_command(_name, _doc)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analyses import act, census, circuits, retrieval, sinks, vit_heads
+from analyses import act, census, circuits, retrieval, sinks, vision_heads, vit_heads
 from analyses.base import AnalysisResult
 from probe.loading import LoadedModel
 
@@ -46,4 +46,6 @@ ANALYSES: dict[str, AnalysisEntry] = {
     "vit-heads": AnalysisEntry(
         "vit-heads", vit_heads.VitHeadsConfig, vit_heads.run_vit_heads, vit_heads.summary
     ),
+    "vhd": AnalysisEntry("vhd", vision_heads.VhdConfig, vision_heads.run_vhd, vision_heads.summary),
+    "vhr": AnalysisEntry("vhr", vision_heads.VhdConfig, vision_heads.run_vhr, vision_heads.summary),
 }

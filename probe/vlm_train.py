@@ -103,6 +103,10 @@ class TrainConfig:
     ``warmup_steps`` and decayed on a cosine to ``min_lr_ratio · lr``. ``lora_rank = 0`` trains the
     projector only. ``time_limit_s > 0`` stops early (and still saves) when a wall-clock budget runs
     out. ``eval_every`` steps (and at the end) the loss on the held-out examples is measured.
+    ``loss_weighting``: ``"token"`` averages the cross-entropy over every answer token of the batch
+    (LLaVA's recipe), so a one-token answer ("Yes") weighs 1/30 of a caption and the yes/no questions
+    are barely learned; ``"example"`` (default) averages each answer's tokens first and then the
+    examples, so every example weighs the same.
     """
 
     steps: int = 3000
@@ -122,6 +126,7 @@ class TrainConfig:
     feature_batch_size: int = 64
     feature_cache: bool = True
     time_limit_s: float = 0.0
+    loss_weighting: str = "example"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.time_limit_s < 0:
             raise ConfigError("weight_decay, grad_clip and time_limit_s must be non-negative (0: off)")
+        if self.loss_weighting not in ("example", "token"):
+            raise ConfigError(f"loss_weighting must be 'example' or 'token', got {self.loss_weighting!r}")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad or (self.lora_rank and not self.lora_targets):
             raise ConfigError(
@@ -426,8 +433,11 @@ class _Parts:
             for handle in handles:
                 handle.remove()
 
-    def loss(self, batch: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the answer tokens (the image positions get the projected features)."""
+    def loss(
+        self, batch: Mapping[str, torch.Tensor], features: torch.Tensor, weighting: str = "token"
+    ) -> torch.Tensor:
+        """Cross-entropy of the answer tokens (the image positions get the projected features): the mean
+        over tokens (``weighting="token"``) or over examples of each example's token mean (``"example"``)."""
         model = self.model
         ids, attention, answer = batch["ids"], batch["attention"], batch["answer"]
         image_mask = ids == int(model.extra["image_token_id"])
@@ -440,7 +450,13 @@ class _Parts:
         hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False)[0]
         scored = answer[:, 1:]
         logits = self.head(hidden[:, :-1][scored]).float()  # logits only where a token is scored
-        return torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored])
+        if weighting == "token":
+            return torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored])
+        per_token = torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored], reduction="none")
+        counts = scored.sum(dim=1)  # answer tokens per example
+        row = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+        weights = 1.0 / counts.clamp(min=1).to(per_token.dtype)[row] / int((counts > 0).sum())
+        return (per_token * weights).sum()
 
 
 def _autocast(model: LoadedModel) -> contextlib.AbstractContextManager[Any]:
@@ -552,7 +568,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate(step, group["peak"])
             with _autocast(model):
-                loss = parts.loss(batch, features[batch["images"].to(features.device)])
+                loss = parts.loss(batch, features[batch["images"].to(features.device)], config.loss_weighting)
             if not torch.isfinite(loss):
                 raise HeadlabError(
                     f"the training loss became {float(loss)} at step {step}; lower lr (now {config.lr}) or "

@@ -354,3 +354,28 @@ def test_scene_llava_assembles_clip_and_smollm2_exactly() -> None:
     batch = vlm.encode_prompts(model, [scc.CAPTION_PROMPT])
     assert (batch.input_ids == model.extra["image_token_id"]).sum() == 196
     assert batch.input_ids[0, 0] == model.tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_example_weighting_averages_each_answer_before_the_batch() -> None:
+    """``loss_weighting="example"`` is the mean over examples of each example's mean token loss; with
+    answers of one length it equals the token mean, with unequal lengths it differs from it."""
+    model = fresh()
+    scenes = scc.train_scenes(DATA)
+    examples = scc.training_examples(scenes, DATA)
+    tokens = vlm_train._tokenize(model, examples, len(scenes))
+    feats = vlm_train.extract_features(model, scc.RenderedScenes(scenes), progress=False)
+    parts = vlm_train._Parts(model, vlm_train.TrainConfig())
+    pad = int(model.tokenizer.pad_token_id or model.tokenizer.eos_token_id)
+    lengths = [len(i) - n for i, n in zip(tokens.ids, tokens.n_prompt, strict=True)]
+    rows = list(range(len(examples)))
+    assert len(set(lengths)) > 1, "the test needs answers of different lengths"
+    batch = vlm_train._batch(tokens, rows, pad, model.device)
+    with torch.no_grad():
+        by_example = float(parts.loss(batch, feats[batch["images"]], "example"))
+        by_token = float(parts.loss(batch, feats[batch["images"]], "token"))
+        singles = [float(parts.loss(vlm_train._batch(tokens, [r], pad, model.device),
+                                    feats[[tokens.images[r]]], "token")) for r in rows]  # fmt: skip
+    assert by_example == pytest.approx(float(np.mean(singles)), rel=1e-4)
+    assert abs(by_example - by_token) > 1e-4
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        vlm_train.TrainConfig(loss_weighting="sentence")
