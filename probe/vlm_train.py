@@ -651,7 +651,7 @@ def loss_figure(result: TrainResult, title: str = "projector training") -> Any:
     if result.eval_curve:
         fig.add_trace(go.Scatter(x=[p["step"] for p in result.eval_curve], y=[p["eval_loss"] for p in result.eval_curve],
                                  mode="lines+markers", name="held-out loss"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy per answer token (nats)",
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy (nats; see loss_weighting)",
                       yaxis_type="log", template="plotly_white")  # fmt: skip
     return fig
 

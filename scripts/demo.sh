@@ -34,6 +34,13 @@ echo "== IOI circuit: activation and path patching, head classes, faithfulness (
 echo "== ViT heads: importance, attention distance, pattern clusters, artifact tokens (small preset)"
 "$H" fetch clip-vit-b16
 "$H" run vit-heads --model clip-vit-b16 --root "$RUNS" --set preset=small
+# VHD / VHR on scene-llava (the CLIP tower + our projector in data/ + SmolLM2-135M-Instruct): a few
+# noisy held-out scenes and the main VHR setting only; drop the --set options for the full run
+# (100 scenes, every ablation; a GPU is faster).
+echo "== VHD and VHR on scene-llava (small config)"
+"$H" run vhr --model scene-llava --root "$RUNS" \
+    --set n_scenes=8 --set max_new_tokens=32 --set ablations=false \
+    --set pope_kinds=adversarial --set pope_per_scene=1 --set n_stats=2000 --set batch_size=8
 echo "== reports"
 "$H" report "latest:census" --root "$RUNS" --out reports/
 "$H" report "latest:sinks" --root "$RUNS" --out reports/
@@ -41,6 +48,7 @@ echo "== reports"
 "$H" report "latest:retrieval" --root "$RUNS" --out reports/
 "$H" report "latest:ioi" --root "$RUNS" --out reports/
 "$H" report "latest:vit-heads" --root "$RUNS" --out reports/
+"$H" report "latest:vhr" --root "$RUNS" --out reports/
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"

@@ -303,3 +303,14 @@ def test_scene_llava_reads_the_scene_and_generation_is_reproduced() -> None:
     assert base["n_correct"].sum() >= 2  # the trained projector names objects that are there
     heads = result.tables["heads"]
     assert heads["vhd_first"].notna().all() and (heads["vhd_mean"] > 0).all()
+
+
+def test_a_llava_checkpoint_directory_runs_the_same_analysis(tmp_path: Path) -> None:
+    """The path users with real LLaVA weights take: a local LlavaForConditionalGeneration directory."""
+    directory = vlm.save_checkpoint(tiny(), tmp_path / "llava")
+    loaded = probe.load_model(str(directory), device="cpu")
+    assert loaded.kind == "vision-language" and loaded.family == "llava"
+    cfg = vh.VhdConfig(**{**SMALL.__dict__, "pope_kinds": ()})
+    got, want = vh.run_vhd(loaded, cfg), vh.run_vhd(tiny(), cfg)
+    assert got.tables["captions"]["text"].tolist() == want.tables["captions"]["text"].tolist()
+    assert np.allclose(got.tables["heads"]["vhd_mean"], want.tables["heads"]["vhd_mean"], atol=1e-5)
