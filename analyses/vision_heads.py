@@ -156,7 +156,8 @@ class VhdConfig:
     ``n_scenes`` held-out scenes of ``split`` (``conflict`` or ``iid``) with Gaussian pixel noise of
     std ``noise`` (0–255 scale; 0: clean). ``top_k``: heads per layer summed by T-VHD. ``settings``:
     the VHR settings (:class:`VhrSetting`; the first is the main one; ``run_vhd`` runs none;
-    ``ablations=False`` runs the main one only).
+    ``ablations=False`` runs the main one only; ``pope_ablations=False`` asks POPE only without VHR
+    and under the main setting).
     ``pope_per_scene`` present and as many absent classes per scene and kind (empty ``pope_kinds``:
     no POPE). ``n_display`` images are kept for the dashboard.
     """
@@ -177,6 +178,7 @@ class VhdConfig:
     alpha_ci: float = 0.05
     n_display: int = 8
     ablations: bool = True
+    pope_ablations: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -774,7 +776,8 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     for s in settings:
         if s is not None:
             parse_layers(s.layers, model.n_layers)  # fail before any work
-    n_work = len(settings) * (len(scenes) + len(questions)) + len(scenes)
+    n_pope = len(settings) if cfg.pope_ablations else min(2, len(settings))
+    n_work = len(settings) * len(scenes) + n_pope * len(questions) + len(scenes)
     bar = tqdm(total=n_work, desc=analysis, unit="item", disable=not cfg.progress)
     caption_frames, pope_frames, setting_rows = [], [], []
     selection_main: list[Selection] = []
@@ -792,7 +795,10 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
         table = scc.chair_table(scenes, texts)
         table.insert(0, "setting", name)
         caption_frames.append(table)
-        pope = _pope_setting(model, cfg, images, questions, setting, bar) if questions else pd.DataFrame()
+        ask = bool(questions) and (
+            setting is None or cfg.pope_ablations or setting.name == cfg.settings[0].name
+        )
+        pope = _pope_setting(model, cfg, images, questions, setting, bar) if ask else pd.DataFrame()
         if len(pope):
             pope.insert(0, "setting", name)
             pope_frames.append(pope)

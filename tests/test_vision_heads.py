@@ -314,3 +314,13 @@ def test_a_llava_checkpoint_directory_runs_the_same_analysis(tmp_path: Path) -> 
     got, want = vh.run_vhd(loaded, cfg), vh.run_vhd(tiny(), cfg)
     assert got.tables["captions"]["text"].tolist() == want.tables["captions"]["text"].tolist()
     assert np.allclose(got.tables["heads"]["vhd_mean"], want.tables["heads"]["vhd_mean"], atol=1e-5)
+
+
+def test_pope_can_be_limited_to_the_baseline_and_the_main_setting() -> None:
+    cfg = vh.VhdConfig(**{**replace_settings(SMALL, vh.VhrSetting("vhr"), vh.VhrSetting("alpha=3", alpha=3.0)).__dict__,
+                          "pope_ablations": False})  # fmt: skip
+    t = vh.run_vhr(tiny(), cfg).tables
+    assert set(t["pope"]["setting"]) == {"baseline", "vhr"}
+    assert set(t["captions"]["setting"]) == {"baseline", "vhr", "alpha=3"}
+    pope_deltas = t["deltas"][t["deltas"]["benchmark"] == "POPE"]
+    assert set(pope_deltas["setting"]) == {"vhr"}
