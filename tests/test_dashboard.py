@@ -18,7 +18,16 @@ from analyses.census import CensusConfig, run_census
 from dashboard import figures
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
-from dashboard.pages import ActPage, CensusPage, CircuitsPage, HomePage, RetrievalPage, SinksPage, VitPage
+from dashboard.pages import (
+    ActPage,
+    CensusPage,
+    CircuitsPage,
+    HomePage,
+    RetrievalPage,
+    SinksPage,
+    VhdPage,
+    VitPage,
+)
 from dashboard.views import census as views
 from probe.errors import RunStoreError
 
@@ -105,6 +114,7 @@ def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path)
         RetrievalPage,
         CircuitsPage,
         VitPage,
+        VhdPage,
     ]
 
 

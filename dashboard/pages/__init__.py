@@ -19,6 +19,7 @@ from dashboard.pages.circuits import CircuitsPage
 from dashboard.pages.home import HomePage
 from dashboard.pages.retrieval import RetrievalPage
 from dashboard.pages.sinks import SinksPage
+from dashboard.pages.vhd import VhdPage
 from dashboard.pages.vit import VitPage
 
 PAGES: tuple[type[Page], ...] = (
@@ -29,6 +30,7 @@ PAGES: tuple[type[Page], ...] = (
     RetrievalPage,
     CircuitsPage,
     VitPage,
+    VhdPage,
 )
 
 __all__ = [
@@ -41,5 +43,6 @@ __all__ = [
     "RetrievalPage",
     "SinksPage",
     "Site",
+    "VhdPage",
     "VitPage",
 ]

@@ -10,7 +10,7 @@ it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.se
 from __future__ import annotations
 
 from analyses.runstore import Run
-from dashboard.sections import act, census, circuits, generic, retrieval, sinks, vit
+from dashboard.sections import act, census, circuits, generic, retrieval, sinks, vhd, vit
 from dashboard.sections.base import ReportSection, SectionBuilder
 
 REPORT_SECTIONS: dict[str, SectionBuilder] = {
@@ -22,6 +22,8 @@ REPORT_SECTIONS: dict[str, SectionBuilder] = {
     "colored-objects": circuits.report_sections,
     "circuit-reuse": circuits.report_sections,
     "vit-heads": vit.report_sections,
+    "vhd": vhd.report_sections,
+    "vhr": vhd.report_sections,
 }
 
 

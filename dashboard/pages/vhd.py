@@ -1,0 +1,299 @@
+"""The VHD page: which heads use the image (VHD), T-VHD of hallucinated and correct object words, and
+whether reinforcing the vision-aware heads (VHR) changes CHAIR and POPE.
+
+It shows one ``vhd`` or ``vhr`` run (:mod:`analyses.vision_heads`, He et al., ACL 2025); a ``vhd``
+run has no VHR settings, so its reinforcement panels say so.
+
+Elements (stable ids): ``vhd-run`` (run picker), ``vhd-settings`` (the run's settings),
+``vhd-findings`` (sentences reading the run's numbers), ``vhd-metric`` (head metric),
+``vhd-heads`` (layer x head map of that metric, the VHR layers marked), ``vhd-words`` (T-VHD of
+hallucinated vs correct object words), ``vhd-test`` (the Mann–Whitney test row as text),
+``vhd-scene`` (a scene with a caption), ``vhd-caption`` (T-VHD along its baseline caption),
+``vhd-image`` (its image), ``vhd-captions`` (its baseline and main-VHR captions with CHAIR's reading),
+``vhd-benchmarks`` (CHAIR and POPE per setting) and ``vhd-deltas`` (paired changes against the
+baseline).
+
+The callbacks are methods taking plain values, so tests call them directly;
+:meth:`VhdPage.register_callbacks` only wires them to the elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, ctx, html
+from dash.development.base_component import Component
+
+from analyses.runstore import Run
+from dashboard.pages import base as ui
+from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.views import vhd as views
+from probe.errors import RunStoreError
+
+DEFAULT_METRIC = "vhd_mean"
+
+
+class VhdPage(AnalysisPage):
+    path: ClassVar[str] = "/vhd"
+    title: ClassVar[str] = "VHD"
+    analysis: ClassVar[str] = "vhr"  # the run kind suggested when there is none
+    analyses: ClassVar[tuple[str, ...]] = views.ANALYSES
+    run_noun: ClassVar[str] = "VHD (vhd or vhr)"
+
+    @classmethod
+    def shown_analyses(cls) -> tuple[str, ...]:
+        return cls.analyses
+
+    @property
+    def run_id_element(self) -> str:
+        return "vhd-run"
+
+    # ------------------------------------------------------------------------------------ runs
+
+    def run_options(self) -> list[dict[str, Any]]:
+        """Intact vhd and vhr runs (newest first), then damaged ones, listed but disabled."""
+        entries = [
+            e
+            for e in self.catalog.entries()
+            if e.analysis in self.analyses
+            or (e.analysis is None and any(f"-{a}-" in e.run_id for a in self.analyses))
+        ]
+        ok = [{"label": f"[{e.analysis}] {e.label}", "value": e.run_id} for e in entries if e.ok]
+        damaged = [
+            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
+            for e in entries
+            if not e.ok
+        ]
+        return ok + damaged
+
+    def _run(self, run_id: str) -> Run:
+        run = self.catalog.open(run_id)
+        if run.analysis not in self.analyses:
+            raise RunStoreError(
+                f"run {run_id} is a {run.analysis} run, not one of {', '.join(self.analyses)}; pick another"
+            )
+        return run
+
+    def _checked(self, run_id: str) -> Run:
+        run = self._run(run_id)
+        if not views.is_vhd(run):
+            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
+            raise KeyError(f"run {run_id} lacks the vhd tables {', '.join(missing)}")
+        return run
+
+    # ------------------------------------------------------------------------------------ layout
+
+    def layout(self, params: Mapping[str, str]) -> Component:
+        choice = self.choose_run(params)
+        metric_options, metric = self.metric_choice(choice.run_id, params.get("metric"))
+        wanted = params.get("scene") or ""
+        scene_options, scene = self.scene_choice(choice.run_id, int(wanted) if wanted.isdigit() else None)
+        return html.Div(
+            [
+                html.H2("Vision-aware heads: VHD, T-VHD and VHR"),
+                html.P(
+                    "VHD of a head (He et al., ACL 2025): the distance between its output with the image "
+                    "and with the image tokens removed from the prompt, at each generated token; a head "
+                    "whose output barely changes answers from the text alone. T-VHD of a generated token: "
+                    "the sum over layers of each layer's top-k VHD at the step that produced it; the paper "
+                    "finds it lower for hallucinated object words. VHR scales the outputs of the heads "
+                    "with above-median VHD (outliers with a large text-only norm set aside) in chosen "
+                    "layers, at every step. CHAIR counts hallucinated objects in the captions, POPE asks "
+                    "yes/no questions about present and absent objects; intervals are bootstraps over "
+                    "scenes.",
+                    className="hint",
+                ),
+                ui.controls(self.run_picker(choice)),
+                html.P(id="vhd-settings", className="hint"),
+                *choice.notes,
+                html.Details(
+                    [html.Summary("What this run's numbers say"), html.Div(id="vhd-findings")],
+                    open=True,
+                    className="panel",
+                ),
+                ui.columns(
+                    ui.panel(
+                        ui.detail_controls(
+                            ui.dropdown(
+                                "head metric",
+                                "vhd-metric",
+                                options=metric_options,
+                                value=metric,
+                                placeholder="no head metrics",
+                            )
+                        ),
+                        ui.graph("vhd-heads"),
+                    ),
+                    ui.panel(
+                        ui.graph("vhd-words"),
+                        html.P(id="vhd-test", className="hint"),
+                        css=ui.DETAIL_PANEL,
+                    ),
+                ),
+                html.Div(
+                    [
+                        ui.detail_controls(
+                            ui.dropdown(
+                                "scene",
+                                "vhd-scene",
+                                options=scene_options,
+                                value=scene,
+                                placeholder="no captioned scenes",
+                            )
+                        ),
+                        ui.columns(
+                            ui.panel(ui.graph("vhd-caption"), css=ui.DETAIL_PANEL),
+                            ui.panel(ui.graph("vhd-image"), html.Div(id="vhd-captions")),
+                        ),
+                    ],
+                    className="panel",
+                    style={"margin": "20px 0"},
+                ),
+                ui.columns(
+                    ui.panel(ui.graph("vhd-benchmarks"), css=ui.DETAIL_PANEL),
+                    ui.panel(ui.graph("vhd-deltas"), css=ui.DETAIL_PANEL),
+                ),
+            ],
+            className="page",
+        )
+
+    # --------------------------------------------------------------------------------- callbacks
+
+    def metric_choice(
+        self, run_id: str | None, current: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The run's head metrics as options; keeps ``current`` when the run has it, else VHD (mean)."""
+        if not run_id:
+            return [], None
+        try:
+            names = views.head_metrics(self._checked(run_id))
+        except RUN_ERRORS:
+            return [], None
+        options: list[dict[str, Any]] = [{"label": views.METRIC_NAMES[m], "value": m} for m in names]
+        if current in names:
+            return options, current
+        return options, DEFAULT_METRIC if DEFAULT_METRIC in names else (names[0] if names else None)
+
+    def scene_choice(
+        self, run_id: str | None, current: Any, triggered: str | None = None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """The run's captioned scenes as options, and the one to show: ``current`` if the run has it
+        (unless the run just changed), else the first scene with a hallucinated word, else the first."""
+        if not run_id:
+            return [], None
+        try:
+            run = self._checked(run_id)
+            options = views.scene_options(run)
+            default = views.default_scene(run)
+        except RUN_ERRORS:
+            return [], None
+        values = [o["value"] for o in options]
+        if triggered != "vhd-run" and isinstance(current, int) and current in values:
+            return options, current
+        return options, default
+
+    def settings(self, run_id: str | None) -> str:
+        if not run_id:
+            return ""
+        try:
+            return views.settings_line(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return f"cannot read run {run_id}: {why(err)}"
+
+    def findings(self, run_id: str | None) -> Component:
+        if not run_id:
+            return html.P("No run selected.", className="hint")
+        try:
+            lines = views.findings(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return html.P(f"cannot read run {run_id}: {why(err)}", className="error")
+        return html.Ul([html.Li(line) for line in lines], id="vhd-findings-list")
+
+    def test_text(self, run_id: str | None) -> str:
+        if not run_id:
+            return ""
+        try:
+            return views.tvhd_test_line(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return f"cannot read the T-VHD test: {why(err)}"
+
+    def heads_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
+        shown = metric if metric in views.HEAD_METRICS else DEFAULT_METRIC
+        return self._figure(run_id, lambda run: views.heads_figure(run, shown), uirevision=f"{run_id}/heads")
+
+    def words_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.tvhd_distribution_figure)
+
+    def caption_figure(self, run_id: str | None, scene: Any) -> go.Figure:
+        if run_id and not isinstance(scene, int):
+            return ui.empty_figure("no scene with a caption in this run")
+        return self._figure(run_id, lambda run: views.tvhd_caption_figure(run, int(scene)))
+
+    def image_figure(self, run_id: str | None, scene: Any) -> go.Figure:
+        if run_id and not isinstance(scene, int):
+            return ui.empty_figure("no scene selected")
+        return self._figure(run_id, lambda run: views.image_figure(run, int(scene)))
+
+    def captions_block(self, run_id: str | None, scene: Any) -> Component:
+        if not run_id or not isinstance(scene, int):
+            return html.P("No scene selected.", className="hint")
+        try:
+            run = self._checked(run_id)
+            captions = views.scene_captions(run, scene)
+            truth = views.scene_truth(run, scene)
+        except RUN_ERRORS as err:
+            return html.P(f"cannot show the captions: {why(err)}", className="error")
+        parts: list[Component] = []
+        for cap in captions:
+            label = (
+                "baseline caption" if cap.setting == views.BASELINE else f"caption under VHR ({cap.setting})"
+            )
+            parts.append(html.H3(label))
+            parts.append(html.P(cap.text or "(empty)", className="mono"))
+            facts: list[Component | str] = [f"objects named: {', '.join(cap.mentioned) or 'none'}; "]
+            facts.append("hallucinated: ")
+            facts.append(
+                html.Span(
+                    ", ".join(cap.hallucinated),
+                    style={"color": views.HALLUCINATED_COLOUR, "fontWeight": "bold"},
+                )
+                if cap.hallucinated
+                else "none"
+            )
+            facts.append(f"; missed: {', '.join(cap.missed) or 'none'}.")
+            parts.append(html.P(facts, className="hint"))
+        if truth:
+            parts.append(html.P(f"Ground truth: {truth}", className="hint"))
+        return html.Div(parts, id="vhd-captions-text")
+
+    def benchmarks_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.benchmark_figure)
+
+    def deltas_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, views.deltas_figure)
+
+    def register_callbacks(self, app: Dash) -> None:
+        run = Input("vhd-run", "value")
+        app.callback(
+            Output("vhd-metric", "options"), Output("vhd-metric", "value"), run, State("vhd-metric", "value")
+        )(self.metric_choice)
+
+        def scene_choice(run_id: str | None, current: Any) -> tuple[list[dict[str, Any]], int | None]:
+            return self.scene_choice(run_id, current, ctx.triggered_id)
+
+        app.callback(
+            Output("vhd-scene", "options"), Output("vhd-scene", "value"), run, State("vhd-scene", "value")
+        )(scene_choice)
+        app.callback(Output("vhd-settings", "children"), run)(self.settings)
+        app.callback(Output("vhd-findings", "children"), run)(self.findings)
+        app.callback(Output("vhd-test", "children"), run)(self.test_text)
+        app.callback(Output("vhd-heads", "figure"), run, Input("vhd-metric", "value"))(self.heads_figure)
+        app.callback(Output("vhd-words", "figure"), run)(self.words_figure)
+        scene = Input("vhd-scene", "value")
+        app.callback(Output("vhd-caption", "figure"), run, scene)(self.caption_figure)
+        app.callback(Output("vhd-image", "figure"), run, scene)(self.image_figure)
+        app.callback(Output("vhd-captions", "children"), run, scene)(self.captions_block)
+        app.callback(Output("vhd-benchmarks", "figure"), run)(self.benchmarks_figure)
+        app.callback(Output("vhd-deltas", "figure"), run)(self.deltas_figure)
