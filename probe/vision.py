@@ -1348,14 +1348,23 @@ def mean_head_outputs(
 
 
 def onnx_agreement(
-    model: LoadedModel, images: ImageInput, *, onnx_file: str | Path | None = None
+    model: LoadedModel,
+    images: ImageInput,
+    *,
+    onnx_file: str | Path | None = None,
+    reference: str = "int8",
 ) -> torch.Tensor:
-    """Cosine per image ``[N]`` between ``model``'s embedding and the INT8 ONNX graph's.
+    """Cosine per image ``[N]`` between ``model``'s embedding and the ONNX graph's (INT8 or float).
 
     Both get the same preprocessed pixel values. ``onnx_file`` defaults to the graph the model was
     converted from (clip-vit-b16: the package's ``clip_encoder.int8.onnx``, re-checked against the
-    sha256 recorded at conversion). Expect about 0.97–0.99: the package's runtime also quantises
-    every activation to 8 bits, the converted model only has dequantised weights.
+    sha256 recorded at conversion).
+
+    ``reference="int8"`` (default) compares with the package's own runtime. Expect about 0.94–0.99:
+    that runtime also quantises every activation to 8 bits, the converted model only has
+    dequantised weights. ``reference="float"`` compares with the same graph with the activation
+    quantisation taken out (:func:`probe.onnx_clip.float_activation_graph`: same weights, float32
+    activations), which checks the conversion alone; expect 1 - cosine below 1e-10.
     """
     from probe import onnx_clip
 
@@ -1375,10 +1384,10 @@ def onnx_agreement(
                 f"headlab fetch {model.name} --force"
             )
     pixels = _pixels(model, images)
-    reference = torch.from_numpy(onnx_clip.run_onnx(Path(onnx_file), pixels))
+    theirs = torch.from_numpy(onnx_clip.run_onnx(Path(onnx_file), pixels, reference=reference))
     ours = embed(model, pixels)
-    if ours.shape != reference.shape:
+    if ours.shape != theirs.shape:
         raise HeadlabError(
-            f"embedding shapes differ: {model.name} gives {tuple(ours.shape)}, the ONNX graph {tuple(reference.shape)}"
+            f"embedding shapes differ: {model.name} gives {tuple(ours.shape)}, the ONNX graph {tuple(theirs.shape)}"
         )
-    return torch.nn.functional.cosine_similarity(ours.double(), reference.double(), dim=-1).float()
+    return torch.nn.functional.cosine_similarity(ours.double(), theirs.double(), dim=-1).float()
