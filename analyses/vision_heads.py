@@ -19,9 +19,11 @@ it, and the same heads stay reinforced for every later step.
 
 How it is computed here
 -----------------------
-* **Prompts.** The caption prompt of :mod:`analyses.tasks.scene_captions` (``CAPTION_PROMPT``, the
-  benchmark's prompt, one of the training prompts) through the model's chat template; its text-only
-  twin is the same template without the image placeholder (:func:`probe.vlm.format_prompt`).
+* **Prompts.** The paper's caption prompt (``PAPER_PROMPT``, "Please help me describe the image in
+  detail.") through the model's chat template; its text-only twin is the same template without the
+  image placeholder (:func:`probe.vlm.format_prompt`). ``scene-llava`` was trained on four other
+  caption prompts (``scene_captions.CAPTION_PROMPTS``) and answers this one with the same kind of
+  caption (``prompt=scene_captions.CAPTION_PROMPT`` gives the testbed's own benchmark prompt).
   Decoding is greedy, as the paper's CHAIR evaluation.
 * **Own forward.** Every pass that reads or edits heads runs the language model on input
   embeddings built here (token embeddings with the projected image features written over the image
@@ -136,6 +138,8 @@ class VhrSetting:
             raise ConfigError(f"a VHR setting needs a name other than {BASELINE!r}")
 
 
+PAPER_PROMPT = "Please help me describe the image in detail."
+"""He et al.'s caption prompt for CHAIR (LLaVA-1.5's detailed-description prompt)."""
 BASELINE = "baseline"
 MAIN = "vhr"
 DEFAULT_SETTINGS: tuple[VhrSetting, ...] = (
@@ -165,7 +169,7 @@ class VhdConfig:
     n_scenes: int = 100
     split: str = "conflict"
     noise: float = 50.0
-    prompt: str = scc.CAPTION_PROMPT
+    prompt: str = PAPER_PROMPT
     max_new_tokens: int = 64
     top_k: int = 3
     settings: tuple[VhrSetting, ...] = DEFAULT_SETTINGS
