@@ -9,6 +9,7 @@ function takes tables or arrays and returns a new figure.
   long sequence costs one compressed image; hover shows tokens and weights while the pattern is
   small enough for per-cell hover data.
 * :func:`distributions`: one histogram per metric, of the values across heads.
+* :func:`error_bars`: asymmetric error bars out to each value's interval.
 * :func:`titled`, :func:`head_rings`, :func:`head_grid_layout`: the title, the ringed heads and the
   axes of the analyses' own figures (left-aligned title with a subtitle; layer x head maps drawn
   with category axes, layer 0 at the top).
@@ -21,12 +22,13 @@ from __future__ import annotations
 import functools
 import html
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from numpy.typing import ArrayLike
 from plotly.colors import sample_colorscale, unlabel_rgb
 from plotly.subplots import make_subplots
 
@@ -106,6 +108,29 @@ def mark_head(fig: go.Figure, layer: int, head: int, *, color: str = "#e4572e") 
 def titled(text: str, subtitle: str) -> dict[str, object]:
     """A figure title with a subtitle, left-aligned (so the mode bar, top right, never covers it)."""
     return {"text": text, "x": 0.02, "subtitle": {"text": subtitle}}
+
+
+def error_bars(
+    values: np.ndarray, low: ArrayLike, high: ArrayLike, *, clip: bool = False, width: int | None = None
+) -> dict[str, Any]:
+    """Asymmetric plotly error bars from ``values`` out to their intervals [``low``, ``high``] (no bar
+    where a bound is NaN). ``clip``: no bar, rather than a negative one, on a side where the value
+    lies outside its interval; ``width``: the bars' caps in pixels (None: plotly's default)."""
+    up = np.asarray(high, dtype=float) - values
+    down = values - np.asarray(low, dtype=float)
+    if clip:
+        up, down = np.maximum(up, 0), np.maximum(down, 0)
+    bars: dict[str, Any] = {
+        "type": "data",
+        "symmetric": False,
+        "array": np.nan_to_num(up),
+        "arrayminus": np.nan_to_num(down),
+        "visible": True,
+        "thickness": 1.5,
+    }
+    if width is not None:
+        bars["width"] = width
+    return bars
 
 
 def head_rings(marks: Sequence[tuple[int, int]], name: str, hover: str, *, color: str) -> go.Scatter:

@@ -1,15 +1,19 @@
-"""Shared fixtures: seeded RNGs, tiny models built once per session, the real embedded model."""
+"""Shared fixtures: seeded RNGs, tiny models built once per session, the real embedded model; and the
+dashboard tests' helpers (component JSON, plotly typed arrays, callbacks through Dash's endpoint)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from probe.loading import LoadedModel
@@ -65,19 +69,50 @@ def fresh_tiny_llama() -> LoadedModel:
     return copy.deepcopy(_tiny("tiny-llama"))
 
 
-def render_route(app: Any, pathname: str, search: str = "") -> str:
-    """The dashboard's routed page for ``pathname`` + ``search``, served through Dash's update
-    endpoint as a browser would request it, as the JSON text of its children."""
+def to_json(component: Any) -> str:
+    """A Dash component tree (or a figure) as JSON text: what the browser receives."""
+    return json.dumps(component, cls=PlotlyJSONEncoder)
+
+
+def decode_array(z: Any) -> Any:
+    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
+    if isinstance(z, dict) and "bdata" in z:
+        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
+        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
+    return z
+
+
+def post_callback(
+    app: Any,
+    output: str,
+    inputs: Sequence[tuple[str, Any] | tuple[str, str, Any]],
+    changed: list[str] | None = None,
+) -> Any:
+    """Run the callback of ``output`` ("element.property") through Dash's update endpoint, as a
+    browser does, and return the output's new value. ``inputs``: (element, value) pairs of
+    ``value`` properties, or (element, property, value) triples; ``changed``: the properties that
+    changed ("element.property"; None: the last input's)."""
+    named = [(i[0], "value", i[1]) if len(i) == 2 else i for i in inputs]
+    element, prop = output.split(".")
     payload = {
-        "output": "page-content.children",
-        "outputs": {"id": "page-content", "property": "children"},
-        "inputs": [
-            {"id": "url", "property": "pathname", "value": pathname},
-            {"id": "url", "property": "search", "value": search},
-        ],
-        "changedPropIds": ["url.pathname"],
+        "output": output,
+        "outputs": {"id": element, "property": prop},
+        "inputs": [{"id": i, "property": p, "value": v} for i, p, v in named],
+        "changedPropIds": [f"{named[-1][0]}.{named[-1][1]}"] if changed is None else changed,
         "state": [],
     }
     response = app.server.test_client().post("/_dash-update-component", json=payload)
     assert response.status_code == 200, response.data[:500]
-    return json.dumps(json.loads(response.data)["response"]["page-content"]["children"])
+    return json.loads(response.data)["response"][element][prop]
+
+
+def render_route(app: Any, pathname: str, search: str = "") -> str:
+    """The dashboard's routed page for ``pathname`` + ``search``, served through Dash's update
+    endpoint as a browser would request it, as the JSON text of its children."""
+    page = post_callback(
+        app,
+        "page-content.children",
+        [("url", "pathname", pathname), ("url", "search", search)],
+        ["url.pathname"],
+    )
+    return json.dumps(page)

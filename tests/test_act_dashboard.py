@@ -4,17 +4,14 @@ synthetic ACT runs with the analysis's result schema (small, random but seeded).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from dash import Dash
-from plotly.utils import PlotlyJSONEncoder
 
 from analyses import runstore
 from analyses.base import AnalysisResult
@@ -25,6 +22,7 @@ from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import act as act_section
 from dashboard.views import act as views
+from tests.conftest import post_callback, to_json
 
 N_LAYERS, N_HEADS, GROUP = 6, 4, 2
 LAYER_START, LAYER_END = 2, 5  # layers 2, 3, 4 searched
@@ -212,10 +210,6 @@ def _open(runs: Runs, run_id: str) -> runstore.Run:
     return runstore.open_run(runs.root / run_id)
 
 
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
 def test_accuracy_bars_and_delta_equal_the_tasks_table(runs: Runs) -> None:
     run = _open(runs, runs.per_task)
     tasks = run.table("tasks").set_index("task").loc[list(TASKS)]
@@ -361,7 +355,7 @@ def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
     options, value = page.task_options(runs.per_task, "topic")
     assert [o["value"] for o in options] == [views.ALL_TASKS, *TASKS] and value == "topic"
     assert page.task_options(runs.pooled, "capital")[1] == views.ALL_TASKS  # not a task of that run
-    assert "pooled head search" in _text(page.task_options(runs.pooled, None)[0])
+    assert "pooled head search" in to_json(page.task_options(runs.pooled, None)[0])
     grid = page.grid_figure(runs.per_task, "sentiment", "kept")
     kept = views.kept_heads(run, "sentiment")
     assert sorted(zip(map(int, grid.data[-1].y), map(int, grid.data[-1].x), strict=True)) == kept
@@ -378,7 +372,7 @@ def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
     assert "capital" in page.margin_figure(runs.per_task, "capital").layout.title.text
     assert "no per-item table" in page.margin_figure(runs.pooled, None).layout.annotations[0].text
     assert len(page.tokens_figure(runs.per_task).data[0].x) == len(TOKENS)
-    table = _text(page.tasks_table(runs.per_task, "topic"))
+    table = to_json(page.tasks_table(runs.per_task, "topic"))
     row = views.task_rows(run).set_index("task").loc["topic"]
     assert row["before"] in table and row["delta"] in table and '"className": "current"' in table
     assert "beta 0.4" in page.settings_text(runs.per_task)
@@ -389,7 +383,7 @@ def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
 def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     page = _page(runs.root)
     layout = page.layout({"run": runs.per_task, "task": "topic", "map": "hidden"})
-    text = _text(layout)
+    text = to_json(layout)
     for element in ("act-run", "act-task", "act-map", "act-accuracy", "act-delta", "act-grid",
                     "act-search", "act-margins", "act-tokens", "act-table"):  # fmt: skip
         assert f'"id": "{element}"' in text
@@ -402,25 +396,17 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     assert {"act-grid.figure", "act-accuracy.figure", "act-search.figure", "act-table.children"} <= set(
         app.callback_map
     )
-    payload = {
-        "output": "act-grid.figure",
-        "outputs": {"id": "act-grid", "property": "figure"},
-        "inputs": [
-            {"id": "act-run", "property": "value", "value": runs.per_task},
-            {"id": "act-task", "property": "value", "value": "capital"},
-            {"id": "act-map", "property": "value", "value": "kept"},
-        ],
-        "changedPropIds": ["act-task.value"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    data = json.loads(response.data)["response"]["act-grid"]["figure"]["data"]
+    data = post_callback(
+        app,
+        "act-grid.figure",
+        [("act-run", runs.per_task), ("act-task", "capital"), ("act-map", "kept")],
+        ["act-task.value"],
+    )["data"]
     rings = data[-1]
     assert rings["name"] == "kept"
     kept = views.kept_heads(_open(runs, runs.per_task), "capital")
     assert sorted(zip(map(int, rings["y"]), map(int, rings["x"]), strict=True)) == kept
-    empty = _text(_page(tmp_path / "none").layout({}))
+    empty = to_json(_page(tmp_path / "none").layout({}))
     assert "No intact ACT run" in empty and "headlab run act" in empty
 
 
@@ -469,7 +455,7 @@ def test_a_run_without_head_search_calibrates_every_head_in_range(runs: Runs) ->
     assert "no head search" in views.settings_line(run)
     assert views.task_rows(run)["scope"].tolist() == ["none: all in range"]
     page = _page(runs.root)
-    assert "no head search" in _text(page.task_options(runs.unsearched, None)[0])
+    assert "no head search" in to_json(page.task_options(runs.unsearched, None)[0])
     sections = act_section.report_sections(run)
     body = "".join(s.body for s in sections)
     assert "act-grid-kept" in body and "act-grid-scope" not in body and "act-search-scope" not in body

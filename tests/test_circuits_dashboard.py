@@ -9,7 +9,6 @@ thresholds no head passes, so it has no circuit at all.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from dash import Dash
-from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from analyses import circuits, runstore
@@ -37,7 +35,7 @@ from dashboard.pages.circuits import CircuitsPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import circuits as circuits_section
 from dashboard.views import circuits as views
-from tests.conftest import render_route
+from tests.conftest import decode_array, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
 RICH = CircuitConfig(n_items=4, n_random=3, min_share=0.0, min_attention=0.0, max_per_class=3, n_boot=200,
@@ -81,20 +79,6 @@ def _open(runs: Runs, run_id: str) -> runstore.Run:
     return runstore.open_run(runs.root / run_id)
 
 
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
-def _decode(z: Any) -> Any:
-    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
-    if isinstance(z, dict) and "bdata" in z:
-        import base64
-
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
-    return z
-
-
 def _heads_of(trace: Any) -> list[tuple[int, int]]:
     """(layer, head) of the points of a graph trace (x = layer, y = head)."""
     return sorted((int(x), int(y)) for x, y in zip(trace.x, trace.y, strict=True) if x is not None)
@@ -128,7 +112,7 @@ def test_page_offers_the_three_run_kinds_and_renders_each(runs: Runs, tmp_path: 
         (runs.ioi, ["ioi"]),
         (runs.co, ["colored_objects"]),
     ):
-        text = _text(page.layout({"run": run_id, "stage": "logits"}))
+        text = to_json(page.layout({"run": run_id, "stage": "logits"}))
         for element in elements:
             assert f'"id": "{element}"' in text
         assert f'"value": "{run_id}"' in text and '"value": "logits"' in text
@@ -137,7 +121,7 @@ def test_page_offers_the_three_run_kinds_and_renders_each(runs: Runs, tmp_path: 
         assert page.settings_text(run_id).startswith(f"{_open(runs, run_id).analysis} run of tiny-gpt2")
     assert page.task_options(runs.reuse, "colored_objects")[1] == "colored_objects"
     assert page.task_options(runs.ioi, "colored_objects")[1] == "ioi"  # not a task of that run
-    empty = _text(_page(tmp_path / "none").layout({}))
+    empty = to_json(_page(tmp_path / "none").layout({}))
     assert "No intact circuit" in empty and "headlab run circuit-reuse" in empty
     census = next(e.run_id for e in page.catalog.entries() if e.analysis == "census")
     assert (
@@ -250,9 +234,9 @@ def test_classes_table_lists_heads_with_scores_and_signatures(runs: Runs) -> Non
     assert (inhibition["signature"] == "END → S1 + S2").all()
     assert (rows[rows["class"] == "previous token"]["signature"] == "S1+1 → S1").all()
     page = _page(runs.root)
-    text = _text(page.classes_table(runs.reuse, "ioi"))
+    text = to_json(page.classes_table(runs.reuse, "ioi"))
     assert "circuits-classes-table" in text and "Receivers of each stage" in text
-    assert "No head passed both tests" in _text(page.classes_table(runs.co, "colored_objects"))
+    assert "No head passed both tests" in to_json(page.classes_table(runs.co, "colored_objects"))
 
 
 def test_overlap_curve_per_stage_and_the_two_percent_point(runs: Runs) -> None:
@@ -369,7 +353,7 @@ def test_findings_read_the_run(runs: Runs) -> None:
     single = views.findings(_open(runs, runs.co))
     assert set(single) == {"metrics", "circuit", "faithfulness"}
     assert "no head passed both tests" in single["circuit"][0]
-    page_text = _text(_page(runs.root).findings(runs.reuse))
+    page_text = to_json(_page(runs.root).findings(runs.reuse))
     assert "Intervention" in page_text and "Reuse" in page_text
 
 
@@ -395,41 +379,29 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     page.register_callbacks(app)
     assert {"circuits-graph.figure", "circuits-heatmaps.figure", "circuits-overlap.figure",
             "circuits-intervention.figure", "circuits-classes.children"} <= set(app.callback_map)  # fmt: skip
-    client = app.server.test_client()
-
-    def post(output: str, inputs: list[tuple[str, Any]]) -> Any:
-        element, prop = output.split(".")
-        payload = {
-            "output": output,
-            "outputs": {"id": element, "property": prop},
-            "inputs": [{"id": i, "property": "value", "value": v} for i, v in inputs],
-            "changedPropIds": [f"{inputs[-1][0]}.value"],
-            "state": [],
-        }
-        response = client.post("/_dash-update-component", json=payload)
-        assert response.status_code == 200
-        return json.loads(response.data)["response"][element][prop]
-
-    maps = post("circuits-heatmaps.figure", [("circuits-run", runs.reuse), ("circuits-stage", "induction_k")])
+    maps = post_callback(
+        app, "circuits-heatmaps.figure", [("circuits-run", runs.reuse), ("circuits-stage", "induction_k")]
+    )
     heat = [t for t in maps["data"] if t["type"] == "heatmap"]
     assert len(heat) == 2 and "induction keys" in maps["layout"]["title"]["text"]
     scores = _open(runs, runs.reuse).table("scores")
     np.testing.assert_allclose(
-        np.asarray(_decode(heat[1]["z"]), dtype=float), _pivot(scores, "colored_objects", "induction_k")
+        np.asarray(decode_array(heat[1]["z"]), dtype=float), _pivot(scores, "colored_objects", "induction_k")
     )
-    graph = post(
-        "circuits-graph.figure", [("circuits-run", runs.reuse), ("circuits-task", "colored_objects")]
+    graph = post_callback(
+        app, "circuits-graph.figure", [("circuits-run", runs.reuse), ("circuits-task", "colored_objects")]
     )
     assert "Colored Objects circuit" in graph["layout"]["title"]["text"]
     assert any(t.get("name") == "logits at END" for t in graph["data"])
-    overlap = post("circuits-overlap.figure", [("circuits-run", runs.reuse)])
+    overlap = post_callback(app, "circuits-overlap.figure", [("circuits-run", runs.reuse)])
     assert any(t.get("name") == "all stages at 2%" for t in overlap["data"])
-    iv = post(
+    iv = post_callback(
+        app,
         "circuits-intervention.figure",
         [("circuits-run", runs.reuse), ("circuits-iv-metric", "vocab_accuracy")],
     )
     assert [t["type"] for t in iv["data"]] == ["bar", "bar", "box"]
-    single = post("circuits-overlap.figure", [("circuits-run", runs.ioi)])
+    single = post_callback(app, "circuits-overlap.figure", [("circuits-run", runs.ioi)])
     assert "needs a circuit-reuse run" in single["layout"]["annotations"][0]["text"]
 
 
@@ -440,7 +412,7 @@ def test_the_app_serves_the_page_and_links_every_run_kind(runs: Runs) -> None:
     assert "Circuits: IOI, Colored Objects" in page and f'"value": "{runs.ioi}"' in page
     assert '"value": "mover_queries"' in page
     home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))
-    listing = _text(home.layout({}))
+    listing = to_json(home.layout({}))
     for run_id in (runs.reuse, runs.ioi, runs.co):
         assert f"/circuits?run={run_id}" in listing
 
@@ -501,6 +473,6 @@ def test_a_damaged_circuit_run_is_listed_but_not_opened(runs: Runs, tmp_path: Pa
     page = _page(root)
     (option,) = page.run_options()
     assert option["disabled"] is True and "damaged" in option["label"]
-    layout = _text(page.layout({"run": runs.ioi}))
+    layout = to_json(page.layout({"run": runs.ioi}))
     assert "1 damaged circuit" in layout and "No intact circuit" in layout
     assert "cannot show run" in page.graph_figure(runs.ioi, "ioi").layout.annotations[0].text

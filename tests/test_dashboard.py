@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from analyses import census, runstore
@@ -30,6 +29,7 @@ from dashboard.pages import (
 )
 from dashboard.views import census as views
 from probe.errors import RunStoreError
+from tests.conftest import post_callback, render_route, to_json
 
 SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 
@@ -63,11 +63,6 @@ def _census_page(root: Path) -> CensusPage:
     return page
 
 
-def _text(component: Any) -> str:
-    """A Dash component tree as JSON text (what the browser receives)."""
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
 def _find(component: Any, element_id: str) -> Any:
     """The element with ``element_id`` in a Dash component tree."""
     return next(c for c in component._traverse() if getattr(c, "id", None) == element_id)
@@ -76,21 +71,6 @@ def _find(component: Any, element_id: str) -> Any:
 def _click(layer: int, head: int) -> dict[str, Any]:
     """What dcc.Graph puts in clickData for a click on cell (layer, head) of the census map."""
     return {"points": [{"curveNumber": 0, "x": str(head), "y": str(layer), "z": 0.5}]}
-
-
-def _post_callback(app: Any, output: str, inputs: list[tuple[str, str, Any]], changed: list[str]) -> Any:
-    """Run one callback through Dash's HTTP endpoint, as the browser does."""
-    component, prop = output.split(".")
-    payload = {
-        "output": output,
-        "outputs": {"id": component, "property": prop},
-        "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
-        "changedPropIds": changed,
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200, response.data[:500]
-    return json.loads(response.data)["response"][component][prop]
 
 
 def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path) -> None:
@@ -121,23 +101,11 @@ def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path)
 def test_routing_renders_the_census_page_on_the_requested_run(root: Path) -> None:
     app = create_app(root)
     older = _run_ids(root)[-1]
-    page = _post_callback(
-        app,
-        "page-content.children",
-        [("url", "pathname", "/census"), ("url", "search", f"?run={older}")],
-        ["url.pathname"],
-    )
-    text = json.dumps(page)
+    text = render_route(app, "/census", f"?run={older}")
     assert '"id": "census-run"' in text and f'"value": "{older}"' in text
-    missing = _post_callback(
-        app,
-        "page-content.children",
-        [("url", "pathname", "/nowhere"), ("url", "search", "")],
-        ["url.pathname"],
-    )
-    assert "Not found" in json.dumps(missing)
+    assert "Not found" in render_route(app, "/nowhere")
     home = json.dumps(
-        _post_callback(app, "page-content.children", [("url", "pathname", "/"), ("url", "search", "")], [])
+        post_callback(app, "page-content.children", [("url", "pathname", "/"), ("url", "search", "")], [])
     )
     assert all(f"/census?run={run_id}" in home for run_id in _run_ids(root))
 
@@ -164,7 +132,7 @@ def test_clicking_a_head_selects_it_and_shows_its_numbers_and_pattern(root: Path
     selected = page.select_head(run_id, _click(1, 2), "induction", None, "census-heatmap")
     assert selected == {"run": run_id, "layer": 1, "head": 2}
 
-    detail = _text(page.head_detail(run_id, selected, "induction"))
+    detail = to_json(page.head_detail(run_id, selected, "induction"))
     assert "L1H2: layer 1, head 2" in detail
     row = heads[(heads["layer"] == 1) & (heads["head"] == 2)].iloc[0]
     assert f"{row['induction']:.4g}" in detail and f"{row['entropy']:.4g}" in detail
@@ -200,13 +168,13 @@ def test_head_selection_follows_the_run_not_a_stale_click(root: Path) -> None:
     assert page.select_head(first, _click(99, 0), "entropy", held, "census-heatmap") == held
     assert page.select_head(first, {"points": []}, "entropy", held, "census-heatmap") == held
     # A stored head of another run does not leak into this run's detail or pattern.
-    assert "No head selected" in _text(page.head_detail(second, held, "entropy"))
+    assert "No head selected" in to_json(page.head_detail(second, held, "entropy"))
 
 
 def test_select_head_reaches_the_callback_through_dash_context(root: Path) -> None:
     app = create_app(root)
     run_id = _run_ids(root)[0]
-    result = _post_callback(
+    result = post_callback(
         app,
         "census-head.data",
         [
@@ -243,7 +211,7 @@ def test_only_runs_under_the_root_are_offered_or_opened(root: Path, tmp_path: Pa
     assert page.select_head(str(other_run), None, "induction", None) is None
     layout = page.layout({"run": str(other_run)})  # a path in the URL: ignored, newest run shown
     assert _find(layout, "census-run").value == _run_ids(root)[0]
-    assert "is not an intact census run under the root" in _text(layout)
+    assert "is not an intact census run under the root" in to_json(layout)
 
 
 def test_damaged_run_is_listed_as_damaged_and_not_offered(root: Path) -> None:
@@ -262,7 +230,7 @@ def test_damaged_run_is_listed_as_damaged_and_not_offered(root: Path) -> None:
         page.catalog.open(bad)
     assert "cannot show run" in page.heatmap_figure(bad, "induction", None).layout.annotations[0].text
     home = next(p for p in build_pages(root) if isinstance(p, HomePage))
-    listing = _text(home.layout({}))
+    listing = to_json(home.layout({}))
     assert "damaged" in listing and f"/census?run={good}" in listing and f"/census?run={bad}" not in listing
 
 
@@ -274,7 +242,7 @@ def test_example_picker_and_empty_root(root: Path, tmp_path: Path) -> None:
     assert page.example_options(run_id, 1)[1] == 1
     empty = _census_page(tmp_path / "no-runs-here")
     assert empty.run_options() == []
-    layout = _text(empty.layout({}))
+    layout = to_json(empty.layout({}))
     assert "No intact census run" in layout and "headlab run census" in layout
     assert (
         empty.heatmap_figure(None, "induction", None).layout.annotations[0].text == "no census run selected"

@@ -3,7 +3,6 @@ on synthetic retrieval runs with the analysis's result schema (small, random but
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from dash import Dash
-from plotly.utils import PlotlyJSONEncoder
 
 from analyses import runstore
 from analyses.base import AnalysisResult
@@ -25,7 +23,7 @@ from dashboard.pages.retrieval import RetrievalPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import retrieval as retrieval_section
 from dashboard.views import retrieval as views
-from tests.conftest import render_route
+from tests.conftest import decode_array, post_callback, render_route, to_json
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2
 LENGTHS = (256, 512)
@@ -177,10 +175,6 @@ def _open(runs: Runs, run_id: str) -> runstore.Run:
     return runstore.open_run(runs.root / run_id)
 
 
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
 def _pivot(heads: pd.DataFrame, column: str) -> np.ndarray:
     return heads.pivot(index="layer", columns="head", values=column).to_numpy(dtype=float)
 
@@ -317,12 +311,12 @@ def test_one_test_shows_its_answer_and_the_heads_that_copy_pasted(runs: Runs) ->
     assert "failed" in options[3]["label"] and "passed" in options[0]["label"]
     assert page.test_options(runs.full, 7)[1] == 7
     assert page.test_options(runs.unrecalled, 99)[1] == 0  # no passing test: the first one
-    detail = _text(page.test_detail(runs.full, 4))
+    detail = to_json(page.test_detail(runs.full, 4))
     tests = run.table("tests").set_index("test")
     assert tests.loc[4, "answer"] in detail and tests.loc[4, "generated"] in detail
     assert "passed the gate" in detail
-    assert "did not pass" in _text(page.test_detail(runs.full, 3))
-    table = _text(page.test_heads_table(runs.full, 4))
+    assert "did not pass" in to_json(page.test_detail(runs.full, 3))
+    table = to_json(page.test_heads_table(runs.full, 4))
     for label in rows["label"]:
         assert f'"{label}"' in table
     grid = page.test_grid_figure(runs.full, 4)
@@ -347,9 +341,9 @@ def test_a_run_where_no_test_passed_says_so(runs: Runs) -> None:
     assert (
         "no masking experiment" in page.masking_figure(runs.unrecalled, "recall").layout.annotations[0].text
     )
-    banner = _text(page.gate_banner(runs.unrecalled))
+    banner = to_json(page.gate_banner(runs.unrecalled))
     assert f"0 / {N_TESTS}" in banner and '"className": "caveat"' in banner
-    assert "No test passed the gate" in _text(page.top_table(runs.unrecalled, 20))
+    assert "No test passed the gate" in to_json(page.top_table(runs.unrecalled, 20))
     sections = retrieval_section.report_sections(run)
     body = "".join(s.body for s in sections)
     assert f"0 / {N_TESTS}</b> tests passed" in body and "ran no masking experiment" in sections[-1].body
@@ -382,7 +376,7 @@ def test_views_read_an_unsaved_result_like_a_saved_run(runs: Runs) -> None:
 def test_page_callbacks(runs: Runs) -> None:
     page = _page(runs.root)
     run = _open(runs, runs.full)
-    banner = _text(page.gate_banner(runs.full))
+    banner = to_json(page.gate_banner(runs.full))
     assert (
         f"{N_PASSED} / {N_TESTS}" in banner
         and "tests passed the gate" in banner
@@ -399,7 +393,7 @@ def test_page_callbacks(runs: Runs) -> None:
         len(page.top_figure(runs.full, 10).data[0].y) == 10
         and len(page.top_figure(runs.full, None).data[0].y) == 20
     )
-    table = _text(page.top_table(runs.full, 10))
+    table = to_json(page.top_table(runs.full, 10))
     top = views.top_heads(run, 10)
     assert f'"{top["label"].iloc[0]}"' in table and "Top 10 heads" in table
     assert page.masking_figure(runs.full, "recalled").layout.yaxis.tickformat == ".0%"
@@ -411,7 +405,7 @@ def test_page_callbacks(runs: Runs) -> None:
 def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     page = _page(runs.root)
     layout = page.layout({"run": runs.full, "test": "5", "metric": "recalled"})
-    text = _text(layout)
+    text = to_json(layout)
     for element in ("retrieval-run", "retrieval-gate", "retrieval-grid", "retrieval-histogram", "retrieval-top",
                     "retrieval-top-table", "retrieval-masking", "retrieval-recall", "retrieval-test",
                     "retrieval-test-detail", "retrieval-test-grid", "retrieval-test-heads"):  # fmt: skip
@@ -423,22 +417,13 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     assert {"retrieval-grid.figure", "retrieval-masking.figure", "retrieval-test-grid.figure"} <= set(
         app.callback_map
     )
-    payload = {
-        "output": "retrieval-test-grid.figure",
-        "outputs": {"id": "retrieval-test-grid", "property": "figure"},
-        "inputs": [
-            {"id": "retrieval-run", "property": "value", "value": runs.full},
-            {"id": "retrieval-test", "property": "value", "value": 6},
-        ],
-        "changedPropIds": ["retrieval-test.value"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    z = json.loads(response.data)["response"]["retrieval-test-grid"]["figure"]["data"][0]["z"]
+    figure = post_callback(
+        app, "retrieval-test-grid.figure", [("retrieval-run", runs.full), ("retrieval-test", 6)]
+    )
+    z = figure["data"][0]["z"]
     expected = _open(runs, runs.full).array("scores")[6]
-    np.testing.assert_allclose(np.asarray(_decode(z), dtype=float), expected, rtol=1e-6)
-    empty = _text(_page(tmp_path / "none").layout({}))
+    np.testing.assert_allclose(np.asarray(decode_array(z), dtype=float), expected, rtol=1e-6)
+    empty = to_json(_page(tmp_path / "none").layout({}))
     assert "No intact retrieval run" in empty and "headlab run retrieval" in empty
 
 
@@ -451,16 +436,6 @@ def test_the_app_serves_the_page_once_registered(runs: Runs, monkeypatch: pytest
     assert "retrieval-grid.figure" in app.callback_map
     page = render_route(app, "/retrieval", f"?run={runs.unrecalled}")
     assert "Retrieval heads" in page and f'"value": "{runs.unrecalled}"' in page and f"0 / {N_TESTS}" in page
-
-
-def _decode(z: Any) -> Any:
-    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
-    if isinstance(z, dict) and "bdata" in z:
-        import base64
-
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
-    return z
 
 
 def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 from dash import Dash
-from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from analyses import runstore
@@ -23,6 +21,7 @@ from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import sinks as sinks_section
 from dashboard.views import sinks as views
 from probe.tiny import BOS
+from tests.conftest import decode_array, post_callback, to_json
 
 FULL = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidden_min_queries=4, eps=0.1)
 NATURAL_ONLY = SinksConfig(seq_len=16, n_sequences=2, inputs=("natural",), n_examples=0, norms=False)
@@ -48,10 +47,6 @@ def _ids(root: Path) -> tuple[str, str]:
 
 def _page(root: Path) -> SinksPage:
     return SinksPage(Site(catalog=RunCatalog(root), analysis_paths={"sinks": SinksPage.path}))
-
-
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
 
 
 def _z(fig: Any) -> np.ndarray:
@@ -122,9 +117,9 @@ def test_example_changes_with_the_input_set(root: Path) -> None:
     assert figs["natural"].layout.xaxis.ticktext != figs["repeated"].layout.xaxis.ticktext
     assert "natural text" in figs["natural"].layout.title.text
     assert figs["natural"].layout.xaxis.ticktext[0] == figures.token_label(BOS)  # the tiny llama's BOS
-    table = _text(page.example_table(full, "natural", 0))
+    table = to_json(page.example_table(full, "natural", 0))
     assert "hidden sinks" in table.lower()
-    tokens = _text(page.tokens_table(full, "natural"))
+    tokens = to_json(page.tokens_table(full, "natural"))
     assert "Tokens that become hidden sinks: natural text" in tokens
 
 
@@ -150,7 +145,7 @@ def test_layout_and_callbacks_through_dash(root: Path, tmp_path: Path) -> None:
     page = _page(root)
     full, older = _ids(root)
     layout = page.layout({"run": older, "input": "random"})
-    text = _text(layout)
+    text = to_json(layout)
     for element in ("sinks-run", "sinks-input", "sinks-heatmap", "sinks-example-figure", "sinks-norms"):
         assert f'"id": "{element}"' in text
     assert f'"value": "{older}"' in text and '"value": "random"' in text
@@ -160,35 +155,22 @@ def test_layout_and_callbacks_through_dash(root: Path, tmp_path: Path) -> None:
     assert {"sinks-heatmap.figure", "sinks-bars.figure", "sinks-example-figure.figure"} <= set(
         app.callback_map
     )
-    payload = {
-        "output": "sinks-heatmap.figure",
-        "outputs": {"id": "sinks-heatmap", "property": "figure"},
-        "inputs": [
-            {"id": "sinks-run", "property": "value", "value": full},
-            {"id": "sinks-input", "property": "value", "value": "repeated"},
-            {"id": "sinks-quantity", "property": "value", "value": "alpha"},
-            {"id": "sinks-position", "property": "value", "value": 0},
+    figure = post_callback(
+        app,
+        "sinks-heatmap.figure",
+        [
+            ("sinks-run", full),
+            ("sinks-input", "repeated"),
+            ("sinks-quantity", "alpha"),
+            ("sinks-position", 0),
         ],
-        "changedPropIds": ["sinks-input.value"],
-        "state": [],
-    }
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    z = json.loads(response.data)["response"]["sinks-heatmap"]["figure"]["data"][0]["z"]
+        ["sinks-input.value"],
+    )
+    z = figure["data"][0]["z"]
     expected = runstore.open_run(root / full).array("alpha_repeated")[..., 0]
-    np.testing.assert_allclose(np.asarray(_decode(z), dtype=float), expected, rtol=1e-6)
-    empty = _text(_page(tmp_path / "none").layout({}))
+    np.testing.assert_allclose(np.asarray(decode_array(z), dtype=float), expected, rtol=1e-6)
+    empty = to_json(_page(tmp_path / "none").layout({}))
     assert "No intact sinks run" in empty and "headlab run sinks" in empty
-
-
-def _decode(z: Any) -> Any:
-    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
-    if isinstance(z, dict) and "bdata" in z:
-        import base64
-
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
-    return z
 
 
 def test_report_section_renders(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

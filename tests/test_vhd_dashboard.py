@@ -31,7 +31,7 @@ from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import vhd as vhd_section
 from dashboard.views import vhd as views
-from tests.conftest import render_route
+from tests.conftest import decode_array, post_callback, render_route, to_json
 
 N_SCENES = 4
 N_DISPLAY = 2  # fewer than the scenes: the later scenes' images are not stored
@@ -119,18 +119,6 @@ def _page(root: Path) -> VhdPage:
     return VhdPage(Site(catalog=RunCatalog(root), analysis_paths={"vhd": "/vhd", "vhr": "/vhd"}))
 
 
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
-def _decode(z: Any) -> Any:
-    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
-    if isinstance(z, dict) and "bdata" in z:
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
-    return z
-
-
 def _trace(fig: Any, name: str) -> Any:
     found = [t for t in fig.data if t.name == name]
     assert len(found) == 1, [t.name for t in fig.data]
@@ -150,12 +138,12 @@ def test_heads_figure_shows_each_metric_and_marks_the_vhr_layers(runs: Runs) -> 
     for metric in views.HEAD_METRICS:
         fig = views.heads_figure(run, metric)
         expected = heads.pivot(index="layer", columns="head", values=metric).to_numpy(dtype=float)
-        np.testing.assert_allclose(np.asarray(_decode(fig.data[0].z), dtype=float), expected)
+        np.testing.assert_allclose(np.asarray(decode_array(fig.data[0].z), dtype=float), expected)
         assert metric in fig.data[0].hovertemplate
         assert len(fig.layout.shapes) == len(layers)  # one outline per VHR layer
         assert [t for t in fig.layout.yaxis.ticktext if t.startswith("▸")] == [f"▸ {v}" for v in layers]
-    first = np.asarray(_decode(views.heads_figure(run, "vhd_mean").data[0].z), dtype=float)
-    second = np.asarray(_decode(views.heads_figure(run, "text_norm_first").data[0].z), dtype=float)
+    first = np.asarray(decode_array(views.heads_figure(run, "vhd_mean").data[0].z), dtype=float)
+    second = np.asarray(decode_array(views.heads_figure(run, "text_norm_first").data[0].z), dtype=float)
     assert not np.allclose(first, second)
     with pytest.raises(KeyError, match="unknown metric"):
         views.heads_figure(run, "nonsense")
@@ -353,7 +341,7 @@ def test_page_is_registered_offers_vhd_and_vhr_runs_and_renders(runs: Runs) -> N
     page = _page(runs.root)
     offered = {o["value"] for o in page.run_options()}
     assert offered == {runs.vhr, runs.vhd, runs.marked}  # not the census run
-    text = _text(page.layout({"run": runs.marked, "metric": "outlier_share"}))
+    text = to_json(page.layout({"run": runs.marked, "metric": "outlier_share"}))
     for element in ("vhd-run", "vhd-settings", "vhd-findings", "vhd-metric", "vhd-heads", "vhd-words", "vhd-test",
                     "vhd-scene", "vhd-caption", "vhd-image", "vhd-captions", "vhd-benchmarks", "vhd-deltas"):  # fmt: skip
         assert f'"id": "{element}"' in text
@@ -381,12 +369,12 @@ def test_page_callbacks(runs: Runs) -> None:
     assert _trace(caption, "hallucinated object word").marker.color == views.HALLUCINATED_COLOUR
     assert "no scene" in page.caption_figure(runs.marked, None).layout.annotations[0].text
     assert page.image_figure(runs.marked, 0).data[0].source.startswith("data:image/png")
-    block = _text(page.captions_block(runs.marked, runs.bad_scene))
+    block = to_json(page.captions_block(runs.marked, runs.bad_scene))
     assert "caption under VHR (vhr)" in block and "star" in block and views.HALLUCINATED_COLOUR in block
-    assert "#d62728" not in _text(page.captions_block(runs.marked, runs.correct_scene))
+    assert "#d62728" not in to_json(page.captions_block(runs.marked, runs.correct_scene))
     heads = page.heads_figure(runs.vhr, "selected_share")
     np.testing.assert_allclose(
-        np.asarray(_decode(heads.data[0].z), dtype=float),
+        np.asarray(decode_array(heads.data[0].z), dtype=float),
         _run(runs, runs.vhr)
         .heads.pivot(index="layer", columns="head", values="selected_share")
         .to_numpy(float),
@@ -395,7 +383,7 @@ def test_page_callbacks(runs: Runs) -> None:
     assert not missing.data and "selected_share" in missing.layout.annotations[0].text
     foreign = page.benchmarks_figure(runs.census)
     assert "not one of vhd, vhr" in foreign.layout.annotations[0].text
-    assert "No run selected" in _text(page.findings(None))
+    assert "No run selected" in to_json(page.findings(None))
     findings = page.findings(runs.vhr)
     assert [li.children for li in findings.children] == views.findings(_run(runs, runs.vhr))
     assert page.test_text(runs.marked) == views.tvhd_test_line(_run(runs, runs.marked))
@@ -414,22 +402,13 @@ def test_the_app_serves_the_page_for_vhr_and_vhd_runs_and_links_them(runs: Runs)
     assert f'"value": "{runs.vhd}"' in served and '"value": "selected_share"' not in served
     assert views.METRIC_NAMES["vhd_first"] in served and views.METRIC_NAMES["selected_share"] not in served
     home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))
-    listed = _text(home.layout({}))
+    listed = to_json(home.layout({}))
     for run_id in (runs.vhr, runs.vhd):
         assert f"/vhd?run={run_id}" in listed
     # a figure through Dash's update endpoint
-    client = app.server.test_client()
-    payload = {
-        "output": "vhd-caption.figure",
-        "outputs": {"id": "vhd-caption", "property": "figure"},
-        "inputs": [{"id": "vhd-run", "property": "value", "value": runs.marked},
-                   {"id": "vhd-scene", "property": "value", "value": runs.bad_scene}],
-        "changedPropIds": ["vhd-scene.value"],
-        "state": [],
-    }  # fmt: skip
-    response = client.post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    figure = json.loads(response.data)["response"]["vhd-caption"]["figure"]
+    figure = post_callback(
+        app, "vhd-caption.figure", [("vhd-run", runs.marked), ("vhd-scene", runs.bad_scene)]
+    )
     bad = next(t for t in figure["data"] if t["name"] == "hallucinated object word")
     assert bad["marker"]["color"] == views.HALLUCINATED_COLOUR and bad["text"] == ["star"]
 

@@ -5,7 +5,6 @@ the numbers of random weights mean nothing: the figures must show exactly the ta
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from dash import Dash
-from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from analyses import runstore, vit_heads
@@ -28,7 +26,7 @@ from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import vit as vit_section
 from dashboard.views import vit as views
-from tests.conftest import render_route
+from tests.conftest import decode_array, post_callback, render_route, to_json
 
 
 @dataclass(frozen=True)
@@ -60,22 +58,8 @@ def _run(runs: Runs) -> runstore.Run:
     return runstore.open_run(runs.root / runs.run_id)
 
 
-def _text(component: Any) -> str:
-    return json.dumps(component, cls=PlotlyJSONEncoder)
-
-
-def _decode(z: Any) -> Any:
-    """A plotly JSON array (a plain list, or a typed array {dtype, bdata, shape})."""
-    if isinstance(z, dict) and "bdata" in z:
-        import base64
-
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(v) for v in str(z.get("shape", len(arr))).split(",")])
-    return z
-
-
 def _z(fig: Any) -> np.ndarray:
-    return np.asarray(_decode(fig.data[0].z), dtype=float)
+    return np.asarray(decode_array(fig.data[0].z), dtype=float)
 
 
 # ---------------------------------------------------------------------------------------- the page
@@ -84,7 +68,7 @@ def _z(fig: Any) -> np.ndarray:
 def test_page_offers_only_vit_runs_and_renders(runs: Runs) -> None:
     page = _page(runs.root)
     assert {o["value"] for o in page.run_options()} == {runs.run_id}
-    text = _text(page.layout({"run": runs.run_id, "metric": "cosine_drop", "head": "1-2"}))
+    text = to_json(page.layout({"run": runs.run_id, "metric": "cosine_drop", "head": "1-2"}))
     for element in ("vit-run", "vit-settings", "vit-findings", "vit-metric", "vit-importance", "vit-agreement",
                     "vit-trend-metric", "vit-trend", "vit-head", "vit-head-info", "vit-distance", "vit-offset",
                     "vit-clusters", "vit-display-image", "vit-overlay", "vit-query", "vit-overlay-info"):  # fmt: skip
@@ -137,7 +121,7 @@ def test_agreement_trend_distance_offset_and_clusters(runs: Runs) -> None:
     protos = run.array("cluster_prototypes")
     heat = [t for t in gallery.data if t.type == "heatmap"]
     assert len(heat) == protos.shape[0]
-    np.testing.assert_allclose(np.asarray(_decode(heat[0].z), dtype=float), protos[0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(decode_array(heat[0].z), dtype=float), protos[0], rtol=1e-6)
     info = run.table("cluster_info")
     share = 100 * float(info.loc[info["cluster"] == 0, "map_share"].iloc[0])
     assert f"{share:.0f}% of maps" in gallery.layout.annotations[0].text
@@ -151,10 +135,10 @@ def test_head_selection_click_run_and_messages(runs: Runs) -> None:
     best = views.default_head(runs.result)
     assert page.select_head(runs.run_id, None, "9-9") == views.head_key(*best)
     assert page.select_head(None, click, "0-0") is None
-    info = _text(page.head_info(runs.run_id, "1-3"))
+    info = to_json(page.head_info(runs.run_id, "1-3"))
     assert "Layer 1, head 3" in info and "Not pruned" in info
-    assert "No head selected" in _text(page.head_info(runs.run_id, None))
-    findings = _text(page.findings(runs.run_id))
+    assert "No head selected" in to_json(page.head_info(runs.run_id, None))
+    findings = to_json(page.findings(runs.run_id))
     assert "Spearman" in findings and "Mean attention distance" in findings
     assert "preset small" in page.settings(runs.run_id)
     for fig in (page.importance_figure(None, None, None), page.agreement_figure(runs.other)):
@@ -196,7 +180,7 @@ def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> N
                                           {"label": "scene_0000 (scenes)", "value": 1}]  # fmt: skip
     fig = views.overlay_figure(run, 1, 1, 2, (2, 2))
     assert [t.type for t in fig.data] == ["image", "heatmap"]
-    heat = np.asarray(_decode(fig.data[1].z), dtype=float)
+    heat = np.asarray(decode_array(fig.data[1].z), dtype=float)
     want = vit_heads.display_attention(run, 1, 1, 2, (2, 2))
     assert heat.shape == (4, 4)  # the tiny CLIP tower's 4 x 4 patch grid
     np.testing.assert_allclose(heat, want, rtol=1e-6)
@@ -204,18 +188,18 @@ def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> N
     token = int(np.flatnonzero(run.array("display_queries")[:, 0] == 1 + 2 * 4 + 2)[0])
     np.testing.assert_allclose(heat.ravel(), row[token, 1:].astype(float), rtol=1e-6)  # the grid is row-major
     np.testing.assert_allclose(
-        np.asarray(_decode(fig.data[1].x), dtype=float), [4, 12, 20, 28]
+        np.asarray(decode_array(fig.data[1].x), dtype=float), [4, 12, 20, 28]
     )  # patch centres
     (outline,) = fig.layout.shapes
     assert (outline.x0, outline.x1, outline.y0, outline.y1) == (16, 24, 16, 24)  # patch (2, 2), 8 px a patch
     cls = float(row[token, 0])
     assert f"attention to CLS {cls:.3f}" in fig.layout.title.subtitle.text
     assert fig.data[0].source.startswith("data:image/png;base64,")
-    other = np.asarray(_decode(views.overlay_figure(run, 0, 1, 2, (2, 2)).data[1].z), dtype=float)
+    other = np.asarray(decode_array(views.overlay_figure(run, 0, 1, 2, (2, 2)).data[1].z), dtype=float)
     assert not np.allclose(other, heat)  # another image, another pattern
     # The default query is the centre patch; an unstored patch snaps to the nearest stored one.
     centre = views.overlay_figure(runs.result, 1, 1, 2)
-    np.testing.assert_allclose(np.asarray(_decode(centre.data[1].z), dtype=float), heat, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(decode_array(centre.data[1].z), dtype=float), heat, rtol=1e-6)
     snapped = views.overlay_figure(run, 1, 1, 2, (3, 3))
     assert "nearest stored query" in snapped.layout.title.subtitle.text
     assert snapped.layout.shapes[0].x0 == 16
@@ -231,11 +215,11 @@ def test_overlay_page_callbacks_click_a_patch_and_render(runs: Runs) -> None:
     assert page.select_query(runs.run_id, None, [2, 0], "vit-head") == [2, 0]
     fig = page.overlay_figure(runs.run_id, 0, "1-3", [0, 2])
     np.testing.assert_allclose(
-        np.asarray(_decode(fig.data[1].z), dtype=float),
+        np.asarray(decode_array(fig.data[1].z), dtype=float),
         vit_heads.display_attention(_run(runs), 0, 1, 3, (0, 2)),
     )
     assert fig.layout.uirevision
-    info = _text(page.overlay_info(runs.run_id, 0, "1-3", [0, 2]))
+    info = to_json(page.overlay_info(runs.run_id, 0, "1-3", [0, 2]))
     cls = vit_heads.display_pattern(_run(runs), 0, 1, 3, (0, 2)).cls
     assert f"attention to CLS {cls:.3f}" in info and "Query patch (0, 2)" in info
     assert "select a head" in page.overlay_figure(runs.run_id, 0, None, None).layout.annotations[0].text
@@ -249,7 +233,7 @@ def test_a_run_without_display_patterns_shows_the_hint(old_root: tuple[Path, str
     fig = page.overlay_figure(run_id, None, "1-2", None)
     assert not fig.data and "re-run headlab run vit-heads" in fig.layout.annotations[0].text
     assert "no stored display patterns" in fig.layout.annotations[0].text
-    assert "no stored display patterns" in _text(page.overlay_info(run_id, None, "1-2", None))
+    assert "no stored display patterns" in to_json(page.overlay_info(run_id, None, "1-2", None))
     assert page.select_query(run_id, {"points": [{"x": 1.0, "y": 1.0}]}, None, "vit-overlay") is None
     served = render_route(create_app(root), "/vit", f"?run={run_id}")
     assert '"id": "vit-overlay"' in served and "no stored display images" in served
@@ -265,46 +249,29 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     page.register_callbacks(app)
     assert {"vit-importance.figure", "vit-agreement.figure", "vit-trend.figure", "vit-distance.figure",
             "vit-offset.figure", "vit-clusters.figure", "vit-head.value", "vit-head.options"} <= set(app.callback_map)  # fmt: skip
-    client = app.server.test_client()
-
-    def post(output: str, inputs: list[tuple[str, Any]]) -> Any:
-        element, prop = output.split(".")
-        payload = {
-            "output": output,
-            "outputs": {"id": element, "property": prop},
-            "inputs": [{"id": i, "property": "value", "value": v} for i, v in inputs],
-            "changedPropIds": [f"{inputs[-1][0]}.value"],
-            "state": [],
-        }
-        response = client.post("/_dash-update-component", json=payload)
-        assert response.status_code == 200
-        return json.loads(response.data)["response"][element][prop]
-
-    grid = post(
+    grid = post_callback(
+        app,
         "vit-importance.figure",
         [("vit-run", runs.run_id), ("vit-metric", "cosine_drop"), ("vit-head", "0-2")],
     )
     assert "cosine drop" in grid["layout"]["title"]["text"]
-    offset = post("vit-offset.figure", [("vit-run", runs.run_id), ("vit-head", "1-0")])
-    np.testing.assert_allclose(np.asarray(_decode(offset["data"][0]["z"]), dtype=float),
+    offset = post_callback(app, "vit-offset.figure", [("vit-run", runs.run_id), ("vit-head", "1-0")])
+    np.testing.assert_allclose(np.asarray(decode_array(offset["data"][0]["z"]), dtype=float),
                                _run(runs).array("offset_maps")[1, 0], rtol=1e-6)  # fmt: skip
-    gallery = post("vit-clusters.figure", [("vit-run", runs.run_id)])
+    gallery = post_callback(app, "vit-clusters.figure", [("vit-run", runs.run_id)])
     assert "Attention-pattern clusters" in gallery["layout"]["title"]["text"]
     assert {"vit-overlay.figure", "vit-overlay-info.children", "vit-query.data"} <= set(app.callback_map)
-    payload = {
-        "output": "vit-overlay.figure",
-        "outputs": {"id": "vit-overlay", "property": "figure"},
-        "inputs": [{"id": "vit-run", "property": "value", "value": runs.run_id},
-                   {"id": "vit-display-image", "property": "value", "value": 1},
-                   {"id": "vit-head", "property": "value", "value": "0-3"},
-                   {"id": "vit-query", "property": "data", "value": [2, 0]}],
-        "changedPropIds": ["vit-query.data"],
-        "state": [],
-    }  # fmt: skip
-    response = client.post("/_dash-update-component", json=payload)
-    assert response.status_code == 200
-    overlay = json.loads(response.data)["response"]["vit-overlay"]["figure"]
-    np.testing.assert_allclose(np.asarray(_decode(overlay["data"][1]["z"]), dtype=float),
+    overlay = post_callback(
+        app,
+        "vit-overlay.figure",
+        [
+            ("vit-run", runs.run_id),
+            ("vit-display-image", 1),
+            ("vit-head", "0-3"),
+            ("vit-query", "data", [2, 0]),
+        ],
+    )
+    np.testing.assert_allclose(np.asarray(decode_array(overlay["data"][1]["z"]), dtype=float),
                                vit_heads.display_attention(_run(runs), 1, 0, 3, (2, 0)))  # fmt: skip
 
 
@@ -314,7 +281,7 @@ def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:
     served = render_route(app, "/vit", f"?run={runs.run_id}&metric=grad_importance")
     assert "ViT heads: importance" in served and '"value": "grad_importance"' in served
     home = next(p for p in build_pages(runs.root) if isinstance(p, HomePage))
-    assert f"/vit?run={runs.run_id}" in _text(home.layout({}))
+    assert f"/vit?run={runs.run_id}" in to_json(home.layout({}))
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -2,12 +2,13 @@
 
 To give a new analysis a page, write ``dashboard/pages/<analysis>.py`` with a
 :class:`~dashboard.pages.base.AnalysisPage` subclass (``path``, ``title``, ``analysis``, ``layout``,
-``register_callbacks``; ids prefixed with the analysis name; the run picker, the choice of run and
+``register_callbacks``; ids prefixed with the analysis name or ``element_prefix``; the run picker, the choice of run and
 its notes, opening the run and the layout pieces come from :mod:`dashboard.pages.base`) and add the
 class to :data:`PAGES`. The start page then links that
-analysis's runs to it. A page that shows the runs of several analyses overrides
-:meth:`~dashboard.pages.base.Page.shown_analyses` (the circuits page: ``ioi``, ``colored-objects``
-and ``circuit-reuse``).
+analysis's runs to it. A page that shows the runs of several analyses subclasses
+:class:`~dashboard.pages.base.MultiAnalysisPage` and lists them in ``analyses`` (the circuits page:
+``ioi``, ``colored-objects`` and ``circuit-reuse``). A page whose figures need some tables names
+them in ``required_tables``: a run without them is refused with a message naming the missing ones.
 """
 
 from __future__ import annotations

@@ -53,12 +53,11 @@ class ActPage(AnalysisPage):
                     "items (Yu et al., ICML 2024).",
                     className="hint",
                 ),
-                ui.controls(
-                    self.run_picker(choice),
+                *self.run_header(
+                    choice,
                     ui.dropdown("task (head search scope)", "act-task", options=task_options, value=task),
+                    findings=False,
                 ),
-                html.P(id="act-settings", className="hint"),
-                *choice.notes,
                 ui.columns(
                     ui.panel(ui.graph("act-accuracy"), css=ui.DETAIL_PANEL), ui.panel(ui.graph("act-delta"))
                 ),
@@ -108,12 +107,7 @@ class ActPage(AnalysisPage):
         return options, current if current is not None and current in values else views.ALL_TASKS
 
     def settings_text(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            return views.settings_line(self._run(run_id))
-        except RUN_ERRORS as err:
-            return f"cannot read run {run_id}: {why(err)}"
+        return self._text(run_id, views.settings_line)
 
     def accuracy_figure(self, run_id: str | None, task: str | None) -> go.Figure:
         return self._figure(run_id, lambda run: views.accuracy_figure(run, highlight=task))

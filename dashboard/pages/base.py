@@ -2,7 +2,9 @@
 
 :class:`AnalysisPage` is a page that shows the runs of one analysis: it lists them for the run
 picker (damaged ones disabled), picks the run the URL asks for and says why when it cannot, opens
-the chosen run, and draws a figure of it or a message saying why there is none. The helpers
+the chosen run (checking that it has the tables the page draws), and draws a figure of it or a
+message saying why there is none; :class:`MultiAnalysisPage` is one that shows the runs of several
+analyses (the circuits and VHD pages). The helpers
 :func:`control`, :func:`radio`, :func:`dropdown`, :func:`graph`, :func:`panel`, :func:`columns`…,
 :func:`empty_figure` and :func:`why` are what those pages' layouts and callbacks share.
 """
@@ -20,8 +22,8 @@ from dash.development.base_component import Component
 
 from analyses.runstore import Run
 from dashboard import figures
-from dashboard.catalog import RunCatalog
-from probe.errors import HeadlabError
+from dashboard.catalog import RunCatalog, RunEntry
+from probe.errors import HeadlabError, RunStoreError
 
 GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
 RUN_ERRORS: tuple[type[Exception], ...] = (HeadlabError, KeyError, ValueError)
@@ -137,25 +139,42 @@ class RunChoice:
 
 
 class AnalysisPage(Page):
-    """A page showing one run of :attr:`analysis`, picked with the ``<analysis>-run`` dropdown."""
+    """A page showing one run of :attr:`analysis`, picked with the ``<prefix>-run`` dropdown."""
 
     analysis: ClassVar[str]
     run_noun: ClassVar[str] = ""  # how the page names the analysis's runs ("ACT"); "": the analysis
+    element_prefix: ClassVar[str] = ""  # the prefix of the page's element ids ("vit"); "": the analysis
+    # The tables a run must have for the page to draw it (none: every intact run is drawn), and how
+    # the error naming the missing ones calls them ("circuit"; "": the analysis).
+    required_tables: ClassVar[frozenset[str]] = frozenset()
+    tables_noun: ClassVar[str] = ""
 
     @property
     def noun(self) -> str:
         return self.run_noun or self.analysis
 
     @property
+    def prefix(self) -> str:
+        return self.element_prefix or self.analysis
+
+    @property
     def run_id_element(self) -> str:
-        return f"{self.analysis}-run"
+        return f"{self.prefix}-run"
 
     # ------------------------------------------------------------------------------------ layout
 
+    def run_entries(self) -> list[RunEntry]:
+        """The catalog's entries of the runs this page offers (newest first)."""
+        return self.catalog.entries(self.analysis)
+
+    def run_label(self, entry: RunEntry) -> str:
+        """How the run picker lists an intact run."""
+        return entry.label
+
     def run_options(self) -> list[dict[str, Any]]:
         """Intact runs of the analysis (newest first), then damaged ones, listed but disabled."""
-        entries = self.catalog.entries(self.analysis)
-        ok = [{"label": e.label, "value": e.run_id} for e in entries if e.ok]
+        entries = self.run_entries()
+        ok = [{"label": self.run_label(e), "value": e.run_id} for e in entries if e.ok]
         damaged = [
             {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
             for e in entries
@@ -211,15 +230,66 @@ class AnalysisPage(Page):
             placeholder=f"no {self.noun} runs",
         )
 
+    def run_header(
+        self, choice: RunChoice, *extra: Component, findings: bool = True
+    ) -> list[Component | str]:
+        """The top of the page under its title and introduction: the run picker (and ``extra``
+        controls), the run's settings (``<prefix>-settings``), the notes on the choice of run and,
+        with ``findings``, the open panel of what the run's numbers say (``<prefix>-findings``)."""
+        parts: list[Component | str] = [
+            controls(self.run_picker(choice), *extra),
+            html.P(id=f"{self.prefix}-settings", className="hint"),
+            *choice.notes,
+        ]
+        if findings:
+            parts.append(
+                html.Details(
+                    [html.Summary("What this run's numbers say"), html.Div(id=f"{self.prefix}-findings")],
+                    open=True,
+                    className="panel",
+                )
+            )
+        return parts
+
     # --------------------------------------------------------------------------------- callbacks
 
     def _run(self, run_id: str) -> Run:
         """Open run ``run_id`` of the analysis (HeadlabError when it is missing or damaged)."""
         return self.catalog.open(run_id, analysis=self.analysis)
 
+    def _complete(self, run: Run) -> bool:
+        """Whether ``run`` has what the page draws: every one of :attr:`required_tables`."""
+        return self.required_tables.issubset(run.table_names)
+
     def _checked(self, run_id: str) -> Run:
-        """The run the figures draw: :meth:`_run`, plus whatever checks a page adds."""
-        return self._run(run_id)
+        """The run the figures draw: :meth:`_run`, refused (KeyError naming the missing tables) when
+        it is not :meth:`_complete`."""
+        run = self._run(run_id)
+        if not self._complete(run):
+            missing = sorted(self.required_tables - set(run.table_names))
+            noun = self.tables_noun or self.analysis
+            raise KeyError(f"run {run_id} lacks the {noun} tables {', '.join(missing)}")
+        return run
+
+    def _text(self, run_id: str | None, read: Callable[[Run], str], failure: str = "") -> str:
+        """``read`` of the run; "" when no run is selected, ``<failure>: <why>`` when reading fails
+        (``failure`` "": "cannot read run <run_id>")."""
+        if not run_id:
+            return ""
+        try:
+            return read(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return f"{failure or f'cannot read run {run_id}'}: {why(err)}"
+
+    def _block(self, run_id: str | None, build: Callable[[Run], Component], failure: str = "") -> Component:
+        """``build`` of the run; a hint when no run is selected, an error line ``<failure>: <why>``
+        when reading fails (``failure`` "": "cannot read run <run_id>")."""
+        if not run_id:
+            return html.P("No run selected.", className="hint")
+        try:
+            return build(self._checked(run_id))
+        except RUN_ERRORS as err:
+            return html.P(f"{failure or f'cannot read run {run_id}'}: {why(err)}", className="error")
 
     def _figure(
         self,
@@ -238,3 +308,36 @@ class AnalysisPage(Page):
         if uirevision:
             fig.update_layout(uirevision=uirevision)
         return fig
+
+
+class MultiAnalysisPage(AnalysisPage):
+    """A page showing one run of any of :attr:`analyses`; :attr:`analysis` is the one whose
+    ``headlab run`` command the page suggests when there is no run."""
+
+    analyses: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def shown_analyses(cls) -> tuple[str, ...]:
+        return cls.analyses
+
+    def run_entries(self) -> list[RunEntry]:
+        """Runs of the analyses (and damaged runs whose name says one of them), newest first."""
+        return [
+            e
+            for e in self.catalog.entries()
+            if e.analysis in self.analyses
+            or (e.analysis is None and any(f"-{a}-" in e.run_id for a in self.analyses))
+        ]
+
+    def run_label(self, entry: RunEntry) -> str:
+        return f"[{entry.analysis}] {entry.label}"
+
+    def _run(self, run_id: str) -> Run:
+        """Open run ``run_id`` (RunStoreError when it is of another analysis, HeadlabError when it is
+        missing or damaged)."""
+        run = self.catalog.open(run_id)
+        if run.analysis not in self.analyses:
+            raise RunStoreError(
+                f"run {run_id} is a {run.analysis} run, not one of {', '.join(self.analyses)}; pick another"
+            )
+        return run

@@ -28,9 +28,8 @@ from dash.development.base_component import Component
 
 from analyses.runstore import Run
 from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.pages.base import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.views import circuits as views
-from probe.errors import RunStoreError
 
 DEFAULT_AXIS = "activation"
 DEFAULT_IV_METRIC: views.IvMetric = "accuracy"
@@ -43,53 +42,15 @@ FINDING_TITLES = {
 }
 
 
-class CircuitsPage(AnalysisPage):
+class CircuitsPage(MultiAnalysisPage):
     path: ClassVar[str] = "/circuits"
     title: ClassVar[str] = "Circuits"
     analysis: ClassVar[str] = "circuit-reuse"  # the run kind suggested when there is none
     analyses: ClassVar[tuple[str, ...]] = views.ANALYSES
     run_noun: ClassVar[str] = "circuit (ioi, colored-objects or circuit-reuse)"
-
-    @classmethod
-    def shown_analyses(cls) -> tuple[str, ...]:
-        return cls.analyses
-
-    @property
-    def run_id_element(self) -> str:
-        return "circuits-run"
-
-    # ------------------------------------------------------------------------------------ runs
-
-    def run_options(self) -> list[dict[str, Any]]:
-        """Intact runs of the three kinds (newest first), then damaged ones, listed but disabled."""
-        entries = [
-            e
-            for e in self.catalog.entries()
-            if e.analysis in self.analyses
-            or (e.analysis is None and any(f"-{a}-" in e.run_id for a in self.analyses))
-        ]
-        ok = [{"label": f"[{e.analysis}] {e.label}", "value": e.run_id} for e in entries if e.ok]
-        damaged = [
-            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
-            for e in entries
-            if not e.ok
-        ]
-        return ok + damaged
-
-    def _run(self, run_id: str) -> Run:
-        run = self.catalog.open(run_id)
-        if run.analysis not in self.analyses:
-            raise RunStoreError(
-                f"run {run_id} is a {run.analysis} run, not one of {', '.join(self.analyses)}; pick another"
-            )
-        return run
-
-    def _checked(self, run_id: str) -> Run:
-        run = self._run(run_id)
-        if not views.is_circuits(run):
-            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
-            raise KeyError(f"run {run_id} lacks the circuit tables {', '.join(missing)}")
-        return run
+    element_prefix: ClassVar[str] = "circuits"
+    required_tables: ClassVar[frozenset[str]] = views.REQUIRED_TABLES
+    tables_noun: ClassVar[str] = "circuit"
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -115,17 +76,7 @@ class CircuitsPage(AnalysisPage):
                     "Colored Objects.",
                     className="hint",
                 ),
-                ui.controls(self.run_picker(choice)),
-                html.P(id="circuits-settings", className="hint"),
-                *choice.notes,
-                html.Details(
-                    [
-                        html.Summary("What this run's numbers say"),
-                        html.Div(id="circuits-findings"),
-                    ],
-                    open=True,
-                    className="panel",
-                ),
+                *self.run_header(choice),
                 ui.columns(
                     ui.panel(ui.graph("circuits-metrics"), css=ui.DETAIL_PANEL),
                     ui.panel(ui.graph("circuits-faithfulness")),
@@ -192,27 +143,20 @@ class CircuitsPage(AnalysisPage):
         return options, current if current in names else (names[0] if names else None)
 
     def settings_text(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            run = self._checked(run_id)
-            return f"{run.analysis} run of {views.model_name(run)}: {views.settings_line(run)}"
-        except RUN_ERRORS as err:
-            return f"cannot read run {run_id}: {why(err)}"
+        return self._text(
+            run_id, lambda run: f"{run.analysis} run of {views.model_name(run)}: {views.settings_line(run)}"
+        )
 
     def findings(self, run_id: str | None) -> Component:
-        if not run_id:
-            return html.P("No run selected.", className="hint")
-        try:
-            found = views.findings(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return html.P(f"cannot read run {run_id}: {why(err)}", className="error")
-        parts: list[Component] = []
-        for key, lines in found.items():
-            if lines:
-                parts.append(html.H3(FINDING_TITLES.get(key, key)))
-                parts.extend(html.P(line) for line in lines)
-        return html.Div(parts, id="circuits-findings-text")
+        def build(run: Run) -> Component:
+            parts: list[Component] = []
+            for key, lines in views.findings(run).items():
+                if lines:
+                    parts.append(html.H3(FINDING_TITLES.get(key, key)))
+                    parts.extend(html.P(line) for line in lines)
+            return html.Div(parts, id="circuits-findings-text")
+
+        return self._block(run_id, build)
 
     def metrics_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, views.metrics_figure)

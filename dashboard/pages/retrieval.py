@@ -39,6 +39,7 @@ class RetrievalPage(AnalysisPage):
     path: ClassVar[str] = "/retrieval"
     title: ClassVar[str] = "Retrieval"
     analysis: ClassVar[str] = "retrieval"
+    required_tables: ClassVar[frozenset[str]] = views.REQUIRED_TABLES
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -120,13 +121,6 @@ class RetrievalPage(AnalysisPage):
 
     # --------------------------------------------------------------------------------- callbacks
 
-    def _checked(self, run_id: str) -> Run:
-        run = self._run(run_id)
-        if not views.is_retrieval(run):
-            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
-            raise KeyError(f"run {run_id} lacks the retrieval tables {', '.join(missing)}")
-        return run
-
     def test_options(
         self, run_id: str | None, current: int | None
     ) -> tuple[list[dict[str, Any]], int | None]:
@@ -183,13 +177,7 @@ class RetrievalPage(AnalysisPage):
         )
 
     def settings_text(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            run = self._checked(run_id)
-            return f"{views.model_name(run)}: {views.settings_line(run)}"
-        except RUN_ERRORS as err:
-            return f"cannot read run {run_id}: {why(err)}"
+        return self._text(run_id, lambda run: f"{views.model_name(run)}: {views.settings_line(run)}")
 
     def grid_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, views.score_grid, f"{run_id}/grid")

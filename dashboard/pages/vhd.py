@@ -26,62 +26,22 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, html
 from dash.development.base_component import Component
 
-from analyses.runstore import Run
 from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.pages.base import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.views import vhd as views
-from probe.errors import RunStoreError
 
 DEFAULT_METRIC = "vhd_mean"
 
 
-class VhdPage(AnalysisPage):
+class VhdPage(MultiAnalysisPage):
     path: ClassVar[str] = "/vhd"
     title: ClassVar[str] = "VHD"
     analysis: ClassVar[str] = "vhr"  # the run kind suggested when there is none
     analyses: ClassVar[tuple[str, ...]] = views.ANALYSES
     run_noun: ClassVar[str] = "VHD (vhd or vhr)"
-
-    @classmethod
-    def shown_analyses(cls) -> tuple[str, ...]:
-        return cls.analyses
-
-    @property
-    def run_id_element(self) -> str:
-        return "vhd-run"
-
-    # ------------------------------------------------------------------------------------ runs
-
-    def run_options(self) -> list[dict[str, Any]]:
-        """Intact vhd and vhr runs (newest first), then damaged ones, listed but disabled."""
-        entries = [
-            e
-            for e in self.catalog.entries()
-            if e.analysis in self.analyses
-            or (e.analysis is None and any(f"-{a}-" in e.run_id for a in self.analyses))
-        ]
-        ok = [{"label": f"[{e.analysis}] {e.label}", "value": e.run_id} for e in entries if e.ok]
-        damaged = [
-            {"label": f"⚠ {e.run_id} ({e.status})"[:160], "value": e.run_id, "disabled": True}
-            for e in entries
-            if not e.ok
-        ]
-        return ok + damaged
-
-    def _run(self, run_id: str) -> Run:
-        run = self.catalog.open(run_id)
-        if run.analysis not in self.analyses:
-            raise RunStoreError(
-                f"run {run_id} is a {run.analysis} run, not one of {', '.join(self.analyses)}; pick another"
-            )
-        return run
-
-    def _checked(self, run_id: str) -> Run:
-        run = self._run(run_id)
-        if not views.is_vhd(run):
-            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
-            raise KeyError(f"run {run_id} lacks the vhd tables {', '.join(missing)}")
-        return run
+    element_prefix: ClassVar[str] = "vhd"
+    required_tables: ClassVar[frozenset[str]] = views.REQUIRED_TABLES
+    tables_noun: ClassVar[str] = "vhd"
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -105,14 +65,7 @@ class VhdPage(AnalysisPage):
                     "scenes.",
                     className="hint",
                 ),
-                ui.controls(self.run_picker(choice)),
-                html.P(id="vhd-settings", className="hint"),
-                *choice.notes,
-                html.Details(
-                    [html.Summary("What this run's numbers say"), html.Div(id="vhd-findings")],
-                    open=True,
-                    className="panel",
-                ),
+                *self.run_header(choice),
                 ui.columns(
                     ui.panel(
                         ui.detail_controls(
@@ -195,29 +148,16 @@ class VhdPage(AnalysisPage):
         return options, default
 
     def settings(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            return views.settings_line(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return f"cannot read run {run_id}: {why(err)}"
+        return self._text(run_id, views.settings_line)
 
     def findings(self, run_id: str | None) -> Component:
-        if not run_id:
-            return html.P("No run selected.", className="hint")
-        try:
-            lines = views.findings(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return html.P(f"cannot read run {run_id}: {why(err)}", className="error")
-        return html.Ul([html.Li(line) for line in lines], id="vhd-findings-list")
+        return self._block(
+            run_id,
+            lambda run: html.Ul([html.Li(line) for line in views.findings(run)], id="vhd-findings-list"),
+        )
 
     def test_text(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            return views.tvhd_test_line(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return f"cannot read the T-VHD test: {why(err)}"
+        return self._text(run_id, views.tvhd_test_line, "cannot read the T-VHD test")
 
     def heads_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
         shown = metric if metric in views.HEAD_METRICS else DEFAULT_METRIC

@@ -41,17 +41,8 @@ class VitPage(AnalysisPage):
     title: ClassVar[str] = "ViT heads"
     analysis: ClassVar[str] = views.ANALYSIS
     run_noun: ClassVar[str] = "vit-heads"
-
-    @property
-    def run_id_element(self) -> str:
-        return "vit-run"
-
-    def _checked(self, run_id: str) -> Run:
-        run = self._run(run_id)
-        if not views.is_vit(run):
-            missing = sorted(views.REQUIRED_TABLES - set(run.table_names))
-            raise KeyError(f"run {run_id} lacks the vit-heads tables {', '.join(missing)}")
-        return run
+    element_prefix: ClassVar[str] = "vit"
+    required_tables: ClassVar[frozenset[str]] = views.REQUIRED_TABLES
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -75,14 +66,7 @@ class VitPage(AnalysisPage):
                     "images from the patch you click.",
                     className="hint",
                 ),
-                ui.controls(self.run_picker(choice)),
-                html.P(id="vit-settings", className="hint"),
-                *choice.notes,
-                html.Details(
-                    [html.Summary("What this run's numbers say"), html.Div(id="vit-findings")],
-                    open=True,
-                    className="panel",
-                ),
+                *self.run_header(choice),
                 ui.columns(
                     ui.panel(
                         ui.detail_controls(
@@ -180,21 +164,14 @@ class VitPage(AnalysisPage):
         return current if current in keys else default
 
     def settings(self, run_id: str | None) -> str:
-        if not run_id:
-            return ""
-        try:
-            return views.settings_line(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return f"cannot read the run's settings: {why(err)}"
+        return self._text(run_id, views.settings_line, "cannot read the run's settings")
 
     def findings(self, run_id: str | None) -> Component:
-        if not run_id:
-            return html.P("No run selected.", className="hint")
-        try:
-            lines = views.findings(self._checked(run_id))
-        except RUN_ERRORS as err:
-            return html.P(f"cannot read the run: {why(err)}", className="error")
-        return html.Ul([html.Li(line) for line in lines])
+        return self._block(
+            run_id,
+            lambda run: html.Ul([html.Li(line) for line in views.findings(run)]),
+            "cannot read the run",
+        )
 
     def head_info(self, run_id: str | None, head: str | None) -> Component:
         chosen = views.parse_head(head)

@@ -6,17 +6,10 @@ from __future__ import annotations
 
 import html
 
-import plotly.graph_objects as go
-
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, table_html
+from dashboard.sections.base import ReportSection, figure_html, table_html
 from dashboard.views import act as views
-
-
-def _div(fig: go.Figure, div_id: str, css: str = "figure") -> str:
-    return f'<div class="{css}">{figures.figure_div(fig, div_id)}</div>'
 
 
 def _accuracy(run: Run) -> ReportSection:
@@ -33,7 +26,7 @@ def _accuracy(run: Run) -> ReportSection:
         f"{html.escape(views.settings_line(run))}.</p>"
     )
     table = table_html([views.TASK_COLUMNS[c] for c in views.TASK_COLUMNS], rows.itertuples(index=False))
-    figs = _div(views.accuracy_figure(run), "act-accuracy-figure") + _div(
+    figs = figure_html(views.accuracy_figure(run), "act-accuracy-figure") + figure_html(
         views.delta_figure(run), "act-delta-figure"
     )
     note = (
@@ -54,7 +47,7 @@ def _heads(run: Run) -> ReportSection:
         "calibrated), kept heads ringed. The last map shows the hidden sinks per input found on each "
         "head of every layer, before calibration.</p>",
         '<div class="grid">',
-        _div(views.head_grid(run), "act-grid-kept"),
+        figure_html(views.head_grid(run), "act-grid-kept"),
     ]
     shown: set[str] = set()
     for i, task in enumerate(views.task_names(run)):
@@ -62,8 +55,8 @@ def _heads(run: Run) -> ReportSection:
         if scope in shown or not views.searched(run, scope):  # pooled: one map serves every task
             continue
         shown.add(scope)
-        parts.append(_div(views.head_grid(run, task), f"act-grid-scope-{i}"))
-    parts.append(_div(views.head_grid(run, kind="hidden"), "act-grid-hidden"))
+        parts.append(figure_html(views.head_grid(run, task), f"act-grid-scope-{i}"))
+    parts.append(figure_html(views.head_grid(run, kind="hidden"), "act-grid-hidden"))
     parts.append("</div>")
     return ReportSection("act-heads", "Heads kept for calibration", "".join(parts))
 
@@ -72,7 +65,7 @@ def _search(run: Run) -> ReportSection:
     parts = [
         "<p>Calibration delta of every searched head, one scope at a time; a head is kept when "
         "calibrating it alone does not lower the calibration accuracy.</p>",
-        _div(views.search_figure(run), "act-search-all", "figure wide"),
+        figure_html(views.search_figure(run), "act-search-all", wide=True),
         '<div class="grid">',
     ]
     shown: set[str] = set()
@@ -81,7 +74,7 @@ def _search(run: Run) -> ReportSection:
         if scope in shown or not views.searched(run, scope):
             continue
         shown.add(scope)
-        parts.append(_div(views.search_figure(run, task), f"act-search-scope-{i}"))
+        parts.append(figure_html(views.search_figure(run, task), f"act-search-scope-{i}"))
     parts.append("</div>")
     return ReportSection("act-search", "Head search", "".join(parts))
 
@@ -99,7 +92,7 @@ def _items(run: Run) -> ReportSection:
         "<p>Every held-out item: the label's margin (its log-probability minus the best other "
         "choice's) before and after calibration.</p>"
         + table_html(header, rows)
-        + _div(views.margin_figure(run), "act-margins-figure", "figure wide")
+        + figure_html(views.margin_figure(run), "act-margins-figure", wide=True)
     )
     return ReportSection("act-items", "Held-out items", body)
 
@@ -116,7 +109,7 @@ def _tokens(run: Run) -> ReportSection:
         "<p>The tokens found as sinks after the first one on the calibration inputs (before "
         "calibration): how many times, and for what share of the heads in range on average.</p>"
         + '<div class="grid">'
-        + _div(views.sink_tokens_figure(run), "act-tokens-figure")
+        + figure_html(views.sink_tokens_figure(run), "act-tokens-figure")
         + "<div>"
         + table_html(["token", "times a hidden sink", "mean share of heads"], rows)
         + "</div></div>"

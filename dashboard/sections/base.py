@@ -6,7 +6,10 @@ import html
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import plotly.graph_objects as go
+
 from analyses.runstore import Run
+from dashboard import figures
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,9 @@ def fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def figure_html(fig: go.Figure, div_id: str, *, wide: bool = False) -> str:
+    """A figure as a report block (``wide``: one spanning the page's width)."""
+    css = "figure wide" if wide else "figure"
+    return f'<div class="{css}">{figures.figure_div(fig, div_id)}</div>'

@@ -7,7 +7,7 @@ import html
 from analyses import census
 from analyses.runstore import Run
 from dashboard import figures
-from dashboard.sections.base import ReportSection, fmt, table_html
+from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import census as views
 
 TOP_K = 5
@@ -16,10 +16,7 @@ TOP_K = 5
 def _heatmaps(run: Run) -> ReportSection:
     heads = run.heads
     maps = census.figures(heads)
-    divs = "".join(
-        f'<div class="figure">{figures.figure_div(maps[m], f"census-heatmap-{m}")}</div>'
-        for m in views.METRICS
-    )
+    divs = "".join(figure_html(maps[m], f"census-heatmap-{m}") for m in views.METRICS)
     intro = (
         "<p>One value per head (rows: layers, layer 0 at the top; columns: heads), averaged over "
         "each sample's eligible queries and then over samples. Natural text gives entropy, "
@@ -33,7 +30,7 @@ def _heatmaps(run: Run) -> ReportSection:
 
 def _distributions(run: Run) -> ReportSection:
     fig = figures.distributions(run.heads, views.METRICS, views.METRIC_LABELS)
-    body = f'<div class="figure wide">{figures.figure_div(fig, "census-distributions-figure")}</div>'
+    body = figure_html(fig, "census-distributions-figure", wide=True)
     return ReportSection("census-distributions", "Distributions across heads", body)
 
 
@@ -73,7 +70,7 @@ def _patterns(run: Run) -> ReportSection:
     for metric, head in chosen:
         fig = views.pattern_figure(run, example, head, scale="sqrt")
         fig.update_layout(title_text=f"{head}: top {metric} head, example {example}", height=500)
-        divs.append(f'<div class="figure">{figures.figure_div(fig, f"census-pattern-{metric}")}</div>')
+        divs.append(figure_html(fig, f"census-pattern-{metric}"))
     text = html.escape("".join(tokens))
     intro = (
         f"<p>Full attention patterns (row: query, column: key) of the top head of "

@@ -8,7 +8,7 @@ import pandas as pd
 
 from analyses.runstore import Run
 from dashboard import figures
-from dashboard.sections.base import ReportSection
+from dashboard.sections.base import ReportSection, figure_html
 
 _ID_COLUMNS = frozenset({"layer", "head", "kv_head"})
 MAX_MAPS = 12
@@ -38,7 +38,7 @@ def report_sections(run: Run) -> list[ReportSection]:
             ReportSection("heads", "Heads", intro + "<p>The heads table has no numeric metric columns.</p>")
         ]
     maps = "".join(
-        f'<div class="figure">{figures.figure_div(figures.head_heatmap(heads, c), f"heads-heatmap-{i}")}</div>'
+        figure_html(figures.head_heatmap(heads, c), f"heads-heatmap-{i}")
         for i, c in enumerate(columns[:MAX_MAPS])
     )
     more = f"<p>{len(columns) - MAX_MAPS} more columns not drawn.</p>" if len(columns) > MAX_MAPS else ""

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import html
 
-import plotly.graph_objects as go
-
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, fmt, table_html
+from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import retrieval as views
 
 MAX_TEST_ROWS = 300
 TOP_N = 20
-
-
-def _div(fig: go.Figure, div_id: str, css: str = "figure") -> str:
-    return f'<div class="{css}">{figures.figure_div(fig, div_id)}</div>'
 
 
 def _summary(run: Run) -> ReportSection:
@@ -51,7 +44,9 @@ def _summary(run: Run) -> ReportSection:
     body = intro + banner
     if passed:
         body += (
-            '<div class="grid">' + _div(views.score_histogram(run), "retrieval-histogram-figure") + "</div>"
+            '<div class="grid">'
+            + figure_html(views.score_histogram(run), "retrieval-histogram-figure")
+            + "</div>"
         )
     return ReportSection("retrieval-summary", "Retrieval heads: tests and scores", body)
 
@@ -63,8 +58,8 @@ def _heads(run: Run) -> ReportSection:
         f"frequency is the share of the {passed} passing tests in which the head copy-pasted at least "
         "once; a high score with a low frequency is a specialist of a few needles.</p>",
         '<div class="grid">',
-        _div(views.score_grid(run), "retrieval-grid-figure"),
-        _div(views.top_heads_figure(run, TOP_N), "retrieval-top-figure"),
+        figure_html(views.score_grid(run), "retrieval-grid-figure"),
+        figure_html(views.top_heads_figure(run, TOP_N), "retrieval-top-figure"),
         "</div>",
     ]
     top = views.top_heads(run, TOP_N)
@@ -102,7 +97,7 @@ def _recall(run: Run) -> ReportSection:
     body = (
         "<p>Mean ROUGE-1 recall of the answer per (context length, needle depth) cell; n is the number of "
         "tests averaged in the cell (one per needle).</p>"
-        + _div(views.recall_grid(run), "retrieval-recall-figure", "figure wide")
+        + figure_html(views.recall_grid(run), "retrieval-recall-figure", wide=True)
         + f"<details><summary>every test ({len(tests)})</summary>"
         + table_html(header, shown.itertuples(index=False))
         + more
@@ -138,8 +133,8 @@ def _masking(run: Run) -> ReportSection:
         "barely moves for as many random heads. The dotted line is the same tests' recall with no head "
         "masked.</p>"
         + '<div class="grid">'
-        + _div(views.masking_figure(run, "recall"), "retrieval-masking-figure")
-        + _div(views.masking_figure(run, "recalled"), "retrieval-masking-recalled-figure")
+        + figure_html(views.masking_figure(run, "recall"), "retrieval-masking-figure")
+        + figure_html(views.masking_figure(run, "recalled"), "retrieval-masking-recalled-figure")
         + "</div>"
         + table_html(
             ["masked", "K", "share of heads", "mean recall", "sd over seeds", "recalled", "seeds"], rows

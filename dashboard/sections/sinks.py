@@ -7,9 +7,8 @@ import html
 
 from analyses import sinks
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, fmt, table_html
+from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import sinks as views
 
 
@@ -54,15 +53,15 @@ def _summary(run: Run) -> ReportSection:
         "thresholded per sample and averaged over samples (Gu et al., ICLR 2025; the papers' position 1 "
         "is our position 0). A hidden sink is a later position k &gt;= 1 with alpha_k &gt; eps.</p>"
     )
-    bars = figures.figure_div(views.sink_bars(run), "sinks-bars-figure")
-    body = intro + table_html(header, rows, escape=False) + f'<div class="figure wide">{bars}</div>'
+    bars = figure_html(views.sink_bars(run), "sinks-bars-figure", wide=True)
+    body = intro + table_html(header, rows, escape=False) + bars
     return ReportSection("sinks-summary", "Attention sinks: Sink_1 per input set", body)
 
 
 def _head_maps(run: Run) -> ReportSection:
     figs = sinks.figures(run.heads)
     divs = "".join(
-        f'<div class="figure">{figures.figure_div(figs[f"alpha0_{s}"], f"sinks-alpha0-{s}")}</div>'
+        figure_html(figs[f"alpha0_{s}"], f"sinks-alpha0-{s}")
         for s in views.input_sets(run)
         if f"alpha0_{s}" in figs
     )
@@ -83,7 +82,7 @@ def _positions(run: Run) -> ReportSection:
         "samples. The last positions are seen by few queries (alpha_{T-1} is a single attention "
         "weight, the last token's attention to itself), which is why the map rises at the end; those "
         "positions are not counted as hidden sinks.</p>",
-        f'<div class="figure wide">{figures.figure_div(fig, "sinks-positions-figure")}</div>',
+        figure_html(fig, "sinks-positions-figure", wide=True),
     ]
     for input_set in views.input_sets(run):
         label = html.escape(views.INPUT_LABELS[input_set])
@@ -130,7 +129,7 @@ def _norms(run: Run) -> ReportSection:
         "<p>L2 norm of the first real token's hidden state (residual stream entering each layer), key "
         "(per KV head, as the attention uses it) and value, against the mean over the other tokens; "
         "keys and values averaged over KV heads. Ratio = first / others.</p>",
-        f'<div class="figure wide">{figures.figure_div(fig, "sinks-norms-figure")}</div>',
+        figure_html(fig, "sinks-norms-figure", wide=True),
     ]
     for input_set in views.input_sets(run):
         ratios = views.norm_ratios(run, input_set)

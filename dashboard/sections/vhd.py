@@ -7,18 +7,10 @@ from __future__ import annotations
 
 import html
 
-import plotly.graph_objects as go
-
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, fmt, table_html
+from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import vhd as views
-
-
-def _figure(fig: go.Figure, div_id: str, wide: bool = False) -> str:
-    css = "figure wide" if wide else "figure"
-    return f'<div class="{css}">{figures.figure_div(fig, div_id)}</div>'
 
 
 def _overview(run: Run) -> ReportSection:
@@ -67,7 +59,7 @@ def _overview(run: Run) -> ReportSection:
 
 def _heads(run: Run) -> ReportSection:
     metrics = views.head_metrics(run)
-    divs = "".join(_figure(views.heads_figure(run, m), f"vhd-heads-{m}") for m in metrics)
+    divs = "".join(figure_html(views.heads_figure(run, m), f"vhd-heads-{m}") for m in metrics)
     top = views.top_heads(run, "vhd_mean") if "vhd_mean" in metrics else None
     table = ""
     if top is not None:
@@ -109,7 +101,7 @@ def _tvhd(run: Run) -> ReportSection:
     parts = [
         "<p>T-VHD of the object words of the baseline captions (the first token of each word), "
         "hallucinated against correct; the paper finds hallucinated words lower.</p>",
-        _figure(views.tvhd_distribution_figure(run), "vhd-words-figure"),
+        figure_html(views.tvhd_distribution_figure(run), "vhd-words-figure"),
         f"<p>{html.escape(views.tvhd_test_line(run))}</p>",
     ]
     scene = views.default_scene(run)
@@ -126,8 +118,8 @@ def _tvhd(run: Run) -> ReportSection:
         parts.append(
             f"<h3>T-VHD along the caption of scene {scene} ({html.escape(why)})</h3>"
             + '<div class="grid">'
-            + _figure(views.tvhd_caption_figure(run, scene), "vhd-caption-figure")
-            + _figure(views.image_figure(run, scene), "vhd-image-figure")
+            + figure_html(views.tvhd_caption_figure(run, scene), "vhd-caption-figure")
+            + figure_html(views.image_figure(run, scene), "vhd-image-figure")
             + "</div>"
             + caps
             + (f"<p>Ground truth: {html.escape(truth)}</p>" if truth else "")
@@ -140,8 +132,8 @@ def _benchmarks(run: Run) -> ReportSection:
         "<p>CHAIR_S (share of captions with a hallucinated object), CHAIR_I (hallucinated / mentioned "
         "objects) and POPE F1 and accuracy per setting, baseline first, with percentile bootstrap "
         "intervals; then each setting's paired change against the baseline (scenes resampled together).</p>"
-        + _figure(views.benchmark_figure(run), "vhd-benchmarks-figure", wide=True)
-        + _figure(views.deltas_figure(run), "vhd-deltas-figure", wide=True)
+        + figure_html(views.benchmark_figure(run), "vhd-benchmarks-figure", wide=True)
+        + figure_html(views.deltas_figure(run), "vhd-deltas-figure", wide=True)
     )
     d = views.deltas_table(run)
     if len(d):

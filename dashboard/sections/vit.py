@@ -6,18 +6,10 @@ from __future__ import annotations
 
 import html
 
-import plotly.graph_objects as go
-
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, fmt, table_html
+from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import vit as views
-
-
-def _figure(fig: go.Figure, div_id: str, wide: bool = False) -> str:
-    css = "figure wide" if wide else "figure"
-    return f'<div class="{css}">{figures.figure_div(fig, div_id)}</div>'
 
 
 def _overview(run: Run) -> ReportSection:
@@ -44,7 +36,7 @@ def _overview(run: Run) -> ReportSection:
 
 
 def _importance(run: Run) -> ReportSection:
-    divs = "".join(_figure(views.importance_grid(run, m), f"vit-importance-{m}") for m in views.METRICS)
+    divs = "".join(figure_html(views.importance_grid(run, m), f"vit-importance-{m}") for m in views.METRICS)
     top = views.top_heads(run, "confidence_drop")
     rows = [
         [f"L{int(r.layer)} H{int(r.head)}", *[fmt(float(getattr(r, m)), 3) for m in views.METRICS]]
@@ -58,7 +50,7 @@ def _importance(run: Run) -> ReportSection:
     body = (
         intro
         + f'<div class="grid">{divs}</div>'
-        + _figure(views.agreement_figure(run), "vit-agreement")
+        + figure_html(views.agreement_figure(run), "vit-agreement")
         + "<p>The heads with the largest confidence drop</p>"
         + table_html(["head", *[views.METRIC_NAMES[m] for m in views.METRICS]], rows)
     )
@@ -72,10 +64,10 @@ def _distance(run: Run) -> ReportSection:
         "with the interquartile band and min–max whiskers; then, for the head with the largest "
         f"confidence drop (layer {layer}, head {head}), the strength at each patch distance and its "
         "offset map (mean attention to the patch at each offset from the query).</p>"
-        + _figure(views.trend_figure(run), "vit-trend", wide=True)
+        + figure_html(views.trend_figure(run), "vit-trend", wide=True)
         + '<div class="grid">'
-        + _figure(views.distance_figure(run, layer, head), "vit-distance")
-        + _figure(views.offset_map_figure(run, layer, head), "vit-offset")
+        + figure_html(views.distance_figure(run, layer, head), "vit-distance")
+        + figure_html(views.offset_map_figure(run, layer, head), "vit-offset")
         + "</div>"
         + "".join(f"<p>{html.escape(line)}</p>" for line in views.head_lines(run, layer, head))
     )
@@ -100,7 +92,7 @@ def _patterns(run: Run) -> ReportSection:
     body = (
         "<p>Per-query attention maps (centred on the query) of every head were encoded by an autoencoder "
         "and clustered with k-means on the codes; each prototype is the mean map of its cluster.</p>"
-        + _figure(views.cluster_gallery(run), "vit-clusters", wide=True)
+        + figure_html(views.cluster_gallery(run), "vit-clusters", wide=True)
         + table_html(["cluster", "maps", "% of maps", "heads dominated", "self share", "mean distance"], rows)
     )
     return ReportSection("vit-patterns", "Attention-pattern clusters", body)

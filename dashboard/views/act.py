@@ -74,7 +74,7 @@ config = common.config
 
 def is_act(source: Source) -> bool:
     """Whether the source has the ACT tables this module draws."""
-    return REQUIRED_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REQUIRED_TABLES)
 
 
 def tasks_table(source: Source) -> pd.DataFrame:

@@ -44,7 +44,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analyses.base import AnalysisResult
 from analyses.circuits import CLASSES, SIGNATURES, STAGES, TASK_LABELS
 from dashboard import figures
 from dashboard.views import common
@@ -164,24 +163,18 @@ def analysis(source: Source) -> str:
     return str(source.analysis)
 
 
-def model_name(source: Source) -> str:
-    if isinstance(source, AnalysisResult):
-        return str(source.model_info.get("name", "?"))
-    return source.model_name
-
-
-def notes(source: Source) -> dict[str, Any]:
-    return dict(source.notes) if isinstance(source, AnalysisResult) else dict(source.manifest.notes)
+model_name = common.model_name
+notes = common.notes
 
 
 def is_circuits(source: Source) -> bool:
     """Whether the source has the tables this module draws."""
-    return REQUIRED_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REQUIRED_TABLES)
 
 
 def is_reuse(source: Source) -> bool:
     """Whether the source also has the reuse tables (a ``circuit-reuse`` run)."""
-    return REUSE_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REUSE_TABLES)
 
 
 def _tasks_in(values: Sequence[object]) -> list[str]:
@@ -432,7 +425,7 @@ def metrics_figure(source: Source) -> go.Figure:
             y=ld,
             name="clean prompts",
             marker_color=LD_COLOUR,
-            error_y=_error(ld, m["logit_diff_low"], m["logit_diff_high"]),
+            error_y=figures.error_bars(ld, m["logit_diff_low"], m["logit_diff_high"]),
             customdata=np.column_stack([m["logit_diff_low"], m["logit_diff_high"], m["n_items"], notes_]),
             hovertemplate="%{x}, clean prompts: %{customdata[3]}<br>mean %{y:.2f} "
             "[%{customdata[0]:.2f}, %{customdata[1]:.2f}] (95% bootstrap interval) over "
@@ -472,7 +465,7 @@ def metrics_figure(source: Source) -> go.Figure:
                 y=values,
                 name=label,
                 marker_color=colour,
-                error_y=_error(values, m[f"{column}_low"], m[f"{column}_high"]),
+                error_y=figures.error_bars(values, m[f"{column}_low"], m[f"{column}_high"]),
                 customdata=np.column_stack([m[f"{column}_low"], m[f"{column}_high"], m["n_items"]]),
                 hovertemplate=f"%{{x}}, {label}: %{{y:.1%}} "
                 "[%{customdata[0]:.1%}, %{customdata[1]:.1%}] (95% interval) of %{customdata[2]} "
@@ -504,19 +497,6 @@ def metrics_figure(source: Source) -> go.Figure:
         legend=_legend_below(),
     )
     return fig
-
-
-def _error(values: np.ndarray, low: Any, high: Any) -> dict[str, Any]:
-    lo = np.asarray(low, dtype=float)
-    hi = np.asarray(high, dtype=float)
-    return {
-        "type": "data",
-        "symmetric": False,
-        "array": np.nan_to_num(hi - values),
-        "arrayminus": np.nan_to_num(values - lo),
-        "visible": True,
-        "thickness": 1.5,
-    }
 
 
 # ---------------------------------------------------------------------------------------- heat maps
@@ -1094,7 +1074,9 @@ def intervention_figure(source: Source, metric: IvMetric = "accuracy") -> go.Fig
                 y=values,
                 name=name,
                 marker_color=colour,
-                error_y=_error(values, part[f"{metric}_low"], part[f"{metric}_high"]) if has_ci else None,
+                error_y=figures.error_bars(values, part[f"{metric}_low"], part[f"{metric}_high"])
+                if has_ci
+                else None,
                 customdata=np.column_stack(
                     [
                         part[f"{metric}_low"] if has_ci else values,

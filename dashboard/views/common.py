@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analyses.base import AnalysisResult
@@ -28,6 +29,36 @@ def table(source: Source, name: str, *, kind: str) -> pd.DataFrame:
 
 def table_names(source: Source) -> list[str]:
     return list(source.tables) if isinstance(source, AnalysisResult) else source.table_names
+
+
+def has_tables(source: Source, names: frozenset[str]) -> bool:
+    """Whether the source has every table in ``names``."""
+    return names.issubset(table_names(source))
+
+
+def array(source: Source, name: str, *, kind: str) -> np.ndarray:
+    """Array ``name`` of a saved run or of an unsaved result; ``kind`` names the analysis in the
+    error of a result without that array."""
+    if isinstance(source, AnalysisResult):
+        if name not in source.arrays:
+            raise KeyError(f"this {kind} result has no array {name!r}")
+        return np.asarray(source.arrays[name])
+    return source.array(name)
+
+
+def has_array(source: Source, name: str) -> bool:
+    names = list(source.arrays) if isinstance(source, AnalysisResult) else source.array_names
+    return name in names
+
+
+def model_name(source: Source) -> str:
+    if isinstance(source, AnalysisResult):
+        return str(source.model_info.get("name", "?"))
+    return source.model_name
+
+
+def notes(source: Source) -> dict[str, Any]:
+    return dict(source.notes) if isinstance(source, AnalysisResult) else dict(source.manifest.notes)
 
 
 def config(source: Source) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analyses import retrieval
-from analyses.base import AnalysisResult
 from dashboard import figures
 from dashboard.views import common
 
@@ -66,17 +65,12 @@ def table(source: Source, name: str) -> pd.DataFrame:
 
 table_names = common.table_names
 config = common.config
-
-
-def model_name(source: Source) -> str:
-    if isinstance(source, AnalysisResult):
-        return str(source.model_info.get("name", "?"))
-    return source.model_name
+model_name = common.model_name
 
 
 def is_retrieval(source: Source) -> bool:
     """Whether the source has the retrieval tables this module draws."""
-    return REQUIRED_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REQUIRED_TABLES)
 
 
 def has_masking(source: Source) -> bool:

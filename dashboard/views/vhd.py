@@ -33,8 +33,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analyses.base import AnalysisResult
 from dashboard import figures
+from dashboard.views import common
 from dashboard.views.common import Source, config, table_names
 from dashboard.views.common import table as _table
 
@@ -83,35 +83,21 @@ def table(source: Source, name: str) -> pd.DataFrame:
 
 
 def array(source: Source, name: str) -> np.ndarray:
-    if isinstance(source, AnalysisResult):
-        if name not in source.arrays:
-            raise KeyError(f"this vhd/vhr result has no array {name!r}")
-        return np.asarray(source.arrays[name])
-    return source.array(name)
+    return common.array(source, name, kind="vhd/vhr")
 
 
-def has_array(source: Source, name: str) -> bool:
-    names = list(source.arrays) if isinstance(source, AnalysisResult) else source.array_names
-    return name in names
+has_array = common.has_array
+model_name = common.model_name
+notes = common.notes
 
 
 def is_vhd(source: Source) -> bool:
     """Whether the source has the tables this module reads."""
-    return REQUIRED_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REQUIRED_TABLES)
 
 
 def analysis(source: Source) -> str:
     return source.analysis
-
-
-def model_name(source: Source) -> str:
-    if isinstance(source, AnalysisResult):
-        return str(source.model_info.get("name", "?"))
-    return source.model_name
-
-
-def notes(source: Source) -> dict[str, Any]:
-    return dict(source.notes if isinstance(source, AnalysisResult) else source.manifest.notes)
 
 
 def _optional(source: Source, name: str) -> pd.DataFrame:
@@ -656,22 +642,49 @@ def benchmark_panels(source: Source) -> list[tuple[str, str, str, str]]:
     return panels
 
 
-def _error(values: np.ndarray, low: Any, high: Any) -> dict[str, Any]:
-    lo = np.asarray(low, dtype=float)
-    hi = np.asarray(high, dtype=float)
-    return {
-        "type": "data",
-        "symmetric": False,
-        "array": np.nan_to_num(np.maximum(hi - values, 0)).tolist(),
-        "arrayminus": np.nan_to_num(np.maximum(values - lo, 0)).tolist(),
-        "visible": True,
-        "thickness": 1.5,
-        "width": 5,
-    }
+def _panel_grid(titles: list[str], cols: int = 2) -> tuple[go.Figure, int, int]:
+    """A figure of one panel per title, ``cols`` to a row, and its (rows, cols)."""
+    n = len(titles)
+    rows, cols = max(1, -(-n // cols)), min(cols, max(1, n))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=titles,
+        horizontal_spacing=0.1,
+        vertical_spacing=min(0.5 / rows + 0.05, 0.3),
+    )
+    return fig, rows, cols
 
 
-def _grid(n: int, cols: int = 2) -> tuple[int, int]:
-    return max(1, -(-n // cols)), min(cols, max(1, n))
+def _add_points(
+    fig: go.Figure, i: int, cols: int, values: np.ndarray, low: Any, high: Any, **trace: Any
+) -> tuple[int, int]:
+    """Draw ``values`` (one per setting, ``trace["x"]``) as markers with their intervals [``low``,
+    ``high``] in panel ``i`` of a :func:`_panel_grid` figure; return the panel's (row, col)."""
+    row, col = i // cols + 1, i % cols + 1
+    fig.add_trace(
+        go.Scatter(
+            y=values.tolist(),
+            mode="markers",
+            error_y=figures.error_bars(values, low, high, clip=True, width=5),
+            **trace,
+        ),
+        row=row,
+        col=col,
+    )
+    return row, col
+
+
+def _panel_layout(fig: go.Figure, rows: int, title: str, subtitle: str) -> go.Figure:
+    """The settings along each panel's x axis, the title, and a height for ``rows`` rows of panels."""
+    fig.update_xaxes(tickangle=-30, type="category")
+    fig.update_layout(
+        title=figures.titled(title, subtitle),
+        showlegend=False,
+        height=150 + 290 * rows,
+        margin={"l": 60, "r": 20, "t": 135, "b": 90},
+    )
+    return fig
 
 
 def benchmark_figure(source: Source) -> go.Figure:
@@ -682,31 +695,22 @@ def benchmark_figure(source: Source) -> go.Figure:
     if not panels:
         return figures.message_figure("The run's summary has no CHAIR or POPE metric.")
     order = [n for n in setting_order(source) if n in set(s["vhr_setting"].astype(str))]
-    rows, cols = _grid(len(panels))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[3] for p in panels],
-                        horizontal_spacing=0.1, vertical_spacing=min(0.5 / rows + 0.05, 0.3))  # fmt: skip
+    fig, rows, cols = _panel_grid([p[3] for p in panels])
     for i, (bench, kind, metric, _) in enumerate(panels):
         part = s[(s["benchmark"] == bench) & (s["setting"] == kind) & (s["metric"] == metric)]
         part = part.set_index(part["vhr_setting"].astype(str)).reindex(
             [n for n in order if n in set(part["vhr_setting"])]
         )
         values = part["value"].to_numpy(float)
-        row, col = i // cols + 1, i % cols + 1
-        fig.add_trace(
-            go.Scatter(
-                x=list(part.index),
-                y=values.tolist(),
-                mode="markers",
-                name=f"{bench} {kind} {metric}",
-                marker={"size": 11, "color": [_setting_colour(source, n) for n in part.index]},
-                error_y=_error(values, part["lo"], part["hi"]),
-                customdata=np.column_stack([part["lo"].to_numpy(float), part["hi"].to_numpy(float),
-                                            part["n"].to_numpy(float)]),
-                hovertemplate="%{x}: " + metric + " %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-                "<br>(95% bootstrap interval; n = %{customdata[2]})<extra></extra>",
-            ),
-            row=row,
-            col=col,
+        row, col = _add_points(
+            fig, i, cols, values, part["lo"], part["hi"],
+            x=list(part.index),
+            name=f"{bench} {kind} {metric}",
+            marker={"size": 11, "color": [_setting_colour(source, n) for n in part.index]},
+            customdata=np.column_stack([part["lo"].to_numpy(float), part["hi"].to_numpy(float),
+                                        part["n"].to_numpy(float)]),
+            hovertemplate="%{x}: " + metric + " %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+            "<br>(95% bootstrap interval; n = %{customdata[2]})<extra></extra>",
         )  # fmt: skip
         if BASELINE in part.index and math.isfinite(float(part.loc[BASELINE, "value"])):
             fig.add_hline(y=float(part.loc[BASELINE, "value"]), line={"dash": "dot", "color": BASELINE_COLOUR,
@@ -714,19 +718,14 @@ def benchmark_figure(source: Source) -> go.Figure:
         if not np.isfinite(values).any():
             fig.add_annotation(text="undefined (no object mentioned)", showarrow=False, x=0.5, y=0.5,
                                xref=f"x{i + 1 if i else ''} domain", yref=f"y{i + 1 if i else ''} domain")  # fmt: skip
-    fig.update_xaxes(tickangle=-30, type="category")
     alpha = config(source).get("alpha_ci", 0.05)
-    fig.update_layout(
-        title=figures.titled(
-            "CHAIR and POPE per setting",
-            f"{100 * (1 - float(alpha)):.0f}% percentile bootstrap intervals; dotted: the baseline<br>"
-            "CHAIR (share hallucinated): lower is better; POPE: higher is better",
-        ),
-        showlegend=False,
-        height=150 + 290 * rows,
-        margin={"l": 60, "r": 20, "t": 135, "b": 90},
+    return _panel_layout(
+        fig,
+        rows,
+        "CHAIR and POPE per setting",
+        f"{100 * (1 - float(alpha)):.0f}% percentile bootstrap intervals; dotted: the baseline<br>"
+        "CHAIR (share hallucinated): lower is better; POPE: higher is better",
     )
-    return fig
 
 
 def deltas_table(source: Source) -> pd.DataFrame:
@@ -759,9 +758,7 @@ def deltas_figure(source: Source) -> go.Figure:
     if not panels:
         return figures.message_figure("The run's deltas have no CHAIR or POPE metric.")
     order = [n for n in setting_order(source) if n != BASELINE]
-    rows, cols = _grid(len(panels))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"Δ {p[3]}" for p in panels],
-                        horizontal_spacing=0.1, vertical_spacing=min(0.5 / rows + 0.05, 0.3))  # fmt: skip
+    fig, rows, cols = _panel_grid([f"Δ {p[3]}" for p in panels])
     for i, (bench, kind, metric, _) in enumerate(panels):
         part = d[(d["benchmark"] == bench) & (d["kind"] == kind) & (d["metric"] == metric)]
         part = part.set_index(part["setting"].astype(str))
@@ -769,36 +766,24 @@ def deltas_figure(source: Source) -> go.Figure:
         values = part["delta"].to_numpy(float)
         lo, hi = part["lo"].to_numpy(float), part["hi"].to_numpy(float)
         verdicts = [_verdict(metric, a, b) for a, b in zip(lo, hi, strict=True)]
-        row, col = i // cols + 1, i % cols + 1
-        fig.add_trace(
-            go.Scatter(
-                x=list(part.index),
-                y=values.tolist(),
-                mode="markers",
-                name=f"Δ {bench} {kind} {metric}",
-                marker={"size": 11, "color": [VERDICT_COLOURS[v] for v in verdicts],
-                        "line": {"width": 1.5, "color": [_setting_colour(source, n) for n in part.index]}},
-                error_y=_error(values, lo, hi),
-                customdata=[[float(a), float(b), v] for a, b, v in zip(lo, hi, verdicts, strict=True)],
-                hovertemplate="%{x}: Δ" + metric + " %{y:+.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-                "<br>%{customdata[2]}<extra></extra>",
-            ),
-            row=row,
-            col=col,
+        row, col = _add_points(
+            fig, i, cols, values, lo, hi,
+            x=list(part.index),
+            name=f"Δ {bench} {kind} {metric}",
+            marker={"size": 11, "color": [VERDICT_COLOURS[v] for v in verdicts],
+                    "line": {"width": 1.5, "color": [_setting_colour(source, n) for n in part.index]}},
+            customdata=[[float(a), float(b), v] for a, b, v in zip(lo, hi, verdicts, strict=True)],
+            hovertemplate="%{x}: Δ" + metric + " %{y:+.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+            "<br>%{customdata[2]}<extra></extra>",
         )  # fmt: skip
         fig.add_hline(y=0, line={"color": "#222", "width": 1.2}, row=row, col=col)
-    fig.update_xaxes(tickangle=-30, type="category")
-    fig.update_layout(
-        title=figures.titled(
-            "Paired change against the baseline",
-            "setting − baseline, scenes resampled together, with its interval<br>"
-            "green: better, red: worse, grey: the interval holds 0",
-        ),
-        showlegend=False,
-        height=150 + 290 * rows,
-        margin={"l": 60, "r": 20, "t": 135, "b": 90},
+    return _panel_layout(
+        fig,
+        rows,
+        "Paired change against the baseline",
+        "setting − baseline, scenes resampled together, with its interval<br>"
+        "green: better, red: worse, grey: the interval holds 0",
     )
-    return fig
 
 
 def summary_wide(source: Source) -> pd.DataFrame:

@@ -34,9 +34,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analyses import vit_heads
-from analyses.base import AnalysisResult
 from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS
 from dashboard import figures
+from dashboard.views import common
 from dashboard.views.common import Source, config, table_names
 from dashboard.views.common import table as _table
 
@@ -70,21 +70,15 @@ def table(source: Source, name: str) -> pd.DataFrame:
 
 
 def array(source: Source, name: str) -> np.ndarray:
-    if isinstance(source, AnalysisResult):
-        if name not in source.arrays:
-            raise KeyError(f"this {ANALYSIS} result has no array {name!r}")
-        return np.asarray(source.arrays[name])
-    return source.array(name)
+    return common.array(source, name, kind=ANALYSIS)
 
 
-def has_array(source: Source, name: str) -> bool:
-    names = list(source.arrays) if isinstance(source, AnalysisResult) else source.array_names
-    return name in names
+has_array = common.has_array
 
 
 def is_vit(source: Source) -> bool:
     """Whether the source has the tables this module reads."""
-    return REQUIRED_TABLES.issubset(table_names(source))
+    return common.has_tables(source, REQUIRED_TABLES)
 
 
 def heads(source: Source) -> pd.DataFrame:
