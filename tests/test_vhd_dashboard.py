@@ -454,3 +454,32 @@ def test_report_sections_render_the_figures(
                                  tables={"heads": run.heads[["layer", "head", "vhd_mean"]]})  # fmt: skip
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="vhd-overview"' not in generic
+
+
+def test_findings_do_not_call_silence_an_improvement(runs: Runs) -> None:
+    """A setting whose CHAIR_S falls because its captions name (almost) no objects is flagged."""
+    base = runs.result
+    summary = base.tables["summary"]
+    extra = []
+    for name, recall in (("quiet", 0.05), ("fluent", 0.9)):
+        for metric, value in (("CHAIR_S", 0.0), ("CHAIR_I", 0.0), ("recall", recall), ("words", 20.0)):
+            extra.append({"vhr_setting": name, "benchmark": "CHAIR", "setting": "captions", "metric": metric,
+                          "value": value, "lo": value, "hi": value, "n": N_SCENES})  # fmt: skip
+    summary = pd.concat([summary, pd.DataFrame(extra)], ignore_index=True)
+    recall_row = (
+        (summary["vhr_setting"] == "baseline")
+        & (summary["benchmark"] == "CHAIR")
+        & (summary["metric"] == "recall")
+    )
+    summary.loc[recall_row, "value"] = 0.8
+    deltas = pd.DataFrame([
+        {"setting": n, "benchmark": "CHAIR", "kind": "captions", "metric": "CHAIR_S", "delta": -0.2, "lo": -0.3, "hi": -0.1}
+        for n in ("quiet", "fluent")
+    ])  # fmt: skip
+    edited = AnalysisResult(base.analysis, base.model_info, base.config, {**base.tables, "summary": summary, "deltas": deltas},
+                            base.arrays, base.seeds, base.timings, base.notes)  # fmt: skip
+    text = " ".join(views.findings(edited))
+    assert "improves clearly under quiet, fluent" in text
+    assert (
+        "Under quiet (recall 0.05) the captions name less than half" in text and "fluent (recall" not in text
+    )

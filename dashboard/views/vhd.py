@@ -938,6 +938,22 @@ def findings(source: Source) -> list[str]:
                 f"{', '.join(better) or 'none'} and worsens clearly under {', '.join(worse) or 'none'}; "
                 "the others' intervals hold 0."
             )
+            base_recall = _metric_row(source, BASELINE, "CHAIR", "captions", "recall")
+            silent = []  # a lower CHAIR_S that comes from naming (almost) no objects is no improvement
+            for name in better:
+                got = _metric_row(source, name, "CHAIR", "captions", "recall")
+                if (
+                    got is not None
+                    and base_recall is not None
+                    and float(got["value"]) < 0.5 * float(base_recall["value"])
+                ):
+                    silent.append(f"{name} (recall {num(got['value'], '.2f')})")
+            if silent and base_recall is not None:
+                lines.append(
+                    f"Under {', '.join(silent)} the captions name less than half the objects the baseline "
+                    f"names (recall {num(base_recall['value'], '.2f')}): their lower CHAIR_S "
+                    "comes from describing less, not from hallucinating less."
+                )
     base = _metric_row(source, BASELINE, "CHAIR", "captions", "CHAIR_S")
     if n_scenes and base is not None:
         width = float(base["hi"]) - float(base["lo"])
