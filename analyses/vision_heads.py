@@ -99,6 +99,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -507,7 +508,7 @@ def generate_ids(
 ) -> Answers:
     """Greedy answers to ``prompts`` about ``pixels`` (one per row), with per-row head ``scales``."""
     batch: Batch = vlm.encode_prompts(model, list(prompts))
-    context = scale_heads(model, scales) if scales is not None else _nothing()
+    context = scale_heads(model, scales) if scales is not None else contextlib.nullcontext()
     with context:
         result = vlm._native_generate(model, pixels, batch, max_new_tokens, scores=yes_no)
     tok = model.tokenizer
@@ -525,11 +526,6 @@ def generate_ids(
         first = result.scores[0].float()
         margins = (first[:, yes] - first[:, no]).tolist()
     return Answers(tokens, texts, margins)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 # ============================================================================== words and T-VHD
@@ -676,18 +672,18 @@ def _paired_deltas(captions: pd.DataFrame, pope: pd.DataFrame, n_scenes: int, cf
     base = captions[captions["setting"] == BASELINE].sort_values("scene")
     rows = []
 
-    def chair(frame: pd.DataFrame, pick: np.ndarray | None) -> dict[str, np.ndarray]:
-        s = frame["chair_s"].to_numpy(float)
-        h = frame["n_hallucinated"].to_numpy(float)
-        m = frame["n_mentioned"].to_numpy(float)
-        c = frame["n_correct"].to_numpy(float)
-        p = frame["n_present"].to_numpy(float)
-        if pick is None:
-            return {"CHAIR_S": np.array(s.mean()), "CHAIR_I": np.array(h.sum() / max(m.sum(), 1e-300)),
-                    "recall": np.array(c.sum() / max(p.sum(), 1e-300))}  # fmt: skip
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {"CHAIR_S": s[pick].mean(1), "CHAIR_I": h[pick].sum(1) / m[pick].sum(1),
-                    "recall": c[pick].sum(1) / p[pick].sum(1)}  # fmt: skip
+    everyone = np.arange(n_scenes)[None]  # the point estimate: one "resample" holding every scene
+
+    def chair(frame: pd.DataFrame, pick: np.ndarray) -> dict[str, np.ndarray]:
+        s, h, m, c, p = (
+            frame[k].to_numpy(float)[pick]
+            for k in ("chair_s", "n_hallucinated", "n_mentioned", "n_correct", "n_present")
+        )
+        return {
+            "CHAIR_S": s.mean(1),
+            "CHAIR_I": scc._ratio(h.sum(1), m.sum(1)),
+            "recall": scc._ratio(c.sum(1), p.sum(1)),
+        }
 
     def pope_counts(frame: pd.DataFrame) -> np.ndarray:
         """[n_scenes, 4]: tp, fp, tn, fn per scene."""
@@ -700,23 +696,19 @@ def _paired_deltas(captions: pd.DataFrame, pope: pd.DataFrame, n_scenes: int, cf
         return out
 
     def pope_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
-        tp, fp, tn, fn = (counts[..., j] for j in range(4))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision, recall = tp / (tp + fp), tp / (tp + fn)
-            return {"accuracy": (tp + tn) / (tp + fp + tn + fn), "F1": 2 * precision * recall / (precision + recall),
-                    "yes_ratio": (tp + fp) / (tp + fp + tn + fn)}  # fmt: skip
+        return scc._pope_metrics(*(counts[..., j] for j in range(4)))
 
-    base_chair, base_boot = chair(base, None), chair(base, idx)
+    base_chair, base_boot = chair(base, everyone), chair(base, idx)
     for setting in captions["setting"].unique():
         if setting == BASELINE:
             continue
         other = captions[captions["setting"] == setting].sort_values("scene")
-        point, boot = chair(other, None), chair(other, idx)
+        point, boot = chair(other, everyone), chair(other, idx)
         for metric in point:
             diff = boot[metric] - base_boot[metric]
             lo, hi = scc._interval(diff, cfg.alpha_ci)
             rows.append({"setting": setting, "benchmark": "CHAIR", "kind": "captions", "metric": metric,
-                         "delta": float(point[metric] - base_chair[metric]), "lo": lo, "hi": hi})  # fmt: skip
+                         "delta": float(point[metric][0] - base_chair[metric][0]), "lo": lo, "hi": hi})  # fmt: skip
     if len(pope):
         for kind in pope["kind"].unique():
             b_counts = pope_counts(pope[(pope["setting"] == BASELINE) & (pope["kind"] == kind)])

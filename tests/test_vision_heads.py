@@ -324,3 +324,23 @@ def test_pope_can_be_limited_to_the_baseline_and_the_main_setting() -> None:
     assert set(t["captions"]["setting"]) == {"baseline", "vhr", "alpha=3"}
     pope_deltas = t["deltas"][t["deltas"]["benchmark"] == "POPE"]
     assert set(pope_deltas["setting"]) == {"vhr"}
+
+
+def test_paired_deltas_are_the_differences_of_the_summaries() -> None:
+    scenes = sc.make_scenes(6, seed=5)
+    base_texts = [f"A {s.classes[0]}." for s in scenes]
+    other_texts = ["A circle and a star." for _ in scenes]
+    captions = pd.concat([scc.chair_table(scenes, t).assign(setting=name)
+                          for name, t in (("baseline", base_texts), ("x", other_texts))], ignore_index=True)  # fmt: skip
+    silent = scc.chair_table(scenes, ["Nothing."] * 6).assign(setting="silent")
+    captions = pd.concat([captions, silent], ignore_index=True)
+    d = vh._paired_deltas(captions, pd.DataFrame(), len(scenes), SMALL).set_index(["setting", "metric"])[
+        "delta"
+    ]
+    for metric in ("CHAIR_S", "CHAIR_I", "recall"):
+        want = {}
+        for name in ("baseline", "x"):
+            frame = captions[captions["setting"] == name].drop(columns="setting")
+            want[name] = scc.chair_summary(frame, n_boot=10).set_index("metric").loc[metric, "value"]
+        assert d[("x", metric)] == pytest.approx(want["x"] - want["baseline"])
+    assert np.isnan(d[("silent", "CHAIR_I")])  # no object named: CHAIR_I is undefined, not 0
