@@ -267,7 +267,7 @@ class TokenNorms(PatternReducer):
     def update(self, layer: int, rows: torch.Tensor, q_start: int) -> None:
         return None
 
-    def update_moments(self, layer: int, moments: Any) -> None:
+    def update_moments(self, layer: int | slice, moments: Any) -> None:
         return None
 
     def _finish(self, info: BatchInfo) -> torch.Tensor:

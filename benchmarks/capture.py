@@ -4,6 +4,8 @@ For one model and each sequence length T, every method runs in its own fresh pro
 is its own) on the same repeated-random-token input (a block of T/2 tokens twice), batch 1:
 
 * ``floor``        plain transformers forward with its SDPA kernel, no statistics (the floor)
+* ``floor_last``   the same forward asking only for the last position's logits (``logits_to_keep=1``,
+                   as the recompute capture does): the stricter floor, printed as a second ratio
 * ``bridge``       TransformerBridge forward, no hooks (eager attention, what the bridge costs anyway)
 * ``eager``        probe capture, eager mode: census reducers inside ``hook_pattern``
 * ``recompute``    probe capture, recompute mode: SDPA for the model, statistics from q/k
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("floor", "bridge", "eager", "recompute", "run_with_cache")
+METHODS = ("floor", "floor_last", "bridge", "eager", "recompute", "run_with_cache")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     stats: dict[str, list[float]] = {}
 
     plain = None
-    if args.method == "floor":
+    if args.method in ("floor", "floor_last"):
         from transformers import AutoModelForCausalLM
 
         plain = AutoModelForCausalLM.from_pretrained(
@@ -101,6 +103,9 @@ def worker(args: argparse.Namespace) -> None:
             if args.method == "floor":
                 assert plain is not None
                 plain(input_ids=ids, use_cache=False)
+            elif args.method == "floor_last":
+                assert plain is not None
+                plain(input_ids=ids, use_cache=False, logits_to_keep=1)
             elif args.method == "bridge":
                 model.bridge(ids)  # type: ignore[misc]
             elif args.method in ("eager", "recompute"):
@@ -209,17 +214,25 @@ def main() -> None:
             )
             print(f"  T={T:<6} {method:<15} {shown}", flush=True)
     print()
-    header = f"{'T':>6}  {'method':<15} {'time ms':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}  notes"
+    header = (
+        f"{'T':>6}  {'method':<15} {'time ms':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}"
+        f" {'x floor_last':>13} {'(memory)':>9}  notes"
+    )
     print(header)
     print("-" * len(header))
     for T, by_method in results.items():
         floor = by_method.get("floor", {})
+        last = by_method.get("floor_last", {})
         for method, res in by_method.items():
             if "error" in res:
-                print(f"{T:>6}  {method:<15} {'-':>9} {'-':>8} {'-':>9} {'-':>8}  {res['error']}")
+                print(
+                    f"{T:>6}  {method:<15} {'-':>9} {'-':>8} {'-':>9} {'-':>8} {'-':>13} {'-':>9}  {res['error']}"
+                )
                 continue
             tr = res["seconds"] / floor["seconds"] if "seconds" in floor else float("nan")
             mr = res["peak_bytes"] / floor["peak_bytes"] if "peak_bytes" in floor else float("nan")
+            tl = res["seconds"] / last["seconds"] if "seconds" in last else float("nan")
+            ml = res["peak_bytes"] / last["peak_bytes"] if "peak_bytes" in last else float("nan")
             note = ""
             if method == "eager" and "seconds" in by_method.get("bridge", {}):
                 note = f"{res['seconds'] / by_method['bridge']['seconds']:.2f}x bridge forward"
@@ -237,7 +250,8 @@ def main() -> None:
                 worst = max(diffs, key=lambda k: diffs[k])
                 note = f"max rel. diff vs eager {diffs[worst]:.1e} ({worst})"
             print(
-                f"{T:>6}  {method:<15} {res['seconds'] * 1e3:>9.1f} {tr:>8.2f} {res['peak_bytes'] / 2**30:>9.2f} {mr:>8.2f}  {note}"
+                f"{T:>6}  {method:<15} {res['seconds'] * 1e3:>9.1f} {tr:>8.2f} {res['peak_bytes'] / 2**30:>9.2f}"
+                f" {mr:>8.2f} {tl:>13.2f} {ml:>9.2f}  {note}"
             )
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))

@@ -43,7 +43,7 @@ from probe.hooks import HookSet, attn_hook
 from probe.kernels import attention_modules, native_attention, register_attention
 from probe.loading import Batch, LoadedModel
 from probe.memory import plan_batch_size
-from probe.moments import attention_moments, pattern_moments
+from probe.moments import MomentStack, attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -216,6 +216,9 @@ class _RecomputeState:
         self.use_moments = all(r.supports_moments for r in reducers)
         self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
+        self.stack: MomentStack | None = (
+            None  # every layer's moments, handed to the reducers after the forward
+        )
 
 
 def _rows_blocks(
@@ -275,12 +278,11 @@ def _recompute_attention(
         layer = state.layer_of[id(module)]
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         if state.use_moments:
-            moments = attention_moments(
+            assert state.stack is not None
+            attention_moments(
                 query, key, scale=scaling, pad_offsets=state.pad_offsets, sliding_window=window,
-                diag_offsets=state.diag_offsets, block=state.query_block,
+                diag_offsets=state.diag_offsets, block=state.query_block, out=(state.stack, layer),
             )  # fmt: skip
-            for r in state.reducers:
-                r.update_moments(layer, moments)
             state.seen[layer] += query.shape[2]
             return out, None
         for q0, rows in _rows_blocks(
@@ -323,8 +325,15 @@ def _run_recompute(
     query_block: int,
 ) -> None:
     with recompute_attention(model, reducers, seen, query_block) as native:
-        assert _RecomputeState.active is not None
-        _RecomputeState.active.pad_offsets = batch.pad_offsets.to(torch.int32)
+        state = _RecomputeState.active
+        assert state is not None
+        state.pad_offsets = batch.pad_offsets.to(torch.int32)
+        before = dict(seen)
+        if state.use_moments:
+            b, T = batch.input_ids.shape
+            state.stack = MomentStack(
+                model.n_layers, int(b), model.n_heads, int(T), state.diag_offsets, batch.input_ids.device
+            )
         native(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -332,3 +341,16 @@ def _run_recompute(
             use_cache=False,
             logits_to_keep=1,
         )
+        if state.stack is not None and all(seen[i] > before[i] for i in range(model.n_layers)):
+            # (a silent layer is reported by the caller, and its reducers are not fed half a batch)
+            _hand_over(state.stack, reducers, model.n_layers)
+
+
+def _hand_over(stack: MomentStack, reducers: Sequence[PatternReducer], n_layers: int) -> None:
+    """Give the reducers every layer's moments: at once to those that take a stack, else layer by layer."""
+    for r in reducers:
+        if r.stacked_moments:
+            r.update_moments(slice(None), stack.stacked())
+        else:
+            for layer in range(n_layers):
+                r.update_moments(layer, stack.layer(layer))

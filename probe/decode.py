@@ -7,12 +7,18 @@ argmax of every head's attention row *of the current query only*. The paper's co
 model with eager attention and ``output_attentions=True``, which keeps ``[heads, T]`` per layer per
 step but also materialises the full ``[T, T]`` prefill patterns unless the prefill is split off. Here:
 
-* the prefill (all prompt tokens but the last) runs the model's own fast kernel (SDPA), keeps only
-  the KV cache and computes no attention weights at all;
+* the prefill runs the model's own fast kernel (SDPA), keeps the KV cache and computes no attention
+  weights, except one row: the last prompt token's (step 0's query);
 * every decode step (the last prompt token, then each generated token) goes through a registered
   attention function that runs SDPA for the layer's output and, beside it, forms the one score row
   ``q · K^T`` per head (``[heads, T]``, O(T) memory per layer) to take its argmax. The argmax of the
   softmax is the argmax of the masked scores, so no softmax is needed.
+
+Step 0 is the last prompt token's query either way. Given the prompt's ids, one prefill runs over the
+whole prompt, as ``generate`` does, and step 0's rows are read from its last query row (so the tokens
+are ``generate``'s, and the prefill's length is the prompt's: attention kernels are markedly slower
+on some lengths, e.g. 16383 vs 16384 tokens). Given a reusable :class:`Prefill` (all tokens but the
+last; the masking experiment decodes one under several head sets), step 0 decodes the last token.
 
 Positions are absolute: with a sliding-window cache (Gemma 3's local layers keep only the last
 ``window`` keys) the key index is shifted by the tokens the cache dropped.
@@ -80,9 +86,11 @@ class _DecodeState:
         self.group = group
         self.uniform = uniform
         self.decoding = False  # True during decode steps (the prefill is never touched)
+        self.last_row = False  # True during a whole-prompt prefill: its last query row is step 0's
         self.record = True  # form the score rows (argmax) during decode steps
         self.position = 0  # absolute position of the current (single) query
-        self.argmax: dict[int, torch.Tensor] = {}
+        self.argmax: dict[int, torch.Tensor] = {}  # layer -> key index of the row's peak
+        self.first: dict[int, int] = {}  # layer -> absolute position of its key index 0
         self.max_weight: dict[int, torch.Tensor] = {}
 
 
@@ -112,13 +120,13 @@ def _decode_attention(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
     state = _DecodeState.active
-    if state is None or not state.decoding or id(module) not in state.layer_of:
+    if state is None or not (state.decoding or state.last_row) or id(module) not in state.layer_of:
         return out, None
     layer = state.layer_of[id(module)]
     heads = state.uniform.get(layer)
     if not state.record and not heads:
         return out, None
-    if query.shape[2] != 1:
+    if state.decoding and query.shape[2] != 1:
         raise CaptureError(f"decode scoring expects one query per step, got {query.shape[2]}")
     n_keys = key.shape[2]
     visible = _visible(attention_mask, n_keys, query.device)
@@ -126,13 +134,16 @@ def _decode_attention(
         b, h, _, d = query.shape
         kvh = key.shape[1]
         scale = scaling if scaling is not None else d**-0.5
-        # [b, kvh, group, d] @ [b, kvh, d, Tk] -> [b, h, Tk]: O(h × T), no repeat_kv copy
-        q = query[:, :, 0].float().reshape(b, kvh, h // kvh, d)
-        scores = torch.matmul(q, key.float().transpose(-1, -2)).reshape(b, h, n_keys) * scale
+        # scale · [b·kvh, group, d] @ [b·kvh, d, Tk] -> [b, h, Tk] in one kernel: O(h × T), no
+        # repeat_kv copy (few launches per layer: a decode step of a small model is launch-bound)
+        q = query[:, :, -1].float().reshape(b * kvh, h // kvh, d)
+        k = key.float().reshape(b * kvh, n_keys, d).transpose(1, 2)
+        scores = torch.baddbmm(q.new_empty(()), q, k, beta=0.0, alpha=scale).reshape(b, h, n_keys)
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        first = state.position + 1 - n_keys  # the cache may hold only the last n_keys positions
-        state.argmax[layer] = scores.argmax(dim=-1) + first  # [b, h]
+        # the cache may hold only the last n_keys positions: key index i is position first + i
+        state.first[layer] = state.position + 1 - n_keys
+        state.argmax[layer] = scores.argmax(dim=-1)  # [b, h]
         state.max_weight[layer] = torch.softmax(scores, dim=-1).amax(dim=-1)
     if heads:
         idx = torch.tensor(heads, device=value.device)
@@ -143,7 +154,7 @@ def _decode_attention(
             w = visible[:, None, :, None].to(v.dtype)
             mean = (v * w).sum(dim=2) / w.sum(dim=2).clamp_min(1.0)
         out = out.clone()
-        out[:, 0, idx] = mean.to(out.dtype)  # out is [b, q, h, d]
+        out[:, -1, idx] = mean.to(out.dtype)  # out is [b, q, h, d]; the step's query is the last
     return out, None
 
 
@@ -247,19 +258,29 @@ def greedy_decode(
     """Greedy-decode up to ``max_new_tokens`` after a prompt (token ids with BOS if any, or a
     :class:`Prefill` of one; with ``keep=True`` the prefill's cache is copied and stays reusable).
 
-    The prefill uses the fast kernel and records nothing; each decode step records every head's
-    argmax key position (when ``record``) and applies ``uniform_heads``.
+    The prefill uses the fast kernel and records nothing but step 0's query row (given ids, the whole
+    prompt is prefilled and its last row is step 0; given a :class:`Prefill`, step 0 decodes the last
+    prompt token); each step records every head's argmax key position (when ``record``) and applies
+    ``uniform_heads``.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; give at least 1")
-    pre = prompt_ids if isinstance(prompt_ids, Prefill) else prefill(model, prompt_ids, max_new_tokens)
-    ids = pre.prompt_ids
+    whole = not isinstance(prompt_ids, Prefill)
+    if isinstance(prompt_ids, Prefill):
+        ids = prompt_ids.prompt_ids
+        cache: Any = prompt_ids.copy() if keep else prompt_ids.cache
+        prefill_seconds = prompt_ids.seconds
+    else:
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ConfigError("the prompt is empty; give at least one token")
+        cache, prefill_seconds = None, 0.0
     model.check_context(len(ids) + max_new_tokens)
-    cache = pre.copy() if keep else pre.cache
     stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
     device = model.device
     tokens: list[int] = []
     step_argmax: list[torch.Tensor] = []  # [n_layers, n_heads] per step, kept on the device
+    step_first: list[list[int]] = []  # per step and layer: the position of key index 0
     step_weight: list[torch.Tensor] = []
     stopped = "max_new_tokens"
     step_logits: list[np.ndarray] = []
@@ -267,20 +288,9 @@ def greedy_decode(
         native = state.native
         cache_arg = _cache_arg(native)
         state.record = record
-        state.decoding = True
-        t1 = time.perf_counter()
-        current = ids[-1]
-        for step in range(max_new_tokens):
-            state.position = len(ids) - 1 + step
-            state.argmax.clear()
-            state.max_weight.clear()
-            out = native(
-                input_ids=torch.tensor([[current]], device=device),
-                use_cache=True,
-                position_ids=torch.tensor([[state.position]], device=device),
-                **{cache_arg: cache},
-            )
-            cache = _cache_of(out)
+
+        def take(step: int, out: Any) -> bool:
+            """Keep step ``step``'s token and rows; True when it is a stop token."""
             nxt = int(out.logits[0, -1].argmax())
             if keep_logits:
                 step_logits.append(out.logits[0, -1].float().cpu().numpy())
@@ -293,23 +303,53 @@ def greedy_decode(
                         "probe.load_model so that its attention modules are recognised"
                     )
                 step_argmax.append(torch.stack([state.argmax[i][0] for i in range(model.n_layers)]))
+                step_first.append([state.first[i] for i in range(model.n_layers)])
                 step_weight.append(torch.stack([state.max_weight[i][0] for i in range(model.n_layers)]))
             tokens.append(nxt)
-            if nxt in stops:
+            return nxt in stops
+
+        first_step = 0
+        if whole:  # one prefill of the whole prompt, as generate does; its last query row is step 0
+            state.last_row = True
+            state.position = len(ids) - 1
+            t0 = time.perf_counter()
+            out = native(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+            state.last_row = False
+            cache = _cache_of(out)
+            first_step = 1
+            if take(0, out):
+                stopped = "eos"
+            _sync(device)
+            prefill_seconds = time.perf_counter() - t0
+        state.decoding = True
+        t1 = time.perf_counter()
+        for step in range(first_step, max_new_tokens if stopped != "eos" else 0):
+            state.position = len(ids) - 1 + step
+            state.argmax.clear()
+            state.max_weight.clear()
+            current = tokens[-1] if step > 0 else ids[-1]
+            out = native(
+                input_ids=torch.tensor([[current]], device=device),
+                use_cache=True,
+                position_ids=torch.tensor([[state.position]], device=device),
+                **{cache_arg: cache},
+            )
+            cache = _cache_of(out)
+            if take(step, out):
                 stopped = "eos"
                 break
-            current = nxt
         _sync(device)
         t2 = time.perf_counter()
     n = len(tokens)
     shape = (n, model.n_layers, model.n_heads)
     if record:
         argmax = torch.stack(step_argmax).cpu().numpy().astype(np.int64)
+        argmax += np.asarray(step_first, dtype=np.int64)[:, :, None]
         max_weight = torch.stack(step_weight).float().cpu().numpy()
     else:
         argmax, max_weight = np.full(shape, -1, dtype=np.int64), np.zeros(shape, dtype=np.float32)
     logits = np.stack(step_logits) if keep_logits else None
-    return DecodeResult(ids, tokens, argmax, max_weight, pre.seconds, t2 - t1, stopped, logits)
+    return DecodeResult(ids, tokens, argmax, max_weight, prefill_seconds, t2 - t1, stopped, logits)
 
 
 def _sync(device: torch.device) -> None:

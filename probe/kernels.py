@@ -12,6 +12,7 @@ selects its attention implementation by name ("sdpa" by default, or one register
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,8 +29,24 @@ def _native(model: LoadedModel) -> torch.nn.Module:
     return model.native_model
 
 
+_ATTENTION_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
-    """The native model's attention modules, one per layer, in layer order."""
+    """The native model's attention modules, one per layer, in layer order (found once per model:
+    walking the module tree costs milliseconds, and every capture and decode asks)."""
+    native = _native(model)
+    cached = _ATTENTION_MODULES.get(native)
+    if cached is not None and len(cached) == model.n_layers:
+        return list(cached)
+    found = _find_attention_modules(model)
+    _ATTENTION_MODULES[native] = found
+    return list(found)
+
+
+def _find_attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
     found = [
         m
         for m in _native(model).modules()

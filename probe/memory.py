@@ -71,6 +71,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,8 +265,28 @@ class MemoryEstimate:
         )
 
 
+_WEIGHT_BYTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[Any, ...], int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def weights_bytes(model: LoadedModel) -> int:
-    """Bytes of every parameter and buffer of the transformers model (shared storage counted once)."""
+    """Bytes of every parameter and buffer of the transformers model (shared storage counted once).
+
+    Counted once per model (walking every module takes milliseconds, and a capture plans its memory
+    on every call); counted again if the first parameter's storage, dtype or device changed.
+    """
+    first = next(model.hf_model.parameters(), None)
+    stamp = () if first is None else (first.dtype, first.device, first.untyped_storage().data_ptr())
+    cached = _WEIGHT_BYTES.get(model.hf_model)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    total = _count_weight_bytes(model)
+    _WEIGHT_BYTES[model.hf_model] = (stamp, total)
+    return total
+
+
+def _count_weight_bytes(model: LoadedModel) -> int:
     seen: set[tuple[str, int]] = set()
     total = 0
     for module in model.hf_model.modules():
@@ -397,6 +418,12 @@ def estimate_capture(
     logits = (b * T if mode == "eager" else b) * vocab * 4
     peak = heap + max(mapped, logits)
     state = sum(r.state_bytes(b, T, L, H) for r in reducers)
+    if mode == "recompute" and reducers and all(getattr(r, "supports_moments", False) for r in reducers):
+        from probe.moments import MomentStack
+
+        # every layer's moments are kept until the forward ends, then handed to the reducers
+        offsets = {o for r in reducers for o in r.diag_offsets}
+        state += MomentStack.bytes_needed(L, b, H, T, len(offsets))
     if on_cpu and n_sequences is not None:
         state += sum(_result_bytes(r, n_sequences, T, L, H) for r in reducers)
     return MemoryEstimate(

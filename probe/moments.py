@@ -63,6 +63,37 @@ class AttentionMoments:
         return self.diagonals[offset]
 
 
+class MomentStack:
+    """The moments of every layer of one batch, written in place layer by layer.
+
+    ``entropy``, ``mean_key`` and ``colsum`` are ``[L, b, H, T]``; ``diag`` is ``[L, n_diag, b, H, T]``
+    in the order of ``offsets``. A capture hands :meth:`stacked` to its reducers once the forward is
+    done, so the per-layer work during the forward is the kernels alone.
+    """
+
+    def __init__(
+        self, n_layers: int, b: int, H: int, T: int, offsets: tuple[int, ...], device: torch.device
+    ) -> None:
+        self.offsets = tuple(sorted(set(offsets)))
+        shape = (n_layers, b, H, T)
+        self.entropy = torch.zeros(shape, device=device)
+        self.mean_key = torch.zeros(shape, device=device)
+        self.colsum = torch.zeros(shape, device=device)
+        self.diag = torch.zeros((n_layers, max(1, len(self.offsets)), b, H, T), device=device)
+
+    @staticmethod
+    def bytes_needed(n_layers: int, b: int, H: int, T: int, n_offsets: int) -> int:
+        return 4 * n_layers * b * H * T * (3 + max(1, n_offsets))
+
+    def layer(self, i: int) -> AttentionMoments:
+        diagonals = {o: self.diag[i, j] for j, o in enumerate(self.offsets)}
+        return AttentionMoments(self.entropy[i], self.mean_key[i], self.colsum[i], diagonals)
+
+    def stacked(self) -> AttentionMoments:
+        diagonals = {o: self.diag[:, j] for j, o in enumerate(self.offsets)}
+        return AttentionMoments(self.entropy, self.mean_key, self.colsum, diagonals)
+
+
 def _pads(pad_offsets: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
     if pad_offsets is None:
         return torch.zeros(b, dtype=torch.int32, device=device)
@@ -79,8 +110,13 @@ def attention_moments(
     diag_offsets: tuple[int, ...] = (),
     block: int = 256,
     use_triton: bool | None = None,
+    out: tuple[MomentStack, int] | None = None,
 ) -> AttentionMoments:
-    """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks."""
+    """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks.
+
+    With ``out=(stack, layer)`` they are written into that layer of a :class:`MomentStack` (whose
+    offsets must hold ``diag_offsets``) and its views are returned.
+    """
     b, H, _T, d = query.shape
     if H % key.shape[1]:
         raise ValueError(f"{H} query heads cannot share {key.shape[1]} KV heads")
@@ -89,9 +125,26 @@ def attention_moments(
     offsets = tuple(sorted(set(diag_offsets)))
     if use_triton is None:
         use_triton = triton_available(query)
+    target = None
+    if out is not None:
+        stack, layer = out
+        missing = set(offsets) - set(stack.offsets)
+        if missing:
+            raise ValueError(f"the moment stack holds no diagonals {sorted(missing)}")
+        target = stack.layer(layer)
     if use_triton:
-        return _moments_triton(query, key, scale, pads, sliding_window, offsets)
-    return _moments_torch(query, key, scale, pads, sliding_window, offsets, block)
+        block_ok = out is not None and out[0].offsets[: len(offsets[:4])] == offsets[:4]
+        diag_block = out[0].diag[out[1]] if out is not None and block_ok else None
+        return _moments_triton(query, key, scale, pads, sliding_window, offsets, target, diag_block)
+    moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block)
+    if target is None:
+        return moments
+    target.entropy.copy_(moments.entropy)
+    target.mean_key.copy_(moments.mean_key)
+    target.colsum.copy_(moments.colsum)
+    for o in offsets:
+        target.diagonals[o].copy_(moments.diagonals[o])
+    return target
 
 
 def pattern_moments(
@@ -214,6 +267,39 @@ if HAVE_TRITON:
         for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
     ]
 
+    @triton.jit
+    def _row_block(  # type: ignore[no-untyped-def]
+        q, k_base, start_n, offs_m, offs_d, skt, skd, T, pad, WINDOW, scale2, m_i, l_i, s_i, k_i,
+        HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # one key block of the online softmax; MASKED=False for blocks every row sees whole
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = k_base + offs_n[None, :] * skt + offs_d[:, None] * skd
+        if MASKED:  # noqa: SIM108 (a constexpr branch: one load is compiled)
+            k = tl.load(ptrs, mask=offs_n[None, :] < T, other=0.0)
+        else:
+            k = tl.load(ptrs)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        if MASKED:
+            valid = (
+                (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad)
+                & (offs_m[:, None] >= pad) & (offs_m[:, None] < T)
+            )  # fmt: skip
+            if HAS_WINDOW:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            s_i = s_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+        else:
+            s_i = s_i * alpha + tl.sum(p * s, 1)
+        k_i = k_i * alpha + tl.sum(p * offs_n[None, :].to(tl.float32), 1)
+        return m_new, l_i, s_i, k_i
+
     @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
     def _row_moments_kernel(  # type: ignore[no-untyped-def]
@@ -230,7 +316,8 @@ if HAVE_TRITON:
         h = bh % H
         kvh = h // GROUP
         pad = tl.load(PADS + b)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_lo = pid_m * BLOCK_M
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(
             Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
@@ -241,31 +328,33 @@ if HAVE_TRITON:
         s_i = tl.zeros([BLOCK_M], tl.float32)
         k_i = tl.zeros([BLOCK_M], tl.float32)
         lo = (pad // BLOCK_N) * BLOCK_N
+        # interior key blocks need no mask: all keys real, at or before every row, inside every window
+        int_lo = ((pad + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
         if HAS_WINDOW:
-            lo = tl.maximum(lo, ((pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N) * BLOCK_N)
+            lo = tl.maximum(lo, ((m_lo - WINDOW + 1) // BLOCK_N) * BLOCK_N)
             lo = tl.maximum(lo, 0)
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-        row_real = (offs_m >= pad) & (offs_m < T)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(
-                K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd,
-                mask=offs_n[None, :] < T, other=0.0,
+            int_lo = tl.maximum(int_lo, ((m_lo + BLOCK_M - WINDOW + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(m_lo + BLOCK_M, T)
+        int_lo = tl.minimum(tl.maximum(int_lo, lo), hi)
+        int_hi = tl.maximum(((m_lo + 1) // BLOCK_N) * BLOCK_N, int_lo)
+        k_base = K + b * skb + kvh * skh
+        for start_n in range(lo, int_lo, BLOCK_N):
+            m_i, l_i, s_i, k_i = _row_block(
+                q, k_base, start_n, offs_m, offs_d, skt, skd, T, pad, WINDOW, scale2, m_i, l_i, s_i, k_i,
+                HAS_WINDOW, PRECISION, True, BLOCK_N,
             )  # fmt: skip
-            s = tl.dot(q, k, input_precision=PRECISION) * scale2
-            valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & row_real[:, None]
-            if HAS_WINDOW:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            s_i = s_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
-            k_i = k_i * alpha + tl.sum(p * offs_n[None, :].to(tl.float32), 1)
-            m_i = m_new
-        has = l_i > 0
+        for start_n in range(int_lo, int_hi, BLOCK_N):
+            m_i, l_i, s_i, k_i = _row_block(
+                q, k_base, start_n, offs_m, offs_d, skt, skd, T, pad, WINDOW, scale2, m_i, l_i, s_i, k_i,
+                HAS_WINDOW, PRECISION, False, BLOCK_N,
+            )  # fmt: skip
+        for start_n in range(int_hi, hi, BLOCK_N):
+            m_i, l_i, s_i, k_i = _row_block(
+                q, k_base, start_n, offs_m, offs_d, skt, skd, T, pad, WINDOW, scale2, m_i, l_i, s_i, k_i,
+                HAS_WINDOW, PRECISION, True, BLOCK_N,
+            )  # fmt: skip
+        row_real = (offs_m >= pad) & (offs_m < T)
+        has = (l_i > 0) & row_real
         l_safe = tl.where(has, l_i, 1.0)
         lse2 = m_i + tl.log2(l_safe)
         out = bh * T + offs_m
@@ -284,7 +373,7 @@ if HAVE_TRITON:
             else:
                 o = D3
             kpos = offs_m - o
-            ok = row_real & has & (kpos >= pad) & (kpos >= 0)
+            ok = has & (kpos >= pad) & (kpos >= 0)
             if HAS_WINDOW:
                 ok = ok & (o < WINDOW)
             kd = tl.load(
@@ -294,6 +383,33 @@ if HAVE_TRITON:
             ).to(tl.float32)
             sd = tl.sum(qf * kd, 1) * scale2
             tl.store(DIAG + j * NBHT + out, tl.where(ok, tl.exp2(sd - lse2), 0.0), mask=offs_m < T)
+
+    @triton.jit
+    def _column_block(  # type: ignore[no-untyped-def]
+        k, q_base, LSE_base, start_m, offs_n, offs_d, sqt, sqd, T, pad, WINDOW, scale2, acc,
+        HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        # one query block's contribution to the column sums; MASKED=False when it sees the keys whole
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        ptrs = q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+        if MASKED:
+            q = tl.load(ptrs, mask=offs_m[:, None] < T, other=0.0)
+            lse2 = tl.load(LSE_base + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+        else:
+            q = tl.load(ptrs)
+            lse2 = tl.load(LSE_base + offs_m) * 1.4426950408889634
+        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        if MASKED:
+            valid = (
+                (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] >= pad) & (offs_m[:, None] < T)
+                & (offs_n[None, :] >= pad) & (offs_n[None, :] < T)
+            )  # fmt: skip
+            if HAS_WINDOW:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+            p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], 0.0)), 0.0)
+        else:
+            p = tl.exp2(s - lse2[:, None])
+        return acc + tl.sum(p, 0)
 
     @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
     @triton.jit
@@ -311,34 +427,44 @@ if HAVE_TRITON:
         h = bh % H
         kvh = h // GROUP
         pad = tl.load(PADS + b)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(
             K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd,
             mask=offs_n[None, :] < T, other=0.0,
         )  # fmt: skip
         acc = tl.zeros([BLOCK_N], tl.float32)
-        lo = tl.maximum((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, (pad // BLOCK_M) * BLOCK_M)
+        lo = tl.maximum((n0 // BLOCK_M) * BLOCK_M, (pad // BLOCK_M) * BLOCK_M)
         hi = T
+        # interior query blocks need no mask: every query real, at or after every key, keys in window
+        int_lo = ((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        int_lo = tl.maximum(int_lo, ((pad + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        int_hi = (T // BLOCK_M) * BLOCK_M
         if HAS_WINDOW:
-            hi = tl.minimum(T, (pid_n + 1) * BLOCK_N + WINDOW)
-        key_real = (offs_n >= pad) & (offs_n < T)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=offs_m[:, None] < T, other=0.0,
+            hi = tl.minimum(T, n0 + BLOCK_N + WINDOW)
+            int_hi = tl.minimum(int_hi, ((n0 + WINDOW) // BLOCK_M) * BLOCK_M)
+        if n0 < pad:  # the block holds padding keys: mask every query block
+            int_hi = lo
+        int_lo = tl.minimum(tl.maximum(int_lo, lo), hi)
+        int_hi = tl.maximum(tl.minimum(int_hi, hi), int_lo)
+        q_base = Q + b * sqb + h * sqh
+        lse_base = LSE + bh * T
+        for start_m in range(lo, int_lo, BLOCK_M):
+            acc = _column_block(
+                k, q_base, lse_base, start_m, offs_n, offs_d, sqt, sqd, T, pad, WINDOW, scale2, acc,
+                HAS_WINDOW, PRECISION, True, BLOCK_M,
             )  # fmt: skip
-            lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
-            s = tl.dot(q, k, input_precision=PRECISION) * scale2
-            valid = (
-                (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] >= pad) & (offs_m[:, None] < T)
-                & key_real[None, :]
+        for start_m in range(int_lo, int_hi, BLOCK_M):
+            acc = _column_block(
+                k, q_base, lse_base, start_m, offs_n, offs_d, sqt, sqd, T, pad, WINDOW, scale2, acc,
+                HAS_WINDOW, PRECISION, False, BLOCK_M,
             )  # fmt: skip
-            if HAS_WINDOW:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], 0.0)), 0.0)
-            acc += tl.sum(p, 0)
+        for start_m in range(int_hi, hi, BLOCK_M):
+            acc = _column_block(
+                k, q_base, lse_base, start_m, offs_n, offs_d, sqt, sqd, T, pad, WINDOW, scale2, acc,
+                HAS_WINDOW, PRECISION, True, BLOCK_M,
+            )  # fmt: skip
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
     @triton.autotune(configs=_CONFIGS, key=["T"], reset_to_zero=["COL"])
@@ -382,13 +508,18 @@ if HAVE_TRITON:
         pads: torch.Tensor,
         window: int | None,
         offsets: tuple[int, ...],
+        target: AttentionMoments | None = None,
+        diag_block: torch.Tensor | None = None,
     ) -> AttentionMoments:
         b, H, T, d = query.shape
         group = H // key.shape[1]
         if key.dtype != query.dtype:
             key = key.to(query.dtype)
         lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32)
-        ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+        if target is None:
+            ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+        else:
+            ent, mk, col = target.entropy, target.mean_key, target.colsum
         has_window = window is not None and window < T
         common = (*query.stride(), *key.stride(), T, H, group, int(window or 0), float(scale) * _LOG2E)
         # float32 models get exact float32 products (no TF32); half-precision ones use tensor cores
@@ -405,7 +536,10 @@ if HAVE_TRITON:
             return (triton.cdiv(T, cfg["BLOCK_N"]), b * H)
 
         in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
-        diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
+        if diag_block is not None and diag_block.shape[0] >= len(in_kernel):
+            diag = diag_block  # the stack's [n_diag, b, H, T] block of this layer, written in place
+        else:
+            diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
         diag_args = [*in_kernel, 0, 0, 0, 0][:4]
         _row_moments_kernel[grid](
             query,
@@ -425,7 +559,12 @@ if HAVE_TRITON:
         diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
         for o in offsets[4:]:
             diagonals[o] = _diag_from_scores(query, key, scale, lse, pads, o, window)
-        return AttentionMoments(ent, mk, col, diagonals)
+        if target is None:
+            return AttentionMoments(ent, mk, col, diagonals)
+        for o, values in diagonals.items():
+            if values.data_ptr() != target.diagonals[o].data_ptr():
+                target.diagonals[o].copy_(values)
+        return target
 
     def _pattern_triton(
         pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]
@@ -456,6 +595,8 @@ else:  # pragma: no cover
         pads: torch.Tensor,
         window: int | None,
         offsets: tuple[int, ...],
+        target: AttentionMoments | None = None,
+        diag_block: torch.Tensor | None = None,
     ) -> AttentionMoments:
         raise RuntimeError("Triton is not available in this torch build")
 

@@ -74,6 +74,17 @@ class BatchInfo:
         return k[None, :] - self.pad_offsets[:, None]
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Copy a result to the CPU; from a GPU through pinned memory (a pageable copy of a [b, L, H, T]
+    result is several times slower)."""
+    if not t.is_cuda or t.numel() < 1 << 18:  # small results: a plain copy (pinning costs more)
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
+
+
 class PatternReducer:
     """Base class. Subclasses implement :meth:`_start`, :meth:`update`, :meth:`_finish`.
 
@@ -94,7 +105,7 @@ class PatternReducer:
 
     def end_batch(self) -> None:
         assert self.info is not None
-        self._results.append(self._finish(self.info).float().cpu())
+        self._results.append(_to_host(self._finish(self.info).float()))
         self.info = None
 
     def result(self) -> torch.Tensor:
@@ -112,9 +123,12 @@ class PatternReducer:
         return 4 * batch * n_layers * n_heads * 2
 
     supports_moments = False  # True where update_moments is implemented
+    # True where update_moments also takes ``layer=slice(None)`` with every layer's moments stacked
+    # ([L, b, H, T]): a recompute capture then calls it once per batch instead of once per layer
+    stacked_moments = False
     diag_offsets: tuple[int, ...] = ()  # diagonals p[t, t - o] that update_moments reads
 
-    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+    def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
         """Update from a layer's attention moments (all queries at once) instead of its rows."""
         raise NotImplementedError(f"{self.name} needs the attention rows themselves")
 
@@ -146,8 +160,10 @@ class _SumCount(PatternReducer):
         self.sums = torch.zeros(info.n_layers, info.batch_size, info.n_heads, device=dev)
         self.counts = torch.zeros(info.n_layers, info.batch_size, 1, device=dev)
 
-    def _add(self, layer: int, per_query: torch.Tensor, mask: torch.Tensor) -> None:
-        """per_query: [b, h, q] values; mask: [b, q] which queries count."""
+    stacked_moments = True
+
+    def _add(self, layer: int | slice, per_query: torch.Tensor, mask: torch.Tensor) -> None:
+        """per_query: [b, h, q] values (or [L, b, h, q] for ``layer=slice(None)``); mask: [b, q]."""
         self.sums[layer] += torch.matmul(per_query, mask[:, :, None])[..., 0]
         self.counts[layer] += mask.sum(-1, keepdim=True)
 
@@ -173,7 +189,7 @@ class RowEntropy(_SumCount):
 
     supports_moments = True
 
-    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+    def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
         assert self.info is not None
         self._add(layer, moments.entropy, self._query_mask(self.info, 0, self.info.T, min_pos=1))
 
@@ -196,7 +212,7 @@ class MeanDistance(_SumCount):
 
     supports_moments = True
 
-    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+    def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
         assert self.info is not None
         t = torch.arange(self.info.T, device=moments.mean_key.device, dtype=torch.float32)
         self._add(layer, t - moments.mean_key, self._query_mask(self.info, 0, self.info.T, min_pos=1))
@@ -247,7 +263,7 @@ class DiagonalScore(_SumCount):
 
     supports_moments = True
 
-    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+    def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
         assert self.info is not None
         self._add(layer, moments.diag(self.offset), self._mask(0, self.info.T))
 
@@ -274,8 +290,9 @@ class ColumnImportance(PatternReducer):
         self.colsum[layer] += torch.einsum("bhqk,bq->bhk", rows, mask.to(rows.dtype)).float()
 
     supports_moments = True
+    stacked_moments = True
 
-    def update_moments(self, layer: int, moments: AttentionMoments) -> None:
+    def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
         self.colsum[layer] += moments.colsum  # pad queries are already left out
 
     def _finish(self, info: BatchInfo) -> torch.Tensor:

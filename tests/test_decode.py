@@ -94,9 +94,29 @@ def test_stops_on_eos(tiny_llama: LoadedModel) -> None:
     assert out.tokens == [first] and out.stopped_on == "eos" and out.argmax.shape[0] == 1
 
 
+def test_whole_prompt_prefill_equals_decoding_the_last_prompt_token(tiny_llama: LoadedModel) -> None:
+    """Given ids, step 0 is read from the whole-prompt prefill's last row; given a Prefill, step 0
+    decodes the last prompt token. Both are the same computation: same tokens, rows and logits, with
+    and without masked heads."""
+    ids = _prompt(tiny_llama, 21, seed=11)
+    for heads in ([], [(0, 1), (1, 2)]):
+        whole = greedy_decode(tiny_llama, ids, 5, uniform_heads=heads, stop_ids=(), keep_logits=True)
+        split = greedy_decode(
+            tiny_llama, prefill(tiny_llama, ids, 5), 5, uniform_heads=heads, stop_ids=(), keep_logits=True
+        )
+        assert whole.tokens == split.tokens
+        np.testing.assert_array_equal(whole.argmax, split.argmax)
+        np.testing.assert_allclose(whole.max_weight, split.max_weight, rtol=1e-5, atol=1e-6)
+        assert whole.logits is not None and split.logits is not None
+        np.testing.assert_allclose(whole.logits, split.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input(tiny_llama: LoadedModel) -> None:
     with pytest.raises(ConfigError, match="at least two tokens"):
-        greedy_decode(tiny_llama, [5], 3)
+        prefill(tiny_llama, [5], 3)
+    with pytest.raises(ConfigError, match="empty"):
+        greedy_decode(tiny_llama, [], 3)
+    assert len(greedy_decode(tiny_llama, [5], 3, stop_ids=()).tokens) == 3  # one token is a prompt
     with pytest.raises(ConfigError, match="max_new_tokens"):
         greedy_decode(tiny_llama, [5, 6, 7], 0)
     with pytest.raises(ConfigError, match="does not exist"):
