@@ -17,6 +17,9 @@ Printed: median wall time over ``--repeats`` timed runs after one warm-up, and p
 weights and libraries included), both as ratios to the floor. The eager and recompute statistics
 are also compared with each other (max abs difference) so a fast wrong answer cannot pass.
 
+``--interleaved`` times only ``floor_last`` against ``recompute``, alternated in one process (a
+shared machine's slow phases then hit both alike; memory comes from the per-process rows).
+
 Usage::
 
     python benchmarks/capture.py --model smollm2-135m --device cpu --lengths 512,2048
@@ -155,6 +158,56 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"seconds": statistics.median(times), "peak_bytes": peak, "stats": stats}))
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Time the recompute capture against the floor (last-position logits) in one process, the two
+    alternated: each pair runs back to back, so slow phases of a shared machine affect both."""
+    import torch
+
+    import probe
+    from probe.capture import capture
+    from probe.kernels import native_attention
+
+    model = probe.load_model(args.model, device=args.device, dtype=args.dtype)
+    cuda = model.device.type == "cuda"
+    print(f"model {args.model} on {args.device} ({args.dtype}), batch 1, {args.repeats} alternated pairs")
+    print(
+        f"{'T':>6}  {'floor_last ms':>13} {'recompute ms':>13} {'ratio of medians':>17} {'median ratio':>13}"
+    )
+    for T in [int(x) for x in args.lengths.split(",")]:
+        bos = int(model.bos.prepend)
+        gen = torch.Generator().manual_seed(0)
+        block = torch.randint(
+            1000, min(len(model.tokenizer), 30000), ((T - bos) // 2,), generator=gen
+        ).tolist()
+        row = block + block
+        ids = model.batch_from_ids([row]).input_ids
+
+        def timed(fn: Any) -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        def floor(ids: torch.Tensor = ids) -> None:
+            with native_attention(model, "sdpa") as native, torch.no_grad():
+                native(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+        def recompute(row: list[int] = row, T: int = T, bos: int = bos) -> None:
+            capture(model, [row], _reducers(T, bos), mode="recompute", batch_size=1, progress=False)
+
+        for _ in range(2):  # warm-up: kernels compiled and tuned, allocator primed
+            floor()
+            recompute()
+        pairs = [(timed(floor), timed(recompute)) for _ in range(args.repeats)]
+        f = statistics.median(p[0] for p in pairs)
+        r = statistics.median(p[1] for p in pairs)
+        ratio = statistics.median(p[1] / p[0] for p in pairs)
+        print(f"{T:>6}  {f * 1e3:>13.1f} {r * 1e3:>13.1f} {r / f:>17.2f} {ratio:>13.2f}", flush=True)
+
+
 def run_one(args: argparse.Namespace, method: str, T: int) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker", "--method", method, "--T", str(T), "--model", args.model,
@@ -185,12 +238,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--query-block", type=int, default=512)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="time only: floor_last and recompute alternated in one process, --repeats pairs per length "
+        "(drift of a shared machine hits both alike)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.interleaved:
+        interleaved(args)
         return
 
     import probe
