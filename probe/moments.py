@@ -13,9 +13,13 @@ Every row statistic the census needs is a moment of the softmax row ``p_t = soft
 and the column statistic ``colsum_k = sum_t p_tk`` (the numerator of ``alpha_k``) is one more pass
 over the same scores once ``lse`` is known. On a CUDA device two Triton kernels compute them with
 flash-attention-style tiling (scores live only in registers: memory O(T) per head, the matrix
-products on tensor cores in the model's dtype with float32 accumulation). Elsewhere a PyTorch
+products on tensor cores in the model's dtype with float32 accumulation; only the blocks that cross
+the diagonal, the padding or a window's edge pay for masks). Elsewhere a PyTorch
 implementation computes the same numbers over blocks of query rows; it is also the reference the
-kernels are checked against (``benchmarks/capture.py`` prints the agreement on the GPU).
+kernels are checked against (``benchmarks/moments_check.py`` prints the agreement on a GPU).
+
+A capture writes every layer's moments into one :class:`MomentStack` and hands it to its reducers
+once the forward is done, so the work per layer during the forward is the two kernel launches.
 
 When the pattern already exists (eager mode, where interventions may have edited it),
 :func:`pattern_moments` computes the same moments by reading each pattern once (one more Triton

@@ -10,7 +10,7 @@ from probe import capture as capture_module
 from probe.capture import capture
 from probe.errors import CaptureError, ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
-from probe.moments import AttentionMoments, attention_moments, pattern_moments
+from probe.moments import AttentionMoments, MomentStack, attention_moments, pattern_moments
 from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, PatternReducer, RowEntropy
 
 
@@ -154,3 +154,41 @@ def test_moments_equal_the_statistics_of_explicit_rows(window: int | None) -> No
                     [p[i, :, tt, tt - o] if tt - o >= int(pads[i]) else torch.zeros(H) for tt in range(T)], -1
                 )
                 assert torch.allclose(m.diag(o)[i], diag, atol=1e-6)
+
+
+def test_moments_written_into_a_stack_equal_the_plain_ones() -> None:
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16)
+    pads = torch.tensor([0, 3])
+    plain = attention_moments(q, k, pad_offsets=pads, diag_offsets=(1, 4), use_triton=False)
+    stack = MomentStack(3, 2, 4, 11, (1, 4, 6), q.device)
+    got = attention_moments(q, k, pad_offsets=pads, diag_offsets=(1, 4), use_triton=False, out=(stack, 2))
+    for name in ("entropy", "mean_key", "colsum"):
+        assert torch.equal(getattr(got, name), getattr(plain, name))
+        assert torch.equal(getattr(stack, name)[2], getattr(plain, name))
+        assert not getattr(stack, name)[:2].any()  # other layers untouched
+    assert torch.equal(stack.stacked().diag(4)[2], plain.diag(4))
+    with pytest.raises(ValueError, match="no diagonals"):
+        attention_moments(q, k, diag_offsets=(2,), use_triton=False, out=(stack, 0))
+
+
+def test_reducers_fed_every_layer_at_once_equal_those_fed_layer_by_layer(tiny_llama: LoadedModel) -> None:
+    """A recompute capture hands stacked moments to reducers that take them and per-layer views to
+    the others: both give the same numbers."""
+
+    class LayerByLayer(RowEntropy):
+        stacked_moments = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers: list[int | slice] = []
+
+        def update_moments(self, layer: int | slice, moments: AttentionMoments) -> None:
+            self.layers.append(layer)
+            super().update_moments(layer, moments)
+
+    rows = random_rows(3, [17, 30, 9])
+    stacked, per_layer = RowEntropy(), LayerByLayer()
+    capture(tiny_llama, rows, [stacked, per_layer], mode="recompute", batch_size=3, progress=False)
+    assert per_layer.layers == list(range(tiny_llama.n_layers))
+    assert torch.allclose(stacked.result(), per_layer.result(), atol=1e-6, equal_nan=True)
