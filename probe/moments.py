@@ -222,24 +222,28 @@ def _moments_torch(
     key_idx, key_real = _masks(pads, T, dev)
     lse = torch.zeros(b, H, T, device=dev)
     entropy, mean_key, colsum = torch.zeros_like(lse), torch.zeros_like(lse), torch.zeros_like(lse)
+    key_pos = key_idx.float()
     for q0 in range(0, T, block):
         q1 = min(T, q0 + block)
-        q_idx = key_idx[q0:q1]
-        allowed = key_idx[None, :] <= q_idx[:, None]
+        # only the keys some query of the block can see: up to its last query, from its window's start
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        q_idx, k_idx = key_idx[q0:q1], key_idx[k0:q1]
+        allowed = k_idx[None, :] <= q_idx[:, None]
         if window is not None:
-            allowed = allowed & (key_idx[None, :] > q_idx[:, None] - window)
-        allowed = allowed[None] & key_real[:, None, :] & key_real[:, q0:q1, None]  # [b, q, T]
-        s = torch.matmul(query[:, :, q0:q1].float(), k_t) * scale
-        s = s.masked_fill(~allowed[:, None], float("-inf"))
+            allowed = allowed & (k_idx[None, :] > q_idx[:, None] - window)
+        allowed = allowed[None] & key_real[:, None, k0:q1] & key_real[:, q0:q1, None]  # [b, q, k]
+        blocked = ~allowed[:, None]
+        s = torch.matmul(query[:, :, q0:q1].float(), k_t[..., k0:q1]).mul_(scale)
+        s.masked_fill_(blocked, float("-inf"))
         blk_lse = torch.logsumexp(s, dim=-1)  # -inf for padding queries
         finite = torch.isfinite(blk_lse)
         safe_lse = torch.where(finite, blk_lse, torch.zeros_like(blk_lse))
-        p = torch.where(allowed[:, None], torch.exp(s - safe_lse[..., None]), torch.zeros_like(s))
+        p = torch.exp(s - safe_lse[..., None])  # exactly 0 where masked (exp of -inf)
         lse[:, :, q0:q1] = safe_lse
-        expected_s = (p * torch.where(allowed[:, None], s, torch.zeros_like(s))).sum(-1)
+        expected_s = (p * s.masked_fill_(blocked, 0.0)).sum(-1)
         entropy[:, :, q0:q1] = torch.where(finite, safe_lse - expected_s, torch.zeros_like(expected_s))
-        mean_key[:, :, q0:q1] = torch.matmul(p, key_idx.float())
-        colsum += p.sum(2)
+        mean_key[:, :, q0:q1] = torch.matmul(p, key_pos[k0:q1])
+        colsum[..., k0:q1] += p.sum(2)
     diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o, window) for o in offsets}
     return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
