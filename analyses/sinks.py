@@ -243,6 +243,7 @@ class TokenNorms(PatternReducer):
 
     name = "token_norms"
     supports_moments = True
+    stacked_moments = True  # its moment updates do nothing: one call per batch is enough
 
     def __init__(self, n_layers: int, n_kv_heads: int) -> None:
         super().__init__()

@@ -57,6 +57,16 @@ def _reducers(T: int, bos: int) -> list[Any]:
     ]
 
 
+def _repeated_row(model: Any, T: int) -> list[int]:
+    """The benchmark's input: a seeded block of random tokens twice, T tokens with the BOS if any."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n = (T - int(model.bos.prepend)) // 2
+    block = torch.randint(1000, min(len(model.tokenizer), 30000), (n,), generator=gen).tolist()
+    return block + block
+
+
 def _summaries(reducers: list[Any]) -> dict[str, list[float]]:
     import torch
 
@@ -81,9 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     model = probe.load_model(args.model, device=args.device, dtype=args.dtype)
     T = args.T
     bos = int(model.bos.prepend)
-    gen = torch.Generator().manual_seed(0)
-    block = torch.randint(1000, min(len(model.tokenizer), 30000), ((T - bos) // 2,), generator=gen).tolist()
-    row = block + block
+    row = _repeated_row(model, T)
     ids = model.batch_from_ids([row]).input_ids
     cuda = device.type == "cuda"
     stats: dict[str, list[float]] = {}
@@ -175,11 +183,7 @@ def interleaved(args: argparse.Namespace) -> None:
     )
     for T in [int(x) for x in args.lengths.split(",")]:
         bos = int(model.bos.prepend)
-        gen = torch.Generator().manual_seed(0)
-        block = torch.randint(
-            1000, min(len(model.tokenizer), 30000), ((T - bos) // 2,), generator=gen
-        ).tolist()
-        row = block + block
+        row = _repeated_row(model, T)
         ids = model.batch_from_ids([row]).input_ids
 
         def timed(fn: Any) -> float:

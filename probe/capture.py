@@ -216,9 +216,8 @@ class _RecomputeState:
         self.use_moments = all(r.supports_moments for r in reducers)
         self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
-        self.stack: MomentStack | None = (
-            None  # every layer's moments, handed to the reducers after the forward
-        )
+        # every layer's moments of the current batch, handed to the reducers after the forward
+        self.stack: MomentStack | None = None
 
 
 def _rows_blocks(

@@ -265,7 +265,7 @@ def greedy_decode(
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; give at least 1")
-    whole = not isinstance(prompt_ids, Prefill)
+    whole = not isinstance(prompt_ids, Prefill)  # ids: one prefill of the whole prompt, here
     if isinstance(prompt_ids, Prefill):
         ids = prompt_ids.prompt_ids
         cache: Any = prompt_ids.copy() if keep else prompt_ids.cache
@@ -323,7 +323,9 @@ def greedy_decode(
             prefill_seconds = time.perf_counter() - t0
         state.decoding = True
         t1 = time.perf_counter()
-        for step in range(first_step, max_new_tokens if stopped != "eos" else 0):
+        for step in range(first_step, max_new_tokens):
+            if stopped == "eos":  # step 0 of a whole-prompt prefill was a stop token
+                break
             state.position = len(ids) - 1 + step
             state.argmax.clear()
             state.max_weight.clear()

@@ -402,7 +402,7 @@ def estimate_capture(
         keys = b * H * T * d * 4
         attention = held(3 * keys, keys)  # float32 queries and keys (repeated to every query head)
         if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
-            attention += held(4 * b * H * T * 4, b * H * T * 4)  # lse, entropy, mean key, column sums
+            attention += held(b * H * T * 4, b * H * T * 4)  # lse (the moments go into the MomentStack)
         else:
             rows = b * H * min(query_block, T) * T * 4
             attention += held(RECOMPUTE_ROW_COPIES * rows, rows)

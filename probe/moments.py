@@ -118,8 +118,8 @@ def attention_moments(
 ) -> AttentionMoments:
     """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks.
 
-    With ``out=(stack, layer)`` they are written into that layer of a :class:`MomentStack` (whose
-    offsets must hold ``diag_offsets``) and its views are returned.
+    With ``out=(stack, layer)`` they are written into that layer of a :class:`MomentStack` (made with
+    the same ``diag_offsets``) and its views are returned.
     """
     b, H, _T, d = query.shape
     if H % key.shape[1]:
@@ -129,20 +129,17 @@ def attention_moments(
     offsets = tuple(sorted(set(diag_offsets)))
     if use_triton is None:
         use_triton = triton_available(query)
-    target = None
-    if out is not None:
-        stack, layer = out
-        missing = set(offsets) - set(stack.offsets)
-        if missing:
-            raise ValueError(f"the moment stack holds no diagonals {sorted(missing)}")
-        target = stack.layer(layer)
+    if out is not None and out[0].offsets != offsets:
+        raise ValueError(
+            f"the moment stack holds diagonals {list(out[0].offsets)} but {list(offsets)} were asked for; "
+            "build the MomentStack with the same diag_offsets"
+        )
     if use_triton:
-        block_ok = out is not None and out[0].offsets[: len(offsets[:4])] == offsets[:4]
-        diag_block = out[0].diag[out[1]] if out is not None and block_ok else None
-        return _moments_triton(query, key, scale, pads, sliding_window, offsets, target, diag_block)
+        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out)
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block)
-    if target is None:
+    if out is None:
         return moments
+    target = out[0].layer(out[1])
     target.entropy.copy_(moments.entropy)
     target.mean_key.copy_(moments.mean_key)
     target.colsum.copy_(moments.colsum)
@@ -516,18 +513,25 @@ if HAVE_TRITON:
         pads: torch.Tensor,
         window: int | None,
         offsets: tuple[int, ...],
-        target: AttentionMoments | None = None,
-        diag_block: torch.Tensor | None = None,
+        out: tuple[MomentStack, int] | None = None,
     ) -> AttentionMoments:
         b, H, T, d = query.shape
         group = H // key.shape[1]
         if key.dtype != query.dtype:
             key = key.to(query.dtype)
         lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32)
-        if target is None:
+        in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
+        if out is None:
             ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-        else:
-            ent, mk, col = target.entropy, target.mean_key, target.colsum
+            diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
+        else:  # written in place into the stack's layer
+            stack, layer = out
+            ent, mk, col, diag = (
+                stack.entropy[layer],
+                stack.mean_key[layer],
+                stack.colsum[layer],
+                stack.diag[layer],
+            )
         has_window = window is not None and window < T
         common = (*query.stride(), *key.stride(), T, H, group, int(window or 0), float(scale) * _LOG2E)
         # float32 models get exact float32 products (no TF32); half-precision ones use tensor cores
@@ -543,11 +547,6 @@ if HAVE_TRITON:
         def grid_n(cfg: dict[str, int]) -> tuple[int, int]:
             return (triton.cdiv(T, cfg["BLOCK_N"]), b * H)
 
-        in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
-        if diag_block is not None and diag_block.shape[0] >= len(in_kernel):
-            diag = diag_block  # the stack's [n_diag, b, H, T] block of this layer, written in place
-        else:
-            diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
         diag_args = [*in_kernel, 0, 0, 0, 0][:4]
         _row_moments_kernel[grid](
             query,
@@ -565,14 +564,10 @@ if HAVE_TRITON:
         )
         _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
         diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
-        for o in offsets[4:]:
-            diagonals[o] = _diag_from_scores(query, key, scale, lse, pads, o, window)
-        if target is None:
-            return AttentionMoments(ent, mk, col, diagonals)
-        for o, values in diagonals.items():
-            if values.data_ptr() != target.diagonals[o].data_ptr():
-                target.diagonals[o].copy_(values)
-        return target
+        for j, o in enumerate(offsets[4:], start=4):
+            values = _diag_from_scores(query, key, scale, lse, pads, o, window)
+            diagonals[o] = values if out is None else diag[j].copy_(values)
+        return AttentionMoments(ent, mk, col, diagonals)
 
     def _pattern_triton(
         pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]
@@ -603,8 +598,7 @@ else:  # pragma: no cover
         pads: torch.Tensor,
         window: int | None,
         offsets: tuple[int, ...],
-        target: AttentionMoments | None = None,
-        diag_block: torch.Tensor | None = None,
+        out: tuple[MomentStack, int] | None = None,
     ) -> AttentionMoments:
         raise RuntimeError("Triton is not available in this torch build")
 
