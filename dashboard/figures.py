@@ -10,6 +10,7 @@ function takes tables or arrays and returns a new figure.
   small enough for per-cell hover data.
 * :func:`distributions`: one histogram per metric, of the values across heads.
 * :func:`error_bars`: asymmetric error bars out to each value's interval.
+* :func:`png_uri`: an RGB image as a PNG data URI, the ``source`` of a ``go.Image``.
 * :func:`titled`, :func:`head_rings`, :func:`head_grid_layout`: the title, the ringed heads and the
   axes of the analyses' own figures (left-aligned title with a subtitle; layer x head maps drawn
   with category axes, layer 0 at the top).
@@ -19,8 +20,10 @@ function takes tables or arrays and returns a new figure.
 
 from __future__ import annotations
 
+import base64
 import functools
 import html
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -131,6 +134,15 @@ def error_bars(
     if width is not None:
         bars["width"] = width
     return bars
+
+
+def png_uri(rgb: np.ndarray) -> str:
+    """An ``[h, w, 3]`` RGB image (0..255) as a PNG data URI (a ``go.Image`` source)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def head_rings(marks: Sequence[tuple[int, int]], name: str, hover: str, *, color: str) -> go.Scatter:

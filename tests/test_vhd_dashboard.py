@@ -6,6 +6,7 @@ hallucinated object words: the figures must show exactly the tables and arrays."
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -81,17 +82,7 @@ def _mark(result: AnalysisResult) -> tuple[AnalysisResult, int, int, int]:
     caps.loc[at, "hallucinated"] = "star"
     caps.loc[at, "mentioned"] = "star"
     tables["captions"] = caps
-    marked = AnalysisResult(
-        analysis=result.analysis,
-        model_info=result.model_info,
-        config=result.config,
-        tables=tables,
-        arrays=result.arrays,
-        seeds=result.seeds,
-        timings=result.timings,
-        notes=result.notes,
-    )
-    return marked, good, bad, last
+    return dataclasses.replace(result, tables=tables), good, bad, last
 
 
 @pytest.fixture(scope="module")
@@ -253,12 +244,8 @@ def test_image_and_captions_of_a_scene(runs: Runs) -> None:
     assert [c.setting for c in caps] == ["baseline", "vhr"]
     assert caps[1].hallucinated == ["star"] and caps[0].hallucinated == []
     captions = run.table("captions")
-    assert (
-        caps[0].text
-        == captions[(captions["setting"] == "baseline") & (captions["scene"] == runs.bad_scene)]["text"].iloc[
-            0
-        ]
-    )
+    baseline = captions[(captions["setting"] == "baseline") & (captions["scene"] == runs.bad_scene)]
+    assert caps[0].text == baseline["text"].iloc[0]
 
 
 # ---------------------------------------------------------------------------------------- benchmarks
@@ -390,6 +377,24 @@ def test_page_callbacks(runs: Runs) -> None:
     assert len(page.deltas_figure(runs.vhr).data) == 4 and not page.deltas_figure(runs.vhd).data
 
 
+def test_a_run_without_the_vhd_tables_is_refused_saying_how_to_get_them(
+    runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    partial = runstore.write_run(tmp_path, analysis="vhr", model_info={"name": "m"}, config={},
+                                 tables={"heads": _run(runs, runs.vhr).heads})  # fmt: skip
+    page = _page(tmp_path)
+    missing = ", ".join(sorted(views.REQUIRED_TABLES - {"heads"}))
+    for text in (
+        page.benchmarks_figure(partial.name).layout.annotations[0].text,
+        page.settings(partial.name),
+        to_json(page.findings(partial.name)),
+    ):
+        assert f"lacks the vhd tables {missing}" in text and "headlab run vhr" in text, text
+    assert page.metric_choice(partial.name, None) == ([], None)
+    assert page.scene_choice(partial.name, None) == ([], None)
+
+
 def test_the_app_serves_the_page_for_vhr_and_vhd_runs_and_links_them(runs: Runs) -> None:
     app = create_app(runs.root)
     assert {"vhd-heads.figure", "vhd-caption.figure", "vhd-deltas.figure"} <= set(app.callback_map)
@@ -476,8 +481,7 @@ def test_findings_do_not_call_silence_an_improvement(runs: Runs) -> None:
         {"setting": n, "benchmark": "CHAIR", "kind": "captions", "metric": "CHAIR_S", "delta": -0.2, "lo": -0.3, "hi": -0.1}
         for n in ("quiet", "fluent")
     ])  # fmt: skip
-    edited = AnalysisResult(base.analysis, base.model_info, base.config, {**base.tables, "summary": summary, "deltas": deltas},
-                            base.arrays, base.seeds, base.timings, base.notes)  # fmt: skip
+    edited = dataclasses.replace(base, tables={**base.tables, "summary": summary, "deltas": deltas})
     text = " ".join(views.findings(edited))
     assert "improves clearly under quiet, fluent" in text
     assert (

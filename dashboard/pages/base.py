@@ -262,13 +262,16 @@ class AnalysisPage(Page):
         return self.required_tables.issubset(run.table_names)
 
     def _checked(self, run_id: str) -> Run:
-        """The run the figures draw: :meth:`_run`, refused (KeyError naming the missing tables) when
-        it is not :meth:`_complete`."""
+        """The run the figures draw: :meth:`_run`, refused (KeyError naming the missing tables and
+        how to get them) when it is not :meth:`_complete`."""
         run = self._run(run_id)
         if not self._complete(run):
             missing = sorted(self.required_tables - set(run.table_names))
             noun = self.tables_noun or self.analysis
-            raise KeyError(f"run {run_id} lacks the {noun} tables {', '.join(missing)}")
+            raise KeyError(
+                f"run {run_id} lacks the {noun} tables {', '.join(missing)}; pick another run, or re-run "
+                f"headlab run {run.analysis} to make one that has them"
+            )
         return run
 
     def _text(self, run_id: str | None, read: Callable[[Run], str], failure: str = "") -> str:

@@ -192,9 +192,7 @@ class VhdPage(MultiAnalysisPage):
             )
             parts.append(html.H3(label))
             parts.append(html.P(cap.text or "(empty)", className="mono"))
-            facts: list[Component | str] = [f"objects named: {', '.join(cap.mentioned) or 'none'}; "]
-            facts.append("hallucinated: ")
-            facts.append(
+            bad: Component | str = (
                 html.Span(
                     ", ".join(cap.hallucinated),
                     style={"color": views.HALLUCINATED_COLOUR, "fontWeight": "bold"},
@@ -202,7 +200,12 @@ class VhdPage(MultiAnalysisPage):
                 if cap.hallucinated
                 else "none"
             )
-            facts.append(f"; missed: {', '.join(cap.missed) or 'none'}.")
+            facts = [
+                f"objects named: {', '.join(cap.mentioned) or 'none'}; ",
+                "hallucinated: ",
+                bad,
+                f"; missed: {', '.join(cap.missed) or 'none'}.",
+            ]
             parts.append(html.P(facts, className="hint"))
         if truth:
             parts.append(html.P(f"Ground truth: {truth}", className="hint"))

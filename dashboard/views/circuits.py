@@ -226,11 +226,7 @@ def counted(n: int, noun: str = "head") -> str:
 
 def num(value: object, spec: str = ".2f") -> str:
     """``value`` formatted, or "n/a" when it is missing or not finite."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "n/a"
-    return format(x, spec) if math.isfinite(x) else "n/a"
+    return common.num(value, spec)
 
 
 def settings_line(source: Source) -> str:

@@ -5,6 +5,7 @@ alike (so a notebook can draw a result before saving it)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,15 @@ def model_name(source: Source) -> str:
 
 def notes(source: Source) -> dict[str, Any]:
     return dict(source.notes) if isinstance(source, AnalysisResult) else dict(source.manifest.notes)
+
+
+def num(value: object, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "n/a" when it is missing or not finite."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(x, spec) if math.isfinite(x) else "n/a"
 
 
 def config(source: Source) -> dict[str, Any]:

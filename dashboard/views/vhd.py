@@ -20,9 +20,7 @@ drawn as messages, never as errors.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,11 +104,7 @@ def _optional(source: Source, name: str) -> pd.DataFrame:
 
 def num(value: object, spec: str = ".3f") -> str:
     """A number formatted with ``spec``; "n/a" for None and NaN."""
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if not math.isfinite(v) else format(v, spec)
+    return common.num(value, spec)
 
 
 def _interval(value: object, lo: object, hi: object, spec: str = ".3f") -> str:
@@ -157,17 +151,18 @@ def setting_order(source: Source) -> list[str]:
     return seen
 
 
-def _setting_colour(source: Source, name: str) -> str:
-    if name == BASELINE:
-        return BASELINE_COLOUR
-    if name == main_setting(source):
-        return MAIN_COLOUR
+def _setting_colours(source: Source) -> dict[str, str]:
+    """The marker colour of each setting that has its own (others: :data:`SETTING_COLOUR`): the
+    baseline, the main VHR setting and the settings reinforcing random heads."""
     s = settings_table(source)
+    colours: dict[str, str] = {}
     if len(s) and "random" in s:
-        row = s[s["name"].astype(str) == name]
-        if len(row) and bool(row["random"].iloc[0]):
-            return RANDOM_COLOUR
-    return SETTING_COLOUR
+        colours = {str(n): RANDOM_COLOUR for n, r in zip(s["name"], s["random"], strict=True) if bool(r)}
+    main = main_setting(source)
+    if main is not None:
+        colours[main] = MAIN_COLOUR
+    colours[BASELINE] = BASELINE_COLOUR
+    return colours
 
 
 def settings_line(source: Source) -> str:
@@ -327,16 +322,23 @@ def default_scene(source: Source) -> int | None:
     return scenes[0] if scenes else None
 
 
+def _scene_classes(source: Source) -> dict[int, str]:
+    """The object classes in each scene ("a, b")."""
+    sc = table(source, "scenes")
+    return {
+        int(scene): str(c).replace(",", ", ") for scene, c in zip(sc["scene"], sc["classes"], strict=True)
+    }
+
+
 def scene_options(source: Source) -> list[dict[str, Any]]:
     """The captioned scenes as dropdown options (value: the scene index), hallucinating ones marked."""
-    sc = table(source, "scenes").set_index("scene")
     t = tokens(source)
+    classes = _scene_classes(source)
     out = []
     for scene in caption_scenes(source):
         rows = t[(t["scene"] == scene) & t["object"].astype(bool)]
         bad = sorted({str(w) for w in rows.loc[rows["hallucinated"].astype(bool), "shape"]})
-        classes = str(sc.loc[scene, "classes"]) if scene in sc.index else "?"
-        label = f"scene {scene} ({classes.replace(',', ', ')})"
+        label = f"scene {scene} ({classes.get(scene, '?')})"
         if bad:
             label += f": hallucinates {', '.join(bad)}"
         out.append({"label": label, "value": scene})
@@ -447,37 +449,20 @@ def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
     return fig
 
 
-def _png(rgb: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def n_images(source: Source) -> int:
-    return int(array(source, "images").shape[0]) if has_array(source, "images") else 0
-
-
-def image_stored(source: Source, scene: int) -> bool:
-    return 0 <= int(scene) < n_images(source)
-
-
 def image_figure(source: Source, scene: int) -> go.Figure:
     """The evaluated (noisy) image of ``scene``; a message when the run did not store it."""
-    if not image_stored(source, scene):
+    scene = int(scene)
+    images = array(source, "images") if has_array(source, "images") else np.empty((0, 0, 0, 3), np.uint8)
+    if not 0 <= scene < len(images):
         return figures.message_figure(
-            f"The image of scene {int(scene)} was not stored (the run keeps the first {n_images(source)} "
+            f"The image of scene {scene} was not stored (the run keeps the first {len(images)} "
             "images; raise n_display to keep more)."
         )
-    img = array(source, "images")[int(scene)]
-    sc = table(source, "scenes").set_index("scene")
-    classes = str(sc.loc[int(scene), "classes"]).replace(",", ", ") if int(scene) in sc.index else "?"
     noise = config(source).get("noise")
-    fig = go.Figure(go.Image(source=_png(img), hoverinfo="skip"))
+    fig = go.Figure(go.Image(source=figures.png_uri(images[scene]), hoverinfo="skip"))
     fig.update_layout(
         title=figures.titled(
-            f"Scene {int(scene)}: {classes}",
+            f"Scene {scene}: {_scene_classes(source).get(scene, '?')}",
             "the image the model saw" + (f" (pixel noise std {noise})" if noise else ""),
         ),
         xaxis={"visible": False},
@@ -695,6 +680,7 @@ def benchmark_figure(source: Source) -> go.Figure:
     if not panels:
         return figures.message_figure("The run's summary has no CHAIR or POPE metric.")
     order = [n for n in setting_order(source) if n in set(s["vhr_setting"].astype(str))]
+    colours = _setting_colours(source)
     fig, rows, cols = _panel_grid([p[3] for p in panels])
     for i, (bench, kind, metric, _) in enumerate(panels):
         part = s[(s["benchmark"] == bench) & (s["setting"] == kind) & (s["metric"] == metric)]
@@ -706,7 +692,7 @@ def benchmark_figure(source: Source) -> go.Figure:
             fig, i, cols, values, part["lo"], part["hi"],
             x=list(part.index),
             name=f"{bench} {kind} {metric}",
-            marker={"size": 11, "color": [_setting_colour(source, n) for n in part.index]},
+            marker={"size": 11, "color": [colours.get(n, SETTING_COLOUR) for n in part.index]},
             customdata=np.column_stack([part["lo"].to_numpy(float), part["hi"].to_numpy(float),
                                         part["n"].to_numpy(float)]),
             hovertemplate="%{x}: " + metric + " %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
@@ -758,6 +744,7 @@ def deltas_figure(source: Source) -> go.Figure:
     if not panels:
         return figures.message_figure("The run's deltas have no CHAIR or POPE metric.")
     order = [n for n in setting_order(source) if n != BASELINE]
+    colours = _setting_colours(source)
     fig, rows, cols = _panel_grid([f"Δ {p[3]}" for p in panels])
     for i, (bench, kind, metric, _) in enumerate(panels):
         part = d[(d["benchmark"] == bench) & (d["kind"] == kind) & (d["metric"] == metric)]
@@ -771,7 +758,7 @@ def deltas_figure(source: Source) -> go.Figure:
             x=list(part.index),
             name=f"Δ {bench} {kind} {metric}",
             marker={"size": 11, "color": [VERDICT_COLOURS[v] for v in verdicts],
-                    "line": {"width": 1.5, "color": [_setting_colour(source, n) for n in part.index]}},
+                    "line": {"width": 1.5, "color": [colours.get(n, SETTING_COLOUR) for n in part.index]}},
             customdata=[[float(a), float(b), v] for a, b, v in zip(lo, hi, verdicts, strict=True)],
             hovertemplate="%{x}: Δ" + metric + " %{y:+.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
             "<br>%{customdata[2]}<extra></extra>",
@@ -802,15 +789,15 @@ def summary_wide(source: Source) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------- findings
 
 
-def _metric_row(source: Source, setting: str, bench: str, kind: str, metric: str) -> pd.Series | None:
-    s = summary_table(source)
+def _metric_row(s: pd.DataFrame, setting: str, bench: str, kind: str, metric: str) -> pd.Series | None:
+    """The row of ``summary`` table ``s`` for one setting and metric (None: the run has none)."""
     rows = s[(s["vhr_setting"].astype(str) == setting) & (s["benchmark"] == bench) & (s["setting"] == kind)
              & (s["metric"] == metric)]  # fmt: skip
     return rows.iloc[0] if len(rows) else None
 
 
-def _delta_row(source: Source, setting: str, bench: str, kind: str, metric: str) -> pd.Series | None:
-    d = deltas_table(source)
+def _delta_row(d: pd.DataFrame, setting: str, bench: str, kind: str, metric: str) -> pd.Series | None:
+    """The row of ``deltas`` table ``d`` for one setting and metric (None: the run has none)."""
     if d.empty:
         return None
     rows = d[(d["setting"].astype(str) == setting) & (d["benchmark"] == bench) & (d["kind"] == kind)
@@ -833,6 +820,7 @@ def findings(source: Source) -> list[str]:
     the run's tables or notes)."""
     lines: list[str] = []
     n_scenes = len(table(source, "scenes"))
+    summary, d = summary_table(source), deltas_table(source)
     agree = notes(source).get("teacher_forced_agreement")
     if agree is not None:
         lines.append(
@@ -896,35 +884,34 @@ def findings(source: Source) -> list[str]:
             + ")."
         )
     for metric in ("CHAIR_S", "CHAIR_I"):
-        base = _metric_row(source, BASELINE, "CHAIR", "captions", metric)
+        base = _metric_row(summary, BASELINE, "CHAIR", "captions", metric)
         if base is None:
             continue
         text = f"Baseline {metric} {_interval(base['value'], base['lo'], base['hi'])}"
         if not math.isfinite(float(base["value"])):
             text += " (undefined: no object mentioned)"
         if main is not None:
-            got = _metric_row(source, main, "CHAIR", "captions", metric)
+            got = _metric_row(summary, main, "CHAIR", "captions", metric)
             if got is not None and math.isfinite(float(got["value"])):
                 text += f"; under '{main}' {_interval(got['value'], got['lo'], got['hi'])}"
-                phrase = _delta_phrase(_delta_row(source, main, "CHAIR", "captions", metric), metric)
+                phrase = _delta_phrase(_delta_row(d, main, "CHAIR", "captions", metric), metric)
                 text += f" ({phrase})" if phrase else ""
         lines.append(text + f" over {n_scenes} captions.")
     for kind in pope_kinds(source):
-        base = _metric_row(source, BASELINE, "POPE", kind, "F1")
-        acc = _metric_row(source, BASELINE, "POPE", kind, "accuracy")
+        base = _metric_row(summary, BASELINE, "POPE", kind, "F1")
+        acc = _metric_row(summary, BASELINE, "POPE", kind, "accuracy")
         if base is None:
             continue
         text = f"POPE {kind}: baseline F1 {_interval(base['value'], base['lo'], base['hi'])}"
         if acc is not None:
             text += f", accuracy {_interval(acc['value'], acc['lo'], acc['hi'])}"
         if main is not None:
-            got = _metric_row(source, main, "POPE", kind, "F1")
+            got = _metric_row(summary, main, "POPE", kind, "F1")
             if got is not None:
                 text += f"; under '{main}' F1 {_interval(got['value'], got['lo'], got['hi'])}"
-                phrase = _delta_phrase(_delta_row(source, main, "POPE", kind, "F1"), "F1")
+                phrase = _delta_phrase(_delta_row(d, main, "POPE", kind, "F1"), "F1")
                 text += f" ({phrase})" if phrase else ""
         lines.append(text + f" over {int(base['n'])} questions.")
-    d = deltas_table(source)
     if len(d):
         chair = d[(d["benchmark"] == "CHAIR") & (d["metric"] == "CHAIR_S")]
         if len(chair) > 1:
@@ -938,10 +925,10 @@ def findings(source: Source) -> list[str]:
                 f"{', '.join(better) or 'none'} and worsens clearly under {', '.join(worse) or 'none'}; "
                 "the others' intervals hold 0."
             )
-            base_recall = _metric_row(source, BASELINE, "CHAIR", "captions", "recall")
+            base_recall = _metric_row(summary, BASELINE, "CHAIR", "captions", "recall")
             silent = []  # a lower CHAIR_S that comes from naming (almost) no objects is no improvement
             for name in better:
-                got = _metric_row(source, name, "CHAIR", "captions", "recall")
+                got = _metric_row(summary, name, "CHAIR", "captions", "recall")
                 if (
                     got is not None
                     and base_recall is not None
@@ -954,7 +941,7 @@ def findings(source: Source) -> list[str]:
                     f"names (recall {num(base_recall['value'], '.2f')}): their lower CHAIR_S "
                     "comes from describing less, not from hallucinating less."
                 )
-    base = _metric_row(source, BASELINE, "CHAIR", "captions", "CHAIR_S")
+    base = _metric_row(summary, BASELINE, "CHAIR", "captions", "CHAIR_S")
     if n_scenes and base is not None:
         width = float(base["hi"]) - float(base["lo"])
         spread = (
