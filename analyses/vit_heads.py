@@ -1132,9 +1132,11 @@ def display_images(source: DisplaySource) -> list[DisplayImage]:
 def display_geometry(source: DisplaySource) -> dict[str, Any]:
     """``grid`` (rows, cols), ``n_prefix``, ``patch_size`` (pixels of the crop), ``stride`` and
     ``queries`` (the stored query patches, (row, col) each) of the display patterns."""
-    table = _require_display(source)
+    return _geometry(_require_display(source), _array_of(source, "display_queries"))
+
+
+def _geometry(table: pd.DataFrame, queries: np.ndarray) -> dict[str, Any]:
     first = table.iloc[0]
-    queries = _array_of(source, "display_queries")
     return {
         "grid": (int(first["grid_rows"]), int(first["grid_cols"])),
         "n_prefix": int(first["n_prefix"]),
@@ -1157,7 +1159,8 @@ def display_pattern(
     ((row, col); ``"cls"``: the CLS query; None: the centre patch). A patch that was not stored (see
     ``display_stride``) is an error, or with ``snap`` the nearest stored patch is used."""
     table = _require_display(source)
-    geometry = display_geometry(source)
+    queries = _array_of(source, "display_queries")
+    geometry = _geometry(table, queries)
     rows, cols = geometry["grid"]
     n_prefix = geometry["n_prefix"]
     if int(image) not in set(table["image"].astype(int)):
@@ -1166,7 +1169,6 @@ def display_pattern(
     n_layers, n_heads = attention.shape[1:3]
     if not (0 <= layer < n_layers and 0 <= head < n_heads):
         raise ConfigError(f"no head ({layer}, {head}): the run has {n_layers} layers × {n_heads} heads")
-    queries = _array_of(source, "display_queries")
     snapped = False
     if isinstance(query, str):
         if query != "cls":

@@ -32,8 +32,7 @@ import torch
 
 import probe
 from analyses.tasks import images, scenes
-from probe import cache, onnx_clip, vision
-from probe.errors import HeadlabError
+from probe import onnx_clip, vision
 from probe.loading import LoadedModel
 
 
@@ -78,12 +77,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
     model = probe.load_model("clip-vit-b16", device="cpu")
-    onnx_file = Path(model.extra["onnx_file"])
-    expected = model.extra.get("onnx_sha256")
-    if expected and cache.sha256_file(onnx_file) != expected:
-        raise HeadlabError(
-            f"{onnx_file} has changed since clip-vit-b16 was converted; headlab fetch clip-vit-b16 --force"
-        )
+    onnx_file = vision.converted_onnx_file(model)
     records = images.load_images(args.subset)
     if args.limit is not None:
         records = records[: args.limit]

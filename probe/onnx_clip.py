@@ -373,11 +373,7 @@ def float_activation_graph(onnx_file: Path) -> Any:
         if (
             quantise is None
             or quantise.op_type != "DynamicQuantizeLinear"
-            or list(quantise.output[::2])
-            != [
-                node.input[0],
-                node.input[2],
-            ]
+            or list(quantise.output[::2]) != [node.input[0], node.input[2]]
         ):
             raise HeadlabError(
                 f"{node.name!r}: its input is not quantised by a DynamicQuantizeLinear; unexpected ONNX export"

@@ -123,6 +123,7 @@ __all__ = [
     "VisionOutput",
     "capture",
     "check_eager",
+    "converted_onnx_file",
     "distance_band",
     "embed",
     "forward",
@@ -1347,6 +1348,24 @@ def mean_head_outputs(
 # ============================================================================== fidelity
 
 
+def converted_onnx_file(model: LoadedModel) -> Path:
+    """The ONNX graph ``model`` was converted from, re-checked against the sha256 recorded at conversion."""
+    source = model.extra.get("onnx_file")
+    if not source:
+        raise ConfigError(
+            f"{model.name} was not converted from an ONNX graph; pass onnx_file= (a CLIP image tower "
+            "exported to ONNX with an image_embeds output)"
+        )
+    onnx_file = Path(source)
+    expected = model.extra.get("onnx_sha256")
+    if expected and cache.sha256_file(onnx_file) != expected:
+        raise HeadlabError(
+            f"{onnx_file} has changed since {model.name} was converted; reconvert with: "
+            f"headlab fetch {model.name} --force"
+        )
+    return onnx_file
+
+
 def onnx_agreement(
     model: LoadedModel,
     images: ImageInput,
@@ -1370,19 +1389,7 @@ def onnx_agreement(
 
     _require_vision(model)
     if onnx_file is None:
-        source = model.extra.get("onnx_file")
-        if not source:
-            raise ConfigError(
-                f"{model.name} was not converted from an ONNX graph; pass onnx_file= (a CLIP image tower "
-                "exported to ONNX with an image_embeds output)"
-            )
-        onnx_file = Path(source)
-        expected = model.extra.get("onnx_sha256")
-        if expected and cache.sha256_file(onnx_file) != expected:
-            raise HeadlabError(
-                f"{onnx_file} has changed since {model.name} was converted; reconvert with: "
-                f"headlab fetch {model.name} --force"
-            )
+        onnx_file = converted_onnx_file(model)
     pixels = _pixels(model, images)
     theirs = torch.from_numpy(onnx_clip.run_onnx(Path(onnx_file), pixels, reference=reference))
     ours = embed(model, pixels)

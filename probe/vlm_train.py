@@ -454,7 +454,7 @@ class _Parts:
             return torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored])
         per_token = torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored], reduction="none")
         counts = scored.sum(dim=1)  # answer tokens per example
-        row = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+        row = scored.nonzero(as_tuple=True)[0]  # the example of each scored token
         weights = 1.0 / counts.clamp(min=1).to(per_token.dtype)[row] / int((counts > 0).sum())
         return (per_token * weights).sum()
 

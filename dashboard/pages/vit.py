@@ -203,13 +203,20 @@ class VitPage(AnalysisPage):
         return self._figure(run_id, lambda run: views.trend_figure(run, shown))
 
     def _head_figure(
-        self, run_id: str | None, head: str | None, draw: Callable[[Run, int, int], go.Figure]
+        self,
+        run_id: str | None,
+        head: str | None,
+        draw: Callable[[Run, int, int], go.Figure],
+        uirevision: str | None = None,
     ) -> go.Figure:
+        """``draw(run, layer, head)`` of the chosen head (``uirevision`` None: ``<run_id>/<head>``)."""
         chosen = views.parse_head(head)
         if run_id and chosen is None:
             return ui.empty_figure("select a head")
         layer, h = chosen or (0, 0)
-        return self._figure(run_id, lambda run: draw(run, layer, h), uirevision=f"{run_id}/{head}")
+        return self._figure(
+            run_id, lambda run: draw(run, layer, h), uirevision=uirevision or f"{run_id}/{head}"
+        )
 
     def distance_figure(self, run_id: str | None, head: str | None) -> go.Figure:
         return self._head_figure(run_id, head, views.distance_figure)
@@ -260,17 +267,13 @@ class VitPage(AnalysisPage):
     def overlay_figure(self, run_id: str | None, image: Any, head: str | None, query: Any) -> go.Figure:
         """The chosen head's attention from the query patch over the display image (a hint when
         the run stores no display patterns)."""
-        chosen = views.parse_head(head)
-        if run_id and chosen is None:
-            return ui.empty_figure("select a head")
-        layer, h = chosen or (0, 0)
 
-        def draw(run: Run) -> go.Figure:
+        def draw(run: Run, layer: int, h: int) -> go.Figure:
             if not views.has_display(run):
                 return ui.empty_figure(views.DISPLAY_HINT)
             return views.overlay_figure(run, _display_image(run, image), layer, h, _as_query(query))
 
-        return self._figure(run_id, draw, uirevision=f"{run_id}/{image}")
+        return self._head_figure(run_id, head, draw, uirevision=f"{run_id}/{image}")
 
     def overlay_info(self, run_id: str | None, image: Any, head: str | None, query: Any) -> Component:
         chosen = views.parse_head(head)

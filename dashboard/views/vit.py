@@ -22,8 +22,6 @@ attention from one query patch over the image. Older runs have none; the overlay
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -432,9 +430,7 @@ OVERLAY_COLORSCALE = [
 ]
 
 
-def has_display(source: Source) -> bool:
-    """Whether the run stores display images and their attention patterns."""
-    return vit_heads.has_display(source)
+has_display = vit_heads.has_display
 
 
 def display_options(source: Source) -> list[dict[str, Any]]:
@@ -464,14 +460,6 @@ def query_from_click(source: Source, click: Mapping[str, Any] | None) -> tuple[i
     return row, col
 
 
-def _png(rgb: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def overlay_figure(
     source: Source, image: int, layer: int, head: int, query: tuple[int, int] | None = None
 ) -> go.Figure:
@@ -497,7 +485,9 @@ def overlay_figure(
     zmax = float(np.nanmax(z)) if z.size and float(np.nanmax(z)) > 0 else 1.0
     fig = go.Figure()
     fig.add_trace(
-        go.Image(source=_png(shown.pixels), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip", name="image")
+        go.Image(
+            source=figures.png_uri(shown.pixels), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip", name="image"
+        )
     )
     fig.add_trace(
         go.Heatmap(
