@@ -102,6 +102,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -301,7 +302,9 @@ def embed_rows(model: LoadedModel, rows: Rows) -> torch.Tensor:
     image_mask = rows.ids == int(model.extra["image_token_id"])
     if rows.pixels is None:
         if bool(image_mask.any()):
-            raise ConfigError("image tokens in the prompt but no images given")
+            raise ConfigError(
+                "image tokens in the prompt but no images given; pass pixel values to make_rows"
+            )
         return embeds
     projector = native.get_submodule(vlm.LAYOUT.projector)
     features = projector(vlm.image_features(model, rows.pixels.to(model.device, model.dtype)))
@@ -370,7 +373,10 @@ def scale_heads(model: LoadedModel, scales: torch.Tensor) -> Iterator[None]:
             z = args[0]
             s = scales[:, layer].to(z.device, z.dtype)
             if s.shape[0] != z.shape[0] and s.shape[0] != 1:
-                raise CaptureError(f"scales for {s.shape[0]} rows, but the forward has {z.shape[0]}")
+                raise CaptureError(
+                    f"scales for {s.shape[0]} rows, but the forward has {z.shape[0]}; "
+                    "give one row of scales per batch row, or a single row for all"
+                )
             shaped = z.reshape(*z.shape[:-1], model.n_heads, -1) * s[:, None, :, None]
             return (shaped.reshape(z.shape), *args[1:])
 
@@ -444,7 +450,9 @@ def select_heads(model: LoadedModel, rows: Rows, setting: VhrSetting, *, seed: i
     docstring): returns the per-row scales to apply while generating."""
     b = rows.n_image_rows
     if rows.ids.shape[0] != 2 * b:
-        raise ConfigError("select_heads needs image rows and their text-only twins")
+        raise ConfigError(
+            "select_heads needs image rows and their text-only twins (make_rows(text_twin=True))"
+        )
     layers = set(parse_layers(setting.layers, model.n_layers))
     shape = (b, model.n_layers, model.n_heads)
     scales = torch.ones(shape)
@@ -539,6 +547,9 @@ def t_vhd(vhd: np.ndarray, top_k: int) -> np.ndarray:
     return top.sum(axis=(-1, -2))
 
 
+TOKEN_COLUMNS = ["scene", "step", "token", "token_id", "t_vhd", "object", "word", "shape", "hallucinated"]
+
+
 def token_table(
     model: LoadedModel, scene: sc.Scene, tokens: Sequence[int], t: np.ndarray, index: int
 ) -> pd.DataFrame:
@@ -560,7 +571,7 @@ def token_table(
             "t_vhd": float(t[i]), "object": m is not None, "word": m.text if m else "",
             "shape": m.shape if m else "", "hallucinated": bool(m is not None and m.shape not in present),
         })  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=TOKEN_COLUMNS)
 
 
 def tvhd_test(words: pd.DataFrame) -> pd.DataFrame:
@@ -616,21 +627,17 @@ def _require_llava(model: LoadedModel) -> None:
 # ============================================================================== the runs
 
 
-@dataclass
-class _Batches:
-    images: np.ndarray
-    size: int
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, len(self.images), self.size):
-            yield start, min(len(self.images), start + self.size)
+def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive batches of ``size`` over ``n`` items."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
 
 
 def _caption_setting(
     model: LoadedModel, cfg: VhdConfig, images: np.ndarray, setting: VhrSetting | None, bar: Any
 ) -> tuple[list[Answers], list[Selection]]:
     answers, selections = [], []
-    for start, stop in _Batches(images, cfg.batch_size):
+    for start, stop in _spans(len(images), cfg.batch_size):
         pixels = model.preprocess(images[start:stop])
         prompts = [cfg.prompt] * (stop - start)
         scales = None
@@ -734,7 +741,7 @@ def _vhd_pass(
     vhd = np.full((n, max(1, longest), model.n_layers, model.n_heads), np.nan, dtype=np.float32)
     norm = np.full_like(vhd, np.nan)
     agree, total = 0, 0
-    for (start, stop), batch in zip(_Batches(images, cfg.batch_size), answers, strict=True):
+    for (start, stop), batch in zip(_spans(len(images), cfg.batch_size), answers, strict=True):
         steps = max((len(t) for t in batch.tokens), default=0)
         if steps == 0:
             bar.update(stop - start)
@@ -810,12 +817,15 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     bar.close()
 
     tv = t_vhd(vhd, cfg.top_k)
-    tokens = pd.concat(
-        [token_table(model, scenes[i], t, tv[i], i)
-         for i, t in enumerate(t for a in baseline_answers for t in a.tokens) if len(t)],
-        ignore_index=True,
-    ) if any(len(t) for a in baseline_answers for t in a.tokens) else pd.DataFrame(
-        columns=["scene", "step", "token", "token_id", "t_vhd", "object", "word", "shape", "hallucinated"])  # fmt: skip
+    token_frames = [
+        token_table(model, scenes[i], t, tv[i], i)
+        for i, t in enumerate(t for a in baseline_answers for t in a.tokens)
+        if t
+    ]
+    tokens = (
+        pd.concat(token_frames, ignore_index=True) if token_frames else pd.DataFrame(columns=TOKEN_COLUMNS)
+    )
+    # (filtering an empty object-typed frame would drop its columns)
     words = tokens[tokens["object"]].reset_index(drop=True) if len(tokens) else tokens
     captions = pd.concat(caption_frames, ignore_index=True)
     pope = pd.concat(pope_frames, ignore_index=True) if pope_frames else pd.DataFrame()
@@ -836,7 +846,8 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     summary = pd.concat(summaries, ignore_index=True)
     deltas = _paired_deltas(captions, pope, len(scenes), cfg)
 
-    with np.errstate(invalid="ignore"), _quiet():
+    with warnings.catch_warnings():  # heads never seen (no tokens): NaN, not "Mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
         columns = {
             "vhd_mean": np.nanmean(vhd, axis=(0, 1)),
             "vhd_first": np.nanmean(vhd[:, 0], axis=0),
@@ -856,15 +867,13 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     return AnalysisResult(
         analysis=analysis,
         model_info=model.describe(),
-        config=_config_record(cfg),
+        config=asdict(cfg),
         tables={
             "heads": heads,
             "captions": captions,
             "tokens": tokens,
             "words": words,
-            "tvhd_test": tvhd_test(words)
-            if len(words)
-            else tvhd_test(pd.DataFrame({"t_vhd": [], "hallucinated": []})),
+            "tvhd_test": tvhd_test(words),
             "pope": pope,
             "summary": summary,
             "deltas": deltas,
@@ -876,21 +885,6 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
         timings=timings,
         notes={"teacher_forced_agreement": agreement, "n_questions": len(questions)},
     )
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
-def _config_record(cfg: VhdConfig) -> dict[str, Any]:
-    record = asdict(cfg)
-    record["settings"] = [asdict(s) for s in cfg.settings]
-    return record
 
 
 def run_vhd(model: LoadedModel, config: VhdConfig | None = None) -> AnalysisResult:

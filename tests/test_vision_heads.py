@@ -284,7 +284,9 @@ def test_a_run_leaves_the_model_as_it_was() -> None:
     state = copy.deepcopy(model.native_model.state_dict())  # type: ignore[union-attr]
     rows = vh.make_rows(model, [PROMPT], pixels(1), text_twin=False)
     before = vh.forward_rows(model, rows)
-    with pytest.raises(RuntimeError, match="boom"), vh.scale_heads(model, torch.full((1, 3, 4), 2.0)):
+    doubled = torch.full((1, model.n_layers, model.n_heads), 2.0)
+    with pytest.raises(RuntimeError, match="boom"), vh.scale_heads(model, doubled):
+        assert not torch.equal(vh.forward_rows(model, rows), before)  # the hooks are active here
         raise RuntimeError("boom")
     assert torch.equal(vh.forward_rows(model, rows), before)
     after = model.native_model.state_dict()  # type: ignore[union-attr]
