@@ -16,6 +16,9 @@ API::
     stale_tempdirs(parent, ".*.tmp-*") -> list[StaleTemp(path, bytes, pid, why)]   # finds, removes nothing
     remove_stale(parent, ".*.tmp-*")   -> list[StaleTemp]                           # removes those, returns them
 
+The lock file ``LOCK_NAME`` lies inside the directory until :func:`publish` removes it: leave it out
+when listing or checksumming the directory's files before publishing.
+
 How liveness is decided, and why it is sound:
 
 * The lock is ``LOCK_NAME`` inside the directory: a small JSON file (pid, hostname, start time, for
