@@ -5,21 +5,48 @@ model is one directory ``models/<name>/`` holding a transformers checkpoint, the
 ``headlab-model.json`` (the marker): the source weight file's sha256 and the sha256 of every file
 written. A directory is only ever created by renaming a finished temporary directory, so a reader
 sees either nothing or a complete model; a marker that disagrees with the files marks it damaged.
+
+Every load checks the files' content against the marker (:func:`cache_problem` with ``deep=True``)
+before a number is computed from them. Hashing costs about 0.75 s for smollm2-135m's 540 MB (1 s per
+~0.7 GB from the page cache on one core; a cold read costs the disk read, which the load that follows
+then finds in the page cache). To avoid paying it on every load, a successful check writes a
+*verified stamp* ``.headlab-verified.json`` into the directory: every file's (size, mtime_ns,
+ctime_ns, inode, device) and the marker's, as they were before hashing. A later check whose stats all
+equal the stamp's skips the hashing. This is sound for any change made through the file system: a
+write to a file, even one that keeps its size, sets its mtime and ctime; setting the mtime back
+(``touch -d``, ``os.utime``) sets the ctime, which user space cannot set; replacing the file changes
+its inode and ctime. File timestamps are coarse (a clock tick), so a stamp is only written when
+every file's ctime is more than :data:`RACY_NS` older than the start of the hashing (a file written in
+the same tick as the check could otherwise keep its stamped times); such a directory is simply hashed
+again next time. What a stamp cannot see is damage below the file system (bad sectors); ``headlab
+fetch NAME`` always hashes everything (``trust_stamp=False``).
+
+Writers use :func:`atomic_dir`, whose temporary directories carry a writer lock
+(:mod:`probe.tempdirs`): those left by a killed conversion are removed by the next writer, by
+``headlab fetch`` and by ``headlab models`` (:func:`clean_stale`), never those of a live one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from probe import tempdirs
+from probe.errors import CacheNotWritableError
+
 MARKER = "headlab-model.json"
+STAMP = ".headlab-verified.json"
+RACY_NS = 2_000_000_000  # files changed less than this before a check are hashed again next time
+TEMP_GLOB = ".*.tmp-*"  # the temporary directories atomic_dir makes beside its targets
+_NOT_LISTED = {MARKER, STAMP, tempdirs.LOCK_NAME}  # never part of a model: not in its marker
 
 
 def cache_root() -> Path:
@@ -68,10 +95,12 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def cache_problem(directory: Path, *, deep: bool = True) -> str | None:
+def cache_problem(directory: Path, *, deep: bool = True, trust_stamp: bool = True) -> str | None:
     """Why ``directory`` is not a usable converted model, or None when it is.
 
-    ``deep`` re-hashes every file (what ``fetch`` does); otherwise only sizes are compared.
+    ``deep`` checks every file's content against the marker's sha256 (skipped, when ``trust_stamp``,
+    for files unchanged since a verified stamp, see the module docstring); otherwise only sizes are
+    compared (what ``headlab models`` shows, not enough to trust the numbers).
     """
     if not directory.is_dir():
         return "not converted"
@@ -79,51 +108,128 @@ def cache_problem(directory: Path, *, deep: bool = True) -> str | None:
     if marker is None:
         return f"marker {MARKER} missing or unreadable"
     files = marker.get("files", {})
-    if not files:
+    if not files or not isinstance(files, dict):
         return "marker lists no files"
     for rel, meta in files.items():
         path = directory / rel
+        if not isinstance(meta, dict):
+            return f"marker entry of {rel} unreadable"
         if not path.is_file():
             return f"file {rel} missing"
-        if path.stat().st_size != meta["bytes"]:
-            return f"file {rel} has {path.stat().st_size} bytes, marker says {meta['bytes']}"
-        if deep and sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != meta.get("bytes"):
+            return f"file {rel} has {path.stat().st_size} bytes, marker says {meta.get('bytes')}"
+    if not deep or (trust_stamp and _stamp_matches(directory, files)):
+        return None
+    start = time.time_ns()
+    seen = {MARKER: _stat_key(directory / MARKER)}
+    for rel, meta in files.items():
+        path = directory / rel
+        before = _stat_key(path)
+        if sha256_file(path) != meta.get("sha256"):
             return f"file {rel} does not match its recorded sha256"
+        seen[rel] = before if _stat_key(path) == before else []  # changed while hashed: never stamped
+    _write_stamp(directory, seen, start)
     return None
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _stamp_matches(directory: Path, files: dict[str, Any]) -> bool:
+    try:
+        stamp = json.loads((directory / STAMP).read_text())
+        wanted = {MARKER, *files}
+        if not isinstance(stamp, dict) or set(stamp) != wanted:
+            return False
+        return all(stamp[rel] == _stat_key(directory / rel) for rel in wanted)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(directory: Path, seen: dict[str, list[int]], start_ns: int) -> None:
+    """Record the stats of files just verified; skipped when any is too recent or changed meanwhile."""
+    if any(not key or key[2] > start_ns - RACY_NS for key in seen.values()):
+        return
+    tmp = directory / f"{STAMP}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, directory / STAMP)
+    except OSError:  # a read-only cache is still usable; it is hashed on every load
+        tmp.unlink(missing_ok=True)
 
 
 def dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+def _not_writable(path: Path, err: OSError) -> CacheNotWritableError:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space there, or set HEADLAB_CACHE (now {cache_root()}) to a directory on a disk with room"
+    else:
+        fix = f"set HEADLAB_CACHE (now {cache_root()}) to a writable directory, or make that one writable"
+    return CacheNotWritableError(f"cannot write the model cache at {path} ({reason}); {fix}")
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create ``directory`` and check that a file can be written in it, or raise CacheNotWritableError."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe_file = directory / f".headlab-write-test-{os.getpid()}"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as err:
+        raise _not_writable(directory, err) from None
+
+
+def clean_stale(parent: Path) -> list[tempdirs.StaleTemp]:
+    """Remove the temporary directories in ``parent`` left by killed writers; return those removed."""
+    try:
+        return tempdirs.remove_stale(parent, TEMP_GLOB)
+    except OSError:  # a parent this process may not change: nothing removed
+        return []
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target``.
 
-    On any exception the temporary directory is removed and ``target`` is left as it was.
+    On any exception the temporary directory is removed and ``target`` is left as it was. The
+    temporary directory holds a writer lock, so if this process is killed the next ``atomic_dir`` on
+    the same parent (or ``headlab models`` / ``headlab fetch``) removes it. A cache that cannot be
+    created or written (HEADLAB_CACHE under a file, a read-only directory, a full disk) raises
+    :class:`~probe.errors.CacheNotWritableError`.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
+    ensure_writable(target.parent)
+    clean_stale(target.parent)
+    with ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(tempdirs.locked_tempdir(target.parent, f".{target.name}.tmp-"))
+        except OSError as err:
+            raise _not_writable(target.parent, err) from None
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise _not_writable(tmp, err) from None
+            raise
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
             if old.exists():
                 shutil.rmtree(old)
             target.rename(old)
-        tmp.rename(target)
+        tempdirs.publish(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_marker(directory: Path, info: dict[str, Any], skip: Callable[[Path], bool] | None = None) -> None:
     files = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MARKER and not (skip and skip(path)):
+        if path.is_file() and path.name not in _NOT_LISTED and not (skip and skip(path)):
             rel = str(path.relative_to(directory))
             files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     payload = {**info, "files": files}

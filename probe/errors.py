@@ -41,15 +41,57 @@ class ChecksumMismatchError(HeadlabError):
 
 
 class ContextTooLongError(HeadlabError, ValueError):
-    def __init__(self, model: str, length: int, limit: int) -> None:
+    """``length`` tokens (BOS included) do not fit the model's ``limit``.
+
+    ``bos`` says whether the model prepends a BOS token, which the advised text length leaves room
+    for. Analyses take their lengths from their config (``--set seq_len=...``; census counts text
+    tokens, sinks counts BOS too, so the advised value fits both).
+    """
+
+    def __init__(self, model: str, length: int, limit: int, *, bos: bool = False) -> None:
+        fits = limit - int(bos)
+        prepended = " after the BOS token the model prepends" if bos else ""
         super().__init__(
-            f"context of {length} tokens is longer than {model} allows ({limit}); "
-            f"use a shorter context (e.g. --seq-len {limit}) or a model with a longer context"
+            f"context of {length} tokens{' (BOS included)' if bos else ''} is longer than {model} allows "
+            f"({limit}); use at most {fits} tokens of text{prepended}: with headlab run, "
+            f"--set seq_len={fits} (or lower the length setting that --show-config lists), in Python "
+            f"model.encode(texts, max_tokens={limit}); or use a model with a longer context"
         )
 
 
 class DeviceUnavailableError(HeadlabError):
     pass
+
+
+class CacheDamagedError(HeadlabError):
+    """A converted model in the cache does not match what its marker recorded when it was written."""
+
+    def __init__(self, what: str, directory: str, problem: str, fix: str) -> None:
+        super().__init__(
+            f"the converted cache of {what} in {directory} is damaged ({problem}), so nothing was computed "
+            f"from it; rebuild it with: {fix}"
+        )
+
+
+class CacheNotWritableError(HeadlabError):
+    """The model cache directory cannot be created or written."""
+
+
+class CheckpointError(HeadlabError):
+    """A local checkpoint directory or weight file that cannot be read (truncated, not the format it claims)."""
+
+
+class ModelPathError(HeadlabError, FileNotFoundError):
+    """A model given as a path that does not exist."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"no such file or directory: {path}; pass an existing checkpoint directory or .gguf file "
+            "(or a catalogue name: `headlab models` lists them)"
+        )
+
+    def __str__(self) -> str:  # OSError would format its own message
+        return str(self.args[0])
 
 
 class ConfigError(HeadlabError, ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,12 @@ import torch
 
 from probe import _offline, cache, zoo
 from probe.errors import (
+    CheckpointError,
     ConfigError,
     ContextTooLongError,
     DeviceUnavailableError,
     HeadlabError,
+    ModelPathError,
     UnknownModelError,
 )
 from probe.tiny import TINY_BUILDERS
@@ -127,7 +130,7 @@ class LoadedModel:
     def check_context(self, n_tokens: int) -> None:
         self._require_text()  # a vision model's token count is fixed by its image size
         if n_tokens > self.n_ctx:
-            raise ContextTooLongError(self.name, n_tokens, self.n_ctx)
+            raise ContextTooLongError(self.name, n_tokens, self.n_ctx, bos=self.bos.prepend)
 
     def encode(self, texts: list[str], *, max_tokens: int | None = None) -> Batch:
         """Tokenize under the model's BOS policy, truncate to ``max_tokens``, left-pad."""
@@ -190,9 +193,28 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA if usable, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else is refused.
+
+    Other torch device types are refused rather than tried: ``meta`` holds no weights (every number
+    would be meaningless), and the kernels and hooks are only checked on CPU and CUDA.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceUnavailableError(
+            f"unknown device {device!r}; use --device cpu, --device cuda (or cuda:N) or --device auto "
+            "(device='cpu' etc. in Python)"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        why = "probe runs models on CPU or CUDA GPUs only"
+        if dev.type == "meta":
+            why = "the meta device holds no weights, so every number would be meaningless"
+        raise DeviceUnavailableError(
+            f"device {device!r} is not supported ({why}); use --device cpu or --device cuda "
+            "(device='cpu' or 'cuda' in Python)"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         build = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
         raise DeviceUnavailableError(
@@ -283,15 +305,93 @@ def _wrap_language(
     )  # fmt: skip
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with the structure of a ``.safetensors`` file (header and size), or None.
+
+    Reads the header only: its length, its JSON, and that the tensors it lists cover the file
+    exactly, which catches truncated files, random bytes and damaged headers. Damage inside the
+    tensor data of a file that has no recorded checksum cannot be seen here.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        return f"it has {size} bytes, too few for a safetensors header"
+    with path.open("rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            return f"its first 8 bytes announce a {length}-byte header but the file has {size} bytes"
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"its header entry {key!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        return f"its header lists {8 + length + end} bytes of data but the file has {size}"
+    return None
+
+
+def check_checkpoint_files(directory: Path, *, tokenizer: bool = False) -> None:
+    """Refuse a checkpoint directory whose weight files are unreadable (or, with ``tokenizer``, that
+    has no tokenizer), with a :class:`CheckpointError` saying which file and how to fix it."""
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            raise CheckpointError(
+                f"{file} is damaged or not a safetensors file ({problem}); copy the checkpoint again or "
+                "re-save it with save_pretrained"
+            )
+    if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the "
+            f"weights with tokenizer.save_pretrained({str(directory)!r})"
+        )
+
+
 def _load_checkpoint_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="eager")
+    check_checkpoint_files(directory, tokenizer=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"could not load the tokenizer in {directory} ({_first_line(err)}); save it beside the weights "
+            f"with tokenizer.save_pretrained({str(directory)!r})"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(
+            f"could not load the checkpoint in {directory} ({_first_line(err)}); it needs config.json and "
+            "model.safetensors (or pytorch_model.bin) written by save_pretrained"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model name the user meant as a path: a separator, a leading ``.`` or ``~``, or ``.gguf``."""
+    return os.sep in name or "/" in name or name.startswith((".", "~")) or name.endswith(".gguf")
 
 
 def _family(hf_config: Any) -> str:
@@ -344,12 +444,8 @@ def load_model(
         return vlm.load_assembly(name, device=dev, dtype=dt, bos=bos, fetch_if_missing=fetch_if_missing)
     if name in zoo.CATALOGUE:
         spec = zoo.CATALOGUE[name]
-        directory = zoo.converted_dir(spec)
-        if directory is None:
-            if not fetch_if_missing:
-                raise HeadlabError(f"{name} is not converted yet; run: headlab fetch {name}")
-            directory = zoo.fetch(name)
-        marker = cache.read_marker(directory) or {}
+        # every file checked against the marker before it is read; so is the marker's source_sha256
+        directory, marker = zoo.verified_cache(spec, fetch_if_missing=fetch_if_missing)
         if spec.kind == "vision":
             return _load_embedded_vision(spec, directory, marker, device=dev, dtype=dt)
         model, tokenizer = _load_checkpoint_dir(directory, dt)
@@ -360,12 +456,11 @@ def load_model(
         )  # fmt: skip
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        directory = zoo.convert_local_gguf(path)
+        directory, gguf_sha256 = zoo.convert_local_gguf(path)  # the file hashed, its conversion checked
         model, tokenizer = _load_checkpoint_dir(directory, dt)
-        marker = cache.read_marker(directory) or {}
         return _wrap_language(
             path.stem, _family(model.config), "gguf", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=str(marker.get("source_sha256")), path=str(directory),
+            weight_sha256=gguf_sha256, path=str(directory),
             caveat="weights read from a GGUF file (dequantised if quantised)",
         )  # fmt: skip
     if path.is_dir():
@@ -385,6 +480,11 @@ def load_model(
             path.name, _family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=_checkpoint_sha256(path), path=str(path),
         )  # fmt: skip
+    if path.is_file():
+        raise CheckpointError(
+            f"{name} is a file, not a checkpoint directory or a .gguf file; pass the directory holding "
+            "config.json and the weights"
+        )
     looks_like_hub_id = "/" in name and not name.startswith((".", "/")) and name.count("/") == 1
     if looks_like_hub_id and (allow_hub or _offline.hub_allowed()):
         _offline.allow_hub()
@@ -401,9 +501,11 @@ def load_model(
         )  # fmt: skip
     if looks_like_hub_id:
         raise HeadlabError(
-            f"{name!r} looks like a Hugging Face id, but hub access is off by default; "
-            "pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
+            f"{name!r} is no local directory and looks like a Hugging Face id, but hub access is off by "
+            "default; pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
         )
+    if _looks_like_path(name):
+        raise ModelPathError(name)
     raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS, *vlm.ASSEMBLIES])
 
 

