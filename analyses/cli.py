@@ -110,6 +110,17 @@ def sanity(
         f"max |bridge logits - transformers SDPA logits| = {report.max_logit_diff_vs_transformers:.2e}"
     )
     typer.echo(f"greedy: {report.prompt!r} -> {report.continuation!r}")
+    if report.bridge_continuation is None:
+        typer.echo(f"generation through the bridge: {m.extra.get('bridge_generation')}")
+    elif report.generation_agrees():
+        typer.echo("generation through the bridge (hooks live) gives the same tokens")
+    if not report.generation_agrees():
+        typer.echo(
+            f"sanity check FAILED: generation through the bridge gave {report.bridge_continuation!r}, the "
+            "native model (transformers' own generate) gives the line above; generate with model.generate",
+            err=True,
+        )
+        raise typer.Exit(1)
     if not report.ok():
         typer.echo("sanity check FAILED: attention rows do not sum to 1 or leak into the future", err=True)
         raise typer.Exit(1)

@@ -35,6 +35,7 @@ from probe.errors import (
     ModelPathError,
     UnknownModelError,
 )
+from probe.generation import prepare_bridge_generation
 from probe.tiny import TINY_BUILDERS
 
 if TYPE_CHECKING:
@@ -161,6 +162,16 @@ class LoadedModel:
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
         return Batch(ids.to(self.device), mask.to(self.device), torch.tensor(lengths, device=self.device))
+
+    # ---------------------------------------------------------------- generation
+    def generate(
+        self, prompts: str | Sequence[str] | Batch, *, max_new_tokens: int = 32, **kwargs: Any
+    ) -> torch.Tensor:
+        """Greedy continuation by the native model (SDPA): transformers' own ``generate``, token for
+        token; see :func:`probe.generation.generate` for the arguments."""
+        from probe.generation import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
     # ---------------------------------------------------------------- description
     def describe(self) -> dict[str, Any]:
@@ -295,7 +306,7 @@ def _wrap_language(
     n_ctx = int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
     layer_types = list(cfg.layer_types) if getattr(cfg, "layer_types", None) else None
     sliding = getattr(cfg, "sliding_window", None)
-    return LoadedModel(
+    loaded = LoadedModel(
         name=name, kind="language", family=family, source=source, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=n_kv, d_head=d_head, d_model=d_model, n_ctx=n_ctx, tokenizer=tokenizer,
         bos=bos_policy(tokenizer, bos), device=device, dtype=dtype, hf_model=hf_model, bridge=bridge,
@@ -303,6 +314,8 @@ def _wrap_language(
         weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, layer_types=layer_types,
         sliding_window=int(sliding) if sliding and layer_types and "sliding_attention" in layer_types else None,
     )  # fmt: skip
+    prepare_bridge_generation(loaded)
+    return loaded
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

@@ -2,7 +2,7 @@
 
 Used by the demo and by ``headlab sanity``: it checks that every layer's pattern hook fired, that
 patterns are causal probability rows, that the bridge's logits match plain transformers, and shows
-a greedy continuation.
+a greedy continuation (native model and bridge, which must agree).
 """
 
 from __future__ import annotations
@@ -21,14 +21,20 @@ from probe.loading import LoadedModel
 class SanityReport:
     rows: list[dict[str, Any]]  # one per layer
     max_logit_diff_vs_transformers: float  # bridge (eager, hooked) vs the model's SDPA kernel
-    continuation: str
+    continuation: str  # greedy, native model (transformers' own generate)
     prompt: str
     dtype: str = "float32"
+    bridge_continuation: str | None = None  # the same through the bridge (hooks live); None if refused
 
     def ok(self) -> bool:
         # half-precision patterns sum to one only to about 1e-2
         tol = 1e-3 if self.dtype == "float32" else 2e-2
-        return all(r["fired"] and r["row_sum_err"] < tol and r["causal_leak"] < 1e-6 for r in self.rows)
+        rows_ok = all(r["fired"] and r["row_sum_err"] < tol and r["causal_leak"] < 1e-6 for r in self.rows)
+        return rows_ok and self.generation_agrees()
+
+    def generation_agrees(self) -> bool:
+        """Generation through the bridge gives the native model's tokens (or is refused outright)."""
+        return self.bridge_continuation is None or self.bridge_continuation == self.continuation
 
 
 @torch.no_grad()
@@ -71,9 +77,15 @@ def sanity_check(
     with native_attention(model, "sdpa") as native:  # the model's own fast kernel, no bridge in the way
         hf_logits = native(input_ids=ids).logits
     diff = (bridge_logits.float() - hf_logits.float()).abs().max().item()
-    out = model.hf_model.generate(  # type: ignore[operator]
-        ids, attention_mask=batch.attention_mask, max_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=model.tokenizer.pad_token_id,
-    )  # fmt: skip
+    out = model.generate(batch, max_new_tokens=new_tokens)
     continuation = model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return SanityReport(rows, diff, continuation, prompt, str(model.dtype).removeprefix("torch."))
+    bridge_continuation = None
+    if model.extra.get("bridge_generation") == "ok":  # otherwise its generate refuses, saying why
+        bridged = model.hf_model.generate(  # type: ignore[operator]
+            ids, attention_mask=batch.attention_mask, max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )  # fmt: skip
+        bridge_continuation = model.tokenizer.decode(bridged[0, ids.shape[1] :], skip_special_tokens=True)
+    return SanityReport(
+        rows, diff, continuation, prompt, str(model.dtype).removeprefix("torch."), bridge_continuation
+    )

@@ -78,6 +78,7 @@ import torch
 
 from probe import cache
 from probe.errors import CaptureError, ConfigError, HeadlabError
+from probe.generation import prepare_bridge_generation
 from probe.loading import Batch, BosMode, LoadedModel, bos_policy
 
 if TYPE_CHECKING:
@@ -766,7 +767,7 @@ def wrap_vlm(
             f"{name}: image_seq_length is {expected} but a {image.image_size}-pixel image with patch "
             f"{image.patch_size} gives {image.n_patches} patch tokens; the checkpoint's config is inconsistent"
         )
-    return LoadedModel(
+    loaded = LoadedModel(
         name=name, kind=KIND, family="llava", source=source, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
         d_head=int(getattr(text, "head_dim", None) or d_model // n_heads), d_model=d_model,
@@ -774,6 +775,8 @@ def wrap_vlm(
         device=device, dtype=dtype, hf_model=hf_model, bridge=bridge, native_model=native_model,
         weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, extra=info, image=image,
     )  # fmt: skip
+    prepare_bridge_generation(loaded)
+    return loaded
 
 
 def _require_vlm(model: LoadedModel) -> None:
