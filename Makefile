@@ -1,6 +1,8 @@
 # The two set-up commands (README quick start):
 #   make demo   install everything and run the main job on the embedded default model
 #   make test   install everything and run the linter, the type checker and the test suite
+# Both install the exact versions in constraints.txt (the ones the tests last passed with);
+#   make lock   re-runs the tests on the newest allowed versions and, if they pass, rewrites it.
 PYTHON ?= python3.11
 VENV ?= .venv
 MODEL ?= smollm2-135m
@@ -8,7 +10,7 @@ VISION_MODEL ?= clip-vit-b16
 BIN := $(VENV)/bin
 export PYTHON VENV
 
-.PHONY: install demo test lint typecheck pytest browser clean-venv
+.PHONY: install demo test lint typecheck pytest browser clean-venv lock
 
 install:
 	bash scripts/install.sh
@@ -32,6 +34,9 @@ pytest: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+lock:
+	bash scripts/lock.sh
 
 clean-venv:
 	rm -rf $(VENV)

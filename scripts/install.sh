@@ -5,6 +5,9 @@
 #   TORCH_SPEC: what to ask pip for torch; default picks by hardware (see below).
 #   TORCH_INDEX_URL: optional index for torch, e.g. https://download.pytorch.org/whl/cpu on a machine
 #     without a local CPU wheel where the default PyPI build would be the multi-GB CUDA one.
+#   CONSTRAINTS (default constraints.txt): the exact versions the test suite last passed with; every
+#     package is installed at that version. CONSTRAINTS=none takes the newest versions the ranges in
+#     pyproject.toml allow (what `make lock` does before it re-runs the tests and rewrites the file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -16,6 +19,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+CONSTRAINTS=${CONSTRAINTS:-constraints.txt}
+pins=()
+if [ "$CONSTRAINTS" != none ]; then
+  [ -f "$CONSTRAINTS" ] || { echo "error: $CONSTRAINTS not found; restore it from git or set CONSTRAINTS=none" >&2; exit 2; }
+  pins=(-c "$CONSTRAINTS")
+fi
 
 # torch first, so that the project's range (torch>=2.6) is already satisfied and pip never
 # replaces it. Without a CUDA GPU we want the CPU build: on these machines pip takes the CPU wheel
@@ -37,9 +46,11 @@ fi
 # The project itself (editable), with the extras asked for. Re-run only when pyproject changes or
 # other extras are asked for (the stamp records which were installed).
 stamp="$VENV/.headlab-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$EXTRAS" ]; then
-  echo "installing headlab[$EXTRAS]"
-  "${PIP[@]}" install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+want="$EXTRAS $CONSTRAINTS"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$CONSTRAINTS" != none ] && [ "$CONSTRAINTS" -nt "$stamp" ]; } \
+    || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "installing headlab[$EXTRAS] (versions: $CONSTRAINTS)"
+  "${PIP[@]}" install "${pins[@]}" -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import probe, analyses, dashboard" || { echo "error: headlab did not install" >&2; exit 2; }
-  echo "$EXTRAS" > "$stamp"
+  echo "$want" > "$stamp"
 fi
