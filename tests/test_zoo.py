@@ -225,6 +225,36 @@ def test_a_damaged_cache_stops_headlab_run_with_one_line_and_saves_nothing(
     assert not runs.exists() or not any(runs.iterdir())
 
 
+def test_an_assembly_and_a_vision_model_refuse_a_damaged_converted_part(
+    converted_tiny: tuple[Path, zoo.ModelSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from probe import vlm
+
+    _, language = converted_tiny
+    vision = dataclasses.replace(
+        zoo.CATALOGUE["clip-vit-b16"], name="fake-clip", weight_sha256="cd" * 32, extra={}, companions=()
+    )
+    monkeypatch.setitem(zoo.CATALOGUE, vision.name, vision)
+    directory = cache.model_dir(vision.name)
+    TINY_BUILDERS["tiny-clip-vision"].build(0)[0].save_pretrained(directory)
+    cache.write_marker(directory, {"name": vision.name, "source_sha256": vision.weight_sha256})
+    assembly = dataclasses.replace(
+        vlm.ASSEMBLIES["scene-llava"], name="fake-llava", vision=vision.name, language=language.name
+    )
+    monkeypatch.setitem(vlm.ASSEMBLIES, assembly.name, assembly)
+    cpu = torch.device("cpu")
+    loaded = vlm.load_assembly(assembly.name, projector="fresh", device=cpu, dtype=torch.float32)
+    parts = loaded.extra["parts"]
+    assert (parts["vision"]["weight_sha256"], parts["language"]["weight_sha256"]) == ("cd" * 32, "ab" * 32)
+    _flip_middle(directory / "model.safetensors")
+    with pytest.raises(CacheDamagedError, match="headlab fetch fake-clip --force"):
+        vlm.load_assembly(assembly.name, projector="fresh", device=cpu, dtype=torch.float32)
+    with pytest.raises(CacheDamagedError, match="headlab fetch fake-clip --force"):
+        probe.load_model(vision.name, device="cpu")
+
+
 def test_a_marker_naming_another_weight_file_is_refused(converted_tiny: tuple[Path, zoo.ModelSpec]) -> None:
     directory, spec = converted_tiny
     cache.write_marker(directory, {"name": spec.name, "source_sha256": "cd" * 32})
