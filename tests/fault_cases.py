@@ -12,8 +12,11 @@ directory, all under one temporary directory), does one wrong thing, and is judg
   other than what the case allows.
 
 CLI cases run ``headlab`` in this process (``analyses.cli.main`` with ``sys.argv`` set, stdout and
-stderr captured) unless they need a process of their own (Ctrl-C). API cases call probe and the
-dashboard directly (hooks after an exception, padding, generation, HTTP checks). ``tests/test_faults.py``
+stderr captured) unless they need a process of their own (Ctrl-C: ``python -m analyses.cli`` sent
+SIGINT while its analysis runs). Faults inside a command are injected by patching for the duration
+of the call (a table that fails to write, a full disk, Ctrl-C while saving); a writer killed with
+SIGKILL mid-save is a forked process stopped for good after its first table. API cases call probe
+and the dashboard directly (hooks after an exception, padding, generation, HTTP checks). ``tests/test_faults.py``
 runs every case; run this file to print the table::
 
     python tests/fault_cases.py [--only ID_SUBSTRING] [--markdown FILE]
@@ -27,6 +30,7 @@ import errno
 import functools
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -670,7 +674,7 @@ def check_stale_removed(ws: Workspace, outcome: Outcome) -> list[str]:
         problems.append(f"the output does not mention the stale {dead}")
     if (parent / dead).exists():
         problems.append(f"the stale {dead} was not removed")
-    if not (parent / live).is_dir():
+    if live and not (parent / live).is_dir():
         problems.append(f"{live}, which a live writer holds, was removed")
     return problems
 
@@ -878,21 +882,65 @@ def _temporaries(parent: str, dead: str, live: str) -> Callable[[Workspace], Non
     ``live``, whose lock a live writer holds while the command runs (see :func:`hold_live_lock`)."""
 
     def setup(ws: Workspace) -> None:
-        from probe import tempdirs
-
         where = ws.base / parent
         where.mkdir(parents=True, exist_ok=True)
         dead_dir, live_dir = where / dead.format_map(ws.vars), where / live.format_map(ws.vars)
         shutil.copytree(ws.shared.run, dead_dir)  # half a run, or half a model: some files
         info = {"pid": _dead_pid(), "host": _hostname(), "started": time.time() - 60}
-        (dead_dir / tempdirs.LOCK_NAME).write_text(json.dumps(info))
+        (dead_dir / LOCK_NAME).write_text(json.dumps(info))
         live_dir.mkdir()
         (live_dir / "model.safetensors").write_bytes(b"being written")
-        lock = live_dir / tempdirs.LOCK_NAME
+        lock = live_dir / LOCK_NAME
         lock.write_text(json.dumps({"pid": os.getpid(), "host": _hostname(), "started": time.time()}))
         ws.vars.update(parent=str(where), dead=dead_dir.name, live=live_dir.name, live_lock=str(lock))
 
     return setup
+
+
+LOCK_NAME = ".headlab-writer.lock"
+"""A writer's lock in its temporary directory (probe.tempdirs): JSON pid, host and start time, flocked
+by the writer for as long as it writes."""
+
+
+def _killed_mid_save(ws: Workspace) -> None:
+    """Setup: a real writer process killed with SIGKILL half-way through saving a run.
+
+    A fork of this process saves the shared run's tables under the run root and is stopped for good
+    right after the first table is on disk: the run's hidden temporary and its lock stay behind, and
+    the kernel drops the dead writer's flock."""
+    import pandas as pd
+
+    from analyses import runstore
+
+    run = runstore.open_run(ws.shared.run)
+    tables = {name: run.table(name) for name in run.table_names}
+    arrays = {name: run.array(name) for name in run.array_names}
+    pid = os.fork()
+    if pid == 0:  # the writer: never returns
+        try:
+            original = pd.DataFrame.to_parquet
+
+            def write_then_hang(self: Any, path: Any = None, *args: Any, **kwargs: Any) -> None:
+                original(self, path, *args, **kwargs)
+                while True:
+                    time.sleep(1)
+
+            pd.DataFrame.to_parquet = write_then_hang  # type: ignore[method-assign]
+            runstore.write_run(
+                ws.runs, analysis=run.analysis, model_info=run.manifest.model, config=run.manifest.config,
+                tables=tables, arrays=arrays,
+            )  # fmt: skip
+        finally:
+            os._exit(1)
+    found: list[Path] = []
+    deadline = time.monotonic() + 60
+    while not found and time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+        found = [p for p in ws.runs.glob(".*") if p.is_dir() and any(p.glob("*.parquet"))]
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    ws.vars.update(parent=str(ws.runs), dead=found[0].name if found else "(no temporary appeared)", live="")
 
 
 def _hostname() -> str:
@@ -924,6 +972,8 @@ STALE = [
     C("stale-run-tmp-listed-and-cleaned", "stale temporaries", "runs", 0, None, new=True,
       setup=_temporaries("runs", ".{run}.tmp", ".29991231-235959-census-tiny-llama-beef.tmp"),
       patches=(hold_live_lock,), check=check_stale_removed),
+    C("killed-mid-save-then-runs", "stale temporaries", "runs", 0, r"\(no runs\)", new=True, setup=_killed_mid_save,
+      check=check_stale_removed),
     C("stale-cache-tmp-listed-and-cleaned", "stale temporaries", "models", 0, None, new=True,
       setup=_temporaries("cache/models", ".smollm2-135m.tmp-dead0001", ".gemma3-270m.tmp-live0001"),
       patches=(hold_live_lock,), check=check_stale_removed),
@@ -1236,39 +1286,61 @@ def dashboard_security_headers(ws: Workspace) -> list[str]:
 
 
 def dashboard_long_run_name(ws: Workspace) -> list[str]:
+    """A 5,000-character run name in the URL and in the census page's run picker: a message, not a 500."""
     from dashboard.app import create_app
 
     ws.put_run()
     app = create_app(ws.runs)
-    payload = _route_request(app, "/census", "?run=" + "a" * 5000)
-    response = app.server.test_client().post(
-        "/_dash-update-component", json=payload, headers={"Host": "127.0.0.1:8050"}
+    client = app.server.test_client()
+    name = "a" * 5000
+    requests = {
+        "the URL ?run=": _callback_request(
+            app, "page-content.children", {("url", "pathname"): "/census", ("url", "search"): f"?run={name}"}
+        ),
+        "the run picker": _callback_request(
+            app,
+            "census-heatmap.figure",
+            {("census-run", "value"): name, ("census-metric", "value"): "entropy"},
+        ),
+    }
+    problems = []
+    for where, payload in requests.items():
+        logging.disable(logging.CRITICAL)  # a server logs a failed callback's traceback: not what is judged
+        try:
+            response = client.post(
+                "/_dash-update-component", json=payload, headers={"Host": "127.0.0.1:8050"}
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+        if response.status_code != 200:
+            problems.append(f"a 5,000-character run name in {where} answered {response.status_code}")
+        elif not re.search(
+            r"(?i)no run|not found|unknown run|pick one|too long|ignored", response.get_data(as_text=True)
+        ):
+            problems.append(f"a 5,000-character run name in {where}: the page does not say it names no run")
+    return problems
+
+
+def _callback_request(app: Any, output: str, values: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """The body a browser posts to Dash for the callback that updates ``output`` ("element.property"),
+    with the given input values (others None)."""
+    key = next(
+        k for k in app.callback_map if k == output or f"..{output}.." in k or k.startswith(f"{output}@")
     )
-    if response.status_code != 200:
-        return [f"a 5,000-character run name answered {response.status_code}, expected a page saying so"]
-    text = response.get_data(as_text=True)
-    if not re.search(r"(?i)no run|not found|unknown run|pick one", text):
-        return ["the page does not say the run does not exist"]
-    return []
-
-
-def _route_request(app: Any, pathname: str, search: str) -> dict[str, Any]:
-    """The body a browser posts to Dash when the URL changes: the routing callback's request."""
-    key = next(k for k in app.callback_map if "page-content.children" in k)
     spec = app.callback_map[key]
     if key.startswith(".."):  # several outputs: "..a.children...b.children.."
         names = key.strip(".").split("...")
         outputs: Any = [dict(zip(("id", "property"), n.rsplit(".", 1), strict=True)) for n in names]
     else:
-        outputs = dict(zip(("id", "property"), key.rsplit(".", 1), strict=True))
-    values = {("url", "pathname"): pathname, ("url", "search"): search}
+        outputs = dict(zip(("id", "property"), key.split("@")[0].rsplit(".", 1), strict=True))
     inputs = [{**i, "value": values.get((i["id"], i["property"]))} for i in spec["inputs"]]
-    state = [{**i, "value": None} for i in spec.get("state", [])]
+    state = [{**i, "value": values.get((i["id"], i["property"]))} for i in spec.get("state", [])]
+    changed = [f"{i}.{p}" for i, p in values]
     return {
         "output": key,
         "outputs": outputs,
         "inputs": inputs,
-        "changedPropIds": ["url.pathname"],
+        "changedPropIds": changed[:1],
         "state": state,
     }
 
@@ -1370,13 +1442,17 @@ def _main(argv: Sequence[str]) -> int:
             if args.only not in case.id:
                 continue
             base = Path(tmp) / f"case{i}"
-            if isinstance(case, Case):
-                outcome, problems = run_case(case, base, shared)
-                shown = outcome.first_line or (outcome.stdout.strip().splitlines() or [""])[0]
-                code = str(outcome.code)
-            else:
-                outcome, problems = run_api_case(case, base, shared)
-                shown, code = "", "-"
+            try:
+                if isinstance(case, Case):
+                    outcome, problems = run_case(case, base, shared)
+                    shown = outcome.first_line or (outcome.stdout.strip().splitlines() or [""])[0]
+                    code = str(outcome.code)
+                else:
+                    outcome, problems = run_api_case(case, base, shared)
+                    shown, code = "", "-"
+            except Exception as err:  # a case whose setup needs what this code lacks
+                outcome, shown, code = Outcome(-1, "", "", 0.0), "", "?"
+                problems = [f"the case could not run: {type(err).__name__}: {err}"]
             shutil.rmtree(base, ignore_errors=True)
             verdict = "PASS" if not problems else "FAIL"
             rows.append({"id": case.id, "family": case.family, "new": case.new, "exit": code, "verdict": verdict,
