@@ -805,6 +805,8 @@ DAMAGED = [
     _damaged("table-edited", lambda r: _flip_middle(r / "heads.parquet"), r"does not match its sha256"),
     _damaged("array-missing", lambda r: next((r / "arrays").iterdir()).unlink(), r"arrays/.* is missing"),
     _damaged("table-rehashed-rows-wrong", lambda r: _edit_manifest(r, lambda d: d["tables"]["heads"].update(rows=999)), r"999"),
+    C("damaged-stray-file-is-harmless", "damaged runs", "report {run} --out {out}", 0, r"report written", leaves=(visible("out"),),
+      setup=damage(lambda r: (r / "notes.txt").write_text("my notes on this run\n"))),
     C("damaged-listed-by-runs", "damaged runs", "runs", 0, r"damaged", check=check_listed_damaged,
       setup=_older_intact_newer(_plain_damage(lambda r: _truncate(r / "heads.parquet")))),
     C("damaged-latest-skips", "damaged runs", "report latest --out {out}", 0, r"report written", leaves=(visible("out"),),
