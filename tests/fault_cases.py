@@ -415,10 +415,10 @@ def catalogue_entry(name: str) -> Patch:
         from probe.errors import MissingPackageError
 
         real = zoo.CATALOGUE["smollm2-135m"]
+        nowhere = zoo.PackageFile(f"no_such_{name.replace('-', '_')}", "weights.gguf")
         spec = dataclasses.replace(
-            real, name=name, pip=(f"{name}-weights==0",), weight_parts=(zoo.PackageFile(f"no_such_{name.replace('-', '_')}", "w.gguf"),),
-            extra={},
-        )  # fmt: skip
+            real, name=name, pip=(f"{name}-weights==0",), weight_parts=(nowhere,), extra={}
+        )
 
         def no_install(spec: Any) -> None:
             raise MissingPackageError(f"the package carrying {spec.name}", spec.pip_command)
@@ -438,19 +438,6 @@ def _edit_manifest(run: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data, indent=2))
-
-
-def _rehash(run: Path) -> None:
-    """Make the manifest's sizes and sha256 match the files again (only the edited field is wrong)."""
-    from probe.cache import sha256_file
-
-    def fix(data: dict[str, Any]) -> None:
-        for kind, rel in (("tables", "{}.parquet"), ("arrays", "arrays/{}.npy")):
-            for name, meta in data[kind].items():
-                path = run / rel.format(name)
-                meta["bytes"], meta["sha256"] = path.stat().st_size, sha256_file(path)
-
-    _edit_manifest(run, fix)
 
 
 def damage(how: Callable[[Path], Any]) -> Callable[[Workspace], None]:
@@ -1062,9 +1049,8 @@ def _evict(name: str) -> None:
 
 
 def model_state(model: Any) -> dict[str, Any]:
-    """Everything an error could leave changed: hook handles, torch hooks, weights, kernels."""
-    import torch
-
+    """Everything an error could leave changed: hook handles, torch hooks, kernels, mode, weights
+    (as bytes, so that equal means bit-identical)."""
     state: dict[str, Any] = {}
     for name, point in model.bridge.hook_dict.items():
         state[f"point {name}"] = ([id(h) for h in point.fwd_hooks], list(point._forward_hooks))
@@ -1076,22 +1062,16 @@ def model_state(model: Any) -> dict[str, Any]:
         state[f"{label} attention"] = getattr(module.config, "_attn_implementation", None)
         state[f"{label} training"] = module.training
     for name, tensor in model.hf_model.state_dict().items():
-        state[f"weight {name}"] = tensor.detach().clone()
-    state["__torch_equal__"] = torch.equal
+        state[f"weight {name}"] = (
+            str(tensor.dtype),
+            tuple(tensor.shape),
+            tensor.detach().cpu().numpy().tobytes(),
+        )
     return state
 
 
 def state_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    equal = before["__torch_equal__"]
-    diffs = []
-    for key in sorted(set(before) | set(after)):
-        if key == "__torch_equal__":
-            continue
-        a, b = before.get(key), after.get(key)
-        same = equal(a, b) if key.startswith("weight ") and a is not None and b is not None else a == b
-        if not same:
-            diffs.append(key)
-    return diffs
+    return [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
 
 
 _TEXTS = ["the quick brown fox", "a lazy dog"]
