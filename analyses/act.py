@@ -8,7 +8,7 @@ GATECH-EIC/ACT) find attention sinks beyond the first token and show that dampin
 in some heads, raises zero-shot accuracy. Everything is computed on the post-softmax pattern
 ``A`` (``[T, T]``, causal, rows sum to 1) of one head on one input, inside the forward pass:
 
-* **Column importance** (PAPERS.md, the shared primitive)::
+* **Column importance** (the primitive shared with :mod:`analyses.sinks`)::
 
       alpha_k = (sum_{t >= k} A[t, k]) / (T - k)
 
@@ -26,12 +26,18 @@ in some heads, raises zero-shot accuracy. Everything is computed on the post-sof
   so the removed ``(1 - beta)·sum_S A[i, s]`` goes to the keys outside ``S`` in proportion to
   their attention (``beta = 0.4``). Rows keep their sum; every zero (causal, padding, sliding
   window) stays exactly zero because the update is multiplicative. The first detected sink is never
-  damped. ``first_sink="frozen"`` (default) leaves its column exactly as it was: the removed mass
-  goes only to the keys that are no sink at all (PAPERS.md: "to the non-sink keys"; the issue: the
-  calibration "never touches the first sink"). ``first_sink="share"`` is the official code's
-  variant (``copied_attention_map[1:, indices] *= 0`` zeroes only the hidden-sink columns before
-  the ratios, so the first sink, usually holding most of the row, takes back its proportional
-  share). With only the first sink detected, the row is unchanged.
+  damped; what it gets is set by ``first_sink``:
+
+  - ``"share"`` (default): the official code's variant, the one the paper's published numbers come
+    from. The first sink counts as one of the keys ``j not in S`` above (the code zeroes only the
+    hidden-sink columns before taking the ratios, ``copied_attention_map[1:, indices] *= 0``), so
+    it takes back its proportional share of the removed mass; usually holding most of the row, it
+    takes back most of it.
+  - ``"frozen"``: its column is left bit-exact as it was, and the removed mass goes only to the keys
+    that are no sink at all (the sum in the gain then leaves the first sink out as well). A variant,
+    not what the published numbers measure.
+
+  With only the first sink detected, the row is unchanged in both.
 * **Head filtering** (``filter="task"``, the paper): calibrate one head at a time on a calibration
   split; keep the heads whose calibration accuracy is ``>=`` the uncalibrated accuracy (heads that do
   not lower it; a head with no effect is kept); then calibrate all kept heads together and report
@@ -140,8 +146,10 @@ from probe.interventions import Head, edit_pattern
 from probe.loading import LoadedModel
 
 Threshold = Literal["alpha", "ratio"]
+FirstSink = Literal["share", "frozen"]  # "share": the official code's, behind the published numbers
 FilterMode = Literal["task", "kind", "pooled", "none"]
 THRESHOLDS: tuple[str, ...] = get_args(Threshold)
+FIRST_SINKS: tuple[str, ...] = get_args(FirstSink)
 FILTERS: tuple[str, ...] = get_args(FilterMode)
 ALL_TASKS: tuple[str, ...] = tuple(choice.TASKS)
 POOLED = "pooled"
@@ -176,8 +184,10 @@ class ActConfig:
     the last layer): the layers whose heads may be calibrated. ``heads_per_pass``: heads scored by
     one forward pass in the search (each forward holds ``batch_size × heads_per_pass`` sequences).
     ``keep``: ``"not_lower"`` keeps the heads whose calibration does not lower calibration accuracy
-    (PAPERS.md; a head with no effect is kept), ``"raise"`` only those that raise it (the official
-    code's released head lists are this sparse: a few heads per layer).
+    (a head with no effect is kept), ``"raise"`` only those that raise it (the official
+    code's released head lists are this sparse: a few heads per layer). ``first_sink``: ``"share"``
+    (the official code's variant, behind the paper's published numbers) lets the first detected sink
+    take its proportional share of the removed mass; ``"frozen"`` leaves its column untouched.
     """
 
     tasks: tuple[str, ...] = ALL_TASKS
@@ -192,7 +202,7 @@ class ActConfig:
     layer_end: int | None = -1
     filter: FilterMode = "task"
     keep: Literal["not_lower", "raise"] = "not_lower"
-    first_sink: Literal["frozen", "share"] = "frozen"
+    first_sink: FirstSink = "share"
     heads_per_pass: int = 8
     batch_size: int = 16
     choice_token: ChoiceToken = "first"
@@ -200,14 +210,10 @@ class ActConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.first_sink not in ("frozen", "share"):
-            raise ConfigError(
-                f"first_sink must be 'frozen' (its column untouched, PAPERS.md) or 'share' (it takes its "
-                f"proportional share of the removed mass, as the official code) (got {self.first_sink!r})"
-            )
+        _check_first_sink(self.first_sink)
         if self.keep not in ("not_lower", "raise"):
             raise ConfigError(
-                f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, as PAPERS.md) "
+                f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, the default) "
                 f"or 'raise' (only heads that raise it) (got {self.keep!r})"
             )
         if isinstance(self.tasks, str):
@@ -350,15 +356,25 @@ def detect_sinks(
     return sinks & (rank == 1), sinks & (rank > 1)
 
 
+def _check_first_sink(first_sink: str) -> None:
+    if first_sink not in FIRST_SINKS:
+        raise ConfigError(
+            f"first_sink must be 'share' (the default: the first sink takes its proportional share of the "
+            f"removed mass, as the official code whose numbers the paper publishes) or 'frozen' (its column "
+            f"left untouched) (got {first_sink!r})"
+        )
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """ACT's edit of one head's pattern: damp hidden sinks to ``beta``, give the rest to other keys."""
+    """ACT's edit of one head's pattern: damp hidden sinks to ``beta``, give the rest to other keys
+    (the first sink included with ``first_sink="share"``, the default; see :func:`calibrate_pattern`)."""
 
     beta: float = 0.4
     threshold: Threshold = "alpha"
     alpha_threshold: float = 0.1
     ratio_a: float = 5.0
-    first_sink: Literal["frozen", "share"] = "frozen"
+    first_sink: FirstSink = "share"
 
     def sinks(self, pattern: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, hidden)`` sink masks ``[B, …, T]`` of patterns ``[B, …, T, T]``."""
@@ -387,15 +403,18 @@ def calibrate_pattern(
     alpha_threshold: float = 0.1,
     ratio_a: float = 5.0,
     rows: torch.Tensor | None = None,
-    first_sink: Literal["frozen", "share"] = "frozen",
+    first_sink: FirstSink = "share",
 ) -> torch.Tensor:
     """ACT-calibrate post-softmax patterns ``[B, …, T, T]`` of a left-padded batch (a new tensor).
 
     ``lengths`` ``[B]``: each batch row's real length. ``rows`` ``[B]`` bool: edit only these batch
     rows (the others are returned as they are). Hidden sinks are detected on each row's own pattern;
-    see the module docstring for the formula. Padding query rows, rows with no attention on hidden
-    sinks and rows with no attention outside them are returned unchanged.
+    see the module docstring for the formula. ``first_sink``: ``"share"`` (default, the official
+    code's variant behind the paper's numbers) lets the first detected sink take its proportional
+    share of the removed mass; ``"frozen"`` leaves its column bit-exact. Padding query rows, rows with
+    no attention on hidden sinks and rows with no attention outside them are returned unchanged.
     """
+    _check_first_sink(first_sink)
     if pattern.dim() < 3 or pattern.shape[-1] != pattern.shape[-2]:
         raise ConfigError(f"patterns must be [batch, .., T, T], got {tuple(pattern.shape)}")
     lengths = lengths.to(pattern.device)
@@ -969,7 +988,12 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
             )
             + "; the first (lowest-position) detected sink is never calibrated",
             "calibration": f"A[i,s] -> {cfg.beta}*A[i,s] on hidden sinks; the removed mass goes to the other "
-            "keys in proportion to their attention (rows keep their sum)",
+            "keys in proportion to their attention (rows keep their sum); "
+            + (
+                "first_sink=share: the first sink is one of them (the official code's variant)"
+                if cfg.first_sink == "share"
+                else "first_sink=frozen: the first sink's column is left untouched"
+            ),
             "layers": [layers.start, layers.stop],
             "n_heads_in_range": len(in_range),
             "keep_rule": "a head is kept when its calibration accuracy alone >= the uncalibrated accuracy",

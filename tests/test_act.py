@@ -50,7 +50,7 @@ HAND = torch.tensor(
 )
 
 
-def _hand_expected(beta: float = 0.4, first_sink: str = "frozen") -> torch.Tensor:
+def _hand_expected(beta: float = 0.4, first_sink: str = "share") -> torch.Tensor:
     """Row by row: sink column 2 keeps beta of its weight, the rest is spread over the other keys:
     the non-sink keys 1, 3, 4 ("frozen": column 0, the first sink, untouched), or every key but 2
     ("share": the official code's ratios include column 0)."""
@@ -83,8 +83,8 @@ def test_calibration_of_the_hand_pattern_equals_the_hand_computation() -> None:
     first, hidden = detect_sinks(column_importance(HAND[None], torch.tensor([5])), torch.tensor([5]))
     assert first[0].tolist() == [True, False, False, False, False]
     assert hidden[0].tolist() == [False, False, True, False, False]
-    out = calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.4)[0]
-    expected = _hand_expected(0.4)
+    out = calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.4, first_sink="frozen")[0]
+    expected = _hand_expected(0.4, "frozen")
     assert torch.allclose(out, expected, atol=1e-12)
     # the numbers, written out for row 3: [0.45, 0.05, 0.4, 0.1] -> sink 0.16, the 0.24 removed goes
     # to keys 1 and 3 (mass 0.15, x 2.6); the first sink's 0.45 is untouched
@@ -97,9 +97,46 @@ def test_calibration_of_the_hand_pattern_equals_the_hand_computation() -> None:
     assert torch.allclose(share.sum(-1), torch.ones(5, dtype=torch.float64), atol=1e-12)
     assert torch.equal(out[:2], HAND[:2])  # rows that give the hidden sink nothing: unchanged
     assert torch.allclose(out.sum(-1), torch.ones(5, dtype=torch.float64), atol=1e-12)
-    # beta = 1 is the identity, beta = 0 removes the hidden sink entirely
-    assert torch.allclose(calibrate_pattern(HAND[None], torch.tensor([5]), beta=1.0)[0], HAND)
-    assert (calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.0)[0][:, 2] == 0).all()
+    # beta = 1 is the identity, beta = 0 removes the hidden sink entirely (both variants)
+    variants: tuple[act.FirstSink, ...] = ("share", "frozen")
+    for variant in variants:
+        one = calibrate_pattern(HAND[None], torch.tensor([5]), beta=1.0, first_sink=variant)[0]
+        zero = calibrate_pattern(HAND[None], torch.tensor([5]), beta=0.0, first_sink=variant)[0]
+        assert torch.allclose(one, HAND) and (zero[:, 2] == 0).all()
+
+
+def test_the_default_is_the_official_share_variant() -> None:
+    """The published numbers come from the official code, where the first sink takes back its share:
+    that is the default everywhere (config, Calibration, calibrate_pattern); "frozen" only by name."""
+    assert ActConfig().first_sink == "share" and ActConfig().calibration().first_sink == "share"
+    assert Calibration().first_sink == "share"
+    out = calibrate_pattern(HAND[None], torch.tensor([5]))[0]  # defaults: beta 0.4, alpha > 0.1
+    g = 1 + 0.6 * 0.35 / 0.65  # row 4: the removed 0.21 spread over the 0.65 outside column 2
+    expected = torch.tensor(
+        [
+            [1.00, 0.00, 0.00, 0.00, 0.00],
+            [0.80, 0.20, 0.00, 0.00, 0.00],  # no weight on the hidden sink: unchanged
+            [0.77, 0.07, 0.16, 0.00, 0.00],  # 0.24 removed, over the 0.6 outside column 2: x 1.4
+            [0.63, 0.07, 0.16, 0.14, 0.00],  # the same: x 1.4, the first sink included
+            [0.50 * g, 0.02 * g, 0.14, 0.05 * g, 0.08 * g],
+        ],
+        dtype=torch.float64,
+    )
+    assert torch.allclose(out, expected, rtol=0, atol=1e-6)
+    assert torch.allclose(out.sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-6)
+    # what the hidden-sink column loses, row by row, the other keys gain: the first sink its share
+    lost = HAND[:, 2] - out[:, 2]
+    gained = out - HAND
+    assert lost.tolist() == pytest.approx([0.0, 0.0, 0.24, 0.24, 0.21], abs=1e-6)
+    assert gained[:, 0].tolist() == pytest.approx([0.0, 0.0, 0.22, 0.18, 0.5 * 0.21 / 0.65], abs=1e-6)
+    assert torch.allclose(gained[:, [0, 1, 3, 4]].sum(-1), lost, rtol=0, atol=1e-6)
+    assert gained[:, 0].sum() > gained[:, [1, 3, 4]].sum()  # the first sink takes back most of it
+    # the run's config gives the same edit; "frozen" asked for by name leaves column 0 bit-exact
+    assert torch.equal(ActConfig().calibration().apply(HAND[None], torch.tensor([5]))[0], out)
+    frozen = calibrate_pattern(HAND[None], torch.tensor([5]), first_sink="frozen")[0]
+    assert torch.equal(frozen[:, 0], HAND[:, 0]) and not torch.equal(out[:, 0], HAND[:, 0])
+    with pytest.raises(ConfigError, match="first_sink"):
+        calibrate_pattern(HAND[None], torch.tensor([5]), first_sink="drop")  # type: ignore[arg-type]
 
 
 def test_both_threshold_forms() -> None:
@@ -133,8 +170,8 @@ def test_first_sink_is_never_damped_even_when_it_is_not_position_zero() -> None:
     first, hidden = Calibration(alpha_threshold=0.25).sinks(A[None], torch.tensor([6]))
     assert first[0].nonzero().ravel().tolist() == [1]
     assert hidden[0].nonzero().ravel().tolist() == [3]
-    out = calibrate_pattern(A[None], torch.tensor([6]), alpha_threshold=0.25)[0]
-    assert torch.equal(out[:, 1], A[:, 1])  # the first sink's column is never touched
+    out = calibrate_pattern(A[None], torch.tensor([6]), alpha_threshold=0.25, first_sink="frozen")[0]
+    assert torch.equal(out[:, 1], A[:, 1])  # "frozen": the first sink's column is never touched
     shared = calibrate_pattern(A[None], torch.tensor([6]), alpha_threshold=0.25, first_sink="share")[0]
     assert (shared[:, 1] >= A[:, 1]).all() and (shared[3:, 1] > A[3:, 1]).all()  # "share": it only receives
     assert torch.allclose(out[3:, 3], 0.4 * A[3:, 3])
@@ -161,11 +198,12 @@ def _random_padded(lengths: list[int], heads: int = 2, seed: int = 0) -> torch.T
     return out
 
 
-def test_rows_keep_their_sum_and_zeros_stay_zero_in_a_padded_batch() -> None:
+@pytest.mark.parametrize("variant", ["share", "frozen"])
+def test_rows_keep_their_sum_and_zeros_stay_zero_in_a_padded_batch(variant: Any) -> None:
     lengths = [9, 4, 7]
     A = _random_padded(lengths)
     L = torch.tensor(lengths)
-    out = calibrate_pattern(A, L, alpha_threshold=0.1)
+    out = calibrate_pattern(A, L, alpha_threshold=0.1, first_sink=variant)
     first, hidden = Calibration(alpha_threshold=0.1).sinks(A, L)
     assert hidden.any()  # the test has something to calibrate
     assert not torch.allclose(out, A)
@@ -181,7 +219,10 @@ def test_rows_keep_their_sum_and_zeros_stay_zero_in_a_padded_batch() -> None:
     touched = col & (A > 0) & (out != A)
     assert torch.allclose(out[touched], 0.4 * A[touched])
     first_col = first.unsqueeze(-2).expand_as(A)
-    assert torch.equal(out[first_col], A[first_col])  # the first sink: never touched
+    if variant == "frozen":
+        assert torch.equal(out[first_col], A[first_col])  # the first sink: never touched
+    else:  # it only receives, and does receive where a row gave up weight on a hidden sink
+        assert (out[first_col] >= A[first_col]).all() and (out[first_col] > A[first_col]).any()
 
 
 def test_row_mask_edits_only_the_chosen_batch_rows() -> None:
