@@ -48,6 +48,7 @@ class FakeActConfig:
     n_calibration: int = 20
     n_heldout: int = 40
     seed: int = 0
+    first_sink: str = "share"
 
 
 def _interval(rng: np.random.Generator, value: float, width: float) -> tuple[float, float]:
@@ -322,7 +323,9 @@ def test_search_distribution_and_sink_tokens(runs: Runs) -> None:
     np.testing.assert_allclose(tokens.data[0].customdata, table["share_of_heads"])
     np.testing.assert_allclose(tokens.data[0].marker.color, table["share_of_heads"])
     pooled = _open(runs, runs.pooled)
-    assert "no hidden sink tokens" in views.sink_tokens_figure(pooled).layout.annotations[0].text
+    assert "no hidden sink tokens" in views.sink_tokens_figure(pooled).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
 
 
 def test_margins_split_items_by_outcome(runs: Runs) -> None:
@@ -345,6 +348,9 @@ def test_views_read_an_unsaved_result_like_a_saved_run(runs: Runs) -> None:
     line = views.settings_line(run)
     assert "beta 0.4" in line and "alpha_k > 0.1" in line and "layers 2–4 in range" in line
     assert "head search per task" in line
+    assert "first_sink=share, the official code's variant" in line
+    frozen = views.settings_line(make_result(dataclasses.replace(FakeActConfig(), first_sink="frozen")))
+    assert "first_sink=frozen" in frozen and "share" not in frozen
     np.testing.assert_allclose(views.accuracy_figure(result).data[1].y, views.accuracy_figure(run).data[1].y)
     assert views.kept_heads(result, "capital") == views.kept_heads(run, "capital")
 
@@ -370,14 +376,20 @@ def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
     assert list(accuracy.data[0].marker.opacity) == [0.35, 0.35, 1.0]
     assert len(page.delta_figure(runs.per_task, "capital").data[0].x) == 3
     assert "capital" in page.margin_figure(runs.per_task, "capital").layout.title.text
-    assert "no per-item table" in page.margin_figure(runs.pooled, None).layout.annotations[0].text
+    assert "no per-item table" in page.margin_figure(runs.pooled, None).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
     assert len(page.tokens_figure(runs.per_task).data[0].x) == len(TOKENS)
     table = to_json(page.tasks_table(runs.per_task, "topic"))
     row = views.task_rows(run).set_index("task").loc["topic"]
     assert row["before"] in table and row["delta"] in table and '"className": "current"' in table
     assert "beta 0.4" in page.settings_text(runs.per_task)
-    assert "no ACT run selected" in page.grid_figure(None, None, "kept").layout.annotations[0].text
-    assert "cannot show run" in page.accuracy_figure("../elsewhere", None).layout.annotations[0].text
+    assert "no ACT run selected" in page.grid_figure(None, None, "kept").layout.annotations[0].text.replace(
+        "<br>", " "
+    )
+    assert "cannot show run" in page.accuracy_figure("../elsewhere", None).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
 
 
 def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
@@ -450,8 +462,10 @@ def test_a_run_without_head_search_calibrates_every_head_in_range(runs: Runs) ->
     rings = fig.data[-1]
     assert sorted(zip(map(int, rings.y), map(int, rings.x), strict=True)) == in_range
     assert "no head search" in fig.layout.title.text
-    assert "no head search" in views.search_figure(run, "topic").layout.annotations[0].text
-    assert "no head search" in views.search_figure(run).layout.annotations[0].text
+    assert "no head search" in views.search_figure(run, "topic").layout.annotations[0].text.replace(
+        "<br>", " "
+    )
+    assert "no head search" in views.search_figure(run).layout.annotations[0].text.replace("<br>", " ")
     assert "no head search" in views.settings_line(run)
     assert views.task_rows(run)["scope"].tolist() == ["none: all in range"]
     page = _page(runs.root)

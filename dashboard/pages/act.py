@@ -46,9 +46,9 @@ class ActPage(AnalysisPage):
                 html.H2("ACT: attention calibration of hidden sinks"),
                 html.P(
                     "A head has a sink on key k when alpha_k (mean attention k receives) exceeds the "
-                    "threshold; the first sink is left alone and the later, hidden ones are calibrated: "
-                    "each query row keeps beta of its attention on them and gives the rest to the other "
-                    "keys. Heads are searched one at a time on a calibration split and kept when accuracy "
+                    "threshold; the first sink is not calibrated and the later, hidden ones are: each "
+                    "query row keeps beta of its attention on them and gives the rest to the other keys "
+                    "(the first sink included with first_sink=share, the default; not with frozen). Heads are searched one at a time on a calibration split and kept when accuracy "
                     "does not drop; the kept heads are then calibrated together and scored on held-out "
                     "items (Yu et al., ICML 2024).",
                     className="hint",

@@ -17,9 +17,10 @@ def _accuracy(run: Run) -> ReportSection:
     intro = (
         "<p>Attention calibration (ACT, Yu et al., ICML 2024): on every head of the searched layers, "
         "keys whose mean received attention alpha_k exceeds the threshold are sinks; the first sink is "
-        "left alone and each query row keeps beta of its attention on the later (hidden) sinks, the "
-        "rest going to the keys that are no sink, in proportion (the first sink's column stays as it was; "
-        "with first_sink=share, the official code's variant, it takes its proportional share). Heads are "
+        "not calibrated and each query row keeps beta of its attention on the later (hidden) sinks, the "
+        "rest going to the other keys in proportion (with first_sink=share, the official code's variant "
+        "and the default, the first sink takes back its proportional share too; with first_sink=frozen "
+        "its column stays as it was; the settings below say which this run used). Heads are "
         "searched one at a time on a calibration "
         "split and kept when accuracy does not drop; the kept heads are calibrated together and scored "
         "zero-shot on a held-out split. Settings: "

@@ -123,6 +123,12 @@ def calibrated_layers(source: Source) -> tuple[int, int] | None:
     return int(layers.min()), int(layers.max())
 
 
+FIRST_SINK_LABELS = {
+    "share": "first sink takes back its proportional share (first_sink=share, the official code's variant)",
+    "frozen": "first sink's column left as it was (first_sink=frozen)",
+}
+
+
 def settings_line(source: Source) -> str:
     """One line naming the run's calibration settings (plain text)."""
     cfg = config(source)
@@ -135,6 +141,8 @@ def settings_line(source: Source) -> str:
         parts.append(f"sinks alpha_k > {cfg['alpha_threshold']}")
     elif "threshold" in cfg:
         parts.append(f"sink threshold {cfg['threshold']}")
+    if "first_sink" in cfg:
+        parts.append(FIRST_SINK_LABELS.get(str(cfg["first_sink"]), f"first sink {cfg['first_sink']}"))
     if "filter" in cfg:
         parts.append(FILTER_LABELS.get(str(cfg["filter"]), f"head search {cfg['filter']}"))
     layers = calibrated_layers(source)
