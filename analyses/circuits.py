@@ -11,8 +11,8 @@ the IOI inhibition heads and negative movers to look at the wrong colours repair
 Colored Objects answers. This module computes all of it on any language model probe loads, and
 finds the heads itself: no head list is written in it.
 
-Definitions (PAPERS.md §6)
---------------------------
+Definitions
+-----------
 * **Metric.** At the final position END, ``logit_diff = logit(right) - logit(wrong)``. IOI: right =
   IO, wrong = S. Colored Objects: right = the asked object's colour, wrong = the colour of the
   object the corrupted prompt asks about (the answer the corruption would make right), so the gap

@@ -3,7 +3,7 @@
 Background
 ----------
 Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality" (2024; code:
-nightdessert/Retrieval_Head), PAPERS.md section 3. A needle sentence is put at depth ``d`` of a
+nightdessert/Retrieval_Head). A needle sentence is put at depth ``d`` of a
 haystack of ``L`` tokens, followed by a question; the model answers by greedy decoding. At every
 decoding step ``s`` each head's attention row of the current query is reduced to its argmax key
 ``k_s``; the head *copy-pastes* at that step when ``k_s`` lies in the needle's answer span and the

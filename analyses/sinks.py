@@ -3,7 +3,7 @@
 Background
 ----------
 Gu et al., "When Attention Sink Emerges in Language Models: An Empirical View" (ICLR 2025; code:
-sail-sg/Attention-Sink) measure sinks with the column importance of PAPERS.md (the shared
+sail-sg/Attention-Sink) measure sinks with the column importance (the shared
 primitive, :class:`probe.reducers.ColumnImportance`)::
 
     alpha_k = (sum_{t >= k} A[t, k]) / (T - k)                (k = 0 is the first real token)

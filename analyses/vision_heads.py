@@ -2,8 +2,8 @@
 
 Background
 ----------
-He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence" (ACL 2025;
-PAPERS.md section 5) ask which attention heads of a vision-language model's language model actually
+He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence" (ACL 2025)
+ask which attention heads of a vision-language model's language model actually
 use the image. For head ``(l, h)`` at a generation step, **VHD** is the Euclidean distance between
 the head's output before the output projection (``o_proj``'s input slice, TransformerLens'
 ``hook_z``) when the model sees the image and when the image tokens are removed from the prompt

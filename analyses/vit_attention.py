@@ -2,7 +2,7 @@
 
 Background
 ----------
-Li et al. (TVCG 2023, PAPERS.md section 7) describe each ViT head in three ways: how important it is
+Li et al. (TVCG 2023) describe each ViT head in three ways: how important it is
 (pruning; :mod:`analyses.vit_heads` with the gates of :mod:`probe.vision`), how strongly a patch
 attends to the patches around it (*attention strength*), and which *attention patterns* it has
 learned. This module holds the last two as plain array functions over captured patterns

@@ -2,8 +2,8 @@
 
 Background
 ----------
-Li et al., "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt" (TVCG 2023;
-PAPERS.md section 7) ask three questions of every head of a vision transformer: how important is
+Li et al., "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt" (TVCG 2023)
+ask three questions of every head of a vision transformer: how important is
 it, how strongly does a patch attend to the patches around it, and which attention patterns has it
 learned. This module answers them on a loaded vision model (``clip-vit-b16``, ``tiny-vit``,
 ``tiny-clip-vision`` or any ViT/DeiT/CLIP checkpoint that :mod:`probe.vision` hooks), and adds the

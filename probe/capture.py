@@ -2,7 +2,7 @@
 
 Background
 ----------
-Two ways to read attention (DESIGN.md):
+Two ways to read attention:
 
 * ``mode="eager"``: the TransformerBridge computes every pattern; a hook on each layer's
   ``hook_pattern`` hands the rows to the reducers. Needed whenever patterns are also edited

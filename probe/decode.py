@@ -2,7 +2,7 @@
 
 Background
 ----------
-Retrieval-head scoring (Wu et al. 2024, PAPERS.md section 3) needs, at each decoding step, the
+Retrieval-head scoring (Wu et al. 2024) needs, at each decoding step, the
 argmax of every head's attention row *of the current query only*. The paper's code runs the whole
 model with eager attention and ``output_attentions=True``, which keeps ``[heads, T]`` per layer per
 step but also materialises the full ``[T, T]`` prefill patterns unless the prefill is split off. Here:

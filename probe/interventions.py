@@ -19,8 +19,8 @@ what a head *causes*, one changes it and measures the change of the output:
 
 Every intervention is a context manager. On entry it adds hooks through :class:`probe.hooks.HookSet`,
 on exit it removes them, also when the block raises, so the model is bit-identical after the block
-(DESIGN.md: "Interventions are context managers: the model is unchanged after the block, also
-after an error"). No intervention changes a weight; hooks return new tensors and never write into
+(the contract of every intervention: the model is unchanged after the block, also after an
+error). No intervention changes a weight; hooks return new tensors and never write into
 the activation they receive. Arguments are checked when the intervention is *made*, before any
 hook is added: a bad ``(layer, head)`` raises :class:`probe.errors.ConfigError` naming the valid
 range. Whatever can only be checked on the running input (a position beyond the sequence, a cached

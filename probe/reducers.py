@@ -270,7 +270,8 @@ class DiagonalScore(_SumCount):
 
 class ColumnImportance(PatternReducer):
     """``alpha_k = (sum_{t>=k} A[t,k]) / (T - k)``: mean attention key ``k`` receives from the queries
-    that can see it, for every real key position ``k`` (PAPERS.md, shared primitive).
+    that can see it, for every real key position ``k`` (the primitive the sink
+    analyses share).
 
     With padding, ``T`` and ``k`` count real tokens only. Result: ``[n_samples, L, H, T_max]``,
     NaN beyond each sample's length. Keeps ``[L, b, H, T]`` column sums on the device while a batch

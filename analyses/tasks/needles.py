@@ -6,7 +6,7 @@ A *needle* is one invented fact, ``"The secret passphrase for the Quillhaven arc
 falcon lantern."``, inserted at depth ``d`` (the fraction of the haystack before it) into a
 *haystack* of real prose, followed by a question (``"What is the secret passphrase for the
 Quillhaven archive?"``). The model must copy the *answer* (``amber falcon lantern``) from the
-context. Retrieval scoring (PAPERS.md §3) needs to know exactly which prompt tokens are the answer
+context. Retrieval scoring (Wu et al. 2024) needs to know exactly which prompt tokens are the answer
 (the paper's code scores copies from the span of the answer, its ``real_needle``):
 :class:`NeedleTest` records the prompt's token ids and the token spans of the needle and of its
 answer, found by character offsets (:func:`find_span`), never by searching for the answer's

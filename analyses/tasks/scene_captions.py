@@ -54,7 +54,7 @@ References
 * Li, Du, Zhou, Wang, Zhao & Wen (2023). Evaluating Object Hallucination in Large Vision-Language
   Models. EMNLP. (POPE: random, popular and adversarial negative sampling.)
 * He et al. (2025). Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence.
-  ACL. (The analysis this testbed is for; shared/PAPERS.md §5.)
+  ACL. (The analysis this testbed is for.)
 """
 
 from __future__ import annotations
