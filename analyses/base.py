@@ -33,6 +33,9 @@ class AnalysisResult:
     seeds: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # heads-table columns that may be NaN for some heads, left out of the check that refuses a
+    # heads table in which a head has no number at all (see runstore.write_run)
+    nan_ok: tuple[str, ...] = ()
 
     @property
     def heads(self) -> pd.DataFrame:
@@ -51,6 +54,7 @@ class AnalysisResult:
             seeds=self.seeds,
             timings=self.timings,
             notes=self.notes,
+            nan_ok=self.nan_ok,
         )
 
 

@@ -27,6 +27,22 @@ that the dashboard would show as a result. Readers skip hidden directories. A vi
 files no longer match its manifest (deleted, truncated or edited afterwards) is reported as damaged
 with the fix, never read silently.
 
+Stale temporaries: a writer killed outright (``kill -9``, out of memory, power loss) cannot remove
+its temporary directory. While it writes, the writer holds a lock inside it
+(:mod:`probe.tempdirs`: a lock file with its pid, host and start time, flocked for as long as it
+lives), so a temporary whose lock is no longer held, or one without a lock untouched for a while,
+is known to be dead. :func:`write_run` removes such leftovers before it writes, and ``headlab runs``
+removes them and says so (:func:`remove_stale_temporaries`); a live writer's temporary is never
+touched.
+
+What is trusted: nothing read from a run is used as a path before it is checked. Names in a
+manifest (run id, analysis, tables, arrays) must be plain names (letters, digits, ``_``, ``-``); a
+run directory must lie inside the root that lists it, and its files inside the run directory (a
+symbolic link out of either makes the run damaged). A heads table in which some head has no number
+at all (every metric column NaN: the model produced non-finite attention) is refused when saving
+(:func:`write_run`, ``nan_ok``). A run records the package versions it was made with;
+:func:`version_differences` lists those that differ from the ones installed now.
+
 Usage
 -----
 ::
@@ -52,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib.metadata
 import json
 import math
@@ -59,9 +76,9 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path, PurePath
@@ -70,8 +87,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from probe import tempdirs
 from probe.cache import sha256_file
 from probe.errors import ConfigError, RunStoreError
+from probe.tempdirs import StaleTemp
 
 StrPath = str | os.PathLike[str]
 
@@ -83,9 +102,19 @@ ARRAY_SUFFIX = ".npy"
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "pyarrow", "headlab")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")
+"""What a run id may be: a plain name, never a path (``..``, separators or a leading dot)."""
+TEMP_GLOB = ".*.tmp"
+"""The hidden temporaries of runs being written: ``.<run_id>.tmp``."""
+ID_COLUMNS = ("layer", "head", "kv_head")
+"""Columns of a heads table that say which head a row is, rather than measure it."""
 _STAMP_RE = re.compile(r"(\d{8}-\d{6})-")
 _SOURCE_TREE = Path(__file__).resolve().parent.parent
 _FIX_DAMAGED = "re-run the analysis, or remove the directory"
+_FIX_NOT_A_RUN = (
+    "pass a run id, a unique prefix of one, 'latest', or the directory of a run "
+    "(list the runs with `headlab runs`)"
+)
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -130,10 +159,11 @@ class RunManifest:
 class _Damage(Exception):
     """Internal: why a run directory is unusable, and the fix; turned into RunStoreError."""
 
-    def __init__(self, why: str, fix: str = _FIX_DAMAGED) -> None:
+    def __init__(self, why: str, fix: str = _FIX_DAMAGED, *, not_a_run: bool = False) -> None:
         super().__init__(why)
         self.why = why
         self.fix = fix
+        self.not_a_run = not_a_run  # the directory is no run at all (nothing to re-run or remove)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -178,6 +208,13 @@ def _parse_manifest(text: str) -> RunManifest:
         if name not in data or not isinstance(data[name], types):
             kind = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise _Damage(f"{MANIFEST} field {name!r} is missing or not a {kind}")
+    if not RUN_ID_RE.fullmatch(data["run_id"]):
+        raise _Damage(
+            f"{MANIFEST} field 'run_id' is not a plain name ({data['run_id'][:80]!r}): it was edited, "
+            "and headlab never uses such a name as a file name"
+        )
+    if not _NAME_RE.fullmatch(data["analysis"]):
+        raise _Damage(f"{MANIFEST} field 'analysis' is not a plain name ({data['analysis'][:80]!r})")
     try:
         datetime.fromisoformat(data["created"])
     except ValueError:
@@ -208,6 +245,37 @@ def runs_root(root: StrPath | None = None) -> Path:
         return Path(root).expanduser()
     env = os.environ.get("HEADLAB_RUNS")
     return Path(env).expanduser() if env else Path("runs")
+
+
+def check_root(root: StrPath | None = None) -> Path:
+    """The runs root (:func:`runs_root`), checked to be usable before any work is done.
+
+    It must be a directory that a file can be created in, or not exist yet under a directory that
+    does (it is then made when the first run is written; nothing is created here but a probe file,
+    removed at once). Raises :class:`RunStoreError` saying what is wrong and how to fix it.
+    """
+    base = runs_root(root)
+    fix = "choose another root (--root, or HEADLAB_RUNS)"
+    if base.is_symlink() and not base.exists():
+        raise RunStoreError(f"the runs root {base} is a broken symbolic link; fix the link, or {fix}")
+    if base.exists() and not base.is_dir():
+        raise RunStoreError(f"the runs root {base} is a file, not a directory; {fix}")
+    existing = base
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunStoreError(f"the runs root {base} cannot be created: {existing} is a file; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".headlab-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if existing == base else f" (nor can it be created in {existing})"
+        raise RunStoreError(
+            f"cannot write into the runs root {base}{where}: {err.strerror or err}; fix its permissions, "
+            f"or {fix}"
+        ) from err
+    return base
 
 
 def sanitise(text: str, default: str = "model") -> str:
@@ -310,6 +378,44 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict[str, str | None]:
+    return package_versions()
+
+
+def _version_of(dist: str) -> str | None:
+    if dist == "python":
+        return platform.python_version()
+    try:
+        return importlib.metadata.version(dist)
+    except Exception:  # not installed, or broken metadata
+        return None
+
+
+def version_differences(
+    manifest: RunManifest, installed: Mapping[str, str | None] | None = None
+) -> list[tuple[str, str | None, str | None]]:
+    """``(package, recorded, now)`` for every package whose version in ``manifest`` differs from
+    the one installed now (``installed``: default :func:`package_versions`, read once per
+    process); None means not installed. Empty when the run was made under the same versions."""
+    now = dict(_installed_versions() if installed is None else installed)
+    differences = []
+    for dist, recorded in sorted(manifest.package_versions.items()):
+        current = now[dist] if dist in now else _version_of(dist)
+        recorded_text = None if recorded is None else str(recorded)
+        if recorded_text != current:
+            differences.append((dist, recorded_text, current))
+    return differences
+
+
+def format_version_differences(differences: Sequence[tuple[str, str | None, str | None]]) -> str:
+    """``"torch 2.3.0 (now 2.4.1), numpy 1.26.4 (now 2.0.0)"``; "" when there are none."""
+    return ", ".join(
+        f"{dist} {recorded or 'not installed'} (now {current or 'not installed'})"
+        for dist, recorded, current in differences
+    )
+
+
 def code_revision(source_dir: StrPath | None = None) -> str | None:
     """The git commit of the headlab source tree, ``+ "-dirty"`` when it has uncommitted changes.
 
@@ -375,6 +481,44 @@ def _new_run_id(base: Path, analysis: str, model: str, now: datetime) -> str:
 # ---------------------------------------------------------------------------------------- writing
 
 
+def _nan_heads(heads: pd.DataFrame, nan_ok: Collection[str], model_name: str) -> str | None:
+    """Why ``heads`` must not be saved, or None: some head has NaN in every metric column.
+
+    Metric columns are the floating-point columns other than :data:`ID_COLUMNS`, standard errors
+    (``*_sem``, which say how sure a measurement is, not what it is) and those declared in
+    ``nan_ok``. A column may be NaN for some heads (a score defined only for tested heads), but a
+    head with no number at all was not measured: the model produced non-finite attention.
+    """
+    metrics = [
+        c
+        for c in heads.columns
+        if c not in ID_COLUMNS
+        and c not in nan_ok
+        and not str(c).endswith("_sem")
+        and pd.api.types.is_float_dtype(heads[c])
+    ]
+    if not metrics or heads.empty:
+        return None
+    values = heads[metrics].to_numpy(dtype=np.float64)
+    empty = np.isnan(values).all(axis=1)
+    if not empty.any():
+        return None
+    if {"layer", "head"} <= set(heads.columns):
+        rows = heads.loc[empty, ["layer", "head"]].head(4)
+        examples = ", ".join(f"L{layer}H{head}" for layer, head in rows.itertuples(index=False))
+    else:
+        examples = ", ".join(f"row {i}" for i in np.flatnonzero(empty)[:4])
+    counts = np.isnan(values).sum(axis=0)
+    per_column = ", ".join(f"{c!r} {n}" for c, n in zip(metrics, counts, strict=True) if n)[:300]
+    return (
+        f"the heads table has NaN in every metric column for {int(empty.sum())} of {len(heads)} heads "
+        f"(e.g. {examples}; NaN heads per column: {per_column}): the model produced non-finite "
+        f"attention, so nothing was measured there; check its weights (for a catalogue model: "
+        f"`headlab fetch {model_name} --force`) and run in float32 (--dtype float32), or, for a column "
+        "that may be NaN for some heads, declare it in nan_ok"
+    )
+
+
 def write_run(
     root: StrPath | None,
     *,
@@ -386,12 +530,20 @@ def write_run(
     seeds: Mapping[str, Any] | None = None,
     timings: Mapping[str, Any] | None = None,
     notes: Mapping[str, Any] | None = None,
+    nan_ok: Collection[str] = (),
 ) -> Path:
     """Write one run under ``root`` (None: :func:`runs_root`) atomically; return its directory.
 
     ``model_info`` is ``LoadedModel.describe()``; ``config`` a dataclass instance or a mapping
     (stored as plain JSON, see :func:`to_jsonable`). ``tables`` must not be empty; names (tables,
     arrays, the analysis) are letters, digits, ``_`` and ``-``. On any error nothing is left behind.
+
+    The root is checked (:func:`check_root`) before anything is written. A ``heads`` table in which
+    some head has NaN in every metric column is refused (:class:`RunStoreError`): the model produced
+    non-finite attention. ``nan_ok`` names heads-table columns that may be NaN, which that check
+    leaves out. Before writing, temporaries of earlier writers that died are removed
+    (:func:`remove_stale_temporaries`); while writing, the temporary holds a lock that tells
+    others this writer is alive.
     """
     _check_name("analysis", analysis)
     if not isinstance(model_info, Mapping):
@@ -438,8 +590,12 @@ def write_run(
                 f"array {name!r} has dtype {arr.dtype} (Python objects), which is not stored; "
                 "give it a numeric or fixed-width string dtype, or store it as a table"
             )
+    if "heads" in tables:
+        problem = _nan_heads(tables["heads"], nan_ok, model_name)
+        if problem is not None:
+            raise RunStoreError(f"refusing to save the {analysis} run of {model_name}: {problem}")
 
-    base = runs_root(root)
+    base = check_root(root)
     now = datetime.now(UTC)
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -447,84 +603,156 @@ def write_run(
         raise RunStoreError(
             f"cannot create the runs root {base}: {err}; choose a writable directory (HEADLAB_RUNS)"
         ) from err
+    remove_stale_temporaries(base)
     run_id = _new_run_id(base, analysis, model_name, now)
     final = base / run_id
-    tmp = base / f".{run_id}.tmp"
     try:
-        tmp.mkdir()
-        table_meta: dict[str, dict[str, Any]] = {}
-        for name, df in tables.items():
-            path = tmp / f"{name}{TABLE_SUFFIX}"
-            try:
-                df.to_parquet(path, engine="pyarrow")
-            except (ValueError, TypeError, NotImplementedError) as err:
-                raise ConfigError(
-                    f"table {name!r} cannot be written as Parquet ({type(err).__name__}: {err}); give "
-                    "each column one plain type (numbers, strings, booleans), e.g. convert mixed "
-                    "object columns with .astype(str)"
-                ) from err
-            _fsync(path)
-            table_meta[name] = {
-                "rows": len(df),
-                "columns": [str(c) for c in df.columns],
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-        array_meta: dict[str, dict[str, Any]] = {}
-        if arrays:
-            (tmp / ARRAYS_DIR).mkdir()
-        for name, arr in arrays.items():
-            path = tmp / ARRAYS_DIR / f"{name}{ARRAY_SUFFIX}"
-            np.save(path, arr, allow_pickle=False)
-            _fsync(path)
-            array_meta[name] = {
-                "shape": list(arr.shape),
-                "dtype": str(arr.dtype),
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-        manifest = RunManifest(
-            run_id=run_id,
-            analysis=analysis,
-            created=now.isoformat(),
-            model=model,
-            config=config_json,
-            seeds=extras["seeds"],
-            package_versions=package_versions(),
-            code_revision=code_revision(),
-            timings=extras["timings"],
-            tables=table_meta,
-            arrays=array_meta,
-            notes=extras["notes"],
-        )
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        _fsync(tmp / MANIFEST)
-        if arrays:
-            _fsync(tmp / ARRAYS_DIR)
-        _fsync(tmp)
-        if final.exists():
-            raise RunStoreError(f"run directory {final} appeared while writing; write the run again")
-        os.rename(tmp, final)
-        _fsync(base)
+        with tempdirs.locked_tempdir(base, "", name=f".{run_id}.tmp") as tmp:
+            table_meta, array_meta = _write_data(tmp, tables, arrays)
+            manifest = RunManifest(
+                run_id=run_id,
+                analysis=analysis,
+                created=now.isoformat(),
+                model=model,
+                config=config_json,
+                seeds=extras["seeds"],
+                package_versions=package_versions(),
+                code_revision=code_revision(),
+                timings=extras["timings"],
+                tables=table_meta,
+                arrays=array_meta,
+                notes=extras["notes"],
+            )
+            (tmp / MANIFEST).write_text(manifest.to_json())
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            if final.exists():
+                raise RunStoreError(f"run directory {final} appeared while writing; write the run again")
+            tempdirs.publish(tmp, final)
+            _fsync(base)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RunStoreError(
             f"could not write run {run_id} under {base}: {err}; check that the directory is writable "
             "and has free space, or choose another root (HEADLAB_RUNS)"
         ) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
+
+
+def _write_data(
+    tmp: Path, tables: Mapping[str, pd.DataFrame], arrays: Mapping[str, np.ndarray]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Write the tables and arrays into ``tmp``, flushed; return their manifest entries."""
+    table_meta: dict[str, dict[str, Any]] = {}
+    for name, df in tables.items():
+        path = tmp / f"{name}{TABLE_SUFFIX}"
+        try:
+            df.to_parquet(path, engine="pyarrow")
+        except (ValueError, TypeError, NotImplementedError) as err:
+            raise ConfigError(
+                f"table {name!r} cannot be written as Parquet ({type(err).__name__}: {err}); give "
+                "each column one plain type (numbers, strings, booleans), e.g. convert mixed "
+                "object columns with .astype(str)"
+            ) from err
+        _fsync(path)
+        table_meta[name] = {
+            "rows": len(df),
+            "columns": [str(c) for c in df.columns],
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+    array_meta: dict[str, dict[str, Any]] = {}
+    if arrays:
+        (tmp / ARRAYS_DIR).mkdir()
+    for name, arr in arrays.items():
+        path = tmp / ARRAYS_DIR / f"{name}{ARRAY_SUFFIX}"
+        np.save(path, arr, allow_pickle=False)
+        _fsync(path)
+        array_meta[name] = {
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+    if arrays:
+        _fsync(tmp / ARRAYS_DIR)
+    return table_meta, array_meta
+
+
+def remove_stale_temporaries(root: StrPath | None = None) -> list[StaleTemp]:
+    """Remove the temporaries (``.<run_id>.tmp``) under ``root`` whose writer is gone; return them.
+
+    A temporary is stale when its lock is no longer held (its writer died, e.g. ``kill -9``), or
+    when it has no lock and was not touched for :data:`probe.tempdirs.GRACE_S` seconds. One that a
+    live writer holds, or one written from another host, is left alone. Never raises: a root that
+    cannot be read or changed yields what could be removed.
+    """
+    try:
+        return tempdirs.remove_stale(runs_root(root), TEMP_GLOB)
+    except OSError:
+        return []
+
+
+def temporaries(root: StrPath | None = None) -> list[tuple[Path, str]]:
+    """The temporaries still under ``root``, each with what is known of it (for ``headlab runs``)."""
+    base = runs_root(root)
+    try:
+        stale = {t.path: t for t in tempdirs.stale_tempdirs(base, TEMP_GLOB)}
+        found = sorted(p for p in base.glob(TEMP_GLOB) if p.is_dir() and not p.is_symlink())
+    except OSError:
+        return []
+    result = []
+    for path in found:
+        if path in stale:
+            result.append((path, f"stale ({stale[path].why}) but could not be removed; remove it by hand"))
+        else:
+            result.append((path, "being written by a live process (or from another host); left alone"))
+    return result
 
 
 # ---------------------------------------------------------------------------------------- reading
 
 
+def _looks_like_a_run(directory: Path) -> bool:
+    """Whether a directory without a manifest was a run (so it is damaged) or never was one."""
+    if _STAMP_RE.match(directory.name) or (directory / ARRAYS_DIR).is_dir():
+        return True
+    try:
+        return any(p.suffix == TABLE_SUFFIX for p in directory.iterdir())
+    except OSError:
+        return False
+
+
+def _inside(path: Path, holder: Path) -> bool:
+    """Whether ``path``, links followed, lies strictly inside ``holder`` (links followed)."""
+    try:
+        real, real_holder = path.resolve(), holder.resolve()
+    except (OSError, RuntimeError):  # a link loop, an unreadable directory
+        return False
+    return real != real_holder and real.is_relative_to(real_holder)
+
+
+def _check_contained(directory: Path, root: Path | None) -> None:
+    """The run directory must lie inside the root listing it (default: the directory holding it)."""
+    holder = Path(os.path.abspath(root)) if root is not None else Path(os.path.abspath(directory)).parent
+    if not _inside(directory, holder):
+        try:
+            where = str(directory.resolve())
+        except (OSError, RuntimeError):
+            where = "a link loop"
+        raise _Damage(
+            f"the run directory is a symbolic link to {where}, outside {holder}",
+            "open the run at its real location, or copy it (not a link to it) under the root",
+        )
+
+
 def _load_manifest(directory: Path) -> RunManifest:
     path = directory / MANIFEST
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
+        if not _looks_like_a_run(directory):
+            raise _Damage(f"it has no {MANIFEST} and none of a run's files", _FIX_NOT_A_RUN, not_a_run=True)
         raise _Damage(f"{MANIFEST} is missing (the run was not written by headlab, or it was deleted)")
+    if not _inside(path, directory):
+        raise _Damage(f"{MANIFEST} is a symbolic link out of the run directory")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
@@ -536,8 +764,12 @@ def _check_files(directory: Path, manifest: RunManifest, *, verify: bool) -> Non
     entries = [("table", f"{name}{TABLE_SUFFIX}", meta) for name, meta in manifest.tables.items()] + [
         ("array", f"{ARRAYS_DIR}/{name}{ARRAY_SUFFIX}", meta) for name, meta in manifest.arrays.items()
     ]
+    if manifest.arrays and not _inside(directory / ARRAYS_DIR, directory):
+        raise _Damage(f"{ARRAYS_DIR}/ is a symbolic link out of the run directory")
     for kind, rel, meta in entries:
         path = directory / rel
+        if (path.is_symlink() or path.exists()) and not _inside(path, directory):
+            raise _Damage(f"{kind} file {rel} is a symbolic link out of the run directory")
         if not path.is_file():
             raise _Damage(f"{kind} file {rel} listed in {MANIFEST} is missing")
         size = path.stat().st_size
@@ -550,6 +782,8 @@ def _check_files(directory: Path, manifest: RunManifest, *, verify: bool) -> Non
 
 
 def _error(directory: Path, damage: _Damage) -> RunStoreError:
+    if damage.not_a_run:
+        return RunStoreError(f"{directory} is not a run directory: {damage.why}; {damage.fix}")
     return RunStoreError(f"run {directory.name} ({directory}) is unusable: {damage.why}; {damage.fix}")
 
 
@@ -640,12 +874,14 @@ class Run:
         return self._arrays[name].copy()
 
 
-def open_run(path: StrPath, *, verify: bool = True) -> Run:
+def open_run(path: StrPath, *, verify: bool = True, root: StrPath | None = None) -> Run:
     """Open the run directory ``path`` after checking it.
 
     Checks that the manifest is present, parses, has a supported schema version, and that every
     table and array it lists exists with the recorded size and (``verify=True``) sha256.
-    ``verify=False`` skips the hashing. Any problem raises :class:`RunStoreError` with the fix.
+    ``verify=False`` skips the hashing. The directory must lie inside ``root`` (default: the
+    directory holding ``path``, as named) and its files inside it: a symbolic link out of either
+    makes the run damaged. Any problem raises :class:`RunStoreError` with the fix.
     """
     directory = Path(path).expanduser()
     if not directory.exists():
@@ -655,6 +891,7 @@ def open_run(path: StrPath, *, verify: bool = True) -> Run:
     if not directory.is_dir():
         raise RunStoreError(f"{directory} is a file, not a run directory; pass the run's directory")
     try:
+        _check_contained(directory, None if root is None else Path(root).expanduser())
         manifest = _load_manifest(directory)
         _check_files(directory, manifest, verify=verify)
     except _Damage as damage:
@@ -669,24 +906,41 @@ def open_run(path: StrPath, *, verify: bool = True) -> Run:
 class RunSummary:
     """One line of :func:`list_runs`; fields the manifest would give are None for a damaged run."""
 
-    run_id: str
+    run_id: str  # the directory's name under the root: what `headlab report` and resolve_run take
     analysis: str | None
     model: str | None
     created: str | None
     n_heads: int | None  # rows of the heads table
     path: Path
-    status: str  # "ok" or "damaged: <why>"
+    status: str  # "ok", "damaged: <why>", or "not a run: <why>" (a directory that never was one)
+    recorded_id: str | None = None  # the run id in the manifest; differs from run_id for a copy
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def damaged(self) -> bool:
+        return self.status.startswith("damaged")
 
-def _summarise(directory: Path, *, verify: bool) -> RunSummary:
+    @property
+    def note(self) -> str:
+        """Says "copied/renamed from <id>" when the manifest names another run id than the directory."""
+        if self.recorded_id is None or self.recorded_id == self.run_id:
+            return ""
+        return f"copied/renamed from {self.recorded_id}"
+
+
+def _summarise(directory: Path, *, verify: bool, root: Path | None = None) -> RunSummary:
+    def unusable(damage: _Damage) -> RunSummary:
+        kind = "not a run" if damage.not_a_run else "damaged"
+        return RunSummary(directory.name, None, None, None, None, directory, f"{kind}: {damage.why}")
+
     try:
+        _check_contained(directory, root)
         manifest = _load_manifest(directory)
     except _Damage as damage:
-        return RunSummary(directory.name, None, None, None, None, directory, f"damaged: {damage.why}")
+        return unusable(damage)
     try:
         _check_files(directory, manifest, verify=verify)
         status = "ok"
@@ -694,13 +948,14 @@ def _summarise(directory: Path, *, verify: bool) -> RunSummary:
         status = f"damaged: {damage.why}"
     heads = manifest.tables.get("heads", {}).get("rows")
     return RunSummary(
-        run_id=manifest.run_id,
+        run_id=directory.name,
         analysis=manifest.analysis,
         model=manifest.model_name,
         created=manifest.created,
         n_heads=heads if isinstance(heads, int) else None,
         path=directory,
         status=status,
+        recorded_id=manifest.run_id,
     )
 
 
@@ -737,13 +992,17 @@ def list_runs(
 ) -> list[RunSummary]:
     """Every run under ``root``, newest first, optionally of one analysis and/or model.
 
-    Damaged runs are listed with ``status="damaged: <why>"`` rather than raised; hidden directories
+    Damaged runs are listed with ``status="damaged: <why>"`` rather than raised (a run directory
+    that is a symbolic link out of the root, or holds one out of itself, is damaged), and
+    directories that are no runs at all with ``"not a run: <why>"``; hidden directories
     (temporaries of runs being written) are skipped. ``verify=False`` compares sizes only, without
-    hashing every file. A root that does not exist holds no runs.
+    hashing every file. A root that does not exist holds no runs. Nothing is changed on disk (see
+    :func:`remove_stale_temporaries`).
     """
     summaries = []
-    for directory in _run_dirs(runs_root(root)):
-        summary = _summarise(directory, verify=verify)
+    base = runs_root(root)
+    for directory in _run_dirs(base):
+        summary = _summarise(directory, verify=verify, root=base)
         if analysis is not None:
             if summary.analysis is not None and summary.analysis != analysis:
                 continue
@@ -786,8 +1045,9 @@ def resolve_run(ref: StrPath, root: StrPath | None = None) -> Path:
             if summary.ok:
                 return summary.path
         what = f"{wanted} run" if wanted else "run"
-        if summaries:
-            damaged = ", ".join(s.run_id for s in summaries[:5])
+        damaged_runs = [s for s in summaries if s.damaged]
+        if damaged_runs:
+            damaged = ", ".join(s.run_id for s in damaged_runs[:5])
             raise RunStoreError(
                 f"no intact {what} under {base}; damaged: {damaged}; re-run the analysis, or remove them"
             )
@@ -818,10 +1078,15 @@ def resolve_run(ref: StrPath, root: StrPath | None = None) -> Path:
 
 
 def format_runs_table(summaries: Sequence[RunSummary]) -> str:
-    """A plain-text table of runs for ``headlab runs``."""
+    """A plain-text table of runs for ``headlab runs``.
+
+    The first column is the directory name, which ``headlab report`` takes; a ``note`` column says
+    when the manifest records another run id (a copied or renamed run).
+    """
     if not summaries:
         return "(no runs)"
     columns = ["run_id", "analysis", "model", "created (UTC)", "heads", "status"]
+    notes = any(s.note for s in summaries)
     rows = []
     for s in summaries:
         created = ""
@@ -835,8 +1100,11 @@ def format_runs_table(summaries: Sequence[RunSummary]) -> str:
                 created,
                 "" if s.n_heads is None else str(s.n_heads),
                 s.status,
+                *([s.note] if notes else []),
             ]
         )
+    if notes:
+        columns.append("note")
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +26,7 @@ import torch
 
 from analyses import runstore
 from analyses.runstore import RunManifest, RunSummary
+from probe import tempdirs
 from probe.errors import ConfigError, RunStoreError
 
 _REAL_CODE_REVISION = runstore.code_revision
@@ -512,3 +521,278 @@ def test_code_revision_is_none_outside_git(tmp_path: Path, monkeypatch: pytest.M
     assert _REAL_CODE_REVISION(tmp_path / "missing") is None
     monkeypatch.setenv("PATH", str(tmp_path))  # no git to be found
     assert _REAL_CODE_REVISION() is None
+
+
+# ---------------------------------------------------------------------------------------- trust
+
+
+def _set_manifest(run: Path, **fields: Any) -> None:
+    data = json.loads((run / "manifest.json").read_text())
+    data.update(fields)
+    (run / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"run_id": "../../../../tmp/x/pwned"}, "field 'run_id' is not a plain name"),
+        ({"run_id": "/etc/cron.d/x"}, "field 'run_id' is not a plain name"),
+        ({"run_id": ".hidden"}, "field 'run_id' is not a plain name"),
+        ({"analysis": "../census"}, "field 'analysis' is not a plain name"),
+    ],
+)
+def test_manifest_names_that_are_not_plain_make_the_run_damaged(
+    root: Path, fields: dict[str, str], why: str
+) -> None:
+    run = write(root)
+    _set_manifest(run, **fields)
+    with pytest.raises(RunStoreError, match=re.escape(why)):
+        runstore.open_run(run)
+    [summary] = runstore.list_runs(root)
+    assert summary.damaged and why in summary.status
+    with pytest.raises(RunStoreError, match="no intact run"):
+        runstore.resolve_run("latest", root)
+
+
+def test_run_directory_linking_out_of_the_root_is_damaged(root: Path, tmp_path: Path) -> None:
+    intact = write(root)
+    elsewhere = write(tmp_path / "elsewhere")
+    link = root / "99999999-999999-sinks-fake-model-beef"  # newer than any run, by name and manifest
+    link.symlink_to(elsewhere, target_is_directory=True)
+    _set_manifest(elsewhere, created="2999-01-01T00:00:00+00:00")
+
+    summaries = {s.run_id: s for s in runstore.list_runs(root)}
+    assert summaries[intact.name].ok
+    assert summaries[link.name].status.startswith("damaged: the run directory is a symbolic link to")
+    with pytest.raises(RunStoreError, match=r"symbolic link to .*outside .*copy it"):
+        runstore.open_run(link)
+    with pytest.raises(RunStoreError, match="symbolic link"):
+        runstore.open_run(runstore.resolve_run(link.name, root))
+    assert runstore.resolve_run("latest", root) == intact
+    runstore.open_run(elsewhere)  # the run itself, at its real place, is fine
+
+    alias = root / "alias"  # a link to a run inside the root is no escape
+    alias.symlink_to(intact, target_is_directory=True)
+    assert runstore.open_run(alias).run_id == intact.name
+
+
+@pytest.mark.parametrize("what", ["table", "arrays dir", "array", "manifest"])
+def test_files_linking_out_of_the_run_are_damaged(root: Path, tmp_path: Path, what: str) -> None:
+    run = write(root, arrays={"a": np.arange(4.0)})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    inner = {
+        "table": run / "heads.parquet",
+        "arrays dir": run / "arrays",
+        "array": run / "arrays" / "a.npy",
+        "manifest": run / "manifest.json",
+    }[what]
+    moved = outside / inner.name
+    inner.rename(moved)  # the same bytes: sizes and hashes still match
+    inner.symlink_to(moved, target_is_directory=moved.is_dir())
+
+    with pytest.raises(RunStoreError, match="symbolic link out of the run directory"):
+        runstore.open_run(run)
+    [summary] = runstore.list_runs(root)
+    assert summary.damaged and "symbolic link out of the run directory" in summary.status
+    with pytest.raises(RunStoreError, match="no intact run"):
+        runstore.resolve_run("latest", root)
+
+
+def test_copied_and_renamed_runs_are_listed_by_directory_name(root: Path) -> None:
+    run = write(root)
+    copy = root / "copy-of-run"
+    shutil.copytree(run, copy)
+    renamed = root / "my-favourite"
+    shutil.copytree(run, renamed)
+    shutil.rmtree(run)
+
+    summaries = runstore.list_runs(root)
+    assert sorted(s.run_id for s in summaries) == ["copy-of-run", "my-favourite"]
+    assert all(s.ok and s.recorded_id == run.name for s in summaries)
+    lines = runstore.format_runs_table(summaries).splitlines()
+    assert lines[0].split()[-1] == "note"
+    first_column = [line.split()[0] for line in lines[2:]]
+    assert sorted(first_column) == ["copy-of-run", "my-favourite"]  # what `report` takes, all distinct
+    assert all(f"copied/renamed from {run.name}" in line for line in lines[2:])
+    assert runstore.resolve_run("my-favourite", root) == renamed
+    assert runstore.open_run(runstore.resolve_run("copy", root)).run_id == run.name
+
+
+def test_a_directory_that_is_no_run_is_not_advised_for_removal(root: Path, tmp_path: Path) -> None:
+    stuff = tmp_path / "home"
+    stuff.mkdir()
+    (stuff / "notes.txt").write_text("mine")
+    with pytest.raises(RunStoreError) as err:
+        runstore.open_run(stuff)
+    message = str(err.value)
+    assert "is not a run directory" in message and "headlab runs" in message
+    assert "remove" not in message
+
+    run = write(root)
+    (root / "scratch").mkdir()  # not a run, under the root
+    summaries = {s.run_id: s for s in runstore.list_runs(root)}
+    assert summaries["scratch"].status.startswith("not a run: ")
+    assert not summaries["scratch"].damaged
+    (run / "manifest.json").unlink()  # a run that lost its manifest is still damaged
+    with pytest.raises(RunStoreError, match=r"manifest\.json is missing.*remove the directory"):
+        runstore.open_run(run)
+    with pytest.raises(RunStoreError) as err:
+        runstore.resolve_run("latest", root)
+    assert run.name in str(err.value) and "scratch" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------- the root
+
+
+def test_a_root_that_cannot_take_runs_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    with pytest.raises(
+        RunStoreError, match=r"runs root .*file is a file, not a directory; choose another root"
+    ):
+        runstore.check_root(a_file)
+    with pytest.raises(RunStoreError, match=r"cannot be created: .*file is a file"):
+        write(a_file / "runs")
+    assert a_file.read_text() == "not a directory"
+
+    missing = tmp_path / "new" / "runs"
+    assert runstore.check_root(missing) == missing and not missing.exists()  # checked, not made
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runstore.tempfile, "mkstemp", refuse)
+    with pytest.raises(RunStoreError, match=r"cannot write into the runs root .*Permission denied.*--root"):
+        runstore.check_root(tmp_path)
+    with pytest.raises(RunStoreError, match="cannot write into the runs root"):
+        write(tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------- temporaries
+
+# Subprocesses load probe/tempdirs.py alone (it needs only the standard library): fast to start.
+_LOAD_TEMPDIRS = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("tempdirs", {str(Path(tempdirs.__file__))!r})
+tempdirs = sys.modules["tempdirs"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tempdirs)
+"""
+_KILLED_WRITER = (
+    _LOAD_TEMPDIRS
+    + """
+import os, signal
+from pathlib import Path
+with tempdirs.locked_tempdir(Path(sys.argv[1]), "", name=sys.argv[2]) as tmp:
+    (tmp / "heads.parquet").write_bytes(b"x" * 2_000_000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+)
+_CLEANER = (
+    _LOAD_TEMPDIRS + "print(len(tempdirs.remove_stale(__import__('pathlib').Path(sys.argv[1]), sys.argv[2])))"
+)
+
+
+def test_temporary_of_a_killed_writer_is_removed_and_reported(root: Path) -> None:
+    root.mkdir()
+    name = ".20250101-000000-sinks-fake-model-dead.tmp"
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root), name], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert (root / name / "heads.parquet").is_file()  # what kill -9 leaves behind
+    assert runstore.temporaries(root)[0][1].startswith("stale")
+
+    [removed] = runstore.remove_stale_temporaries(root)
+    assert removed.path == root / name and removed.bytes >= 2_000_000
+    assert removed.pid is not None and "is gone" in removed.why
+    assert not (root / name).exists()
+
+
+def test_write_run_removes_dead_temporaries_but_never_a_live_writers(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root.mkdir()
+    live = root / ".20250101-000000-sinks-fake-model-1111.tmp"
+    live.mkdir()
+    lock = live / tempdirs.LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))
+    old = time.time() - 7 * 86400
+    os.utime(live, (old, old))
+    dead = root / ".20250101-000000-sinks-fake-model-2222.tmp"
+    dead.mkdir()
+    (dead / "heads.parquet").write_bytes(b"half")
+    os.utime(dead, (old, old))  # no lock, untouched for a week: left by a crash
+    fresh = root / ".20250101-000000-sinks-fake-model-3333.tmp"
+    fresh.mkdir()  # no lock yet, just made: a writer starting now
+
+    with lock.open("r") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # this live process is the writer
+        path = write(root)
+        assert live.is_dir() and fresh.is_dir() and not dead.exists()
+        assert runstore.remove_stale_temporaries(root) == []
+        assert [p.name for p, _ in runstore.temporaries(root)] == sorted([live.name, fresh.name])
+    [removed] = runstore.remove_stale_temporaries(root)  # the lock was let go: its writer is gone
+    assert removed.path == live and not live.exists()
+    assert runstore.open_run(path).run_id == path.name
+
+
+def test_another_process_never_removes_the_temporary_being_written(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    def meanwhile(source_dir: Any = None) -> str:  # called while the run is being written
+        [tmp] = list(root.glob(".*.tmp"))
+        done = subprocess.run(
+            [sys.executable, "-c", _CLEANER, str(root), runstore.TEMP_GLOB], capture_output=True, text=True
+        )
+        seen.append(done.stdout.strip())
+        assert tmp.is_dir() and (tmp / tempdirs.LOCK_NAME).is_file()
+        return FAKE_REVISION
+
+    monkeypatch.setattr(runstore, "code_revision", meanwhile)
+    path = write(root)
+    assert seen == ["0"]
+    assert sorted(p.name for p in root.iterdir()) == [path.name]
+    assert not (path / tempdirs.LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------- NaN heads
+
+
+def test_heads_without_any_number_are_refused(root: Path) -> None:
+    heads = heads_table()
+    heads["entropy"] = np.linspace(0.5, 1.0, 6)
+    heads["entropy_sem"] = 0.0  # standard errors do not count as measurements
+    heads.loc[3:, ["score", "entropy"]] = np.nan  # layer 1: nothing measured
+    with pytest.raises(RunStoreError) as err:
+        write(root, tables={"heads": heads})
+    message = str(err.value)
+    assert "NaN in every metric column for 3 of 6 heads" in message and "L1H0" in message
+    assert "non-finite attention" in message and "`headlab fetch fake-model --force`" in message
+    assert root_is_empty(root)
+
+    partly = heads_table()
+    partly["entropy"] = [0.1, np.nan, 0.3, np.nan, 0.5, 0.6]  # some heads lack one score: fine
+    partly.loc[2, "score"] = np.nan
+    runstore.open_run(write(root, tables={"heads": partly}))
+    declared = write(root, tables={"heads": heads.drop(columns="score")}, nan_ok=("entropy",))
+    assert runstore.open_run(declared).heads["entropy"].isna().sum() == 3
+
+
+# ---------------------------------------------------------------------------------------- versions
+
+
+def test_version_differences(root: Path) -> None:
+    run = runstore.open_run(write(root))
+    assert runstore.version_differences(run.manifest) == []
+    recorded = run.manifest.package_versions
+    now = {**recorded, "torch": "9.9.9", "pandas": None}
+    assert runstore.version_differences(run.manifest, now) == [
+        ("pandas", recorded["pandas"], None),
+        ("torch", recorded["torch"], "9.9.9"),
+    ]
+    text = runstore.format_version_differences(runstore.version_differences(run.manifest, now))
+    assert text == f"pandas {recorded['pandas']} (now not installed), torch {recorded['torch']} (now 9.9.9)"
