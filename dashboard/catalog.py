@@ -11,8 +11,13 @@ known run.
 A run is offered for opening only if it is intact: the listing compares file sizes with the
 manifest (cheap), and the first time a run is offered its files are also hashed against the
 manifest (:func:`analyses.runstore.open_run` with ``verify=True``). The verdict is cached until a
-file in the run directory changes (size or modification time), so a page load does not re-hash
-every run, yet a run damaged while the dashboard runs is noticed.
+file in the run directory changes (size or modification time, or whether it is a symbolic link) or
+the directory comes to resolve elsewhere, so a page load does not re-hash every run, yet a run
+damaged while the dashboard runs is noticed. A run directory that is a symbolic link out of the
+root, or whose files link out of it, is damaged and never served.
+
+:meth:`RunCatalog.version_note` says when a run was made under other package versions than those
+installed now, for the page showing it.
 
 Usage
 -----
@@ -46,7 +51,7 @@ class RunEntry:
     model: str | None
     created: str | None  # ISO 8601 (UTC) from the manifest
     n_heads: int | None
-    status: str  # "ok" or "damaged: <why>"
+    status: str  # "ok", "damaged: <why>" or "not a run: <why>"
 
     @property
     def ok(self) -> bool:
@@ -95,17 +100,24 @@ def _why_damaged(message: str, run_id: str, path: Path) -> str:
 
 
 def _signature(directory: Path) -> _Signature:
-    """Name, size and mtime of every file of a run (manifest, tables, arrays): changes when any does."""
-    found: list[tuple[str, int, int]] = []
+    """Name, size and mtime of every file of a run (manifest, tables, arrays), which of them are
+    symbolic links, and where the directory resolves to: changes when any does."""
+    found: list[tuple[str, int, int]] = [(f"real:{os.path.realpath(directory)}", 0, 0)]
     for sub in (directory, directory / runstore.ARRAYS_DIR):
         try:
             with os.scandir(sub) as it:
                 for item in it:
-                    if item.is_file():
-                        st = item.stat()
-                        found.append((f"{sub.name}/{item.name}", st.st_size, st.st_mtime_ns))
+                    if item.is_file() or item.is_symlink():
+                        link = "@" if item.is_symlink() else ""
+                        try:
+                            st = item.stat()
+                        except OSError:  # a dangling link
+                            st = item.stat(follow_symlinks=False)
+                        found.append((f"{sub.name}/{item.name}{link}", st.st_size, st.st_mtime_ns))
         except OSError:
             continue
+        if sub.is_symlink():
+            found.append((f"{sub.name}@", 0, 0))
     return tuple(sorted(found))
 
 
@@ -140,6 +152,22 @@ class RunCatalog:
                 )
             )
         return result
+
+    def version_note(self, run_id: str) -> str:
+        """A sentence saying which packages the run was made under in other versions than those
+        installed now ("" when none differ, or when the run cannot be opened)."""
+        try:
+            run = self.open(run_id)
+        except RunStoreError:
+            return ""
+        differences = runstore.version_differences(run.manifest)
+        if not differences:
+            return ""
+        return (
+            "This run was made under other package versions than those installed now: "
+            f"{runstore.format_version_differences(differences)}; its numbers may differ from a "
+            "re-run with this installation."
+        )
 
     def intact(self, analysis: str | None = None) -> list[RunEntry]:
         return [e for e in self.entries(analysis) if e.ok]
@@ -185,7 +213,7 @@ class RunCatalog:
         if verdict is not None and verdict[0] == signature and verdict[1] is not None:
             raise RunStoreError(verdict[1])
         try:
-            run = runstore.open_run(path, verify=True)
+            run = runstore.open_run(path, verify=True, root=self.root)
         except RunStoreError as err:
             with self._lock:
                 self._verdicts[run_id] = (signature, str(err))

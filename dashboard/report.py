@@ -9,7 +9,9 @@ and every figure is a ``<div>`` plus a small script, so the file needs no networ
 file. Runs are immutable and checksummed, so the report is written outside the run directory,
 by default to ``./reports/<run_id>.html``; it is written to a temporary file in the target
 directory and renamed, so a reader never sees half a report and an earlier report survives a
-failed write.
+failed write. The file name comes from the run id only after the run store has checked it is a
+plain name, and the file is never written outside the chosen directory. When the run was made
+under other package versions than those installed now, the report says which, before anything else.
 
 Usage
 -----
@@ -20,6 +22,7 @@ PosixPath('reports/20250101-120000-census-smollm2-135m-3fa2.html')
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.metadata
 import importlib.resources
@@ -35,8 +38,14 @@ from analyses import runstore
 from analyses.runstore import Run
 from dashboard.sections import ReportSection, sections_for
 from dashboard.sections.base import fmt, table_html
+from probe.errors import HeadlabError, RunStoreError
 
 DEFAULT_DIR = Path("reports")
+
+
+class ReportWriteError(HeadlabError, OSError):
+    """The report file cannot be written where asked (a directory without write permission, a path
+    under a file, a full disk); the message says where and how to fix it."""
 
 
 def stylesheet() -> str:
@@ -85,6 +94,18 @@ def manifest_section(run: Run) -> ReportSection:
     ]
     caveat = str(model.get("caveat") or "")
     caveat_html = f'<p class="caveat"><b>Model caveat:</b> {html.escape(caveat)}</p>' if caveat else ""
+    differences = runstore.version_differences(m)
+    if differences:
+        caveat_html += (
+            '<p class="caveat"><b>Other versions:</b> this run was made under other package versions '
+            f"than those installed now: {html.escape(runstore.format_version_differences(differences))}. "
+            "Its numbers may differ from a re-run with this installation.</p>"
+        )
+    now = {dist: current for dist, _, current in differences}
+    versions: list[tuple[str, object]] = [
+        (dist, f"{recorded} (now {now[dist] or 'not installed'})" if dist in now else recorded)
+        for dist, recorded in sorted(m.package_versions.items())
+    ]
     files = [(f"{name}.parquet", f"{meta['rows']} rows", "") for name, meta in m.tables.items()] + [
         (f"arrays/{name}.npy", meta["dtype"], "×".join(str(d) for d in meta["shape"]))
         for name, meta in m.arrays.items()
@@ -98,7 +119,7 @@ def manifest_section(run: Run) -> ReportSection:
             "Timings (s)",
             _kv_table(list(m.timings.items())) if m.timings else "<p>(none)</p>",
         ),
-        ("Package versions", _kv_table(sorted(m.package_versions.items()))),
+        ("Package versions", _kv_table(versions)),
         ("Files", table_html(["file", "rows / dtype", "shape"], files)),
     ]
     body = caveat_html + '<div class="summary">'
@@ -145,13 +166,33 @@ def default_path(run_id: str) -> Path:
 
 
 def _target(out: Path | None, run_id: str) -> Path:
-    if out is None:
-        return default_path(run_id)
-    out = Path(out).expanduser()
-    # A directory, existing or to be made (a path without a suffix such as ``reports``).
-    if out.is_dir() or (not out.exists() and not out.suffix):
-        return out / f"{run_id}.html"
-    return out
+    if out is not None:
+        out = Path(out).expanduser()
+        # A file the user named: written as named.
+        if not (out.is_dir() or (not out.exists() and not out.suffix)):
+            return out
+    # A directory, existing or to be made (a path without a suffix such as ``reports``): the file is
+    # named after the run id, which must stay inside it.
+    directory = DEFAULT_DIR if out is None else out
+    target = directory / f"{run_id}.html"
+    if not runstore.RUN_ID_RE.fullmatch(run_id) or Path(os.path.abspath(target)).parent != Path(
+        os.path.abspath(directory)
+    ):
+        raise RunStoreError(
+            f"the run id {run_id[:80]!r} is not a plain name, so no report is named after it; "
+            "the run's manifest was edited: re-run the analysis"
+        )
+    return target
+
+
+def _why_unwritable(target: Path, err: OSError) -> str:
+    """What is in the way of writing ``target``: a file where a directory must be, else ``err``."""
+    for above in target.parents:
+        if above.exists():
+            if not above.is_dir():
+                return f"{above} is a file, not a directory"
+            break
+    return str(err.strerror or err)
 
 
 def write_report(run_path: Path, out: Path | None = None) -> Path:
@@ -160,20 +201,28 @@ def write_report(run_path: Path, out: Path | None = None) -> Path:
     ``out``: a file path, or a directory (an existing one, or a path without a suffix; the file is
     then ``<out>/<run_id>.html``); default ``./reports/<run_id>.html``. The run is checked first (size and sha256 of every file), so a
     damaged run raises :class:`probe.errors.RunStoreError` naming the problem and the fix. The file
-    is written to a temporary file next to it and renamed into place.
+    is written to a temporary file next to it and renamed into place; when that fails (no write
+    permission, a path under a file, a full disk) :class:`ReportWriteError` says so, and an earlier
+    report at ``target`` is kept.
     """
     run = runstore.open_run(run_path, verify=True)
     target = _target(out, run.run_id)
     text = render_report(run)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise ReportWriteError(
+                f"cannot write the report to {target}: {_why_unwritable(target, err)}; choose another "
+                "output (--out: a file, or a directory to put it in) where you may write"
+            ) from err
         raise
     return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -11,13 +12,17 @@ import numpy as np
 import pandas as pd
 import plotly.offline
 import pytest
+import torch
 
 import probe
 from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
 from dashboard import report
+from dashboard.catalog import RunCatalog
+from dashboard.pages import CensusPage
+from dashboard.pages.base import Site
 from dashboard.report import write_report
-from probe.errors import RunStoreError
+from probe.errors import HeadlabError, RunStoreError
 from probe.loading import LoadedModel
 
 SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
@@ -103,7 +108,7 @@ def test_failed_write_keeps_previous_report_and_leaves_no_temporary(
         raise OSError("disk full")
 
     monkeypatch.setattr(report.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(report.ReportWriteError, match=r"cannot write the report to .*disk full"):
         write_report(census_run, out)
     assert out.read_text() == "previous report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
@@ -153,3 +158,105 @@ def test_real_model_report_shows_the_quantised_weights_caveat(smollm: LoadedMode
     assert "smollm2-135m" in text and smollm.weight_sha256[:16] in text
     top = runstore.open_run(path).heads.nlargest(1, "induction").iloc[0]
     assert f"L{int(top['layer'])}H{int(top['head'])}: top induction head" in text
+
+
+# ---------------------------------------------------------------------------------------- trust
+
+
+def _copy(run: Path, root: Path, name: str | None = None) -> Path:
+    copy = root / (name or run.name)
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _edit_manifest(run: Path, **fields: object) -> None:
+    data = json.loads((run / runstore.MANIFEST).read_text())
+    data.update(fields)
+    (run / runstore.MANIFEST).write_text(json.dumps(data))
+
+
+def test_run_id_from_a_crafted_manifest_never_leaves_the_reports_dir(
+    census_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crafted = _copy(census_run, tmp_path / "runs")
+    _edit_manifest(crafted, run_id="../../../../x/pwned")
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(RunStoreError, match=r"field 'run_id' is not a plain name"):
+        write_report(crafted)  # default: ./reports/<run_id>.html
+    with pytest.raises(RunStoreError, match=r"not a plain name"):
+        write_report(crafted, work / "out")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.suffix == ".html") == []
+    assert not (tmp_path / "x").exists() and not (work / "reports").exists()
+    with pytest.raises(RunStoreError, match="not a plain name"):  # the same check at the last step
+        report._target(work / "out", "../pwned")
+
+
+def test_run_linked_from_outside_the_root_is_not_reported(census_run: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    root.mkdir()
+    link = root / census_run.name
+    link.symlink_to(census_run, target_is_directory=True)
+    with pytest.raises(RunStoreError, match="symbolic link"):
+        write_report(link, tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+    catalog = RunCatalog(root)
+    [entry] = catalog.entries()
+    assert entry.status.startswith("damaged: the run directory is a symbolic link")
+    with pytest.raises(RunStoreError, match="symbolic link"):
+        catalog.open(census_run.name)
+
+
+def test_catalog_notices_a_run_replaced_by_a_link(census_run: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    run = _copy(census_run, root)
+    catalog = RunCatalog(root)
+    assert catalog.open(run.name).run_id == run.name  # intact, and now cached
+    elsewhere = _copy(census_run, tmp_path / "elsewhere")
+    shutil.rmtree(run)
+    run.symlink_to(elsewhere, target_is_directory=True)  # the same files, behind a link
+    with pytest.raises(RunStoreError, match="symbolic link"):
+        catalog.open(run.name)
+    (elsewhere / "heads.parquet").rename(tmp_path / "heads.parquet")
+    shutil.rmtree(root)
+    _copy(census_run, root)
+    (root / run.name / "heads.parquet").unlink()
+    (root / run.name / "heads.parquet").symlink_to(tmp_path / "heads.parquet")
+    assert not catalog.entries()[0].ok
+    with pytest.raises(RunStoreError, match="symbolic link out of the run directory"):
+        catalog.open(run.name)
+
+
+def test_unwritable_output_is_a_one_line_error_and_keeps_nothing(census_run: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file / "r.html", a_file / "reports"):
+        with pytest.raises(
+            report.ReportWriteError,
+            match=r"cannot write the report to .*file is a file, not a directory; choose another output",
+        ):
+            write_report(census_run, out)
+    assert a_file.read_text() == "x"
+    assert isinstance(report.ReportWriteError("x"), HeadlabError)
+
+
+def test_report_says_when_the_run_was_made_under_other_versions(census_run: Path, tmp_path: Path) -> None:
+    same = write_report(census_run, tmp_path / "same.html").read_text(encoding="utf-8")
+    assert "Other versions" not in same
+    older = _copy(census_run, tmp_path / "runs")
+    recorded = runstore.open_run(older).manifest.package_versions
+    _edit_manifest(older, package_versions={**recorded, "torch": "1.0.0", "numpy": "1.0.1"})
+    text = write_report(older, tmp_path / "older.html").read_text(encoding="utf-8")
+    assert "<b>Other versions:</b> this run was made under other package versions" in text
+    assert f"numpy 1.0.1 (now {np.__version__}), torch 1.0.0 (now {torch.__version__})" in text
+    assert f"<td>torch</td><td>1.0.0 (now {torch.__version__})</td>" in text
+
+    catalog = RunCatalog(tmp_path / "runs")
+    assert "torch 1.0.0 (now" in catalog.version_note(older.name)
+    assert catalog.version_note("nope") == ""
+    page = CensusPage(Site(catalog))
+    notes = json.dumps([n.to_plotly_json() for n in page.choose_run({}).notes], default=str)
+    assert "made under other package versions" in notes and "torch 1.0.0" in notes
+    assert RunCatalog(census_run.parent).version_note(census_run.name) == ""

@@ -217,6 +217,9 @@ class AnalysisPage(Page):
                     className="hint",
                 )
             )
+        versions = self.catalog.version_note(run_id) if run_id else ""
+        if versions:
+            notes.append(html.P(versions, className="hint"))
         return RunChoice(options, run_id, notes)
 
     def run_picker(self, choice: RunChoice) -> Component:
