@@ -7,9 +7,10 @@ with a non-zero exit status.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -150,11 +151,18 @@ def _run_analysis(analysis: str, model: str, device: str, dtype: str, bos: str, 
     if show_config:
         typer.echo(json.dumps(dataclasses.asdict(config), indent=2))
         return
+    from analyses import runstore
     from probe import load_model
 
+    base = runstore.check_root(root)  # before any compute: a root that cannot take the run fails now
+    _INTERRUPTED["note"] = (
+        f"nothing was saved for this run (a run is written only once complete); runs already saved "
+        f"under {base} are intact"
+    )
     m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub)  # type: ignore[arg-type]
     result = entry.run(m, config)
     path = result.save(root)
+    _INTERRUPTED["note"] = f"the run had been saved, complete, before the interruption: {path}"
     typer.echo(entry.summary(result))
     typer.echo(f"saved run: {path}")
     typer.echo(f"report:    headlab report {path.name}{f' --root {root}' if root else ''}")
@@ -278,11 +286,19 @@ def runs(
     root: RootOpt = None,
     analysis: Annotated[str | None, typer.Option(help="only runs of this analysis")] = None,
 ) -> None:
-    """List the runs in the run store (newest first); damaged runs are marked."""
+    """List the runs in the run store (newest first); damaged runs are marked.
+
+    The first column is what `headlab report` takes (the directory name). Temporaries left by a
+    writer that died (killed mid-save) are removed and listed; a live writer's are only listed.
+    """
     from analyses import runstore
 
-    summaries = runstore.list_runs(runstore.runs_root(root), analysis=analysis)
-    typer.echo(runstore.format_runs_table(summaries))
+    base = runstore.runs_root(root)
+    for stale in runstore.remove_stale_temporaries(base):
+        typer.echo(f"stale temporary: {stale.describe()}; removed")
+    for path, what in runstore.temporaries(base):
+        typer.echo(f"temporary: {path.name}: {what}")
+    typer.echo(runstore.format_runs_table(runstore.list_runs(base, analysis=analysis)))
 
 
 @app.command()
@@ -298,6 +314,7 @@ def report(
     from dashboard.report import write_report
 
     path = runstore.resolve_run(run, runstore.runs_root(root))
+    _INTERRUPTED["note"] = "no report was written (an earlier report at the same path is unchanged)"
     written = write_report(path, Path(out) if out else None)
     typer.echo(f"report written: {written}")
 
@@ -317,18 +334,48 @@ def dashboard(
     serve(runstore.runs_root(root), host=host, port=port)
 
 
+_INTERRUPTED = {"note": ""}
+"""What a command has kept so far, said when Ctrl-C stops it ("": nothing to say)."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which turns KeyboardInterrupt into a silent exit)."""
+
+
+def _catch_interrupts(command: Any) -> None:
+    """Make every callback under ``command`` (a click command or group) raise :class:`_Interrupted`
+    on Ctrl-C."""
+    callback = command.callback
+    if callback is not None:
+
+        @functools.wraps(callback)
+        def interruptible(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise _Interrupted() from None
+
+        command.callback = interruptible
+    for sub in getattr(command, "commands", {}).values():
+        _catch_interrupts(sub)
+
+
 def main() -> None:
     if "--allow-hub" in sys.argv:
         os.environ["HEADLAB_ALLOW_HUB"] = "1"
     from probe.errors import HeadlabError
 
+    _INTERRUPTED["note"] = ""
+    command = typer.main.get_command(app)
+    _catch_interrupts(command)
     try:
-        app()
+        command()
     except HeadlabError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except (KeyboardInterrupt, _Interrupted):
+        note = _INTERRUPTED["note"]
+        typer.echo(f"interrupted: {note}" if note else "interrupted", err=True)
         sys.exit(130)
 
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from analyses import cli, runstore
+from analyses.base import AnalysisResult
+from analyses.registry import ANALYSES
+from dashboard import report as report_module
 
 
 def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -55,3 +70,148 @@ def test_every_registered_analysis_has_a_run_command(tmp_path: Path) -> None:
         proc = headlab("run", name, "--show-config", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.lstrip().startswith("{")
+
+
+# ---------------------------------------------------------------------------------------- in process
+
+
+FAKE_MODEL = {"name": "fake-model", "n_layers": 1, "n_heads": 2}
+
+
+def main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    """``headlab ARGS`` through :func:`analyses.cli.main` in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["headlab", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    captured = capsys.readouterr()
+    code = exited.value.code
+    return (code if isinstance(code, int) else 0 if code is None else 1), captured.out, captured.err
+
+
+def saved_run(root: Path) -> Path:
+    heads = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "score": [0.5, 0.25]})
+    return runstore.write_run(
+        root, analysis="unregistered", model_info=FAKE_MODEL, config={}, tables={"heads": heads}
+    )
+
+
+def test_ctrl_c_says_what_was_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    earlier = saved_run(root)
+
+    def interrupted(model: object, config: object) -> AnalysisResult:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(ANALYSES, "census", dataclasses.replace(ANALYSES["census"], run=interrupted))
+    code, _, err = main(monkeypatch, capsys, "run", "census", "--model", "tiny-llama", "--root", str(root))
+    assert code == 130
+    assert err == (
+        "interrupted: nothing was saved for this run (a run is written only once complete); runs "
+        f"already saved under {root} are intact\n"
+    )
+    assert sorted(p.name for p in root.iterdir()) == [earlier.name]
+
+    def slow_render(run: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "render_report", slow_render)
+    out = tmp_path / "r.html"
+    code, _, err = main(monkeypatch, capsys, "report", earlier.name, "--root", str(root), "--out", str(out))
+    assert code == 130 and err.startswith("interrupted: no report was written") and not out.exists()
+
+
+def test_a_root_that_cannot_take_the_run_fails_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded although the run could not be saved")
+
+    monkeypatch.setattr(probe, "load_model", no_loading)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for root, why in [(a_file, "is a file, not a directory"), (a_file / "runs", "cannot be created")]:
+        code, _, err = main(
+            monkeypatch, capsys, "run", "census", "--model", "tiny-llama", "--root", str(root)
+        )
+        assert code == 2 and err.startswith("error: the runs root") and why in err
+        assert err.count("\n") == 1 and "--root" in err
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runstore.tempfile, "mkstemp", refuse)
+    code, _, err = main(monkeypatch, capsys, "run", "census", "--root", str(tmp_path))
+    assert code == 2 and "cannot write into the runs root" in err and "Permission denied" in err
+
+
+def test_report_of_what_is_no_run_and_to_where_nothing_can_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    code, _, err = main(monkeypatch, capsys, "report", str(home))
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: {home} is not a run directory" in err and "headlab runs" in err and "remove" not in err
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+    run = saved_run(tmp_path / "runs")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = main(monkeypatch, capsys, "report", str(run), "--out", str(a_file / "r.html"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot write the report to {a_file / 'r.html'}") and "--out" in err
+
+
+def test_runs_lists_directory_names_and_temporaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    run = saved_run(root)
+    shutil.copytree(run, root / "copy")
+    stale = root / f".{run.name[:-4]}dead.tmp"
+    stale.mkdir()
+    (stale / "heads.parquet").write_bytes(b"x" * 3_000_000)
+    week_ago = time.time() - 7 * 86400
+    os.utime(stale, (week_ago, week_ago))
+    fresh = root / f".{run.name[:-4]}live.tmp"
+    fresh.mkdir()
+
+    code, out, _ = main(monkeypatch, capsys, "runs", "--root", str(root))
+    assert code == 0
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    assert sorted(line.split()[0] for line in lines[rule + 1 :]) == sorted([run.name, "copy"])
+    assert f"copied/renamed from {run.name}" in out
+    assert f"stale temporary: {stale.name} (3.0 MB): no writer lock" in out and "; removed" in out
+    assert f"temporary: {fresh.name}: being written" in out
+    assert not stale.exists() and fresh.is_dir()
+
+
+def test_a_model_with_non_finite_attention_is_not_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_load = probe.load_model
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        model = real_load(*args, **kwargs)
+        with torch.no_grad():
+            for name, weight in model.hf_model.named_parameters():
+                if "layers.1." in name and "q_proj" in name:
+                    weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(probe, "load_model", broken)
+    root = tmp_path / "runs"
+    code, _, err = main(
+        monkeypatch, capsys, "run", "census", "--model", "tiny-llama", "--root", str(root),
+        "--set", "n_natural=3", "--set", "seq_len=24", "--set", "n_repeated=2", "--set", "repeat_len=6",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "refusing to save the census run of tiny-llama" in err and "for 8 of 12 heads" in err
+    assert "'entropy' 8" in err and "`headlab fetch tiny-llama --force`" in err
+    assert not root.exists() or list(root.iterdir()) == []
