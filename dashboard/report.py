@@ -199,14 +199,17 @@ def write_report(run_path: Path, out: Path | None = None) -> Path:
     """Write the report of the run at ``run_path``; return the file written.
 
     ``out``: a file path, or a directory (an existing one, or a path without a suffix; the file is
-    then ``<out>/<run_id>.html``); default ``./reports/<run_id>.html``. The run is checked first (size and sha256 of every file), so a
+    then ``<out>/<run directory name>.html``); default ``./reports/<run directory name>.html``. The run is checked first (size and sha256 of every file), so a
     damaged run raises :class:`probe.errors.RunStoreError` naming the problem and the fix. The file
     is written to a temporary file next to it and renamed into place; when that fails (no write
     permission, a path under a file, a full disk) :class:`ReportWriteError` says so, and an earlier
     report at ``target`` is kept.
     """
     run = runstore.open_run(run_path, verify=True)
-    target = _target(out, run.run_id)
+    # Named after the directory (what `headlab runs` lists and `report` accepts), so copies of one
+    # run get reports of their own; a directory name that is no plain run id falls back to the id.
+    name = run.path.name if runstore.RUN_ID_RE.fullmatch(run.path.name) else run.run_id
+    target = _target(out, name)
     text = render_report(run)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:

@@ -260,3 +260,14 @@ def test_report_says_when_the_run_was_made_under_other_versions(census_run: Path
     notes = json.dumps([n.to_plotly_json() for n in page.choose_run({}).notes], default=str)
     assert "made under other package versions" in notes and "torch 1.0.0" in notes
     assert RunCatalog(census_run.parent).version_note(census_run.name) == ""
+
+
+def test_copies_of_a_run_get_reports_named_after_their_directories(census_run: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    first = _copy(census_run, root)
+    second = _copy(census_run, root, name=f"{census_run.name}-copy")
+    out = tmp_path / "reports"
+    written = {write_report(first, out), write_report(second, out)}
+    assert written == {out / f"{first.name}.html", out / f"{second.name}.html"}
+    odd = _copy(census_run, root, name="a copy (2)")  # no plain name: the manifest's id is used
+    assert write_report(odd, out) == out / f"{census_run.name}.html"
