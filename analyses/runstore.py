@@ -2,7 +2,7 @@
 
 Background
 ----------
-The run store is the only thing the dashboard, the reports and the head atlas read (DESIGN.md), so
+The run store is the only thing the dashboard, the reports and the head atlas read, so
 a run must be complete, self-describing and checkable. A run is one directory under the runs root
 (``$HEADLAB_RUNS``, else ``./runs``) named ``<UTC YYYYmmdd-HHMMSS>-<analysis>-<model>-<4 hex>``::
 

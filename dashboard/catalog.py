@@ -3,7 +3,7 @@
 Background
 ----------
 The dashboard is reachable from a browser, so nothing the browser sends is ever used as a path
-(DESIGN.md: "only reads run directories under its root"). Pages name runs by *run id* (the
+(it only reads run directories under its root). Pages name runs by *run id* (the
 directory name under the root); :meth:`RunCatalog.open` looks the id up in the current listing of
 the root and opens that listed directory, so ``../elsewhere`` or an absolute path simply is not a
 known run.
