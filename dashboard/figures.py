@@ -24,6 +24,8 @@ import base64
 import functools
 import html
 import io
+import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,7 +41,12 @@ PatternScale = Literal["linear", "sqrt"]
 PATTERN_SCALES: tuple[PatternScale, ...] = ("linear", "sqrt")
 COLORSCALE = "Viridis"
 MASKED_RGB = (235, 235, 235)  # causally masked cells (key after query, weight exactly 0)
-PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+# The mode bar (plotly's toolbar, top right) without the buttons these figures do not need, so that
+# it covers less; titles start below its band (:func:`clear_modebar`).
+MODEBAR_REMOVE = ["select2d", "lasso2d", "zoomIn2d", "zoomOut2d", "autoScale2d"]
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": MODEBAR_REMOVE}
+MODEBAR_PX = 30  # the height of the mode bar's band at the top of a figure
+_TITLE_LINE_PX, _SUBTITLE_LINE_PX, _SUBPLOT_TITLE_PX = 22, 16, 22
 
 
 @functools.cache
@@ -108,9 +115,74 @@ def mark_head(fig: go.Figure, layer: int, head: int, *, color: str = "#e4572e") 
     return fig
 
 
+TITLE_WIDTH, SUBTITLE_WIDTH = 52, 72  # characters a title / subtitle line holds before it wraps
+_TAG = re.compile(r"<[^>]*>")
+
+
+def wrap_markup(text: str, width: int) -> str:
+    """``text`` (plotly's markup: ``<br>``, ``<b>``, ``<span …>``) with every line longer than
+    ``width`` visible characters broken at spaces: a figure's text never wraps by itself, so a
+    long title runs out of a narrow panel. Tags count for nothing and are never split."""
+    out: list[str] = []
+    for line in text.split("<br>"):
+        words = _TAG.sub(lambda m: m.group(0).replace(" ", "\0"), line).split(" ")
+        current: list[str] = []
+        length = 0
+        for word in words:
+            n = len(_TAG.sub("", word))
+            if current and length + 1 + n > width:
+                out.append(" ".join(current))
+                current, length = [], 0
+            length += n + (1 if current else 0)
+            current.append(word)
+        out.append(" ".join(current))
+    return "<br>".join(line.replace("\0", " ") for line in out)
+
+
 def titled(text: str, subtitle: str) -> dict[str, object]:
-    """A figure title with a subtitle, left-aligned (so the mode bar, top right, never covers it)."""
-    return {"text": text, "x": 0.02, "subtitle": {"text": subtitle}}
+    """A figure title with a subtitle, left-aligned and wrapped to lines that fit a narrow panel
+    (:func:`clear_modebar` sets it below the mode bar)."""
+    return {
+        "text": wrap_markup(text, TITLE_WIDTH),
+        "x": 0.02,
+        "subtitle": {"text": wrap_markup(subtitle, SUBTITLE_WIDTH)},
+    }
+
+
+def _lines(text: object) -> int:
+    return str(text).count("<br>") + 1 if text else 0
+
+
+def title_top(fig: go.Figure) -> int:
+    """The top margin ``fig`` needs for its title and subtitle set below the mode bar's band, and
+    for the subplot titles drawn above the top row of panels."""
+    title = fig.layout.title
+    n_title, n_sub = _lines(title.text), _lines(title.subtitle.text)
+    need = MODEBAR_PX + _TITLE_LINE_PX * n_title + (6 + _SUBTITLE_LINE_PX * n_sub if n_sub else 0) + 12
+    subplot_titles = [
+        a
+        for a in fig.layout.annotations or ()
+        if a.yref == "paper" and a.yanchor == "bottom" and (a.y or 0) >= 0.99
+    ]
+    lines = max((_lines(a.text) for a in subplot_titles), default=0)
+    return need + (_SUBPLOT_TITLE_PX + _SUBTITLE_LINE_PX * (lines - 1) if lines else 0)
+
+
+def clear_modebar(fig: go.Figure) -> go.Figure:
+    """Set ``fig``'s title below the mode bar's band (which would otherwise cover a title in a
+    narrow panel) and widen the top margin to hold it; the plot area keeps its height (a fixed
+    height grows by what the margin gains). Figures without a title are left alone."""
+    if not fig.layout.title.text:
+        return fig
+    top = title_top(fig)
+    old = fig.layout.margin.t
+    old = 100 if old is None else int(old)  # plotly's default top margin
+    fig.update_layout(title={"y": 1, "yref": "container", "yanchor": "top", "pad": {"t": MODEBAR_PX}})
+    if top > old:
+        fig.update_layout(margin={"t": top})
+        if fig.layout.height is not None:
+            fig.update_layout(height=int(fig.layout.height) + top - old)
+    return fig
 
 
 def error_bars(
@@ -275,12 +347,31 @@ def distributions(
     return fig
 
 
+MESSAGE_WIDTH = 60  # characters a line of a message figure holds before it wraps
+
+
+def wrap_message(message: str, width: int = MESSAGE_WIDTH) -> str:
+    """``message`` HTML-escaped and broken into lines of at most ``width`` characters (plotly's
+    ``<br>``): a figure's text never wraps by itself, so a long message would run out of the figure.
+    Words longer than a line (run ids, paths) are broken too."""
+    lines = textwrap.wrap(message, width, break_long_words=True, break_on_hyphens=False) or [""]
+    return "<br>".join(html.escape(line) for line in lines)
+
+
 def message_figure(message: str, *, height: int = 320) -> go.Figure:
-    """An empty figure that says why there is nothing to show."""
+    """An empty figure that says why there is nothing to show: the message, wrapped, on a blank
+    ground (no grey plot area that looks like a figure that failed to draw)."""
     fig = go.Figure()
-    fig.add_annotation(text=html.escape(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.add_annotation(
+        text=wrap_message(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", align="center"
+    )
     fig.update_layout(
-        xaxis={"visible": False}, yaxis={"visible": False}, height=height, margin={"t": 20, "b": 20}
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        height=height,
+        margin={"t": 20, "b": 20, "l": 20, "r": 20},
+        plot_bgcolor="rgba(0,0,0,0)",
+        paper_bgcolor="rgba(0,0,0,0)",
     )
     return fig
 
@@ -288,8 +379,10 @@ def message_figure(message: str, *, height: int = 320) -> go.Figure:
 def figure_div(fig: go.Figure, div_id: str) -> str:
     """``fig`` as an HTML fragment (a div and its plot script); plotly.js must be on the page.
 
-    The div gets the figure's own height (a percentage height would collapse inside a page).
+    The div gets the figure's own height (a percentage height would collapse inside a page). The
+    title is set below the mode bar (:func:`clear_modebar`).
     """
+    clear_modebar(fig)
     height = fig.layout.height
     return str(
         fig.to_html(

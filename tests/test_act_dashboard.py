@@ -258,7 +258,7 @@ def test_head_grid_counts_tasks_and_greys_unsearched_layers(runs: Runs) -> None:
     assert np.isnan(z[:LAYER_START]).all() and np.isnan(z[LAYER_END:]).all()
     grey = np.asarray(fig.data[1].z, dtype=float)
     assert (grey[:LAYER_START] == 1).all() and np.isnan(grey[searched]).all()
-    assert fig.data[0].zmax == 3 and "of the 3 tasks" in fig.layout.title.text
+    assert fig.data[0].zmax == 3 and "of the 3 tasks" in fig.layout.title.text.replace("<br>", " ")
     assert views.kept_heads(run) == sorted(
         (int(r.layer), int(r.head)) for r in heads[heads["n_tasks_kept"] > 0].itertuples()
     )
@@ -267,7 +267,7 @@ def test_head_grid_counts_tasks_and_greys_unsearched_layers(runs: Runs) -> None:
         np.asarray(hidden.data[0].z, dtype=float),
         heads.pivot(index="layer", columns="head", values="hidden_sinks"),
     )
-    assert len(hidden.data) == 1 and "Hidden sinks" in hidden.layout.title.text
+    assert len(hidden.data) == 1 and "Hidden sinks" in hidden.layout.title.text.replace("<br>", " ")
 
 
 def test_head_grid_of_a_task_shows_its_deltas_and_rings_its_kept_heads(runs: Runs) -> None:
@@ -285,7 +285,7 @@ def test_head_grid_of_a_task_shows_its_deltas_and_rings_its_kept_heads(runs: Run
         ringed = sorted(zip((int(y) for y in rings.y), (int(x) for x in rings.x), strict=True))
         kept = sorted((int(r.layer), int(r.head)) for r in mine[mine["kept"]].itertuples())
         assert ringed == kept == views.kept_heads(run, task) and kept
-        assert f"{len(kept)} kept" in fig.layout.title.text
+        assert f"{len(kept)} kept" in fig.layout.title.text.replace("<br>", " ")
         assert fig.data[0].zmid == 0
     # different tasks searched differently
     assert views.kept_heads(run, "sentiment") != views.kept_heads(run, "topic")
@@ -293,7 +293,7 @@ def test_head_grid_of_a_task_shows_its_deltas_and_rings_its_kept_heads(runs: Run
     pooled = _open(runs, runs.pooled)
     a, b = (np.asarray(views.head_grid(pooled, t).data[0].z, dtype=float) for t in ("sentiment", "topic"))
     np.testing.assert_array_equal(a, b)
-    assert "pooled" in views.head_grid(pooled, "topic").layout.title.subtitle.text
+    assert "pooled" in views.head_grid(pooled, "topic").layout.title.subtitle.text.replace("<br>", " ")
     with pytest.raises(KeyError, match="no task 'capital'"):
         views.head_grid(pooled, "capital")
 
@@ -369,13 +369,15 @@ def test_page_callbacks_follow_the_chosen_task(runs: Runs) -> None:
         page.grid_figure(runs.per_task, views.ALL_TASKS, "kept").data[0].colorbar.title.text
         == "tasks keeping it"
     )
-    assert "Hidden sinks" in page.grid_figure(runs.per_task, "sentiment", "hidden").layout.title.text
+    assert "Hidden sinks" in page.grid_figure(runs.per_task, "sentiment", "hidden").layout.title.text.replace(
+        "<br>", " "
+    )
     search = page.search_figure(runs.per_task, "sentiment")
-    assert "sentiment" in search.layout.title.text and len(search.data) == 2
+    assert "sentiment" in search.layout.title.text.replace("<br>", " ") and len(search.data) == 2
     accuracy = page.accuracy_figure(runs.per_task, "capital")
     assert list(accuracy.data[0].marker.opacity) == [0.35, 0.35, 1.0]
     assert len(page.delta_figure(runs.per_task, "capital").data[0].x) == 3
-    assert "capital" in page.margin_figure(runs.per_task, "capital").layout.title.text
+    assert "capital" in page.margin_figure(runs.per_task, "capital").layout.title.text.replace("<br>", " ")
     assert "no per-item table" in page.margin_figure(runs.pooled, None).layout.annotations[0].text.replace(
         "<br>", " "
     )
@@ -461,7 +463,7 @@ def test_a_run_without_head_search_calibrates_every_head_in_range(runs: Runs) ->
     fig = views.head_grid(run, "topic")
     rings = fig.data[-1]
     assert sorted(zip(map(int, rings.y), map(int, rings.x), strict=True)) == in_range
-    assert "no head search" in fig.layout.title.text
+    assert "no head search" in fig.layout.title.text.replace("<br>", " ")
     assert "no head search" in views.search_figure(run, "topic").layout.annotations[0].text.replace(
         "<br>", " "
     )

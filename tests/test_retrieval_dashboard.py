@@ -16,7 +16,7 @@ from dash import Dash
 from analyses import runstore
 from analyses.base import AnalysisResult
 from analyses.retrieval import aggregate_scores, masking_curve
-from dashboard import report
+from dashboard import figures, report
 from dashboard.catalog import RunCatalog
 from dashboard.pages.base import Site
 from dashboard.pages.retrieval import RetrievalPage
@@ -147,6 +147,8 @@ def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -
         arrays={"scores": per_test.astype(np.float32)},
         seeds={"grid": 0, "masking": 0},
         notes={"tests": n_tests, "tests_passed": int(passed.sum())},
+        # a run where no test passed has no retrieval score for any head
+        nan_ok=("retrieval_score", "activation_frequency"),
     )
 
 
@@ -198,8 +200,8 @@ def test_score_grid_equals_the_heads_table_and_rings_the_retrieval_heads(runs: R
     expected = sorted((int(r.layer), int(r.head)) for r in heads[heads["is_retrieval"]].itertuples())
     assert ringed == expected and set(PLANTED) <= set(ringed)
     assert (heads.loc[heads["is_retrieval"], "retrieval_score"] > 0.1).all()
-    assert f"{N_PASSED} of {N_TESTS} tests" in fig.layout.title.subtitle.text
-    assert f"{len(expected)} retrieval heads" in fig.layout.title.subtitle.text
+    assert f"{N_PASSED} of {N_TESTS} tests" in fig.layout.title.subtitle.text.replace("<br>", " ")
+    assert f"{len(expected)} retrieval heads" in fig.layout.title.subtitle.text.replace("<br>", " ")
     assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
 
 
@@ -213,7 +215,7 @@ def test_histogram_marks_the_threshold_and_the_share_above_it(runs: Runs) -> Non
     assert 0 < above < len(scores)
     assert (
         f"{above} of {len(scores)} heads ({above / len(scores):.1%}) score > 0.1"
-        in fig.layout.annotations[0].text
+        in fig.layout.annotations[0].text.replace("<br>", " ")
     )
     info = views.overview(run)
     assert info["retrieval_heads"] == above and info["share_retrieval_heads"] == pytest.approx(above / 24)
@@ -257,12 +259,23 @@ def test_masking_curve_points_equal_masking_curve(runs: Runs) -> None:
     assert top.error_y.array is None
     unmasked = masking[masking["kind"] == "none"]["rouge1_recall"].mean()
     assert fig.layout.shapes[0].y0 == pytest.approx(unmasked)
-    assert "no head masked" in fig.layout.annotations[0].text
+    label = fig.layout.annotations[0]
+    assert "no head masked" in label.text
+    # at the left end of its line, clear of the largest K's points and whiskers at the right
+    assert label.x == 0 and label.xanchor == "left" and label.yanchor == "bottom"
+    # the subtitle is wrapped to lines that fit a panel, the title set below the mode bar
+    page_fig = _page(runs.root).masking_figure(runs.full, "recall")
+    lines = page_fig.layout.title.subtitle.text.split("<br>")
+    assert len(lines) == 2 and all(len(line) <= figures.SUBTITLE_WIDTH for line in lines)
+    assert page_fig.layout.title.pad.t == figures.MODEBAR_PX
     # the share recalled instead of the mean recall
     share = views.masking_figure(run, "recalled")
     np.testing.assert_allclose(share.data[0].y, curve[curve["kind"] == "top"].sort_values("k")["recalled"])
     assert share.layout.shapes[0].y0 == pytest.approx(masking[masking["kind"] == "none"]["recalled"].mean())
-    assert "4 test(s)" in fig.layout.title.subtitle.text and fig.layout.xaxis.title.text == "K (heads masked)"
+    assert (
+        "4 test(s)" in fig.layout.title.subtitle.text.replace("<br>", " ")
+        and fig.layout.xaxis.title.text == "K (heads masked)"
+    )
 
 
 def test_recall_grid_cells_equal_the_group_means(runs: Runs) -> None:
@@ -299,9 +312,9 @@ def test_one_test_shows_its_answer_and_the_heads_that_copy_pasted(runs: Runs) ->
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), scores[4], rtol=1e-6)
     hits = np.asarray(fig.data[0].customdata, dtype=float)[..., 0]
     np.testing.assert_allclose(hits, np.rint(scores[4] * 4))  # 4-token spans
-    assert f"{int((scores[4] > 0).sum())} heads copy-pasted" in fig.layout.title.text
+    assert f"{int((scores[4] > 0).sum())} heads copy-pasted" in fig.layout.title.text.replace("<br>", " ")
     failed = views.test_grid(run, 3)
-    assert "did not pass the gate" in failed.layout.title.subtitle.text
+    assert "did not pass the gate" in failed.layout.title.subtitle.text.replace("<br>", " ")
     with pytest.raises(KeyError, match="no test 99"):
         views.test_grid(run, 99)
 
@@ -332,15 +345,19 @@ def test_a_run_where_no_test_passed_says_so(runs: Runs) -> None:
     assert "no head has a score" in views.gate_line(run)
     grid = views.score_grid(run)
     assert np.isnan(np.asarray(grid.data[0].z, dtype=float)).all() and len(grid.data) == 1
-    assert f"no test of {N_TESTS} passed" in grid.layout.title.subtitle.text
-    assert "no retrieval scores" in views.score_histogram(run).layout.annotations[0].text
-    assert "no head has a score" in views.top_heads_figure(run).layout.annotations[0].text
-    assert views.top_heads(run).empty
-    assert "no masking experiment" in views.masking_figure(run).layout.annotations[0].text
-    page = _page(runs.root)
-    assert (
-        "no masking experiment" in page.masking_figure(runs.unrecalled, "recall").layout.annotations[0].text
+    assert f"no test of {N_TESTS} passed" in grid.layout.title.subtitle.text.replace("<br>", " ")
+    assert "no retrieval scores" in views.score_histogram(run).layout.annotations[0].text.replace("<br>", " ")
+    assert "no head has a score" in views.top_heads_figure(run).layout.annotations[0].text.replace(
+        "<br>", " "
     )
+    assert views.top_heads(run).empty
+    assert "no masking experiment" in views.masking_figure(run).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
+    page = _page(runs.root)
+    assert "no masking experiment" in page.masking_figure(runs.unrecalled, "recall").layout.annotations[
+        0
+    ].text.replace("<br>", " ")
     banner = to_json(page.gate_banner(runs.unrecalled))
     assert f"0 / {N_TESTS}" in banner and '"className": "caveat"' in banner
     assert "No test passed the gate" in to_json(page.top_table(runs.unrecalled, 20))
@@ -397,8 +414,12 @@ def test_page_callbacks(runs: Runs) -> None:
     top = views.top_heads(run, 10)
     assert f'"{top["label"].iloc[0]}"' in table and "Top 10 heads" in table
     assert page.masking_figure(runs.full, "recalled").layout.yaxis.tickformat == ".0%"
-    assert "no retrieval run selected" in page.grid_figure(None).layout.annotations[0].text
-    assert "cannot show run" in page.grid_figure("../elsewhere").layout.annotations[0].text
+    assert "no retrieval run selected" in page.grid_figure(None).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
+    assert "cannot show run" in page.grid_figure("../elsewhere").layout.annotations[0].text.replace(
+        "<br>", " "
+    )
     assert page.test_options("../elsewhere", None) == ([], None)
 
 

@@ -18,7 +18,7 @@ from dash import Dash
 import probe
 from analyses import runstore, vit_heads
 from analyses.base import AnalysisResult
-from dashboard import report
+from dashboard import figures, report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
 from dashboard.pages import HomePage, VitPage
@@ -91,7 +91,7 @@ def test_importance_grid_shows_each_metric_with_nan_for_unpruned_heads(runs: Run
         np.testing.assert_allclose(z, expected, equal_nan=True)
         if metric != "grad_importance":
             assert int(np.isnan(z).sum()) == len(heads) - n_pruned
-            assert "not pruned" in fig.layout.title.subtitle.text
+            assert "not pruned" in fig.layout.title.subtitle.text.replace("<br>", " ")
         assert len(fig.layout.shapes) == 1  # the chosen head outlined
     first = _z(page.importance_figure(runs.run_id, "accuracy_drop", None))
     second = _z(page.importance_figure(runs.run_id, "grad_importance", None))
@@ -108,7 +108,12 @@ def test_agreement_trend_distance_offset_and_clusters(runs: Runs) -> None:
     rows = run.table("attention_trend")
     mad = rows[rows["metric"] == "mean_attention_distance"].sort_values("layer")
     np.testing.assert_allclose(np.asarray(trend.data[-1].y, dtype=float), mad["mean"].to_numpy())
-    assert "distance 1" in page.trend_figure(runs.run_id, "neighbour_strength").layout.yaxis.title.text
+    neighbours = page.trend_figure(runs.run_id, "neighbour_strength")
+    assert "distance 1" in neighbours.layout.title.text.replace("<br>", " ")
+    # the y axis says only the unit: a long axis title runs over the subtitle of a short plot
+    for metric in views.TREND_METRICS:
+        axis = page.trend_figure(runs.run_id, metric).layout.yaxis.title.text
+        assert axis == views.TREND_UNITS[metric] and len(axis) <= 20
     dist = page.distance_figure(runs.run_id, "1-2")
     table = run.table("distance")
     mine = table[(table["layer"] == 1) & (table["head"] == 2)].sort_values("distance")
@@ -124,7 +129,16 @@ def test_agreement_trend_distance_offset_and_clusters(runs: Runs) -> None:
     np.testing.assert_allclose(np.asarray(decode_array(heat[0].z), dtype=float), protos[0], rtol=1e-6)
     info = run.table("cluster_info")
     share = 100 * float(info.loc[info["cluster"] == 0, "map_share"].iloc[0])
-    assert f"{share:.0f}% of maps" in gallery.layout.annotations[0].text
+    # each cluster's title on two short lines, so that neighbouring titles never run together
+    titles = [a.text for a in gallery.layout.annotations if a.text.startswith("cluster ")]
+    assert (
+        titles[0]
+        == f"cluster 0<br>{share:.0f}% of maps, {int(info.loc[info['cluster'] == 0, 'n_heads_dominant'].iloc[0])} heads"
+    )
+    assert all(max(len(line) for line in t.split("<br>")) <= 24 for t in titles)
+    # the title sits below the mode bar, with room for the two-line cluster titles under it
+    assert gallery.layout.title.pad.t == figures.MODEBAR_PX
+    assert gallery.layout.margin.t >= figures.title_top(gallery)
 
 
 def test_head_selection_click_run_and_messages(runs: Runs) -> None:
@@ -143,7 +157,9 @@ def test_head_selection_click_run_and_messages(runs: Runs) -> None:
     assert "preset small" in page.settings(runs.run_id)
     for fig in (page.importance_figure(None, None, None), page.agreement_figure(runs.other)):
         assert fig.layout.annotations and not fig.data
-    assert "select a head" in page.distance_figure(runs.run_id, None).layout.annotations[0].text
+    assert "select a head" in page.distance_figure(runs.run_id, None).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
 
 
 def test_views_read_the_unsaved_result_like_the_run(runs: Runs) -> None:
@@ -193,7 +209,7 @@ def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> N
     (outline,) = fig.layout.shapes
     assert (outline.x0, outline.x1, outline.y0, outline.y1) == (16, 24, 16, 24)  # patch (2, 2), 8 px a patch
     cls = float(row[token, 0])
-    assert f"attention to CLS {cls:.3f}" in fig.layout.title.subtitle.text
+    assert f"attention to CLS {cls:.3f}" in fig.layout.title.subtitle.text.replace("<br>", " ")
     assert fig.data[0].source.startswith("data:image/png;base64,")
     other = np.asarray(decode_array(views.overlay_figure(run, 0, 1, 2, (2, 2)).data[1].z), dtype=float)
     assert not np.allclose(other, heat)  # another image, another pattern
@@ -201,7 +217,7 @@ def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> N
     centre = views.overlay_figure(runs.result, 1, 1, 2)
     np.testing.assert_allclose(np.asarray(decode_array(centre.data[1].z), dtype=float), heat, rtol=1e-6)
     snapped = views.overlay_figure(run, 1, 1, 2, (3, 3))
-    assert "nearest stored query" in snapped.layout.title.subtitle.text
+    assert "nearest stored query" in snapped.layout.title.subtitle.text.replace("<br>", " ")
     assert snapped.layout.shapes[0].x0 == 16
 
 
@@ -222,8 +238,12 @@ def test_overlay_page_callbacks_click_a_patch_and_render(runs: Runs) -> None:
     info = to_json(page.overlay_info(runs.run_id, 0, "1-3", [0, 2]))
     cls = vit_heads.display_pattern(_run(runs), 0, 1, 3, (0, 2)).cls
     assert f"attention to CLS {cls:.3f}" in info and "Query patch (0, 2)" in info
-    assert "select a head" in page.overlay_figure(runs.run_id, 0, None, None).layout.annotations[0].text
-    assert "cannot show run" in page.overlay_figure(runs.other, 0, "0-0", None).layout.annotations[0].text
+    assert "select a head" in page.overlay_figure(runs.run_id, 0, None, None).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
+    assert "cannot show run" in page.overlay_figure(runs.other, 0, "0-0", None).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
 
 
 def test_a_run_without_display_patterns_shows_the_hint(old_root: tuple[Path, str]) -> None:
@@ -231,8 +251,10 @@ def test_a_run_without_display_patterns_shows_the_hint(old_root: tuple[Path, str
     page = _page(root)
     assert page.display_choice(run_id, 0) == ([], None)
     fig = page.overlay_figure(run_id, None, "1-2", None)
-    assert not fig.data and "re-run headlab run vit-heads" in fig.layout.annotations[0].text
-    assert "no stored display patterns" in fig.layout.annotations[0].text
+    assert not fig.data and "re-run headlab run vit-heads" in fig.layout.annotations[0].text.replace(
+        "<br>", " "
+    )
+    assert "no stored display patterns" in fig.layout.annotations[0].text.replace("<br>", " ")
     assert "no stored display patterns" in to_json(page.overlay_info(run_id, None, "1-2", None))
     assert page.select_query(run_id, {"points": [{"x": 1.0, "y": 1.0}]}, None, "vit-overlay") is None
     served = render_route(create_app(root), "/vit", f"?run={run_id}")

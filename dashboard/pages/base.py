@@ -25,7 +25,11 @@ from dashboard import figures
 from dashboard.catalog import RunCatalog, RunEntry
 from probe.errors import HeadlabError, RunStoreError
 
-GRAPH_CONFIG: dcc.Graph.Config = {"displaylogo": False, "responsive": True}
+GRAPH_CONFIG: dcc.Graph.Config = {
+    "displaylogo": False,
+    "responsive": True,
+    "modeBarButtonsToRemove": figures.MODEBAR_REMOVE,
+}
 RUN_ERRORS: tuple[type[Exception], ...] = (HeadlabError, KeyError, ValueError)
 MAP_PANEL = "col-map panel"
 DETAIL_PANEL = "col-detail panel"
@@ -313,7 +317,7 @@ class AnalysisPage(Page):
             return empty_figure(f"cannot show run {run_id}: {why(err)}")
         if uirevision:
             fig.update_layout(uirevision=uirevision)
-        return fig
+        return figures.clear_modebar(fig)
 
 
 class MultiAnalysisPage(AnalysisPage):

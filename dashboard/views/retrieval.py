@@ -453,7 +453,7 @@ def masking_figure(source: Source, metric: MaskMetric = "recall") -> go.Figure:
             line_dash="dot",
             line_color=NONE_COLOUR,
             annotation_text=f"no head masked: {base:.2f}",
-            annotation_position="bottom right",
+            annotation_position="top left",
         )
     label = MASK_METRIC_LABELS[metric]
     fig.update_layout(

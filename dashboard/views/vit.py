@@ -58,6 +58,13 @@ TREND_LABELS = {
     "self_strength": "attention to the query's own patch",
     "neighbour_strength": "attention per patch at distance 1",
 }
+# The y axis of the per-layer figure: short, so that it fits the plot's height (the title says the rest).
+TREND_UNITS = {
+    "mean_attention_distance": "distance (patches)",
+    "patch_share": "share on patches",
+    "self_strength": "attention to self",
+    "neighbour_strength": "attention per patch",
+}
 REQUIRED_TABLES = frozenset({"heads", "agreement", "distance", "attention_trend"})
 BLUE = "#31688e"
 ORANGE = "#e4572e"
@@ -269,8 +276,8 @@ def trend_figure(source: Source, metric: str = "mean_attention_distance") -> go.
     fig.update_layout(
         title=figures.titled(f"{TREND_LABELS[metric]} by layer", "spread over the heads of each layer"),
         xaxis={"title": {"text": "layer"}, "dtick": 1},
-        yaxis={"title": {"text": TREND_LABELS[metric]}},
-        height=380,
+        yaxis={"title": {"text": TREND_UNITS[metric]}},
+        height=420,
         margin={"l": 60, "r": 20, "t": 70, "b": 50},
         legend={"orientation": "h", "y": -0.2},
     )
@@ -386,8 +393,15 @@ def cluster_gallery(source: Source, per_row: int = 4) -> go.Figure:
     for c in range(k):
         share = float(info.loc[c, "map_share"]) if c in info.index else math.nan
         dom = int(info.loc[c, "n_heads_dominant"]) if c in info.index else 0
-        titles.append(f"cluster {c}: {100 * share:.0f}% of maps, {dom} heads")
-    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.04)
+        # two short lines: one line would run into the neighbouring panel's title
+        titles.append(f"cluster {c}<br>{100 * share:.0f}% of maps, {dom} heads")
+    fig = make_subplots(
+        rows=n_rows,
+        cols=n_cols,
+        subplot_titles=titles,
+        horizontal_spacing=0.06,
+        vertical_spacing=min(0.5 / n_rows, 0.12) if n_rows > 1 else 0.0,
+    )
     rows, cols = _offset_axes(*protos.shape[1:])
     for c in range(k):
         fig.add_trace(
@@ -412,8 +426,9 @@ def cluster_gallery(source: Source, per_row: int = 4) -> go.Figure:
         title=figures.titled(
             "Attention-pattern clusters", "prototype (mean) map of each cluster, centred on the query"
         ),
-        height=90 + 230 * n_rows,
-        margin={"l": 20, "r": 20, "t": 90, "b": 20},
+        height=110 + 250 * n_rows,
+        margin={"l": 20, "r": 20, "t": 110, "b": 20},
+        plot_bgcolor="#ffffff",  # no grey bands beside the square maps
     )
     return fig
 
