@@ -19,6 +19,11 @@ over two seeded input sets:
   - ``duplicate_token``: attention to the earlier occurrence of the same token (offset
     ``repeat_len``), the duplicate-token signature (Wang et al., "Interpretability in the Wild", 2022).
 
+A few samples of each set keep their full attention patterns, for display: ``examples`` with
+``example_patterns`` (natural text) and ``repeated_examples`` with ``repeated_patterns`` (the
+repeated block, where the induction and duplicate-token stripes are drawn), ``n_examples`` of each
+(at most ``n_repeated`` repeated ones).
+
 Every score is first averaged over a sample's eligible queries, then over samples (each sample
 counts once); per-sample values are kept in ``per_sample`` so intervals and distributions can be
 drawn. Which metric to use: ``induction`` and ``prev_token`` separate the two halves of an induction
@@ -117,6 +122,8 @@ def run_census(
     )
     keep = KeepPatterns(n_samples=cfg.n_examples, max_tokens=cfg.seq_len + bos)
     reducers_nat = [entropy, distance, prev, alpha] + ([keep] if cfg.n_examples else [])
+    n_kept_rep = min(cfg.n_examples, cfg.n_repeated)
+    keep_rep = KeepPatterns(n_samples=n_kept_rep, max_tokens=2 * cfg.repeat_len + bos)
     stats_nat = capture(
         model, natural, reducers_nat, mode=cfg.mode, batch_size=cfg.batch_size,
         query_block=cfg.query_block, progress=progress, desc="census: natural text",
@@ -125,7 +132,7 @@ def run_census(
     induction = DiagonalScore(n - 1, query_from=first + n, query_to=first + 2 * n, name="induction")
     duplicate = DiagonalScore(n, query_from=first + n, query_to=first + 2 * n, name="duplicate_token")
     stats_rep = capture(
-        model, repeated, [induction, duplicate], mode=cfg.mode, batch_size=cfg.batch_size,
+        model, repeated, [induction, duplicate] + ([keep_rep] if n_kept_rep else []), mode=cfg.mode, batch_size=cfg.batch_size,
         query_block=cfg.query_block, progress=progress, desc="census: repeated tokens",
     )  # fmt: skip
 
@@ -168,6 +175,9 @@ def run_census(
     if cfg.n_examples:
         arrays["example_patterns"] = keep.result().numpy().astype(np.float16)
         tables["examples"] = _example_tokens(model, natural[: cfg.n_examples])
+    if n_kept_rep:
+        arrays["repeated_patterns"] = keep_rep.result().numpy().astype(np.float16)
+        tables["repeated_examples"] = _example_tokens(model, repeated[:n_kept_rep])
     alpha_mean = torch.nanmean(alpha.result(), dim=0)  # [L, H, T]
     arrays["alpha_natural"] = alpha_mean.numpy().astype(np.float32)
     return AnalysisResult(

@@ -2,8 +2,10 @@
 
 Elements (stable ids, used by the browser test): ``census-run`` (run picker), ``census-metric``
 (metric), ``census-heatmap`` (the map), ``census-head`` (store: the selected head),
-``census-head-detail`` (the head's metrics), ``census-example`` and ``census-scale`` (pattern
-controls), ``census-pattern`` (the head's attention pattern, drawn as an image).
+``census-head-detail`` (the head's metrics), ``census-input-set``, ``census-example`` and
+``census-scale`` (pattern controls: which input set, natural text or the repeated random block,
+follows the metric until changed), ``census-pattern`` (the head's attention pattern, drawn as an
+image).
 
 The callbacks are methods taking plain values (run id, metric, click data...), so tests call them
 directly; :meth:`CensusPage.register_callbacks` only wires them to the elements.
@@ -18,6 +20,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
+from dashboard import figures
 from dashboard.figures import PATTERN_SCALES, PatternScale
 from dashboard.pages import base as ui
 from dashboard.pages.base import AnalysisPage, empty_figure, why
@@ -66,6 +69,12 @@ class CensusPage(AnalysisPage):
                     ui.panel(
                         html.Div(id="census-head-detail"),
                         ui.detail_controls(
+                            ui.radio(
+                                "input",
+                                "census-input-set",
+                                [{"label": views.INPUT_SET_LABELS[k], "value": k} for k in views.INPUT_SETS],
+                                views.default_input_set(metric),
+                            ),
                             ui.dropdown("example", "census-example"),
                             ui.radio(
                                 "colour",
@@ -131,7 +140,7 @@ class CensusPage(AnalysisPage):
             uirevision=run_id,  # keep zoom while the metric or the selected head changes
             margin={"l": 50, "r": 10, "t": 50, "b": 45},
         )
-        return fig
+        return figures.clear_modebar(fig)
 
     def head_detail(self, run_id: str | None, selected: SelectedHead | None, metric: str | None) -> Component:
         head = _as_head(selected, run_id)
@@ -188,14 +197,15 @@ class CensusPage(AnalysisPage):
         )
 
     def example_options(
-        self, run_id: str | None, current: int | None
+        self, run_id: str | None, current: int | None, input_set: str | None = "natural"
     ) -> tuple[list[dict[str, Any]], int | None]:
         if not run_id:
             return [], None
+        shown = views.as_input_set(input_set)
         try:
             run = self._run(run_id)
-            ids = views.example_ids(run)
-            options = [{"label": views.example_preview(run, e), "value": e} for e in ids]
+            ids = views.example_ids(run, shown)
+            options = [{"label": views.example_preview(run, e, input_set=shown), "value": e} for e in ids]
         except (HeadlabError, KeyError):
             return [], None
         if not ids:
@@ -203,23 +213,29 @@ class CensusPage(AnalysisPage):
         return options, current if current in ids else ids[0]
 
     def pattern_figure(
-        self, run_id: str | None, selected: SelectedHead | None, example: int | None, scale: str | None
+        self,
+        run_id: str | None,
+        selected: SelectedHead | None,
+        example: int | None,
+        scale: str | None,
+        input_set: str | None = "natural",
     ) -> go.Figure:
         head = _as_head(selected, run_id)
         if not run_id or head is None:
             return empty_figure("select a head")
+        kind = views.as_input_set(input_set)
         try:
             run = self._run(run_id)
-            if not views.example_ids(run):
-                return empty_figure("this run kept no example patterns (n_examples=0)")
+            if not views.example_ids(run, kind):
+                return empty_figure(views.missing_examples(run, kind))
             if example is None:
                 return empty_figure("select an example")
             shown: PatternScale = scale if scale in PATTERN_SCALES else DEFAULT_SCALE
-            fig = views.pattern_figure(run, int(example), head, scale=shown)
+            fig = views.pattern_figure(run, int(example), head, scale=shown, input_set=kind)
         except (HeadlabError, KeyError, ValueError) as err:
             return empty_figure(f"cannot show the pattern: {why(err)}")
-        fig.update_layout(uirevision=f"{run_id}/{example}", height=600)
-        return fig
+        fig.update_layout(uirevision=f"{run_id}/{kind}/{example}", height=600)
+        return figures.clear_modebar(fig)
 
     def register_callbacks(self, app: Dash) -> None:
         def select(
@@ -247,17 +263,29 @@ class CensusPage(AnalysisPage):
             Input("census-metric", "value"),
         )(self.head_detail)
         app.callback(
+            Output("census-input-set", "value"),
+            Input("census-metric", "value"),
+        )(views.default_input_set)
+
+        def examples(
+            run_id: str | None, input_set: str | None, current: int | None
+        ) -> tuple[list[dict[str, Any]], int | None]:
+            return self.example_options(run_id, current, input_set)
+
+        app.callback(
             Output("census-example", "options"),
             Output("census-example", "value"),
             Input("census-run", "value"),
+            Input("census-input-set", "value"),
             State("census-example", "value"),
-        )(self.example_options)
+        )(examples)
         app.callback(
             Output("census-pattern", "figure"),
             Input("census-run", "value"),
             Input("census-head", "data"),
             Input("census-example", "value"),
             Input("census-scale", "value"),
+            Input("census-input-set", "value"),
         )(self.pattern_figure)
 
 

@@ -59,24 +59,46 @@ def _top_heads(run: Run) -> ReportSection:
 
 
 def _patterns(run: Run) -> ReportSection:
-    examples = views.example_ids(run)
-    if not examples:
-        body = "<p>This run kept no example patterns (it was run with <code>n_examples=0</code>).</p>"
-        return ReportSection("census-patterns", "Attention patterns", body)
-    example = examples[0]
-    tokens = views.example_tokens(run, example)
+    """The top heads' patterns, each on the input set its metric was measured on (induction and
+    duplicate-token on the repeated block, when the run kept it)."""
     chosen = views.pattern_heads(run.heads)
-    divs = []
+    shown = {k: views.example_ids(run, k) for k in views.INPUT_SETS}
+    divs, used, notes = [], [], []
     for metric, head in chosen:
-        fig = views.pattern_figure(run, example, head, scale="sqrt")
-        fig.update_layout(title_text=f"{head}: top {metric} head, example {example}", height=500)
+        input_set = views.default_input_set(metric)
+        if not shown[input_set] and shown["natural"]:
+            notes.append(f"{views.missing_examples(run, input_set)}.")
+            input_set = "natural"
+        if not shown[input_set]:
+            continue
+        example = shown[input_set][0]
+        where = "repeated example" if input_set == "repeated" else "example"
+        fig = views.pattern_figure(run, example, head, scale="sqrt", input_set=input_set)
+        fig.update_layout(title_text=f"{head}: top {metric} head, {where} {example}", height=500)
         divs.append(figure_html(fig, f"census-pattern-{metric}"))
-    text = html.escape("".join(tokens))
+        used.append((metric, input_set, example))
+    if not divs:
+        body = f"<p>{html.escape(views.missing_examples(run, 'natural'))}.</p>"
+        return ReportSection("census-patterns", "Attention patterns", body)
+    heads_on = "; ".join(
+        f"{html.escape(m)} on {'the repeated random block' if k == 'repeated' else 'natural text'}"
+        for m, k, _ in used
+    )
+    texts = "".join(
+        f"<details><summary>{views.INPUT_SET_LABELS[k]} example {ids[0]} text</summary>"
+        f'<pre class="tokens">{html.escape("".join(views.example_tokens(run, ids[0], k)))}</pre></details>'
+        for k, ids in shown.items()
+        if ids and any(u[1] == k for u in used)
+    )
     intro = (
-        f"<p>Full attention patterns (row: query, column: key) of the top head of "
-        f"{', '.join(html.escape(m) for m, _ in chosen)} on natural-text example {example} "
-        f"({len(tokens)} tokens). Colour is the square root of the weight, so that weights well below the first-token sink stay visible; grey cells are causally masked. Hover a cell for its tokens and weight.</p>"
-        f'<details><summary>example {example} text</summary><pre class="tokens">{text}</pre></details>'
+        f"<p>Full attention patterns (row: query, column: key) of the top head of each metric, drawn "
+        f"on the input set the metric is measured on: {heads_on}. On the repeated block an induction "
+        f"head's weight lies on a stripe one token right of the diagonal offset by the block length, a "
+        f"duplicate-token head's on the diagonal offset by the block length. Colour is the square root "
+        f"of the weight, so that weights well below the first-token sink stay visible; grey cells are "
+        f"causally masked. Hover a cell for its tokens and weight.</p>"
+        + "".join(f'<p class="warning">{html.escape(n)}</p>' for n in dict.fromkeys(notes))
+        + texts
     )
     return ReportSection(
         "census-patterns", "Attention patterns", intro + f'<div class="grid">{"".join(divs)}</div>'

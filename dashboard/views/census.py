@@ -3,10 +3,14 @@
 Background
 ----------
 A census run (:mod:`analyses.census`) holds a ``heads`` table with six metrics (and their standard
-errors), the tokens of a few natural-text ``examples`` and their full attention patterns
-(``example_patterns``, ``[n_examples, n_layers, n_heads, T, T]`` in real positions, padded to the
-longest example). This module turns those into rankings, per-head summaries and figures; the
-page and the report only arrange them.
+errors) and, for each of its two input sets, the tokens of a few examples and their full attention
+patterns (``[n_examples, n_layers, n_heads, T, T]`` in real positions, padded to the longest
+example): natural text (``examples``, ``example_patterns``) and the repeated random block
+(``repeated_examples``, ``repeated_patterns``; runs made before the census kept these have only
+natural text). The induction and duplicate-token scores are measured on the repeated block, and
+only there do their stripes show, so those metrics draw it by default
+(:func:`default_input_set`). This module turns those into rankings, per-head summaries and
+figures; the page and the report only arrange them.
 
 Which heads are notable: for every metric a high value marks a role (sink, previous-token,
 induction, duplicate-token, long-range head) except ``entropy``, where *low* entropy marks a
@@ -15,7 +19,7 @@ focused head; :func:`ranked_heads` orders heads notable first.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +35,28 @@ METRIC_LABELS: dict[str, str] = census.METRIC_LABELS
 LOW_IS_NOTABLE = frozenset({"entropy"})
 # Heads whose patterns the report draws: the clearest signatures first.
 PATTERN_METRICS: tuple[str, ...] = ("induction", "prev_token", "duplicate_token", "alpha_0")
+
+InputSet = Literal["natural", "repeated"]
+INPUT_SETS: tuple[InputSet, ...] = ("natural", "repeated")
+INPUT_SET_LABELS: dict[str, str] = {"natural": "natural text", "repeated": "repeated random tokens"}
+# The metrics measured on the repeated block: their patterns are drawn on it by default.
+REPEATED_METRICS = frozenset({"induction", "duplicate_token"})
+# Where each input set's examples are kept: (tokens table, patterns array).
+_EXAMPLES: dict[str, tuple[str, str]] = {
+    "natural": ("examples", "example_patterns"),
+    "repeated": ("repeated_examples", "repeated_patterns"),
+}
+
+
+def default_input_set(metric: str | None) -> InputSet:
+    """The input set a metric was measured on: repeated for induction and duplicate-token, else
+    natural."""
+    return "repeated" if metric in REPEATED_METRICS else "natural"
+
+
+def as_input_set(value: object) -> InputSet:
+    """``value`` if it names an input set, else natural."""
+    return "repeated" if value == "repeated" else "natural"
 
 
 class Head(NamedTuple):
@@ -114,44 +140,86 @@ def heatmap(heads: pd.DataFrame, metric: str, selected: Head | None = None) -> g
     return fig
 
 
-def example_ids(run: Run) -> list[int]:
-    """The examples whose patterns the run kept (none when it was run with ``n_examples=0``)."""
-    if "examples" not in run.table_names or "example_patterns" not in run.array_names:
+def example_ids(run: Run, input_set: InputSet = "natural") -> list[int]:
+    """The examples of ``input_set`` whose patterns the run kept ([] when it has none:
+    :func:`missing_examples` says why)."""
+    table, array = _EXAMPLES[input_set]
+    if table not in run.table_names or array not in run.array_names:
         return []
-    return sorted(int(e) for e in run.table("examples")["example"].unique())
+    return sorted(int(e) for e in run.table(table)["example"].unique())
 
 
-def example_tokens(run: Run, example: int) -> list[str]:
-    """The tokens of ``example`` in position order (BOS included when the run prepended it)."""
-    table = run.table("examples")
+def missing_examples(run: Run, input_set: InputSet = "natural") -> str:
+    """Why ``run`` has no example patterns of ``input_set``, read from its config, with what to do."""
+    n_examples = run.manifest.config.get("n_examples")
+    noun = INPUT_SET_LABELS[input_set]
+    if n_examples == 0:
+        return (
+            "this run kept no example patterns: it was run with n_examples=0; re-run it with "
+            "headlab run census --set n_examples=2 to see them"
+        )
+    if input_set == "repeated" and "examples" in run.table_names:
+        return (
+            f"this run has no example patterns of {noun} (runs made before the census kept them have "
+            "natural text only); re-run headlab run census to see the induction and duplicate-token "
+            "stripes, or pick natural text"
+        )
+    table, array = _EXAMPLES[input_set]
+    lacking = [n for n, names in ((table, run.table_names), (array, run.array_names)) if n not in names]
+    said = f"its config says n_examples={n_examples}" if n_examples is not None else "it should have them"
+    return (
+        f"this run is incomplete: {said} but it has no {' or '.join(lacking)} ({noun}); "
+        f"re-run headlab run census to get a complete run"
+    )
+
+
+def _example_rows(run: Run, example: int, input_set: InputSet) -> pd.DataFrame:
+    table = run.table(_EXAMPLES[input_set][0])
     rows = table[table["example"] == example].sort_values("position")
     if rows.empty:
-        raise KeyError(f"run {run.run_id} has no example {example}; it has {example_ids(run)}")
-    return [str(t) for t in rows["token"]]
+        raise KeyError(
+            f"run {run.run_id} has no {INPUT_SET_LABELS[input_set]} example {example}; "
+            f"it has {example_ids(run, input_set)}"
+        )
+    return rows
 
 
-def example_preview(run: Run, example: int, n_tokens: int = 10) -> str:
-    text = "".join(example_tokens(run, example)[:n_tokens]).replace("\n", " ").strip()
+def example_tokens(run: Run, example: int, input_set: InputSet = "natural") -> list[str]:
+    """The tokens of ``example`` in position order (BOS included when the run prepended it)."""
+    return [str(t) for t in _example_rows(run, example, input_set)["token"]]
+
+
+def example_preview(run: Run, example: int, n_tokens: int = 10, input_set: InputSet = "natural") -> str:
+    text = "".join(example_tokens(run, example, input_set)[:n_tokens]).replace("\n", " ").strip()
     return f"example {example}: {text[:60]}…"
 
 
-def pattern(run: Run, example: int, head: Head) -> np.ndarray:
+def pattern(run: Run, example: int, head: Head, input_set: InputSet = "natural") -> np.ndarray:
     """``[n, n]`` attention of ``head`` on ``example`` over its ``n`` real tokens (float32)."""
-    patterns = run.array("example_patterns")
+    patterns = run.array(_EXAMPLES[input_set][1])
     if not 0 <= example < patterns.shape[0]:
         raise KeyError(
-            f"run {run.run_id} kept patterns of {patterns.shape[0]} examples, not example {example}"
+            f"run {run.run_id} kept patterns of {patterns.shape[0]} {INPUT_SET_LABELS[input_set]} "
+            f"examples, not example {example}"
         )
-    n = len(example_tokens(run, example))
+    n = len(example_tokens(run, example, input_set))
     return patterns[example, head.layer, head.head, :n, :n].astype(np.float32)
 
 
-def pattern_figure(run: Run, example: int, head: Head, *, scale: PatternScale = "linear") -> go.Figure:
-    tokens = example_tokens(run, example)
+def pattern_figure(
+    run: Run,
+    example: int,
+    head: Head,
+    *,
+    scale: PatternScale = "linear",
+    input_set: InputSet = "natural",
+) -> go.Figure:
+    tokens = example_tokens(run, example, input_set)
+    where = "repeated example" if input_set == "repeated" else "example"
     return figures.pattern_figure(
-        pattern(run, example, head),
+        pattern(run, example, head, input_set),
         tokens,
-        title=f"{head} on example {example} ({len(tokens)} tokens)",
+        title=f"{head} on {where} {example} ({len(tokens)} tokens)",
         scale=scale,
     )
 
