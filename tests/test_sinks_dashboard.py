@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,11 @@ def test_heatmap_follows_input_set_quantity_and_position(root: Path) -> None:
     assert not np.allclose(maps["natural"], maps["repeated"])
     assert not np.allclose(maps["natural"], maps["random"])
     fig = page.heatmap_figure(full, "natural", "alpha", 0)
-    assert "natural text" in fig.layout.title.subtitle.text and "first real token" in fig.layout.title.text
+    assert "natural text" in fig.layout.title.subtitle.text.replace(
+        "<br>", " "
+    ) and "first real token" in fig.layout.title.text.replace("<br>", " ")
     assert (
-        page.heatmap_figure(full, "repeated", "alpha", 0).layout.title.subtitle.text
+        page.heatmap_figure(full, "repeated", "alpha", 0).layout.title.subtitle.text.replace("<br>", " ")
         == "one random token repeated"
     )
     rate = _z(page.heatmap_figure(full, "natural", "rate", 0))
@@ -97,7 +100,9 @@ def test_overview_figures_and_the_selected_set(root: Path) -> None:
     other = page.norms_figure(full, "repeated")
     # the first token is the same BOS in every set; the other tokens differ
     assert list(other.data[0].y) == list(norms.data[0].y)
-    assert list(other.data[1].y) != list(norms.data[1].y) and "repeated" in other.layout.annotations[0].text
+    assert list(other.data[1].y) != list(norms.data[1].y) and "repeated" in other.layout.annotations[
+        0
+    ].text.replace("<br>", " ")
     assert len(views.norms_figure(run).data) == 3 * 3 * 2  # the report: every set
 
 
@@ -115,7 +120,7 @@ def test_example_changes_with_the_input_set(root: Path) -> None:
         assert len(fig.data[0].y) == FULL.seq_len
     assert list(figs["natural"].data[0].y) != list(figs["repeated"].data[0].y)
     assert figs["natural"].layout.xaxis.ticktext != figs["repeated"].layout.xaxis.ticktext
-    assert "natural text" in figs["natural"].layout.title.text
+    assert "natural text" in figs["natural"].layout.title.text.replace("<br>", " ")
     assert figs["natural"].layout.xaxis.ticktext[0] == figures.token_label(BOS)  # the tiny llama's BOS
     table = to_json(page.example_table(full, "natural", 0))
     assert "hidden sinks" in table.lower()
@@ -127,18 +132,21 @@ def test_a_run_without_a_set_examples_or_norms_says_so(root: Path) -> None:
     page = _page(root)
     _, natural_only = _ids(root)
     fig = page.heatmap_figure(natural_only, "repeated", "alpha", 0)
-    assert len(fig.data) == 0 and "did not measure" in fig.layout.annotations[0].text
+    assert len(fig.data) == 0 and "did not measure" in fig.layout.annotations[0].text.replace("<br>", " ")
     assert page.example_options(natural_only, "natural", None) == ([], None)
-    assert "kept no examples" in page.example_figure(natural_only, "natural", None).layout.annotations[0].text
-    assert "no norms" in page.norms_figure(natural_only, "natural").layout.annotations[0].text
+    assert "kept no examples" in page.example_figure(natural_only, "natural", None).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
+    assert "no norms" in page.norms_figure(natural_only, "natural").layout.annotations[0].text.replace(
+        "<br>", " "
+    )
     assert len(page.bars_figure(natural_only).data[0].y) == 1
-    assert (
-        "no sinks run selected" in page.heatmap_figure(None, "natural", "alpha", 0).layout.annotations[0].text
-    )
-    assert (
-        "cannot show run"
-        in page.heatmap_figure("../elsewhere", "natural", "alpha", 0).layout.annotations[0].text
-    )
+    assert "no sinks run selected" in page.heatmap_figure(None, "natural", "alpha", 0).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
+    assert "cannot show run" in page.heatmap_figure("../elsewhere", "natural", "alpha", 0).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
 
 
 def test_layout_and_callbacks_through_dash(root: Path, tmp_path: Path) -> None:
@@ -195,3 +203,24 @@ def test_report_section_renders(root: Path, tmp_path: Path, monkeypatch: pytest.
     assert 'id="heads-heatmap-0"' in generic  # not a sinks run's tables: the generic heat maps
     html = report.render_report(run)
     assert 'id="sinks-summary"' in html and "Per-position sink map and hidden sinks" in html
+
+
+def test_a_run_whose_config_kept_examples_but_has_none_is_called_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not "run with n_examples=0": the config says what was asked for, so a missing examples table
+    means the run is damaged or incomplete, and the fix is a re-run."""
+    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    model = probe.load_model("tiny-llama", device="cpu")
+    cfg = dataclasses.replace(NATURAL_ONLY, n_examples=2)
+    result = run_sinks(model, cfg, progress=False)
+    assert "examples" in result.tables
+    tables = {k: v for k, v in result.tables.items() if k != "examples"}
+    arrays = {k: v for k, v in result.arrays.items() if not k.startswith("example_")}
+    path = dataclasses.replace(result, tables=tables, arrays=arrays).save(tmp_path)
+    page = _page(tmp_path)
+    message = page.example_figure(path.name, "natural", None).layout.annotations[0].text.replace("<br>", " ")
+    assert "n_examples=0" not in message
+    assert "incomplete: its config says n_examples=2" in message and "re-run headlab run sinks" in message
+    run = runstore.open_run(path)
+    assert views.missing_examples(run, "natural") == message

@@ -22,6 +22,7 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
+from dashboard import figures
 from dashboard.pages import base as ui
 from dashboard.pages.base import AnalysisPage, empty_figure, why
 from dashboard.views import sinks as views
@@ -163,14 +164,14 @@ class SinksPage(AnalysisPage):
             run = self._run(run_id)
             shown = self._set(run, input_set)
             if not views.example_ids(run, shown):
-                return empty_figure("this run kept no examples (n_examples=0)")
+                return empty_figure(views.missing_examples(run, shown))
             if example is None:
                 return empty_figure("select an example")
             fig = views.example_figure(run, shown, int(example))
         except (HeadlabError, KeyError, ValueError) as err:
             return empty_figure(f"cannot show the example: {why(err)}")
         fig.update_layout(uirevision=f"{run_id}/{input_set}/{example}")
-        return fig
+        return figures.clear_modebar(fig)
 
     def example_table(self, run_id: str | None, input_set: str | None, example: int | None) -> Component:
         if not run_id or example is None:

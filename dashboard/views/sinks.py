@@ -144,6 +144,19 @@ def example_ids(run: Run, input_set: str) -> list[int]:
     return sorted(int(e) for e in table[table["input_set"] == input_set]["example"].unique())
 
 
+def missing_examples(run: Run, input_set: str) -> str:
+    """Why ``run`` has no examples of ``input_set``, read from its config, with what to do."""
+    n_examples = run.manifest.config.get("n_examples")
+    if n_examples == 0:
+        return (
+            "this run kept no examples: it was run with n_examples=0; re-run it with "
+            "headlab run sinks --set n_examples=4 to see them"
+        )
+    said = f"its config says n_examples={n_examples}" if n_examples is not None else "it should have them"
+    where = "has no examples table" if "examples" not in run.table_names else f"has no {input_set} examples"
+    return f"this run is incomplete: {said} but it {where}; re-run headlab run sinks to get a complete run"
+
+
 def example_rows(run: Run, input_set: str, example: int) -> pd.DataFrame:
     """The example's positions: token, share of heads for which it is a sink, mean and max alpha."""
     table = run.table("examples")
