@@ -150,7 +150,7 @@ def test_a_vhd_run_has_no_vhr_columns_layers_or_deltas(runs: Runs) -> None:
     with pytest.raises(KeyError, match="selected_share"):
         views.heads_figure(run, "selected_share")
     deltas = views.deltas_figure(run)
-    assert not deltas.data and "No VHR setting" in deltas.layout.annotations[0].text
+    assert not deltas.data and "No VHR setting" in deltas.layout.annotations[0].text.replace("<br>", " ")
     assert [c.setting for c in views.scene_captions(run, views.caption_scenes(run)[0])] == ["baseline"]
     assert "no VHR settings" in views.settings_line(run)
 
@@ -196,7 +196,15 @@ def test_caption_figure_colours_the_hand_set_words(runs: Runs) -> None:
     ticks = list(fig.layout.xaxis.ticktext)
     assert views.HALLUCINATED_COLOUR in ticks[0] and views.CORRECT_COLOUR in ticks[-1]
     assert all("color" not in t for t in ticks[1:-1])
-    assert "1 correct and 1 hallucinated" in fig.layout.title.subtitle.text
+    assert "1 correct and 1 hallucinated" in fig.layout.title.subtitle.text.replace("<br>", " ")
+    # the legend sits at the foot of the figure, under the axis title, whose margin holds the
+    # rotated tokens, the axis title and the legend (it used to be drawn over the axis title)
+    legend = fig.layout.legend
+    assert (legend.yref, legend.y, legend.yanchor, legend.orientation) == ("container", 0, "bottom", "h")
+    longest = max(
+        len(views._tick(t)) for t in run.table("tokens").query(f"scene == {runs.bad_scene}")["token"]
+    )
+    assert fig.layout.margin.b >= 80 + 5 * min(longest, 24)
     # the other scene: one correct word, no red
     fig = views.tvhd_caption_figure(run, runs.correct_scene)
     assert [t.name for t in fig.data if t.type == "bar"] == ["other token", "correct object word"]
@@ -206,7 +214,7 @@ def test_caption_figure_colours_the_hand_set_words(runs: Runs) -> None:
 def test_distribution_and_test_line(runs: Runs) -> None:
     plain = _run(runs, runs.vhr)
     fig = views.tvhd_distribution_figure(plain)
-    assert not fig.data and "no object word" in fig.layout.annotations[0].text
+    assert not fig.data and "no object word" in fig.layout.annotations[0].text.replace("<br>", " ")
     line = views.tvhd_test_line(plain)
     assert "n = 0" in line and "p = n/a" in line and "both kinds" in line
 
@@ -224,7 +232,7 @@ def test_distribution_and_test_line(runs: Runs) -> None:
     line = views.tvhd_test_line(run)
     assert f"p = {float(test['p_value']):.3g}" in line and f"{float(test['auroc_correct']):.3f}" in line
     assert "mean T-VHD 1.00" in line and "mean 5.50" in line
-    assert f"{float(test['auroc_correct']):.3f}" in fig.layout.title.subtitle.text
+    assert f"{float(test['auroc_correct']):.3f}" in fig.layout.title.subtitle.text.replace("<br>", " ")
 
 
 def test_image_and_captions_of_a_scene(runs: Runs) -> None:
@@ -239,7 +247,7 @@ def test_image_and_captions_of_a_scene(runs: Runs) -> None:
     decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
     np.testing.assert_array_equal(decoded, images[1])
     missing = views.image_figure(run, N_SCENES - 1)
-    assert not missing.data and "was not stored" in missing.layout.annotations[0].text
+    assert not missing.data and "was not stored" in missing.layout.annotations[0].text.replace("<br>", " ")
     caps = views.scene_captions(run, runs.bad_scene)
     assert [c.setting for c in caps] == ["baseline", "vhr"]
     assert caps[1].hallucinated == ["star"] and caps[0].hallucinated == []
@@ -257,8 +265,8 @@ def test_benchmark_figure_shows_the_summary_with_intervals_baseline_first(runs: 
     settings = run.table("settings")["name"].tolist()
     fig = views.benchmark_figure(run)
     names = [t.name for t in fig.data]
-    assert names == ["CHAIR captions CHAIR_S", "CHAIR captions CHAIR_I", "POPE adversarial F1",
-                     "POPE adversarial accuracy"]  # fmt: skip
+    assert names == ["CHAIR captions CHAIR_S", "CHAIR captions CHAIR_I", "CHAIR captions recall",
+                     "CHAIR captions words", "POPE adversarial F1", "POPE adversarial accuracy"]  # fmt: skip
     for trace in fig.data:
         bench, kind, metric = trace.name.split(" ")
         assert list(trace.x) == ["baseline", *settings]
@@ -280,7 +288,9 @@ def test_deltas_figure_shows_each_setting_with_a_zero_line(runs: Runs) -> None:
     deltas = run.table("deltas")
     settings = run.table("settings")["name"].tolist()
     fig = views.deltas_figure(run)
-    assert len(fig.data) == 4
+    assert [t.name for t in fig.data] == ["Δ CHAIR captions CHAIR_S", "Δ CHAIR captions CHAIR_I",
+                                          "Δ CHAIR captions recall", "Δ POPE adversarial F1",
+                                          "Δ POPE adversarial accuracy"]  # fmt: skip
     for trace in fig.data:
         _, bench, kind, metric = trace.name.split(" ")
         assert list(trace.x) == settings
@@ -354,7 +364,9 @@ def test_page_callbacks(runs: Runs) -> None:
     assert page.scene_choice(runs.marked, 999)[1] == runs.bad_scene
     caption = page.caption_figure(runs.marked, runs.bad_scene)
     assert _trace(caption, "hallucinated object word").marker.color == views.HALLUCINATED_COLOUR
-    assert "no scene" in page.caption_figure(runs.marked, None).layout.annotations[0].text
+    assert "no scene" in page.caption_figure(runs.marked, None).layout.annotations[0].text.replace(
+        "<br>", " "
+    )
     assert page.image_figure(runs.marked, 0).data[0].source.startswith("data:image/png")
     block = to_json(page.captions_block(runs.marked, runs.bad_scene))
     assert "caption under VHR (vhr)" in block and "star" in block and views.HALLUCINATED_COLOUR in block
@@ -367,14 +379,14 @@ def test_page_callbacks(runs: Runs) -> None:
         .to_numpy(float),
     )
     missing = page.heads_figure(runs.vhd, "selected_share")  # a vhd run has no such column: said
-    assert not missing.data and "selected_share" in missing.layout.annotations[0].text
+    assert not missing.data and "selected_share" in missing.layout.annotations[0].text.replace("<br>", " ")
     foreign = page.benchmarks_figure(runs.census)
-    assert "not one of vhd, vhr" in foreign.layout.annotations[0].text
+    assert "not one of vhd, vhr" in foreign.layout.annotations[0].text.replace("<br>", " ")
     assert "No run selected" in to_json(page.findings(None))
     findings = page.findings(runs.vhr)
     assert [li.children for li in findings.children] == views.findings(_run(runs, runs.vhr))
     assert page.test_text(runs.marked) == views.tvhd_test_line(_run(runs, runs.marked))
-    assert len(page.deltas_figure(runs.vhr).data) == 4 and not page.deltas_figure(runs.vhd).data
+    assert len(page.deltas_figure(runs.vhr).data) == 5 and not page.deltas_figure(runs.vhd).data
 
 
 def test_a_run_without_the_vhd_tables_is_refused_saying_how_to_get_them(
@@ -386,7 +398,7 @@ def test_a_run_without_the_vhd_tables_is_refused_saying_how_to_get_them(
     page = _page(tmp_path)
     missing = ", ".join(sorted(views.REQUIRED_TABLES - {"heads"}))
     for text in (
-        page.benchmarks_figure(partial.name).layout.annotations[0].text,
+        page.benchmarks_figure(partial.name).layout.annotations[0].text.replace("<br>", " "),
         page.settings(partial.name),
         to_json(page.findings(partial.name)),
     ):
@@ -461,29 +473,129 @@ def test_report_sections_render_the_figures(
     assert 'id="heads-heatmap-0"' in generic and 'id="vhd-overview"' not in generic
 
 
-def test_findings_do_not_call_silence_an_improvement(runs: Runs) -> None:
-    """A setting whose CHAIR_S falls because its captions name (almost) no objects is flagged."""
+def _collapsed(runs: Runs, names: tuple[str, ...] = ("quiet", "terse", "fluent")) -> AnalysisResult:
+    """The vhr result with hand-set CHAIR rows: the baseline (CHAIR_S 0.125, recall 0.87, 18 words),
+    'quiet' whose CHAIR_S falls to 0 with recall 0.40 (as VHR's did on scene-llava), 'terse' whose
+    captions shrink to 6 words, and 'fluent', which keeps recall and length."""
     base = runs.result
     summary = base.tables["summary"]
-    extra = []
-    for name, recall in (("quiet", 0.05), ("fluent", 0.9)):
-        for metric, value in (("CHAIR_S", 0.0), ("CHAIR_I", 0.0), ("recall", recall), ("words", 20.0)):
-            extra.append({"vhr_setting": name, "benchmark": "CHAIR", "setting": "captions", "metric": metric,
-                          "value": value, "lo": value, "hi": value, "n": N_SCENES})  # fmt: skip
-    summary = pd.concat([summary, pd.DataFrame(extra)], ignore_index=True)
-    recall_row = (
-        (summary["vhr_setting"] == "baseline")
-        & (summary["benchmark"] == "CHAIR")
-        & (summary["metric"] == "recall")
-    )
-    summary.loc[recall_row, "value"] = 0.8
+    summary = summary[summary["benchmark"] != "CHAIR"]  # the tiny model's own CHAIR rows mean nothing
+    rows = []
+    for name, chair_s, recall, n_words in (
+        ("baseline", 0.125, 0.87, 18.0),
+        ("quiet", 0.0, 0.40, 15.0),
+        ("terse", 0.0, 0.85, 6.0),
+        ("fluent", 0.0, 0.84, 17.0),
+    ):
+        if name != "baseline" and name not in names:
+            continue
+        for metric, value in (
+            ("CHAIR_S", chair_s),
+            ("CHAIR_I", chair_s),
+            ("recall", recall),
+            ("words", n_words),
+        ):
+            rows.append({"vhr_setting": name, "benchmark": "CHAIR", "setting": "captions", "metric": metric,
+                         "value": value, "lo": value, "hi": value, "n": N_SCENES})  # fmt: skip
+    summary = pd.concat([summary, pd.DataFrame(rows)], ignore_index=True)
     deltas = pd.DataFrame([
-        {"setting": n, "benchmark": "CHAIR", "kind": "captions", "metric": "CHAIR_S", "delta": -0.2, "lo": -0.3, "hi": -0.1}
-        for n in ("quiet", "fluent")
+        {"setting": n, "benchmark": "CHAIR", "kind": "captions", "metric": "CHAIR_S", "delta": -0.125, "lo": -0.2, "hi": -0.05}
+        for n in names
     ])  # fmt: skip
-    edited = dataclasses.replace(base, tables={**base.tables, "summary": summary, "deltas": deltas})
-    text = " ".join(views.findings(edited))
-    assert "improves clearly under quiet, fluent" in text
+    return dataclasses.replace(base, tables={**base.tables, "summary": summary, "deltas": deltas})
+
+
+def test_findings_do_not_call_silence_an_improvement(runs: Runs) -> None:
+    """A setting whose CHAIR_S falls because its captions name far fewer objects, or say far less,
+    is flagged with a warning; one that keeps its recall and length is not."""
+    edited = _collapsed(runs)
+    found = views.collapses(edited)
+    assert [(c.setting, c.recall_fell, c.length_fell) for c in found] == [
+        ("quiet", True, False),
+        ("terse", False, True),
+    ]
+    lines = views.findings(edited)
+    text = " ".join(lines)
+    assert "improves clearly under quiet, terse, fluent" in text
+    warnings = [line for line in lines if line.startswith("Warning:")]
+    assert len(warnings) == 2
     assert (
-        "Under quiet (recall 0.05) the captions name less than half" in text and "fluent (recall" not in text
+        "Under 'quiet' object recall collapses: object recall 0.40 against 0.87 for the baseline (-54%)"
+        in (warnings[0])
     )
+    assert "Under 'terse' captions shrink" in warnings[1] and "6.0 against 18.0 words" in warnings[1]
+    assert "fluent" not in " ".join(warnings)
+    assert "Baseline object recall 0.870" in text and "Baseline caption length (words) 18.0" in text
+    # the rule is stated with its fractions
+    assert f"more than {100 * views.RECALL_DROP:.0f}%" in views.collapse_rule()
+
+
+def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
+    runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edited = _collapsed(runs)
+    fig = views.benchmark_figure(edited)
+    by_name = {t.name: t for t in fig.data}
+    recall, words = by_name["CHAIR captions recall"], by_name["CHAIR captions words"]
+    assert list(recall.x)[:1] == ["baseline"] and {"quiet", "terse", "fluent"} <= set(recall.x)
+    values = dict(zip(recall.x, recall.y, strict=True))
+    assert values["baseline"] == pytest.approx(0.87) and values["quiet"] == pytest.approx(0.40)
+    assert dict(zip(words.x, words.y, strict=True))["terse"] == pytest.approx(6.0)
+    # the flag's thresholds are drawn (red dashes) in the recall and length panels
+    dashes = [s for s in fig.layout.shapes if s.line.dash == "dash" and s.line.color == views.WARNING_COLOUR]
+    assert sorted(round(float(s.y0), 4) for s in dashes) == sorted(
+        [round(0.87 * (1 - views.RECALL_DROP), 4), round(18.0 * (1 - views.LENGTH_DROP), 4)]
+    )
+    # the flagged settings' ticks are marked, and the subtitle says so
+    ticks = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext, strict=True))
+    assert "⚠ quiet" in ticks["quiet"] and "⚠ terse" in ticks["terse"] and "⚠" not in ticks["fluent"]
+    assert (
+        "recall or length collapses under quiet (recall 0.40), terse"
+        in fig.layout.title.subtitle.text.replace("<br>", " ")
+    )
+    deltas = views.deltas_figure(edited)
+    assert (
+        "⚠ quiet"
+        in dict(zip(deltas.layout.xaxis.tickvals, deltas.layout.xaxis.ticktext, strict=True))["quiet"]
+    )
+    # no flag where nothing collapses
+    calm = _collapsed(runs, ("fluent",))
+    assert views.collapses(calm) == []
+    plain = views.benchmark_figure(calm)
+    assert "⚠" not in json.dumps(plain.to_plotly_json(), cls=PlotlyJSONEncoder)
+    # the page's warning box and the report's
+    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    path = edited.save(tmp_path)
+    page = _page(tmp_path)
+    box = to_json(page.warnings(path.name))
+    assert box.count('"className": "warning"') == 2 and "Under 'quiet' object recall collapses" in box
+    assert "warning" not in to_json(page.warnings(calm.save(tmp_path).name))
+    findings = page.findings(path.name)
+    assert [li.className for li in findings.children].count("warning") == 2
+    html_text = report.render_report(runstore.open_run(path))
+    assert html_text.count('<p class="warning">') == 4  # in the overview and beside the figures
+    assert "Under &#x27;quiet&#x27; object recall collapses" in html_text
+
+
+def test_object_words_are_marked_with_their_class_name(runs: Runs) -> None:
+    """One name per class: a caption's "moon" is marked "crescent", the name the scene label and
+    CHAIR's lists use; the word as written stays in the hover."""
+    base = runs.result
+    tokens = base.tables["tokens"].copy()
+    scene = int(tokens["scene"].iloc[0])
+    at = tokens.index[tokens["scene"] == scene][0]
+    tokens[["object", "hallucinated"]] = tokens[["object", "hallucinated"]].astype(bool)
+    tokens.loc[at, ["token", "object", "word", "shape", "hallucinated"]] = [
+        " moon",
+        True,
+        "moon",
+        "crescent",
+        True,
+    ]
+    edited = dataclasses.replace(base, tables={**base.tables, "tokens": tokens})
+    fig = views.tvhd_caption_figure(edited, scene)
+    bad = _trace(fig, "hallucinated object word")
+    assert list(bad.text) == ["crescent"]
+    assert "crescent ('moon')" in str(bad.customdata[0][1])
+    label = next(o["label"] for o in views.scene_options(edited) if o["value"] == scene)
+    assert "hallucinates crescent" in label and "moon" not in label

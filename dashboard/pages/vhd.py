@@ -10,8 +10,9 @@ Elements (stable ids): ``vhd-run`` (run picker), ``vhd-settings`` (the run's set
 hallucinated vs correct object words), ``vhd-test`` (the Mann–Whitney test row as text),
 ``vhd-scene`` (a scene with a caption), ``vhd-caption`` (T-VHD along its baseline caption),
 ``vhd-image`` (its image), ``vhd-captions`` (its baseline and main-VHR captions with CHAIR's reading),
-``vhd-benchmarks`` (CHAIR and POPE per setting) and ``vhd-deltas`` (paired changes against the
-baseline).
+``vhd-warnings`` (settings whose object recall or caption length collapses, so that their low CHAIR
+means nothing), ``vhd-benchmarks`` (CHAIR with object recall and caption length beside it, and POPE,
+per setting) and ``vhd-deltas`` (paired changes against the baseline).
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`VhdPage.register_callbacks` only wires them to the elements.
@@ -66,6 +67,7 @@ class VhdPage(MultiAnalysisPage):
                     className="hint",
                 ),
                 *self.run_header(choice),
+                html.Div(id="vhd-warnings"),
                 ui.columns(
                     ui.panel(
                         ui.detail_controls(
@@ -103,6 +105,13 @@ class VhdPage(MultiAnalysisPage):
                     ],
                     className="panel",
                     style={"margin": "20px 0"},
+                ),
+                html.H3("CHAIR, object recall, caption length and POPE under VHR"),
+                html.P(
+                    "CHAIR is low both when captions hallucinate less and when they name fewer objects or "
+                    f"say less: read it with recall and length. The red dashes mark the flag: "
+                    f"{views.collapse_rule()}.",
+                    className="hint",
                 ),
                 ui.columns(
                     ui.panel(ui.graph("vhd-benchmarks"), css=ui.DETAIL_PANEL),
@@ -153,8 +162,31 @@ class VhdPage(MultiAnalysisPage):
     def findings(self, run_id: str | None) -> Component:
         return self._block(
             run_id,
-            lambda run: html.Ul([html.Li(line) for line in views.findings(run)], id="vhd-findings-list"),
+            lambda run: html.Ul(
+                [
+                    html.Li(line, className="warning" if line.startswith("Warning:") else None)
+                    for line in views.findings(run)
+                ],
+                id="vhd-findings-list",
+            ),
         )
+
+    def warnings(self, run_id: str | None) -> Component:
+        """A warning box per setting whose recall or caption length collapses (nothing when none)."""
+
+        def build(run: Any) -> Component:
+            found = views.collapses(run)
+            if not found:
+                return html.Div()
+            return html.Div(
+                [html.P([html.B("⚠ Warning: "), c.message()], className="warning") for c in found]
+                + [html.P(f"The rule: {views.collapse_rule()}.", className="hint")],
+                id="vhd-warnings-list",
+            )
+
+        if not run_id:
+            return html.Div()
+        return self._block(run_id, build, "cannot check recall and caption length")
 
     def test_text(self, run_id: str | None) -> str:
         return self._text(run_id, views.tvhd_test_line, "cannot read the T-VHD test")
@@ -231,6 +263,7 @@ class VhdPage(MultiAnalysisPage):
         )(scene_choice)
         app.callback(Output("vhd-settings", "children"), run)(self.settings)
         app.callback(Output("vhd-findings", "children"), run)(self.findings)
+        app.callback(Output("vhd-warnings", "children"), run)(self.warnings)
         app.callback(Output("vhd-test", "children"), run)(self.test_text)
         app.callback(Output("vhd-heads", "figure"), run, Input("vhd-metric", "value"))(self.heads_figure)
         app.callback(Output("vhd-words", "figure"), run)(self.words_figure)

@@ -13,16 +13,33 @@ from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
 from dashboard.views import vhd as views
 
 
+def _warnings(run: Run) -> str:
+    """A warning box per setting whose object recall or caption length collapses ("" when none)."""
+    found = views.collapses(run)
+    if not found:
+        return ""
+    return (
+        "".join(f'<p class="warning"><b>⚠ Warning:</b> {html.escape(c.message())}</p>' for c in found)
+        + f"<p>The rule: {html.escape(views.collapse_rule())}.</p>"
+    )
+
+
 def _overview(run: Run) -> ReportSection:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in views.findings(run))
+    warning = ' class="warning"'
+    items = "".join(
+        f"<li{warning if line.startswith('Warning:') else ''}>{html.escape(line)}</li>"
+        for line in views.findings(run)
+    )
     wide = views.summary_wide(run)
     parts = [
+        _warnings(run),
         "<p>VHD of a head (He et al., ACL 2025) is the distance between its output with the image and "
         "with the image tokens removed, at each generated token; T-VHD of a token sums each layer's "
         "top-k VHD at the step that produced it; VHR scales the heads with above-median VHD in chosen "
         f"layers. Settings: {html.escape(views.settings_line(run))}.</p>",
         f"<ul>{items}</ul>",
-        "<p>CHAIR and POPE per setting (value [95% percentile bootstrap interval]):</p>",
+        "<p>CHAIR with object recall and mean caption length (words), and POPE, per setting "
+        "(value [95% percentile bootstrap interval]):</p>",
         table_html(list(wide.columns), wide.to_numpy().tolist()),
     ]
     s = views.settings_table(run)
@@ -130,8 +147,11 @@ def _tvhd(run: Run) -> ReportSection:
 def _benchmarks(run: Run) -> ReportSection:
     body = (
         "<p>CHAIR_S (share of captions with a hallucinated object), CHAIR_I (hallucinated / mentioned "
-        "objects) and POPE F1 and accuracy per setting, baseline first, with percentile bootstrap "
-        "intervals; then each setting's paired change against the baseline (scenes resampled together).</p>"
+        "objects), beside them object recall (correctly named / present objects) and mean caption length, "
+        "and POPE F1 and accuracy per setting, baseline first, with percentile bootstrap "
+        "intervals; then each setting's paired change against the baseline (scenes resampled together). "
+        "A lower CHAIR is no improvement when recall or length collapses with it.</p>"
+        + _warnings(run)
         + figure_html(views.benchmark_figure(run), "vhd-benchmarks-figure", wide=True)
         + figure_html(views.deltas_figure(run), "vhd-deltas-figure", wide=True)
     )

@@ -61,9 +61,22 @@ METRIC_NOTES = {
     "outlier_share": "share of inputs for which VHR set the head aside (VHD and norm both high)",
 }
 # Panels of the benchmark figures: (benchmark, metric, label); POPE panels repeat for each kind.
-CHAIR_PANELS: tuple[tuple[str, str], ...] = (("CHAIR_S", "CHAIR_S"), ("CHAIR_I", "CHAIR_I"))
+# CHAIR is drawn with object recall and caption length beside it: a setting whose captions name
+# fewer objects, or say less, lowers CHAIR without hallucinating less.
+CHAIR_PANELS: tuple[tuple[str, str], ...] = (
+    ("CHAIR_S", "CHAIR_S"),
+    ("CHAIR_I", "CHAIR_I"),
+    ("recall", "object recall"),
+    ("words", "caption length (words)"),
+)
 POPE_PANELS: tuple[tuple[str, str], ...] = (("F1", "F1"), ("accuracy", "accuracy"))
 LOWER_IS_BETTER = frozenset({"CHAIR_S", "CHAIR_I"})
+NO_DIRECTION = frozenset({"words"})  # neither longer nor shorter captions are better in themselves
+# A setting is flagged when its object recall falls by more than RECALL_DROP of the baseline's, or
+# its mean caption length by more than LENGTH_DROP of the baseline's.
+RECALL_DROP = 0.25
+LENGTH_DROP = 0.5
+WARNING_COLOUR = "#b3261e"
 
 HALLUCINATED_COLOUR = "#d62728"  # red
 CORRECT_COLOUR = "#2ca02c"  # green
@@ -366,6 +379,20 @@ KIND_NAMES = {
 }
 
 
+def object_class(row: Any) -> str:
+    """The class an object word names (``shape``: "crescent" for "moon"): one name per class, the
+    name the scene labels and CHAIR's lists use; the word itself when the row has no class."""
+    shape = row.get("shape") if hasattr(row, "get") else None
+    return str(shape) if isinstance(shape, str) and shape else str(row["word"])
+
+
+def object_label(row: Any) -> str:
+    """An object word for hovers: its class, with the word as written when that differs
+    ("crescent ('moon')")."""
+    name, word = object_class(row), str(row["word"])
+    return name if word.lower() in ("", name) else f"{name} ('{html.escape(word, quote=False)}')"
+
+
 def caption_tokens(source: Source, scene: int) -> pd.DataFrame:
     """The baseline caption of ``scene`` token by token, with ``kind`` (see :func:`token_kind`)."""
     t = tokens(source)
@@ -380,8 +407,9 @@ def caption_tokens(source: Source, scene: int) -> pd.DataFrame:
 
 def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
     """T-VHD of every token of ``scene``'s baseline caption (bars; token texts on the x axis):
-    object words green when correct and red when hallucinated, the word written over its bar, the
-    tick labels in the same colours; the dashed line is the mean T-VHD of all tokens of the run."""
+    object words green when correct and red when hallucinated, the class the word names written
+    over its bar (the scene's and CHAIR's name for it: "crescent" over "moon"), the tick labels in
+    the same colours; the dashed line is the mean T-VHD of all tokens of the run."""
     rows = caption_tokens(source, scene)
     fig = go.Figure()
     for kind in ("other", "correct", "hallucinated"):
@@ -395,13 +423,13 @@ def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
                 name=KIND_NAMES[kind],
                 marker_color=KIND_COLOURS[kind],
                 width=0.8,
-                text=[str(w) for w in part["word"]] if kind != "other" else None,
+                text=[object_class(r) for _, r in part.iterrows()] if kind != "other" else None,
                 textposition="outside" if kind != "other" else None,
                 textfont={"size": 11, "color": KIND_COLOURS[kind]},
                 constraintext="none",
                 cliponaxis=False,
                 customdata=np.column_stack(
-                    [[_tick(v) for v in part["token"]], [str(w) for w in part["word"]]]
+                    [[_tick(v) for v in part["token"]], [object_label(r) for _, r in part.iterrows()]]
                 )
                 if len(part)
                 else None,
@@ -418,7 +446,7 @@ def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
                 x=[int(steps.min()) - 0.5, int(steps.max()) + 0.5],
                 y=[mean_all, mean_all],
                 mode="lines",
-                name=f"mean T-VHD of all the run's tokens ({mean_all:.2f})",
+                name=f"mean T-VHD, all tokens ({mean_all:.2f})",
                 line={"dash": "dash", "color": "#555", "width": 1},
                 hoverinfo="skip",
             )
@@ -431,6 +459,10 @@ def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
         ticks.append(label)
     n_bad = int((rows["kind"] == "hallucinated").sum())
     n_ok = int((rows["kind"] == "correct").sum())
+    # The legend sits at the foot of the figure, under the axis title: the bottom margin holds the
+    # tick labels (tokens at -60°, about 5 px a character), the axis title and two legend rows.
+    longest = max((len(_tick(t)) for t in rows["token"]), default=1)
+    ticks_px = int(12 + 5.2 * min(longest, 24))
     fig.update_layout(
         title=figures.titled(
             f"T-VHD along the baseline caption of scene {int(scene)}",
@@ -442,9 +474,9 @@ def tvhd_caption_figure(source: Source, scene: int) -> go.Figure:
                "tickfont": {"size": 10}},
         yaxis={"title": {"text": "T-VHD"}},
         barmode="overlay",
-        height=480,
-        margin={"l": 60, "r": 20, "t": 105, "b": 110},
-        legend={"orientation": "h", "y": -0.38, "x": 0},
+        height=430 + ticks_px,
+        margin={"l": 60, "r": 20, "t": 105, "b": ticks_px + 80},
+        legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "x": 0},
     )  # fmt: skip
     return fig
 
@@ -572,8 +604,10 @@ def tvhd_distribution_figure(source: Source) -> go.Figure:
                 pointpos=0,
                 boxmean=True,
                 width=0.5,
-                customdata=np.column_stack([part["scene"].astype(int), [str(v) for v in part["word"]]]),
-                hovertemplate="scene %{customdata[0]}, '%{customdata[1]}'<br>T-VHD %{y:.2f}<extra></extra>",
+                customdata=np.column_stack(
+                    [part["scene"].astype(int), [object_label(r) for _, r in part.iterrows()]]
+                ),
+                hovertemplate="scene %{customdata[0]}, %{customdata[1]}<br>T-VHD %{y:.2f}<extra></extra>",
             )
         )
     r = tvhd_test_row(source)
@@ -661,13 +695,15 @@ def _add_points(
 
 
 def _panel_layout(fig: go.Figure, rows: int, title: str, subtitle: str) -> go.Figure:
-    """The settings along each panel's x axis, the title, and a height for ``rows`` rows of panels."""
+    """The settings along each panel's x axis, the title, and a height for ``rows`` rows of panels;
+    the top margin grows with the subtitle's lines, so that none runs into the panels' titles."""
     fig.update_xaxes(tickangle=-30, type="category")
+    top = 95 + 20 * (subtitle.count("<br>") + 1)
     fig.update_layout(
         title=figures.titled(title, subtitle),
         showlegend=False,
-        height=150 + 290 * rows,
-        margin={"l": 60, "r": 20, "t": 135, "b": 90},
+        height=top + 15 + 290 * rows,
+        margin={"l": 60, "r": 20, "t": top, "b": 90},
     )
     return fig
 
@@ -701,17 +737,111 @@ def benchmark_figure(source: Source) -> go.Figure:
         if BASELINE in part.index and math.isfinite(float(part.loc[BASELINE, "value"])):
             fig.add_hline(y=float(part.loc[BASELINE, "value"]), line={"dash": "dot", "color": BASELINE_COLOUR,
                           "width": 1}, row=row, col=col)  # fmt: skip
+            drop = {"recall": RECALL_DROP, "words": LENGTH_DROP}.get(metric) if bench == "CHAIR" else None
+            if drop is not None:
+                fig.add_hline(y=(1 - drop) * float(part.loc[BASELINE, "value"]),
+                              line={"dash": "dash", "color": WARNING_COLOUR, "width": 1}, row=row, col=col)  # fmt: skip
         if not np.isfinite(values).any():
             fig.add_annotation(text="undefined (no object mentioned)", showarrow=False, x=0.5, y=0.5,
                                xref=f"x{i + 1 if i else ''} domain", yref=f"y{i + 1 if i else ''} domain")  # fmt: skip
     alpha = config(source).get("alpha_ci", 0.05)
-    return _panel_layout(
-        fig,
-        rows,
-        "CHAIR and POPE per setting",
-        f"{100 * (1 - float(alpha)):.0f}% percentile bootstrap intervals; dotted: the baseline<br>"
-        "CHAIR (share hallucinated): lower is better; POPE: higher is better",
+    found = collapses(source)
+    _flag_settings(fig, {c.setting for c in found}, order)
+    subtitle = (
+        f"{100 * (1 - float(alpha)):.0f}% percentile bootstrap intervals; dotted: the baseline; red dashes: "
+        f"recall −{100 * RECALL_DROP:.0f}%, length −{100 * LENGTH_DROP:.0f}%<br>"
+        "CHAIR (share hallucinated): lower is better, read with recall and length; POPE: higher is better"
     )
+    if found:
+        subtitle += "<br>" + _warning_line(found)
+    return _panel_layout(fig, rows, "CHAIR, recall, caption length and POPE per setting", subtitle)
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """A setting whose captions name far fewer objects (recall) or say far less (length) than the
+    baseline's: its CHAIR is low for the wrong reason."""
+
+    setting: str
+    recall: float
+    base_recall: float
+    words: float
+    base_words: float
+    recall_fell: bool
+    length_fell: bool
+
+    def message(self) -> str:
+        change = f"{100 * (self.recall / self.base_recall - 1):+.0f}%" if self.base_recall > 0 else "n/a"
+        what = " and ".join(
+            w
+            for w, hit in (
+                ("object recall collapses", self.recall_fell),
+                ("captions shrink", self.length_fell),
+            )
+            if hit
+        )
+        return (
+            f"Under '{self.setting}' {what}: object recall {num(self.recall, '.2f')} against "
+            f"{num(self.base_recall, '.2f')} for the baseline ({change}), mean caption length "
+            f"{num(self.words, '.1f')} against {num(self.base_words, '.1f')} words. A lower CHAIR here comes "
+            "from describing less, not from hallucinating less: read its captions before trusting it."
+        )
+
+
+def _chair_value(s: pd.DataFrame, setting: str, metric: str) -> float:
+    row = _metric_row(s, setting, "CHAIR", "captions", metric)
+    return float(row["value"]) if row is not None else math.nan
+
+
+def collapses(source: Source) -> list[Collapse]:
+    """The settings whose object recall falls by more than :data:`RECALL_DROP` of the baseline's, or
+    whose mean caption length falls by more than :data:`LENGTH_DROP` of it (run order)."""
+    s = summary_table(source)
+    base_recall, base_words = _chair_value(s, BASELINE, "recall"), _chair_value(s, BASELINE, "words")
+    out = []
+    for name in setting_order(source):
+        if name == BASELINE:
+            continue
+        recall, words = _chair_value(s, name, "recall"), _chair_value(s, name, "words")
+        recall_fell = (
+            math.isfinite(recall) and math.isfinite(base_recall) and recall < (1 - RECALL_DROP) * base_recall
+        )
+        length_fell = (
+            math.isfinite(words) and math.isfinite(base_words) and words < (1 - LENGTH_DROP) * base_words
+        )
+        if recall_fell or length_fell:
+            out.append(Collapse(name, recall, base_recall, words, base_words, recall_fell, length_fell))
+    return out
+
+
+def collapse_rule() -> str:
+    """The rule :func:`collapses` applies, in words."""
+    return (
+        f"a setting is flagged when its object recall falls by more than {100 * RECALL_DROP:.0f}% of the "
+        f"baseline's, or its mean caption length by more than {100 * LENGTH_DROP:.0f}%"
+    )
+
+
+def _flag_settings(fig: go.Figure, flagged: set[str], names: Sequence[str]) -> None:
+    """Mark the ``flagged`` settings' tick labels (⚠, red) on every panel's x axis."""
+    if not flagged:
+        return
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=list(names),
+        ticktext=[
+            f'<span style="color:{WARNING_COLOUR}"><b>⚠ {html.escape(n)}</b></span>'
+            if n in flagged
+            else html.escape(n)
+            for n in names
+        ],
+    )
+
+
+def _warning_line(found: list[Collapse]) -> str:
+    """One red line naming the flagged settings (plotly's title markup)."""
+    names = html.escape(", ".join(f"{c.setting} (recall {num(c.recall, '.2f')})" for c in found))
+    return f'<span style="color:{WARNING_COLOUR}"><b>⚠ recall or length collapses under {names}</b></span>'
 
 
 def deltas_table(source: Source) -> pd.DataFrame:
@@ -720,8 +850,9 @@ def deltas_table(source: Source) -> pd.DataFrame:
 
 
 def _verdict(metric: str, lo: float, hi: float) -> str:
-    """``better``, ``worse`` or ``unclear`` (the interval holds 0 or is undefined)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
+    """``better``, ``worse`` or ``unclear`` (the interval holds 0 or is undefined, or the metric has
+    no better direction)."""
+    if metric in NO_DIRECTION or not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
         return "unclear"
     up = lo > 0
     return "worse" if up == (metric in LOWER_IS_BETTER) else "better"
@@ -764,13 +895,15 @@ def deltas_figure(source: Source) -> go.Figure:
             "<br>%{customdata[2]}<extra></extra>",
         )  # fmt: skip
         fig.add_hline(y=0, line={"color": "#222", "width": 1.2}, row=row, col=col)
-    return _panel_layout(
-        fig,
-        rows,
-        "Paired change against the baseline",
+    found = collapses(source)
+    _flag_settings(fig, {c.setting for c in found}, order)
+    subtitle = (
         "setting − baseline, scenes resampled together, with its interval<br>"
-        "green: better, red: worse, grey: the interval holds 0",
+        "green: better, red: worse, grey: the interval holds 0"
     )
+    if found:
+        subtitle += "<br>" + _warning_line(found)
+    return _panel_layout(fig, rows, "Paired change against the baseline", subtitle)
 
 
 def summary_wide(source: Source) -> pd.DataFrame:
@@ -883,17 +1016,18 @@ def findings(source: Source) -> list[str]:
             + (", significant at 5%" if math.isfinite(p) and p < 0.05 else ", not significant at 5%")
             + ")."
         )
-    for metric in ("CHAIR_S", "CHAIR_I"):
+    for metric, label in CHAIR_PANELS:
         base = _metric_row(summary, BASELINE, "CHAIR", "captions", metric)
         if base is None:
             continue
-        text = f"Baseline {metric} {_interval(base['value'], base['lo'], base['hi'])}"
+        spec = ".1f" if metric == "words" else ".3f"
+        text = f"Baseline {label} {_interval(base['value'], base['lo'], base['hi'], spec)}"
         if not math.isfinite(float(base["value"])):
             text += " (undefined: no object mentioned)"
         if main is not None:
             got = _metric_row(summary, main, "CHAIR", "captions", metric)
             if got is not None and math.isfinite(float(got["value"])):
-                text += f"; under '{main}' {_interval(got['value'], got['lo'], got['hi'])}"
+                text += f"; under '{main}' {_interval(got['value'], got['lo'], got['hi'], spec)}"
                 phrase = _delta_phrase(_delta_row(d, main, "CHAIR", "captions", metric), metric)
                 text += f" ({phrase})" if phrase else ""
         lines.append(text + f" over {n_scenes} captions.")
@@ -925,22 +1059,7 @@ def findings(source: Source) -> list[str]:
                 f"{', '.join(better) or 'none'} and worsens clearly under {', '.join(worse) or 'none'}; "
                 "the others' intervals hold 0."
             )
-            base_recall = _metric_row(summary, BASELINE, "CHAIR", "captions", "recall")
-            silent = []  # a lower CHAIR_S that comes from naming (almost) no objects is no improvement
-            for name in better:
-                got = _metric_row(summary, name, "CHAIR", "captions", "recall")
-                if (
-                    got is not None
-                    and base_recall is not None
-                    and float(got["value"]) < 0.5 * float(base_recall["value"])
-                ):
-                    silent.append(f"{name} (recall {num(got['value'], '.2f')})")
-            if silent and base_recall is not None:
-                lines.append(
-                    f"Under {', '.join(silent)} the captions name less than half the objects the baseline "
-                    f"names (recall {num(base_recall['value'], '.2f')}): their lower CHAIR_S "
-                    "comes from describing less, not from hallucinating less."
-                )
+    lines += [f"Warning: {c.message()}" for c in collapses(source)]
     base = _metric_row(summary, BASELINE, "CHAIR", "captions", "CHAIR_S")
     if n_scenes and base is not None:
         width = float(base["hi"]) - float(base["lo"])
