@@ -124,12 +124,13 @@ def test_page_offers_the_three_run_kinds_and_renders_each(runs: Runs, tmp_path: 
     empty = to_json(_page(tmp_path / "none").layout({}))
     assert "No intact circuit" in empty and "headlab run circuit-reuse" in empty
     census = next(e.run_id for e in page.catalog.entries() if e.analysis == "census")
-    assert (
-        "not one of ioi, colored-objects, circuit-reuse"
-        in page.metrics_figure(census).layout.annotations[0].text
+    assert "not one of ioi, colored-objects, circuit-reuse" in page.metrics_figure(census).layout.annotations[
+        0
+    ].text.replace("<br>", " ")
+    assert "no circuit" in page.metrics_figure(None).layout.annotations[0].text.replace("<br>", " ")
+    assert "cannot show run" in page.graph_figure("../elsewhere", "ioi").layout.annotations[0].text.replace(
+        "<br>", " "
     )
-    assert "no circuit" in page.metrics_figure(None).layout.annotations[0].text
-    assert "cannot show run" in page.graph_figure("../elsewhere", "ioi").layout.annotations[0].text
 
 
 def test_heatmaps_show_the_scores_of_the_chosen_stage_side_by_side(runs: Runs) -> None:
@@ -164,14 +165,16 @@ def test_heads_that_were_not_tested_are_nan_and_say_so(runs: Runs) -> None:
     assert views.screened(run) and "only the 5 strongest heads" in views.settings_line(run)
     fig = views.patching_heatmaps(run, "logits")
     z = np.asarray(fig.data[0].z, dtype=float)
-    assert int(np.isfinite(z).sum()) == 5 and "not tested" in fig.layout.title.subtitle.text
+    assert int(np.isfinite(z).sum()) == 5 and "not tested" in fig.layout.title.subtitle.text.replace(
+        "<br>", " "
+    )
     untested = np.argwhere(~np.isfinite(z))[0]
     assert "not tested" in fig.data[0].text[untested[0]][untested[1]]
     activation = np.asarray(views.patching_heatmaps(run, "activation").data[0].z, dtype=float)
     np.testing.assert_array_equal(np.isfinite(activation), np.isfinite(z))  # the same 5 heads patched exactly
     attribution = views.patching_heatmaps(run, "attribution")  # the screen: an estimate for every head
     assert np.isfinite(np.asarray(attribution.data[0].z, dtype=float)).all()
-    assert "not tested" not in attribution.layout.title.subtitle.text
+    assert "not tested" not in attribution.layout.title.subtitle.text.replace("<br>", " ")
     assert views.axes(run) == list(views.AXES)
 
 
@@ -187,9 +190,14 @@ def test_circuit_graph_draws_heads_by_class_and_the_edges(runs: Runs) -> None:
         # one node trace per class present, named with the number of heads in it
         for cls, group in mine.groupby("class"):
             assert f"{views.CLASS_LABELS[str(cls)]} ({len(group)})" in by_name
-        nodes = [t for t in fig.data if t.mode == "markers+text" and t.legendgroup in views.CLASS_LABELS]
+        nodes = [t for t in fig.data if t.legendgroup in views.CLASS_LABELS and t.showlegend is not False]
         drawn = sorted(h for t in nodes for h in _heads_of(t))
         assert drawn == sorted({(int(r.layer), int(r.head)) for r in mine.itertuples()})  # each head once
+        # node labels are annotations on a white ground, drawn over every edge (no trace writes text)
+        assert all("text" not in (t.mode or "") for t in fig.data)
+        labels = [a for a in fig.layout.annotations if a.name == "node label"]
+        assert {views.head_label(*h) for h in drawn} | {"logits"} <= {a.text for a in labels}
+        assert all(a.bgcolor and a.yshift > 0 and not a.showarrow for a in labels)
         # every finite edge is one line, from its sender to its receiver (the logits: x = n_layers)
         task_edges = edges[(edges["task"] == task) & np.isfinite(edges["share"])]
         lines = [t for t in fig.data if t.mode == "lines"]
@@ -213,9 +221,28 @@ def test_circuit_graph_draws_heads_by_class_and_the_edges(runs: Runs) -> None:
         stages = set(task_edges["stage"])
         assert "logits" in stages and len(stages) >= 2
     empty = views.circuit_graph(_open(runs, runs.co))
-    assert "no circuit to draw" in empty.layout.annotations[0].text
+    assert "no circuit to draw" in empty.layout.annotations[0].text.replace("<br>", " ")
     with pytest.raises(KeyError, match="no task 'colored_objects'"):
         views.circuit_graph(_open(runs, runs.ioi), "colored_objects")
+
+
+def test_a_one_task_run_draws_no_reuse_panels_and_says_why(runs: Runs) -> None:
+    """The overlap and the intervention compare two tasks: on an IOI or Colored Objects run they are
+    not drawn as empty panels; one line says why."""
+    page = _page(runs.root)
+    for run_id, analysis in ((runs.ioi, "an ioi run"), (runs.co, "a colored-objects run")):
+        assert page.reuse_style(run_id) == {"display": "none"}
+        note = page.reuse_note(run_id)
+        assert analysis in note and "circuit-reuse" in note
+        layout = page.layout({"run": run_id})
+        reuse = next(c for c in layout._traverse() if getattr(c, "id", None) == "circuits-reuse")
+        assert reuse.style == {"display": "none"}
+        assert analysis in to_json(layout)
+    assert page.reuse_style(runs.reuse) == {} and page.reuse_note(runs.reuse) == ""
+    assert page.reuse_style(None) == {} and page.reuse_note("../elsewhere") == ""
+    # the figures themselves still say why, on a blank ground (not a grey plot area)
+    single = views.overlap_figure(_open(runs, runs.ioi))
+    assert single.layout.plot_bgcolor == "rgba(0,0,0,0)" and not single.data
 
 
 def test_classes_table_lists_heads_with_scores_and_signatures(runs: Runs) -> None:
@@ -267,8 +294,12 @@ def test_overlap_curve_per_stage_and_the_two_percent_point(runs: Runs) -> None:
     assert fig.layout.xaxis.type == "log"
     for run_id in (runs.ioi, runs.co):
         single = _open(runs, run_id)
-        assert "needs a circuit-reuse run" in views.overlap_figure(single).layout.annotations[0].text
-        assert "needs a circuit-reuse run" in views.intervention_figure(single).layout.annotations[0].text
+        assert "needs a circuit-reuse run" in views.overlap_figure(single).layout.annotations[0].text.replace(
+            "<br>", " "
+        )
+        assert "needs a circuit-reuse run" in views.intervention_figure(single).layout.annotations[
+            0
+        ].text.replace("<br>", " ")
 
 
 def test_intervention_before_ioi_heads_and_random_heads(runs: Runs) -> None:
@@ -325,7 +356,7 @@ def test_metrics_and_faithfulness_figures_equal_the_tables(runs: Runs) -> None:
         by_name["empty circuit (every head ablated)"].y, faith[faith["circuit"] == "empty"]["faithfulness"]
     )
     sizes = dict(zip(found["task"], found["size"], strict=True))
-    assert f"IOI {views.counted(int(sizes['ioi']))}" in fig.layout.title.subtitle.text
+    assert f"IOI {views.counted(int(sizes['ioi']))}" in fig.layout.title.subtitle.text.replace("<br>", " ")
     summary = views.faithfulness_summary(run, "ioi")
     rand = faith[(faith["task"] == "ioi") & (faith["circuit"] == "random")]["faithfulness"]
     assert summary["random_mean"] == pytest.approx(rand.mean()) and summary["n_random"] == RICH.n_random
@@ -402,7 +433,7 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     )
     assert [t["type"] for t in iv["data"]] == ["bar", "bar", "box"]
     single = post_callback(app, "circuits-overlap.figure", [("circuits-run", runs.ioi)])
-    assert "needs a circuit-reuse run" in single["layout"]["annotations"][0]["text"]
+    assert "needs a circuit-reuse run" in single["layout"]["annotations"][0]["text"].replace("<br>", " ")
 
 
 def test_the_app_serves_the_page_and_links_every_run_kind(runs: Runs) -> None:
@@ -448,7 +479,7 @@ def test_report_sections_render_for_each_run_kind(
     assert "Grey cells were not tested" in screened
     assert "no circuit to draw" in "".join(
         s.body for s in circuits_section.report_sections(_open(runs, runs.co))
-    )
+    ).replace("\\u003cbr\\u003e", " ")  # a message figure's text is wrapped to lines (<br> in the JSON)
     foreign = runstore.write_run(
         tmp_path / "runs", analysis="ioi", model_info={"name": "m"}, config={},
         tables={"heads": run.heads[["layer", "head", "kv_head", "ioi_activation"]]},
@@ -475,4 +506,6 @@ def test_a_damaged_circuit_run_is_listed_but_not_opened(runs: Runs, tmp_path: Pa
     assert option["disabled"] is True and "damaged" in option["label"]
     layout = to_json(page.layout({"run": runs.ioi}))
     assert "1 damaged circuit" in layout and "No intact circuit" in layout
-    assert "cannot show run" in page.graph_figure(runs.ioi, "ioi").layout.annotations[0].text
+    assert "cannot show run" in page.graph_figure(runs.ioi, "ioi").layout.annotations[0].text.replace(
+        "<br>", " "
+    )

@@ -11,7 +11,9 @@ heads by class with the path-patching edges), ``circuits-classes`` (its heads by
 and what each stage patched into), ``circuits-stage`` (activation patching or a path-patching stage),
 ``circuits-heatmaps`` (layer x head maps of that stage, the tasks side by side), ``circuits-overlap``
 (overlap vs top-p% per stage, the 2% point marked), ``circuits-iv-metric`` and
-``circuits-intervention`` (Colored Objects before, with IOI heads edited, with random heads edited).
+``circuits-intervention`` (Colored Objects before, with IOI heads edited, with random heads edited);
+those two sit in ``circuits-reuse``, which is drawn only for a circuit-reuse run (another run gets
+the line ``circuits-reuse-note`` saying why there is no overlap or intervention instead).
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`CircuitsPage.register_callbacks` only wires them to the elements.
@@ -105,19 +107,27 @@ class CircuitsPage(MultiAnalysisPage):
                     className="panel",
                     style={"margin": "20px 0"},
                 ),
-                ui.columns(
-                    ui.panel(ui.graph("circuits-overlap"), css=ui.DETAIL_PANEL),
-                    ui.panel(
-                        ui.detail_controls(
-                            ui.radio(
-                                "intervention metric",
-                                "circuits-iv-metric",
-                                [{"label": views.IV_METRIC_LABELS[m], "value": m} for m in views.IV_METRICS],
-                                metric,
-                            )
+                html.P(self.reuse_note(choice.run_id), id="circuits-reuse-note", className="hint"),
+                html.Div(
+                    ui.columns(
+                        ui.panel(ui.graph("circuits-overlap"), css=ui.DETAIL_PANEL),
+                        ui.panel(
+                            ui.detail_controls(
+                                ui.radio(
+                                    "intervention metric",
+                                    "circuits-iv-metric",
+                                    [
+                                        {"label": views.IV_METRIC_LABELS[m], "value": m}
+                                        for m in views.IV_METRICS
+                                    ],
+                                    metric,
+                                )
+                            ),
+                            ui.graph("circuits-intervention"),
                         ),
-                        ui.graph("circuits-intervention"),
                     ),
+                    id="circuits-reuse",
+                    style=self.reuse_style(choice.run_id),
                 ),
             ],
             className="page",
@@ -141,6 +151,31 @@ class CircuitsPage(MultiAnalysisPage):
             {"label": f"{views.task_label(t)} ({sizes[t]} heads)", "value": t} for t in names
         ]
         return options, current if current in names else (names[0] if names else None)
+
+    def _is_reuse(self, run_id: str | None) -> bool | None:
+        """Whether the run is a circuit-reuse run (None: no run, or it cannot be read)."""
+        if not run_id:
+            return None
+        try:
+            return views.is_reuse(self._checked(run_id))
+        except RUN_ERRORS:
+            return None
+
+    def reuse_style(self, run_id: str | None) -> dict[str, str]:
+        """The overlap and intervention panels are drawn only for a circuit-reuse run (and while the
+        run cannot be read, so that their figures say why)."""
+        return {"display": "none"} if self._is_reuse(run_id) is False else {}
+
+    def reuse_note(self, run_id: str | None) -> str:
+        """Why the overlap and intervention panels are not drawn ("" when they are)."""
+        if self._is_reuse(run_id) is not False:
+            return ""
+        run = self._checked(str(run_id))
+        return (
+            f"No overlap or intervention panels: they compare the IOI and Colored Objects circuits, and "
+            f"this is a{'n' if run.analysis[0] in 'aeiou' else ''} {run.analysis} run of one task. "
+            "A circuit-reuse run (headlab run circuit-reuse) has both."
+        )
 
     def settings_text(self, run_id: str | None) -> str:
         return self._text(
@@ -243,6 +278,8 @@ class CircuitsPage(MultiAnalysisPage):
         app.callback(Output("circuits-heatmaps", "figure"), run, Input("circuits-stage", "value"))(
             self.heatmap_figure
         )
+        app.callback(Output("circuits-reuse", "style"), run)(self.reuse_style)
+        app.callback(Output("circuits-reuse-note", "children"), run)(self.reuse_note)
         app.callback(Output("circuits-overlap", "figure"), run)(self.overlap_figure)
         app.callback(Output("circuits-intervention", "figure"), run, Input("circuits-iv-metric", "value"))(
             self.intervention_figure

@@ -637,6 +637,21 @@ def _node_hover(source: Source, task: str, head: tuple[int, int], classes: Seque
     return "<br>".join(parts)
 
 
+def _node_label(fig: go.Figure, x: float, y: float, text: str, radius: float, colour: str = "#222") -> None:
+    """``text`` just above the node at (x, y) of ``radius`` pixels, on a white ground."""
+    fig.add_annotation(
+        x=x,
+        y=y,
+        text=text,
+        showarrow=False,
+        yshift=radius + 8,
+        font={"size": 10, "color": colour},
+        bgcolor="rgba(255,255,255,0.9)",
+        borderpad=1,
+        name="node label",
+    )
+
+
 def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
     """The circuit of ``task`` as a graph: every circuit head at (layer, head), coloured by class,
     and the path-patching edges of the ``edges`` table from each found head into the receivers of the
@@ -728,7 +743,7 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
             go.Scatter(
                 x=[float(lay) for lay, _ in heads] if heads else [None],
                 y=[float(h) for _, h in heads] if heads else [None],
-                mode="markers+text",
+                mode="markers",
                 name=f"{CLASS_LABELS.get(cls, cls)} ({members[cls]})",
                 legendgroup=cls,
                 marker={
@@ -737,8 +752,6 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                     "line": {"color": "#fff", "width": 1},
                 },
                 text=[head_label(*h) for h in heads],
-                textposition="top center",
-                textfont={"size": 10},
                 hovertext=[_node_hover(source, task, h, classes[h]) for h in heads],
                 hovertemplate="%{hovertext}<extra></extra>",
             )
@@ -773,7 +786,7 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
             go.Scatter(
                 x=[float(lay) for lay, _ in extra],
                 y=[float(h) for _, h in extra],
-                mode="markers+text",
+                mode="markers",
                 name=STAND_IN,
                 marker={
                     "size": 14,
@@ -782,8 +795,6 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                     "line": {"width": 2.5},
                 },
                 text=[head_label(*h) for h in extra],
-                textposition="top center",
-                textfont={"size": 10, "color": STAND_IN_COLOUR},
                 hovertemplate="%{text}: receiver of a stage whose class was not found (one of the "
                 "previous stage's strongest heads stands in)<extra></extra>",
             )
@@ -792,15 +803,21 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
         go.Scatter(
             x=[sink[0]],
             y=[sink[1]],
-            mode="markers+text",
+            mode="markers",
             name="logits at END",
             marker={"size": 24, "color": LOGITS_COLOUR, "symbol": "square"},
             text=["logits"],
-            textposition="top center",
             hovertemplate="the logits at END: edges into it are the name movers' and negative movers' "
             "direct path scores<extra></extra>",
         )
     )
+    # Labels are annotations, drawn over every trace on a white ground: no edge crosses them.
+    for lay, h in sorted(classes):
+        rings_around = len(classes[(lay, h)]) - 1  # the outermost ring's radius: 9 + 4 per ring
+        _node_label(fig, float(lay), float(h), head_label(lay, h), 9 + 4 * rings_around)
+    for lay, h in extra:
+        _node_label(fig, float(lay), float(h), head_label(lay, h), 7, STAND_IN_COLOUR)
+    _node_label(fig, sink[0], sink[1], "logits", 12)
     n_heads_in = len(classes)
     fig.update_layout(
         title=figures.titled(
