@@ -320,6 +320,9 @@ def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> 
             "masking": "heads attend uniformly (mean of visible values) at every decode step; the prefill is untouched",
             "bos": model.bos.describe(),
         },
+        # With no recalled test the scores are undefined for every head (NaN by definition), which the
+        # run store would otherwise take for a model that produced no number.
+        nan_ok=("retrieval_score", "activation_frequency") if n_pass == 0 else (),
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from analyses import runstore
 from analyses.retrieval import (
     RetrievalConfig,
     aggregate_scores,
@@ -100,7 +103,7 @@ def test_config_errors(field: str, value: object, match: str) -> None:
         cfg.validate()
 
 
-def test_end_to_end_on_a_tiny_model(tiny_llama: LoadedModel) -> None:
+def test_end_to_end_on_a_tiny_model(tiny_llama: LoadedModel, tmp_path: Path) -> None:
     cfg = RetrievalConfig(
         lengths=(300,), depths=(0.0, 1.0), n_needles=1, mask_fractions=(0.1,), mask_seeds=2,
         novel_answer_tokens=False, progress=False,
@@ -119,6 +122,11 @@ def test_end_to_end_on_a_tiny_model(tiny_llama: LoadedModel) -> None:
     assert len(masking) == 2 * (1 + 1 + 2)  # per test: none, top, 2 random seeds
     random_sets = masking.loc[masking["kind"] == "random", "heads"].unique()
     assert len(random_sets) == 2  # two seeds, two different head sets
+    # Undefined scores are declared, so the run store saves the run rather than taking it for a model
+    # that produced no number.
+    assert result.nan_ok == ("retrieval_score", "activation_frequency")
+    saved = runstore.open_run(result.save(tmp_path))
+    assert saved.heads["retrieval_score"].isna().all()
 
 
 def test_real_model_copies_the_needle(smollm: LoadedModel) -> None:
