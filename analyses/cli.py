@@ -326,12 +326,20 @@ def dashboard(
         str, typer.Option(help="interface to listen on (127.0.0.1 keeps it local)")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8050,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="another name the dashboard is reached under (NAME or NAME:PORT, e.g. an SSH tunnel's "
+            "localhost:9000); repeatable. Requests for any other host are refused",
+        ),
+    ] = None,
 ) -> None:
     """Serve the interactive dashboard over the runs under ROOT."""
     from analyses import runstore
     from dashboard.app import serve
 
-    serve(runstore.runs_root(root), host=host, port=port)
+    serve(runstore.runs_root(root), host=host, port=port, allowed_hosts=allowed_host or ())
 
 
 _INTERRUPTED = {"note": ""}

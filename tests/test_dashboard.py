@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from dashboard.pages import (
     VitPage,
 )
 from dashboard.views import census as views
-from probe.errors import RunStoreError
+from probe.errors import ConfigError, RunStoreError
 from tests.conftest import post_callback, render_route, to_json
 
 SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
@@ -258,3 +259,212 @@ def test_pattern_colours_mark_masked_cells_but_keep_leaks_visible() -> None:
     leaking[0, 2] = 0.25  # attention to a future key must stay visible
     assert tuple(figures.pattern_rgb(leaking)[0, 2]) != figures.MASKED_RGB
     assert figures.token_label("<|im_start|>\n") == "'&lt;|im_start|&gt;\\n'"
+
+
+# ------------------------------------------------------------------ what the server answers, to whom
+
+_DASH_LAYOUT = "/_dash-layout"
+
+
+def _first_script(index: str) -> str:
+    match = re.search(r'<script src="(/[^"]+)"', index)
+    assert match, index[:2000]
+    return match.group(1)
+
+
+def _update(app: Any, host: str, run_id: str) -> Any:
+    """A census heat-map update through Dash's endpoint, as a browser at ``host`` would send it."""
+    payload = {
+        "output": "census-heatmap.figure",
+        "outputs": {"id": "census-heatmap", "property": "figure"},
+        "inputs": [
+            {"id": "census-run", "property": "value", "value": run_id},
+            {"id": "census-metric", "property": "value", "value": "induction"},
+            {"id": "census-head", "property": "data", "value": None},
+        ],
+        "changedPropIds": ["census-metric.value"],
+        "state": [],
+    }
+    return app.server.test_client().post("/_dash-update-component", json=payload, headers={"Host": host})
+
+
+@pytest.mark.parametrize(
+    ("listen", "allowed", "good", "bad"),
+    [
+        (
+            "127.0.0.1",
+            (),
+            ["127.0.0.1:8050", "localhost:8050", "[::1]:8050", "LocalHost:8050", "localhost.:8050"],
+            ["evil.example:8050", "127.0.0.1:8051", "localhost", "127.0.0.1.evil.example:8050", "127.0.0.2:8050",
+             "[::1]", "::1:8050", "localhost:8050:1", "localhost:", "local host:8050", "user@localhost:8050", ""],
+        ),
+        ("192.0.2.10", (), ["192.0.2.10:8050"], ["127.0.0.1:8050", "localhost:8050", "evil.example:8050"]),
+        (
+            "127.0.0.1",
+            ("dash.example.org", "localhost:9000"),
+            ["dash.example.org:8050", "localhost:9000", "localhost:8050"],
+            ["dash.example.org:9000", "127.0.0.1:9000", "evil.example:9000"],
+        ),
+    ],
+    ids=["loopback", "one-address", "allowed-hosts"],
+)  # fmt: skip
+def test_only_requests_for_the_address_it_listens_on_are_answered(
+    root: Path, listen: str, allowed: tuple[str, ...], good: list[str], bad: list[str]
+) -> None:
+    """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 sends Host: evil.example."""
+    app = create_app(root, host=listen, port=8050, allowed_hosts=allowed)
+    client = app.server.test_client()
+    run_id = _run_ids(root)[0]
+    for host in good:
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+        assert _update(app, host, run_id).status_code == 200, host
+    for host in bad:
+        for response in (
+            client.get("/", headers={"Host": host}),
+            client.get(f"/census?run={run_id}", headers={"Host": host}),
+            client.get(_DASH_LAYOUT, headers={"Host": host}),
+            _update(app, host, run_id),
+        ):
+            assert response.status_code == 400, host
+            assert response.mimetype == "text/plain"
+            text = response.get_data(as_text=True)
+            assert text.count("\n") == 1 and text.startswith("headlab dashboard: refused a request for host")
+            assert "--allowed-host" in text and "Traceback" not in text and run_id not in text
+            assert response.headers["X-Frame-Options"] == "DENY"
+    assert not app.server.wsgi_app.allows(None)  # type: ignore[attr-defined]  # no Host header at all
+
+
+def test_hosts_for_every_interface_an_unknown_port_and_bad_allowed_hosts(root: Path) -> None:
+    import socket
+
+    everywhere = create_app(root, host="0.0.0.0", port=8050).server.test_client()
+    for host in ("127.0.0.1:8050", "localhost:8050", f"{socket.gethostname()}:8050"):
+        assert everywhere.get("/", headers={"Host": host}).status_code == 200, host
+    assert everywhere.get("/", headers={"Host": "evil.example:8050"}).status_code == 400
+    any_port = create_app(root).server.test_client()  # the port is not known: the names on any port
+    assert any_port.get("/").status_code == 200  # the test client's Host: localhost
+    assert any_port.get("/", headers={"Host": "127.0.0.1:1234"}).status_code == 200
+    assert any_port.get("/", headers={"Host": "evil.example:1234"}).status_code == 400
+    for bad in ("a b", "localhost:port", "[::1", "[localhost]:80", "evil.example/x", ""):
+        with pytest.raises(ConfigError, match="is not a host name or address"):
+            create_app(root, allowed_hosts=[bad])
+
+
+def test_every_response_carries_the_security_headers(root: Path) -> None:
+    app = create_app(root, port=8050)
+    client = app.server.test_client()
+    host = {"Host": "127.0.0.1:8050"}
+    run_id = _run_ids(root)[0]
+    responses = {
+        "/": client.get("/", headers=host),
+        "a page": client.get(f"/census?run={run_id}", headers=host),
+        "an update": _update(app, "127.0.0.1:8050", run_id),
+        "the layout": client.get(_DASH_LAYOUT, headers=host),
+        "a script": client.get(
+            _first_script(client.get("/", headers=host).get_data(as_text=True)), headers=host
+        ),
+        "a missing file": client.get("/_dash-component-suites/dash/nothing.js", headers=host),
+        "a refused host": client.get("/", headers={"Host": "evil.example"}),
+    }
+    assert [responses[k].status_code for k in ("/", "a page", "an update", "the layout", "a script")] == [
+        200
+    ] * 5
+    for what, response in responses.items():
+        headers = response.headers
+        assert headers["X-Content-Type-Options"] == "nosniff", what
+        assert headers["X-Frame-Options"] == "DENY", what
+        assert headers["Referrer-Policy"] == "no-referrer", what
+        assert headers["Cross-Origin-Opener-Policy"] == "same-origin", what
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin", what
+        policy = dict(d.strip().split(" ", 1) for d in headers["Content-Security-Policy"].split(";"))
+        assert policy["default-src"] == "'self'" and policy["frame-ancestors"] == "'none'", what
+        assert policy["object-src"] == "'none'" and policy["base-uri"] == "'none'", what
+        scripts = policy["script-src"].split()
+        assert scripts[0] == "'self'" and all(s.startswith("'sha256-") for s in scripts[1:]), what
+        assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts, what
+        assert len(headers.getlist("Content-Security-Policy")) == 1, what
+    # The policy names Dash's inline start-up script by its hash (the browser test proves the pages run).
+    policy = responses["/"].headers["Content-Security-Policy"]
+    assert set(app.csp_hashes()) <= set(policy.replace(";", " ").split())
+
+
+def test_a_run_name_of_5000_characters_is_ignored_with_a_message_not_a_500(root: Path) -> None:
+    app = create_app(root)
+    client = app.server.test_client()
+    long = "a" * 5000
+    assert (
+        client.get(f"/census?run={long}").status_code == 200
+    )  # the index page: the app routes in the browser
+    newest = _run_ids(root)[0]
+    for path in ("/census", "/sinks", "/circuits", "/vit", "/vhd", "/", "/nowhere"):
+        payload = {
+            "output": "page-content.children",
+            "outputs": {"id": "page-content", "property": "children"},
+            "inputs": [
+                {"id": "url", "property": "pathname", "value": path},
+                {"id": "url", "property": "search", "value": f"?run={long}&metric=entropy"},
+            ],
+            "changedPropIds": ["url.pathname"],
+            "state": [],
+        }
+        response = client.post("/_dash-update-component", json=payload)
+        assert response.status_code == 200, path
+        body = json.loads(response.data)
+        message = json.dumps(body["sideUpdate"]["app-message"]["children"])
+        assert "Ignored the URL's parameter 'run': longer than 255 characters" in message, path
+        assert "aaaa" not in json.dumps(body), path  # neither echoed nor used
+    page = render_route(app, "/census", f"?run={long}&metric=entropy")
+    assert f'"value": "{newest}"' in page and '"value": "entropy"' in page  # the other parameters still apply
+    # A parameter of normal length clears the message.
+    payload["inputs"][1]["value"] = f"?run={newest}"  # type: ignore[index]
+    cleared = json.loads(client.post("/_dash-update-component", json=payload).data)
+    assert cleared["sideUpdate"]["app-message"]["children"] is None
+
+
+def test_a_failing_callback_answers_with_a_message_on_the_page_and_logs_the_traceback(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run id no directory can have (5,000 characters) sent straight to a callback: the catalog's
+    file-name error becomes one line on the page, never a 500 or a traceback in the browser."""
+    app = create_app(root)
+    payload = {
+        "output": "census-head.data",
+        "outputs": {"id": "census-head", "property": "data"},
+        "inputs": [
+            {"id": "census-run", "property": "value", "value": "a" * 5000},
+            {"id": "census-heatmap", "property": "clickData", "value": _click(1, 2)},
+        ],
+        "changedPropIds": ["census-heatmap.clickData"],
+        "state": [
+            {"id": "census-metric", "property": "value", "value": "induction"},
+            {"id": "census-head", "property": "data", "value": None},
+        ],
+    }
+    with caplog.at_level("ERROR", logger="headlab.dashboard"):
+        response = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert response.status_code == 200
+    body = json.loads(response.data)
+    assert body["response"] == {}  # the outputs keep their values
+    message = json.dumps(body["sideUpdate"]["app-message"]["children"])
+    assert "Something went wrong while updating census-head" in message and "log has the details" in message
+    assert "Traceback" not in response.get_data(as_text=True) and "aaaa" not in message
+    assert any(r.exc_info for r in caplog.records if "census-head" in r.getMessage())
+
+
+def test_a_page_that_fails_to_draw_says_so_without_a_traceback(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    draw = CensusPage.layout
+
+    def fail(self: CensusPage, params: Any) -> Any:
+        if "run" not in params:  # the app's validation layout
+            return draw(self, params)
+        raise OSError(36, "File name too long", str(root / ("a" * 300)))
+
+    monkeypatch.setattr(CensusPage, "layout", fail)
+    app = create_app(root)
+    with caplog.at_level("ERROR", logger="headlab.dashboard"):
+        page = render_route(app, "/census", "?run=x")
+    assert "This page could not be drawn (File name too long)" in page and "log has the details" in page
+    assert str(root) not in page and "Traceback" not in page  # no path, no traceback in the browser
+    assert any(r.exc_info for r in caplog.records if "/census" in r.getMessage())
