@@ -86,7 +86,10 @@ class CensusConfig:
         if self.repeat_len < 2:
             raise ConfigError(f"repeat_len must be >= 2 (got {self.repeat_len})")
         if not 0 <= self.n_examples <= self.n_natural:
-            raise ConfigError("n_examples must be between 0 and n_natural")
+            raise ConfigError(
+                f"n_examples must be between 0 and n_natural ({self.n_natural}), got {self.n_examples}; "
+                f"use --set n_examples={min(max(self.n_examples, 0), self.n_natural)} or raise n_natural"
+            )
 
 
 def repeated_random_rows(model: LoadedModel, n: int, repeat_len: int, seed: int) -> list[list[int]]:

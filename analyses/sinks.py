@@ -162,7 +162,10 @@ class SinksConfig:
         if self.mode not in ("eager", "recompute"):
             raise ConfigError(f"mode must be eager or recompute (got {self.mode!r})")
         if not 0 <= self.n_examples <= self.n_sequences:
-            raise ConfigError("n_examples must be between 0 and n_sequences")
+            raise ConfigError(
+                f"n_examples must be between 0 and n_sequences ({self.n_sequences}), got {self.n_examples}; "
+                f"use --set n_examples={min(max(self.n_examples, 0), self.n_sequences)} or raise n_sequences"
+            )
 
 
 # ------------------------------------------------------------------------------------ the metric

@@ -318,13 +318,16 @@ def test_an_unwritable_cache_is_a_one_line_error_naming_headlab_cache(
     assert proc.returncode == 2 and len(lines) == 1 and "set HEADLAB_CACHE" in lines[0], proc.stderr
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories"
-)
 def test_a_read_only_cache_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "ro"
     (root / "models").mkdir(parents=True)
     (root / "models").chmod(0o555)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes anyway: the OS refusal, simulated
+
+        def refuse(*args: object, **kwargs: object) -> str:
+            raise PermissionError(13, "Permission denied", str(root / "models"))
+
+        monkeypatch.setattr(tempdirs.tempfile, "mkdtemp", refuse)
     monkeypatch.setenv("HEADLAB_CACHE", str(root))
     try:
         with (
