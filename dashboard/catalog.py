@@ -91,7 +91,11 @@ def _is_run_name(name: object) -> bool:
         and os.sep not in name
         and (os.altsep is None or os.altsep not in name)
         and "\x00" not in name
+        and len(os.fsencode(name)) <= _MAX_NAME_BYTES  # longer names are no file name on any disk
     )
+
+
+_MAX_NAME_BYTES = 255
 
 
 def _why_damaged(message: str, run_id: str, path: Path) -> str:
@@ -180,9 +184,13 @@ class RunCatalog:
         else. Raises :class:`RunStoreError` when there is no such run, when it is damaged (sizes
         and sha256 checked, cached until a file changes), or when it is not a run of ``analysis``.
         """
-        if not _is_run_name(run_id) or not (self.root / run_id).is_dir():
+        try:
+            exists = _is_run_name(run_id) and (self.root / run_id).is_dir()
+        except OSError:  # a name the file system refuses to look up
+            exists = False
+        if not exists:
             raise RunStoreError(
-                f"no run {run_id!r} under {self.root}; pick one of the listed runs "
+                f"no run {run_id[:80]!r} under {self.root}; pick one of the listed runs "
                 "(the dashboard only opens run directories under its root)"
             )
         run = self._open_checked(run_id, self.root / run_id)

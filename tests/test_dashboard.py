@@ -422,11 +422,17 @@ def test_a_run_name_of_5000_characters_is_ignored_with_a_message_not_a_500(root:
 
 
 def test_a_failing_callback_answers_with_a_message_on_the_page_and_logs_the_traceback(
-    root: Path, caplog: pytest.LogCaptureFixture
+    root: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run id no directory can have (5,000 characters) sent straight to a callback: the catalog's
-    file-name error becomes one line on the page, never a 500 or a traceback in the browser."""
+    """An unexpected error inside a callback (here the file system refusing a 5,000-character name,
+    as it did before the catalog learnt to refuse such names itself) becomes one line on the page,
+    never a 500 or a traceback in the browser."""
+
+    def refuse(self: RunCatalog, run_id: str, **kwargs: object) -> None:
+        raise OSError(36, "File name too long", run_id)
+
     app = create_app(root)
+    monkeypatch.setattr(RunCatalog, "open", refuse)
     payload = {
         "output": "census-head.data",
         "outputs": {"id": "census-head", "property": "data"},
@@ -468,3 +474,10 @@ def test_a_page_that_fails_to_draw_says_so_without_a_traceback(
     assert "This page could not be drawn (File name too long)" in page and "log has the details" in page
     assert str(root) not in page and "Traceback" not in page  # no path, no traceback in the browser
     assert any(r.exc_info for r in caplog.records if "/census" in r.getMessage())
+
+
+def test_the_catalog_answers_a_name_no_file_system_takes_as_no_such_run(root: Path) -> None:
+    catalog = RunCatalog(root)
+    for name in ("a" * 5000, "é" * 200):  # 5,000 characters; 400 bytes in UTF-8
+        with pytest.raises(RunStoreError, match=r"no run .* pick one of the listed runs"):
+            catalog.open(name)
