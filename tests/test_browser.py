@@ -283,6 +283,15 @@ def test_census_page_metric_change_and_head_click_update_the_map_detail_and_patt
     assert changed["z"] != first["z"]
     expected = heads.pivot(index="layer", columns="head", values="entropy").to_numpy()
     assert json.loads(changed["z"])[0][0] == pytest.approx(expected[0, 0], rel=1e-6)
+    # Entropy is measured on natural text: the pattern follows the metric to a natural example (the
+    # induction default showed the repeated sequence). Waiting for it also lets that chain of updates
+    # (metric -> input set -> example -> pattern) finish before the click below starts another.
+    _wait(
+        browser,
+        "the pattern on a natural example",
+        lambda d: (t := _pattern_title(d)).startswith(f"{top} on example") and t,
+        lambda d: f"the pattern shown: {_pattern_title(d)!r}",
+    )
 
     # Click another head with the mouse, at its cell's pixel position on the plot.
     last = views.Head(int(heads["layer"].max()), int(heads["head"].max()))
