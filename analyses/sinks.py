@@ -852,6 +852,9 @@ def norms_figure(norms: pd.DataFrame, input_sets: Sequence[str] | None = None) -
                 )  # fmt: skip
     fig.update_yaxes(type="log")
     fig.update_xaxes(title_text="layer", row=len(sets))
+    # Whole layers only (plotly would tick 0.5, 1.5 on a short axis): about ten ticks at most.
+    n_layers = int(norms["layer"].max()) + 1 if len(norms) else 1
+    fig.update_xaxes(tick0=0, dtick=max(1, -(-n_layers // 10)))
     fig.update_yaxes(title_text="L2 norm", col=1)
     fig.update_layout(
         title={"text": "L2 norms: first real token (solid) vs mean of the other tokens (dotted)", "x": 0.02},

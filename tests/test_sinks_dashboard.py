@@ -104,6 +104,9 @@ def test_overview_figures_and_the_selected_set(root: Path) -> None:
         0
     ].text.replace("<br>", " ")
     assert len(views.norms_figure(run).data) == 3 * 3 * 2  # the report: every set
+    # whole layers only: ticks from 0 in whole steps (a short axis would otherwise tick 0.5, 1.5)
+    xaxes = [norms.layout[k] for k in norms.layout if k.startswith("xaxis")]
+    assert xaxes and all(a.tick0 == 0 and float(a.dtick).is_integer() and a.dtick >= 1 for a in xaxes)
 
 
 def test_example_changes_with_the_input_set(root: Path) -> None:
