@@ -8,7 +8,8 @@ over two seeded input sets:
 * natural text (standard-library documentation, :mod:`analyses.tasks.text`), ``seq_len`` tokens:
   - ``entropy``: mean entropy (nats) of the head's attention rows; low = focused.
   - ``alpha_0``: first-token mass, the column importance ``alpha_k`` (the mean attention key ``k``
-    receives from the queries that see it) at ``k = 0`` (the first real token, BOS when the BOS policy prepends one): the attention-sink signature
+    receives from the queries that see it) at ``k = 0`` (the first real token, BOS when the BOS
+    policy prepends one): the attention-sink signature
     (Gu et al., ICLR 2025; Xiao et al., "Efficient Streaming Language Models with Attention Sinks").
   - ``prev_token``: mean attention from each token to the one before it (Olsson et al., 2022).
   - ``mean_distance``: mean of ``sum_k A[t,k]·(t-k)`` in tokens, how far back a head looks.
