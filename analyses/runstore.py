@@ -77,7 +77,6 @@ import platform
 import re
 import secrets
 import subprocess
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -266,9 +265,7 @@ def check_root(root: StrPath | None = None) -> Path:
     if not existing.is_dir():
         raise RunStoreError(f"the runs root {base} cannot be created: {existing} is a file; {fix}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".headlab-write-check-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
+        tempdirs.check_writable(existing)
     except OSError as err:
         where = "" if existing == base else f" (nor can it be created in {existing})"
         raise RunStoreError(

@@ -179,9 +179,7 @@ def ensure_writable(directory: Path) -> None:
     """Create ``directory`` and check that a file can be written in it, or raise CacheNotWritableError."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe_file = directory / f".headlab-write-test-{os.getpid()}"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
+        tempdirs.check_writable(directory)
     except OSError as err:
         raise _not_writable(directory, err) from None
 

@@ -237,3 +237,10 @@ def remove_stale(parent: Path, prefix_glob: str, *, grace_s: float = GRACE_S) ->
         if not path.exists():
             removed.append(StaleTemp(path, size, pid, why))
     return removed
+
+
+def check_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory``: raises the OSError that a real write would meet."""
+    fd, path = tempfile.mkstemp(prefix=".headlab-write-check-", dir=directory)
+    os.close(fd)
+    os.unlink(path)

@@ -20,6 +20,7 @@ from analyses import cli, runstore
 from analyses.base import AnalysisResult
 from analyses.registry import ANALYSES
 from dashboard import report as report_module
+from probe import tempdirs
 
 
 def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -143,7 +144,7 @@ def test_a_root_that_cannot_take_the_run_fails_before_the_model_loads(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runstore.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempdirs.tempfile, "mkstemp", refuse)
     code, _, err = main(monkeypatch, capsys, "run", "census", "--root", str(tmp_path))
     assert code == 2 and "cannot write into the runs root" in err and "Permission denied" in err
 

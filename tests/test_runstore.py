@@ -664,7 +664,7 @@ def test_a_root_that_cannot_take_runs_is_refused_before_anything_is_written(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runstore.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempdirs.tempfile, "mkstemp", refuse)
     with pytest.raises(RunStoreError, match=r"cannot write into the runs root .*Permission denied.*--root"):
         runstore.check_root(tmp_path)
     with pytest.raises(RunStoreError, match="cannot write into the runs root"):
