@@ -79,7 +79,7 @@ def test_language_handles_equal_transformers_generate(
     assert torch.equal(bridge_out[:, :width], ref[:1, : bridge_out.shape[1]][:, :width])
 
 
-def test_generation_is_not_the_prompt_repeated(language_model: LoadedModel) -> None:
+def test_cached_generation_through_the_bridge_equals_uncached(language_model: LoadedModel) -> None:
     """The bug this guards against: an empty cache makes every step see one token; the cached and
     uncached continuations through the bridge then differ."""
     model = language_model
