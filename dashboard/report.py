@@ -36,8 +36,8 @@ import plotly.offline
 
 from analyses import runstore
 from analyses.runstore import Run
+from dashboard.core.section import fmt, table_html
 from dashboard.sections import ReportSection, sections_for
-from dashboard.sections.base import fmt, table_html
 from probe.errors import HeadlabError, RunStoreError
 
 DEFAULT_DIR = Path("reports")

@@ -15,10 +15,11 @@ from dash import Dash
 
 from analyses import runstore
 from analyses.base import AnalysisResult
-from dashboard import figures, report
+from dashboard import report
 from dashboard.catalog import RunCatalog
+from dashboard.core import figures
+from dashboard.core.page import Site
 from dashboard.pages.act import ActPage
-from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import act as act_section
 from dashboard.views import act as views

@@ -20,7 +20,7 @@ from analyses import runstore
 from analyses.base import AnalysisResult
 from analyses.census import CensusConfig, run_census
 from dashboard.catalog import RunCatalog
-from dashboard.pages.base import Site
+from dashboard.core.page import Site
 from dashboard.pages.census import CensusPage
 from dashboard.sections import census as census_section
 from dashboard.views import census as views

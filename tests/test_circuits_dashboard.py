@@ -29,8 +29,8 @@ from analyses.tasks import ioi
 from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.core.page import Site
 from dashboard.pages import HomePage
-from dashboard.pages.base import Site
 from dashboard.pages.circuits import CircuitsPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import circuits as circuits_section

@@ -15,9 +15,9 @@ import pytest
 import probe
 from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
-from dashboard import figures
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.core import figures
 from dashboard.pages import (
     ActPage,
     CensusPage,

@@ -8,8 +8,8 @@ import re
 
 import plotly.graph_objects as go
 
-from dashboard import figures
-from dashboard.pages import base as ui
+from dashboard.core import figures
+from dashboard.core import page as ui
 
 
 def _visible(line: str) -> str:

@@ -16,9 +16,10 @@ from dash import Dash
 from analyses import runstore
 from analyses.base import AnalysisResult
 from analyses.retrieval import aggregate_scores, masking_curve
-from dashboard import figures, report
+from dashboard import report
 from dashboard.catalog import RunCatalog
-from dashboard.pages.base import Site
+from dashboard.core import figures
+from dashboard.core.page import Site
 from dashboard.pages.retrieval import RetrievalPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import retrieval as retrieval_section

@@ -14,9 +14,10 @@ from dash import Dash
 import probe
 from analyses import runstore
 from analyses.sinks import SinksConfig, run_sinks
-from dashboard import figures, report
+from dashboard import report
 from dashboard.catalog import RunCatalog
-from dashboard.pages.base import Site
+from dashboard.core import figures
+from dashboard.core.page import Site
 from dashboard.pages.sinks import SinksPage
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import sinks as sinks_section

@@ -27,8 +27,8 @@ from analyses.base import AnalysisResult
 from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.core.page import Site
 from dashboard.pages import PAGES, HomePage, VhdPage
-from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import vhd as vhd_section
 from dashboard.views import vhd as views

@@ -18,11 +18,12 @@ from dash import Dash
 import probe
 from analyses import runstore, vit_heads
 from analyses.base import AnalysisResult
-from dashboard import figures, report
+from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.core import figures
+from dashboard.core.page import Site
 from dashboard.pages import HomePage, VitPage
-from dashboard.pages.base import Site
 from dashboard.sections import REPORT_SECTIONS
 from dashboard.sections import vit as vit_section
 from dashboard.views import vit as views

@@ -22,8 +22,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
-from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.core import page as ui
+from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
 from dashboard.views import act as views
 
 DEFAULT_MAP: views.MapKind = "kept"

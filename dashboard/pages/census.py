@@ -20,10 +20,10 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
-from dashboard import figures
-from dashboard.figures import PATTERN_SCALES, PatternScale
-from dashboard.pages import base as ui
-from dashboard.pages.base import AnalysisPage, empty_figure, why
+from dashboard.core import figures
+from dashboard.core import page as ui
+from dashboard.core.figures import PATTERN_SCALES, PatternScale
+from dashboard.core.page import AnalysisPage, empty_figure, why
 from dashboard.views import census as views
 from dashboard.views.census import Head
 from probe.errors import HeadlabError

@@ -29,8 +29,8 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, MultiAnalysisPage, why
+from dashboard.core import page as ui
+from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.views import circuits as views
 
 DEFAULT_AXIS = "activation"

@@ -26,8 +26,8 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, AnalysisPage, empty_figure, why
+from dashboard.core import page as ui
+from dashboard.core.page import RUN_ERRORS, AnalysisPage, empty_figure, why
 from dashboard.views import retrieval as views
 
 TOP_N_CHOICES = (10, 20, 50)

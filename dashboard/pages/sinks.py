@@ -22,9 +22,9 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard import figures
-from dashboard.pages import base as ui
-from dashboard.pages.base import AnalysisPage, empty_figure, why
+from dashboard.core import figures
+from dashboard.core import page as ui
+from dashboard.core.page import AnalysisPage, empty_figure, why
 from dashboard.views import sinks as views
 from probe.errors import HeadlabError
 

@@ -27,8 +27,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, html
 from dash.development.base_component import Component
 
-from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, MultiAnalysisPage, why
+from dashboard.core import page as ui
+from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.views import vhd as views
 
 DEFAULT_METRIC = "vhd_mean"

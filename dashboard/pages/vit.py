@@ -28,8 +28,8 @@ from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard.pages import base as ui
-from dashboard.pages.base import RUN_ERRORS, AnalysisPage, why
+from dashboard.core import page as ui
+from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
 from dashboard.views import vit as views
 
 DEFAULT_METRIC = "confidence_drop"

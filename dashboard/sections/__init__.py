@@ -3,15 +3,16 @@
 A builder takes an opened run and returns its sections (:class:`ReportSection`: anchor, title,
 HTML body). To give a new analysis (sinks, retrieval, circuits, ViT...) its report, write
 ``dashboard/sections/<analysis>.py`` with ``report_sections(run) -> list[ReportSection]`` and add
-it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.sections.generic`
+it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.core.generic`
 (their ``heads`` table as heat maps).
 """
 
 from __future__ import annotations
 
 from analyses.runstore import Run
-from dashboard.sections import act, census, circuits, generic, retrieval, sinks, vhd, vit
-from dashboard.sections.base import ReportSection, SectionBuilder
+from dashboard.core import generic
+from dashboard.core.section import ReportSection, SectionBuilder
+from dashboard.sections import act, census, circuits, retrieval, sinks, vhd, vit
 
 REPORT_SECTIONS: dict[str, SectionBuilder] = {
     "census": census.report_sections,

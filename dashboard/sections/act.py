@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 
 from analyses.runstore import Run
-from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, figure_html, table_html
+from dashboard.core import generic
+from dashboard.core.section import ReportSection, figure_html, table_html
 from dashboard.views import act as views
 
 

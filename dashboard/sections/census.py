@@ -6,8 +6,8 @@ import html
 
 from analyses import census
 from analyses.runstore import Run
-from dashboard import figures
-from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
+from dashboard.core import figures
+from dashboard.core.section import ReportSection, figure_html, fmt, table_html
 from dashboard.views import census as views
 
 TOP_K = 5

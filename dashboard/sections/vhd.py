@@ -8,8 +8,8 @@ from __future__ import annotations
 import html
 
 from analyses.runstore import Run
-from dashboard.sections import generic
-from dashboard.sections.base import ReportSection, figure_html, fmt, table_html
+from dashboard.core import generic
+from dashboard.core.section import ReportSection, figure_html, fmt, table_html
 from dashboard.views import vhd as views
 
 

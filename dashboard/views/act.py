@@ -33,8 +33,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard import figures
-from dashboard.views import common
+from dashboard.core import common, figures
 
 Source = common.Source
 MapKind = Literal["kept", "hidden"]
@@ -333,7 +332,7 @@ def head_grid(source: Source, task: str | None = None, kind: MapKind = "kept") -
     * ``kind="hidden"``: the hidden sinks detected on each head (task independent).
 
     Layers outside the searched range are grey (``kept``); trace 0 is always the value map, so
-    :func:`dashboard.figures.mark_head` can outline a head on it.
+    :func:`dashboard.core.figures.mark_head` can outline a head on it.
     """
     if kind not in MAP_KINDS:
         raise KeyError(f"unknown map {kind!r}; choose from {', '.join(MAP_KINDS)}")

@@ -27,8 +27,8 @@ import plotly.graph_objects as go
 
 from analyses import census
 from analyses.runstore import Run
-from dashboard import figures
-from dashboard.figures import PatternScale
+from dashboard.core import figures
+from dashboard.core.figures import PatternScale
 
 METRICS: tuple[str, ...] = census.METRICS
 METRIC_LABELS: dict[str, str] = census.METRIC_LABELS

@@ -45,8 +45,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analyses.circuits import CLASSES, SIGNATURES, STAGES, TASK_LABELS
-from dashboard import figures
-from dashboard.views import common
+from dashboard.core import common, figures
 
 Source = common.Source
 IvMetric = Literal["accuracy", "vocab_accuracy", "logit_diff"]

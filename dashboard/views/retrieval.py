@@ -33,8 +33,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analyses import retrieval
-from dashboard import figures
-from dashboard.views import common
+from dashboard.core import common, figures
 
 Source = common.Source
 MaskMetric = Literal["recall", "recalled"]
@@ -206,7 +205,7 @@ def retrieval_heads(source: Source) -> list[tuple[int, int]]:
 def score_grid(source: Source) -> go.Figure:
     """Layer x head map of the retrieval score (layer 0 at the top), retrieval heads ringed.
 
-    Trace 0 is the score map (so :func:`dashboard.figures.mark_head` can outline a head on it),
+    Trace 0 is the score map (so :func:`dashboard.core.figures.mark_head` can outline a head on it),
     trace 1 (when any) the rings. Hover: score, activation frequency, KV head, passing tests hit.
     """
     heads = heads_table(source)

@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 
 from analyses import sinks
 from analyses.runstore import Run
-from dashboard import figures
+from dashboard.core import figures
 
 HeadQuantity = Literal["alpha", "rate"]
 HEAD_QUANTITIES: tuple[HeadQuantity, ...] = ("alpha", "rate")

@@ -31,10 +31,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dashboard import figures
-from dashboard.views import common
-from dashboard.views.common import Source, config, table_names
-from dashboard.views.common import table as _table
+from dashboard.core import common, figures
+from dashboard.core.common import Source, config, table_names
+from dashboard.core.common import table as _table
 
 ANALYSES: tuple[str, ...] = ("vhd", "vhr")
 BASELINE = "baseline"  # analyses.vision_heads.BASELINE: the setting without reinforcement

@@ -33,10 +33,9 @@ from plotly.subplots import make_subplots
 
 from analyses import vit_heads
 from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS
-from dashboard import figures
-from dashboard.views import common
-from dashboard.views.common import Source, config, table_names
-from dashboard.views.common import table as _table
+from dashboard.core import common, figures
+from dashboard.core.common import Source, config, table_names
+from dashboard.core.common import table as _table
 
 ANALYSIS = "vit-heads"
 METRICS: tuple[str, ...] = IMPORTANCE_METRICS

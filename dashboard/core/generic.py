@@ -7,8 +7,8 @@ import html
 import pandas as pd
 
 from analyses.runstore import Run
-from dashboard import figures
-from dashboard.sections.base import ReportSection, figure_html
+from dashboard.core import figures
+from dashboard.core.section import ReportSection, figure_html
 
 _ID_COLUMNS = frozenset({"layer", "head", "kv_head"})
 MAX_MAPS = 12

@@ -21,8 +21,8 @@ from dash import Dash, dcc, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard import figures
 from dashboard.catalog import RunCatalog, RunEntry
+from dashboard.core import figures
 from probe.errors import HeadlabError, RunStoreError
 
 GRAPH_CONFIG: dcc.Graph.Config = {

@@ -8,7 +8,7 @@ from typing import ClassVar
 from dash import dcc, html
 from dash.development.base_component import Component
 
-from dashboard.pages.base import Page
+from dashboard.core.page import Page
 
 
 class HomePage(Page):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 from analyses.runstore import Run
-from dashboard import figures
+from dashboard.core import figures
 
 
 @dataclass(frozen=True)
