@@ -22,17 +22,9 @@ from dashboard.pages.retrieval import RetrievalPage
 from dashboard.pages.sinks import SinksPage
 from dashboard.pages.vhd import VhdPage
 from dashboard.pages.vit import VitPage
+from dashboard.registry import pages
 
-PAGES: tuple[type[Page], ...] = (
-    HomePage,
-    CensusPage,
-    SinksPage,
-    ActPage,
-    RetrievalPage,
-    CircuitsPage,
-    VitPage,
-    VhdPage,
-)
+PAGES: tuple[type[Page], ...] = pages()
 
 __all__ = [
     "PAGES",

@@ -9,28 +9,11 @@ it to :data:`REPORT_SECTIONS`. Analyses without a builder get :mod:`dashboard.co
 
 from __future__ import annotations
 
-from analyses.runstore import Run
-from dashboard.core import generic
+from analyses.registry import ANALYSES
 from dashboard.core.section import ReportSection, SectionBuilder
-from dashboard.sections import act, census, circuits, retrieval, sinks, vhd, vit
+from dashboard.registry import section_builder, sections_for
 
-REPORT_SECTIONS: dict[str, SectionBuilder] = {
-    "census": census.report_sections,
-    "sinks": sinks.report_sections,
-    "act": act.report_sections,
-    "retrieval": retrieval.report_sections,
-    "ioi": circuits.report_sections,
-    "colored-objects": circuits.report_sections,
-    "circuit-reuse": circuits.report_sections,
-    "vit-heads": vit.report_sections,
-    "vhd": vhd.report_sections,
-    "vhr": vhd.report_sections,
-}
-
-
-def sections_for(run: Run) -> list[ReportSection]:
-    """The sections of ``run``'s analysis (the generic heads section when none is registered)."""
-    return REPORT_SECTIONS.get(run.analysis, generic.report_sections)(run)
+REPORT_SECTIONS: dict[str, SectionBuilder] = {name: section_builder(name) for name in ANALYSES}
 
 
 __all__ = ["REPORT_SECTIONS", "ReportSection", "SectionBuilder", "sections_for"]
