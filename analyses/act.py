@@ -137,6 +137,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.sinks import token_decoder
 from analyses.tasks import choice
 from analyses.tasks.choice import ChoiceItem, ChoiceToken
@@ -1045,3 +1046,25 @@ def summary(result: AnalysisResult) -> str:
         top = ", ".join(f"{t.token!r} ({t.count})" for t in tokens.head(5).itertuples(index=False))
         lines.append(f"  most frequent hidden-sink tokens: {top}")
     return "\n".join(lines)
+
+
+ANALYSIS = register(
+    Analysis(
+        name="act",
+        config_cls=ActConfig,
+        run=run_act,
+        summary=summary,
+        help="ACT: calibrate hidden attention sinks head by head; held-out accuracy before and after.",
+        page="dashboard.pages.act:ActPage",
+        report="dashboard.sections.act:report_sections",
+        # ACT is a search over heads (one forward pass per head and calibration batch): a small config
+        # keeps the demo to a few minutes on a CPU
+        demo={
+            "tasks": ("sentiment", "topic"),
+            "n_calibration": 16,
+            "n_heldout": 32,
+            "layer_start": 2,
+            "layer_end": 5,
+        },
+    )
+)

@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.tasks.text import natural_token_rows
 from probe.capture import capture
 from probe.errors import ConfigError
@@ -236,3 +237,28 @@ def figures(heads: pd.DataFrame) -> dict[str, Any]:
         )  # fmt: skip
         figs[metric] = fig
     return figs
+
+
+def summary(result: AnalysisResult) -> str:
+    """A few lines for the CLI: each metric's mean over heads and its three strongest heads."""
+    heads = result.heads
+    lines = [f"census of {result.model_info['name']}: {len(heads)} heads"]
+    for metric in METRICS:
+        top = heads.nlargest(3, metric)
+        best = ", ".join(f"L{r.layer}H{r.head} {getattr(r, metric):.2f}" for r in top.itertuples())
+        lines.append(f"  {metric:<16} mean {heads[metric].mean():.3f}; top: {best}")
+    return "\n".join(lines)
+
+
+ANALYSIS = register(
+    Analysis(
+        name="census",
+        config_cls=CensusConfig,
+        run=run_census,
+        summary=summary,
+        help="Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
+        page="dashboard.pages.census:CensusPage",
+        report="dashboard.sections.census:report_sections",
+        demo={},
+    )
+)

@@ -118,6 +118,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.tasks import colored_objects as co
 from analyses.tasks import ioi
 from probe import interventions as iv
@@ -1510,3 +1511,45 @@ def summary(result: AnalysisResult) -> str:
             f"with {int(target['n_heads'])} IOI heads; random heads {rand.mean():.3f} ± {rand.std(ddof=0):.3f}"
         )
     return "\n".join(lines)
+
+
+ANALYSIS = register(
+    Analysis(
+        name="ioi",
+        config_cls=CircuitConfig,
+        run=run_ioi,
+        summary=summary,
+        help="IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
+        page="dashboard.pages.circuits:CircuitsPage",
+        report="dashboard.sections.circuits:report_sections",
+        # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
+        # screens the senders (the 12 strongest by attribution patching) on 8 prompts
+        demo={"n_items": 8, "max_senders": 12, "n_random": 5, "batch_size": 64},
+    )
+)
+COLORED_OBJECTS = register(
+    Analysis(
+        name="colored-objects",
+        config_cls=CircuitConfig,
+        run=run_colored_objects,
+        summary=summary,
+        help="Colored Objects: the same staged path patching on one-shot colour questions.",
+        aliases=("colored_objects",),
+        page="dashboard.pages.circuits:CircuitsPage",
+        report="dashboard.sections.circuits:report_sections",
+        opt_outs={"demo": "a second path-patching circuit; circuit-reuse runs it with IOI when asked"},
+    )
+)
+CIRCUIT_REUSE = register(
+    Analysis(
+        name="circuit-reuse",
+        config_cls=CircuitConfig,
+        run=run_circuit_reuse,
+        summary=summary,
+        help="IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
+        aliases=("circuit_reuse",),
+        page="dashboard.pages.circuits:CircuitsPage",
+        report="dashboard.sections.circuits:report_sections",
+        opt_outs={"demo": "runs both circuits (twice the IOI demo's time); run it on its own"},
+    )
+)

@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.tasks import needles
 from probe.decode import DecodeResult, greedy_decode, prefill
 from probe.errors import ConfigError
@@ -442,3 +443,26 @@ def summary(result: AnalysisResult) -> str:
                 f"  mask {row.kind:<6} K={row.k:<4} recall {row.recall:.3f} (sd {row.recall_sd:.3f}) recalled {row.recalled:.0%}"
             )
     return "\n".join(lines)
+
+
+ANALYSIS = register(
+    Analysis(
+        name="retrieval",
+        config_cls=RetrievalConfig,
+        run=run_retrieval,
+        summary=summary,
+        help="Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
+        page="dashboard.pages.retrieval:RetrievalPage",
+        report="dashboard.sections.retrieval:report_sections",
+        # a small needle grid (each test is a prefill plus a short greedy decode) and the masking
+        # experiment on a few tests
+        demo={
+            "lengths": (512, 1024),
+            "depths": (0.0, 0.5, 1.0),
+            "n_needles": 1,
+            "mask_fractions": (0.02, 0.05),
+            "mask_seeds": 2,
+            "mask_tests": 3,
+        },
+    )
+)

@@ -82,6 +82,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.tasks.text import natural_token_rows
 from probe.capture import capture
 from probe.errors import CaptureError, ConfigError
@@ -862,3 +863,17 @@ def norms_figure(norms: pd.DataFrame, input_sets: Sequence[str] | None = None) -
         legend={"orientation": "h", "yref": "container", "y": 0.01, "yanchor": "bottom", "x": 0.0},
     )  # fmt: skip
     return fig
+
+
+ANALYSIS = register(
+    Analysis(
+        name="sinks",
+        config_cls=SinksConfig,
+        run=run_sinks,
+        summary=summary,
+        help="Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
+        page="dashboard.pages.sinks:SinksPage",
+        report="dashboard.sections.sinks:report_sections",
+        demo={},
+    )
+)

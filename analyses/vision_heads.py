@@ -113,6 +113,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.tasks import scene_captions as scc
 from analyses.tasks import scenes as sc
 from probe import vlm
@@ -924,3 +925,46 @@ def summary(result: AnalysisResult) -> str:
         "  top VHD heads: " + ", ".join(f"L{r.layer}H{r.head} {r.vhd_mean:.3f}" for r in top.itertuples())
     )
     return "\n".join(lines)
+
+
+VHD = register(
+    Analysis(
+        name="vhd",
+        config_cls=VhdConfig,
+        run=run_vhd,
+        summary=summary,
+        help=(
+            "Vision-aware head divergence on a LLaVA (default scene-llava): VHD per head and step, "
+            "T-VHD of hallucinated vs correct words, CHAIR, POPE."
+        ),
+        default_model="scene-llava",
+        page="dashboard.pages.vhd:VhdPage",
+        report="dashboard.sections.vhd:report_sections",
+        opt_outs={"demo": "the vhr run computes VHD first and saves the same tables"},
+    )
+)
+VHR = register(
+    Analysis(
+        name="vhr",
+        config_cls=VhdConfig,
+        run=run_vhr,
+        summary=summary,
+        help=(
+            "Vision-aware head reinforcement: CHAIR and POPE before and after VHR, with ablations "
+            "(alpha, layers, outliers) and a random-heads control."
+        ),
+        default_model="scene-llava",
+        page="dashboard.pages.vhd:VhdPage",
+        report="dashboard.sections.vhd:report_sections",
+        # a few noisy held-out scenes and the main VHR setting only
+        demo={
+            "n_scenes": 8,
+            "max_new_tokens": 32,
+            "ablations": False,
+            "pope_kinds": ("adversarial",),
+            "pope_per_scene": 1,
+            "n_stats": 2000,
+            "batch_size": 8,
+        },
+    )
+)

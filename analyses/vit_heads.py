@@ -185,14 +185,15 @@ import torch
 
 from analyses import vit_attention as va
 from analyses.base import AnalysisResult, heads_frame
+from analyses.registry import Analysis, register
 from analyses.runstore import Run
 from analyses.tasks import images as image_set
 from analyses.tasks import scenes
 from probe import vision
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
+from probe.types import Head
 
-Head = tuple[int, int]
 AblationMode = Literal["zero", "mean"]
 Preset = Literal["default", "small"]
 Region = Literal["cls", "centre", "border", "top_left", "top_right", "bottom_left", "bottom_right"]
@@ -1803,3 +1804,23 @@ __all__ = [
     "run_vit_heads",
     "summary",
 ]
+
+
+ANALYSIS = register(
+    Analysis(
+        name="vit-heads",
+        config_cls=VitHeadsConfig,
+        run=run_vit_heads,
+        summary=summary,
+        help=(
+            "ViT heads (vision models; default clip-vit-b16): pruning importance, attention strength, "
+            "patterns, artifact tokens."
+        ),
+        default_model="clip-vit-b16",
+        aliases=("vit_heads",),
+        page="dashboard.pages.vit:VitPage",
+        report="dashboard.sections.vit:report_sections",
+        # the small preset (few images, the strongest heads by gradient pruned)
+        demo={"preset": "small"},
+    )
+)

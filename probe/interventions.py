@@ -91,9 +91,8 @@ import torch
 from probe.errors import ConfigError
 from probe.hooks import HookFn, HookSet, attn_hook, hooks
 from probe.loading import LoadedModel
+from probe.types import Head
 
-Head = tuple[int, int]
-"""A query head, as ``(layer, head)``."""
 PatternEdit = Callable[[torch.Tensor], torch.Tensor]
 """Maps one head's post-softmax pattern ``[batch, T_q, T_k]`` to a tensor of the same shape."""
 Positions = Sequence[int] | torch.Tensor

@@ -91,9 +91,8 @@ from probe import cache
 from probe.errors import CaptureError, ConfigError, HeadlabError
 from probe.loading import BosPolicy, LoadedModel
 from probe.reducers import BatchInfo, PatternReducer, _SumCount
+from probe.types import Head
 
-Head = tuple[int, int]
-"""A head, as ``(layer, head)``."""
 HeadSelection = Iterable[Head] | Literal["all"]
 GateMode = Literal["scale", "zero", "mean"]
 Resample = Literal["nearest", "bilinear", "bicubic"]
