@@ -41,6 +41,34 @@ class AnalysisResult:
     def heads(self) -> pd.DataFrame:
         return self.tables["heads"]
 
+    # the read interface a saved run (analyses.runstore.Run) has too, so views take either
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model_info.get("name", "?"))
+
+    @property
+    def table_names(self) -> list[str]:
+        return list(self.tables)
+
+    @property
+    def array_names(self) -> list[str]:
+        return list(self.arrays)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The table ``name`` (a copy)."""
+        if name not in self.tables:
+            known = ", ".join(self.tables) or "(none)"
+            raise ConfigError(f"this {self.analysis} result has no table {name!r}; its tables are: {known}")
+        return self.tables[name].copy()
+
+    def array(self, name: str) -> np.ndarray:
+        """The array ``name`` (a copy)."""
+        if name not in self.arrays:
+            known = ", ".join(self.arrays) or "(none)"
+            raise ConfigError(f"this {self.analysis} result has no array {name!r}; its arrays are: {known}")
+        return np.array(self.arrays[name])
+
     def save(self, root: str | Path | None = None) -> Path:
         from analyses import runstore
 

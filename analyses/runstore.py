@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import registry
 from probe import tempdirs
 from probe.cache import sha256_file
 from probe.errors import ConfigError, RunStoreError
@@ -792,6 +793,7 @@ class Run:
         self.manifest = manifest
         self._tables: dict[str, pd.DataFrame] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        self._config: Any = None
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r}, analysis={self.analysis!r}, model={self.model_name!r}, path={str(self.path)!r})"
@@ -820,6 +822,23 @@ class Run:
     def heads(self) -> pd.DataFrame:
         """The ``heads`` table: one row per head with its summary metrics."""
         return self.table("heads")
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        return dict(self.manifest.notes)
+
+    @property
+    def config(self) -> Any:
+        """The run's config as its analysis's typed dataclass (defaults for settings the run predates)."""
+        if self._config is None:
+            if self.analysis not in registry.ANALYSES:
+                raise ConfigError(
+                    f"run {self.run_id} is of analysis {self.analysis!r}, which this headlab does not "
+                    f"know (known: {', '.join(registry.ANALYSES)}); open it with the version that wrote it"
+                )
+            entry = registry.ANALYSES[self.analysis]
+            self._config = registry.config_from_saved(entry.config_cls, self.manifest.config)
+        return self._config
 
     def _unknown(self, kind: str, name: str, known: list[str]) -> ConfigError:
         return ConfigError(

@@ -71,6 +71,12 @@ def num(value: object, spec: str) -> str:
     return format(x, spec) if math.isfinite(x) else "n/a"
 
 
+def settings(source: Source) -> Any:
+    """The run's config as its analysis's typed dataclass (a saved run's is read back from its
+    manifest, with defaults for settings the run predates)."""
+    return source.config
+
+
 def config(source: Source) -> dict[str, Any]:
     """The run's config as plain values (the manifest's, or the result's dataclass)."""
     if isinstance(source, AnalysisResult):
