@@ -1818,8 +1818,8 @@ ANALYSIS = register(
         ),
         default_model="clip-vit-b16",
         aliases=("vit_heads",),
-        page="dashboard.pages.vit:VitPage",
-        report="dashboard.sections.vit:report_sections",
+        page="dashboard.vit_heads.page:VitPage",
+        report="dashboard.vit_heads.report:report_sections",
         # the small preset (few images, the strongest heads by gradient pruned)
         demo={"preset": "small"},
     )

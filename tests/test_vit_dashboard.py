@@ -23,10 +23,11 @@ from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.pages import HomePage, VitPage
+from dashboard.pages import HomePage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import vit as vit_section
-from dashboard.views import vit as views
+from dashboard.vit_heads import report as vit_section
+from dashboard.vit_heads import views
+from dashboard.vit_heads.page import VitPage
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 

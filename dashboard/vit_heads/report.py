@@ -1,6 +1,6 @@
 """The vit-heads report: what the run's numbers say, head importance per metric and the metrics'
 agreement, attention distance across layers and for the most important head, and the pattern
-clusters (the figures of the ViT page, through :mod:`dashboard.views.vit`)."""
+clusters (the figures of the ViT page, through :mod:`dashboard.vit_heads.views`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import vit as views
+from dashboard.vit_heads import views
 
 
 def _overview(run: Run) -> ReportSection:

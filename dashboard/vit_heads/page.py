@@ -30,7 +30,7 @@ from dash.development.base_component import Component
 from analyses.runstore import Run
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
-from dashboard.views import vit as views
+from dashboard.vit_heads import views
 
 DEFAULT_METRIC = "confidence_drop"
 DEFAULT_TREND = "mean_attention_distance"
