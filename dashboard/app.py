@@ -18,7 +18,7 @@ never to the browser), and URL parameters too long to name anything are ignored 
 
 Usage
 -----
-``headlab dashboard --root runs`` (see ``analyses/cli.py``), or::
+``headlab dashboard --root runs`` (see ``headlab/cli.py``), or::
 
     from dashboard.app import create_app
     app = create_app(Path("runs"), port=8050)

@@ -11,8 +11,8 @@ directory, all under one temporary directory), does one wrong thing, and is judg
 * nothing is left behind: no new file or directory in the workspace (hidden temporaries included)
   other than what the case allows.
 
-CLI cases run ``headlab`` in this process (``analyses.cli.main`` with ``sys.argv`` set, stdout and
-stderr captured) unless they need a process of their own (Ctrl-C: ``python -m analyses.cli`` sent
+CLI cases run ``headlab`` in this process (``headlab.cli.main`` with ``sys.argv`` set, stdout and
+stderr captured) unless they need a process of their own (Ctrl-C: ``python -m headlab.cli`` sent
 SIGINT while its analysis runs). Faults inside a command are injected by patching for the duration
 of the call (a table that fails to write, a full disk, Ctrl-C while saving); a writer killed with
 SIGKILL mid-save is a forked process stopped for good after its first table. API cases call probe
@@ -203,7 +203,7 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 def run_cli(argv: Sequence[str], ws: Workspace, patches: Sequence[Patch] = ()) -> Outcome:
     """``headlab *argv`` in this process, as the console script runs it; nothing escapes."""
-    from analyses import cli
+    from headlab import cli
 
     out, err = io.StringIO(), io.StringIO()
     notes: list[str] = []
@@ -255,7 +255,7 @@ def run_process(
     t0 = time.perf_counter()
     with err_path.open("w") as err_fh, out_path.open("w") as out_fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "analyses.cli", *argv], cwd=ws.work, env=env, stdout=out_fh, stderr=err_fh
+            [sys.executable, "-m", "headlab.cli", *argv], cwd=ws.work, env=env, stdout=out_fh, stderr=err_fh
         )
         try:
             if interrupt_after is not None:

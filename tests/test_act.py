@@ -519,7 +519,7 @@ def test_registry_and_cli(tmp_path: Path) -> None:
     assert entry.config_cls is ActConfig and entry.run is run_act and entry.summary is act.summary
     root = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "analyses.cli", "run", "act", "--model", "tiny-llama", "--root", str(root),
+        [sys.executable, "-m", "headlab.cli", "run", "act", "--model", "tiny-llama", "--root", str(root),
          "--set", "tasks=sentiment", "--set", "n_calibration=4", "--set", "n_heldout=4",
          "--set", "layer_start=2", "--set", "layer_end=none", "--set", "heads_per_pass=4"],
         capture_output=True, text=True, timeout=600,
@@ -529,7 +529,7 @@ def test_registry_and_cli(tmp_path: Path) -> None:
     runs = [p for p in root.iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1 and (runs[0] / "heads.parquet").is_file() and (runs[0] / "filter.parquet").is_file()
     bad = subprocess.run(
-        [sys.executable, "-m", "analyses.cli", "run", "act", "--model", "tiny-llama", "--set", "beta=2"],
+        [sys.executable, "-m", "headlab.cli", "run", "act", "--model", "tiny-llama", "--set", "beta=2"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert bad.returncode == 2 and "beta" in bad.stderr and bad.stderr.strip().count("\n") == 0

@@ -559,7 +559,7 @@ def test_bad_receivers_are_refused() -> None:
 def test_cli_show_config_and_overrides() -> None:
     from typer.testing import CliRunner
 
-    from analyses.cli import app
+    from headlab.cli import app
 
     cli = CliRunner()
     result = cli.invoke(app, ["run", "ioi", "--show-config"])

@@ -16,16 +16,17 @@ import pytest
 import torch
 
 import probe
-from analyses import cli, runstore
+from analyses import runstore
 from analyses.base import AnalysisResult
 from analyses.registry import ANALYSES
 from dashboard import report as report_module
+from headlab import cli
 from probe import tempdirs
 
 
 def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "analyses.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900
+        [sys.executable, "-m", "headlab.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900
     )
 
 
@@ -63,10 +64,15 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_every_registered_analysis_has_a_run_command(tmp_path: Path) -> None:
-    from analyses.cli import RUN_COMMANDS
     from analyses.registry import ANALYSES
+    from headlab.cli import run_app
 
-    assert set(RUN_COMMANDS) == set(ANALYSES)
+    commands = {c.name: c for c in run_app.registered_commands}
+    aliases = {alias for entry in ANALYSES.values() for alias in entry.aliases}
+    assert set(commands) == set(ANALYSES) | aliases
+    assert all(commands[a].hidden for a in aliases) and not any(commands[n].hidden for n in ANALYSES)
+    proc = headlab("run", "colored_objects", "--show-config", cwd=tmp_path)  # an alias runs its analysis
+    assert proc.returncode == 0 and '"n_items"' in proc.stdout, proc.stderr
     for name in ANALYSES:
         proc = headlab("run", name, "--show-config", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
@@ -82,7 +88,7 @@ FAKE_MODEL = {"name": "fake-model", "n_layers": 1, "n_heads": 2}
 def main(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    """``headlab ARGS`` through :func:`analyses.cli.main` in this process: (exit status, stdout, stderr)."""
+    """``headlab ARGS`` through :func:`headlab.cli.main` in this process: (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["headlab", *args])
     with pytest.raises(SystemExit) as exited:
         cli.main()

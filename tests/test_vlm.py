@@ -256,7 +256,7 @@ def test_projector_files_refuse_the_wrong_model_and_oversize(
 def test_cli_trains_the_tiny_llava_end_to_end(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from analyses.cli import app
+    from headlab.cli import app
 
     out = tmp_path / "tiny_projector.safetensors"
     common = ["train", "scene-llava", "--base", "tiny-llava", "--device", "cpu",

@@ -38,7 +38,7 @@ def _headlab(*args: str, env_cache: Path | None = None) -> subprocess.CompletedP
     if env_cache is not None:
         env["HEADLAB_CACHE"] = str(env_cache)
     return subprocess.run(
-        [sys.executable, "-m", "analyses.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "headlab.cli", *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 
@@ -207,7 +207,7 @@ def test_a_damaged_cache_stops_headlab_run_with_one_line_and_saves_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from analyses import cli
+    from headlab import cli
 
     directory, spec = converted_tiny
     _flip_middle(directory / "model.safetensors")

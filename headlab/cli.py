@@ -1,7 +1,7 @@
 """The ``headlab`` command line.
 
-Every command imports what it needs lazily so that ``headlab --help`` and ``headlab models`` stay
-fast. Errors the user can fix (:class:`probe.errors.HeadlabError`) are printed as one line on stderr
+The ``run`` commands, ``demo`` and ``analyses`` are built from the analyses' registrations
+(:mod:`analyses.registry`); other commands import what they need lazily. Errors the user can fix (:class:`probe.errors.HeadlabError`) are printed as one line on stderr
 with a non-zero exit status.
 """
 
@@ -10,9 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from analyses import registry
+from analyses.registry import Analysis
 
 app = typer.Typer(
     name="headlab",
@@ -21,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The embedded language model that analyses without a model of their own run on."""
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="catalogue name, tiny model, local dir or .gguf file")
@@ -77,7 +84,7 @@ def fetch(
 
 @app.command()
 def sanity(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     prompt: Annotated[str, typer.Option(help="prompt for the forward and the greedy continuation")] = (
@@ -138,19 +145,18 @@ RootOpt = Annotated[
 ]
 
 
-def _run_analysis(analysis: str, model: str, device: str, dtype: str, bos: str, overrides: list[str] | None,
-                  root: str | None, allow_hub: bool, show_config: bool) -> None:  # fmt: skip
-    import dataclasses
-    import json
-
-    from analyses.base import config_from_overrides
-    from analyses.registry import ANALYSES
-
-    entry = ANALYSES[analysis]
-    config = config_from_overrides(entry.config_cls, overrides)
-    if show_config:
-        typer.echo(json.dumps(dataclasses.asdict(config), indent=2))
-        return
+def _run_one(
+    entry: Analysis,
+    config: Any,
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    bos: str,
+    root: str | None,
+    allow_hub: bool,
+) -> Path:
+    """Load ``model``, run ``entry`` with ``config``, save the run and print its summary."""
     from analyses import runstore
     from probe import load_model
 
@@ -165,14 +171,39 @@ def _run_analysis(analysis: str, model: str, device: str, dtype: str, bos: str, 
     _INTERRUPTED["note"] = f"the run had been saved, complete, before the interruption: {path}"
     typer.echo(entry.summary(result))
     typer.echo(f"saved run: {path}")
+    return path
+
+
+def _run_analysis(
+    analysis: str,
+    model: str,
+    device: str,
+    dtype: str,
+    bos: str,
+    overrides: list[str] | None,
+    root: str | None,
+    allow_hub: bool,
+    show_config: bool,
+) -> None:
+    import dataclasses
+    import json
+
+    from analyses.base import config_from_overrides
+
+    entry = registry.get(analysis)
+    config = config_from_overrides(entry.config_cls, overrides)
+    if show_config:
+        typer.echo(json.dumps(dataclasses.asdict(config), indent=2))
+        return
+    path = _run_one(entry, config, model, device=device, dtype=dtype, bos=bos, root=root, allow_hub=allow_hub)
     typer.echo(f"report:    headlab report {path.name}{f' --root {root}' if root else ''}")
 
 
-def _make_run_command(analysis: str, doc: str) -> None:
-    """Register ``headlab run <analysis>``: the same options for every analysis in the registry."""
+def _make_run_command(entry: Analysis, name: str, *, hidden: bool = False) -> None:
+    """Register ``headlab run <name>``: the same options for every registered analysis."""
 
     def command(
-        model: ModelOpt = RUN_DEFAULT_MODELS.get(analysis, "smollm2-135m"),
+        model: ModelOpt = entry.default_model,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "float32",
         bos: Annotated[
@@ -183,30 +214,74 @@ def _make_run_command(analysis: str, doc: str) -> None:
         allow_hub: HubOpt = False,
         show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
     ) -> None:
-        _run_analysis(analysis, model, device, dtype, bos, overrides, root, allow_hub, show_config)
+        _run_analysis(entry.name, model, device, dtype, bos, overrides, root, allow_hub, show_config)
 
-    command.__doc__ = doc
-    command.__name__ = f"run_{analysis}_cmd"
-    run_app.command(analysis)(command)
+    command.__doc__ = entry.help if not hidden else f"Same as `headlab run {entry.name}`."
+    command.__name__ = f"run_{name.replace('-', '_')}_cmd"
+    run_app.command(name, hidden=hidden)(command)
 
 
-RUN_DEFAULT_MODELS = {"vit-heads": "clip-vit-b16", "vhd": "scene-llava", "vhr": "scene-llava"}
-"""Analyses that need another kind of model than the embedded language model run on these by default."""
+for _entry in registry.ANALYSES.values():
+    _make_run_command(_entry, _entry.name)
+    for _alias in _entry.aliases:
+        _make_run_command(_entry, _alias, hidden=True)
 
-RUN_COMMANDS = {
-    "census": "Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
-    "sinks": "Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
-    "act": "ACT: calibrate hidden attention sinks head by head; held-out accuracy before and after.",
-    "retrieval": "Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
-    "ioi": "IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
-    "colored-objects": "Colored Objects: the same staged path patching on one-shot colour questions.",
-    "circuit-reuse": "IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
-    "vit-heads": "ViT heads (vision models; default clip-vit-b16): pruning importance, attention strength, patterns, artifact tokens.",
-    "vhd": "Vision-aware head divergence on a LLaVA (default scene-llava): VHD per head and step, T-VHD of hallucinated vs correct words, CHAIR, POPE.",
-    "vhr": "Vision-aware head reinforcement: CHAIR and POPE before and after VHR, with ablations (alpha, layers, outliers) and a random-heads control.",
-}
-for _name, _doc in RUN_COMMANDS.items():
-    _make_run_command(_name, _doc)
+
+@app.command()
+def analyses() -> None:
+    """List the registered analyses: default model, aliases, dashboard page, report, demo settings."""
+    rows: list[dict[str, object]] = []
+    for entry in registry.ANALYSES.values():
+        rows.append(
+            {
+                "name": entry.name,
+                "default model": entry.default_model,
+                "aliases": ", ".join(entry.aliases),
+                "page": entry.page or f"(none: {entry.opt_outs.get('page')})",
+                "report": entry.report or f"(none: {entry.opt_outs.get('report')})",
+                "demo": "defaults"
+                if entry.demo == {}
+                else ", ".join(f"{k}={v}" for k, v in (entry.demo or {}).items())
+                or f"(not run: {entry.opt_outs.get('demo')})",
+            }
+        )
+    typer.echo(_table(rows))
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="the language model for analyses that run on one")
+    ] = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    root: RootOpt = None,
+    reports: Annotated[str, typer.Option("--reports", help="folder for the HTML reports")] = "reports",
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="run only this analysis (repeatable)")
+    ] = None,
+) -> None:
+    """The main job: every registered analysis with its demo settings, then one HTML report each.
+
+    Analyses whose default model is another kind (a vision encoder, a LLaVA) run on that model; the
+    others on MODEL. The settings are each registration's small CPU configs (`headlab analyses`)."""
+    from analyses.base import config_from_overrides
+    from dashboard.report import write_report
+
+    chosen = [registry.get(name) for name in only] if only else list(registry.ANALYSES.values())
+    for entry in chosen:
+        if entry.demo is None:
+            typer.echo(f"== {entry.name}: not in the demo ({entry.opt_outs.get('demo')})")
+            continue
+        target = model if entry.default_model == DEFAULT_MODEL else entry.default_model
+        settings = ", ".join(f"{k}={v}" for k, v in entry.demo.items()) or "default settings"
+        typer.echo(f"== {entry.name} on {target} ({settings}): {entry.help}")
+        config = config_from_overrides(entry.config_cls, dict(entry.demo))
+        path = _run_one(
+            entry, config, target, device=device, dtype=dtype, bos="default", root=root, allow_hub=False
+        )
+        _INTERRUPTED["note"] = f"the run {path.name} was saved; its report was not written"
+        typer.echo(f"report written: {write_report(path, Path(reports))}")
 
 
 train_app = typer.Typer(help="Train the parts of models the workbench builds itself.", no_args_is_help=True)
@@ -264,9 +339,16 @@ def train_scene_llava_cmd(
         )
         return
     record = scene_captions.train_scene_llava(
-        base, data_config, train_config, out=out, device=device, dtype=dtype, n_eval=n_eval, init=resume,
+        base,
+        data_config,
+        train_config,
+        out=out,
+        device=device,
+        dtype=dtype,
+        n_eval=n_eval,
+        init=resume,
         command=" ".join(["headlab", *sys.argv[1:]]),
-    )  # fmt: skip
+    )
     t = record["timings"]
     typer.echo(
         f"trained {record['steps_done']} steps{' (stopped at the time limit)' if record['stopped_early'] else ''}: "
@@ -274,8 +356,11 @@ def train_scene_llava_cmd(
         f"features {t['features_per_image_s'] * 1000:.1f} ms/image, {t['seconds_per_step']:.3f} s/step"
     )
     for split, result in record.get("evaluation", {}).items():
-        cells = [f"{r['setting'] if r['benchmark'] == 'POPE' else 'CHAIR'} {r['metric']} {r['value']:.3f}"
-                 for r in result["summary"] if r["metric"] in ("CHAIR_S", "CHAIR_I", "F1", "yes_ratio")]  # fmt: skip
+        cells = [
+            f"{r['setting'] if r['benchmark'] == 'POPE' else 'CHAIR'} {r['metric']} {r['value']:.3f}"
+            for r in result["summary"]
+            if r["metric"] in ("CHAIR_S", "CHAIR_I", "F1", "yes_ratio")
+        ]
         typer.echo(f"{split}: " + "; ".join(cells))
     for kind, path in record["files"].items():
         typer.echo(f"{kind}: {path}")

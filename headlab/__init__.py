@@ -1,0 +1,1 @@
+"""headlab: the command line above the analyses and the dashboard (``headlab/cli.py``)."""
