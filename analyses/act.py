@@ -1055,8 +1055,8 @@ ANALYSIS = register(
         run=run_act,
         summary=summary,
         help="ACT: calibrate hidden attention sinks head by head; held-out accuracy before and after.",
-        page="dashboard.pages.act:ActPage",
-        report="dashboard.sections.act:report_sections",
+        page="dashboard.act.page:ActPage",
+        report="dashboard.act.report:report_sections",
         # ACT is a search over heads (one forward pass per head and calibration batch): a small config
         # keeps the demo to a few minutes on a CPU
         demo={

@@ -257,8 +257,8 @@ ANALYSIS = register(
         run=run_census,
         summary=summary,
         help="Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
-        page="dashboard.pages.census:CensusPage",
-        report="dashboard.sections.census:report_sections",
+        page="dashboard.census.page:CensusPage",
+        report="dashboard.census.report:report_sections",
         demo={},
     )
 )

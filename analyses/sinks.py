@@ -872,8 +872,8 @@ ANALYSIS = register(
         run=run_sinks,
         summary=summary,
         help="Attention sinks: Sink_1 on natural, random and repeated tokens; hidden sinks; norms.",
-        page="dashboard.pages.sinks:SinksPage",
-        report="dashboard.sections.sinks:report_sections",
+        page="dashboard.sinks.page:SinksPage",
+        report="dashboard.sinks.report:report_sections",
         demo={},
     )
 )

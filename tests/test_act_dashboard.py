@@ -16,13 +16,13 @@ from dash import Dash
 from analyses import runstore
 from analyses.base import AnalysisResult
 from dashboard import report
+from dashboard.act import report as act_section
+from dashboard.act import views
+from dashboard.act.page import ActPage
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.pages.act import ActPage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import act as act_section
-from dashboard.views import act as views
 from tests.conftest import post_callback, to_json
 
 N_LAYERS, N_HEADS, GROUP = 6, 4, 2

@@ -29,8 +29,8 @@ import pytest
 
 from analyses import runstore
 from dashboard.app import create_app
+from dashboard.census import views
 from dashboard.pages import PAGES
-from dashboard.views import census as views
 from tests import browser_runs
 
 pytestmark = pytest.mark.browser
@@ -294,8 +294,8 @@ def test_census_page_metric_change_and_head_click_update_the_map_detail_and_patt
     )
 
     # Click another head with the mouse, at its cell's pixel position on the plot.
-    last = views.Head(int(heads["layer"].max()), int(heads["head"].max()))
-    target = last if last != top else views.Head(0, 0)
+    last = views.PickedHead(int(heads["layer"].max()), int(heads["head"].max()))
+    target = last if last != top else views.PickedHead(0, 0)
     graph = browser.find_element(By.CSS_SELECTOR, "#census-heatmap .js-plotly-plot")
     dx, dy = browser.execute_script(_CELL_OFFSET, str(target.head), str(target.layer))
     mouse = ActionChains(browser).move_to_element_with_offset(graph, int(dx), int(dy))

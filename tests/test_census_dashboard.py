@@ -20,10 +20,10 @@ from analyses import runstore
 from analyses.base import AnalysisResult
 from analyses.census import CensusConfig, run_census
 from dashboard.catalog import RunCatalog
+from dashboard.census import report as census_section
+from dashboard.census import views
+from dashboard.census.page import CensusPage
 from dashboard.core.page import Site
-from dashboard.pages.census import CensusPage
-from dashboard.sections import census as census_section
-from dashboard.views import census as views
 from tests.conftest import post_callback, to_json
 
 SMALL = CensusConfig(n_natural=4, n_repeated=3, seq_len=32, repeat_len=8, n_examples=2)
@@ -113,7 +113,7 @@ def test_the_page_draws_induction_and_duplicate_heads_on_the_repeated_sequence(r
         assert chooser.value == expected
     selected = page.select_head(runs.full, None, "induction", None)
     assert selected is not None
-    head = views.Head(selected["layer"], selected["head"])
+    head = views.PickedHead(selected["layer"], selected["head"])
     options, value = page.example_options(runs.full, None, "repeated")
     assert [o["value"] for o in options] == [0, 1] and value == 0
     fig = page.pattern_figure(runs.full, selected, 0, "linear", "repeated")

@@ -17,6 +17,7 @@ from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.census import views
 from dashboard.core import figures
 from dashboard.pages import (
     ActPage,
@@ -28,7 +29,6 @@ from dashboard.pages import (
     VhdPage,
     VitPage,
 )
-from dashboard.views import census as views
 from probe.errors import ConfigError, RunStoreError
 from tests.conftest import post_callback, render_route, to_json
 

@@ -19,8 +19,8 @@ from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
 from dashboard import report
 from dashboard.catalog import RunCatalog
+from dashboard.census.page import CensusPage
 from dashboard.core.page import Site
-from dashboard.pages import CensusPage
 from dashboard.report import write_report
 from probe.errors import HeadlabError, RunStoreError
 from probe.loading import LoadedModel

@@ -18,10 +18,10 @@ from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.pages.sinks import SinksPage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import sinks as sinks_section
-from dashboard.views import sinks as views
+from dashboard.sinks import report as sinks_section
+from dashboard.sinks import views
+from dashboard.sinks.page import SinksPage
 from probe.tiny import BOS
 from tests.conftest import decode_array, post_callback, to_json
 

@@ -25,7 +25,7 @@ from analyses.runstore import Run
 from dashboard.core import figures
 from dashboard.core import page as ui
 from dashboard.core.page import AnalysisPage, empty_figure, why
-from dashboard.views import sinks as views
+from dashboard.sinks import views
 from probe.errors import HeadlabError
 
 DEFAULT_INPUT = "natural"

@@ -59,7 +59,9 @@ def as_input_set(value: object) -> InputSet:
     return "repeated" if value == "repeated" else "natural"
 
 
-class Head(NamedTuple):
+class PickedHead(NamedTuple):
+    """A head the page or the report picked (selected, clicked, top of a metric), printed ``L{l}H{h}``."""
+
     layer: int
     head: int
 
@@ -75,12 +77,12 @@ def ranked_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
     return heads.sort_values([metric, "layer", "head"], ascending=[ascending, True, True], na_position="last")
 
 
-def top_head(heads: pd.DataFrame, metric: str) -> Head:
+def top_head(heads: pd.DataFrame, metric: str) -> PickedHead:
     row = ranked_heads(heads, metric).iloc[0]
-    return Head(int(row["layer"]), int(row["head"]))
+    return PickedHead(int(row["layer"]), int(row["head"]))
 
 
-def top_heads(heads: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[Head, float, float | None]]:
+def top_heads(heads: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[PickedHead, float, float | None]]:
     """The ``k`` most notable heads for ``metric``: (head, value, standard error or None)."""
     sem = f"{metric}_sem"
     out = []
@@ -89,7 +91,7 @@ def top_heads(heads: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[Head, 
         err = values.get(sem)
         out.append(
             (
-                Head(int(values["layer"]), int(values["head"])),
+                PickedHead(int(values["layer"]), int(values["head"])),
                 float(values[metric]),
                 None if err is None or pd.isna(err) else float(err),
             )
@@ -97,11 +99,11 @@ def top_heads(heads: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[Head, 
     return out
 
 
-def has_head(heads: pd.DataFrame, head: Head) -> bool:
+def has_head(heads: pd.DataFrame, head: PickedHead) -> bool:
     return bool(((heads["layer"] == head.layer) & (heads["head"] == head.head)).any())
 
 
-def head_summary(heads: pd.DataFrame, head: Head) -> pd.DataFrame:
+def head_summary(heads: pd.DataFrame, head: PickedHead) -> pd.DataFrame:
     """One row per metric for ``head``: metric, label, value, sem, rank (1 = most notable), of."""
     row = heads[(heads["layer"] == head.layer) & (heads["head"] == head.head)]
     if row.empty:
@@ -127,7 +129,7 @@ def head_summary(heads: pd.DataFrame, head: Head) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def heatmap(heads: pd.DataFrame, metric: str, selected: Head | None = None) -> go.Figure:
+def heatmap(heads: pd.DataFrame, metric: str, selected: PickedHead | None = None) -> go.Figure:
     """The census's own layer x head map of ``metric`` (:func:`analyses.census.figures`), sized
     to the page, with the selected head outlined."""
     if metric not in METRICS:
@@ -194,7 +196,7 @@ def example_preview(run: Run, example: int, n_tokens: int = 10, input_set: Input
     return f"example {example}: {text[:60]}…"
 
 
-def pattern(run: Run, example: int, head: Head, input_set: InputSet = "natural") -> np.ndarray:
+def pattern(run: Run, example: int, head: PickedHead, input_set: InputSet = "natural") -> np.ndarray:
     """``[n, n]`` attention of ``head`` on ``example`` over its ``n`` real tokens (float32)."""
     patterns = run.array(_EXAMPLES[input_set][1])
     if not 0 <= example < patterns.shape[0]:
@@ -209,7 +211,7 @@ def pattern(run: Run, example: int, head: Head, input_set: InputSet = "natural")
 def pattern_figure(
     run: Run,
     example: int,
-    head: Head,
+    head: PickedHead,
     *,
     scale: PatternScale = "linear",
     input_set: InputSet = "natural",
@@ -224,9 +226,9 @@ def pattern_figure(
     )
 
 
-def pattern_heads(heads: pd.DataFrame, metrics: tuple[str, ...] = PATTERN_METRICS) -> list[tuple[str, Head]]:
+def pattern_heads(heads: pd.DataFrame, metrics: tuple[str, ...] = PATTERN_METRICS) -> list[tuple[str, PickedHead]]:
     """The top head of each of ``metrics``, each head once: what the report draws patterns of."""
-    seen: set[Head] = set()
+    seen: set[PickedHead] = set()
     out = []
     for metric in metrics:
         head = top_head(heads, metric)

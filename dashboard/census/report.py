@@ -6,9 +6,9 @@ import html
 
 from analyses import census
 from analyses.runstore import Run
+from dashboard.census import views
 from dashboard.core import figures
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import census as views
 
 TOP_K = 5
 

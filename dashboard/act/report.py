@@ -7,9 +7,9 @@ from __future__ import annotations
 import html
 
 from analyses.runstore import Run
+from dashboard.act import views
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, table_html
-from dashboard.views import act as views
 
 
 def _accuracy(run: Run) -> ReportSection:

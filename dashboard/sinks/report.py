@@ -9,7 +9,7 @@ from analyses import sinks
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import sinks as views
+from dashboard.sinks import views
 
 
 def _summary(run: Run) -> ReportSection:

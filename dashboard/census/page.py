@@ -20,12 +20,12 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.development.base_component import Component
 
+from dashboard.census import views
+from dashboard.census.views import PickedHead
 from dashboard.core import figures
 from dashboard.core import page as ui
 from dashboard.core.figures import PATTERN_SCALES, PatternScale
 from dashboard.core.page import AnalysisPage, empty_figure, why
-from dashboard.views import census as views
-from dashboard.views.census import Head
 from probe.errors import HeadlabError
 
 DEFAULT_METRIC = "induction"
@@ -289,17 +289,17 @@ class CensusPage(AnalysisPage):
         )(self.pattern_figure)
 
 
-def _as_head(selected: Mapping[str, Any] | None, run_id: str | None) -> Head | None:
+def _as_head(selected: Mapping[str, Any] | None, run_id: str | None) -> PickedHead | None:
     """The head in the ``census-head`` store, if it belongs to ``run_id``."""
     if not isinstance(selected, Mapping) or selected.get("run") != run_id:
         return None
     try:
-        return Head(int(selected["layer"]), int(selected["head"]))
+        return PickedHead(int(selected["layer"]), int(selected["head"]))
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def _clicked_head(click_data: Mapping[str, Any] | None) -> Head | None:
+def _clicked_head(click_data: Mapping[str, Any] | None) -> PickedHead | None:
     """The head under a click on the layer x head map (x: head, y: layer)."""
     if not isinstance(click_data, Mapping):
         return None
@@ -307,6 +307,6 @@ def _clicked_head(click_data: Mapping[str, Any] | None) -> Head | None:
     if not isinstance(points, list) or not points or not isinstance(points[0], Mapping):
         return None
     try:
-        return Head(int(points[0]["y"]), int(points[0]["x"]))
+        return PickedHead(int(points[0]["y"]), int(points[0]["x"]))
     except (KeyError, TypeError, ValueError):
         return None

@@ -22,9 +22,9 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
+from dashboard.act import views
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
-from dashboard.views import act as views
 
 DEFAULT_MAP: views.MapKind = "kept"
 

@@ -1,0 +1,1 @@
+"""The sinks dashboard: page, report sections and views of an attention-sinks run."""
