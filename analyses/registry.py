@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from probe import zoo
 from probe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class Analysis:
     run: Callable[[LoadedModel, Any], AnalysisResult]
     summary: Callable[[AnalysisResult], str]
     help: str
-    default_model: str = "smollm2-135m"
+    default_model: str = zoo.DEFAULT_MODEL
     aliases: tuple[str, ...] = ()
     page: str | None = None
     report: str | None = None

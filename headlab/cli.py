@@ -17,6 +17,7 @@ import typer
 
 from analyses import registry
 from analyses.registry import Analysis
+from probe import zoo
 
 app = typer.Typer(
     name="headlab",
@@ -26,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = zoo.DEFAULT_MODEL
 """The embedded language model that analyses without a model of their own run on."""
 
 ModelOpt = Annotated[
