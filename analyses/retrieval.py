@@ -452,8 +452,8 @@ ANALYSIS = register(
         run=run_retrieval,
         summary=summary,
         help="Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
-        page="dashboard.pages.retrieval:RetrievalPage",
-        report="dashboard.sections.retrieval:report_sections",
+        page="dashboard.retrieval.page:RetrievalPage",
+        report="dashboard.retrieval.report:report_sections",
         # a small needle grid (each test is a prefill plus a short greedy decode) and the masking
         # experiment on a few tests
         demo={

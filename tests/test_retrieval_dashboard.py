@@ -20,10 +20,10 @@ from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.pages.retrieval import RetrievalPage
+from dashboard.retrieval.page import RetrievalPage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import retrieval as retrieval_section
-from dashboard.views import retrieval as views
+from dashboard.retrieval import report as retrieval_section
+from dashboard.retrieval import views
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2

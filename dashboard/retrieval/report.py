@@ -9,7 +9,7 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import retrieval as views
+from dashboard.retrieval import views
 
 MAX_TEST_ROWS = 300
 TOP_N = 20

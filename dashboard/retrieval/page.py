@@ -28,7 +28,7 @@ from dash.development.base_component import Component
 from analyses.runstore import Run
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, empty_figure, why
-from dashboard.views import retrieval as views
+from dashboard.retrieval import views
 
 TOP_N_CHOICES = (10, 20, 50)
 DEFAULT_TOP_N = 20

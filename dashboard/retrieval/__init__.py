@@ -1,0 +1,1 @@
+"""The retrieval-heads dashboard: its page, its report sections and the figures both draw."""
