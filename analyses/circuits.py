@@ -1520,8 +1520,8 @@ ANALYSIS = register(
         run=run_ioi,
         summary=summary,
         help="IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
-        page="dashboard.pages.circuits:CircuitsPage",
-        report="dashboard.sections.circuits:report_sections",
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
         # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
         # screens the senders (the 12 strongest by attribution patching) on 8 prompts
         demo={"n_items": 8, "max_senders": 12, "n_random": 5, "batch_size": 64},
@@ -1535,8 +1535,8 @@ COLORED_OBJECTS = register(
         summary=summary,
         help="Colored Objects: the same staged path patching on one-shot colour questions.",
         aliases=("colored_objects",),
-        page="dashboard.pages.circuits:CircuitsPage",
-        report="dashboard.sections.circuits:report_sections",
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
         opt_outs={"demo": "a second path-patching circuit; circuit-reuse runs it with IOI when asked"},
     )
 )
@@ -1548,8 +1548,8 @@ CIRCUIT_REUSE = register(
         summary=summary,
         help="IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
         aliases=("circuit_reuse",),
-        page="dashboard.pages.circuits:CircuitsPage",
-        report="dashboard.sections.circuits:report_sections",
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
         opt_outs={"demo": "runs both circuits (twice the IOI demo's time); run it on its own"},
     )
 )

@@ -29,12 +29,13 @@ from analyses.tasks import ioi
 from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.circuits import figures, views
+from dashboard.circuits import report as circuits_section
+from dashboard.circuits.graph import OPPOSE_COLOUR, SUPPORT_COLOUR, circuit_graph
+from dashboard.circuits.page import CircuitsPage
 from dashboard.core.page import Site
 from dashboard.pages import HomePage
-from dashboard.pages.circuits import CircuitsPage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import circuits as circuits_section
-from dashboard.views import circuits as views
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
@@ -137,7 +138,7 @@ def test_heatmaps_show_the_scores_of_the_chosen_stage_side_by_side(runs: Runs) -
     run = _open(runs, runs.reuse)
     circuit = run.table("circuit")
     for axis in views.AXES:
-        fig = views.patching_heatmaps(run, axis)
+        fig = figures.patching_heatmaps(run, axis)
         maps = [t for t in fig.data if t.type == "heatmap"]
         assert [t.name.split(":")[0] for t in maps] == ["IOI", "Colored Objects"]
         assert [a.text for a in fig.layout.annotations][:2] == ["IOI", "Colored Objects"]
@@ -156,23 +157,23 @@ def test_heatmaps_show_the_scores_of_the_chosen_stage_side_by_side(runs: Runs) -
             zip(expected["layer"], expected["head"], strict=True)
         )
         assert "the patch removes the whole gap" in maps[0].text[0][0]
-    single = views.patching_heatmaps(_open(runs, runs.co), "activation")
+    single = figures.patching_heatmaps(_open(runs, runs.co), "activation")
     assert [t.type for t in single.data] == ["heatmap"]  # one task, no circuit: nothing ringed
 
 
 def test_heads_that_were_not_tested_are_nan_and_say_so(runs: Runs) -> None:
     run = _open(runs, runs.ioi)
     assert views.screened(run) and "only the 5 strongest heads" in views.settings_line(run)
-    fig = views.patching_heatmaps(run, "logits")
+    fig = figures.patching_heatmaps(run, "logits")
     z = np.asarray(fig.data[0].z, dtype=float)
     assert int(np.isfinite(z).sum()) == 5 and "not tested" in fig.layout.title.subtitle.text.replace(
         "<br>", " "
     )
     untested = np.argwhere(~np.isfinite(z))[0]
     assert "not tested" in fig.data[0].text[untested[0]][untested[1]]
-    activation = np.asarray(views.patching_heatmaps(run, "activation").data[0].z, dtype=float)
+    activation = np.asarray(figures.patching_heatmaps(run, "activation").data[0].z, dtype=float)
     np.testing.assert_array_equal(np.isfinite(activation), np.isfinite(z))  # the same 5 heads patched exactly
-    attribution = views.patching_heatmaps(run, "attribution")  # the screen: an estimate for every head
+    attribution = figures.patching_heatmaps(run, "attribution")  # the screen: an estimate for every head
     assert np.isfinite(np.asarray(attribution.data[0].z, dtype=float)).all()
     assert "not tested" not in attribution.layout.title.subtitle.text.replace("<br>", " ")
     assert views.axes(run) == list(views.AXES)
@@ -184,7 +185,7 @@ def test_circuit_graph_draws_heads_by_class_and_the_edges(runs: Runs) -> None:
     edges = run.table("edges")
     n_layers = int(run.heads["layer"].max()) + 1
     for task in ("ioi", "colored_objects"):
-        fig = views.circuit_graph(run, task)
+        fig = circuit_graph(run, task)
         mine = circuit[circuit["task"] == task]
         by_name = {t.name: t for t in fig.data}
         # one node trace per class present, named with the number of heads in it
@@ -207,7 +208,7 @@ def test_circuit_graph_draws_heads_by_class_and_the_edges(runs: Runs) -> None:
             assert line.x[0] == r.sender_layer and line.y[0] == r.sender_head and line.x[1] == receiver[0]
             if receiver[1] is not None:
                 assert line.y[1] == receiver[1]
-            assert line.line.color == (views.SUPPORT_COLOUR if r.share <= 0 else views.OPPOSE_COLOUR)
+            assert line.line.color == (SUPPORT_COLOUR if r.share <= 0 else OPPOSE_COLOUR)
         widths = [
             (abs(r.share), line.line.width) for line, r in zip(lines, task_edges.itertuples(), strict=True)
         ]
@@ -220,10 +221,10 @@ def test_circuit_graph_draws_heads_by_class_and_the_edges(runs: Runs) -> None:
         assert "logits" in fig.layout.xaxis.ticktext
         stages = set(task_edges["stage"])
         assert "logits" in stages and len(stages) >= 2
-    empty = views.circuit_graph(_open(runs, runs.co))
+    empty = circuit_graph(_open(runs, runs.co))
     assert "no circuit to draw" in empty.layout.annotations[0].text.replace("<br>", " ")
     with pytest.raises(KeyError, match="no task 'colored_objects'"):
-        views.circuit_graph(_open(runs, runs.ioi), "colored_objects")
+        circuit_graph(_open(runs, runs.ioi), "colored_objects")
 
 
 def test_a_one_task_run_draws_no_reuse_panels_and_says_why(runs: Runs) -> None:
@@ -241,7 +242,7 @@ def test_a_one_task_run_draws_no_reuse_panels_and_says_why(runs: Runs) -> None:
     assert page.reuse_style(runs.reuse) == {} and page.reuse_note(runs.reuse) == ""
     assert page.reuse_style(None) == {} and page.reuse_note("../elsewhere") == ""
     # the figures themselves still say why, on a blank ground (not a grey plot area)
-    single = views.overlap_figure(_open(runs, runs.ioi))
+    single = figures.overlap_figure(_open(runs, runs.ioi))
     assert single.layout.plot_bgcolor == "rgba(0,0,0,0)" and not single.data
 
 
@@ -269,7 +270,7 @@ def test_classes_table_lists_heads_with_scores_and_signatures(runs: Runs) -> Non
 def test_overlap_curve_per_stage_and_the_two_percent_point(runs: Runs) -> None:
     run = _open(runs, runs.reuse)
     overlap = run.table("overlap")
-    fig = views.overlap_figure(run)
+    fig = figures.overlap_figure(run)
     by_name = {t.name: t for t in fig.data}
     for stage in (*circuits.STAGES, "all"):
         name = "all stages (pooled)" if stage == "all" else views.AXIS_LABELS[stage]
@@ -294,10 +295,10 @@ def test_overlap_curve_per_stage_and_the_two_percent_point(runs: Runs) -> None:
     assert fig.layout.xaxis.type == "log"
     for run_id in (runs.ioi, runs.co):
         single = _open(runs, run_id)
-        assert "needs a circuit-reuse run" in views.overlap_figure(single).layout.annotations[0].text.replace(
+        assert "needs a circuit-reuse run" in figures.overlap_figure(single).layout.annotations[0].text.replace(
             "<br>", " "
         )
-        assert "needs a circuit-reuse run" in views.intervention_figure(single).layout.annotations[
+        assert "needs a circuit-reuse run" in figures.intervention_figure(single).layout.annotations[
             0
         ].text.replace("<br>", " ")
 
@@ -306,7 +307,7 @@ def test_intervention_before_ioi_heads_and_random_heads(runs: Runs) -> None:
     run = _open(runs, runs.reuse)
     iv = run.table("intervention")
     metrics = run.table("metrics").set_index("task")
-    fig = views.intervention_figure(run)
+    fig = figures.intervention_figure(run)
     before, target, random_sets, chance = fig.data
     row_b = iv[iv["condition"] == "before"].iloc[0]
     row_t = iv[iv["condition"] == "ioi_heads"].iloc[0]
@@ -320,19 +321,19 @@ def test_intervention_before_ioi_heads_and_random_heads(runs: Runs) -> None:
     assert chance.name.startswith("chance") and chance.y[0] == pytest.approx(
         metrics.loc["colored_objects", "accuracy_chance"]
     )
-    vocab = views.intervention_figure(run, "vocab_accuracy")
+    vocab = figures.intervention_figure(run, "vocab_accuracy")
     assert vocab.data[1].y[0] == pytest.approx(row_t["vocab_accuracy"]) and len(vocab.data) == 3  # no chance
-    ld = views.intervention_figure(run, "logit_diff")
+    ld = figures.intervention_figure(run, "logit_diff")
     assert ld.data[1].y[0] == pytest.approx(row_t["logit_diff"]) and ld.data[1].error_y.array is None
     assert ld.layout.yaxis.tickformat is None and vocab.layout.yaxis.tickformat == ".0%"
     with pytest.raises(KeyError, match="no intervention metric"):
-        views.intervention_figure(run, "recall")  # type: ignore[arg-type]
+        figures.intervention_figure(run, "recall")  # type: ignore[arg-type]
 
 
 def test_metrics_and_faithfulness_figures_equal_the_tables(runs: Runs) -> None:
     run = _open(runs, runs.reuse)
     metrics = run.table("metrics").set_index("task").loc[["ioi", "colored_objects"]]
-    fig = views.metrics_figure(run)
+    fig = figures.metrics_figure(run)
     by_name = {t.name: t for t in fig.data}
     assert list(by_name["clean prompts"].x) == ["IOI", "Colored Objects"]
     np.testing.assert_allclose(by_name["clean prompts"].y, metrics["logit_diff"])
@@ -344,7 +345,7 @@ def test_metrics_and_faithfulness_figures_equal_the_tables(runs: Runs) -> None:
     np.testing.assert_allclose(high, metrics["logit_diff_high"])
 
     faith = run.table("faithfulness")
-    fig = views.faithfulness_figure(run)
+    fig = figures.faithfulness_figure(run)
     by_name = {t.name: t for t in fig.data}
     found = faith[faith["circuit"] == "found"]
     np.testing.assert_allclose(by_name["found circuit"].y, found["faithfulness"])
@@ -395,7 +396,7 @@ def test_views_read_an_unsaved_result_like_a_saved_run(runs: Runs) -> None:
     np.testing.assert_allclose(
         views.score_grid(result, "ioi", "logits"), views.score_grid(run, "ioi", "logits")
     )
-    a, b = views.circuit_graph(result, "ioi"), views.circuit_graph(run, "ioi")
+    a, b = circuit_graph(result, "ioi"), circuit_graph(run, "ioi")
     assert [t.name for t in a.data] == [t.name for t in b.data]
     assert views.notes(result)["intervention_heads"] == views.notes(run)["intervention_heads"]
 

@@ -29,9 +29,9 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
+from dashboard.circuits import figures, graph, views
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
-from dashboard.views import circuits as views
 
 DEFAULT_AXIS = "activation"
 DEFAULT_IV_METRIC: views.IvMetric = "accuracy"
@@ -194,24 +194,24 @@ class CircuitsPage(MultiAnalysisPage):
         return self._block(run_id, build)
 
     def metrics_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.metrics_figure)
+        return self._figure(run_id, figures.metrics_figure)
 
     def faithfulness_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.faithfulness_figure)
+        return self._figure(run_id, figures.faithfulness_figure)
 
     def graph_figure(self, run_id: str | None, task: str | None) -> go.Figure:
-        return self._figure(run_id, lambda run: views.circuit_graph(run, task), f"{run_id}/graph/{task}")
+        return self._figure(run_id, lambda run: graph.circuit_graph(run, task), f"{run_id}/graph/{task}")
 
     def heatmap_figure(self, run_id: str | None, axis: str | None) -> go.Figure:
         chosen = axis if axis in views.AXES else DEFAULT_AXIS
-        return self._figure(run_id, lambda run: views.patching_heatmaps(run, chosen), f"{run_id}/maps")
+        return self._figure(run_id, lambda run: figures.patching_heatmaps(run, chosen), f"{run_id}/maps")
 
     def overlap_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.overlap_figure)
+        return self._figure(run_id, figures.overlap_figure)
 
     def intervention_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
         chosen: views.IvMetric = metric if metric in views.IV_METRICS else DEFAULT_IV_METRIC
-        return self._figure(run_id, lambda run: views.intervention_figure(run, chosen))
+        return self._figure(run_id, lambda run: figures.intervention_figure(run, chosen))
 
     def classes_table(self, run_id: str | None, task: str | None) -> Component:
         if not run_id or not task:

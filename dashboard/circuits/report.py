@@ -8,9 +8,9 @@ from __future__ import annotations
 import html
 
 from analyses.runstore import Run
+from dashboard.circuits import figures, graph, views
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import circuits as views
 
 
 def _paragraphs(lines: list[str]) -> str:
@@ -50,7 +50,7 @@ def _summary(run: Run) -> ReportSection:
         intro
         + _paragraphs(views.metric_lines(run))
         + table
-        + figure_html(views.metrics_figure(run), "circuits-metrics-figure", wide=True)
+        + figure_html(figures.metrics_figure(run), "circuits-metrics-figure", wide=True)
     )
     return ReportSection("circuits-summary", "Circuits: task performance", body)
 
@@ -84,7 +84,7 @@ def _heads(run: Run) -> ReportSection:
                 + "".join(f"<li>{html.escape(line)}</li>" for line in receivers)
                 + "</ul></details>"
             )
-        parts.append(figure_html(views.circuit_graph(run, task), f"circuits-graph-{i}", wide=True))
+        parts.append(figure_html(graph.circuit_graph(run, task), f"circuits-graph-{i}", wide=True))
     return ReportSection("circuits-heads", "Heads by class and the circuit graph", "".join(parts))
 
 
@@ -104,7 +104,7 @@ def _patching(run: Run) -> ReportSection:
         parts.append(
             f"<h3>{html.escape(views.AXIS_LABELS[axis])}</h3><p>{html.escape(views.AXIS_NOTES[axis])}.</p>"
         )
-        parts.append(figure_html(views.patching_heatmaps(run, axis), f"circuits-heatmap-{axis}", wide=True))
+        parts.append(figure_html(figures.patching_heatmaps(run, axis), f"circuits-heatmap-{axis}", wide=True))
     return ReportSection("circuits-patching", "Activation and path patching", "".join(parts))
 
 
@@ -114,7 +114,7 @@ def _faithfulness(run: Run) -> ReportSection:
         "(its mean z over the task's corrupted prompts of the same template), over the full model's. "
         "Random circuits of the same size and the empty circuit are the controls.</p>"
         + _paragraphs(views.faithfulness_lines(run))
-        + figure_html(views.faithfulness_figure(run), "circuits-faithfulness-figure", wide=True)
+        + figure_html(figures.faithfulness_figure(run), "circuits-faithfulness-figure", wide=True)
     )
     return ReportSection("circuits-faithfulness", "Faithfulness", body)
 
@@ -140,7 +140,7 @@ def _reuse(run: Run) -> ReportSection:
         '"all" (Merullo et al.\'s 25 of 32 at 2% on GPT2-Medium). Two independent rankings would share '
         "about p%.</p>",
         _paragraphs(views.reuse_lines(run)),
-        figure_html(views.overlap_figure(run), "circuits-overlap-figure", wide=True),
+        figure_html(figures.overlap_figure(run), "circuits-overlap-figure", wide=True),
     ]
     if rows:
         parts.append("<h3>At the top 2%</h3>")
@@ -185,8 +185,8 @@ def _intervention(run: Run) -> ReportSection:
         "mover heads are edited, and for control as many random heads.</p>"
         + _paragraphs(views.intervention_lines(run))
         + '<div class="grid">'
-        + figure_html(views.intervention_figure(run, "accuracy"), "circuits-intervention-figure")
-        + figure_html(views.intervention_figure(run, "vocab_accuracy"), "circuits-intervention-vocab-figure")
+        + figure_html(figures.intervention_figure(run, "accuracy"), "circuits-intervention-figure")
+        + figure_html(figures.intervention_figure(run, "vocab_accuracy"), "circuits-intervention-vocab-figure")
         + "</div><details><summary>every condition</summary>"
         + table_html(
             [
