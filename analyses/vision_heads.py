@@ -938,8 +938,8 @@ VHD = register(
             "T-VHD of hallucinated vs correct words, CHAIR, POPE."
         ),
         default_model="scene-llava",
-        page="dashboard.pages.vhd:VhdPage",
-        report="dashboard.sections.vhd:report_sections",
+        page="dashboard.vhd.page:VhdPage",
+        report="dashboard.vhd.report:report_sections",
         opt_outs={"demo": "the vhr run computes VHD first and saves the same tables"},
     )
 )
@@ -954,8 +954,8 @@ VHR = register(
             "(alpha, layers, outliers) and a random-heads control."
         ),
         default_model="scene-llava",
-        page="dashboard.pages.vhd:VhdPage",
-        report="dashboard.sections.vhd:report_sections",
+        page="dashboard.vhd.page:VhdPage",
+        report="dashboard.vhd.report:report_sections",
         # a few noisy held-out scenes and the main VHR setting only
         demo={
             "n_scenes": 8,

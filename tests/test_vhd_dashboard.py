@@ -28,10 +28,11 @@ from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
 from dashboard.core.page import Site
-from dashboard.pages import PAGES, HomePage, VhdPage
+from dashboard.pages import PAGES, HomePage
 from dashboard.sections import REPORT_SECTIONS
-from dashboard.sections import vhd as vhd_section
-from dashboard.views import vhd as views
+from dashboard.vhd import figures, views
+from dashboard.vhd import report as vhd_section
+from dashboard.vhd.page import VhdPage
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 N_SCENES = 4
@@ -127,17 +128,17 @@ def test_heads_figure_shows_each_metric_and_marks_the_vhr_layers(runs: Runs) -> 
     assert layers == sorted(int(v) for v in heads.loc[heads["in_vhr_layers"].astype(bool), "layer"].unique())
     assert layers  # "paper" on 3 layers: layer 1 and the last 14, so every layer
     for metric in views.HEAD_METRICS:
-        fig = views.heads_figure(run, metric)
+        fig = figures.heads_figure(run, metric)
         expected = heads.pivot(index="layer", columns="head", values=metric).to_numpy(dtype=float)
         np.testing.assert_allclose(np.asarray(decode_array(fig.data[0].z), dtype=float), expected)
         assert metric in fig.data[0].hovertemplate
         assert len(fig.layout.shapes) == len(layers)  # one outline per VHR layer
         assert [t for t in fig.layout.yaxis.ticktext if t.startswith("▸")] == [f"▸ {v}" for v in layers]
-    first = np.asarray(decode_array(views.heads_figure(run, "vhd_mean").data[0].z), dtype=float)
-    second = np.asarray(decode_array(views.heads_figure(run, "text_norm_first").data[0].z), dtype=float)
+    first = np.asarray(decode_array(figures.heads_figure(run, "vhd_mean").data[0].z), dtype=float)
+    second = np.asarray(decode_array(figures.heads_figure(run, "text_norm_first").data[0].z), dtype=float)
     assert not np.allclose(first, second)
     with pytest.raises(KeyError, match="unknown metric"):
-        views.heads_figure(run, "nonsense")
+        figures.heads_figure(run, "nonsense")
 
 
 def test_a_vhd_run_has_no_vhr_columns_layers_or_deltas(runs: Runs) -> None:
@@ -145,11 +146,11 @@ def test_a_vhd_run_has_no_vhr_columns_layers_or_deltas(runs: Runs) -> None:
     assert run.analysis == "vhd"
     assert views.head_metrics(run) == ["vhd_mean", "vhd_first", "text_norm_first"]
     assert views.vhr_layers(run) == [] and views.main_setting(run) is None
-    fig = views.heads_figure(run, "vhd_mean")
+    fig = figures.heads_figure(run, "vhd_mean")
     assert not fig.layout.shapes and not any("▸" in t for t in fig.layout.yaxis.ticktext)
     with pytest.raises(KeyError, match="selected_share"):
-        views.heads_figure(run, "selected_share")
-    deltas = views.deltas_figure(run)
+        figures.heads_figure(run, "selected_share")
+    deltas = figures.deltas_figure(run)
     assert not deltas.data and "No VHR setting" in deltas.layout.annotations[0].text.replace("<br>", " ")
     assert [c.setting for c in views.scene_captions(run, views.caption_scenes(run)[0])] == ["baseline"]
     assert "no VHR settings" in views.settings_line(run)
@@ -163,7 +164,7 @@ def test_caption_figure_on_random_text_has_only_plain_tokens(runs: Runs) -> None
     assert run.table("words").empty  # random text: no object word
     scene = views.default_scene(run)
     assert scene == views.caption_scenes(run)[0]
-    fig = views.tvhd_caption_figure(run, scene)
+    fig = figures.tvhd_caption_figure(run, scene)
     assert [t.name for t in fig.data if t.type == "bar"] == ["other token"]
     mean = float(run.table("tokens")["t_vhd"].mean())
     assert list(fig.data[-1].y) == [mean, mean] and f"({mean:.2f})" in fig.data[-1].name
@@ -173,7 +174,7 @@ def test_caption_figure_on_random_text_has_only_plain_tokens(runs: Runs) -> None
     assert list(fig.layout.xaxis.tickvals) == rows["step"].tolist()
     assert len(fig.layout.xaxis.ticktext) == len(rows)
     with pytest.raises(KeyError, match="no baseline caption"):
-        views.tvhd_caption_figure(run, 999)
+        figures.tvhd_caption_figure(run, 999)
 
 
 def test_caption_figure_colours_the_hand_set_words(runs: Runs) -> None:
@@ -183,18 +184,18 @@ def test_caption_figure_colours_the_hand_set_words(runs: Runs) -> None:
     options = views.scene_options(run)
     assert [o["value"] for o in options] == views.caption_scenes(run)
     assert "hallucinates star" in next(o["label"] for o in options if o["value"] == runs.bad_scene)
-    fig = views.tvhd_caption_figure(run, runs.bad_scene)
+    fig = figures.tvhd_caption_figure(run, runs.bad_scene)
     bad = _trace(fig, "hallucinated object word")
     good = _trace(fig, "correct object word")
-    assert bad.marker.color == views.HALLUCINATED_COLOUR == "#d62728"
-    assert good.marker.color == views.CORRECT_COLOUR == "#2ca02c"
+    assert bad.marker.color == figures.HALLUCINATED_COLOUR == "#d62728"
+    assert good.marker.color == figures.CORRECT_COLOUR == "#2ca02c"
     assert list(bad.x) == [0] and list(bad.y) == [1.0] and list(bad.text) == ["star"]
     assert list(good.x) == [runs.bad_last_step] and list(good.y) == [6.0] and list(good.text) == ["circle"]
     other = _trace(fig, "other token")
-    assert other.marker.color == views.TOKEN_COLOUR
+    assert other.marker.color == figures.TOKEN_COLOUR
     assert sorted([*other.x, *bad.x, *good.x]) == list(range(runs.bad_last_step + 1))
     ticks = list(fig.layout.xaxis.ticktext)
-    assert views.HALLUCINATED_COLOUR in ticks[0] and views.CORRECT_COLOUR in ticks[-1]
+    assert figures.HALLUCINATED_COLOUR in ticks[0] and figures.CORRECT_COLOUR in ticks[-1]
     assert all("color" not in t for t in ticks[1:-1])
     assert "1 correct and 1 hallucinated" in fig.layout.title.subtitle.text.replace("<br>", " ")
     # the legend sits at the foot of the figure, under the axis title, whose margin holds the
@@ -202,30 +203,30 @@ def test_caption_figure_colours_the_hand_set_words(runs: Runs) -> None:
     legend = fig.layout.legend
     assert (legend.yref, legend.y, legend.yanchor, legend.orientation) == ("container", 0, "bottom", "h")
     longest = max(
-        len(views._tick(t)) for t in run.table("tokens").query(f"scene == {runs.bad_scene}")["token"]
+        len(figures._tick(t)) for t in run.table("tokens").query(f"scene == {runs.bad_scene}")["token"]
     )
     assert fig.layout.margin.b >= 80 + 5 * min(longest, 24)
     # the other scene: one correct word, no red
-    fig = views.tvhd_caption_figure(run, runs.correct_scene)
+    fig = figures.tvhd_caption_figure(run, runs.correct_scene)
     assert [t.name for t in fig.data if t.type == "bar"] == ["other token", "correct object word"]
-    assert views.HALLUCINATED_COLOUR not in json.dumps(fig.to_plotly_json(), cls=PlotlyJSONEncoder)
+    assert figures.HALLUCINATED_COLOUR not in json.dumps(fig.to_plotly_json(), cls=PlotlyJSONEncoder)
 
 
 def test_distribution_and_test_line(runs: Runs) -> None:
     plain = _run(runs, runs.vhr)
-    fig = views.tvhd_distribution_figure(plain)
+    fig = figures.tvhd_distribution_figure(plain)
     assert not fig.data and "no object word" in fig.layout.annotations[0].text.replace("<br>", " ")
     line = views.tvhd_test_line(plain)
     assert "n = 0" in line and "p = n/a" in line and "both kinds" in line
 
     run = _run(runs, runs.marked)
-    fig = views.tvhd_distribution_figure(run)
+    fig = figures.tvhd_distribution_figure(run)
     boxes = {t.name: t for t in fig.data}
     assert set(boxes) == {"correct object words (n = 2)", "hallucinated object words (n = 1)"}
     assert sorted(boxes["correct object words (n = 2)"].y) == [5.0, 6.0]
     assert list(boxes["hallucinated object words (n = 1)"].y) == [1.0]
-    assert boxes["correct object words (n = 2)"].marker.color == views.CORRECT_COLOUR
-    assert boxes["hallucinated object words (n = 1)"].marker.color == views.HALLUCINATED_COLOUR
+    assert boxes["correct object words (n = 2)"].marker.color == figures.CORRECT_COLOUR
+    assert boxes["hallucinated object words (n = 1)"].marker.color == figures.HALLUCINATED_COLOUR
     assert all(b.boxpoints == "all" for b in boxes.values())
     test = run.table("tvhd_test").iloc[0]
     assert int(test["n_hallucinated"]) == 1 and int(test["n_correct"]) == 2
@@ -241,12 +242,12 @@ def test_image_and_captions_of_a_scene(runs: Runs) -> None:
     run = _run(runs, runs.marked)
     images = run.array("images")
     assert images.shape[0] == N_DISPLAY
-    fig = views.image_figure(run, 1)
+    fig = figures.image_figure(run, 1)
     source = fig.data[0].source
     assert source.startswith("data:image/png;base64,")
     decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
     np.testing.assert_array_equal(decoded, images[1])
-    missing = views.image_figure(run, N_SCENES - 1)
+    missing = figures.image_figure(run, N_SCENES - 1)
     assert not missing.data and "was not stored" in missing.layout.annotations[0].text.replace("<br>", " ")
     caps = views.scene_captions(run, runs.bad_scene)
     assert [c.setting for c in caps] == ["baseline", "vhr"]
@@ -263,7 +264,7 @@ def test_benchmark_figure_shows_the_summary_with_intervals_baseline_first(runs: 
     run = _run(runs, runs.vhr)
     summary = run.table("summary")
     settings = run.table("settings")["name"].tolist()
-    fig = views.benchmark_figure(run)
+    fig = figures.benchmark_figure(run)
     names = [t.name for t in fig.data]
     assert names == ["CHAIR captions CHAIR_S", "CHAIR captions CHAIR_I", "CHAIR captions recall",
                      "CHAIR captions words", "POPE adversarial F1", "POPE adversarial accuracy"]  # fmt: skip
@@ -287,7 +288,7 @@ def test_deltas_figure_shows_each_setting_with_a_zero_line(runs: Runs) -> None:
     run = _run(runs, runs.vhr)
     deltas = run.table("deltas")
     settings = run.table("settings")["name"].tolist()
-    fig = views.deltas_figure(run)
+    fig = figures.deltas_figure(run)
     assert [t.name for t in fig.data] == ["Δ CHAIR captions CHAIR_S", "Δ CHAIR captions CHAIR_I",
                                           "Δ CHAIR captions recall", "Δ POPE adversarial F1",
                                           "Δ POPE adversarial accuracy"]  # fmt: skip
@@ -302,10 +303,10 @@ def test_deltas_figure_shows_each_setting_with_a_zero_line(runs: Runs) -> None:
     zero_lines = [s for s in fig.layout.shapes if s.y0 == 0 and s.y1 == 0]
     assert len(zero_lines) == len(fig.data)
     # colours: green better, red worse, grey when the interval holds 0
-    assert views._verdict("CHAIR_S", -0.3, -0.1) == "better" and views._verdict("F1", -0.3, -0.1) == "worse"
+    assert views.verdict("CHAIR_S", -0.3, -0.1) == "better" and views.verdict("F1", -0.3, -0.1) == "worse"
     assert (
-        views._verdict("CHAIR_I", -0.1, 0.2) == "unclear"
-        and views._verdict("F1", 0.1, float("nan")) == "unclear"
+        views.verdict("CHAIR_I", -0.1, 0.2) == "unclear"
+        and views.verdict("F1", 0.1, float("nan")) == "unclear"
     )
 
 
@@ -363,13 +364,13 @@ def test_page_callbacks(runs: Runs) -> None:
     assert page.scene_choice(runs.marked, runs.correct_scene, "vhd-run")[1] == runs.bad_scene
     assert page.scene_choice(runs.marked, 999)[1] == runs.bad_scene
     caption = page.caption_figure(runs.marked, runs.bad_scene)
-    assert _trace(caption, "hallucinated object word").marker.color == views.HALLUCINATED_COLOUR
+    assert _trace(caption, "hallucinated object word").marker.color == figures.HALLUCINATED_COLOUR
     assert "no scene" in page.caption_figure(runs.marked, None).layout.annotations[0].text.replace(
         "<br>", " "
     )
     assert page.image_figure(runs.marked, 0).data[0].source.startswith("data:image/png")
     block = to_json(page.captions_block(runs.marked, runs.bad_scene))
-    assert "caption under VHR (vhr)" in block and "star" in block and views.HALLUCINATED_COLOUR in block
+    assert "caption under VHR (vhr)" in block and "star" in block and figures.HALLUCINATED_COLOUR in block
     assert "#d62728" not in to_json(page.captions_block(runs.marked, runs.correct_scene))
     heads = page.heads_figure(runs.vhr, "selected_share")
     np.testing.assert_allclose(
@@ -427,7 +428,7 @@ def test_the_app_serves_the_page_for_vhr_and_vhd_runs_and_links_them(runs: Runs)
         app, "vhd-caption.figure", [("vhd-run", runs.marked), ("vhd-scene", runs.bad_scene)]
     )
     bad = next(t for t in figure["data"] if t["name"] == "hallucinated object word")
-    assert bad["marker"]["color"] == views.HALLUCINATED_COLOUR and bad["text"] == ["star"]
+    assert bad["marker"]["color"] == figures.HALLUCINATED_COLOUR and bad["text"] == ["star"]
 
 
 def test_callbacks_wire_through_a_bare_dash_app(runs: Runs) -> None:
@@ -534,7 +535,7 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     edited = _collapsed(runs)
-    fig = views.benchmark_figure(edited)
+    fig = figures.benchmark_figure(edited)
     by_name = {t.name: t for t in fig.data}
     recall, words = by_name["CHAIR captions recall"], by_name["CHAIR captions words"]
     assert list(recall.x)[:1] == ["baseline"] and {"quiet", "terse", "fluent"} <= set(recall.x)
@@ -542,7 +543,7 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
     assert values["baseline"] == pytest.approx(0.87) and values["quiet"] == pytest.approx(0.40)
     assert dict(zip(words.x, words.y, strict=True))["terse"] == pytest.approx(6.0)
     # the flag's thresholds are drawn (red dashes) in the recall and length panels
-    dashes = [s for s in fig.layout.shapes if s.line.dash == "dash" and s.line.color == views.WARNING_COLOUR]
+    dashes = [s for s in fig.layout.shapes if s.line.dash == "dash" and s.line.color == figures.WARNING_COLOUR]
     assert sorted(round(float(s.y0), 4) for s in dashes) == sorted(
         [round(0.87 * (1 - views.RECALL_DROP), 4), round(18.0 * (1 - views.LENGTH_DROP), 4)]
     )
@@ -553,7 +554,7 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
         "recall or length collapses under quiet (recall 0.40), terse"
         in fig.layout.title.subtitle.text.replace("<br>", " ")
     )
-    deltas = views.deltas_figure(edited)
+    deltas = figures.deltas_figure(edited)
     assert (
         "⚠ quiet"
         in dict(zip(deltas.layout.xaxis.tickvals, deltas.layout.xaxis.ticktext, strict=True))["quiet"]
@@ -561,7 +562,7 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
     # no flag where nothing collapses
     calm = _collapsed(runs, ("fluent",))
     assert views.collapses(calm) == []
-    plain = views.benchmark_figure(calm)
+    plain = figures.benchmark_figure(calm)
     assert "⚠" not in json.dumps(plain.to_plotly_json(), cls=PlotlyJSONEncoder)
     # the page's warning box and the report's
     monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
@@ -593,7 +594,7 @@ def test_object_words_are_marked_with_their_class_name(runs: Runs) -> None:
         True,
     ]
     edited = dataclasses.replace(base, tables={**base.tables, "tokens": tokens})
-    fig = views.tvhd_caption_figure(edited, scene)
+    fig = figures.tvhd_caption_figure(edited, scene)
     bad = _trace(fig, "hallucinated object word")
     assert list(bad.text) == ["crescent"]
     assert "crescent ('moon')" in str(bad.customdata[0][1])

@@ -29,7 +29,7 @@ from dash.development.base_component import Component
 
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
-from dashboard.views import vhd as views
+from dashboard.vhd import figures, views
 
 DEFAULT_METRIC = "vhd_mean"
 
@@ -193,20 +193,22 @@ class VhdPage(MultiAnalysisPage):
 
     def heads_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
         shown = metric if metric in views.HEAD_METRICS else DEFAULT_METRIC
-        return self._figure(run_id, lambda run: views.heads_figure(run, shown), uirevision=f"{run_id}/heads")
+        return self._figure(
+            run_id, lambda run: figures.heads_figure(run, shown), uirevision=f"{run_id}/heads"
+        )
 
     def words_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.tvhd_distribution_figure)
+        return self._figure(run_id, figures.tvhd_distribution_figure)
 
     def caption_figure(self, run_id: str | None, scene: Any) -> go.Figure:
         if run_id and not isinstance(scene, int):
             return ui.empty_figure("no scene with a caption in this run")
-        return self._figure(run_id, lambda run: views.tvhd_caption_figure(run, int(scene)))
+        return self._figure(run_id, lambda run: figures.tvhd_caption_figure(run, int(scene)))
 
     def image_figure(self, run_id: str | None, scene: Any) -> go.Figure:
         if run_id and not isinstance(scene, int):
             return ui.empty_figure("no scene selected")
-        return self._figure(run_id, lambda run: views.image_figure(run, int(scene)))
+        return self._figure(run_id, lambda run: figures.image_figure(run, int(scene)))
 
     def captions_block(self, run_id: str | None, scene: Any) -> Component:
         if not run_id or not isinstance(scene, int):
@@ -227,7 +229,7 @@ class VhdPage(MultiAnalysisPage):
             bad: Component | str = (
                 html.Span(
                     ", ".join(cap.hallucinated),
-                    style={"color": views.HALLUCINATED_COLOUR, "fontWeight": "bold"},
+                    style={"color": figures.HALLUCINATED_COLOUR, "fontWeight": "bold"},
                 )
                 if cap.hallucinated
                 else "none"
@@ -244,10 +246,10 @@ class VhdPage(MultiAnalysisPage):
         return html.Div(parts, id="vhd-captions-text")
 
     def benchmarks_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.benchmark_figure)
+        return self._figure(run_id, figures.benchmark_figure)
 
     def deltas_figure(self, run_id: str | None) -> go.Figure:
-        return self._figure(run_id, views.deltas_figure)
+        return self._figure(run_id, figures.deltas_figure)
 
     def register_callbacks(self, app: Dash) -> None:
         run = Input("vhd-run", "value")

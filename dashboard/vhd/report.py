@@ -1,7 +1,7 @@
 """The vhd / vhr report: what the run's numbers say with CHAIR and POPE per setting, the heads' VHD
 (the VHR layers marked), T-VHD of hallucinated vs correct object words and along one caption, and
 the paired changes of each VHR setting against the baseline (the figures of the VHD page, through
-:mod:`dashboard.views.vhd`)."""
+:mod:`dashboard.vhd.figures`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.views import vhd as views
+from dashboard.vhd import figures, views
 
 
 def _warnings(run: Run) -> str:
@@ -76,7 +76,7 @@ def _overview(run: Run) -> ReportSection:
 
 def _heads(run: Run) -> ReportSection:
     metrics = views.head_metrics(run)
-    divs = "".join(figure_html(views.heads_figure(run, m), f"vhd-heads-{m}") for m in metrics)
+    divs = "".join(figure_html(figures.heads_figure(run, m), f"vhd-heads-{m}") for m in metrics)
     top = views.top_heads(run, "vhd_mean") if "vhd_mean" in metrics else None
     table = ""
     if top is not None:
@@ -103,7 +103,7 @@ def _heads(run: Run) -> ReportSection:
 
 def _caption_html(c: views.Caption) -> str:
     bad = (
-        f'<b style="color:{views.HALLUCINATED_COLOUR}">{html.escape(", ".join(c.hallucinated))}</b>'
+        f'<b style="color:{figures.HALLUCINATED_COLOUR}">{html.escape(", ".join(c.hallucinated))}</b>'
         if c.hallucinated
         else "none"
     )
@@ -118,7 +118,7 @@ def _tvhd(run: Run) -> ReportSection:
     parts = [
         "<p>T-VHD of the object words of the baseline captions (the first token of each word), "
         "hallucinated against correct; the paper finds hallucinated words lower.</p>",
-        figure_html(views.tvhd_distribution_figure(run), "vhd-words-figure"),
+        figure_html(figures.tvhd_distribution_figure(run), "vhd-words-figure"),
         f"<p>{html.escape(views.tvhd_test_line(run))}</p>",
     ]
     scene = views.default_scene(run)
@@ -135,8 +135,8 @@ def _tvhd(run: Run) -> ReportSection:
         parts.append(
             f"<h3>T-VHD along the caption of scene {scene} ({html.escape(why)})</h3>"
             + '<div class="grid">'
-            + figure_html(views.tvhd_caption_figure(run, scene), "vhd-caption-figure")
-            + figure_html(views.image_figure(run, scene), "vhd-image-figure")
+            + figure_html(figures.tvhd_caption_figure(run, scene), "vhd-caption-figure")
+            + figure_html(figures.image_figure(run, scene), "vhd-image-figure")
             + "</div>"
             + caps
             + (f"<p>Ground truth: {html.escape(truth)}</p>" if truth else "")
@@ -152,16 +152,23 @@ def _benchmarks(run: Run) -> ReportSection:
         "intervals; then each setting's paired change against the baseline (scenes resampled together). "
         "A lower CHAIR is no improvement when recall or length collapses with it.</p>"
         + _warnings(run)
-        + figure_html(views.benchmark_figure(run), "vhd-benchmarks-figure", wide=True)
-        + figure_html(views.deltas_figure(run), "vhd-deltas-figure", wide=True)
+        + figure_html(figures.benchmark_figure(run), "vhd-benchmarks-figure", wide=True)
+        + figure_html(figures.deltas_figure(run), "vhd-deltas-figure", wide=True)
     )
     d = views.deltas_table(run)
     if len(d):
         rows = [
-            [str(r.setting), str(r.benchmark), str(r.kind), str(r.metric), views.num(r.delta, "+.3f"),
-             views.num(r.lo, "+.3f"), views.num(r.hi, "+.3f")]
+            [
+                str(r.setting),
+                str(r.benchmark),
+                str(r.kind),
+                str(r.metric),
+                views.num(r.delta, "+.3f"),
+                views.num(r.lo, "+.3f"),
+                views.num(r.hi, "+.3f"),
+            ]
             for r in d.itertuples(index=False)
-        ]  # fmt: skip
+        ]
         body += table_html(["setting", "benchmark", "kind", "metric", "Δ", "low", "high"], rows)
     return ReportSection("vhd-benchmarks", "CHAIR and POPE under VHR", body)
 

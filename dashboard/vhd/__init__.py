@@ -1,0 +1,1 @@
+"""The VHD dashboard: page, report sections, views and figures of a vhd or vhr run."""
