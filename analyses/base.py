@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import runstore
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -70,8 +71,6 @@ class AnalysisResult:
         return np.array(self.arrays[name])
 
     def save(self, root: str | Path | None = None) -> Path:
-        from analyses import runstore
-
         return runstore.write_run(
             root,
             analysis=self.analysis,
