@@ -176,7 +176,7 @@ import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -1559,7 +1559,7 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
     return AnalysisResult(
         analysis="vit-heads",
         model_info=model.describe(),
-        config=asdict(cfg),
+        config=cfg,
         tables={
             "heads": head_table,
             "importance": importance,
@@ -1687,7 +1687,7 @@ def summary(result: AnalysisResult) -> str:
     notes = result.notes
     probes = result.tables["probes"]
     lines = [
-        f"vit-heads of {result.model_info['name']}: {cfg['ablation']} ablation, {notes['pruned_heads']}/{len(heads)} "
+        f"vit-heads of {result.model_info['name']}: {cfg.ablation} ablation, {notes['pruned_heads']}/{len(heads)} "
         f"heads pruned on {notes['eval_images']} eval images"
     ]
     acc = ", ".join(
@@ -1768,7 +1768,7 @@ def summary(result: AnalysisResult) -> str:
     n_sink = int((heads[f"sink_rate_{input_set}"] > 0.5).sum())
     lines.append(
         f"  mean attention to CLS: {heads[f'alpha0_{input_set}'].mean():.3f}; heads with alpha0 > "
-        f"{cfg['sink_eps']} on most images: {n_sink}/{len(heads)}"
+        f"{cfg.sink_eps} on most images: {n_sink}/{len(heads)}"
     )
     return "\n".join(lines)
 

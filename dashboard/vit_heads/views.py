@@ -32,9 +32,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analyses import vit_heads
-from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS
+from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS, VitHeadsConfig
 from dashboard.core import common, figures
-from dashboard.core.common import Source, config, table_names
+from dashboard.core.common import Source, table_names
 from dashboard.core.common import table as _table
 
 ANALYSIS = "vit-heads"
@@ -126,18 +126,14 @@ def default_head(source: Source) -> tuple[int, int]:
 
 def settings_line(source: Source) -> str:
     """One line naming the run's settings (plain text)."""
-    cfg = config(source)
+    cfg: VitHeadsConfig = source.config
     h = heads(source)
-    parts = [f"preset {cfg.get('preset', '?')}", f"{cfg.get('ablation', 'zero')} ablation"]
+    parts = [f"preset {cfg.preset}", f"{cfg.ablation} ablation"]
     parts.append(f"{int(h['pruned'].sum())} of {len(h)} heads pruned")
-    if "n_eval" in cfg:
-        parts.append(f"at most {cfg['n_eval']} eval images per source")
-    if "tasks" in cfg:
-        parts.append("tasks " + ", ".join(str(t) for t in cfg["tasks"]))
-    if "attention_images" in cfg:
-        parts.append(f"attention on {cfg.get('n_attention_images', '?')} {cfg['attention_images']} images")
-    if "seed" in cfg:
-        parts.append(f"seed {cfg['seed']}")
+    parts.append(f"at most {cfg.n_eval} eval images per source")
+    parts.append("tasks " + ", ".join(str(t) for t in cfg.tasks))
+    parts.append(f"attention on {cfg.n_attention_images} {cfg.attention_images} images")
+    parts.append(f"seed {cfg.seed}")
     return ", ".join(parts)
 
 
