@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -305,7 +305,7 @@ def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> 
     return AnalysisResult(
         analysis="retrieval",
         model_info=model.describe(),
-        config=asdict(cfg),
+        config=replace(cfg),  # the typed settings (a copy), as a saved run's ``Run.config``
         tables=tables,
         arrays={"scores": per_test.astype(np.float32)},
         seeds={"grid": cfg.seed, "masking": cfg.seed},
@@ -423,15 +423,15 @@ def masking_curve(masking: pd.DataFrame) -> pd.DataFrame:
 def summary(result: AnalysisResult) -> str:
     heads = result.heads
     notes = result.notes
-    cfg = result.config
+    cfg: RetrievalConfig = result.config
     lines = [
         f"retrieval heads of {result.model_info['name']}: {notes['tests_passed']}/{notes['tests']} tests passed "
-        f"the ROUGE-1 gate (> {cfg['rouge_gate']}); lengths {list(cfg['lengths'])}, depths {list(cfg['depths'])}, "
-        f"{cfg['n_needles']} needles",
+        f"the ROUGE-1 gate (> {cfg.rouge_gate}); lengths {list(cfg.lengths)}, depths {list(cfg.depths)}, "
+        f"{cfg.n_needles} needles",
     ]
     if notes["tests_passed"]:
         n_ret = int(heads["is_retrieval"].sum())
-        lines.append(f"  heads scoring > {cfg['threshold']}: {n_ret}/{len(heads)} ({n_ret / len(heads):.1%})")
+        lines.append(f"  heads scoring > {cfg.threshold}: {n_ret}/{len(heads)} ({n_ret / len(heads):.1%})")
         top = heads.nlargest(8, "retrieval_score")
         lines.append(
             "  top: " + ", ".join(f"L{r.layer}H{r.head} {r.retrieval_score:.2f}" for r in top.itertuples())

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ from dash import Dash
 
 from analyses import runstore
 from analyses.base import AnalysisResult
-from analyses.retrieval import aggregate_scores, masking_curve
+from analyses.retrieval import RetrievalConfig, aggregate_scores, masking_curve
 from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
@@ -41,22 +40,22 @@ KINDS = ("passphrase", "ship", "greeting")
 HTML_GENERATED = "<b>amber</b> & falcon"  # test 0 generates markup: the report must escape it
 
 
-def _config(*, masking: bool = True) -> dict[str, Any]:
-    """The fields of analyses.retrieval.RetrievalConfig, as the run stores them."""
-    return {
-        "lengths": list(LENGTHS),
-        "depths": list(DEPTHS),
-        "n_needles": N_NEEDLES,
-        "seed": 0,
-        "threshold": 0.1,
-        "rouge_gate": 0.5,
-        "span": "answer",
-        "max_new_tokens": 0,
-        "mask_fractions": list(MASK_FRACTIONS) if masking else [],
-        "mask_seeds": MASK_SEEDS,
-        "mask_tests": len(MASK_TESTS),
-        "progress": False,
-    }
+def _config(*, masking: bool = True) -> RetrievalConfig:
+    """The run's settings, as analyses.retrieval.run_retrieval puts them in its result."""
+    return RetrievalConfig(
+        lengths=LENGTHS,
+        depths=DEPTHS,
+        n_needles=N_NEEDLES,
+        seed=0,
+        threshold=0.1,
+        rouge_gate=0.5,
+        span="answer",
+        max_new_tokens=0,
+        mask_fractions=MASK_FRACTIONS if masking else (),
+        mask_seeds=MASK_SEEDS,
+        mask_tests=len(MASK_TESTS),
+        progress=False,
+    )
 
 
 def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -> AnalysisResult:

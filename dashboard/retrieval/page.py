@@ -59,7 +59,7 @@ class RetrievalPage(AnalysisPage):
                     "argmax lies in the needle's answer span on the very token being generated; each hit "
                     "adds 1/|span| to its score on that test. Only tests whose answer was recalled "
                     "(ROUGE-1 recall above the gate) count; a head's retrieval score is the mean over "
-                    "them, and a retrieval head scores above 0.1 (Wu et al. 2024).",
+                    "them, and a retrieval head scores above the run's threshold (0.1 in Wu et al. 2024).",
                     className="hint",
                 ),
                 ui.controls(self.run_picker(choice)),

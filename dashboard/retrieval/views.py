@@ -43,8 +43,6 @@ MASK_METRIC_LABELS: dict[MaskMetric, str] = {
     "recalled": "share of tests recalled (above the gate)",
 }
 REQUIRED_TABLES = frozenset({"heads", "tests", "test_scores"})
-DEFAULT_THRESHOLD = 0.1
-DEFAULT_GATE = 0.5
 WEAK_EVIDENCE = 10  # fewer passing tests than this: say that the scores are weak evidence
 
 TOP_COLOUR = "#d73027"
@@ -63,7 +61,6 @@ def table(source: Source, name: str) -> pd.DataFrame:
 
 
 table_names = common.table_names
-config = common.config
 model_name = common.model_name
 
 
@@ -77,11 +74,13 @@ def has_masking(source: Source) -> bool:
 
 
 def threshold(source: Source) -> float:
-    return float(config(source).get("threshold", DEFAULT_THRESHOLD))
+    """The score above which a head is a retrieval head (the run's ``threshold``)."""
+    return float(source.config.threshold)
 
 
 def gate(source: Source) -> float:
-    return float(config(source).get("rouge_gate", DEFAULT_GATE))
+    """The ROUGE-1 recall a test must exceed to count (the run's ``rouge_gate``)."""
+    return float(source.config.rouge_gate)
 
 
 def heads_table(source: Source) -> pd.DataFrame:
@@ -127,25 +126,21 @@ def _fmt_list(values: Any) -> str:
 
 def settings_line(source: Source) -> str:
     """One line naming the run's grid and scoring settings (plain text)."""
-    cfg = config(source)
-    parts = []
-    if "lengths" in cfg:
-        parts.append(f"lengths {_fmt_list(cfg['lengths'])} tokens")
-    if "depths" in cfg:
-        parts.append(f"depths {_fmt_list(cfg['depths'])}")
-    if "n_needles" in cfg:
-        parts.append(f"{cfg['n_needles']} needle(s) per cell")
-    parts.append(f"gate ROUGE-1 recall > {gate(source):g}")
-    parts.append(f"retrieval head: score > {threshold(source):g}")
-    if "span" in cfg:
-        parts.append(f"scored span: {'answer tokens' if cfg['span'] == 'answer' else 'whole needle'}")
-    if cfg.get("mask_fractions"):
-        shares = ", ".join(f"{100 * float(f):g}%" for f in cfg["mask_fractions"])
-        parts.append(f"masking K = {shares} of heads, {cfg.get('mask_seeds', '?')} random seed(s)")
+    cfg = source.config
+    parts = [
+        f"lengths {_fmt_list(cfg.lengths)} tokens",
+        f"depths {_fmt_list(cfg.depths)}",
+        f"{cfg.n_needles} needle(s) per cell",
+        f"gate ROUGE-1 recall > {gate(source):g}",
+        f"retrieval head: score > {threshold(source):g}",
+        f"scored span: {'answer tokens' if cfg.span == 'answer' else 'whole needle'}",
+    ]
+    if cfg.mask_fractions:
+        shares = ", ".join(f"{100 * float(f):g}%" for f in cfg.mask_fractions)
+        parts.append(f"masking K = {shares} of heads, {cfg.mask_seeds} random seed(s)")
     else:
         parts.append("no masking experiment")
-    if "seed" in cfg:
-        parts.append(f"seed {cfg['seed']}")
+    parts.append(f"seed {cfg.seed}")
     return ", ".join(parts)
 
 
