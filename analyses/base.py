@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses import runstore
+from analyses import registry, runstore
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -37,6 +37,12 @@ class AnalysisResult:
     # heads-table columns that may be NaN for some heads, left out of the check that refuses a
     # heads table in which a head has no number at all (see runstore.write_run)
     nan_ok: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # the config is always the analysis's typed dataclass (a mapping is read as one), so views
+        # read `result.config.x` from a fresh result as from a saved run
+        if isinstance(self.config, Mapping) and self.analysis in registry.ANALYSES:
+            self.config = registry.config_from_saved(registry.ANALYSES[self.analysis].config_cls, self.config)
 
     @property
     def heads(self) -> pd.DataFrame:
