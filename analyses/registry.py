@@ -29,12 +29,12 @@ BUILTIN: tuple[str, ...] = (
     "analyses.retrieval",
     "analyses.circuits",
     "analyses.vit_heads",
-    "analyses.vision_heads",
+    "analyses.vhd",
 )
 """Modules that register the built-in analyses, in the order the CLI, the demo and the dashboard
 list them."""
 
-PIECES = ("page", "report", "demo")
+PIECES = ("page", "report", "demo", "docs")
 """The optional pieces of a registration; leaving one out takes a written reason in ``opt_outs``."""
 
 
@@ -45,7 +45,8 @@ class Analysis:
     ``page`` and ``report`` name the dashboard page class and the report-section builder as
     ``"module:attribute"`` strings: the analyses layer never imports the dashboard, the dashboard
     resolves them. ``demo`` is the config the main job (``headlab demo``) runs it with, as
-    settings over the defaults (``{}``: the defaults). A piece left ``None`` needs a reason in
+    settings over the defaults (``{}``: the defaults). ``docs`` is the page of ``docs/`` that defines
+    it (a path relative to the repository root). A piece left ``None`` needs a reason in
     ``opt_outs`` (``{"demo": "why"}``); the registry test fails otherwise.
     """
 
@@ -59,6 +60,7 @@ class Analysis:
     page: str | None = None
     report: str | None = None
     demo: Mapping[str, Any] | None = None
+    docs: str | None = None
     opt_outs: Mapping[str, str] = field(default_factory=dict)
 
     def missing(self) -> list[str]:

@@ -230,7 +230,7 @@ for _entry in registry.ANALYSES.values():
 
 @app.command()
 def analyses() -> None:
-    """List the registered analyses: default model, aliases, dashboard page, report, demo settings."""
+    """List the registered analyses: default model, aliases, dashboard page, report, docs, demo settings."""
     rows: list[dict[str, object]] = []
     for entry in registry.ANALYSES.values():
         rows.append(
@@ -240,6 +240,7 @@ def analyses() -> None:
                 "aliases": ", ".join(entry.aliases),
                 "page": entry.page or f"(none: {entry.opt_outs.get('page')})",
                 "report": entry.report or f"(none: {entry.opt_outs.get('report')})",
+                "docs": entry.docs or f"(none: {entry.opt_outs.get('docs')})",
                 "demo": "defaults"
                 if entry.demo == {}
                 else ", ".join(f"{k}={v}" for k, v in (entry.demo or {}).items())
