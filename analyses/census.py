@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -212,31 +212,6 @@ def _example_tokens(model: LoadedModel, rows: list[list[int]]) -> pd.DataFrame:
                 {"example": i, "position": pos, "token_id": int(tid), "token": model.tokenizer.decode([tid])}
             )
     return pd.DataFrame(out)
-
-
-def figures(heads: pd.DataFrame) -> dict[str, Any]:
-    """One layer x head heat map per metric (plotly figures)."""
-    import plotly.graph_objects as go
-
-    figs: dict[str, Any] = {}
-    for metric in METRICS:
-        grid = heads.pivot(index="layer", columns="head", values=metric)
-        fig = go.Figure(
-            go.Heatmap(
-                z=grid.values,
-                x=[str(h) for h in grid.columns],
-                y=[str(layer) for layer in grid.index],
-                colorscale="Viridis",
-                colorbar={"title": metric},
-                hovertemplate="layer %{y}, head %{x}<br>" + metric + " = %{z:.3f}<extra></extra>",
-            )
-        )
-        fig.update_layout(
-            title=METRIC_LABELS[metric], xaxis_title="head", yaxis_title="layer", height=520, width=520,
-            yaxis={"autorange": "reversed"}, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-        )  # fmt: skip
-        figs[metric] = fig
-    return figs
 
 
 def summary(result: AnalysisResult) -> str:

@@ -314,8 +314,6 @@ def test_run_sinks_on_a_tiny_model_writes_every_table(
     assert len(result.tables["norms_kv"]) == 3 * L * (1 + 2 * tiny_llama.n_kv_heads)
     assert result.notes["key_hook"] == "hook_rot_k"
     assert result.model_info["bos"]["prepend"] is True
-    figs = sinks.figures(heads, positions, norms)
-    assert set(figs) == {"alpha0_natural", "alpha0_random", "alpha0_repeated", "sink_map", "norms"}
     assert "Sink_1" in sinks.summary(result)
     # the run store keeps every table and array
     monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)

@@ -19,6 +19,7 @@ from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
 from dashboard.sections import REPORT_SECTIONS
+from dashboard.sinks import figures as sink_figures
 from dashboard.sinks import report as sinks_section
 from dashboard.sinks import views
 from dashboard.sinks.page import SinksPage
@@ -53,6 +54,13 @@ def _page(root: Path) -> SinksPage:
 
 def _z(fig: Any) -> np.ndarray:
     return np.asarray(fig.data[0].z, dtype=float)
+
+
+def test_overview_figures_of_a_full_run(root: Path) -> None:
+    full, _ = _ids(root)
+    run = runstore.open_run(root / full)
+    figs = sink_figures.overview_figures(run.heads, run.table("positions"), run.table("norms"))
+    assert set(figs) == {"alpha0_natural", "alpha0_random", "alpha0_repeated", "sink_map", "norms"}
 
 
 def test_heatmap_follows_input_set_quantity_and_position(root: Path) -> None:

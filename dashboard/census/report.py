@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import html
 
-from analyses import census
 from analyses.runstore import Run
 from dashboard.census import views
+from dashboard.census.figures import metric_heatmaps
 from dashboard.core import figures
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
 
@@ -15,7 +15,7 @@ TOP_K = 5
 
 def _heatmaps(run: Run) -> ReportSection:
     heads = run.heads
-    maps = census.figures(heads)
+    maps = metric_heatmaps(heads)
     divs = "".join(figure_html(maps[m], f"census-heatmap-{m}") for m in views.METRICS)
     intro = (
         "<p>One value per head (rows: layers, layer 0 at the top; columns: heads), averaged over "

@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 
 from analyses import census
 from analyses.runstore import Run
+from dashboard.census.figures import metric_heatmaps
 from dashboard.core import figures
 from dashboard.core.figures import PatternScale
 
@@ -130,11 +131,11 @@ def head_summary(heads: pd.DataFrame, head: PickedHead) -> pd.DataFrame:
 
 
 def heatmap(heads: pd.DataFrame, metric: str, selected: PickedHead | None = None) -> go.Figure:
-    """The census's own layer x head map of ``metric`` (:func:`analyses.census.figures`), sized
+    """The census's own layer x head map of ``metric`` (:func:`dashboard.census.figures.metric_heatmaps`), sized
     to the page, with the selected head outlined."""
     if metric not in METRICS:
         raise KeyError(f"unknown census metric {metric!r}; choose one of {', '.join(METRICS)}")
-    fig = census.figures(heads)[metric]
+    fig = metric_heatmaps(heads)[metric]
     n_layers = int(heads["layer"].nunique())
     fig.update_layout(width=None, autosize=True, height=figures.heatmap_height(n_layers))
     if selected is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import html
 
-from analyses import sinks
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
+from dashboard.sinks import figures as sink_figures
 from dashboard.sinks import views
 
 
@@ -59,7 +59,7 @@ def _summary(run: Run) -> ReportSection:
 
 
 def _head_maps(run: Run) -> ReportSection:
-    figs = sinks.figures(run.heads)
+    figs = sink_figures.overview_figures(run.heads)
     divs = "".join(
         figure_html(figs[f"alpha0_{s}"], f"sinks-alpha0-{s}")
         for s in views.input_sets(run)

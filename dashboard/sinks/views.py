@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 from analyses import sinks
 from analyses.runstore import Run
 from dashboard.core import figures
+from dashboard.sinks import figures as sink_figures
 
 HeadQuantity = Literal["alpha", "rate"]
 HEAD_QUANTITIES: tuple[HeadQuantity, ...] = ("alpha", "rate")
@@ -79,7 +80,7 @@ def heatmap(
     label = "alpha_k" if quantity == "alpha" else "P(alpha_k > eps)"
     what = "mean alpha" if quantity == "alpha" else "P(alpha > eps)"
     title = f"{what} at k = {position}{where}"
-    fig = sinks.heatmap_grid(z, title=title, label=label, subtitle=INPUT_LABELS[input_set])
+    fig = sink_figures.heatmap_grid(z, title=title, label=label, subtitle=INPUT_LABELS[input_set])
     fig.update_layout(height=figures.heatmap_height(z.shape[0]))
     if selected is not None:
         figures.mark_head(fig, selected[0], selected[1])
@@ -113,7 +114,7 @@ def sink_bars(run: Run) -> go.Figure:
 
 def position_map(run: Run, highlight: str | None = None) -> go.Figure:
     """The per-position sink map of every input set, ``highlight`` drawn bold."""
-    fig = sinks.sink_map_figure(run.table("positions"), highlight=highlight)
+    fig = sink_figures.sink_map_figure(run.table("positions"), highlight=highlight)
     return fig
 
 
@@ -127,7 +128,7 @@ def norms_figure(run: Run, input_set: str | None = None) -> go.Figure:
         return figures.message_figure("this run measured no norms (norms=False)")
     if input_set is not None:
         _check_set(run, input_set)
-    return sinks.norms_figure(run.table("norms"), None if input_set is None else [input_set])
+    return sink_figures.norms_figure(run.table("norms"), None if input_set is None else [input_set])
 
 
 def norm_ratios(run: Run, input_set: str) -> pd.DataFrame:
