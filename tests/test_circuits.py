@@ -469,7 +469,7 @@ def test_wrong_options_edit_moves_ends_row_onto_the_wrong_options() -> None:
     raw = torch.rand(4, 6, 6, generator=gen).tril()
     pattern = raw / raw.sum(-1, keepdim=True)  # two copies of the two prompts: [4, T, T]
     before = pattern.clone()
-    out = circuits._wrong_options_edit(group, 2)(pattern)
+    out = circuits.wrong_options_edit(group, 2)(pattern)
     assert torch.equal(pattern, before)  # the input is left alone
     expected = pattern.clone()
     for b, (e, wrong) in enumerate([(5, [1, 2]), (3, [0, 2])] * 2):

@@ -1,0 +1,175 @@
+"""IOI and Colored Objects circuits: activation and path patching, head classes, faithfulness,
+circuit reuse and the inhibition intervention, on any language model probe loads.
+
+The package runs in stages, each module importing only those before it: :mod:`.config` (settings,
+stages, classes) <- :mod:`.data` (prompt sets) <- :mod:`.forward` (runner, caches, signatures) <-
+:mod:`.patching` <- :mod:`.classes` (staged discovery) <- :mod:`.faithfulness` <- :mod:`.reuse` <-
+:mod:`.run`. This module re-exports their public names and registers ``ioi``, ``colored-objects``
+and ``circuit-reuse``. See docs/analyses/circuits.md.
+"""
+
+from __future__ import annotations
+
+from analyses.circuits.classes import (
+    Discovery,
+    circuit_edges,
+    classify,
+    discover,
+    screened_senders,
+    stand_ins,
+)
+from analyses.circuits.config import (
+    CLASSES,
+    ROLES,
+    SIGNATURES,
+    STAGE_CLASSES,
+    STAGE_RECEIVERS,
+    STAGES,
+    TASK_LABELS,
+    CircuitConfig,
+    HeadClass,
+    ReceiverInput,
+    Stage,
+    TaskName,
+)
+from analyses.circuits.data import TASK_BUILDERS, PromptSet, TaskData, colored_objects_task, ioi_task
+from analyses.circuits.faithfulness import mean_ablated_logit_diff, random_head_sets, template_means
+from analyses.circuits.forward import (
+    EndReadout,
+    GroupCache,
+    Runner,
+    SignatureSums,
+    attention_signatures,
+    cache_group,
+)
+from analyses.circuits.patching import (
+    Receivers,
+    activation_patching,
+    attribution_patching,
+    clean_corrupt_gap,
+    path_patching,
+    path_patching_raw,
+    path_patching_reference,
+)
+from analyses.circuits.reuse import (
+    intervene,
+    intervention_heads,
+    overlap_curve,
+    rank_correlations,
+    top_heads,
+    wrong_options_edit,
+)
+from analyses.circuits.run import (
+    HEADS_METRICS,
+    SCORE_COLUMNS,
+    TaskAnalysis,
+    analyse_task,
+    bootstrap_mean,
+    prepare,
+    run_circuit_reuse,
+    run_colored_objects,
+    run_ioi,
+    summary,
+    task_tables,
+)
+from analyses.registry import Analysis, register
+
+__all__ = [
+    "CLASSES",
+    "HEADS_METRICS",
+    "ROLES",
+    "SCORE_COLUMNS",
+    "SIGNATURES",
+    "STAGES",
+    "STAGE_CLASSES",
+    "STAGE_RECEIVERS",
+    "TASK_BUILDERS",
+    "TASK_LABELS",
+    "CircuitConfig",
+    "Discovery",
+    "EndReadout",
+    "GroupCache",
+    "HeadClass",
+    "PromptSet",
+    "ReceiverInput",
+    "Receivers",
+    "Runner",
+    "SignatureSums",
+    "Stage",
+    "TaskAnalysis",
+    "TaskData",
+    "TaskName",
+    "activation_patching",
+    "analyse_task",
+    "attention_signatures",
+    "attribution_patching",
+    "bootstrap_mean",
+    "cache_group",
+    "circuit_edges",
+    "classify",
+    "clean_corrupt_gap",
+    "colored_objects_task",
+    "discover",
+    "intervene",
+    "intervention_heads",
+    "ioi_task",
+    "mean_ablated_logit_diff",
+    "overlap_curve",
+    "path_patching",
+    "path_patching_raw",
+    "path_patching_reference",
+    "prepare",
+    "random_head_sets",
+    "rank_correlations",
+    "run_circuit_reuse",
+    "run_colored_objects",
+    "run_ioi",
+    "screened_senders",
+    "stand_ins",
+    "summary",
+    "task_tables",
+    "template_means",
+    "top_heads",
+    "wrong_options_edit",
+]
+
+ANALYSIS = register(
+    Analysis(
+        name="ioi",
+        config_cls=CircuitConfig,
+        run=run_ioi,
+        summary=summary,
+        help="IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
+        # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
+        # screens the senders (the 12 strongest by attribution patching) on 8 prompts
+        demo={"n_items": 8, "max_senders": 12, "n_random": 5, "batch_size": 64},
+    )
+)
+COLORED_OBJECTS = register(
+    Analysis(
+        name="colored-objects",
+        config_cls=CircuitConfig,
+        run=run_colored_objects,
+        summary=summary,
+        help="Colored Objects: the same staged path patching on one-shot colour questions.",
+        aliases=("colored_objects",),
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
+        opt_outs={"demo": "a second path-patching circuit; circuit-reuse runs it with IOI when asked"},
+    )
+)
+CIRCUIT_REUSE = register(
+    Analysis(
+        name="circuit-reuse",
+        config_cls=CircuitConfig,
+        run=run_circuit_reuse,
+        summary=summary,
+        help="IOI vs Colored Objects: stage overlap over top-p%, rank correlation, inhibition intervention.",
+        aliases=("circuit_reuse",),
+        page="dashboard.circuits.page:CircuitsPage",
+        report="dashboard.circuits.report:report_sections",
+        opt_outs={"demo": "runs both circuits (twice the IOI demo's time); run it on its own"},
+    )
+)
