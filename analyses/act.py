@@ -1020,8 +1020,8 @@ def summary(result: AnalysisResult) -> str:
     heads = result.tables["heads"]
     layers = result.notes.get("layers", [None, None])
     lines = [
-        f"ACT on {result.model_info['name']}: filter={cfg['filter']}, beta={cfg['beta']}, "
-        f"threshold={cfg['threshold']}, layers {layers[0]}..{layers[1] - 1 if layers[1] is not None else '?'} "
+        f"ACT on {result.model_info['name']}: filter={cfg.filter}, beta={cfg.beta}, "
+        f"threshold={cfg.threshold}, layers {layers[0]}..{layers[1] - 1 if layers[1] is not None else '?'} "
         f"({int(heads['in_range'].sum())} heads in range)"
     ]
     for row in tasks.itertuples(index=False):

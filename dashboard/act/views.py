@@ -68,7 +68,6 @@ def table(source: Source, name: str) -> pd.DataFrame:
 
 
 table_names = common.table_names
-config = common.config
 
 
 def is_act(source: Source) -> bool:
@@ -79,7 +78,7 @@ def is_act(source: Source) -> bool:
 def tasks_table(source: Source) -> pd.DataFrame:
     """The ``tasks`` table in the run's order (the order of ``config.tasks`` where it lists them)."""
     tasks = table(source, "tasks")
-    order = [str(t) for t in config(source).get("tasks") or [] if str(t) in set(tasks["task"])]
+    order = [str(t) for t in source.config.tasks if str(t) in set(tasks["task"])]
     rest = [str(t) for t in tasks["task"] if str(t) not in order]
     return tasks.set_index("task").loc[order + rest].reset_index()
 
@@ -130,27 +129,19 @@ FIRST_SINK_LABELS = {
 
 def settings_line(source: Source) -> str:
     """One line naming the run's calibration settings (plain text)."""
-    cfg = config(source)
-    parts = []
-    if "beta" in cfg:
-        parts.append(f"beta {cfg['beta']}")
-    if cfg.get("threshold") == "ratio" and "ratio_a" in cfg:
-        parts.append(f"sinks alpha_k > {cfg['ratio_a']}/T")
-    elif "alpha_threshold" in cfg:
-        parts.append(f"sinks alpha_k > {cfg['alpha_threshold']}")
-    elif "threshold" in cfg:
-        parts.append(f"sink threshold {cfg['threshold']}")
-    if "first_sink" in cfg:
-        parts.append(FIRST_SINK_LABELS.get(str(cfg["first_sink"]), f"first sink {cfg['first_sink']}"))
-    if "filter" in cfg:
-        parts.append(FILTER_LABELS.get(str(cfg["filter"]), f"head search {cfg['filter']}"))
+    cfg = source.config
+    parts = [f"beta {cfg.beta}"]
+    if cfg.threshold == "ratio":
+        parts.append(f"sinks alpha_k > {cfg.ratio_a}/T")
+    else:
+        parts.append(f"sinks alpha_k > {cfg.alpha_threshold}")
+    parts.append(FIRST_SINK_LABELS.get(str(cfg.first_sink), f"first sink {cfg.first_sink}"))
+    parts.append(FILTER_LABELS.get(str(cfg.filter), f"head search {cfg.filter}"))
     layers = calibrated_layers(source)
     parts.append(f"layers {layers[0]}–{layers[1]} in range" if layers else "no layer in range")
-    for key, label in (("n_calibration", "calibration items"), ("n_heldout", "held-out items")):
-        if key in cfg:
-            parts.append(f"{cfg[key]} {label} per task")
-    if "seed" in cfg:
-        parts.append(f"seed {cfg['seed']}")
+    parts.append(f"{cfg.n_calibration} calibration items per task")
+    parts.append(f"{cfg.n_heldout} held-out items per task")
+    parts.append(f"seed {cfg.seed}")
     return ", ".join(parts)
 
 

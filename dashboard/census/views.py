@@ -154,12 +154,12 @@ def example_ids(run: Run, input_set: InputSet = "natural") -> list[int]:
 
 def missing_examples(run: Run, input_set: InputSet = "natural") -> str:
     """Why ``run`` has no example patterns of ``input_set``, read from its config, with what to do."""
-    n_examples = run.manifest.config.get("n_examples")
+    n_examples = run.config.n_examples
     noun = INPUT_SET_LABELS[input_set]
     if n_examples == 0:
         return (
             "this run kept no example patterns: it was run with n_examples=0; re-run it with "
-            "headlab run census --set n_examples=2 to see them"
+            f"headlab run census --set n_examples={census.CensusConfig().n_examples} to see them"
         )
     if input_set == "repeated" and "examples" in run.table_names:
         return (
@@ -169,9 +169,8 @@ def missing_examples(run: Run, input_set: InputSet = "natural") -> str:
         )
     table, array = _EXAMPLES[input_set]
     lacking = [n for n, names in ((table, run.table_names), (array, run.array_names)) if n not in names]
-    said = f"its config says n_examples={n_examples}" if n_examples is not None else "it should have them"
     return (
-        f"this run is incomplete: {said} but it has no {' or '.join(lacking)} ({noun}); "
+        f"this run is incomplete: its config says n_examples={n_examples} but it has no {' or '.join(lacking)} ({noun}); "
         f"re-run headlab run census to get a complete run"
     )
 

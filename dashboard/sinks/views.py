@@ -147,15 +147,17 @@ def example_ids(run: Run, input_set: str) -> list[int]:
 
 def missing_examples(run: Run, input_set: str) -> str:
     """Why ``run`` has no examples of ``input_set``, read from its config, with what to do."""
-    n_examples = run.manifest.config.get("n_examples")
+    n_examples = run.config.n_examples
     if n_examples == 0:
         return (
             "this run kept no examples: it was run with n_examples=0; re-run it with "
-            "headlab run sinks --set n_examples=4 to see them"
+            f"headlab run sinks --set n_examples={sinks.SinksConfig().n_examples} to see them"
         )
-    said = f"its config says n_examples={n_examples}" if n_examples is not None else "it should have them"
     where = "has no examples table" if "examples" not in run.table_names else f"has no {input_set} examples"
-    return f"this run is incomplete: {said} but it {where}; re-run headlab run sinks to get a complete run"
+    return (
+        f"this run is incomplete: its config says n_examples={n_examples} but it {where}; "
+        "re-run headlab run sinks to get a complete run"
+    )
 
 
 def example_rows(run: Run, input_set: str, example: int) -> pd.DataFrame:
@@ -185,7 +187,7 @@ def example_figure(run: Run, input_set: str, example: int) -> go.Figure:
             int
         )
     )
-    min_share = 100.0 * float(run.manifest.config.get("hidden_min_share", 0.05))
+    min_share = 100.0 * float(run.config.hidden_min_share)
     labels = [figures.token_label(str(t)) for t in rows["token"]]
     colours = [
         "#31688e" if p == 0 else ("#e4572e" if p in eligible and s >= min_share else "#9fb4c7")
