@@ -398,7 +398,7 @@ def test_views_read_an_unsaved_result_like_a_saved_run(runs: Runs) -> None:
     )
     a, b = circuit_graph(result, "ioi"), circuit_graph(run, "ioi")
     assert [t.name for t in a.data] == [t.name for t in b.data]
-    assert views.notes(result)["intervention_heads"] == views.notes(run)["intervention_heads"]
+    assert result.notes["intervention_heads"] == run.notes["intervention_heads"]
 
 
 # ---------------------------------------------------------------------------------------- Dash

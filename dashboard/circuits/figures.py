@@ -33,7 +33,6 @@ from dashboard.circuits.views import (
     intervention_table,
     is_reuse,
     metrics_table,
-    notes,
     overlap_at,
     overlap_table,
     score_grid,
@@ -476,7 +475,7 @@ def intervention_figure(source: Source, metric: IvMetric = "accuracy") -> go.Fig
     n_heads = int(target["n_heads"].iloc[0]) if len(target) else 0
     x_before, x_target = "no edit", f"IOI heads ({n_heads})"
     x_random = f"random heads ({n_heads} each)"
-    why = str(notes(source).get("intervention_heads", "IOI s_inhibition and negative_mover heads"))
+    why = str(source.notes.get("intervention_heads", "IOI s_inhibition and negative_mover heads"))
     fig = go.Figure()
     for part, x, name, colour, chosen in (
         (before, x_before, "before: no edit", RANDOM_COLOUR, ""),

@@ -24,7 +24,6 @@ from dashboard.circuits.views import (
     shape,
     signature_label,
     stand_ins,
-    table,
     task_label,
 )
 from dashboard.core.figures import message_figure, titled
@@ -78,7 +77,7 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
     task = check_task(source, task)
     n_layers, n_heads = shape(source)
     classes = head_classes(source, task)
-    edges = table(source, "edges")
+    edges = source.table("edges")
     edges = edges[edges["task"].astype(str) == task]
     if not classes and edges.empty:
         return message_figure(

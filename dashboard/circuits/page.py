@@ -179,7 +179,7 @@ class CircuitsPage(MultiAnalysisPage):
 
     def settings_text(self, run_id: str | None) -> str:
         return self._text(
-            run_id, lambda run: f"{run.analysis} run of {views.model_name(run)}: {views.settings_line(run)}"
+            run_id, lambda run: f"{run.analysis} run of {run.model_name}: {views.settings_line(run)}"
         )
 
     def findings(self, run_id: str | None) -> Component:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from analyses.circuits import CLASSES, SIGNATURES, STAGES, TASK_LABELS
+from analyses.circuits import CLASSES, SIGNATURES, STAGES, TASK_LABELS, CircuitConfig
 from dashboard.core import common
 
 Source = common.Source
@@ -112,31 +112,14 @@ METRIC_NOTES = {
 # ---------------------------------------------------------------------------------------- access
 
 
-def table(source: Source, name: str) -> pd.DataFrame:
-    """Table ``name`` of a saved run or of an unsaved result (a copy either way)."""
-    return common.table(source, name, kind="circuits")
-
-
-table_names = common.table_names
-config = common.config
-
-
-def analysis(source: Source) -> str:
-    return str(source.analysis)
-
-
-model_name = common.model_name
-notes = common.notes
-
-
 def is_circuits(source: Source) -> bool:
     """Whether the source has the tables this module draws."""
-    return common.has_tables(source, REQUIRED_TABLES)
+    return REQUIRED_TABLES.issubset(source.table_names)
 
 
 def is_reuse(source: Source) -> bool:
     """Whether the source also has the reuse tables (a ``circuit-reuse`` run)."""
-    return common.has_tables(source, REUSE_TABLES)
+    return REUSE_TABLES.issubset(source.table_names)
 
 
 def _tasks_in(values: Sequence[object]) -> list[str]:
@@ -146,7 +129,7 @@ def _tasks_in(values: Sequence[object]) -> list[str]:
 
 def tasks(source: Source) -> list[str]:
     """The run's tasks, IOI first."""
-    return _tasks_in(list(table(source, "metrics")["task"]))
+    return _tasks_in(list(source.table("metrics")["task"]))
 
 
 def task_label(task: str) -> str:
@@ -164,7 +147,7 @@ def check_task(source: Source, task: str | None) -> str:
 
 def shape(source: Source) -> tuple[int, int]:
     """(layers, heads) of the model, from the heads table."""
-    heads = table(source, "heads")
+    heads = source.table("heads")
     return int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
 
 
@@ -193,39 +176,35 @@ def num(value: object, spec: str = ".2f") -> str:
 
 def settings_line(source: Source) -> str:
     """One line naming the run's settings (plain text)."""
-    cfg = config(source)
-    parts = []
-    if "n_items" in cfg:
-        parts.append(f"{cfg['n_items']} prompts per task")
-    if "min_share" in cfg:
-        parts.append(f"a class needs a path score of at least {cfg['min_share']:g} of the gap")
-    if "min_attention" in cfg:
-        parts.append(f"and a signature attention of at least {cfg['min_attention']:g}")
-    if "max_per_class" in cfg:
-        parts.append(f"at most {cfg['max_per_class']} heads per class")
-    if cfg.get("max_senders") is None:
-        parts.append("every head path-patched")
+    cfg: CircuitConfig = source.config
+    if cfg.max_senders is None:
+        senders = "every head path-patched"
     else:
-        parts.append(
-            f"only the {cfg['max_senders']} strongest heads by attribution patching activation- and path-patched"
+        senders = (
+            f"only the {cfg.max_senders} strongest heads by attribution patching activation- and path-patched"
         )
-    if "n_random" in cfg:
-        parts.append(f"{cfg['n_random']} random controls")
-    if "seed" in cfg:
-        parts.append(f"seed {cfg['seed']}")
+    parts = [
+        f"{cfg.n_items} prompts per task",
+        f"a class needs a path score of at least {cfg.min_share:g} of the gap",
+        f"and a signature attention of at least {cfg.min_attention:g}",
+        f"at most {cfg.max_per_class} heads per class",
+        senders,
+        f"{cfg.n_random} random controls",
+        f"seed {cfg.seed}",
+    ]
     return ", ".join(parts)
 
 
 def axes(source: Source) -> list[str]:
     """The score axes the run has (attribution patching only in runs that computed it)."""
-    heads = table(source, "heads")
+    heads = source.table("heads")
     has_attribution = any(str(c).endswith("_attribution") for c in heads.columns)
     return [a for a in AXES if a != "attribution" or has_attribution]
 
 
 def screened(source: Source) -> bool:
     """Whether some heads were not path-patched (NaN scores)."""
-    scores = table(source, "scores")
+    scores = source.table("scores")
     return bool(scores["score"].isna().any())
 
 
@@ -233,7 +212,7 @@ def screened(source: Source) -> bool:
 
 
 def metrics_table(source: Source) -> pd.DataFrame:
-    metrics = table(source, "metrics")
+    metrics = source.table("metrics")
     metrics["task"] = metrics["task"].astype(str)
     return metrics.set_index("task").loc[tasks(source)].reset_index()
 
@@ -245,7 +224,7 @@ def score_grid(source: Source, task: str, axis: str) -> np.ndarray:
     n_layers, n_heads = shape(source)
     grid = np.full((n_layers, n_heads), np.nan)
     if axis == "attribution":  # a column of the heads table only
-        heads = table(source, "heads")
+        heads = source.table("heads")
         column = f"{'ioi' if task == 'ioi' else 'co'}_attribution"
         if column not in heads.columns:
             raise KeyError(f"this run has no attribution patching scores (no {column} column)")
@@ -253,7 +232,7 @@ def score_grid(source: Source, task: str, axis: str) -> np.ndarray:
             float
         )
         return grid
-    scores = table(source, "scores")
+    scores = source.table("scores")
     part = scores[(scores["task"].astype(str) == task) & (scores["stage"].astype(str) == axis)]
     grid[part["layer"].to_numpy(dtype=int), part["head"].to_numpy(dtype=int)] = part["score"].to_numpy(float)
     return grid
@@ -261,7 +240,7 @@ def score_grid(source: Source, task: str, axis: str) -> np.ndarray:
 
 def circuit_rows(source: Source, task: str) -> pd.DataFrame:
     """The ``circuit`` rows of ``task`` in class order (then rank), with a ``label`` column."""
-    circuit = table(source, "circuit")
+    circuit = source.table("circuit")
     part = circuit[circuit["task"].astype(str) == task].copy()
     part["class"] = part["class"].astype(str)
     part["order"] = [CLASSES.index(c) if c in CLASSES else len(CLASSES) for c in part["class"]]
@@ -312,7 +291,7 @@ def class_rows(source: Source, task: str) -> pd.DataFrame:
 
 def receiver_notes(source: Source, task: str) -> list[str]:
     """One line per stage saying what it patched into (and when stand-ins took a class's place)."""
-    receivers = table(source, "receivers")
+    receivers = source.table("receivers")
     part = receivers[receivers["task"].astype(str) == task]
     lines = []
     for stage in STAGES:
@@ -326,7 +305,7 @@ def receiver_notes(source: Source, task: str) -> list[str]:
 
 def stand_ins(source: Source, task: str) -> list[tuple[int, int]]:
     """Receivers of ``task`` that are no circuit head (stand-ins for a class not found)."""
-    receivers = table(source, "receivers")
+    receivers = source.table("receivers")
     part = receivers[receivers["task"].astype(str) == task]
     members = head_classes(source, task)
     found = sorted({(int(r.layer), int(r.head)) for r in part.itertuples(index=False)})
@@ -334,7 +313,7 @@ def stand_ins(source: Source, task: str) -> list[tuple[int, int]]:
 
 
 def overlap_table(source: Source) -> pd.DataFrame:
-    overlap = table(source, "overlap")
+    overlap = source.table("overlap")
     for column in ("source", "stage"):
         overlap[column] = overlap[column].astype(str)
     return overlap
@@ -351,7 +330,7 @@ def overlap_at(source: Source, percent: float = PAPER_PERCENT, stage: str = "all
 
 
 def intervention_table(source: Source) -> pd.DataFrame:
-    iv = table(source, "intervention")
+    iv = source.table("intervention")
     iv["condition"] = iv["condition"].astype(str)
     return iv
 
@@ -365,7 +344,7 @@ def chance(source: Source, task: str = "colored_objects") -> float:
 
 
 def faithfulness_table(source: Source) -> pd.DataFrame:
-    faith = table(source, "faithfulness")
+    faith = source.table("faithfulness")
     faith["task"] = faith["task"].astype(str)
     faith["circuit"] = faith["circuit"].astype(str)
     return faith
@@ -395,7 +374,7 @@ def faithfulness_summary(source: Source, task: str) -> dict[str, Any]:
 
 
 def rank_correlation_table(source: Source) -> pd.DataFrame:
-    corr = table(source, "rank_correlation")
+    corr = source.table("rank_correlation")
     corr["stage"] = corr["stage"].astype(str)
     order = {s: i for i, s in enumerate(AXES)}
     corr["order"] = [order.get(s, len(order)) for s in corr["stage"]]
@@ -465,8 +444,8 @@ def faithfulness_lines(source: Source) -> list[str]:
             f"much; the empty circuit keeps {num(f['empty'])}."
         )
         lines.append(line)
-    if "ablation" in table_names(source):
-        ab = table(source, "ablation")
+    if "ablation" in source.table_names:
+        ab = source.table("ablation")
         for task in tasks(source):
             mine = ab[ab["task"].astype(str) == task]
             movers = mine[mine["ablated"].astype(str) == "name_movers"]
@@ -505,7 +484,7 @@ def reuse_lines(source: Source) -> list[str]:
         )
     else:
         lines.append("The run's overlap curve has no 2% point (reuse_percents did not include 2).")
-    if "rank_correlation" in table_names(source):
+    if "rank_correlation" in source.table_names:
         corr = rank_correlation_table(source)
         parts = [
             f"{AXIS_LABELS.get(r.stage, r.stage)} {num(r.spearman)}" for r in corr.itertuples(index=False)
@@ -526,7 +505,7 @@ def intervention_lines(source: Source) -> list[str]:
     b, t = before.iloc[0], target.iloc[0]
     ra = rand["accuracy"].to_numpy(float)
     rv = rand["vocab_accuracy"].to_numpy(float)
-    why = notes(source).get("intervention_heads", "IOI s_inhibition and negative_mover heads")
+    why = source.notes.get("intervention_heads", "IOI s_inhibition and negative_mover heads")
     return [
         f"Colored Objects accuracy among the scene's colours: {_pct(b['accuracy'])} "
         f"[{_pct(b['accuracy_low'])}, {_pct(b['accuracy_high'])}] before; {_pct(t['accuracy'])} "
