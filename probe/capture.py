@@ -41,8 +41,8 @@ import torch
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
 from probe.kernels import attention_modules, native_attention, register_attention
-from probe.loading import Batch, LoadedModel
 from probe.memory import plan_batch_size
+from probe.model import Batch, LoadedModel
 from probe.moments import MomentStack, attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 

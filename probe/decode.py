@@ -50,7 +50,7 @@ import torch
 from probe.errors import CaptureError, ConfigError
 from probe.interventions import _by_layer
 from probe.kernels import attention_modules, native_attention, register_attention
-from probe.loading import LoadedModel
+from probe.model import LoadedModel
 from probe.types import Head
 
 DECODE_IMPL = "headlab_decode"

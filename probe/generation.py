@@ -1,8 +1,8 @@
-"""Generation through a :class:`~probe.loading.LoadedModel`: every handle gives transformers' tokens.
+"""Generation through a :class:`~probe.model.LoadedModel`: every handle gives transformers' tokens.
 
 A loaded language or vision-language model offers three ways to generate:
 
-* ``model.generate(...)`` (this module's :func:`generate`): the native transformers module, the
+* ``model.generate(...)`` (:meth:`probe.model.LoadedModel.generate`, also this module's :func:`generate`): the native transformers module, the
   model's own SDPA kernel, greedy by default, under the model's BOS policy. The recommended handle.
 * ``model.native_model.generate(...)``: transformers' ``generate`` on the same weights, no bridge.
 * ``model.hf_model.generate(...)`` and ``model.bridge.generate(...)``: through the TransformerBridge
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from probe.errors import ConfigError, HeadlabError
-
-if TYPE_CHECKING:
-    from probe.loading import Batch, LoadedModel
+from probe.errors import HeadlabError
+from probe.model import Batch, LoadedModel
 
 _ALIAS_FLAG = "_headlab_cache_alias"
 
@@ -144,7 +142,6 @@ def prepare_bridge_generation(model: LoadedModel) -> None:
     model.extra["bridge_generation"] = "ok" if problem is None else f"refused: {problem}"
 
 
-@torch.no_grad()
 def generate(
     model: LoadedModel,
     prompts: str | Sequence[str] | Batch,
@@ -156,37 +153,10 @@ def generate(
 ) -> torch.Tensor:
     """Greedy continuation (by default) of ``prompts`` by the native model with its SDPA kernel.
 
-    ``prompts`` are texts (encoded under the model's BOS policy and left-padded) or a
-    :class:`~probe.loading.Batch`. Returns the token ids ``[batch, prompt + new]`` exactly as
-    transformers' ``generate`` returns them on the same checkpoint. Further keyword arguments go to
-    ``generate``. Vision-language models: pass ``pixel_values`` with prompts made by
-    :func:`probe.vlm.encode_prompts`, or use :func:`probe.vlm.generate`.
+    The same as ``model.generate(prompts, ...)`` (:meth:`probe.model.LoadedModel.generate`): texts
+    or a :class:`~probe.model.Batch` in, token ids ``[batch, prompt + new]`` out, exactly as
+    transformers' ``generate`` returns them on the same checkpoint.
     """
-    from probe.kernels import native_attention
-    from probe.loading import Batch
-
-    if model.kind == "vision":
-        raise ConfigError(
-            f"{model.name} is an image encoder and does not generate text; use probe.vision.embed(model, pixels)"
-        )
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if isinstance(prompts, Batch):
-        batch = prompts
-    else:
-        batch = model.encode([prompts] if isinstance(prompts, str) else list(prompts))
-    model.check_context(int(batch.input_ids.shape[1]) + max_new_tokens)
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with native_attention(model, "sdpa") as native:
-        generator: Any = native
-        out = generator.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            use_cache=use_cache,
-            pad_token_id=pad,
-            **kwargs,
-        )
-    return out if isinstance(out, torch.Tensor) else out.sequences
+    return model.generate(
+        prompts, max_new_tokens=max_new_tokens, use_cache=use_cache, do_sample=do_sample, **kwargs
+    )

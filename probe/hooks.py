@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from probe.errors import CaptureError
-from probe.loading import LoadedModel
+from probe.model import LoadedModel
 
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
 

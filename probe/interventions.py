@@ -90,7 +90,7 @@ import torch
 
 from probe.errors import ConfigError
 from probe.hooks import HookFn, HookSet, attn_hook, hooks
-from probe.loading import LoadedModel
+from probe.model import LoadedModel
 from probe.types import Head
 
 PatternEdit = Callable[[torch.Tensor], torch.Tensor]

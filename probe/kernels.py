@@ -3,7 +3,7 @@
 The TransformerBridge replaces the modules of the transformers model with bridge components; its
 attention always computes the full ``[T, T]`` pattern (so hooks can read and edit it), and every
 other component adds hook bookkeeping. For work that needs no hook (the recompute capture, a
-plain fast forward), :class:`~probe.loading.LoadedModel` keeps ``native_model``: a second
+plain fast forward), :class:`~probe.model.LoadedModel` keeps ``native_model``: a second
 transformers module tree made before the bridge was booted, whose parameters and buffers are the
 *same tensors* as the bridged model's (no second copy of the weights). :func:`native_attention`
 selects its attention implementation by name ("sdpa" by default, or one registered by
@@ -15,15 +15,27 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from probe.errors import CaptureError
-from probe.loading import LoadedModel
 
 
-def _native(model: LoadedModel) -> torch.nn.Module:
+class NativeModel(Protocol):
+    """What the kernel switch reads of a loaded model (:class:`probe.model.LoadedModel` has it all)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def native_model(self) -> torch.nn.Module | None: ...
+
+
+def _native(model: NativeModel) -> torch.nn.Module:
     if model.native_model is None:
         raise CaptureError(f"{model.name} keeps no native transformers module; load it with probe.load_model")
     return model.native_model
@@ -34,7 +46,7 @@ _ATTENTION_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Mod
 )
 
 
-def attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
+def attention_modules(model: NativeModel) -> list[torch.nn.Module]:
     """The native model's attention modules, one per layer, in layer order (found once per model:
     walking the module tree costs milliseconds, and every capture and decode asks)."""
     native = _native(model)
@@ -46,7 +58,7 @@ def attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
     return list(found)
 
 
-def _find_attention_modules(model: LoadedModel) -> list[torch.nn.Module]:
+def _find_attention_modules(model: NativeModel) -> list[torch.nn.Module]:
     found = [
         m
         for m in _native(model).modules()
@@ -86,7 +98,7 @@ def _configs(module: torch.nn.Module) -> list[Any]:
 
 
 @contextmanager
-def native_attention(model: LoadedModel, implementation: str = "sdpa") -> Iterator[torch.nn.Module]:
+def native_attention(model: NativeModel, implementation: str = "sdpa") -> Iterator[torch.nn.Module]:
     """Yield the native transformers model running attention ``implementation`` inside the block."""
     native = _native(model)
     configs = _configs(native)

@@ -19,9 +19,8 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 
@@ -29,176 +28,29 @@ from probe import _offline, cache, zoo
 from probe.errors import (
     CheckpointError,
     ConfigError,
-    ContextTooLongError,
     DeviceUnavailableError,
     HeadlabError,
     ModelPathError,
     UnknownModelError,
 )
 from probe.generation import prepare_bridge_generation
+from probe.model import Batch, BosMode, BosPolicy, LoadedModel, bos_policy
 from probe.tiny import TINY_BUILDERS
 
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+__all__ = [
+    "DTYPES",
+    "Batch",
+    "BosMode",
+    "BosPolicy",
+    "LoadedModel",
+    "bos_policy",
+    "check_checkpoint_files",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
 
-    from probe.vision import ImageInput, ImageSpec
-
-BosMode = Literal["default", "always", "never"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class BosPolicy:
-    """Whether a BOS token is put in front of every sequence, and which.
-
-    ``mode="default"`` follows the tokenizer's own default (GPT-2: none; Llama and Gemma: BOS), as
-    the sink papers do; ``always``/``never`` override it. ``prepend`` is the resolved decision.
-    """
-
-    mode: BosMode
-    prepend: bool
-    token_id: int | None
-    token: str | None
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "prepend": self.prepend, "token_id": self.token_id, "token": self.token}
-
-
-@dataclass
-class Batch:
-    """Token ids left-padded to a common length; ``lengths`` are the real lengths (BOS included)."""
-
-    input_ids: torch.Tensor  # [batch, T]
-    attention_mask: torch.Tensor  # [batch, T], 1 = real token
-    lengths: torch.Tensor  # [batch]
-
-    @property
-    def pad_offsets(self) -> torch.Tensor:
-        return self.input_ids.shape[1] - self.lengths
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    kind: Literal["language", "vision", "vision-language"]
-    family: str
-    source: str  # embedded | tiny | local | gguf | hub
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    n_ctx: int
-    tokenizer: Any
-    bos: BosPolicy
-    device: torch.device
-    dtype: torch.dtype
-    hf_model: torch.nn.Module  # the transformers model, its modules replaced by the bridge's
-    bridge: TransformerBridge | None
-    native_model: torch.nn.Module | None  # same weights, original modules: fast, hook-free path
-    weight_sha256: str
-    path: str | None = None
-    caveat: str = ""
-    licence: str = ""
-    layer_types: list[str] | None = None
-    sliding_window: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    image: ImageSpec | None = None  # vision models: token grid and preprocessing
-
-    # ---------------------------------------------------------------- heads
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (1 for plain multi-head attention)."""
-        return self.n_heads // self.n_kv_heads
-
-    def kv_head(self, head: int) -> int:
-        return head // self.group_size
-
-    # ---------------------------------------------------------------- inputs
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """uint8 RGB images ``[H, W, 3]`` -> pixel values ``[N, 3, S, S]`` (vision models only)."""
-        if self.image is None:
-            raise ConfigError(f"{self.name} is a {self.kind} model and takes text; use model.encode(texts)")
-        return self.image.preprocess(images)
-
-    def _require_text(self) -> None:
-        if self.kind == "vision" or self.tokenizer is None:
-            raise ConfigError(
-                f"{self.name} is a {self.kind} model and takes images, not text; "
-                "make pixel values with model.preprocess(images)"
-            )
-
-    def check_context(self, n_tokens: int) -> None:
-        self._require_text()  # a vision model's token count is fixed by its image size
-        if n_tokens > self.n_ctx:
-            raise ContextTooLongError(self.name, n_tokens, self.n_ctx, bos=self.bos.prepend)
-
-    def encode(self, texts: list[str], *, max_tokens: int | None = None) -> Batch:
-        """Tokenize under the model's BOS policy, truncate to ``max_tokens``, left-pad."""
-        self._require_text()
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self.batch_from_ids(rows, max_tokens=max_tokens)
-
-    def batch_from_ids(self, rows: list[list[int]], *, max_tokens: int | None = None) -> Batch:
-        """Apply the BOS policy to raw token rows (without BOS), truncate, left-pad."""
-        self._require_text()
-        if not rows:
-            raise ConfigError("no sequences given; pass at least one text")
-        prefix = [self.bos.token_id] if self.bos.prepend and self.bos.token_id is not None else []
-        full = [prefix + list(r) for r in rows]
-        if max_tokens is not None:
-            full = [r[:max_tokens] for r in full]
-        lengths = [len(r) for r in full]
-        if min(lengths) == 0:
-            raise ConfigError("an input sequence is empty after tokenization; give non-empty texts")
-        width = max(lengths)
-        self.check_context(width)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        ids = torch.full((len(full), width), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(full), width), dtype=torch.long)
-        for i, r in enumerate(full):
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-        return Batch(ids.to(self.device), mask.to(self.device), torch.tensor(lengths, device=self.device))
-
-    # ---------------------------------------------------------------- generation
-    def generate(
-        self, prompts: str | Sequence[str] | Batch, *, max_new_tokens: int = 32, **kwargs: Any
-    ) -> torch.Tensor:
-        """Greedy continuation by the native model (SDPA): transformers' own ``generate``, token for
-        token; see :func:`probe.generation.generate` for the arguments."""
-        from probe.generation import generate
-
-        return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
-
-    # ---------------------------------------------------------------- description
-    def describe(self) -> dict[str, Any]:
-        """What a run records about the model (manifest.json)."""
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "family": self.family,
-            "source": self.source,
-            "path": self.path,
-            "weight_sha256": self.weight_sha256,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "d_head": self.d_head,
-            "d_model": self.d_model,
-            "n_ctx": self.n_ctx,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "bos": self.bos.describe(),
-            "layer_types": self.layer_types,
-            "sliding_window": self.sliding_window,
-            "caveat": self.caveat,
-            "licence": self.licence,
-            **({"image": self.image.describe()} if self.image is not None else {}),
-        }
-
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -247,21 +99,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def bos_policy(tokenizer: Any, mode: BosMode) -> BosPolicy:
-    if mode not in ("default", "always", "never"):
-        raise ConfigError(f"unknown BOS mode {mode!r}; choose default, always or never")
-    token_id = tokenizer.bos_token_id
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    tokenizer_adds = token_id is not None and len(with_special) > len(without) and with_special[0] == token_id
-    prepend = {"default": tokenizer_adds, "always": True, "never": False}[mode]
-    if prepend and token_id is None:
-        raise ConfigError(
-            "BOS mode 'always' asked for, but this tokenizer has no BOS token; use default or never"
-        )
-    return BosPolicy(mode=mode, prepend=prepend, token_id=token_id, token=tokenizer.bos_token)
 
 
 def _state_sha256(model: torch.nn.Module) -> str:

@@ -82,7 +82,7 @@ import torch
 from probe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from probe.loading import LoadedModel
+    from probe.model import LoadedModel
     from probe.reducers import PatternReducer
 
 Mode = Literal["eager", "recompute"]

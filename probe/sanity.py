@@ -14,7 +14,7 @@ import torch
 
 from probe.errors import CaptureError
 from probe.kernels import native_attention
-from probe.loading import LoadedModel
+from probe.model import LoadedModel
 
 
 @dataclass

@@ -79,10 +79,10 @@ import torch
 from probe import cache
 from probe.errors import CaptureError, ConfigError, HeadlabError
 from probe.generation import prepare_bridge_generation
-from probe.loading import Batch, BosMode, LoadedModel, bos_policy
+from probe.model import Batch, BosMode, LoadedModel, bos_policy
 
 if TYPE_CHECKING:
-    from probe.vision import ImageInput, ImageSpec
+    from probe.images import ImageInput, ImageSpec
 
 IMAGE_TOKEN = "<image>"
 KIND: Literal["vision-language"] = "vision-language"

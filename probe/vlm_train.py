@@ -61,7 +61,7 @@ import torch
 
 from probe import cache, vlm
 from probe.errors import ConfigError, HeadlabError
-from probe.loading import LoadedModel
+from probe.model import LoadedModel
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 IGNORE = -100
