@@ -191,7 +191,7 @@ def test_answer_words_are_filtered_to_tokens_unseen_in_the_source(name: str) -> 
     tok = tokenizer(name)
     stats = needles.source_stats(tok)
     assert stats["answer_words"] >= 50
-    vocabulary = needles._source(tok).vocabulary
+    vocabulary = needles.haystack._source(tok).vocabulary
     for n in needles.make_needles(20, seed=0, tokenizer=tok):
         ids = tok(" " + n.answer, add_special_tokens=False)["input_ids"]
         assert not vocabulary.intersection(ids), n.answer
@@ -317,7 +317,7 @@ def test_haystack_is_real_prose_with_no_paragraph_twice(name: str) -> None:
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     assert len(paragraphs) > 20
     assert len(paragraphs) == len(set(paragraphs))
-    sentences = [s for p in paragraphs for s in needles._sentences(p) if len(s.split()) >= 3]
+    sentences = [s for p in paragraphs for s in needles.haystack._sentences(p) if len(s.split()) >= 3]
     assert len(sentences) == len(set(sentences))
     source = {" ".join(p) for p in needles.haystack_paragraphs()}
     assert all(p in source for p in paragraphs[:-1])  # verbatim, all but the last one, which is cut short
