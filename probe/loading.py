@@ -15,8 +15,6 @@ both ``encode`` and ``preprocess``; :mod:`probe.vlm` assembles, prompts and hook
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +22,15 @@ from typing import Any
 
 import torch
 
-from probe import _offline, cache, zoo
+from probe import _offline, zoo
+from probe.checkpoints import (
+    TOKENIZER_FILES,
+    check_checkpoint_files,
+    load_language_dir,
+    model_family,
+    text_config,
+)
+from probe.checksums import checkpoint_sha256, state_sha256
 from probe.errors import (
     CheckpointError,
     ConfigError,
@@ -39,6 +45,7 @@ from probe.tiny import TINY_BUILDERS
 
 __all__ = [
     "DTYPES",
+    "TOKENIZER_FILES",
     "Batch",
     "BosMode",
     "BosPolicy",
@@ -49,6 +56,9 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
+
+_state_sha256 = state_sha256
+_load_checkpoint_dir = load_language_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,18 +111,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _state_sha256(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _text_config(hf_config: Any) -> Any:
-    return getattr(hf_config, "text_config", None) or hf_config
-
-
 def _wrap_language(
     name: str, family: str, source: str, hf_model: torch.nn.Module, tokenizer: Any, *,
     device: torch.device, dtype: torch.dtype, bos: BosMode, weight_sha256: str, path: str | None,
@@ -134,7 +132,7 @@ def _wrap_language(
     bridge = TransformerBridge.boot_transformers(
         path or name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
     )
-    cfg = _text_config(hf_model.config)
+    cfg = text_config(hf_model.config)
     n_heads = int(cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
@@ -155,97 +153,9 @@ def _wrap_language(
     return loaded
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """What is wrong with the structure of a ``.safetensors`` file (header and size), or None.
-
-    Reads the header only: its length, its JSON, and that the tensors it lists cover the file
-    exactly, which catches truncated files, random bytes and damaged headers. Damage inside the
-    tensor data of a file that has no recorded checksum cannot be seen here.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        return f"it has {size} bytes, too few for a safetensors header"
-    with path.open("rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            return f"its first 8 bytes announce a {length}-byte header but the file has {size} bytes"
-        raw = fh.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "its header is not valid JSON"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    end = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"its header entry {key!r} has no valid data_offsets"
-        end = max(end, offsets[1])
-    if 8 + length + end != size:
-        return f"its header lists {8 + length + end} bytes of data but the file has {size}"
-    return None
-
-
-def check_checkpoint_files(directory: Path, *, tokenizer: bool = False) -> None:
-    """Refuse a checkpoint directory whose weight files are unreadable (or, with ``tokenizer``, that
-    has no tokenizer), with a :class:`CheckpointError` saying which file and how to fix it."""
-    for file in sorted(directory.glob("*.safetensors")):
-        problem = _safetensors_problem(file)
-        if problem is not None:
-            raise CheckpointError(
-                f"{file} is damaged or not a safetensors file ({problem}); copy the checkpoint again or "
-                "re-save it with save_pretrained"
-            )
-    if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the "
-            f"weights with tokenizer.save_pretrained({str(directory)!r})"
-        )
-
-
-def _load_checkpoint_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_checkpoint_files(directory, tokenizer=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"could not load the tokenizer in {directory} ({_first_line(err)}); save it beside the weights "
-            f"with tokenizer.save_pretrained({str(directory)!r})"
-        ) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="eager")
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise CheckpointError(
-            f"could not load the checkpoint in {directory} ({_first_line(err)}); it needs config.json and "
-            "model.safetensors (or pytorch_model.bin) written by save_pretrained"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 def _looks_like_path(name: str) -> bool:
     """A model name the user meant as a path: a separator, a leading ``.`` or ``~``, or ``.gguf``."""
     return os.sep in name or "/" in name or name.startswith((".", "~")) or name.endswith(".gguf")
-
-
-def _family(hf_config: Any) -> str:
-    return str(getattr(_text_config(hf_config), "model_type", "unknown"))
 
 
 def load_model(
@@ -275,18 +185,18 @@ def load_model(
 
             return vlm.wrap_vlm(
                 name, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
-                weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
+                weight_sha256=state_sha256(model), path=None, licence="n/a (random weights)",
             )  # fmt: skip
         if builder.kind == "vision":
             from probe import vision
 
             return vision.wrap_vision(
-                name, builder.family, "tiny", model, device=dev, dtype=dt, weight_sha256=_state_sha256(model),
+                name, builder.family, "tiny", model, device=dev, dtype=dt, weight_sha256=state_sha256(model),
                 path=None, licence="n/a (random weights)",
             )  # fmt: skip
         return _wrap_language(
             name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=_state_sha256(model), path=None, licence="n/a (random weights)",
+            weight_sha256=state_sha256(model), path=None, licence="n/a (random weights)",
         )  # fmt: skip
     from probe import vlm
 
@@ -298,7 +208,7 @@ def load_model(
         directory, marker = zoo.verified_cache(spec, fetch_if_missing=fetch_if_missing)
         if spec.kind == "vision":
             return _load_embedded_vision(spec, directory, marker, device=dev, dtype=dt)
-        model, tokenizer = _load_checkpoint_dir(directory, dt)
+        model, tokenizer = load_language_dir(directory, dt)
         return _wrap_language(
             name, spec.family, "embedded", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=str(marker.get("source_sha256")), path=str(directory), caveat=spec.caveat,
@@ -307,9 +217,9 @@ def load_model(
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         directory, gguf_sha256 = zoo.convert_local_gguf(path)  # the file hashed, its conversion checked
-        model, tokenizer = _load_checkpoint_dir(directory, dt)
+        model, tokenizer = load_language_dir(directory, dt)
         return _wrap_language(
-            path.stem, _family(model.config), "gguf", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            path.stem, model_family(model.config), "gguf", model, tokenizer, device=dev, dtype=dt, bos=bos,
             weight_sha256=gguf_sha256, path=str(directory),
             caveat="weights read from a GGUF file (dequantised if quantised)",
         )  # fmt: skip
@@ -323,12 +233,12 @@ def load_model(
             hf_model, family, image = vision.load_checkpoint(path, dt)
             return vision.wrap_vision(
                 path.name, family, "local", hf_model, image, device=dev, dtype=dt,
-                weight_sha256=vision.checkpoint_sha256(path), path=str(path),
+                weight_sha256=checkpoint_sha256(path), path=str(path),
             )  # fmt: skip
-        model, tokenizer = _load_checkpoint_dir(path, dt)
+        model, tokenizer = load_language_dir(path, dt)
         return _wrap_language(
-            path.name, _family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=_checkpoint_sha256(path), path=str(path),
+            path.name, model_family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=checkpoint_sha256(path, name_files_if_no_weights=True), path=str(path),
         )  # fmt: skip
     if path.is_file():
         raise CheckpointError(
@@ -346,8 +256,8 @@ def load_model(
         tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, attn_implementation="eager")
         return _wrap_language(
-            name, _family(model.config), "hub", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=_state_sha256(model), path=None,
+            name, model_family(model.config), "hub", model, tokenizer, device=dev, dtype=dt, bos=bos,
+            weight_sha256=state_sha256(model), path=None,
         )  # fmt: skip
     if looks_like_hub_id:
         raise HeadlabError(
@@ -381,14 +291,3 @@ def _load_embedded_vision(
             "companions": companions,
         },
     )  # fmt: skip
-
-
-def _checkpoint_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    weights = sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")])
-    for file in weights:
-        digest.update(file.name.encode())
-        digest.update(cache.sha256_file(file).encode())
-    if not weights:
-        digest.update(json.dumps(sorted(p.name for p in directory.iterdir())).encode())
-    return digest.hexdigest()

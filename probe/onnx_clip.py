@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from probe.checkpoints import force_eager
 from probe.errors import HeadlabError, MissingPackageError
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ def build_model(
     result = model.load_state_dict(tensors, strict=True)
     if result.missing_keys or result.unexpected_keys:  # strict=True raises first; kept as a guard
         raise HeadlabError(f"loading the ONNX weights left {result}; report this")
-    from probe.vision import force_eager
-
     force_eager(model)
     return model.eval()
 

@@ -74,7 +74,6 @@ References
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from collections import Counter
@@ -87,6 +86,7 @@ from typing import Any, Literal
 import torch
 
 from probe import cache
+from probe.checkpoints import check_checkpoint_files, force_eager, quiet_transformers, read_config
 from probe.errors import CaptureError, ConfigError, HeadlabError
 from probe.images import (
     CLIP_IMAGE,
@@ -289,17 +289,6 @@ def _attention_config(hf_model: torch.nn.Module) -> Any:
     return getattr(cfg, "vision_config", None) or cfg
 
 
-def force_eager(hf_model: torch.nn.Module) -> None:
-    """Switch a transformers vision model to eager attention (the only kind that returns weights)."""
-    setter = getattr(hf_model, "set_attn_implementation", None)
-    if callable(setter):
-        setter("eager")
-    for module in hf_model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = "eager"
-
-
 def check_eager(model: LoadedModel) -> None:
     """Raise :class:`CaptureError` unless every attention module of ``model`` runs eager attention."""
     wrong = []
@@ -368,34 +357,6 @@ def _embedding_dim(hf_model: torch.nn.Module, d_model: int) -> int:
     return int(projection.out_features) if isinstance(projection, torch.nn.Linear) else d_model
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """``config.json`` of a checkpoint directory, or a clear error."""
-    file = directory / "config.json"
-    if not file.is_file():
-        raise HeadlabError(f"{directory} has no config.json; pass a transformers checkpoint directory")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise HeadlabError(
-            f"{file} is not valid JSON ({err}); re-save the checkpoint with save_pretrained"
-        ) from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise HeadlabError(f"{file} has no model_type; re-save the checkpoint with save_pretrained")
-    return data
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str, ImageSpec]:
     """Load a ViT / DeiT / CLIP(-vision) checkpoint directory: (model, family, image spec).
 
@@ -404,8 +365,6 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     probe never uses, excepted); the text tower of a full CLIP checkpoint is ignored.
     """
     from safetensors import SafetensorError
-
-    from probe.loading import check_checkpoint_files
 
     config = read_config(directory)
     family = vision_family(config)
@@ -435,7 +394,7 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
         vision_config.projection_dim = int(config["projection_dim"])
         kwargs["config"] = vision_config
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = cls.from_pretrained(
                 str(directory), dtype=dtype, attn_implementation="eager", output_loading_info=True, **kwargs
             )
@@ -466,14 +425,6 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     else:
         image = arch.default_image(image_size, patch_size)
     return model, family, image
-
-
-def checkpoint_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
-        digest.update(file.name.encode())
-        digest.update(cache.sha256_file(file).encode())
-    return digest.hexdigest()
 
 
 # ============================================================================== hooks

@@ -77,6 +77,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from probe import cache
+from probe.checkpoints import check_checkpoint_files, load_language_dir, quiet_transformers
+from probe.checksums import checkpoint_sha256
+from probe.checksums import state_sha256 as _state_sha256
 from probe.errors import CaptureError, ConfigError, HeadlabError
 from probe.generation import prepare_bridge_generation
 from probe.model import Batch, BosMode, LoadedModel, bos_policy
@@ -493,14 +496,14 @@ def load_parts(
 
     Returns (vision model, language model, tokenizer, image spec, provenance of both parts).
     """
-    from probe import loading, vision, zoo
+    from probe import vision, zoo
 
     vision_dir, vision_marker = _converted(spec.vision, fetch_if_missing)
     language_dir, language_marker = _converted(spec.language, fetch_if_missing)
     vision_model, family, image = vision.load_checkpoint(vision_dir, torch.float32)
     if family != "clip":
         raise HeadlabError(f"{spec.vision} is a {family} model; LLaVA assemblies take a CLIP image tower")
-    language_model, tokenizer = loading._load_checkpoint_dir(language_dir, torch.float32)
+    language_model, tokenizer = load_language_dir(language_dir, torch.float32)
     parts = {}
     for role, name, directory, marker in (
         ("vision", spec.vision, vision_dir, vision_marker),
@@ -604,11 +607,9 @@ def load_llava_dir(
     from safetensors import SafetensorError
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from probe import loading, vision
-
-    loading.check_checkpoint_files(directory, tokenizer=True)
+    check_checkpoint_files(directory, tokenizer=True)
     try:
-        with vision._quiet_transformers():
+        with quiet_transformers():
             loaded: Any = LlavaForConditionalGeneration.from_pretrained(
                 str(directory), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
             )
@@ -633,7 +634,7 @@ def load_llava_dir(
     image = _image_spec(model.config.vision_config, directory / "preprocessor_config.json")
     return wrap_vlm(
         directory.name, "local", model, tokenizer, image, device=device, dtype=dtype, bos=bos,
-        weight_sha256=loading._checkpoint_sha256(directory), path=str(directory),
+        weight_sha256=checkpoint_sha256(directory, name_files_if_no_weights=True), path=str(directory),
     )  # fmt: skip
 
 
@@ -1096,7 +1097,5 @@ def projector_module(model: LoadedModel) -> torch.nn.Module:
 
 def state_sha256(model: LoadedModel) -> str:
     """sha256 of the model's current weights (after training changed them in place)."""
-    from probe.loading import _state_sha256
-
     assert model.native_model is not None
     return _state_sha256(model.native_model)
