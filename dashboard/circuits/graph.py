@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 from analyses.circuits import CLASSES
@@ -69,6 +71,10 @@ def _node_label(fig: go.Figure, x: float, y: float, text: str, radius: float, co
     )
 
 
+Point = tuple[float, float]
+EDGE_INPUTS = {"logits": "logits at END", "q": "query at END", "kv": "keys and values", "k": "keys"}
+
+
 def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
     """The circuit of ``task`` as a graph: every circuit head at (layer, head), coloured by class,
     and the path-patching edges of the ``edges`` table from each found head into the receivers of the
@@ -86,11 +92,30 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
             height=360,
         )
     sink = (float(n_layers), (n_heads - 1) / 2.0)
+    fig = go.Figure()
+    _add_edges(fig, edges, sink)
+    _add_class_nodes(fig, source, task, classes)
+    _add_class_rings(fig, classes)
+    extra = _add_stand_ins(fig, source, task, classes, edges)
+    _add_sink(fig, sink)
+    # Labels are annotations, drawn over every trace on a white ground: no edge crosses them.
+    for lay, h in sorted(classes):
+        rings_around = len(classes[(lay, h)]) - 1  # the outermost ring's radius: 9 + 4 per ring
+        _node_label(fig, float(lay), float(h), head_label(lay, h), 9 + 4 * rings_around)
+    for lay, h in extra:
+        _node_label(fig, float(lay), float(h), head_label(lay, h), 7, STAND_IN_COLOUR)
+    _node_label(fig, sink[0], sink[1], "logits", 12)
+    _graph_layout(fig, task, n_layers, n_heads, len(classes))
+    return fig
 
-    def where(layer: int, head: int) -> tuple[float, float]:
+
+def _add_edges(fig: go.Figure, edges: pd.DataFrame, sink: Point) -> None:
+    """One line per finite edge (width by |share|, coloured by sign), then one diamond at each
+    edge's middle that carries its hover text."""
+
+    def where(layer: int, head: int) -> Point:
         return sink if layer < 0 else (float(layer), float(head))
 
-    fig = go.Figure()
     shares = edges["share"].to_numpy(float)
     finite = np.abs(shares[np.isfinite(shares)])
     biggest = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -118,23 +143,10 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
             )
         )
         shown_sign.add(supports)
-        sender = head_label(r["sender_layer"], r["sender_head"])
-        receiver = (
-            "the logits"
-            if int(r["receiver_layer"]) < 0
-            else head_label(r["receiver_layer"], r["receiver_head"])
-        )
-        into = {"logits": "logits at END", "q": "query at END", "kv": "keys and values", "k": "keys"}.get(
-            str(r["input"]), str(r["input"])
-        )
         mids_x.append((x0 + x1) / 2)
         mids_y.append((y0 + y1) / 2)
         mids_colour.append(colour)
-        mids_text.append(
-            f"{sender} → {receiver} ({into}, stage {AXIS_LABELS.get(str(r['stage']), r['stage'])})<br>"
-            f"share {share:+.3f}: patching this path alone changes the logit difference by "
-            f"{100 * share:+.1f}% of the clean–corrupt gap"
-        )
+        mids_text.append(_edge_hover(r, share))
     if mids_x:
         fig.add_trace(
             go.Scatter(
@@ -148,6 +160,26 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                 showlegend=False,
             )
         )
+
+
+def _edge_hover(r: dict[str, Any], share: float) -> str:
+    sender = head_label(r["sender_layer"], r["sender_head"])
+    receiver = (
+        "the logits" if int(r["receiver_layer"]) < 0 else head_label(r["receiver_layer"], r["receiver_head"])
+    )
+    into = EDGE_INPUTS.get(str(r["input"]), str(r["input"]))
+    return (
+        f"{sender} → {receiver} ({into}, stage {AXIS_LABELS.get(str(r['stage']), r['stage'])})<br>"
+        f"share {share:+.3f}: patching this path alone changes the logit difference by "
+        f"{100 * share:+.1f}% of the clean–corrupt gap"
+    )
+
+
+def _add_class_nodes(
+    fig: go.Figure, source: Source, task: str, classes: dict[tuple[int, int], list[str]]
+) -> None:
+    """One node trace per class present, named with its number of heads; a head is filled in its
+    first class's colour."""
     primary: dict[str, list[tuple[int, int]]] = {}
     members: dict[str, int] = {}
     for head, member in classes.items():
@@ -155,7 +187,7 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
         for cls in member:
             members[cls] = members.get(cls, 0) + 1
     for cls in [c for c in CLASSES if c in members] + sorted(set(members) - set(CLASSES)):
-        heads = sorted(primary.get(cls, []))  # a node is filled in its first class's colour
+        heads = sorted(primary.get(cls, []))
         fig.add_trace(
             go.Scatter(
                 x=[float(lay) for lay, _ in heads] if heads else [None],
@@ -173,12 +205,16 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                 hovertemplate="%{hovertext}<extra></extra>",
             )
         )
+
+
+def _add_class_rings(fig: go.Figure, classes: dict[tuple[int, int], list[str]]) -> None:
+    """A head of several classes: one ring per further class around its node."""
     rings: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for head, member in classes.items():
         for level, cls in enumerate(member[1:], start=1):
             rings.setdefault((cls, level), []).append(head)
     for (cls, level), heads in sorted(rings.items(), key=lambda item: item[0][1]):
-        fig.add_trace(  # a head of several classes: one ring per further class around its node
+        fig.add_trace(
             go.Scatter(
                 x=[float(lay) for lay, _ in heads],
                 y=[float(h) for _, h in heads],
@@ -195,6 +231,16 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                 hoverinfo="skip",
             )
         )
+
+
+def _add_stand_ins(
+    fig: go.Figure,
+    source: Source,
+    task: str,
+    classes: dict[tuple[int, int], list[str]],
+    edges: pd.DataFrame,
+) -> list[tuple[int, int]]:
+    """Receivers that are no circuit head (stand-ins, or ends of edges), as open grey nodes; returns them."""
     extra = stand_ins(source, task)
     ends = {(int(r["receiver_layer"]), int(r["receiver_head"])) for r in edges.to_dict("records")}
     extra = sorted(set(extra) | {h for h in ends if h[0] >= 0 and h not in classes})
@@ -216,6 +262,10 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
                 "previous stage's strongest heads stands in)<extra></extra>",
             )
         )
+    return extra
+
+
+def _add_sink(fig: go.Figure, sink: Point) -> None:
     fig.add_trace(
         go.Scatter(
             x=[sink[0]],
@@ -228,14 +278,9 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
             "direct path scores<extra></extra>",
         )
     )
-    # Labels are annotations, drawn over every trace on a white ground: no edge crosses them.
-    for lay, h in sorted(classes):
-        rings_around = len(classes[(lay, h)]) - 1  # the outermost ring's radius: 9 + 4 per ring
-        _node_label(fig, float(lay), float(h), head_label(lay, h), 9 + 4 * rings_around)
-    for lay, h in extra:
-        _node_label(fig, float(lay), float(h), head_label(lay, h), 7, STAND_IN_COLOUR)
-    _node_label(fig, sink[0], sink[1], "logits", 12)
-    n_heads_in = len(classes)
+
+
+def _graph_layout(fig: go.Figure, task: str, n_layers: int, n_heads: int, n_heads_in: int) -> None:
     fig.update_layout(
         title=titled(
             f"{task_label(task)} circuit",
@@ -261,4 +306,3 @@ def circuit_graph(source: Source, task: str | None = None) -> go.Figure:
         plot_bgcolor="#ffffff",
         legend=legend_below(),
     )
-    return fig
