@@ -4,9 +4,9 @@ For each number of images N, one layer of synthetic post-softmax patterns ``[N, 
 (ViT-B/16 sizes by default: 12 heads, a 14×14 grid + CLS = 197 tokens; random logits, since the
 cost does not depend on the values) goes through:
 
-* ``numpy``        :func:`analyses.vit_attention.offset_maps_numpy`, the reference: sum over the
+* ``numpy``        :func:`analyses.vit_heads.attention.offset_maps_numpy`, the reference: sum over the
                    images in float64, then shift each query's key grid into the offset map;
-* ``numba 1 thr``  :func:`analyses.vit_attention.offset_maps` with ``parallel=False``;
+* ``numba 1 thr``  :func:`analyses.vit_heads.attention.offset_maps` with ``parallel=False``;
 * ``numba N thr``  the same with ``parallel=True`` on N numba threads (``--threads``; default
                    numba's own count) and the threading layer ``--layer`` (default numba's choice).
 
@@ -58,7 +58,7 @@ def _patterns(n_images: int, n_heads: int, n_tokens: int, seed: int) -> np.ndarr
 
 def _first_calls(grid: int, n_prefix: int) -> dict[str, tuple[float, float]]:
     """{kernel: (first call, second call)} of offset_maps on a small input, in this process."""
-    from analyses.vit_attention import offset_maps
+    from analyses.vit_heads.attention import offset_maps
 
     tokens = n_prefix + grid * grid
     small = np.full((1, 2, tokens, tokens), 1.0 / tokens, dtype=np.float32)
@@ -102,7 +102,7 @@ def main() -> None:
     os.environ["NUMBA_THREADING_LAYER"] = args.layer
     import numba
 
-    from analyses.vit_attention import offset_maps, offset_maps_numpy
+    from analyses.vit_heads.attention import offset_maps, offset_maps_numpy
 
     if args.threads:
         numba.set_num_threads(args.threads)

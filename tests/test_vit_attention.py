@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyses import vit_attention as va
+from analyses.vit_heads import attention as va
+from analyses.vit_heads import patterns as vp
 from probe.errors import ConfigError
 
 Rule = Callable[[int, int], tuple[int, int] | None]
@@ -127,7 +128,7 @@ def test_prefix_tokens_are_ignored() -> None:
         rtol=1e-5,
     )
     np.testing.assert_allclose(
-        va.pattern_maps(scaled, grid, n_prefix)[0], va.pattern_maps(patterns, grid, n_prefix)[0], atol=1e-6
+        vp.pattern_maps(scaled, grid, n_prefix)[0], vp.pattern_maps(patterns, grid, n_prefix)[0], atol=1e-6
     )
     np.testing.assert_allclose(
         va.patch_attention_share(scaled, grid, n_prefix),
@@ -197,7 +198,7 @@ def test_layer_trend_gives_per_layer_spread_and_the_slope_across_layers() -> Non
 def test_pattern_maps_in_grid_and_centred_coordinates() -> None:
     grid = (3, 4)
     patterns = rule_patterns(grid, [look(0, 1, grid), look(1, 0, grid)])
-    maps, heads, queries = va.pattern_maps(patterns, grid, 1, centred=False)
+    maps, heads, queries = vp.pattern_maps(patterns, grid, 1, centred=False)
     # The last column of head 0 and the last row of head 1 put everything on CLS: no map.
     assert maps.shape == (9 + 8, 3, 4) and maps.dtype == np.float32
     assert heads.tolist() == [0] * 9 + [1] * 8
@@ -206,19 +207,19 @@ def test_pattern_maps_in_grid_and_centred_coordinates() -> None:
         expected = np.zeros((3, 4))
         expected[(r, c + 1) if h == 0 else (r + 1, c)] = 1.0
         np.testing.assert_allclose(m, expected)
-    centred, _, _ = va.pattern_maps(patterns, grid, 1)
+    centred, _, _ = vp.pattern_maps(patterns, grid, 1)
     assert centred.shape == (17, 5, 7)
     assert (centred[heads == 0, 2, 4] == 1.0).all() and (centred[heads == 1, 3, 3] == 1.0).all()
 
-    picked, picked_heads, picked_queries = va.pattern_maps(
+    picked, picked_heads, picked_queries = vp.pattern_maps(
         random_patterns((2, 3, 13, 13), 0), grid, 1, heads=[2, 0], max_per_head=5, seed=3
     )
     assert picked.shape == (10, 5, 7) and picked_heads.tolist() == [2] * 5 + [0] * 5
     np.testing.assert_allclose(picked.sum(axis=(1, 2)), 1.0, rtol=1e-5)
-    again = va.pattern_maps(random_patterns((2, 3, 13, 13), 0), grid, 1, heads=[2, 0], max_per_head=5, seed=3)
+    again = vp.pattern_maps(random_patterns((2, 3, 13, 13), 0), grid, 1, heads=[2, 0], max_per_head=5, seed=3)
     np.testing.assert_array_equal(again[2], picked_queries)
     with pytest.raises(ConfigError, match="out of range"):
-        va.pattern_maps(patterns, grid, 1, queries=[12])
+        vp.pattern_maps(patterns, grid, 1, queries=[12])
 
 
 GRID = (8, 8)
@@ -234,7 +235,7 @@ def families(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         return right(r, c) if r < 3 else down(r, c)
 
     patterns = rule_patterns(GRID, [right, right, down, down, split], noise=0.3, n_images=2, seed=seed)
-    maps, heads, queries = va.pattern_maps(patterns, GRID, 1, queries=INTERIOR)
+    maps, heads, queries = vp.pattern_maps(patterns, GRID, 1, queries=INTERIOR)
     is_down = (heads >= 2) & ~((heads == 4) & (queries // 8 < 3))
     return maps, heads, queries, is_down.astype(np.int64)
 
@@ -242,14 +243,14 @@ def families(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 def test_autoencoder_loss_decreases_and_is_deterministic_per_seed() -> None:
     maps = families()[0]
     before = torch.get_rng_state()
-    codes, losses, model = va.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=0, progress=False)
+    codes, losses, model = vp.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=0, progress=False)
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
     assert codes.shape == (len(maps), 4) and len(losses) == 15
     assert losses[-1] < 0.5 * losses[0]
-    again, losses_again, _ = va.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=0, progress=False)
+    again, losses_again, _ = vp.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=0, progress=False)
     np.testing.assert_array_equal(again, codes)
     assert losses_again == losses
-    other, _, _ = va.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=1, progress=False)
+    other, _, _ = vp.fit_autoencoder(maps, 4, epochs=15, batch_size=32, seed=1, progress=False)
     assert not np.array_equal(other, codes)
     with torch.no_grad():
         rebuilt = model.reconstruct(torch.from_numpy(maps[:3] / maps[:3].max(axis=(1, 2), keepdims=True)))
@@ -258,26 +259,26 @@ def test_autoencoder_loss_decreases_and_is_deterministic_per_seed() -> None:
 
 def test_clustering_recovers_two_families_and_the_heads_mixes() -> None:
     maps, heads, _, family = families()
-    codes, _, _ = va.fit_autoencoder(maps, 4, epochs=25, batch_size=32, seed=0, progress=False)
-    best, scores = va.choose_k(codes, range(2, 6), seed=0)
+    codes, _, _ = vp.fit_autoencoder(maps, 4, epochs=25, batch_size=32, seed=0, progress=False)
+    best, scores = vp.choose_k(codes, range(2, 6), seed=0)
     assert best == 2, scores
-    labels, centroids = va.cluster_codes(codes, seed=0, ks=range(2, 6))
+    labels, centroids = vp.cluster_codes(codes, seed=0, ks=range(2, 6))
     assert centroids.shape == (2, 4)
     # Name the clusters by their prototype's peak: offset (0, +1) is "right", (+1, 0) "down".
-    prototypes = va.cluster_prototypes(maps, labels, 2)
+    prototypes = vp.cluster_prototypes(maps, labels, 2)
     centre = np.array([7, 7])
     peaks = [np.unravel_index(np.argmax(p), p.shape) - centre for p in prototypes]
     assert sorted(tuple(int(x) for x in p) for p in peaks) == [(0, 1), (1, 0)]
     down_cluster = next(i for i, p in enumerate(peaks) if tuple(p) == (1, 0))
     np.testing.assert_array_equal(labels == down_cluster, family == 1)
 
-    mix = va.head_cluster_mix(labels, heads, 6, 2)  # head 5 has no maps
+    mix = vp.head_cluster_mix(labels, heads, 6, 2)  # head 5 has no maps
     down_share = mix[:, down_cluster]
     np.testing.assert_allclose(down_share[:5], [0.0, 0.0, 1.0, 1.0, 4 / 7])
     assert np.isnan(mix[5]).all()
-    groups = va.group_heads(mix)
+    groups = vp.group_heads(mix)
     assert groups.tolist() == [1 - down_cluster] * 2 + [down_cluster] * 3 + [-1]
-    by_mix = va.group_heads(mix, method="kmeans", n_groups=3)
+    by_mix = vp.group_heads(mix, method="kmeans", n_groups=3)
     assert by_mix[0] == by_mix[1] != by_mix[2] == by_mix[3] != by_mix[4] and by_mix[5] == -1
 
 
@@ -290,9 +291,9 @@ def test_errors_say_how_to_fix() -> None:
     with pytest.raises(ConfigError, match="bins must be one of"):
         va.distance_profile(np.zeros((2, 7, 7)), bins="rings")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="n_groups"):
-        va.group_heads(np.eye(3), method="kmeans")
+        vp.group_heads(np.eye(3), method="kmeans")
     with pytest.raises(ConfigError, match="non-negative"):
-        va.fit_autoencoder(-np.ones((4, 3, 3), dtype=np.float32), progress=False)
+        vp.fit_autoencoder(-np.ones((4, 3, 3), dtype=np.float32), progress=False)
 
 
 # ------------------------------------------------------------------------------ a real capture
@@ -318,11 +319,11 @@ def test_smoke_on_tiny_vit_patterns() -> None:
     assert ((mad >= 0) & (mad <= math.hypot(3, 3))).all()
     assert va.layer_trend(mad).frame().shape[0] == model.n_layers
 
-    pooled = [va.pattern_maps(p, grid, n_prefix) for p in layers]
+    pooled = [vp.pattern_maps(p, grid, n_prefix) for p in layers]
     all_maps = np.concatenate([m for m, _, _ in pooled])
     head_index = np.concatenate([h + layer * model.n_heads for layer, (_, h, _) in enumerate(pooled)])
-    codes, _, _ = va.fit_autoencoder(all_maps, 4, epochs=5, batch_size=64, progress=False)
-    labels, _ = va.cluster_codes(codes, 3)
-    mix = va.head_cluster_mix(labels, head_index, model.n_layers * model.n_heads, 3)
+    codes, _, _ = vp.fit_autoencoder(all_maps, 4, epochs=5, batch_size=64, progress=False)
+    labels, _ = vp.cluster_codes(codes, 3)
+    mix = vp.head_cluster_mix(labels, head_index, model.n_layers * model.n_heads, 3)
     np.testing.assert_allclose(mix.sum(axis=1), 1.0)
-    assert va.group_heads(mix).shape == (model.n_layers * model.n_heads,)
+    assert vp.group_heads(mix).shape == (model.n_layers * model.n_heads,)

@@ -21,7 +21,7 @@ import torch
 
 import probe
 from analyses import runstore, vit_heads
-from analyses.base import config_from_overrides
+from analyses.base import AnalysisResult, config_from_overrides
 from analyses.vit_heads import LinearProbe, PruneCondition, VitHeadsConfig
 from probe import vision
 from probe.errors import ConfigError
@@ -268,7 +268,7 @@ def test_a_label_written_by_one_head_is_found_by_pruning_that_head() -> None:
 # ---------------------------------------------------------------------------- whole runs
 
 
-def _check_result(result: vit_heads.AnalysisResult, model: LoadedModel, cfg: VitHeadsConfig) -> None:
+def _check_result(result: AnalysisResult, model: LoadedModel, cfg: VitHeadsConfig) -> None:
     L, H = model.n_layers, model.n_heads
     heads = result.heads
     assert len(heads) == L * H and list(heads.columns[:3]) == ["layer", "head", "kv_head"]
