@@ -16,7 +16,7 @@ import pytest
 
 import probe
 from analyses import circuits, runstore, vit_heads
-from analyses import vision_heads as vh
+from analyses import vhd as vh
 from analyses.census import CensusConfig, run_census
 from analyses.circuits import CircuitConfig
 from analyses.sinks import SinksConfig, run_sinks

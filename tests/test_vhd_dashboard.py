@@ -22,7 +22,7 @@ from plotly.utils import PlotlyJSONEncoder
 
 import probe
 from analyses import runstore
-from analyses import vision_heads as vh
+from analyses import vhd as vh
 from analyses.base import AnalysisResult
 from dashboard import report
 from dashboard.app import build_pages, create_app

@@ -1,7 +1,7 @@
 """The VHD page: which heads use the image (VHD), T-VHD of hallucinated and correct object words, and
 whether reinforcing the vision-aware heads (VHR) changes CHAIR and POPE.
 
-It shows one ``vhd`` or ``vhr`` run (:mod:`analyses.vision_heads`, He et al., ACL 2025); a ``vhd``
+It shows one ``vhd`` or ``vhr`` run (:mod:`analyses.vhd`, He et al., ACL 2025); a ``vhd``
 run has no VHR settings, so its reinforcement panels say so.
 
 Elements (stable ids): ``vhd-run`` (run picker), ``vhd-settings`` (the run's settings),

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses.vhd import BASELINE
 from dashboard.core import common
 from dashboard.core.common import Source, config, table_names
 from dashboard.core.common import table as _table
 
 ANALYSES: tuple[str, ...] = ("vhd", "vhr")
-BASELINE = "baseline"  # analyses.vision_heads.BASELINE: the setting without reinforcement
 REQUIRED_TABLES = frozenset({"heads", "captions", "tokens", "words", "tvhd_test", "summary", "scenes"})
 HEAD_METRICS: tuple[str, ...] = (
     "vhd_mean",

@@ -1,4 +1,4 @@
-"""VHD, T-VHD and VHR (analyses.vision_heads).
+"""VHD, T-VHD and VHR (analyses.vhd).
 
 Hand-built inputs with known answers for the rules (layers, outliers and median selection, T-VHD,
 the word test), definitions checked against plain re-computations on the random ``tiny-llava``
@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import probe
-from analyses import vision_heads as vh
+from analyses import vhd as vh
 from analyses.runstore import open_run
 from analyses.tasks import scene_captions as scc
 from analyses.tasks import scenes as sc
+from analyses.vhd.reinforcement import _decide
 from probe import vlm
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
@@ -63,13 +64,13 @@ def test_outliers_are_zeroed_before_the_median_selection() -> None:
     vhd = torch.tensor([[1.0, 2.0, 3.0, 10.0]])
     norm = torch.tensor([[1.0, 1.0, 1.0, 10.0]])
     # mean + std of vhd: 4 + 3.54 -> head 3 high; of norm: 3.25 + 3.90 -> head 3 high: an outlier
-    chosen, outlier = vh._decide(vhd, norm, outlier_removal=True)
+    chosen, outlier = _decide(vhd, norm, outlier_removal=True)
     assert outlier.tolist() == [[False, False, False, True]]
     assert chosen.tolist() == [[False, True, True, False]]  # [1, 2, 3, 0] above its median 1.5
-    chosen, outlier = vh._decide(vhd, norm, outlier_removal=False)
+    chosen, outlier = _decide(vhd, norm, outlier_removal=False)
     assert not outlier.any() and chosen.tolist() == [[False, False, True, True]]  # above 2.5
     # a high VHD with an ordinary norm is no outlier
-    chosen, outlier = vh._decide(vhd, torch.tensor([[5.0, 5.0, 5.0, 5.0]]), outlier_removal=True)
+    chosen, outlier = _decide(vhd, torch.tensor([[5.0, 5.0, 5.0, 5.0]]), outlier_removal=True)
     assert not outlier.any() and chosen.tolist() == [[False, False, True, True]]
 
 
@@ -193,7 +194,7 @@ def _naive_selection(model: LoadedModel, rows: vh.Rows, setting: vh.VhrSetting) 
         )  # before this layer's scaling
         vhd = torch.linalg.vector_norm(z[:b] - z[b:], dim=-1)
         norm = torch.linalg.vector_norm(z[b:], dim=-1)
-        chosen, _ = vh._decide(vhd, norm, setting.outlier_removal)
+        chosen, _ = _decide(vhd, norm, setting.outlier_removal)
         factor = torch.where(chosen, torch.tensor(setting.alpha), torch.tensor(1.0))
         scales[:, layer] = torch.cat([factor, factor])
     return scales[:b]
@@ -336,7 +337,7 @@ def test_paired_deltas_are_the_differences_of_the_summaries() -> None:
                           for name, t in (("baseline", base_texts), ("x", other_texts))], ignore_index=True)  # fmt: skip
     silent = scc.chair_table(scenes, ["Nothing."] * 6).assign(setting="silent")
     captions = pd.concat([captions, silent], ignore_index=True)
-    d = vh._paired_deltas(captions, pd.DataFrame(), len(scenes), SMALL).set_index(["setting", "metric"])[
+    d = vh.paired_deltas(captions, pd.DataFrame(), len(scenes), SMALL).set_index(["setting", "metric"])[
         "delta"
     ]
     for metric in ("CHAIR_S", "CHAIR_I", "recall"):
