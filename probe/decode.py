@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from probe.errors import CaptureError, ConfigError
-from probe.interventions import _by_layer
+from probe.heads import by_layer
 from probe.kernels import attention_modules, native_attention, register_attention
 from probe.model import LoadedModel
 from probe.types import Head
@@ -172,7 +172,7 @@ def decode_attention(model: LoadedModel, uniform_heads: Collection[Head] = ()) -
             "a decode capture is already running in this process; decode captures do not nest: "
             "finish the first greedy_decode before starting another (e.g. from a callback)"
         )
-    uniform = {layer: sorted(heads) for layer, heads in _by_layer(model, uniform_heads).items()}
+    uniform = {layer: sorted(heads) for layer, heads in by_layer(model, uniform_heads).items()}
     try:
         with native_attention(model, DECODE_IMPL) as native:
             state = _DecodeState(native, layer_of, model.group_size, uniform)

@@ -89,6 +89,9 @@ from typing import Any
 import torch
 
 from probe.errors import ConfigError
+from probe.heads import by_layer as _by_layer
+from probe.heads import check_head as _check_head
+from probe.heads import check_int as _check_int
 from probe.hooks import HookFn, HookSet, attn_hook, hooks
 from probe.model import LoadedModel
 from probe.types import Head
@@ -127,36 +130,6 @@ def _bridge_points(model: LoadedModel) -> Mapping[str, Any]:
         )
     return model.bridge.hook_dict
 
-
-def _check_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what} must be an int, got {value!r}")
-    return value
-
-
-def _check_head(model: LoadedModel, head: object) -> Head:
-    if not (isinstance(head, tuple | list) and len(head) == 2):
-        raise ConfigError(
-            f"heads are given as (layer, head) pairs, got {head!r}; e.g. (0, 1) is head 1 of layer 0"
-        )
-    layer = _check_int(head[0], "a layer index")
-    index = _check_int(head[1], "a head index")
-    if not (0 <= layer < model.n_layers and 0 <= index < model.n_heads):
-        raise ConfigError(
-            f"head ({layer}, {index}) does not exist on {model.name}: layers are 0..{model.n_layers - 1} "
-            f"and heads 0..{model.n_heads - 1}; pass (layer, head) pairs in those ranges"
-        )
-    return layer, index
-
-
-def _by_layer(model: LoadedModel, heads: Iterable[object]) -> dict[int, list[int]]:
-    """Validated heads grouped by layer, duplicates removed, in order of first appearance."""
-    out: dict[int, list[int]] = {}
-    for head in heads:
-        layer, index = _check_head(model, head)
-        if index not in out.setdefault(layer, []):
-            out[layer].append(index)
-    return out
 
 
 def _check_positions(positions: Positions | None, what: str) -> Positions | None:

@@ -88,6 +88,7 @@ import torch
 from probe import cache
 from probe.checkpoints import check_checkpoint_files, force_eager, quiet_transformers, read_config
 from probe.errors import CaptureError, ConfigError, HeadlabError
+from probe.heads import selection_by_layer
 from probe.images import (
     CLIP_IMAGE,
     CLIP_MEAN,
@@ -99,9 +100,8 @@ from probe.images import (
 )
 from probe.model import BosPolicy, LoadedModel
 from probe.reducers import BatchInfo, PatternReducer, _SumCount
-from probe.types import Head
+from probe.types import Head, HeadSelection
 
-HeadSelection = Iterable[Head] | Literal["all"]
 GateMode = Literal["scale", "zero", "mean"]
 __all__ = [
     "ARCHITECTURES",
@@ -513,34 +513,6 @@ def _image(model: LoadedModel) -> ImageSpec:
     return model.image
 
 
-def _check_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what} must be an int, got {value!r}")
-    return value
-
-
-def _by_layer(model: LoadedModel, heads: HeadSelection | None) -> dict[int, list[int]]:
-    """Heads grouped by layer (duplicates dropped, order kept); ``"all"`` is every head."""
-    if heads is None:
-        return {}
-    if isinstance(heads, str):
-        if heads != "all":
-            raise ConfigError(f"heads are (layer, head) pairs or 'all', got {heads!r}")
-        return {layer: list(range(model.n_heads)) for layer in range(model.n_layers)}
-    out: dict[int, list[int]] = {}
-    for head in heads:
-        if not (isinstance(head, tuple | list) and len(head) == 2):
-            raise ConfigError(f"heads are given as (layer, head) pairs, got {head!r}; e.g. (0, 1)")
-        layer, index = _check_int(head[0], "a layer index"), _check_int(head[1], "a head index")
-        if not (0 <= layer < model.n_layers and 0 <= index < model.n_heads):
-            raise ConfigError(
-                f"head ({layer}, {index}) does not exist on {model.name}: layers are 0..{model.n_layers - 1} "
-                f"and heads 0..{model.n_heads - 1}"
-            )
-        if index not in out.setdefault(layer, []):
-            out[layer].append(index)
-    return out
-
 
 def _pixels(model: LoadedModel, images: ImageInput) -> torch.Tensor:
     pixels = _image(model).preprocess(images)
@@ -684,8 +656,8 @@ def capture(
     spec = _image(model)
     check_eager(model)
     pixels = _pixels(model, images)
-    want_patterns = _by_layer(model, patterns)
-    want_outputs = _by_layer(model, head_outputs)
+    want_patterns = selection_by_layer(model, patterns)
+    want_outputs = selection_by_layer(model, head_outputs)
     names = model.extra["modules"]
     pattern_layers = sorted(set(want_patterns) | (set(range(model.n_layers)) if reducers else set()))
     store_p: dict[int, list[torch.Tensor]] = {layer: [] for layer in want_patterns}
@@ -888,13 +860,13 @@ def gate_heads(
             if not math.isfinite(factor):
                 raise ConfigError(f"the factor of head {head} must be finite, got {factor}")
             factors[head] = factor
-        grouped = _by_layer(model, factors)
+        grouped = selection_by_layer(model, factors)
     else:
         mode = mode or "zero"
         if mode not in ("zero", "mean"):
             raise ConfigError(f"mode must be 'scale', 'zero' or 'mean', got {mode!r}")
         factors = {}
-        grouped = _by_layer(model, heads)
+        grouped = selection_by_layer(model, heads)
     if mode == "mean":
         _check_means(model, grouped, means)
     names = model.extra["modules"]["out_proj"]
