@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe import memory
+from probe import memory, memory_measure
 from probe.errors import ConfigError, HeadlabError
 from probe.loading import LoadedModel
 from probe.memory import MemoryBudgetError, estimate_capture, plan_batch_size, weights_bytes
@@ -275,7 +275,7 @@ def test_estimate_bounds_the_measured_peak_rss_growth(
     mode: memory.Mode, batch: int, seq_len: int, query_block: int
 ) -> None:
     """A fresh process captures on tiny-llama; its peak RSS growth stays under the estimate."""
-    got = memory.measure_capture_peak(
+    got = memory_measure.measure_capture_peak(
         "tiny-llama", batch_size=batch, seq_len=seq_len, mode=mode, query_block=query_block, timeout=600
     )
     measured, estimate = got["measured"], got["estimate"]
