@@ -361,13 +361,31 @@ def _scores(values: dict[Head, float]) -> np.ndarray:
 
 def test_classify_logits_stage_by_score_sign_and_signature() -> None:
     cfg = CircuitConfig(min_share=0.02, min_attention=ATT)
-    scores = _scores({(2, 1): -0.5, (2, 3): -0.3, (1, 0): -0.4, (1, 2): -0.6, (2, 0): 0.2, (0, 0): -0.01,
-                      (0, 1): np.nan, (0, 2): 0.02})  # fmt: skip
+    scores = _scores(
+        {
+            (2, 1): -0.5,
+            (2, 3): -0.3,
+            (1, 0): -0.4,
+            (1, 2): -0.6,
+            (2, 0): 0.2,
+            (0, 0): -0.01,
+            (0, 1): np.nan,
+            (0, 2): 0.02,
+        }
+    )
     sig = _grids(
-        end_to_target={(2, 1): 0.6, (2, 3): 0.5, (1, 0): 0.05, (1, 2): 0.3, (2, 0): 0.5, (0, 0): 0.9, (0, 1): 0.9,
-                       (0, 2): 0.4},
+        end_to_target={
+            (2, 1): 0.6,
+            (2, 3): 0.5,
+            (1, 0): 0.05,
+            (1, 2): 0.3,
+            (2, 0): 0.5,
+            (0, 0): 0.9,
+            (0, 1): 0.9,
+            (0, 2): 0.4,
+        },
         end_to_dup={(2, 1): 0.1, (1, 2): 0.4, (0, 2): 0.1},
-    )  # fmt: skip
+    )
     found = circuits.classify("logits", scores, sig, cfg)
     assert set(found) == {"name_mover", "negative_mover"}
     # strongest first; (1, 0) fails min_attention, (1, 2) looks more at the duplicate, (0, 0) is
@@ -436,9 +454,9 @@ def test_rank_correlations() -> None:
     y = x.copy()
     y[0, 0] = np.nan  # left out
     table = circuits.rank_correlations(
-        {"logits": x, "mover_queries": x, "inhibition_kv": x}, {"logits": y, "mover_queries": -x ** 3,
-                                                                 "inhibition_kv": np.ones((3, 4))}
-    )  # fmt: skip
+        {"logits": x, "mover_queries": x, "inhibition_kv": x},
+        {"logits": y, "mover_queries": -(x**3), "inhibition_kv": np.ones((3, 4))},
+    )
     rows = table.set_index("stage")
     assert list(rows.index) == ["logits", "mover_queries", "inhibition_kv"]
     assert rows.loc["logits", "spearman"] == pytest.approx(1.0) and rows.loc["logits", "n_heads"] == 11
@@ -456,11 +474,16 @@ def _hand_group(end: list[int], wrong: list[list[int]], t: int = 6) -> PromptSet
     n = len(end)
     zeros = torch.zeros(n, dtype=torch.long)
     return PromptSet(
-        clean=torch.zeros(n, t, dtype=torch.long), corrupt=torch.zeros(n, t, dtype=torch.long), right=zeros,
-        wrong=zeros, candidates=torch.zeros(n, 3, dtype=torch.long), answer_index=zeros,
-        roles={r: torch.tensor(end) for r in circuits.ROLES}, wrong_positions=torch.tensor(wrong),
+        clean=torch.zeros(n, t, dtype=torch.long),
+        corrupt=torch.zeros(n, t, dtype=torch.long),
+        right=zeros,
+        wrong=zeros,
+        candidates=torch.zeros(n, 3, dtype=torch.long),
+        answer_index=zeros,
+        roles={r: torch.tensor(end) for r in circuits.ROLES},
+        wrong_positions=torch.tensor(wrong),
         items=np.arange(n),
-    )  # fmt: skip
+    )
 
 
 def test_wrong_options_edit_moves_ends_row_onto_the_wrong_options() -> None:
@@ -593,29 +616,87 @@ SIG_COLS = [
 ]
 COLUMNS = {
     "scores": ["task", "stage", "layer", "head", "score"],
-    "metrics": ["task", "n_items", "logit_diff", "logit_diff_low", "logit_diff_high", "logit_diff_corrupt", "gap",
-                "accuracy", "accuracy_low", "accuracy_high", "accuracy_chance", "vocab_accuracy",
-                "vocab_accuracy_low", "vocab_accuracy_high"],
-    "items": ["task", "item", "text", "answer", "logit_diff", "logit_diff_corrupt", "correct", "vocab_correct"],
-    "circuit": ["task", "class", "stage", "layer", "head", "rank", "score", "activation",
-                *(f"sig_{s}" for s in SIG_COLS)],
+    "metrics": [
+        "task",
+        "n_items",
+        "logit_diff",
+        "logit_diff_low",
+        "logit_diff_high",
+        "logit_diff_corrupt",
+        "gap",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "accuracy_chance",
+        "vocab_accuracy",
+        "vocab_accuracy_low",
+        "vocab_accuracy_high",
+    ],
+    "items": [
+        "task",
+        "item",
+        "text",
+        "answer",
+        "logit_diff",
+        "logit_diff_corrupt",
+        "correct",
+        "vocab_correct",
+    ],
+    "circuit": [
+        "task",
+        "class",
+        "stage",
+        "layer",
+        "head",
+        "rank",
+        "score",
+        "activation",
+        *(f"sig_{s}" for s in SIG_COLS),
+    ],
     "receivers": ["task", "stage", "input", "layer", "head", "stand_in", "why"],
-    "edges": ["task", "stage", "sender_layer", "sender_head", "receiver_layer", "receiver_head", "input", "share"],
+    "edges": [
+        "task",
+        "stage",
+        "sender_layer",
+        "sender_head",
+        "receiver_layer",
+        "receiver_head",
+        "input",
+        "share",
+    ],
     "faithfulness": ["task", "circuit", "index", "size", "logit_diff", "full_logit_diff", "faithfulness"],
     "ablation": ["task", "ablated", "index", "size", "logit_diff", "drop", "heads"],
     "overlap": ["source", "stage", "percent", "k", "shared", "overlap", "jaccard"],
     "rank_correlation": ["stage", "spearman", "p_value", "n_heads"],
-    "intervention": ["condition", "index", "n_heads", "heads", "accuracy", "accuracy_low", "accuracy_high",
-                     "change", "change_low", "change_high", "chance", "vocab_accuracy", "vocab_accuracy_low",
-                     "vocab_accuracy_high", "logit_diff"],
-}  # fmt: skip
+    "intervention": [
+        "condition",
+        "index",
+        "n_heads",
+        "heads",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "change",
+        "change_low",
+        "change_high",
+        "chance",
+        "vocab_accuracy",
+        "vocab_accuracy_low",
+        "vocab_accuracy_high",
+        "logit_diff",
+    ],
+}
 
 
 def heads_columns(prefixes: Sequence[str]) -> list[str]:
     cols = ["layer", "head", "kv_head"]
     for px in prefixes:
-        cols += [f"{px}_activation", f"{px}_attribution", *(f"{px}_{s}" for s in STAGE_COLS),
-                 *(f"{px}_{s}" for s in SIG_COLS)]  # fmt: skip
+        cols += [
+            f"{px}_activation",
+            f"{px}_attribution",
+            *(f"{px}_{s}" for s in STAGE_COLS),
+            *(f"{px}_{s}" for s in SIG_COLS),
+        ]
     return cols + [f"{px}_class" for px in prefixes]
 
 
@@ -696,8 +777,12 @@ def test_run_ioi_end_to_end_with_screened_senders(
     lds = []
     for group in data.groups:
         means = iv.cache_z(model, group.corrupt)
-        with iv.compose(*(iv.patch_activation(model, attn_hook(x, "z"), z.mean(0, keepdim=True))
-                          for x, z in means.items())):  # fmt: skip
+        with iv.compose(
+            *(
+                iv.patch_activation(model, attn_hook(x, "z"), z.mean(0, keepdim=True))
+                for x, z in means.items()
+            )
+        ):
             lds.append(bridge_logit_diff(model, group.clean, group))
     faith = result.tables["faithfulness"].set_index("circuit")
     assert faith.loc["empty", "logit_diff"] == pytest.approx(float(torch.cat(lds).double().mean()), abs=1e-5)
@@ -719,8 +804,9 @@ def test_run_colored_objects_and_circuit_reuse_end_to_end(
     for name in ("ioi", "colored_objects"):
         assert not np.isnan(reuse.arrays[f"scores_{name}"]).any()  # every head tested
     # the reuse run's Colored Objects half is the single run
-    np.testing.assert_allclose(reuse.arrays["scores_colored_objects"], single.arrays["scores_colored_objects"],
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        reuse.arrays["scores_colored_objects"], single.arrays["scores_colored_objects"], atol=1e-6
+    )
     pd.testing.assert_frame_equal(
         reuse.tables["metrics"].iloc[[1]].reset_index(drop=True), single.tables["metrics"], check_exact=False
     )
@@ -802,8 +888,9 @@ def test_real_model_runner_and_ioi_behaviour(smol: dict[str, Any]) -> None:
     rows = torch.arange(len(group))
     torch.testing.assert_close(runner.logits(final), full[rows, group.roles["end"]], atol=2e-4, rtol=1e-4)
     at_end = full[rows, group.roles["end"]]
-    torch.testing.assert_close(cache.clean.logit_diff, at_end[rows, group.right] - at_end[rows, group.wrong],
-                               atol=2e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        cache.clean.logit_diff, at_end[rows, group.right] - at_end[rows, group.wrong], atol=2e-4, rtol=1e-4
+    )
     clean = torch.cat([c.clean.logit_diff for c in caches])
     corrupt = torch.cat([c.corrupt.logit_diff for c in caches])
     assert len(clean) == REAL_CFG.n_items

@@ -39,8 +39,9 @@ from dashboard.sections import REPORT_SECTIONS
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
-RICH = CircuitConfig(n_items=4, n_random=3, min_share=0.0, min_attention=0.0, max_per_class=3, n_boot=200,
-                     progress=False)  # fmt: skip
+RICH = CircuitConfig(
+    n_items=4, n_random=3, min_share=0.0, min_attention=0.0, max_per_class=3, n_boot=200, progress=False
+)
 SCREENED = CircuitConfig(n_items=4, n_random=2, max_senders=5, n_boot=200, progress=False)
 EMPTY = CircuitConfig(n_items=4, n_random=2, min_share=0.9, min_attention=1.0, n_boot=200, progress=False)
 
@@ -65,8 +66,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         single_ioi = circuits.run_ioi(model, SCREENED).save(root)
         single_co = circuits.run_colored_objects(model, EMPTY).save(root)
         # a run of another analysis under the same root: never offered by the circuits page
-        runstore.write_run(root, analysis="census", model_info={"name": "m"}, config={},
-                           tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})})  # fmt: skip
+        runstore.write_run(
+            root,
+            analysis="census",
+            model_info={"name": "m"},
+            config={},
+            tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})},
+        )
     yield Runs(root, reuse.name, single_ioi.name, single_co.name, result)
 
 
@@ -105,9 +111,21 @@ def test_page_offers_the_three_run_kinds_and_renders_each(runs: Runs, tmp_path: 
     page = _page(runs.root)
     offered = {o["value"] for o in page.run_options()}
     assert offered == {runs.reuse, runs.ioi, runs.co}  # not the census run
-    elements = ("circuits-run", "circuits-settings", "circuits-findings", "circuits-metrics",
-                "circuits-faithfulness", "circuits-task", "circuits-graph", "circuits-classes", "circuits-stage",
-                "circuits-heatmaps", "circuits-overlap", "circuits-iv-metric", "circuits-intervention")  # fmt: skip
+    elements = (
+        "circuits-run",
+        "circuits-settings",
+        "circuits-findings",
+        "circuits-metrics",
+        "circuits-faithfulness",
+        "circuits-task",
+        "circuits-graph",
+        "circuits-classes",
+        "circuits-stage",
+        "circuits-heatmaps",
+        "circuits-overlap",
+        "circuits-iv-metric",
+        "circuits-intervention",
+    )
     for run_id, tasks in (
         (runs.reuse, ["ioi", "colored_objects"]),
         (runs.ioi, ["ioi"]),
@@ -295,9 +313,9 @@ def test_overlap_curve_per_stage_and_the_two_percent_point(runs: Runs) -> None:
     assert fig.layout.xaxis.type == "log"
     for run_id in (runs.ioi, runs.co):
         single = _open(runs, run_id)
-        assert "needs a circuit-reuse run" in figures.overlap_figure(single).layout.annotations[0].text.replace(
-            "<br>", " "
-        )
+        assert "needs a circuit-reuse run" in figures.overlap_figure(single).layout.annotations[
+            0
+        ].text.replace("<br>", " ")
         assert "needs a circuit-reuse run" in figures.intervention_figure(single).layout.annotations[
             0
         ].text.replace("<br>", " ")
@@ -409,8 +427,13 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     app = Dash(__name__)
     app.layout = page.layout({"run": runs.reuse})
     page.register_callbacks(app)
-    assert {"circuits-graph.figure", "circuits-heatmaps.figure", "circuits-overlap.figure",
-            "circuits-intervention.figure", "circuits-classes.children"} <= set(app.callback_map)  # fmt: skip
+    assert {
+        "circuits-graph.figure",
+        "circuits-heatmaps.figure",
+        "circuits-overlap.figure",
+        "circuits-intervention.figure",
+        "circuits-classes.children",
+    } <= set(app.callback_map)
     maps = post_callback(
         app, "circuits-heatmaps.figure", [("circuits-run", runs.reuse), ("circuits-stage", "induction_k")]
     )
@@ -459,13 +482,27 @@ def test_report_sections_render_for_each_run_kind(
         assert REPORT_SECTIONS[name] is circuits_section.report_sections
     run = _open(runs, runs.reuse)
     sections = circuits_section.report_sections(run)
-    assert [s.anchor for s in sections] == ["circuits-summary", "circuits-heads", "circuits-patching",
-                                            "circuits-faithfulness", "circuits-reuse", "circuits-intervention"]  # fmt: skip
+    assert [s.anchor for s in sections] == [
+        "circuits-summary",
+        "circuits-heads",
+        "circuits-patching",
+        "circuits-faithfulness",
+        "circuits-reuse",
+        "circuits-intervention",
+    ]
     body = "".join(s.body for s in sections)
-    for needle in ("circuits-metrics-figure", "circuits-graph-0", "circuits-graph-1", "circuits-heatmap-activation",
-                   "circuits-heatmap-attribution",
-                   "circuits-heatmap-induction_k", "circuits-faithfulness-figure", "circuits-overlap-figure",
-                   "circuits-intervention-figure", "circuits-intervention-vocab-figure"):  # fmt: skip
+    for needle in (
+        "circuits-metrics-figure",
+        "circuits-graph-0",
+        "circuits-graph-1",
+        "circuits-heatmap-activation",
+        "circuits-heatmap-attribution",
+        "circuits-heatmap-induction_k",
+        "circuits-faithfulness-figure",
+        "circuits-overlap-figure",
+        "circuits-intervention-figure",
+        "circuits-intervention-vocab-figure",
+    ):
         assert f'id="{needle}"' in body
     found = views.findings(run)
     for line in found["reuse"] + found["intervention"] + found["faithfulness"]:
@@ -482,9 +519,12 @@ def test_report_sections_render_for_each_run_kind(
         s.body for s in circuits_section.report_sections(_open(runs, runs.co))
     ).replace("\\u003cbr\\u003e", " ")  # a message figure's text is wrapped to lines (<br> in the JSON)
     foreign = runstore.write_run(
-        tmp_path / "runs", analysis="ioi", model_info={"name": "m"}, config={},
+        tmp_path / "runs",
+        analysis="ioi",
+        model_info={"name": "m"},
+        config={},
         tables={"heads": run.heads[["layer", "head", "kv_head", "ioi_activation"]]},
-    )  # fmt: skip
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="circuits-summary"' not in generic
 

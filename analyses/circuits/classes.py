@@ -77,9 +77,13 @@ def screened_senders(model: LoadedModel, screen: np.ndarray | None, max_senders:
 
 
 def discover(
-    runner: Runner, caches: Sequence[GroupCache], task: TaskName, cfg: CircuitConfig,
-    signatures: dict[str, np.ndarray], screen: np.ndarray | None = None,
-) -> Discovery:  # fmt: skip
+    runner: Runner,
+    caches: Sequence[GroupCache],
+    task: TaskName,
+    cfg: CircuitConfig,
+    signatures: dict[str, np.ndarray],
+    screen: np.ndarray | None = None,
+) -> Discovery:
     """Run the four stages in order, each with the receivers the one before found.
 
     Senders are every head, or (``cfg.max_senders``) the strongest by ``screen`` (attribution
@@ -113,9 +117,15 @@ def discover(
                 classes.update(classify(stage, scores[stage], signatures, cfg))
                 continue
         receivers[stage] = (heads, why)
-        flat = path_patching(runner, caches, senders, Receivers(kind, tuple(heads)),
-                             batch_size=cfg.batch_size, progress=cfg.progress,
-                             desc=f"{task} {stage}")  # fmt: skip
+        flat = path_patching(
+            runner,
+            caches,
+            senders,
+            Receivers(kind, tuple(heads)),
+            batch_size=cfg.batch_size,
+            progress=cfg.progress,
+            desc=f"{task} {stage}",
+        )
         grid = np.full((model.n_layers, model.n_heads), np.nan)
         for head, value in zip(senders, flat, strict=True):
             grid[head] = value
@@ -145,12 +155,30 @@ def circuit_edges(
                 runner, caches, live, Receivers(kind, (receiver,)), batch_size=cfg.batch_size
             )
             for s, share in zip(live, shares, strict=True):
-                edges.append({"task": found.task, "stage": stage, "sender_layer": s[0], "sender_head": s[1],
-                              "receiver_layer": receiver[0], "receiver_head": receiver[1], "input": kind,
-                              "share": float(share)})  # fmt: skip
+                edges.append(
+                    {
+                        "task": found.task,
+                        "stage": stage,
+                        "sender_layer": s[0],
+                        "sender_head": s[1],
+                        "receiver_layer": receiver[0],
+                        "receiver_head": receiver[1],
+                        "input": kind,
+                        "share": float(share),
+                    }
+                )
     for cls in STAGE_CLASSES["logits"]:
         for layer, h in found.classes.get(cls, []):
-            edges.append({"task": found.task, "stage": "logits", "sender_layer": layer, "sender_head": h,
-                          "receiver_layer": -1, "receiver_head": -1, "input": "logits",
-                          "share": float(found.scores["logits"][layer, h])})  # fmt: skip
+            edges.append(
+                {
+                    "task": found.task,
+                    "stage": "logits",
+                    "sender_layer": layer,
+                    "sender_head": h,
+                    "receiver_layer": -1,
+                    "receiver_head": -1,
+                    "input": "logits",
+                    "share": float(found.scores["logits"][layer, h]),
+                }
+            )
     return edges

@@ -45,10 +45,16 @@ class PromptSet:
 
     def subset(self, rows: slice) -> PromptSet:
         return PromptSet(
-            self.clean[rows], self.corrupt[rows], self.right[rows], self.wrong[rows], self.candidates[rows],
-            self.answer_index[rows], {k: v[rows] for k, v in self.roles.items()}, self.wrong_positions[rows],
+            self.clean[rows],
+            self.corrupt[rows],
+            self.right[rows],
+            self.wrong[rows],
+            self.candidates[rows],
+            self.answer_index[rows],
+            {k: v[rows] for k, v in self.roles.items()},
+            self.wrong_positions[rows],
             self.items[rows],
-        )  # fmt: skip
+        )
 
 
 @dataclass

@@ -37,9 +37,13 @@ def template_means(
 
 
 def mean_ablated_logit_diff(
-    runner: Runner, caches: Sequence[GroupCache], means: Sequence[Mapping[int, torch.Tensor]],
-    keep: Sequence[Sequence[Head]], *, batch_size: int = 128,
-) -> np.ndarray:  # fmt: skip
+    runner: Runner,
+    caches: Sequence[GroupCache],
+    means: Sequence[Mapping[int, torch.Tensor]],
+    keep: Sequence[Sequence[Head]],
+    *,
+    batch_size: int = 128,
+) -> np.ndarray:
     """Mean logit difference ``[len(keep)]`` with every head *outside* ``keep[g]`` mean-ablated."""
     model = runner.model
     totals = np.zeros(len(keep))
@@ -60,7 +64,9 @@ def mean_ablated_logit_diff(
                         swap_hook(mean[layer].unsqueeze(0).expand(n, *mean[layer].shape), ablate),
                     )
                 )
-            final = runner.run(repeat_rows(cache.group.clean, G), points, end=repeat_rows(cache.group.roles["end"], G))
+            final = runner.run(
+                repeat_rows(cache.group.clean, G), points, end=repeat_rows(cache.group.roles["end"], G)
+            )
             assert final is not None
             ld = runner.readout(final, cache.group, G).logit_diff.reshape(G, n)
             totals[chunk] += ld.sum(1).double().numpy()

@@ -32,9 +32,13 @@ from probe.loading import LoadedModel
 
 
 def activation_patching(
-    runner: Runner, caches: Sequence[GroupCache], heads: Sequence[Head], *, batch_size: int = 128,
+    runner: Runner,
+    caches: Sequence[GroupCache],
+    heads: Sequence[Head],
+    *,
+    batch_size: int = 128,
     progress: bool = False,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Per head, the share of the gap removed by patching its corrupted ``z`` into the clean run.
 
     Returns ``[len(heads)]``. Copies of the clean batch each patch one head, so a forward pass serves
@@ -42,8 +46,11 @@ def activation_patching(
     """
     sums = np.zeros(len(heads))
     gap = clean_corrupt_gap(caches)
-    bar = progress_bar(sum(math.ceil(len(heads) / max(1, batch_size // len(c.group))) for c in caches),
-                    "activation patching", progress)  # fmt: skip
+    bar = progress_bar(
+        sum(math.ceil(len(heads) / max(1, batch_size // len(c.group))) for c in caches),
+        "activation patching",
+        progress,
+    )
     for cache in caches:
         n = len(cache.group)
         per = max(1, batch_size // n)
@@ -95,8 +102,13 @@ def attribution_patching(runner: Runner, caches: Sequence[GroupCache]) -> np.nda
         rows = torch.arange(len(group), device=runner.device)
         end = group.roles["end"].to(runner.device)
 
-        def final(resid: torch.Tensor, hook: Any, read: dict[str, torch.Tensor] = read,
-                  rows: torch.Tensor = rows, end: torch.Tensor = end) -> None:  # fmt: skip
+        def final(
+            resid: torch.Tensor,
+            hook: Any,
+            read: dict[str, torch.Tensor] = read,
+            rows: torch.Tensor = rows,
+            end: torch.Tensor = end,
+        ) -> None:
             read["end"] = resid[rows, end]
             raise StopForward
 
@@ -236,9 +248,13 @@ def _input_patch(recorded: torch.Tensor, idx: list[int], end: torch.Tensor | Non
 
 @torch.no_grad()
 def path_patching_reference(
-    model: LoadedModel, group: PromptSet, clean_z: Mapping[int, torch.Tensor],
-    corrupt_z: Mapping[int, torch.Tensor], sender: Head, receivers: Receivers,
-) -> torch.Tensor:  # fmt: skip
+    model: LoadedModel,
+    group: PromptSet,
+    clean_z: Mapping[int, torch.Tensor],
+    corrupt_z: Mapping[int, torch.Tensor],
+    sender: Head,
+    receivers: Receivers,
+) -> torch.Tensor:
     """Logit difference ``[N]`` after patching one sender -> ``receivers``, written plainly.
 
     The same two passes as :func:`path_patching_raw`, one sender at a time, with the public
@@ -285,18 +301,26 @@ def path_patching_reference(
             )
         if receivers.input != "q":  # GQA: the receivers' KV-group siblings keep their clean output
             siblings = [
-                (rl, x) for rl, rh in receivers.heads for x in range(model.n_heads)
+                (rl, x)
+                for rl, rh in receivers.heads
+                for x in range(model.n_heads)
                 if model.kv_head(x) == model.kv_head(rh) and (rl, x) not in receivers.heads
-            ]  # fmt: skip
+            ]
             if siblings:
                 stack.enter_context(iv.freeze_heads(model, siblings, clean_z))
         return logit_diff()
 
 
 def path_patching(
-    runner: Runner, caches: Sequence[GroupCache], senders: Sequence[Head], receivers: Receivers, *,
-    batch_size: int = 128, progress: bool = False, desc: str = "path patching",
-) -> np.ndarray:  # fmt: skip
+    runner: Runner,
+    caches: Sequence[GroupCache],
+    senders: Sequence[Head],
+    receivers: Receivers,
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "path patching",
+) -> np.ndarray:
     """Per sender, the share of the gap its path to ``receivers`` carries: ``[len(senders)]``.
 
     Senders at or above the last receiver layer cannot reach a receiver and score exactly 0 without a

@@ -48,8 +48,12 @@ def wrong_options_edit(group: PromptSet, copies: int) -> Callable[[torch.Tensor]
 
 
 def intervene(
-    runner: Runner, groups: Sequence[PromptSet], head_sets: Sequence[Sequence[Head]], *, batch_size: int = 128,
-) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    runner: Runner,
+    groups: Sequence[PromptSet],
+    head_sets: Sequence[Sequence[Head]],
+    *,
+    batch_size: int = 128,
+) -> list[dict[str, np.ndarray]]:
     """Per head set: per-item logit difference, candidate-correct and vocabulary-correct, with the
     set's END attention moved onto the wrong options (an empty set is the unedited model)."""
     model = runner.model
@@ -80,10 +84,14 @@ def intervene(
                 assert read.top_token is not None
                 vocab.append(read.top_token == sub.right)
                 items.append(sub.items)
-        results.append({
-            "logit_diff": torch.cat(ld).double().numpy(), "candidate_correct": torch.cat(cand).numpy(),
-            "vocab_correct": torch.cat(vocab).numpy(), "items": np.concatenate(items),
-        })  # fmt: skip
+        results.append(
+            {
+                "logit_diff": torch.cat(ld).double().numpy(),
+                "candidate_correct": torch.cat(cand).numpy(),
+                "vocab_correct": torch.cat(vocab).numpy(),
+                "items": np.concatenate(items),
+            }
+        )
     return results
 
 
@@ -112,11 +120,26 @@ def overlap_curve(
             pooled_n += len(ta)
             union_a |= {(stage, h) for h in ta}
             union_b |= {(stage, h) for h in tb}
-            rows.append({"stage": stage, "percent": p, "k": len(ta), "shared": hit, "overlap": hit / len(ta),
-                         "jaccard": hit / len(ta | tb)})  # fmt: skip
-        rows.append({"stage": "all", "percent": p, "k": pooled_n, "shared": pooled_hit,
-                     "overlap": pooled_hit / max(pooled_n, 1),
-                     "jaccard": pooled_hit / max(len(union_a | union_b), 1)})  # fmt: skip
+            rows.append(
+                {
+                    "stage": stage,
+                    "percent": p,
+                    "k": len(ta),
+                    "shared": hit,
+                    "overlap": hit / len(ta),
+                    "jaccard": hit / len(ta | tb),
+                }
+            )
+        rows.append(
+            {
+                "stage": "all",
+                "percent": p,
+                "k": pooled_n,
+                "shared": pooled_hit,
+                "overlap": pooled_hit / max(pooled_n, 1),
+                "jaccard": pooled_hit / max(len(union_a | union_b), 1),
+            }
+        )
     return pd.DataFrame(rows, columns=["stage", "percent", "k", "shared", "overlap", "jaccard"])
 
 

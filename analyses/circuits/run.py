@@ -100,19 +100,37 @@ def _metrics(
     vacc, vacc_lo, vacc_hi = bootstrap_mean(vocab.astype(float), cfg.n_boot, cfg.seed)
     n_cand = int(caches[0].group.candidates.shape[1])
     row = {
-        "task": task, "n_items": int(clean.size), "logit_diff": ld, "logit_diff_low": ld_lo,
-        "logit_diff_high": ld_hi, "logit_diff_corrupt": float(corrupt.mean()),
-        "gap": float(clean.mean() - corrupt.mean()), "accuracy": acc, "accuracy_low": acc_lo,
-        "accuracy_high": acc_hi, "accuracy_chance": 1.0 / n_cand, "vocab_accuracy": vacc,
-        "vocab_accuracy_low": vacc_lo, "vocab_accuracy_high": vacc_hi,
-    }  # fmt: skip
-    frame = pd.DataFrame({
-        "task": pd.Series([task] * items.size, dtype=object), "item": items.astype(np.int64),
-        "text": pd.Series([data.texts[i] for i in items], dtype=object),
-        "answer": pd.Series([data.answers[i] for i in items], dtype=object),
-        "logit_diff": clean, "logit_diff_corrupt": corrupt, "correct": cand.astype(bool),
-        "vocab_correct": vocab.astype(bool),
-    }).sort_values("item", kind="stable").reset_index(drop=True)  # fmt: skip
+        "task": task,
+        "n_items": int(clean.size),
+        "logit_diff": ld,
+        "logit_diff_low": ld_lo,
+        "logit_diff_high": ld_hi,
+        "logit_diff_corrupt": float(corrupt.mean()),
+        "gap": float(clean.mean() - corrupt.mean()),
+        "accuracy": acc,
+        "accuracy_low": acc_lo,
+        "accuracy_high": acc_hi,
+        "accuracy_chance": 1.0 / n_cand,
+        "vocab_accuracy": vacc,
+        "vocab_accuracy_low": vacc_lo,
+        "vocab_accuracy_high": vacc_hi,
+    }
+    frame = (
+        pd.DataFrame(
+            {
+                "task": pd.Series([task] * items.size, dtype=object),
+                "item": items.astype(np.int64),
+                "text": pd.Series([data.texts[i] for i in items], dtype=object),
+                "answer": pd.Series([data.answers[i] for i in items], dtype=object),
+                "logit_diff": clean,
+                "logit_diff_corrupt": corrupt,
+                "correct": cand.astype(bool),
+                "vocab_correct": vocab.astype(bool),
+            }
+        )
+        .sort_values("item", kind="stable")
+        .reset_index(drop=True)
+    )
     return row, frame
 
 
@@ -136,11 +154,17 @@ def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnal
     keep_sets: list[list[Head]] = [circuit, [], *randoms]
     lds = mean_ablated_logit_diff(runner, caches, means, keep_sets, batch_size=cfg.batch_size)
     labels = ["found", "empty", *["random"] * len(randoms)]
-    faith = pd.DataFrame({
-        "task": task, "circuit": labels, "index": [0, 0, *range(len(randoms))],
-        "size": [len(k) for k in keep_sets], "logit_diff": lds, "full_logit_diff": full,
-        "faithfulness": lds / full if full else np.nan,
-    })  # fmt: skip
+    faith = pd.DataFrame(
+        {
+            "task": task,
+            "circuit": labels,
+            "index": [0, 0, *range(len(randoms))],
+            "size": [len(k) for k in keep_sets],
+            "logit_diff": lds,
+            "full_logit_diff": full,
+            "faithfulness": lds / full if full else np.nan,
+        }
+    )
     movers = found.classes.get("name_mover", [])
     ablation_rows = []
     if movers:
@@ -149,10 +173,17 @@ def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnal
         keep = [[h for h in all_heads if h not in set(s)] for s in sets]
         ab = mean_ablated_logit_diff(runner, caches, means, keep, batch_size=cfg.batch_size)
         for i, (s, value) in enumerate(zip(sets, ab, strict=True)):
-            ablation_rows.append({"task": task, "ablated": "name_movers" if i == 0 else "random",
-                                  "index": max(0, i - 1), "size": len(s), "logit_diff": float(value),
-                                  "drop": full - float(value),
-                                  "heads": " ".join(f"L{a}H{b}" for a, b in s)})  # fmt: skip
+            ablation_rows.append(
+                {
+                    "task": task,
+                    "ablated": "name_movers" if i == 0 else "random",
+                    "index": max(0, i - 1),
+                    "size": len(s),
+                    "logit_diff": float(value),
+                    "drop": full - float(value),
+                    "heads": " ".join(f"L{a}H{b}" for a, b in s),
+                }
+            )
     ablation = pd.DataFrame(
         ablation_rows, columns=["task", "ablated", "index", "size", "logit_diff", "drop", "heads"]
     )
@@ -206,17 +237,32 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
         for stage in STAGES:
             for cls in STAGE_CLASSES[stage]:
                 for rank, (layer, h) in enumerate(found.classes.get(cls, [])):
-                    circuit_rows.append({
-                        "task": a.data.name, "class": cls, "stage": stage, "layer": layer, "head": h,
-                        "rank": rank, "score": float(found.scores[stage][layer, h]),
-                        "activation": float(a.activation[layer, h]),
-                        **{f"sig_{k}": float(v[layer, h]) for k, v in found.signatures.items()},
-                    })  # fmt: skip
+                    circuit_rows.append(
+                        {
+                            "task": a.data.name,
+                            "class": cls,
+                            "stage": stage,
+                            "layer": layer,
+                            "head": h,
+                            "rank": rank,
+                            "score": float(found.scores[stage][layer, h]),
+                            "activation": float(a.activation[layer, h]),
+                            **{f"sig_{k}": float(v[layer, h]) for k, v in found.signatures.items()},
+                        }
+                    )
             heads_in, why = found.receivers[stage]
             for layer, h in heads_in:
-                receiver_rows.append({"task": a.data.name, "stage": stage, "input": STAGE_RECEIVERS[stage][0],
-                                      "layer": layer, "head": h, "stand_in": why.startswith("no "),
-                                      "why": why})  # fmt: skip
+                receiver_rows.append(
+                    {
+                        "task": a.data.name,
+                        "stage": stage,
+                        "input": STAGE_RECEIVERS[stage][0],
+                        "layer": layer,
+                        "head": h,
+                        "stand_in": why.startswith("no "),
+                        "why": why,
+                    }
+                )
         edge_rows += found.edges
     sig_cols = [f"sig_{k}" for k in [*SIGNATURES, "previous_token"]]
     return {
@@ -224,22 +270,40 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
         "scores": scores,
         "metrics": pd.DataFrame([a.metrics for a in analyses]),
         "items": pd.concat([a.items for a in analyses], ignore_index=True),
-        "circuit": pd.DataFrame(circuit_rows, columns=["task", "class", "stage", "layer", "head", "rank", "score",
-                                                       "activation", *sig_cols]),
+        "circuit": pd.DataFrame(
+            circuit_rows,
+            columns=["task", "class", "stage", "layer", "head", "rank", "score", "activation", *sig_cols],
+        ),
         "receivers": pd.DataFrame(
             receiver_rows, columns=["task", "stage", "input", "layer", "head", "stand_in", "why"]
         ),
-        "edges": pd.DataFrame(edge_rows, columns=["task", "stage", "sender_layer", "sender_head", "receiver_layer",
-                                                  "receiver_head", "input", "share"]),
+        "edges": pd.DataFrame(
+            edge_rows,
+            columns=[
+                "task",
+                "stage",
+                "sender_layer",
+                "sender_head",
+                "receiver_layer",
+                "receiver_head",
+                "input",
+                "share",
+            ],
+        ),
         "faithfulness": pd.concat([a.faithfulness for a in analyses], ignore_index=True),
         "ablation": pd.concat([a.ablation for a in analyses], ignore_index=True),
-    }  # fmt: skip
+    }
 
 
 def _result(
-    analysis: str, model: LoadedModel, cfg: CircuitConfig, analyses: Sequence[TaskAnalysis],
-    extra: Mapping[str, pd.DataFrame], timings: dict[str, float], notes: dict[str, Any],
-) -> AnalysisResult:  # fmt: skip
+    analysis: str,
+    model: LoadedModel,
+    cfg: CircuitConfig,
+    analyses: Sequence[TaskAnalysis],
+    extra: Mapping[str, pd.DataFrame],
+    timings: dict[str, float],
+    notes: dict[str, Any],
+) -> AnalysisResult:
     tables = task_tables(model, analyses)
     tables.update(extra)
     arrays = {
@@ -252,9 +316,15 @@ def _result(
         }
     notes["score_axes"] = list(SCORE_COLUMNS)
     return AnalysisResult(
-        analysis=analysis, model_info=model.describe(), config=replace(cfg), tables=tables, arrays=arrays,
-        seeds={"seed": cfg.seed}, timings=timings, notes=notes,
-    )  # fmt: skip
+        analysis=analysis,
+        model_info=model.describe(),
+        config=replace(cfg),
+        tables=tables,
+        arrays=arrays,
+        seeds={"seed": cfg.seed},
+        timings=timings,
+        notes=notes,
+    )
 
 
 def run_ioi(model: LoadedModel, config: CircuitConfig | None = None) -> AnalysisResult:
@@ -315,18 +385,40 @@ def run_circuit_reuse(model: LoadedModel, config: CircuitConfig | None = None) -
         label = "before" if i == 0 else "ioi_heads" if i == 1 else "random"
         acc = bootstrap_mean(res["candidate_correct"].astype(float), cfg.n_boot, cfg.seed)
         vacc = bootstrap_mean(res["vocab_correct"].astype(float), cfg.n_boot, cfg.seed)
-        change = bootstrap_mean(res["candidate_correct"].astype(float) - base, cfg.n_boot, cfg.seed)  # paired per item
-        rows.append({"condition": label, "index": max(0, i - 2), "n_heads": len(s),
-                     "heads": " ".join(f"L{a}H{b}" for a, b in s), "accuracy": acc[0], "accuracy_low": acc[1],
-                     "accuracy_high": acc[2], "change": change[0], "change_low": change[1],
-                     "change_high": change[2], "chance": chance, "vocab_accuracy": vacc[0],
-                     "vocab_accuracy_low": vacc[1], "vocab_accuracy_high": vacc[2],
-                     "logit_diff": float(res["logit_diff"].mean())})  # fmt: skip
+        change = bootstrap_mean(
+            res["candidate_correct"].astype(float) - base, cfg.n_boot, cfg.seed
+        )  # paired per item
+        rows.append(
+            {
+                "condition": label,
+                "index": max(0, i - 2),
+                "n_heads": len(s),
+                "heads": " ".join(f"L{a}H{b}" for a, b in s),
+                "accuracy": acc[0],
+                "accuracy_low": acc[1],
+                "accuracy_high": acc[2],
+                "change": change[0],
+                "change_low": change[1],
+                "change_high": change[2],
+                "chance": chance,
+                "vocab_accuracy": vacc[0],
+                "vocab_accuracy_low": vacc[1],
+                "vocab_accuracy_high": vacc[2],
+                "logit_diff": float(res["logit_diff"].mean()),
+            }
+        )
     intervention = pd.DataFrame(rows)
     timings["reuse"] = round(time.perf_counter() - t0, 3)
     notes = {"intervention_heads": why}
-    return _result("circuit-reuse", model, cfg, done,
-                   {"overlap": overlap, "rank_correlation": corr, "intervention": intervention}, timings, notes)  # fmt: skip
+    return _result(
+        "circuit-reuse",
+        model,
+        cfg,
+        done,
+        {"overlap": overlap, "rank_correlation": corr, "intervention": intervention},
+        timings,
+        notes,
+    )
 
 
 def summary(result: AnalysisResult) -> str:

@@ -62,20 +62,81 @@ N_OBJECTS = 3
 MAX_TRIES_PER_ITEM = 200
 
 OBJECTS: tuple[str, ...] = (
-    "pen", "cup", "book", "key", "hat", "box", "ball", "bag", "phone", "watch", "lamp", "plate",
-    "bowl", "mug", "spoon", "fork", "knife", "bottle", "candle", "clock", "pencil", "notebook",
-    "puzzle", "sock", "shoe", "scarf", "teddy", "wallet", "comb", "brush", "paperclip", "jug",
-    "vase", "basket", "ruler", "keychain", "necklace", "ring", "coin", "card",
-)  # fmt: skip
+    "pen",
+    "cup",
+    "book",
+    "key",
+    "hat",
+    "box",
+    "ball",
+    "bag",
+    "phone",
+    "watch",
+    "lamp",
+    "plate",
+    "bowl",
+    "mug",
+    "spoon",
+    "fork",
+    "knife",
+    "bottle",
+    "candle",
+    "clock",
+    "pencil",
+    "notebook",
+    "puzzle",
+    "sock",
+    "shoe",
+    "scarf",
+    "teddy",
+    "wallet",
+    "comb",
+    "brush",
+    "paperclip",
+    "jug",
+    "vase",
+    "basket",
+    "ruler",
+    "keychain",
+    "necklace",
+    "ring",
+    "coin",
+    "card",
+)
 
 COLOURS: tuple[str, ...] = (
-    "red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray",
-    "silver", "gold", "teal", "magenta", "burgundy", "turquoise", "mauve", "fuchsia",
-)  # fmt: skip
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "gray",
+    "silver",
+    "gold",
+    "teal",
+    "magenta",
+    "burgundy",
+    "turquoise",
+    "mauve",
+    "fuchsia",
+)
 
 SURFACES: tuple[str, ...] = (
-    "table", "desk", "floor", "shelf", "counter", "bed", "chair", "couch", "dresser", "nightstand",
-)  # fmt: skip
+    "table",
+    "desk",
+    "floor",
+    "shelf",
+    "counter",
+    "bed",
+    "chair",
+    "couch",
+    "dresser",
+    "nightstand",
+)
 
 
 @dataclass(frozen=True)
@@ -154,10 +215,14 @@ class ColoredObjectsItem:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "text": self.text, "answer": self.answer, "answer_id": self.answer_id,
-            "candidates": list(self.candidates), "asked": self.asked, "corrupted_asked": self.corrupted_asked,
+            "text": self.text,
+            "answer": self.answer,
+            "answer_id": self.answer_id,
+            "candidates": list(self.candidates),
+            "asked": self.asked,
+            "corrupted_asked": self.corrupted_asked,
             "n_tokens": self.n_tokens,
-        }  # fmt: skip
+        }
 
 
 def _scene(
@@ -210,11 +275,24 @@ def build_item(
     col_pos = tuple(pos[f"colour{k}"] for k in range(len(objects)))
     cand_ids = tuple(ids[p] for p in col_pos)
     return ColoredObjectsItem(
-        text=text, ids=ids, objects=tuple(objects), candidates=tuple(colours), candidate_ids=cand_ids,
-        asked=asked, answer=" " + colours[asked], answer_id=cand_ids[asked], object_positions=obj_pos,
-        colour_positions=col_pos, question_pos=pos["question"], end_pos=len(ids) - 1, surface=surface,
-        bos=bool(target.prefix), corrupted_text=c_text, corrupted_ids=c_ids, corrupted_asked=corrupted_asked,
-    )  # fmt: skip
+        text=text,
+        ids=ids,
+        objects=tuple(objects),
+        candidates=tuple(colours),
+        candidate_ids=cand_ids,
+        asked=asked,
+        answer=" " + colours[asked],
+        answer_id=cand_ids[asked],
+        object_positions=obj_pos,
+        colour_positions=col_pos,
+        question_pos=pos["question"],
+        end_pos=len(ids) - 1,
+        surface=surface,
+        bos=bool(target.prefix),
+        corrupted_text=c_text,
+        corrupted_ids=c_ids,
+        corrupted_asked=corrupted_asked,
+    )
 
 
 def capacity(tokenizer_or_model: Any) -> int:
@@ -257,8 +335,10 @@ def make_colored_objects(tokenizer_or_model: Any, n: int, seed: int = 0) -> list
         if item is None or item.text in seen:
             failures += 1
             if failures > MAX_TRIES_PER_ITEM * (i + 1):
-                raise ConfigError(f"could not draw {n} distinct aligned Colored Objects items for {target.name} "
-                                  f"({i} after {failures} rejected draws); ask for fewer items")  # fmt: skip
+                raise ConfigError(
+                    f"could not draw {n} distinct aligned Colored Objects items for {target.name} "
+                    f"({i} after {failures} rejected draws); ask for fewer items"
+                )
             continue
         seen.add(item.text)
         items.append(item)
@@ -266,9 +346,17 @@ def make_colored_objects(tokenizer_or_model: Any, n: int, seed: int = 0) -> list
 
 
 __all__ = [
-    "COLOURS", "OBJECTS", "SURFACES", "ColoredObjectsItem", "Lexicon", "build_item", "capacity", "group_by_length",
-    "make_colored_objects", "usable_words",
-]  # fmt: skip
+    "COLOURS",
+    "OBJECTS",
+    "SURFACES",
+    "ColoredObjectsItem",
+    "Lexicon",
+    "build_item",
+    "capacity",
+    "group_by_length",
+    "make_colored_objects",
+    "usable_words",
+]
 
 
 def group_by_length(items: Sequence[ColoredObjectsItem]) -> dict[int, list[ColoredObjectsItem]]:

@@ -112,30 +112,181 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 NAMES: tuple[str, ...] = (
-    "Mary", "John", "James", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas",
-    "Charles", "Daniel", "Matthew", "Anthony", "Mark", "Paul", "Steven", "Andrew", "Kevin", "Brian",
-    "George", "Edward", "Ryan", "Jacob", "Gary", "Eric", "Jonathan", "Stephen", "Larry", "Justin",
-    "Scott", "Frank", "Brandon", "Gregory", "Samuel", "Patrick", "Jack", "Dennis", "Jerry", "Tyler",
-    "Aaron", "Henry", "Adam", "Peter", "Nathan", "Kyle", "Walter", "Ethan", "Jeremy", "Harold",
-    "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah", "Karen",
-    "Nancy", "Lisa", "Betty", "Margaret", "Sandra", "Ashley", "Emily", "Donna", "Michelle", "Carol",
-    "Amanda", "Melissa", "Deborah", "Stephanie", "Rebecca", "Laura", "Sharon", "Cynthia", "Kathleen",
-    "Amy", "Angela", "Anna", "Helen", "Emma", "Nicole", "Samantha", "Katherine", "Christine", "Rachel",
-    "Carolyn", "Janet", "Catherine", "Maria", "Heather", "Diane", "Julie", "Joyce", "Victoria", "Kelly",
-    "Lauren", "Alice", "Grace", "Sophie", "Max", "Tom", "Alex", "Ben", "Sam", "Lucy",
-)  # fmt: skip
+    "Mary",
+    "John",
+    "James",
+    "Robert",
+    "Michael",
+    "William",
+    "David",
+    "Richard",
+    "Joseph",
+    "Thomas",
+    "Charles",
+    "Daniel",
+    "Matthew",
+    "Anthony",
+    "Mark",
+    "Paul",
+    "Steven",
+    "Andrew",
+    "Kevin",
+    "Brian",
+    "George",
+    "Edward",
+    "Ryan",
+    "Jacob",
+    "Gary",
+    "Eric",
+    "Jonathan",
+    "Stephen",
+    "Larry",
+    "Justin",
+    "Scott",
+    "Frank",
+    "Brandon",
+    "Gregory",
+    "Samuel",
+    "Patrick",
+    "Jack",
+    "Dennis",
+    "Jerry",
+    "Tyler",
+    "Aaron",
+    "Henry",
+    "Adam",
+    "Peter",
+    "Nathan",
+    "Kyle",
+    "Walter",
+    "Ethan",
+    "Jeremy",
+    "Harold",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Nancy",
+    "Lisa",
+    "Betty",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Emily",
+    "Donna",
+    "Michelle",
+    "Carol",
+    "Amanda",
+    "Melissa",
+    "Deborah",
+    "Stephanie",
+    "Rebecca",
+    "Laura",
+    "Sharon",
+    "Cynthia",
+    "Kathleen",
+    "Amy",
+    "Angela",
+    "Anna",
+    "Helen",
+    "Emma",
+    "Nicole",
+    "Samantha",
+    "Katherine",
+    "Christine",
+    "Rachel",
+    "Carolyn",
+    "Janet",
+    "Catherine",
+    "Maria",
+    "Heather",
+    "Diane",
+    "Julie",
+    "Joyce",
+    "Victoria",
+    "Kelly",
+    "Lauren",
+    "Alice",
+    "Grace",
+    "Sophie",
+    "Max",
+    "Tom",
+    "Alex",
+    "Ben",
+    "Sam",
+    "Lucy",
+)
 
 PLACES: tuple[str, ...] = (
-    "store", "garden", "restaurant", "school", "hospital", "office", "house", "park", "station",
-    "library", "museum", "beach", "market", "church", "cinema", "theater", "bank", "hotel", "zoo",
-    "farm", "gym", "bakery", "cafe", "airport", "mall", "river", "lake", "forest", "castle", "kitchen",
-)  # fmt: skip
+    "store",
+    "garden",
+    "restaurant",
+    "school",
+    "hospital",
+    "office",
+    "house",
+    "park",
+    "station",
+    "library",
+    "museum",
+    "beach",
+    "market",
+    "church",
+    "cinema",
+    "theater",
+    "bank",
+    "hotel",
+    "zoo",
+    "farm",
+    "gym",
+    "bakery",
+    "cafe",
+    "airport",
+    "mall",
+    "river",
+    "lake",
+    "forest",
+    "castle",
+    "kitchen",
+)
 
 OBJECTS: tuple[str, ...] = (
-    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "ball",
-    "bottle", "pen", "letter", "gift", "cake", "flower", "hat", "key", "phone", "ticket", "box",
-    "sandwich", "card", "coin", "watch", "bag", "camera", "chair", "plate", "toy",
-)  # fmt: skip
+    "ring",
+    "kiss",
+    "bone",
+    "basketball",
+    "computer",
+    "necklace",
+    "drink",
+    "snack",
+    "book",
+    "ball",
+    "bottle",
+    "pen",
+    "letter",
+    "gift",
+    "cake",
+    "flower",
+    "hat",
+    "key",
+    "phone",
+    "ticket",
+    "box",
+    "sandwich",
+    "card",
+    "coin",
+    "watch",
+    "bag",
+    "camera",
+    "chair",
+    "plate",
+    "toy",
+)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -334,11 +485,20 @@ class IOIItem:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "text": self.text, "io": self.io, "s": self.s, "io_id": self.io_id, "s_id": self.s_id,
-            "io_pos": self.io_pos, "s1_pos": self.s1_pos, "s2_pos": self.s2_pos, "end_pos": self.end_pos,
-            "template": self.template, "order": self.order, "n_tokens": self.n_tokens,
+            "text": self.text,
+            "io": self.io,
+            "s": self.s,
+            "io_id": self.io_id,
+            "s_id": self.s_id,
+            "io_pos": self.io_pos,
+            "s1_pos": self.s1_pos,
+            "s2_pos": self.s2_pos,
+            "end_pos": self.end_pos,
+            "template": self.template,
+            "order": self.order,
+            "n_tokens": self.n_tokens,
             **{f"{c.kind}_text": c.text for c in self.corruptions},
-        }  # fmt: skip
+        }
 
 
 def _fill(template: str, order: Order, io: str, s: str, s2: str, place: str, obj: str) -> tuple[str, dict]:
@@ -394,10 +554,23 @@ def build_item(
         corruptions.append(Corruption(kind, ctext, cgot[0], names, changed))  # type: ignore[arg-type]
 
     return IOIItem(
-        text=text, ids=ids, io=io, s=s, io_id=io_id, s_id=s_id, io_pos=io_pos, s1_pos=s1_pos,
-        s2_pos=s2_pos, end_pos=len(ids) - 1, template=template, order=order, place=place, object=obj,
-        bos=bool(target.prefix), corruptions=tuple(corruptions),
-    )  # fmt: skip
+        text=text,
+        ids=ids,
+        io=io,
+        s=s,
+        io_id=io_id,
+        s_id=s_id,
+        io_pos=io_pos,
+        s1_pos=s1_pos,
+        s2_pos=s2_pos,
+        end_pos=len(ids) - 1,
+        template=template,
+        order=order,
+        place=place,
+        object=obj,
+        bos=bool(target.prefix),
+        corruptions=tuple(corruptions),
+    )
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -406,8 +579,9 @@ def build_item(
 def _check_choices(templates: Sequence[int] | None, orders: Sequence[str]) -> tuple[list[int], list[Order]]:
     chosen = list(range(len(TEMPLATES))) if templates is None else list(templates)
     if not chosen:
-        raise ConfigError("no templates given; pass template ids from 0 to "
-                          f"{len(TEMPLATES) - 1} or templates=None for all")  # fmt: skip
+        raise ConfigError(
+            f"no templates given; pass template ids from 0 to {len(TEMPLATES) - 1} or templates=None for all"
+        )
     for t in chosen:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < len(TEMPLATES):
             raise ConfigError(
@@ -464,8 +638,10 @@ def make_ioi(
     chosen, ords = _check_choices(templates, orders)
     cap = capacity(tokenizer_or_model, templates=chosen, orders=ords)
     if n > cap:
-        raise ConfigError(f"asked for {n} IOI items but only {cap} distinct prompts exist for these "
-                          f"templates and orders; ask for at most {cap} or allow more templates")  # fmt: skip
+        raise ConfigError(
+            f"asked for {n} IOI items but only {cap} distinct prompts exist for these "
+            f"templates and orders; ask for at most {cap} or allow more templates"
+        )
     target = resolve_target(tokenizer_or_model)
     lex = usable_words(target.tokenizer)
     rng = random.Random(f"ioi:{seed}")
@@ -484,8 +660,10 @@ def make_ioi(
         if item is None:
             failures += 1
             if failures > MAX_TRIES_PER_ITEM * (i + 1):
-                raise ConfigError(f"could not draw {n} distinct aligned IOI items for {target.name} "
-                                  f"({i} after {failures} rejected draws); ask for fewer items")  # fmt: skip
+                raise ConfigError(
+                    f"could not draw {n} distinct aligned IOI items for {target.name} "
+                    f"({i} after {failures} rejected draws); ask for fewer items"
+                )
             continue
         seen.add(text)
         items.append(item)

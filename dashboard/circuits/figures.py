@@ -455,8 +455,6 @@ def overlap_figure(source: Source) -> go.Figure:
     return fig
 
 
-
-
 def intervention_figure(source: Source, metric: IvMetric = "accuracy") -> go.Figure:
     """Colored Objects before the edit, with the IOI inhibition heads' END attention moved onto the
     wrong colours, and with as many random heads edited (their distribution): bars with 95% intervals
@@ -492,9 +490,7 @@ def intervention_figure(source: Source, metric: IvMetric = "accuracy") -> go.Fig
                 y=values,
                 name=name,
                 marker_color=colour,
-                error_y=error_bars(values, part[f"{metric}_low"], part[f"{metric}_high"])
-                if has_ci
-                else None,
+                error_y=error_bars(values, part[f"{metric}_low"], part[f"{metric}_high"]) if has_ci else None,
                 customdata=np.column_stack(
                     [
                         part[f"{metric}_low"] if has_ci else values,

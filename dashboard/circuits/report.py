@@ -42,10 +42,17 @@ def _summary(run: Run) -> ReportSection:
         for r in metrics.to_dict("records")
     ]
     table = table_html(
-        ["task", "prompts", "logit difference (95%)", "corrupted", "accuracy among candidates (95%)",
-         "chance", "top-1 over the vocabulary"],
+        [
+            "task",
+            "prompts",
+            "logit difference (95%)",
+            "corrupted",
+            "accuracy among candidates (95%)",
+            "chance",
+            "top-1 over the vocabulary",
+        ],
         rows,
-    )  # fmt: skip
+    )
     body = (
         intro
         + _paragraphs(views.metric_lines(run))
@@ -186,7 +193,9 @@ def _intervention(run: Run) -> ReportSection:
         + _paragraphs(views.intervention_lines(run))
         + '<div class="grid">'
         + figure_html(figures.intervention_figure(run, "accuracy"), "circuits-intervention-figure")
-        + figure_html(figures.intervention_figure(run, "vocab_accuracy"), "circuits-intervention-vocab-figure")
+        + figure_html(
+            figures.intervention_figure(run, "vocab_accuracy"), "circuits-intervention-vocab-figure"
+        )
         + "</div><details><summary>every condition</summary>"
         + table_html(
             [

@@ -381,7 +381,6 @@ def rank_correlation_table(source: Source) -> pd.DataFrame:
     return corr.sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
 
 
-
 # ---------------------------------------------------------------------------------------- reading
 
 
