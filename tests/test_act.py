@@ -459,7 +459,7 @@ def test_run_act_on_a_tiny_model(
     cal_items = [i for t in tasks_list for i in t.calibration]
     counts = []
     for item in cal_items:
-        rows = act.choice._plan(tiny_llama.tokenizer, item, "first", 0)
+        rows = choice._plan(tiny_llama.tokenizer, item, "first", 0)
         for r in rows:
             batch = tiny_llama.batch_from_ids([r.context])
             pattern = _patterns(tiny_llama, batch.input_ids, batch.attention_mask, [2])[2]

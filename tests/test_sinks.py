@@ -23,6 +23,7 @@ from analyses.sinks import (
     sink_percent_of_mean_alpha,
     sink_share,
 )
+from analyses.sinks.tables import eligible
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 from probe.reducers import BatchInfo, ColumnImportance, PatternReducer
@@ -147,7 +148,7 @@ def test_a_hidden_sink_at_a_later_position_shows_in_the_position_map() -> None:
     # the last position's alpha is one weight (its self-attention): a self-attending head makes it a
     # "sink" at k = T-1, which is why hidden sinks need hidden_min_queries queries
     assert red.alpha()[0, 0, 1, T - 1].item() == 0.0
-    assert sinks._eligible(T, 8) == slice(1, T - 7)
+    assert eligible(T, 8) == slice(1, T - 7)
 
 
 def test_padding_and_query_blocks_do_not_change_alpha_or_sink() -> None:
