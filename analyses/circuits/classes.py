@@ -20,8 +20,8 @@ from analyses.circuits.config import (
 )
 from analyses.circuits.forward import GroupCache, Runner
 from analyses.circuits.patching import Receivers, path_patching
-from probe.interventions import Head
 from probe.loading import LoadedModel
+from probe.types import Head
 
 
 def classify(

@@ -12,8 +12,8 @@ import torch
 from analyses.circuits.data import PromptSet
 from analyses.circuits.forward import GroupCache, Runner, chunk_slices, head_masks, repeat_rows, swap_hook
 from probe.hooks import attn_hook
-from probe.interventions import Head
 from probe.loading import LoadedModel
+from probe.types import Head
 
 
 def template_means(

@@ -15,9 +15,10 @@ import torch
 from analyses.circuits.config import SIGNATURES
 from analyses.circuits.data import PromptSet
 from probe.errors import ConfigError
+from probe.heads import by_layer
 from probe.hooks import HookFn, attn_hook, hooks
-from probe.interventions import Head, _by_layer
 from probe.loading import LoadedModel
+from probe.types import Head
 
 
 class StopForward(Exception):
@@ -218,7 +219,7 @@ def head_masks(model: LoadedModel, copies: Sequence[Sequence[Head]]) -> dict[int
     """Per layer, a bool ``[G, H]``: which heads copy g acts on (only layers some copy touches)."""
     out: dict[int, torch.Tensor] = {}
     for g, heads in enumerate(copies):
-        for layer, idx in _by_layer(model, heads).items():
+        for layer, idx in by_layer(model, heads).items():
             sel = out.setdefault(layer, torch.zeros(len(copies), model.n_heads, dtype=torch.bool))
             sel[g, idx] = True
     return out

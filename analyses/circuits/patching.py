@@ -26,9 +26,10 @@ from analyses.circuits.forward import (
 )
 from probe import interventions as iv
 from probe.errors import ConfigError
+from probe.heads import by_layer
 from probe.hooks import HookFn, attn_hook, hooks
-from probe.interventions import Head, _by_layer
 from probe.loading import LoadedModel
+from probe.types import Head
 
 
 def activation_patching(
@@ -165,7 +166,7 @@ class Receivers:
 def _receiver_points(model: LoadedModel, receivers: Receivers) -> list[tuple[int, str, list[int]]]:
     """(layer, hook point, indices at that hook point) of the receivers' inputs."""
     out: list[tuple[int, str, list[int]]] = []
-    for layer, idx in sorted(_by_layer(model, receivers.heads).items()):
+    for layer, idx in sorted(by_layer(model, receivers.heads).items()):
         if receivers.input == "q":
             out.append((layer, attn_hook(layer, "q"), sorted(idx)))
         else:
@@ -216,7 +217,7 @@ def path_patching_raw(
     for _, name, idx in points:
         patch.append((name, _input_patch(recorded[name], idx, end if receivers.input == "q" else None)))
     if receivers.input != "q":
-        for layer, idx in _by_layer(model, receivers.heads).items():
+        for layer, idx in by_layer(model, receivers.heads).items():
             groups = {model.kv_head(h) for h in idx}
             siblings = [h for h in range(model.n_heads) if model.kv_head(h) in groups and h not in idx]
             if siblings:

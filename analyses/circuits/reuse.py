@@ -16,8 +16,9 @@ from analyses.circuits.classes import Discovery, stand_ins
 from analyses.circuits.config import STAGES, Stage
 from analyses.circuits.data import PromptSet
 from analyses.circuits.forward import Runner, chunk_slices, repeat_rows
+from probe.heads import by_layer
 from probe.hooks import HookFn, attn_hook
-from probe.interventions import Head, _by_layer
+from probe.types import Head
 
 
 def intervention_heads(found: Discovery) -> tuple[list[Head], str]:
@@ -60,7 +61,7 @@ def intervene(
     results = []
     for heads in head_sets:
         ld, cand, vocab, items = [], [], [], []
-        grouped = _by_layer(model, heads)
+        grouped = by_layer(model, heads)
         for group in groups:
             for rows in chunk_slices(len(group), batch_size):
                 sub = group.subset(rows)

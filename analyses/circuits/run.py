@@ -37,8 +37,8 @@ from analyses.circuits.forward import (
 )
 from analyses.circuits.patching import activation_patching, attribution_patching
 from analyses.circuits.reuse import intervene, intervention_heads, overlap_curve, rank_correlations
-from probe.interventions import Head
 from probe.loading import LoadedModel
+from probe.types import Head
 
 
 def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
