@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.core import figures as shared
-from dashboard.core.common import Source, config
+from dashboard.core.common import Source
 from dashboard.vhd.views import (
     BASELINE,
     HEAD_METRICS,
@@ -36,6 +36,7 @@ from dashboard.vhd.views import (
     deltas_table,
     has_array,
     heads,
+    interval_level,
     layer_ranges,
     main_setting,
     num,
@@ -227,7 +228,7 @@ def image_figure(source: Source, scene: int) -> go.Figure:
             f"The image of scene {scene} was not stored (the run keeps the first {len(images)} "
             "images; raise n_display to keep more)."
         )
-    noise = config(source).get("noise")
+    noise = source.config.noise
     fig = go.Figure(go.Image(source=shared.png_uri(images[scene]), hoverinfo="skip"))
     fig.update_layout(
         title=shared.titled(
@@ -363,6 +364,7 @@ def benchmark_figure(source: Source) -> go.Figure:
         return shared.message_figure("The run's summary has no CHAIR or POPE metric.")
     order = [n for n in setting_order(source) if n in set(s["vhr_setting"].astype(str))]
     colours = _setting_colours(source)
+    level = interval_level(source)
     fig, rows, cols = _panel_grid([p[3] for p in panels])
     for i, (bench, kind, metric, _) in enumerate(panels):
         part = s[(s["benchmark"] == bench) & (s["setting"] == kind) & (s["metric"] == metric)]
@@ -384,7 +386,7 @@ def benchmark_figure(source: Source) -> go.Figure:
                 [part["lo"].to_numpy(float), part["hi"].to_numpy(float), part["n"].to_numpy(float)]
             ),
             hovertemplate="%{x}: " + metric + " %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-            "<br>(95% bootstrap interval; n = %{customdata[2]})<extra></extra>",
+            f"<br>({level} bootstrap interval; n = %{{customdata[2]}})<extra></extra>",
         )
         if BASELINE in part.index and math.isfinite(float(part.loc[BASELINE, "value"])):
             fig.add_hline(
@@ -410,11 +412,10 @@ def benchmark_figure(source: Source) -> go.Figure:
                 xref=f"x{i + 1 if i else ''} domain",
                 yref=f"y{i + 1 if i else ''} domain",
             )
-    alpha = config(source).get("alpha_ci", 0.05)
     found = collapses(source)
     _flag_settings(fig, {c.setting for c in found}, order)
     subtitle = (
-        f"{100 * (1 - float(alpha)):.0f}% percentile bootstrap intervals; dotted: the baseline; red dashes: "
+        f"{level} percentile bootstrap intervals; dotted: the baseline; red dashes: "
         f"recall −{100 * RECALL_DROP:.0f}%, length −{100 * LENGTH_DROP:.0f}%<br>"
         "CHAIR (share hallucinated): lower is better, read with recall and length; POPE: higher is better"
     )

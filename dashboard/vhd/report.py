@@ -39,7 +39,7 @@ def _overview(run: Run) -> ReportSection:
         f"layers. Settings: {html.escape(views.settings_line(run))}.</p>",
         f"<ul>{items}</ul>",
         "<p>CHAIR with object recall and mean caption length (words), and POPE, per setting "
-        "(value [95% percentile bootstrap interval]):</p>",
+        f"(value [{views.interval_level(run)} percentile bootstrap interval]):</p>",
         table_html(list(wide.columns), wide.to_numpy().tolist()),
     ]
     s = views.settings_table(run)

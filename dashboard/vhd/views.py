@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses.vhd import BASELINE
+from analyses.vhd import BASELINE, VhdConfig
 from dashboard.core import common
-from dashboard.core.common import Source, config, table_names
+from dashboard.core.common import Source, table_names
 from dashboard.core.common import table as _table
 
 ANALYSES: tuple[str, ...] = ("vhd", "vhr")
@@ -141,30 +141,30 @@ def setting_order(source: Source) -> list[str]:
 
 def settings_line(source: Source) -> str:
     """One line naming the run's settings (plain text)."""
-    cfg = config(source)
+    cfg: VhdConfig = source.config
     scenes = table(source, "scenes")
-    parts = [f"{analysis(source)} run of {model_name(source)}", f"{len(scenes)} scenes"]
-    if "split" in cfg:
-        parts.append(f"{cfg['split']} split")
-    if "noise" in cfg:
-        parts.append(f"pixel noise {cfg['noise']}")
-    if "max_new_tokens" in cfg:
-        parts.append(f"at most {cfg['max_new_tokens']} tokens a caption")
-    if "top_k" in cfg:
-        parts.append(f"T-VHD over the top {cfg['top_k']} heads a layer")
+    parts = [
+        f"{analysis(source)} run of {model_name(source)}",
+        f"{len(scenes)} scenes",
+        f"{cfg.split} split",
+        f"pixel noise {cfg.noise}",
+        f"at most {cfg.max_new_tokens} tokens a caption",
+        f"T-VHD over the top {cfg.top_k} heads a layer",
+    ]
     s = settings_table(source)
     if len(s):
         parts.append(f"{len(s)} VHR setting(s): " + ", ".join(str(n) for n in s["name"]))
     else:
         parts.append("no VHR settings (a vhd run: no intervention)")
-    kinds = cfg.get("pope_kinds")
-    if kinds:
-        parts.append("POPE " + ", ".join(str(k) for k in kinds))
-    if "n_boot" in cfg:
-        parts.append(f"{cfg['n_boot']} bootstrap resamples")
-    if "seed" in cfg:
-        parts.append(f"seed {cfg['seed']}")
+    if cfg.pope_kinds:
+        parts.append("POPE " + ", ".join(str(k) for k in cfg.pope_kinds))
+    parts += [f"{cfg.n_boot} bootstrap resamples", f"seed {cfg.seed}"]
     return ", ".join(parts)
+
+
+def interval_level(source: Source) -> str:
+    """The level of the run's bootstrap intervals as a percentage ("95%" for ``alpha_ci`` 0.05)."""
+    return f"{100 * (1 - float(source.config.alpha_ci)):.0f}%"
 
 
 # ---------------------------------------------------------------------------------- heads
