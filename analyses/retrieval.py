@@ -1,49 +1,17 @@
 """Retrieval heads: which heads copy the needle's answer out of a long context while decoding.
 
-Background
-----------
-Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality" (2024; code:
-nightdessert/Retrieval_Head). A needle sentence is put at depth ``d`` of a
-haystack of ``L`` tokens, followed by a question; the model answers by greedy decoding. At every
-decoding step ``s`` each head's attention row of the current query is reduced to its argmax key
-``k_s``; the head *copy-pastes* at that step when ``k_s`` lies in the needle's answer span and the
-context token at ``k_s`` equals the token being generated::
+Wu et al. (2024), "Retrieval Head Mechanistically Explains Long-Context Factuality". Each needle test
+(:mod:`analyses.tasks.needles`) is answered by greedy decoding (:mod:`probe.decode`); a head
+copy-pastes at a step when its attention argmax lies in the answer's span on the very token being
+generated. A head's retrieval score is its mean per-test score (hits / |span|) over the tests whose
+answer was recalled (ROUGE-1 recall above ``rouge_gate``); a retrieval head scores above
+``threshold``. Optionally, the top-K heads and K random heads are masked (uniform attention while
+decoding) and recall is measured again.
 
-    score_test(head) = sum over steps s of [k_s in span and x[k_s] == y_s] / |span|
-
-Only tests whose answer is recalled count: ROUGE-1 recall of the generated text against the answer
-> 0.5 (the paper's gate, ``rouge_gate``). A head's **retrieval score** is the mean of its per-test
-scores over the tests that passed; a retrieval head scores > 0.1 (``threshold``). The number of tests
-that passed the gate is reported beside every score (a score over few tests is weak evidence).
-
-Faithful to the official code: step 0's query is the last prompt token, one hit at most per head
-and step, the argmax over all keys the head can see (with a sliding window only the window). The
-official code prefills all prompt tokens but the last and then decodes the last one; here the
-scoring pass prefills the whole prompt, as ``generate`` does, and reads step 0's rows from the
-prefill's last query row: the same rows (a test checks both ways agree), the tokens of ``generate``,
-and no slow odd-length attention kernel (16383 tokens took 1.4x as long as 16384 on the GPU). The
-masking experiment keeps the split prefill, shared by all its conditions. Our additions:
-
-* ``activation_frequency``: the share of passing tests in which the head copy-pasted at least once
-  (score > 0); a head with a high score but low frequency is a specialist of a few needles.
-* ``span="answer"`` (default) scores against the answer's tokens inside the needle, as the issue
-  asks ("answer tokens that do not occur in the haystack", so a hit is a real copy); ``"needle"``
-  scores against the whole needle sentence, as the official code does with its needle.
-* The masking experiment: the top-K heads by score vs K heads drawn at random (several seeds,
-  from the heads outside the top K) are made to attend uniformly during decoding (their output is
-  the mean of the visible values); NIAH recall (mean ROUGE-1 recall, and the share of tests above
-  the gate) against K. One prefill (all prompt tokens but the last) is shared by all conditions of
-  a test (masking touches only decode steps, from the last prompt token on).
-
-Cost: the prefill runs the model's fast kernel (SDPA) and computes no attention weights; each decode
-step forms one ``[heads, T]`` score row per layer (:mod:`probe.decode`), so scoring memory is O(T)
-per layer and the time is the decode's plus one extra ``q·K`` product per layer.
-
-Usage
------
->>> from analyses.retrieval import RetrievalConfig, run_retrieval
 >>> result = run_retrieval(model, RetrievalConfig(lengths=(1024,), depths=(0.0, 0.5, 1.0)))
 >>> result.heads.nlargest(5, "retrieval_score")
+
+See docs/analyses/retrieval.md.
 """
 
 from __future__ import annotations
@@ -68,7 +36,7 @@ Span = Literal["answer", "needle"]
 
 @dataclass
 class RetrievalConfig:
-    """Settings of the retrieval-head analysis (see the module docstring).
+    """Settings of the retrieval-head analysis (docs/analyses/retrieval.md has the table).
 
     ``lengths`` are context lengths in tokens (the whole prompt), ``depths`` the needle's depth in
     the haystack (0 = start, 1 = end), ``n_needles`` needles per (length, depth): the paper's grid
@@ -216,7 +184,7 @@ def _random_heads(
 
 
 def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> AnalysisResult:
-    """Score every head on a needle grid and run the masking experiment (module docstring)."""
+    """Score every head on a needle grid and run the masking experiment (docs/analyses/retrieval.md)."""
     cfg = config or RetrievalConfig()
     cfg.validate()
     if model.kind != "language" or model.native_model is None:
@@ -454,6 +422,7 @@ ANALYSIS = register(
         help="Retrieval heads on needle-in-a-haystack tests: scores, recall, top-K vs random-K masking.",
         page="dashboard.retrieval.page:RetrievalPage",
         report="dashboard.retrieval.report:report_sections",
+        docs="docs/analyses/retrieval.md",
         # a small needle grid (each test is a prefill plus a short greedy decode) and the masking
         # experiment on a few tests
         demo={

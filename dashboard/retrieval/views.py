@@ -1,26 +1,10 @@
-"""Retrieval-head views: what the retrieval page, its report section and the notebook show.
-
-Background
-----------
-A retrieval run (:mod:`analyses.retrieval`, Wu et al. 2024) puts needles into haystacks on a grid of
-context lengths × depths, lets the model answer by greedy decoding and, at every decoding step,
-checks for each head whether its attention argmax lies in the needle's answer span on the very token
-being generated (a *copy-paste*). Its tables:
-
-* ``heads``: one row per head: ``retrieval_score`` (mean per-test score over the tests that passed
-  the ROUGE-1 gate; NaN when none passed), ``activation_frequency`` (share of passing tests in which
-  the head copy-pasted at all), ``is_retrieval`` (score > threshold, 0.1 in the paper);
-* ``tests``: one row per needle test: length, depth, the answer and the generated text, ROUGE-1
-  recall, ``passed`` (recall > gate), the scored token span, decode steps, heads that hit;
-* ``test_scores``: (test, layer, head, score) for every head with a score > 0 on a test;
-* ``masking`` (when the masking experiment ran): recall per test with the top-K heads or K random
-  heads made to attend uniformly during decoding (``kind`` "none" is the unmasked reference).
+"""Retrieval-head views: what the retrieval page, its report sections and the notebook show.
 
 Every function takes a saved :class:`~analyses.runstore.Run` or the
 :class:`~analyses.base.AnalysisResult` that :func:`analyses.retrieval.run_retrieval` returns (so a
 notebook can draw a result before saving it) and returns a figure or a small table; the page and the
 report only arrange them. Scores over few passing tests are weak evidence, so every head figure names
-how many tests passed the gate.
+how many tests passed the gate. The tables they read are described in docs/analyses/retrieval.md.
 """
 
 from __future__ import annotations
