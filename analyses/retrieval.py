@@ -203,10 +203,17 @@ def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> 
         )
     t_start = time.perf_counter()
     tests = needles.make_grid(
-        model, lengths=[int(n) for n in cfg.lengths], depths=[float(d) for d in cfg.depths],
-        n_needles=cfg.n_needles, seed=cfg.seed, progress=cfg.progress, answer_words=cfg.answer_words,
-        chat=cfg.chat, answer_prefix=cfg.answer_prefix, novel_answer_tokens=cfg.novel_answer_tokens,
-    )  # fmt: skip
+        model,
+        lengths=[int(n) for n in cfg.lengths],
+        depths=[float(d) for d in cfg.depths],
+        n_needles=cfg.n_needles,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        answer_words=cfg.answer_words,
+        chat=cfg.chat,
+        answer_prefix=cfg.answer_prefix,
+        novel_answer_tokens=cfg.novel_answer_tokens,
+    )
     t_grid = time.perf_counter() - t_start
     per_test = np.zeros((len(tests), model.n_layers, model.n_heads))
     rows: list[dict[str, Any]] = []

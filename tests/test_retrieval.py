@@ -105,9 +105,14 @@ def test_config_errors(field: str, value: object, match: str) -> None:
 
 def test_end_to_end_on_a_tiny_model(tiny_llama: LoadedModel, tmp_path: Path) -> None:
     cfg = RetrievalConfig(
-        lengths=(300,), depths=(0.0, 1.0), n_needles=1, mask_fractions=(0.1,), mask_seeds=2,
-        novel_answer_tokens=False, progress=False,
-    )  # fmt: skip
+        lengths=(300,),
+        depths=(0.0, 1.0),
+        n_needles=1,
+        mask_fractions=(0.1,),
+        mask_seeds=2,
+        novel_answer_tokens=False,
+        progress=False,
+    )
     result = run_retrieval(tiny_llama, cfg)
     tests, heads = result.tables["tests"], result.heads
     assert len(tests) == 2 and (tests["n_tokens"] == 300).all()

@@ -19,10 +19,10 @@ from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.retrieval.page import RetrievalPage
-from dashboard.sections import REPORT_SECTIONS
 from dashboard.retrieval import report as retrieval_section
 from dashboard.retrieval import views
+from dashboard.retrieval.page import RetrievalPage
+from dashboard.sections import REPORT_SECTIONS
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2
@@ -58,12 +58,61 @@ def _config(*, masking: bool = True) -> RetrievalConfig:
     )
 
 
+def _masking_table(rng: np.random.Generator, tests: pd.DataFrame) -> pd.DataFrame:
+    """The masking table: per masked test the unmasked recall, then top-K and random-K conditions."""
+    mask_rows = []
+    for t in MASK_TESTS:
+        mask_rows.append(
+            {
+                "test": t,
+                "kind": "none",
+                "k": 0,
+                "fraction": 0.0,
+                "seed": 0,
+                "rouge1_recall": float(tests.loc[t, "rouge1_recall"]),
+                "heads": "",
+            }
+        )
+        for frac in MASK_FRACTIONS:
+            k = round(frac * N_LAYERS * N_HEADS)
+            mask_rows.append(
+                {
+                    "test": t,
+                    "kind": "top",
+                    "k": k,
+                    "fraction": frac,
+                    "seed": 0,
+                    "rouge1_recall": float(rng.choice([0.0, 1 / 3])),
+                    "heads": "L2H1 L3H4",
+                }
+            )
+            for s in range(MASK_SEEDS):
+                mask_rows.append(
+                    {
+                        "test": t,
+                        "kind": "random",
+                        "k": k,
+                        "fraction": frac,
+                        "seed": s,
+                        "rouge1_recall": float(rng.choice([1 / 3, 2 / 3, 1.0])),
+                        "heads": "L0H0 L1H2",
+                    }
+                )
+    frame = pd.DataFrame(mask_rows)
+    frame["recalled"] = frame["rouge1_recall"] > 0.5
+    return frame
+
+
 def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -> AnalysisResult:
     """A synthetic retrieval result with every table of the schema (``recalled=False``: no test passes)."""
     rng = np.random.default_rng(seed)
     cells = [(n, length, d) for n in range(N_NEEDLES) for length in LENGTHS for d in DEPTHS]
     n_tests = len(cells)
-    per_test = np.where(rng.random((n_tests, N_LAYERS, N_HEADS)) < 0.25, rng.integers(1, 3, (n_tests, N_LAYERS, N_HEADS)) / 4.0, 0.0)  # fmt: skip
+    per_test = np.where(
+        rng.random((n_tests, N_LAYERS, N_HEADS)) < 0.25,
+        rng.integers(1, 3, (n_tests, N_LAYERS, N_HEADS)) / 4.0,
+        0.0,
+    )
     for layer, head in PLANTED:
         per_test[:, layer, head] = rng.integers(2, 5, n_tests) / 4.0
     rows = []
@@ -120,20 +169,7 @@ def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -
         "test_scores": scores_long[scores_long["score"] > 0].reset_index(drop=True),
     }
     if masking:
-        mask_rows = []
-        for t in MASK_TESTS:
-            mask_rows.append({"test": t, "kind": "none", "k": 0, "fraction": 0.0, "seed": 0,
-                              "rouge1_recall": float(tests.loc[t, "rouge1_recall"]), "heads": ""})  # fmt: skip
-            for frac in MASK_FRACTIONS:
-                k = round(frac * N_LAYERS * N_HEADS)
-                mask_rows.append({"test": t, "kind": "top", "k": k, "fraction": frac, "seed": 0,
-                                  "rouge1_recall": float(rng.choice([0.0, 1 / 3])), "heads": "L2H1 L3H4"})  # fmt: skip
-                for s in range(MASK_SEEDS):
-                    mask_rows.append({"test": t, "kind": "random", "k": k, "fraction": frac, "seed": s,
-                                      "rouge1_recall": float(rng.choice([1 / 3, 2 / 3, 1.0])), "heads": "L0H0 L1H2"})  # fmt: skip
-        frame = pd.DataFrame(mask_rows)
-        frame["recalled"] = frame["rouge1_recall"] > 0.5
-        tables["masking"] = frame
+        tables["masking"] = _masking_table(rng, tests)
     return AnalysisResult(
         analysis="retrieval",
         model_info={
@@ -427,9 +463,20 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     page = _page(runs.root)
     layout = page.layout({"run": runs.full, "test": "5", "metric": "recalled"})
     text = to_json(layout)
-    for element in ("retrieval-run", "retrieval-gate", "retrieval-grid", "retrieval-histogram", "retrieval-top",
-                    "retrieval-top-table", "retrieval-masking", "retrieval-recall", "retrieval-test",
-                    "retrieval-test-detail", "retrieval-test-grid", "retrieval-test-heads"):  # fmt: skip
+    for element in (
+        "retrieval-run",
+        "retrieval-gate",
+        "retrieval-grid",
+        "retrieval-histogram",
+        "retrieval-top",
+        "retrieval-top-table",
+        "retrieval-masking",
+        "retrieval-recall",
+        "retrieval-test",
+        "retrieval-test-detail",
+        "retrieval-test-grid",
+        "retrieval-test-heads",
+    ):
         assert f'"id": "{element}"' in text
     assert f'"value": "{runs.full}"' in text and '"value": 5' in text and '"value": "recalled"' in text
     app = Dash(__name__)
@@ -469,8 +516,14 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
         "retrieval-masking",
     ]
     body = "".join(s.body for s in sections)
-    for needle in ("retrieval-histogram-figure", "retrieval-grid-figure", "retrieval-top-figure",
-                   "retrieval-recall-figure", "retrieval-masking-figure", "retrieval-masking-recalled-figure"):  # fmt: skip
+    for needle in (
+        "retrieval-histogram-figure",
+        "retrieval-grid-figure",
+        "retrieval-top-figure",
+        "retrieval-recall-figure",
+        "retrieval-masking-figure",
+        "retrieval-masking-recalled-figure",
+    ):
         assert needle in body
     assert f"{N_PASSED} / {N_TESTS}</b> tests passed the gate" in body
     for row in views.top_heads(run, 20).itertuples():
@@ -484,8 +537,11 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     html = report.render_report(run)
     assert 'id="retrieval-summary"' in html and "Needle recall over depth and length" in html
     foreign = runstore.write_run(
-        tmp_path / "runs", analysis="retrieval", model_info={"name": "m"}, config={},
+        tmp_path / "runs",
+        analysis="retrieval",
+        model_info={"name": "m"},
+        config={},
         tables={"heads": run.heads[["layer", "head", "kv_head", "retrieval_score"]]},
-    )  # fmt: skip
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="retrieval-summary"' not in generic

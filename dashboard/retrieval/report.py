@@ -78,8 +78,15 @@ def _heads(run: Run) -> ReportSection:
             ]
             for r in top.itertuples(index=False)
         ]
-        header = ["rank", "head", "KV head", "retrieval score", "activation frequency",
-                  "passing tests hit", "retrieval head"]  # fmt: skip
+        header = [
+            "rank",
+            "head",
+            "KV head",
+            "retrieval score",
+            "activation frequency",
+            "passing tests hit",
+            "retrieval head",
+        ]
         parts.append(table_html(header, rows))
     return ReportSection("retrieval-heads", "Retrieval score per head", "".join(parts))
 
@@ -87,8 +94,17 @@ def _heads(run: Run) -> ReportSection:
 def _recall(run: Run) -> ReportSection:
     tests = views.tests_rows(run)
     shown = tests.head(MAX_TEST_ROWS)
-    header = ["test", "length", "depth (reached)", "needle", "answer", "generated", "ROUGE-1 recall",
-              "passed", "heads hit"]  # fmt: skip
+    header = [
+        "test",
+        "length",
+        "depth (reached)",
+        "needle",
+        "answer",
+        "generated",
+        "ROUGE-1 recall",
+        "passed",
+        "heads hit",
+    ]
     more = (
         f"<p>{len(tests) - MAX_TEST_ROWS} more tests not listed (see <code>tests.parquet</code>).</p>"
         if len(tests) > MAX_TEST_ROWS
