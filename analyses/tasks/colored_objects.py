@@ -1,50 +1,14 @@
 """One-shot Colored Objects prompts (Merullo et al., ICLR 2024), built offline.
 
-What one item is
-----------------
-A one-shot example, then a query about a scene of three objects of three distinct colours::
+A one-shot example, then a question such as "Q: On the desk, I see a yellow key, a black hat, and a
+pink box. What color is the hat? A:" -> " black". :func:`make_colored_objects` draws distinct items
+with objects and colours that are single tokens (:func:`usable_words`). Each
+:class:`ColoredObjectsItem` has its token ids, the scene's candidate colours, the positions of every
+object and colour mention, of the asked object in the question and of END, and a token-aligned
+corruption that asks about another object of the scene; :func:`group_by_length` batches items of
+one length.
 
-    Q: On the table, I see a red pen, a blue cup, and a green book. What color is the cup?
-    A: blue
-
-    Q: On the desk, I see a yellow key, a black hat, and a pink box. What color is the hat?
-    A:                                                                      ->  " black"
-
-Definitions:
-
-* **Candidates** – the query scene's three colours, in scene order (:attr:`ColoredObjectsItem.candidates`);
-  "right colour among the candidates" is whether the answer's logit is the highest of the three.
-* **Answer** – the colour of the asked object, with its leading space; ``answer_id`` is its single
-  token.
-* **Corrupted** – the same prompt asking about *another* object of the query scene (seeded choice of
-  one of the other two), so the right answer changes to that object's colour while every other token
-  stays: token-aligned, same length, differing only at the asked object's position.
-
-Merullo et al. capitalise the answer (``"A: Orange"``); here the answer is the lower-case colour word
-with a leading space, which is one token for the real tokenizers and matches the scene's own mentions.
-Objects and colours are written lexicons (:data:`OBJECTS`, :data:`COLOURS`; all begin with a
-consonant so ``"a"`` is always the right article) filtered by :func:`usable_words` to single tokens
-with a leading space for the tokenizer. Positions of each object and colour mention in the query
-scene, of the asked object in the question, and of the final position (END) are found from
-character spans through the tokenizer's offset mapping of the whole prompt (BOS counted, under the
-model's BOS policy), as in :mod:`analyses.tasks.ioi`. The one-shot example uses a different surface,
-objects disjoint from the query's and is drawn from the same seed.
-
-Usage
------
-::
-
-    from analyses.tasks import colored_objects as co
-
-    items = co.make_colored_objects(model, 100, seed=0)
-    it = items[0]
-    it.ids[it.object_positions[it.asked]] == it.ids[it.question_pos]         # True
-    it.corrupted_ids                                                         # asks about it.corrupted_asked
-
-References
-----------
-* Merullo, Eickhoff & Pavlick (2024). Circuit Component Reuse Across Tasks in Transformer Language
-  Models. ICLR. (Colored Objects from BIG-bench's reasoning_about_colored_objects, one-shot.)
+See docs/analyses/circuits.md.
 """
 
 from __future__ import annotations

@@ -1,76 +1,14 @@
 """Indirect-object identification (IOI) prompts for circuit analysis (Wang et al. 2022), built offline.
 
-What one item is
-----------------
-An IOI prompt names two people, then repeats one of them, the *subject* (S), as the giver, and ends
-where the other, the *indirect object* (IO), is the natural next word::
+``"When Mary and John went to the store, John gave a drink to"`` -> ``" Mary"``: the indirect object
+(IO) is the name that occurs once, the subject (S) occurs twice (S1, S2), END is the last position.
+:func:`make_ioi` draws distinct items from the templates, in both name orders (ABBA, BABA), with
+names, places and objects that are single tokens (:func:`usable_words`). Each :class:`IOIItem` has
+its token ids, the positions of IO, S1, S2 and END (found through the tokenizer's offset mapping)
+and token-aligned corrupted variants (``"abc"``, the paper's ABC distribution, and
+``"s2_io_flip"``); :func:`group_by_template` batches items of one length without padding.
 
-    "When Mary and John went to the store, John gave a drink to"   ->  " Mary"
-
-Definitions:
-
-* **IO** – the name that occurs once; the correct completion (with its leading space).
-* **S** – the name that occurs twice; **S1** is its first mention, **S2** its second.
-* **END** – the final prompt position, where the logits are read; the metric is
-  ``logit(IO) - logit(S)`` there (the *logit difference*).
-* **Orders** – ``ABBA``: the IO is named first (``"When Mary and John …, John gave … to"``);
-  ``BABA``: the subject is named first (``"When John and Mary …, John gave … to"``). Both orders
-  come from the same template (the first two name slots swap).
-
-:class:`IOIItem` records the prompt's text and token ids (BOS under the model's BOS policy when a
-:class:`~probe.loading.LoadedModel` is given, or the bare tokenizer's own default), the IO and S names
-and their token ids, and the token positions of IO, S1, S2 and END. Positions are found from the
-character spans of the filled slots through the tokenizer's offset mapping of the *whole* prompt
-(never by searching for a name's token id), shifted by one where a BOS is in front, and each is
-checked to hold exactly the name's own single token.
-
-Word lists
-----------
-Names, places and objects are written lexicons in this module (:data:`NAMES`, ~100 first names;
-:data:`PLACES` and :data:`OBJECTS`, ~30 each; objects start with a consonant so that ``"a"`` is
-always the right article). :func:`usable_words` keeps those that are *one token with their leading
-space* for a given tokenizer (``tokenizer(" Mary")`` is one id), which every slot of every template
-needs: a slot is always preceded by a space. A drawn item whose whole-prompt tokenization still
-merges a slot with its neighbour (or whose corrupted variants do not align) is discarded and
-another drawn.
-
-Corrupted variants
-------------------
-Each item carries its corrupted prompts (:class:`Corruption`), *token-aligned* with the clean one:
-same number of tokens, same positions, differing only at the named positions (checked on the ids).
-
-* ``"abc"`` – the three name mentions (IO, S1, S2) replaced by three distinct names that are neither
-  IO nor S: the ABC distribution of the paper (``"When Anna and Kevin went to the store, Lisa gave a
-  drink to"``), which carries the template but no IOI information.
-* ``"s2_io_flip"`` – S2 replaced by the IO (``"…, Mary gave a drink to"``): the name that occurs
-  twice is now the IO, so the same circuit should now favour S.
-
-Datasets
---------
-:func:`make_ioi` draws ``n`` distinct prompts (no duplicate texts) from the product space
-templates × orders × ordered name pairs × places × objects, deterministically per seed; orders are
-balanced (item ``i`` has ``orders[i % len(orders)]``) and templates cycle through a seeded
-permutation. :func:`capacity` counts the space (millions for the real tokenizers). Prompts of one
-template all have the same length with single-token slots, but different templates differ:
-:func:`group_by_template` groups items into batches of equal length.
-
-Usage
------
-::
-
-    from analyses.tasks import ioi
-
-    items = ioi.make_ioi(model, 200, seed=0)
-    for (template, length), group in ioi.group_by_template(items).items():
-        ids = torch.tensor([it.ids for it in group])            # [batch, length], no padding
-        clean = ...  # logits[:, it.end_pos] at it.io_id minus at it.s_id
-        corrupted = torch.tensor([it.corrupt("abc").ids for it in group])
-
-References
-----------
-* Wang, Variengien, Conmy, Shlegeris & Steinhardt (2022). Interpretability in the Wild: a Circuit
-  for Indirect Object Identification in GPT-2 small. (Templates follow the paper's BABA/ABBA
-  templates; the ABC corruption is its ``p_ABC`` distribution.)
+See docs/analyses/circuits.md.
 """
 
 from __future__ import annotations

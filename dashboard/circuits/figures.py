@@ -1,4 +1,6 @@
-"""Circuit figures."""
+"""Circuit figures: the task metrics, the layer × head patching maps, faithfulness, the overlap
+curve and the intervention, drawn from an ``ioi``, ``colored-objects`` or ``circuit-reuse`` run
+(saved, or the result before saving). Blue carries the answer, red works against it."""
 
 from __future__ import annotations
 

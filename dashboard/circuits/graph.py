@@ -1,4 +1,5 @@
-"""Circuit graph."""
+"""The circuit graph: the heads of one task's circuit at (layer, head), coloured by class, with the
+path-patching edges into the next stage's receivers and the logits as the sink on the right."""
 
 from __future__ import annotations
 

@@ -1,35 +1,8 @@
-"""Circuit views: what the circuits page, its report sections and the notebook show, read from an
-``ioi``, ``colored-objects`` or ``circuit-reuse`` run.
-
-Background
-----------
-:mod:`analyses.circuits` finds the IOI circuit (Wang et al. 2022) by staged path patching and runs
-the same procedure on one-shot Colored Objects (Merullo et al. 2024). Every score is a *share of the
-clean–corrupt gap*: ``(LD_patched - LD_clean) / (LD_clean - LD_corrupt)`` of the logit difference
-LD at END, so -1 means that patching removed the whole difference between clean and corrupted
-prompts, 0 nothing, and a positive value that the patch pushed the model further toward the right
-answer. A head that carries the answer therefore scores *negative* (blue in every figure here), a
-head that works against it (a negative name mover) positive (red). The tables drawn:
-
-* ``metrics``: per task, the logit difference (95% bootstrap interval), on the corrupted prompts too,
-  and the accuracy among the candidates (with chance) and over the whole vocabulary;
-* ``scores``: (task, stage, layer, head, score) for activation patching and each path-patching
-  stage (NaN: not tested, when ``max_senders`` screened the head out);
-* ``circuit``: the heads of each class (path score past ``min_share`` and the attention signature),
-  with the ``sig_*`` attentions; ``receivers``: what each stage patched into (the class found, or
-  stand-ins when none was); ``edges``: the path-patching share of every found head into each
-  receiving head of the next stage (receiver ``-1``: the logits);
-* ``faithfulness``: the found circuit, the empty circuit and random circuits of the same size, every
-  head outside them mean-ablated; ``ablation``: the name movers mean-ablated vs random heads;
-* ``circuit-reuse`` runs also: ``overlap`` (per stage and pooled, the share of IOI's top-p% heads
-  that are Colored Objects' top-p% heads too), ``rank_correlation`` (Spearman of the two tasks'
-  per-head scores) and ``intervention`` (Colored Objects accuracy with the IOI inhibition heads made
-  to attend to the wrong colours, before, and with random heads edited instead).
-
-Every function takes a saved :class:`~analyses.runstore.Run` or the
-:class:`~analyses.base.AnalysisResult` an analysis returns (so a notebook can draw a result before
-saving it) and returns a figure, a small table or plain text; the page and the report only arrange
-them.
+"""Circuit views: what the circuits page, its report sections and the notebook read from an ``ioi``,
+``colored-objects`` or ``circuit-reuse`` run: the tables in display order, labels, the settings line
+and sentences reading the run's numbers. Every function takes a saved run or the result an analysis
+returns. Scores are shares of the clean–corrupt gap, so a head that carries the answer scores
+negative. See docs/analyses/circuits.md.
 """
 
 from __future__ import annotations
