@@ -14,6 +14,7 @@ import pytest
 
 from analyses.tasks import scene_captions as scc
 from analyses.tasks import scenes as sc
+from analyses.tasks.scenes.generate import _box_size, _make_object
 from probe.errors import ConfigError
 
 SMALL = scc.SceneCaptionConfig(n_train=600, n_eval=40)
@@ -23,8 +24,8 @@ def scene_of(*shapes: str) -> sc.Scene:
     """A scene holding exactly ``shapes`` (one medium red instance each, in a row)."""
     objects = []
     for k, shape in enumerate(shapes):
-        box = sc._box_size(shape, "medium", 1.0, 224)
-        objects.append(sc._make_object(shape, "red", "medium", (30.0 + 50 * k, 112.0), box, 224, 224))
+        box = _box_size(shape, "medium", 1.0, 224)
+        objects.append(_make_object(shape, "red", "medium", (30.0 + 50 * k, 112.0), box, 224, 224))
     return sc.Scene(0, len(shapes), 224, 224, tuple(objects), sc.Background("plain", "beige"))
 
 

@@ -264,7 +264,7 @@ def _phrase(objs: list[sc.SceneObject], rng: np.random.Generator, p_synonym: flo
     if len(objs) == 1:
         o = objs[0]
         size = f"{o.size} " if sizes and o.size != "medium" else ""
-        where = sc._PLACE_PHRASES[o.position]
+        where = sc.PLACE_PHRASES[o.position]
         return f"{_article(f'{size}{o.colour} {_noun(o.shape, False, rng, p_synonym)}')} {where}"
     number = sc.NUMBER_WORDS[len(objs)] if len(objs) < len(sc.NUMBER_WORDS) else str(len(objs))
     sides = {o.side for o in objs}
