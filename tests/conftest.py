@@ -7,7 +7,8 @@ import base64
 import copy
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from plotly.utils import PlotlyJSONEncoder
 
 import probe
+from analyses import runstore
 from probe.loading import LoadedModel
 
 _TINY: dict[str, LoadedModel] = {}
@@ -116,3 +118,15 @@ def render_route(app: Any, pathname: str, search: str = "") -> str:
         ["url.pathname"],
     )
     return json.dumps(page)
+
+
+FIXED_REVISION = "0" * 40
+
+
+@contextmanager
+def fixed_code_revision() -> Iterator[None]:
+    """Runs saved inside record :data:`FIXED_REVISION` as their code revision instead of asking git
+    (usable in module-scoped fixtures, where the ``monkeypatch`` fixture is not)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runstore, "code_revision", lambda source_dir=None: FIXED_REVISION)
+        yield

@@ -23,7 +23,7 @@ from dashboard.retrieval import report as retrieval_section
 from dashboard.retrieval import views
 from dashboard.retrieval.page import RetrievalPage
 from dashboard.sections import REPORT_SECTIONS
-from tests.conftest import decode_array, post_callback, render_route, to_json
+from tests.conftest import decode_array, fixed_code_revision, post_callback, render_route, to_json
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2
 LENGTHS = (256, 512)
@@ -198,8 +198,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("retrieval-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    with fixed_code_revision():
         unrecalled = make_result(1, recalled=False, masking=False).save(root)
         full = make_result().save(root)
     yield Runs(root, full.name, unrecalled.name)
