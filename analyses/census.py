@@ -1,41 +1,14 @@
 """Head census: what every attention head does, in six numbers.
 
-Background
-----------
-A first map of a model's heads, computed in one pass of in-hook reducers (:mod:`probe.reducers`)
-over two seeded input sets:
+One pass of in-hook reducers over natural text (entropy, first-token mass ``alpha_0``,
+previous-token score, mean attention distance) and over a random block repeated twice (induction
+and duplicate-token scores); every score is averaged per sample, then over samples, and a few
+samples keep their full patterns for display.
 
-* natural text (standard-library documentation, :mod:`analyses.tasks.text`), ``seq_len`` tokens:
-  - ``entropy``: mean entropy (nats) of the head's attention rows; low = focused.
-  - ``alpha_0``: first-token mass, the column importance ``alpha_k`` (the mean attention key ``k``
-    receives from the queries that see it) at ``k = 0`` (the first real token, BOS when the BOS
-    policy prepends one): the attention-sink signature
-    (Gu et al., ICLR 2025; Xiao et al., "Efficient Streaming Language Models with Attention Sinks").
-  - ``prev_token``: mean attention from each token to the one before it (Olsson et al., 2022).
-  - ``mean_distance``: mean of ``sum_k A[t,k]·(t-k)`` in tokens, how far back a head looks.
-* a random block of ``repeat_len`` tokens repeated twice (uniform over the non-special vocabulary):
-  - ``induction``: attention from a token in the second copy to the token *after* its earlier
-    occurrence (offset ``repeat_len - 1``), the induction-head signature (Olsson et al., 2022;
-    Elhage et al., "A Mathematical Framework for Transformer Circuits", 2021).
-  - ``duplicate_token``: attention to the earlier occurrence of the same token (offset
-    ``repeat_len``), the duplicate-token signature (Wang et al., "Interpretability in the Wild", 2022).
-
-A few samples of each set keep their full attention patterns, for display: ``examples`` with
-``example_patterns`` (natural text) and ``repeated_examples`` with ``repeated_patterns`` (the
-repeated block, where the induction and duplicate-token stripes are drawn), ``n_examples`` of each
-(at most ``n_repeated`` repeated ones).
-
-Every score is first averaged over a sample's eligible queries, then over samples (each sample
-counts once); per-sample values are kept in ``per_sample`` so intervals and distributions can be
-drawn. Which metric to use: ``induction`` and ``prev_token`` separate the two halves of an induction
-circuit; ``alpha_0`` finds sink heads (which also have low entropy, so read entropy together with
-``alpha_0``); ``mean_distance`` separates local from global heads.
-
-Usage
------
->>> from analyses.census import CensusConfig, run_census
 >>> result = run_census(model, CensusConfig(n_natural=16))
 >>> result.heads.sort_values("induction").tail()
+
+See docs/analyses/census.md.
 """
 
 from __future__ import annotations
@@ -234,6 +207,7 @@ ANALYSIS = register(
         help="Head census: entropy, first-token mass, previous-token, induction, duplicate-token, distance.",
         page="dashboard.census.page:CensusPage",
         report="dashboard.census.report:report_sections",
+        docs="docs/analyses/census.md",
         demo={},
     )
 )

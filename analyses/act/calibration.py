@@ -137,7 +137,7 @@ def calibrate_pattern(
 
     ``lengths`` ``[B]``: each batch row's real length. ``rows`` ``[B]`` bool: edit only these batch
     rows (the others are returned as they are). Hidden sinks are detected on each row's own pattern;
-    see the module docstring for the formula. ``first_sink``: ``"share"`` (default, the official
+    see docs/analyses/act.md for the formula. ``first_sink``: ``"share"`` (default, the official
     code's variant behind the paper's numbers) lets the first detected sink take its proportional
     share of the removed mass; ``"frozen"`` leaves its column bit-exact. Padding query rows, rows with
     no attention on hidden sinks and rows with no attention outside them are returned unchanged.

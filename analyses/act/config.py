@@ -22,7 +22,7 @@ ALL_HEADS = "all"
 
 @dataclass
 class ActConfig:
-    """Settings of the ACT analysis (defaults: the paper's code; see the module docstring).
+    """Settings of the ACT analysis (defaults: the paper's code; see docs/analyses/act.md).
 
     ``tasks``: built-in tasks of :mod:`analyses.tasks.choice` (may be empty when ``jsonl`` is given);
     ``jsonl``: a file of the user's items, one task per distinct ``"task"`` key (default: the file's

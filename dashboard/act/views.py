@@ -1,27 +1,13 @@
 """ACT views: what the ACT page, the ACT report section and the notebooks show, read from an ACT run.
 
-Background
-----------
-An ACT run (:mod:`analyses.act`, attention calibration, Yu et al. ICML 2024) searches, for each
-*scope* (one task, or ``"pooled"`` when one search serves every task), which heads to calibrate:
-each head of the calibrated layer range is calibrated alone on a calibration split and kept when
-accuracy does not drop; the kept heads are then calibrated together and scored on a held-out split.
-Its tables:
-
-* ``tasks``: one row per task: chance level, split sizes, the scope whose heads it uses and how many
-  were kept, accuracy before and after calibration with 95% intervals (``before_low`` …), and the
-  paired change ``delta`` with its interval;
-* ``filter``: one row per (scope, layer, head) searched: accuracy of the calibration split without
-  and with that head calibrated, their difference ``delta``, ``kept``;
-* ``heads``: one row per head: ``in_range`` (searched at all), ``n_tasks_kept``, ``mean_delta``,
-  ``hidden_sinks`` (hidden sinks detected on the head), ``first_sink_pos``;
-* ``items``: one row per held-out item: label, predictions and margins before and after;
-* ``sink_tokens``: the tokens found as hidden sinks, how often, on what share of the heads.
-
-Every function takes a saved :class:`~analyses.runstore.Run` or the
-:class:`~analyses.base.AnalysisResult` that :func:`analyses.act.run_act` returns (so a notebook
-can draw a result before saving it) and returns a figure or a small table; the page and the report
-only arrange them. Accuracies are fractions (0..1); figures format them as percentages.
+An ACT run holds ``tasks`` (accuracy before and after per task, with intervals and the paired
+change), ``filter`` (the head search: calibration accuracy with each head calibrated alone, per
+scope), ``heads`` (in range, tasks keeping the head, hidden sinks), ``items`` (per held-out item:
+predictions and margins) and ``sink_tokens`` (see docs/analyses/act.md). Every function takes a
+saved :class:`~analyses.runstore.Run` or the :class:`~analyses.base.AnalysisResult` that
+:func:`analyses.act.run_act` returns (so a notebook can draw a result before saving it) and returns
+a figure or a small table; the page and the report only arrange them. Accuracies are fractions
+(0..1); figures format them as percentages.
 """
 
 from __future__ import annotations

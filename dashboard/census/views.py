@@ -1,20 +1,11 @@
 """Census views: what the census page and the census report section show, read from a run.
 
-Background
-----------
-A census run (:mod:`analyses.census`) holds a ``heads`` table with six metrics (and their standard
-errors) and, for each of its two input sets, the tokens of a few examples and their full attention
-patterns (``[n_examples, n_layers, n_heads, T, T]`` in real positions, padded to the longest
-example): natural text (``examples``, ``example_patterns``) and the repeated random block
-(``repeated_examples``, ``repeated_patterns``; runs made before the census kept these have only
-natural text). The induction and duplicate-token scores are measured on the repeated block, and
-only there do their stripes show, so those metrics draw it by default
-(:func:`default_input_set`). This module turns those into rankings, per-head summaries and
-figures; the page and the report only arrange them.
-
-Which heads are notable: for every metric a high value marks a role (sink, previous-token,
-induction, duplicate-token, long-range head) except ``entropy``, where *low* entropy marks a
-focused head; :func:`ranked_heads` orders heads notable first.
+A census run holds the ``heads`` table (six metrics and their standard errors) and, for natural text
+and the repeated random block, a few examples' tokens and full attention patterns (runs made before
+the repeated ones were kept have natural text only; see docs/analyses/census.md). This module turns
+them into rankings (notable first: low entropy, high values of every other metric), per-head
+summaries and figures; the page and the report only arrange them. The induction and duplicate-token
+patterns are drawn on the repeated block by default (:func:`default_input_set`).
 """
 
 from __future__ import annotations

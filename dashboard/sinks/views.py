@@ -1,15 +1,9 @@
 """Sink views: what the sinks page and the sinks report section show, read from a sinks run.
 
-Background
-----------
-A sinks run (:mod:`analyses.sinks`) holds, per input set (natural text, random tokens, one token
-repeated): ``summary`` (``sink_1``, the Sink of the first real token in %, with its standard error),
-``positions`` (the per-position sink map), ``heads`` (one row per head: ``alpha0_<set>``,
-``sink_rate_<set>``, hidden-sink counts), ``hidden_sinks`` / ``hidden_tokens`` (which positions and
-tokens are sinks beyond the first), ``norms`` (first token vs other tokens, per layer), the tokens and
-alpha of a few ``examples``, and the arrays ``alpha_<set>`` / ``sink_rate_<set>`` (``[L, H, T]``)
-and ``example_alpha_<set>`` (``[n_examples, L, H, T]``). This module turns them into figures and
-small tables; the page and the report only arrange them.
+A sinks run holds, per input set, the ``summary`` (Sink_1), the per-position sink map, per-head
+alpha_0 and sink rates, the hidden sinks and their tokens, the norms and a few examples (see
+docs/analyses/sinks.md). This module turns them into figures and small tables; the page and the
+report only arrange them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def choice_token_ids(tokenizer: Any, prompt: str, choice: str) -> list[int]:
-    """The tokens ``choice`` adds after ``prompt`` (tail of the joint tokenization; see module doc)."""
+    """The tokens ``choice`` adds after ``prompt`` (tail of the joint tokenization; see docs/analyses/act.md)."""
     prompt_ids = _encode(tokenizer, prompt)
     joint = _encode(tokenizer, prompt + choice)
     if len(joint) > len(prompt_ids) and joint[: len(prompt_ids)] == prompt_ids:
@@ -88,7 +88,7 @@ def choice_logprobs(
 
     With one-token choices (all built-in tasks on SmolLM2 and Gemma 3) this is the log-softmax at
     the final prompt position read at each choice's token, one forward pass per item. Entries past
-    an item's own number of choices are NaN. See the module docstring for several-token choices and
+    an item's own number of choices are NaN. See docs/analyses/act.md for several-token choices and
     ``choice_token``. Runs through ``model.bridge`` (hooks and interventions active around the call
     apply), ``batch_size`` sequences at a time, left-padded with the model's BOS policy, grouped by
     length to pad little; an item's numbers do not depend on its batch.
