@@ -1,61 +1,10 @@
-"""Real photographs and scans that are on every machine: the images shipped inside installed wheels.
+"""Real photographs and scans that are on every machine: the sample images shipped inside the
+scikit-image, matplotlib and scikit-learn wheels, read straight from disk (never downloaded).
 
-Background
-----------
-Vision analyses (head importance in CLIP's image tower, probes of a vision-language model) need real
-images, and no image set can be downloaded offline. Three packages carry sample images inside their
-wheels, and this module reads those files straight from disk:
-
-* **scikit-image** (``skimage/data/``): photographs (``astronaut``, ``camera``, ``chelsea``,
-  ``coffee``, ``coins``, ``rocket``, ``motorcycle``), scientific images (``hubble_deep_field``,
-  ``retina``, ``moon``, ``cell``, ``ihc``), textures (``brick``, ``grass``, ``gravel``), documents
-  (``text``, ``page``) and ``lfw_subset.npy``: 200 grayscale 25×25 crops from Labeled Faces in the
-  Wild, the first 100 faces and the next 100 non-faces cut from the same photographs' backgrounds.
-* **matplotlib** (``mpl-data/sample_data/``): ``grace_hopper.jpg``.
-* **scikit-learn** (``sklearn/datasets/images/``): ``china.jpg`` and ``flower.jpg``.
-
-Only files that ship in the wheels are read, by path: scikit-image's own loaders fetch several other
-images over the network on first use (``skin``, ``kidney``, ``cells3d``, ``brain``, …), and none of
-those is part of this set. A package that is not installed raises
-:class:`~probe.errors.MissingPackageError` naming the ``pip install`` command; a package installed
-without its data files (a trimmed build) raises the same error with the command that reinstalls it.
-
-What one image is
------------------
-An :class:`ImageRecord`: its ``name``, the ``source`` package, its ``kind`` (``"natural"``,
-``"scientific"``, ``"texture"``, ``"document"``, ``"face"``, ``"non_face"``), a short ``subject``
-phrase (what it shows, usable as a caption or a zero-shot text prompt), ``has_face`` (a human face
-is shown; for the LFW crops this is the data set's own face / non-face label), ``grayscale`` (the
-file has one channel) and ``pixels``: an RGB ``uint8`` array ``[H, W, 3]``. Grayscale files are
-repeated over the three channels; the LFW crops, stored as floats in ``[0, 1]``, are scaled to
-0–255 and rounded. Pixel arrays are decoded once per process and shared read-only (``.copy()`` to
-edit one).
-
-Subsets
--------
-:func:`load_images` takes ``"all"`` (every image: 20 full-size images, then the 200 LFW crops),
-a subset name from :data:`SUBSETS` (``"natural"``, ``"faces"``, ``"full_size"``, …) or a sequence of
-image names; the order is always the catalogue's (:data:`CATALOGUE`, then LFW faces, then
-non-faces), so a subset's order is deterministic. :func:`image_names` lists names without decoding.
-
-Usage
------
-::
-
-    from analyses.tasks import images
-
-    photos = images.load_images("natural")            # 10 records, catalogue order
-    faces = images.load_images("lfw")                 # 200 records: 100 faces, then 100 non-faces
-    x = images.load_image("chelsea").pixels            # [300, 451, 3] uint8
-    images.image_table(photos)                         # one row per image: name, kind, size, ...
-
-References
-----------
-* Origins and licences: each scikit-image loader's docstring (``help(skimage.data.astronaut)``);
-  scikit-learn's ``datasets/images/README.txt`` (``china.jpg``, ``flower.jpg``: CC BY 2.0, with
-  attributions); matplotlib's ``mpl-data/sample_data/README.txt``. The files are read where the
-  packages installed them and never copied into a run or the repository.
-* Huang, Ramesh, Berg & Learned-Miller (2007). Labeled Faces in the Wild. UMass Tech. Rep. 07-49.
+:func:`load_images` takes ``"all"``, a subset of :data:`SUBSETS` (``"natural"``, ``"faces"``, …)
+or image names and returns :class:`ImageRecord` objects (RGB ``uint8`` pixels, kind, subject, face
+label) in catalogue order; :func:`image_names` lists names without decoding.
+See docs/analyses/vit-heads.md (the image sets).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ centre patch) and ``vit-overlay-info`` (the attention to CLS and the most attend
 
 Runs saved before the display patterns were stored show a hint to re-run the analysis in place of
 the overlay. The callbacks are methods taking plain values, so tests call them directly;
-:meth:`VitPage.register_callbacks` only wires them to the elements.
+:meth:`VitPage.register_callbacks` only wires them to the elements. See docs/analyses/vit-heads.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The vit-heads report: what the run's numbers say, head importance per metric and the metrics'
 agreement, attention distance across layers and for the most important head, and the pattern
-clusters (the figures of the ViT page, through :mod:`dashboard.vit_heads.views`)."""
+clusters (the figures of the ViT page, through :mod:`dashboard.vit_heads.views`).
+See docs/analyses/vit-heads.md."""
 
 from __future__ import annotations
 

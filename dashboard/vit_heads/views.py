@@ -1,23 +1,8 @@
-"""ViT head views: what the ViT page and the vit-heads report section show, read from a vit-heads run.
-
-Background
-----------
-A ``vit-heads`` run (:mod:`analyses.vit_heads`) holds ``heads`` (one row per (layer, head): the
-pruning metrics ``accuracy_drop``, ``confidence_drop``, ``cosine_drop`` (NaN for heads that were not
-pruned) and ``grad_importance``, plus attention strength and pattern columns), ``agreement`` (the
-Spearman rank correlation of the metrics over the pruned heads), ``probes`` (the linear-probe tasks),
-``distance`` (strength against patch distance per head), ``attention_trend`` (per-layer spread of
-the head statistics), ``clusters`` / ``cluster_info`` (the attention-pattern clusters) and the arrays
-``offset_maps`` ``[L, H, 2·rows − 1, 2·cols − 1]`` and ``cluster_prototypes``
-``[k, 2·rows − 1, 2·cols − 1]``. Every function takes a saved :class:`~analyses.runstore.Run` or the
-unsaved :class:`~analyses.base.AnalysisResult` alike, so a notebook draws a result before saving it.
-
-Runs saved since the display patterns were added also hold the ``display`` table and the arrays
-``display_images`` (the model-input crops), ``display_attention`` and ``display_queries`` (every head's
-attention from the CLS query and a sub-grid of query patches on a few images;
-:func:`analyses.vit_heads.display_pattern` reads them): :func:`overlay_figure` draws one head's
-attention from one query patch over the image. Older runs have none; the overlay then says
-:data:`analyses.vit_heads.DISPLAY_HINT`.
+"""ViT head views: the figures and sentences of the ViT page and the vit-heads report, read from a
+``vit-heads`` run (its ``heads``, ``agreement``, ``probes``, ``distance``, ``attention_trend`` and
+cluster tables, the ``offset_maps`` and ``cluster_prototypes`` arrays, and the display patterns of
+the overlay). Every function takes a saved run or the unsaved result alike, so a notebook draws a
+result before saving it. See docs/analyses/vit-heads.md (dashboard and report).
 """
 
 from __future__ import annotations
