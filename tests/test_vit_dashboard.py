@@ -47,8 +47,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         model = probe.load_model("tiny-clip-vision", device="cpu")
         result = vit_heads.run_vit_heads(model, vit_heads.VitHeadsConfig(preset="small", progress=False))
         path = result.save(root)
-        other = runstore.write_run(root, analysis="census", model_info={"name": "m"}, config={},
-                                   tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})})  # fmt: skip
+        other = runstore.write_run(
+            root,
+            analysis="census",
+            model_info={"name": "m"},
+            config={},
+            tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})},
+        )
     yield Runs(root, path.name, other.name, result)
 
 
@@ -71,9 +76,25 @@ def test_page_offers_only_vit_runs_and_renders(runs: Runs) -> None:
     page = _page(runs.root)
     assert {o["value"] for o in page.run_options()} == {runs.run_id}
     text = to_json(page.layout({"run": runs.run_id, "metric": "cosine_drop", "head": "1-2"}))
-    for element in ("vit-run", "vit-settings", "vit-findings", "vit-metric", "vit-importance", "vit-agreement",
-                    "vit-trend-metric", "vit-trend", "vit-head", "vit-head-info", "vit-distance", "vit-offset",
-                    "vit-clusters", "vit-display-image", "vit-overlay", "vit-query", "vit-overlay-info"):  # fmt: skip
+    for element in (
+        "vit-run",
+        "vit-settings",
+        "vit-findings",
+        "vit-metric",
+        "vit-importance",
+        "vit-agreement",
+        "vit-trend-metric",
+        "vit-trend",
+        "vit-head",
+        "vit-head-info",
+        "vit-distance",
+        "vit-offset",
+        "vit-clusters",
+        "vit-display-image",
+        "vit-overlay",
+        "vit-query",
+        "vit-overlay-info",
+    ):
         assert f'"id": "{element}"' in text
     assert '"value": "cosine_drop"' in text and '"value": "1-2"' in text
     assert "overlay shows the chosen head" in text and "astronaut (natural)" in text
@@ -194,8 +215,10 @@ def old_root(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 def test_overlay_figure_is_the_stored_pattern_on_the_patch_grid(runs: Runs) -> None:
     run = _run(runs)
-    assert views.display_options(run) == [{"label": "astronaut (natural)", "value": 0},
-                                          {"label": "scene_0000 (scenes)", "value": 1}]  # fmt: skip
+    assert views.display_options(run) == [
+        {"label": "astronaut (natural)", "value": 0},
+        {"label": "scene_0000 (scenes)", "value": 1},
+    ]
     fig = views.overlay_figure(run, 1, 1, 2, (2, 2))
     assert [t.type for t in fig.data] == ["image", "heatmap"]
     heat = np.asarray(decode_array(fig.data[1].z), dtype=float)
@@ -271,8 +294,16 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     app = Dash(__name__)
     app.layout = page.layout({"run": runs.run_id})
     page.register_callbacks(app)
-    assert {"vit-importance.figure", "vit-agreement.figure", "vit-trend.figure", "vit-distance.figure",
-            "vit-offset.figure", "vit-clusters.figure", "vit-head.value", "vit-head.options"} <= set(app.callback_map)  # fmt: skip
+    assert {
+        "vit-importance.figure",
+        "vit-agreement.figure",
+        "vit-trend.figure",
+        "vit-distance.figure",
+        "vit-offset.figure",
+        "vit-clusters.figure",
+        "vit-head.value",
+        "vit-head.options",
+    } <= set(app.callback_map)
     grid = post_callback(
         app,
         "vit-importance.figure",
@@ -280,8 +311,11 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
     )
     assert "cosine drop" in grid["layout"]["title"]["text"]
     offset = post_callback(app, "vit-offset.figure", [("vit-run", runs.run_id), ("vit-head", "1-0")])
-    np.testing.assert_allclose(np.asarray(decode_array(offset["data"][0]["z"]), dtype=float),
-                               _run(runs).array("offset_maps")[1, 0], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(decode_array(offset["data"][0]["z"]), dtype=float),
+        _run(runs).array("offset_maps")[1, 0],
+        rtol=1e-6,
+    )
     gallery = post_callback(app, "vit-clusters.figure", [("vit-run", runs.run_id)])
     assert "Attention-pattern clusters" in gallery["layout"]["title"]["text"]
     assert {"vit-overlay.figure", "vit-overlay-info.children", "vit-query.data"} <= set(app.callback_map)
@@ -295,8 +329,10 @@ def test_layout_and_callbacks_through_dash(runs: Runs) -> None:
             ("vit-query", "data", [2, 0]),
         ],
     )
-    np.testing.assert_allclose(np.asarray(decode_array(overlay["data"][1]["z"]), dtype=float),
-                               vit_heads.display_attention(_run(runs), 1, 0, 3, (2, 0)))  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(decode_array(overlay["data"][1]["z"]), dtype=float),
+        vit_heads.display_attention(_run(runs), 1, 0, 3, (2, 0)),
+    )
 
 
 def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:
@@ -317,16 +353,26 @@ def test_report_sections_render(runs: Runs, tmp_path: Path) -> None:
     sections = vit_section.report_sections(run)
     assert [s.anchor for s in sections] == ["vit-overview", "vit-importance", "vit-distance", "vit-patterns"]
     body = "".join(s.body for s in sections)
-    for needle in ("vit-importance-accuracy_drop", "vit-importance-grad_importance", "vit-agreement", "vit-trend",
-                   "vit-distance", "vit-offset", "vit-clusters"):  # fmt: skip
+    for needle in (
+        "vit-importance-accuracy_drop",
+        "vit-importance-grad_importance",
+        "vit-agreement",
+        "vit-trend",
+        "vit-distance",
+        "vit-offset",
+        "vit-clusters",
+    ):
         assert f'id="{needle}"' in body
     for line in views.findings(run):
         assert line.replace("&", "&amp;").replace("'", "&#x27;") in body
     page = report.render_report(run)
     assert 'id="vit-patterns"' in page and "Attention-pattern clusters" in page
     foreign = runstore.write_run(
-        tmp_path / "runs", analysis="vit-heads", model_info={"name": "m"}, config={},
+        tmp_path / "runs",
+        analysis="vit-heads",
+        model_info={"name": "m"},
+        config={},
         tables={"heads": run.heads[["layer", "head", "grad_importance"]]},
-    )  # fmt: skip
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="vit-overview"' not in generic

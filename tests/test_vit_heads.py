@@ -273,8 +273,16 @@ def _check_result(result: AnalysisResult, model: LoadedModel, cfg: VitHeadsConfi
     heads = result.heads
     assert len(heads) == L * H and list(heads.columns[:3]) == ["layer", "head", "kv_head"]
     sets = cfg.attention_images
-    for column in (*vit_heads.IMPORTANCE_METRICS, "mean_attention_distance", "self_strength", "cluster",
-                   "group", f"alpha0_{sets}", f"sink_rate_{sets}", f"alpha_artifacts_{sets}"):  # fmt: skip
+    for column in (
+        *vit_heads.IMPORTANCE_METRICS,
+        "mean_attention_distance",
+        "self_strength",
+        "cluster",
+        "group",
+        f"alpha0_{sets}",
+        f"sink_rate_{sets}",
+        f"alpha_artifacts_{sets}",
+    ):
         assert column in heads.columns, column
     pruned = heads[heads["pruned"]]
     assert len(pruned) == min(cfg.prune_top_k or L * H, L * H)
@@ -324,9 +332,15 @@ def test_full_run_on_each_tiny_vision_model(tiny: LoadedModel, tmp_path: Path) -
 def test_every_head_pruned_with_mean_ablation_and_all_partial_conditions() -> None:
     model = _tiny("tiny-vit")
     cfg = VitHeadsConfig(
-        preset="small", prune_top_k=0, ablation="mean", partial_heads=2, regions=vit_heads.REGIONS,
-        attention_images="probe", n_clusters=3, progress=False,
-    )  # fmt: skip
+        preset="small",
+        prune_top_k=0,
+        ablation="mean",
+        partial_heads=2,
+        regions=vit_heads.REGIONS,
+        attention_images="probe",
+        n_clusters=3,
+        progress=False,
+    )
     result = vit_heads.run_vit_heads(model, cfg)
     _check_result(result, model, cfg)
     partial = result.tables["partial"]
@@ -341,8 +355,14 @@ def test_every_head_pruned_with_mean_ablation_and_all_partial_conditions() -> No
 
 def _display_config(**settings: Any) -> VitHeadsConfig:
     """A cheap small run (8 scenes, 4 faces, 2 attention images)."""
-    base: dict[str, Any] = {"n_scenes": 8, "n_faces": 4, "n_attention_images": 2, "pattern_images": 1,
-                            "ae_epochs": 2, "progress": False}  # fmt: skip
+    base: dict[str, Any] = {
+        "n_scenes": 8,
+        "n_faces": 4,
+        "n_attention_images": 2,
+        "pattern_images": 1,
+        "ae_epochs": 2,
+        "progress": False,
+    }
     return VitHeadsConfig(preset="small", **{**base, **settings})
 
 
@@ -427,10 +447,20 @@ def test_no_display_images_means_no_display_data() -> None:
 def test_clip_vit_b16_end_to_end_small() -> None:
     model = real_model("clip-vit-b16")
     cfg = VitHeadsConfig(
-        preset="small", tasks=("has_star", "multiple", "face"), n_scenes=16, n_faces=8, n_eval=2,
-        prune_top_k=3, regions=("centre",), bands=(), n_attention_images=2, pattern_images=1,
-        pattern_queries=6, ae_epochs=3, progress=False,
-    )  # fmt: skip
+        preset="small",
+        tasks=("has_star", "multiple", "face"),
+        n_scenes=16,
+        n_faces=8,
+        n_eval=2,
+        prune_top_k=3,
+        regions=("centre",),
+        bands=(),
+        n_attention_images=2,
+        pattern_images=1,
+        pattern_queries=6,
+        ae_epochs=3,
+        progress=False,
+    )
     t0 = time.perf_counter()
     result = vit_heads.run_vit_heads(model, cfg)
     seconds = time.perf_counter() - t0

@@ -27,9 +27,19 @@ if TYPE_CHECKING:
 Kind = Literal["natural", "scientific", "texture", "document", "face", "non_face"]
 Source = Literal["scikit-image", "matplotlib", "scikit-learn"]
 Subset = Literal[
-    "all", "full_size", "natural", "scientific", "textures", "documents", "faces", "non_faces", "lfw",
-    "scikit-image", "matplotlib", "scikit-learn",
-]  # fmt: skip
+    "all",
+    "full_size",
+    "natural",
+    "scientific",
+    "textures",
+    "documents",
+    "faces",
+    "non_faces",
+    "lfw",
+    "scikit-image",
+    "matplotlib",
+    "scikit-learn",
+]
 
 KINDS: tuple[Kind, ...] = get_args(Kind)
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -61,27 +71,47 @@ class ImageSpec:
 
 
 CATALOGUE: tuple[ImageSpec, ...] = (
-    ImageSpec("astronaut", "scikit-image", "astronaut.png", "natural", "an astronaut in an orange spacesuit", True),
+    ImageSpec(
+        "astronaut", "scikit-image", "astronaut.png", "natural", "an astronaut in an orange spacesuit", True
+    ),
     ImageSpec("camera", "scikit-image", "camera.png", "natural", "a man with a camera on a tripod", True),
     ImageSpec("chelsea", "scikit-image", "chelsea.png", "natural", "a tabby cat", False),
     ImageSpec("coffee", "scikit-image", "coffee.png", "natural", "a cup of coffee on a saucer", False),
     ImageSpec("coins", "scikit-image", "coins.png", "natural", "old coins on a dark background", False),
     ImageSpec("rocket", "scikit-image", "rocket.jpg", "natural", "a rocket on its launch pad at dusk", False),
-    ImageSpec("motorcycle", "scikit-image", "motorcycle_left.png", "natural", "a red motorcycle in a garage", False),
-    ImageSpec("hubble_deep_field", "scikit-image", "hubble_deep_field.jpg", "scientific", "galaxies in deep space", False),
+    ImageSpec(
+        "motorcycle", "scikit-image", "motorcycle_left.png", "natural", "a red motorcycle in a garage", False
+    ),
+    ImageSpec(
+        "hubble_deep_field",
+        "scikit-image",
+        "hubble_deep_field.jpg",
+        "scientific",
+        "galaxies in deep space",
+        False,
+    ),
     ImageSpec("retina", "scikit-image", "retina.jpg", "scientific", "the retina of a human eye", False),
     ImageSpec("moon", "scikit-image", "moon.png", "scientific", "the cratered surface of the moon", False),
     ImageSpec("cell", "scikit-image", "cell.png", "scientific", "a cell under a microscope", False),
-    ImageSpec("ihc", "scikit-image", "ihc.png", "scientific", "a stained tissue section under a microscope", False),
+    ImageSpec(
+        "ihc", "scikit-image", "ihc.png", "scientific", "a stained tissue section under a microscope", False
+    ),
     ImageSpec("brick", "scikit-image", "brick.png", "texture", "a brick wall", False),
     ImageSpec("grass", "scikit-image", "grass.png", "texture", "grass", False),
     ImageSpec("gravel", "scikit-image", "gravel.png", "texture", "gravel", False),
     ImageSpec("text", "scikit-image", "text.png", "document", "handwritten equations on paper", False),
     ImageSpec("page", "scikit-image", "page.png", "document", "a scanned page of printed text", False),
-    ImageSpec("grace_hopper", "matplotlib", "grace_hopper.jpg", "natural", "a portrait of a woman in a naval uniform", True),
+    ImageSpec(
+        "grace_hopper",
+        "matplotlib",
+        "grace_hopper.jpg",
+        "natural",
+        "a portrait of a woman in a naval uniform",
+        True,
+    ),
     ImageSpec("china", "scikit-learn", "china.jpg", "natural", "a Chinese temple above a lake", False),
     ImageSpec("flower", "scikit-learn", "flower.jpg", "natural", "an orange dahlia flower", False),
-)  # fmt: skip
+)
 
 LFW_NAMES: tuple[str, ...] = tuple(f"lfw_face_{i:03d}" for i in range(LFW_FACES)) + tuple(
     f"lfw_non_face_{i:03d}" for i in range(LFW_NON_FACES)
@@ -201,9 +231,13 @@ def load_image(name: str) -> ImageRecord:
 
 
 _SUBSET_KINDS: dict[str, Kind] = {
-    "natural": "natural", "scientific": "scientific", "textures": "texture", "documents": "document",
-    "faces": "face", "non_faces": "non_face",
-}  # fmt: skip
+    "natural": "natural",
+    "scientific": "scientific",
+    "textures": "texture",
+    "documents": "document",
+    "faces": "face",
+    "non_faces": "non_face",
+}
 
 
 def _in_subset(name: str, subset: str) -> bool:

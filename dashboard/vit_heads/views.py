@@ -519,14 +519,25 @@ def overlay_figure(
             f"Layer {layer}, head {head} on {shown.name}: attention from patch ({q_row}, {q_col})",
             f"attention to CLS {pattern.cls:.3f}, to the patches {float(z.sum()):.3f}{note}; click a patch",
         ),
-        xaxis={"range": [0, width_px], "showticklabels": False, "showgrid": False, "zeroline": False,
-               "constrain": "domain"},
-        yaxis={"range": [height_px, 0], "showticklabels": False, "showgrid": False, "zeroline": False,
-               "scaleanchor": "x", "constrain": "domain"},
+        xaxis={
+            "range": [0, width_px],
+            "showticklabels": False,
+            "showgrid": False,
+            "zeroline": False,
+            "constrain": "domain",
+        },
+        yaxis={
+            "range": [height_px, 0],
+            "showticklabels": False,
+            "showgrid": False,
+            "zeroline": False,
+            "scaleanchor": "x",
+            "constrain": "domain",
+        },
         height=480,
         margin={"l": 20, "r": 20, "t": 70, "b": 20},
         clickmode="event",
-    )  # fmt: skip
+    )
     return fig
 
 
