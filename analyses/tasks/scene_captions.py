@@ -1,60 +1,14 @@
-"""Scene captions: training data for ``scene-llava`` and exact object-hallucination benchmarks.
+"""Scene captions: the training data of ``scene-llava``, exact object-hallucination benchmarks
+(CHAIR and POPE) on the synthetic scenes, and the recipe behind ``headlab train scene-llava``.
 
-Background
-----------
-A vision-language model *hallucinates* an object when it names one that is not in the image. Two
-standard measures: **CHAIR** (Rohrbach et al. 2018) parses the object words of free descriptions and
-counts those absent from the image — ``CHAIR_S``, the share of descriptions with at least one
-hallucinated object, and ``CHAIR_I``, the share of mentioned objects that are hallucinated; and
-**POPE** (Li et al. 2023) asks "Is there a X in the image?" for present objects and for absent ones
-drawn at random, among the most frequent objects (*popular*) or among those that most often
-co-occur with the objects present (*adversarial*), and scores the yes/no answers (accuracy,
-precision, recall, F1, and the share of "yes"). On photographs both rest on approximate labels;
-on the synthetic scenes of :mod:`analyses.tasks.scenes` every label is exact, and the object
-vocabulary (14 shape classes with their synonyms) is closed, so the benchmarks are exact.
-
-The training data plants a language prior on purpose: a few pairs of classes (``pairs``,
-``"given:then"``) appear together with probability ``p_pair`` (a :class:`scenes.CooccurrenceRule`
-each), so a model that leans on the captions' statistics rather than on the image will name the
-partner of a present object when it is absent. The ``conflict`` evaluation split holds exactly those
-scenes (a pair's first class present, its partner absent); ``iid`` scenes follow the training
-distribution. Training and evaluation scenes come from different seeds.
-
-Captions (:func:`training_caption`) are templated with varied phrasing (four styles, object order,
-optional sizes, positions and background, occasional synonyms), and every one names each present
-class and no absent one (exact ground truth; tested). A share ``p_question`` of the training
-examples are yes/no questions in POPE's wording (present or random absent classes, half and half),
-so that POPE measures a skill the model was taught.
-
-Everything that scores text is a pure function of (scene, text) pairs: :func:`chair_table`,
+The data plants a language prior on purpose: a few class pairs appear together with probability
+``p_pair`` in training, and the ``conflict`` split holds the scenes where a pair's first class is
+present and its partner absent. Everything that scores text (:func:`chair_table`,
 :func:`chair_summary`, :func:`pope_questions`, :func:`parse_yes_no`, :func:`pope_table`,
-:func:`pope_summary`. :func:`evaluate` runs a model (through :mod:`probe.vlm`) and returns tidy
-tables with bootstrap intervals (scenes resampled). :func:`train_scene_llava` is the recipe behind
-``headlab train scene-llava``.
+:func:`pope_summary`) is a pure function of (scene, text) pairs; :func:`evaluate` runs a model and
+:func:`train_scene_llava` trains its projector.
 
-Usage
------
-::
-
-    from analyses.tasks import scene_captions as sc
-
-    cfg = sc.SceneCaptionConfig(n_train=20000)
-    train = sc.train_scenes(cfg)
-    examples = sc.training_examples(train, cfg)          # (image, prompt, answer) triples
-    stats = sc.training_statistics(cfg)                  # presence and co-occurrence of the train set
-    tables = sc.evaluate(model, sc.eval_scenes(cfg, "conflict"), stats)
-    tables["summary"]                                    # CHAIR_S, CHAIR_I, POPE acc/F1/yes-ratio ± CI
-
-    sc.chair_table(scenes, ["A red circle and a blue star."])   # pure: no model needed
-
-References
-----------
-* Rohrbach, Hendricks, Burns, Darrell & Saenko (2018). Object Hallucination in Image Captioning.
-  EMNLP. (CHAIR.)
-* Li, Du, Zhou, Wang, Zhao & Wen (2023). Evaluating Object Hallucination in Large Vision-Language
-  Models. EMNLP. (POPE: random, popular and adversarial negative sampling.)
-* He et al. (2025). Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence.
-  ACL. (The analysis this testbed is for.)
+See docs/scene-llava.md.
 """
 
 from __future__ import annotations
@@ -165,9 +119,13 @@ class SceneCaptionConfig:
         """``train`` and ``iid``: the pairs hold with ``p_pair``; ``conflict``: a pair's partner is always
         removed when its first class is drawn (P = 0)."""
         return sc.SceneConfig(
-            height=self.image_size, width=self.image_size, max_classes=self.max_classes, max_count=self.max_count,
-            max_objects=self.max_objects, rules=self.rules(0.0 if split == "conflict" else None),
-        )  # fmt: skip
+            height=self.image_size,
+            width=self.image_size,
+            max_classes=self.max_classes,
+            max_count=self.max_count,
+            max_objects=self.max_objects,
+            rules=self.rules(0.0 if split == "conflict" else None),
+        )
 
     def fingerprint(self, split: Split, n: int) -> str:
         """A string naming a split's scenes exactly (the feature cache key)."""
@@ -407,9 +365,20 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 CHAIR_COLUMNS = [
-    "scene", "seed", "index", "text", "n_words", "mentioned", "hallucinated", "missed",
-    "n_present", "n_mentioned", "n_correct", "n_hallucinated", "chair_s",
-]  # fmt: skip
+    "scene",
+    "seed",
+    "index",
+    "text",
+    "n_words",
+    "mentioned",
+    "hallucinated",
+    "missed",
+    "n_present",
+    "n_mentioned",
+    "n_correct",
+    "n_hallucinated",
+    "chair_s",
+]
 
 
 def chair_table(scenes: Sequence[sc.Scene], texts: Sequence[str]) -> pd.DataFrame:
@@ -469,12 +438,23 @@ def chair_summary(
             lo = hi = math.nan
         else:
             boot = {
-                "CHAIR_S": s[idx].mean(1), "CHAIR_I": _ratio(h[idx].sum(1), m[idx].sum(1)),
-                "recall": _ratio(c[idx].sum(1), p[idx].sum(1)), "words": w[idx].mean(1),
-            }[metric]  # fmt: skip
+                "CHAIR_S": s[idx].mean(1),
+                "CHAIR_I": _ratio(h[idx].sum(1), m[idx].sum(1)),
+                "recall": _ratio(c[idx].sum(1), p[idx].sum(1)),
+                "words": w[idx].mean(1),
+            }[metric]
             lo, hi = _interval(boot, alpha)
-        rows.append({"benchmark": "CHAIR", "setting": "captions", "metric": metric, "value": value,
-                     "lo": lo, "hi": hi, "n": n})  # fmt: skip
+        rows.append(
+            {
+                "benchmark": "CHAIR",
+                "setting": "captions",
+                "metric": metric,
+                "value": value,
+                "lo": lo,
+                "hi": hi,
+                "n": n,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -559,9 +539,19 @@ def pope_table(
     rows = []
     for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
         yes, understood = parse_yes_no(a)
-        rows.append({"scene": q.scene, "shape": q.shape, "kind": q.kind, "label": q.label, "answer": a,
-                     "yes": yes, "understood": understood, "correct": yes == q.label,
-                     "yes_minus_no": float(margins[i]) if margins is not None else math.nan})  # fmt: skip
+        rows.append(
+            {
+                "scene": q.scene,
+                "shape": q.shape,
+                "kind": q.kind,
+                "label": q.label,
+                "answer": a,
+                "yes": yes,
+                "understood": understood,
+                "correct": yes == q.label,
+                "yes_minus_no": float(margins[i]) if margins is not None else math.nan,
+            }
+        )
     return pd.DataFrame(rows, columns=POPE_COLUMNS)
 
 
@@ -599,10 +589,28 @@ def pope_summary(
         boot = _pope_metrics(*(counts[:, idx].sum(2)))
         for metric, value in point.items():
             lo, hi = _interval(boot[metric], alpha)
-            rows.append({"benchmark": "POPE", "setting": kind, "metric": metric, "value": float(value[0]),
-                         "lo": lo, "hi": hi, "n": len(part)})  # fmt: skip
-        rows.append({"benchmark": "POPE", "setting": kind, "metric": "understood",
-                     "value": float(part["understood"].mean()), "lo": math.nan, "hi": math.nan, "n": len(part)})  # fmt: skip
+            rows.append(
+                {
+                    "benchmark": "POPE",
+                    "setting": kind,
+                    "metric": metric,
+                    "value": float(value[0]),
+                    "lo": lo,
+                    "hi": hi,
+                    "n": len(part),
+                }
+            )
+        rows.append(
+            {
+                "benchmark": "POPE",
+                "setting": kind,
+                "metric": "understood",
+                "value": float(part["understood"].mean()),
+                "lo": math.nan,
+                "hi": math.nan,
+                "n": len(part),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -644,8 +652,14 @@ def evaluate(
         raise ConfigError("no scenes to evaluate; pass at least one")
     images = sc.render_batch(scenes)
     t0 = time.perf_counter()
-    texts = vlm.generate(model, images, config.prompt, max_new_tokens=config.max_new_tokens,
-                         batch_size=config.batch_size, progress=progress)  # fmt: skip
+    texts = vlm.generate(
+        model,
+        images,
+        config.prompt,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
     t_captions = time.perf_counter() - t0
     captions = chair_table(scenes, texts)
     questions = [
@@ -658,15 +672,22 @@ def evaluate(
     chunk = 8 * config.batch_size  # the probes' images are copies: make them a chunk at a time
     for start in range(0, len(questions), chunk):
         part = questions[start : start + chunk]
-        answers += vlm.answer_yes_no(model, images[[q.scene for q in part]], [q.text for q in part],
-                                     batch_size=config.batch_size, progress=progress)  # fmt: skip
+        answers += vlm.answer_yes_no(
+            model,
+            images[[q.scene for q in part]],
+            [q.text for q in part],
+            batch_size=config.batch_size,
+            progress=progress,
+        )
     t_pope = time.perf_counter() - t0
     pope = pope_table(questions, [a.text for a in answers], [a.yes_minus_no for a in answers])
     summary = pd.concat(
-        [chair_summary(captions, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha),
-         pope_summary(pope, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha)],
+        [
+            chair_summary(captions, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha),
+            pope_summary(pope, n_boot=config.n_boot, seed=config.seed, alpha=config.alpha),
+        ],
         ignore_index=True,
-    )  # fmt: skip
+    )
     summary.attrs["seconds"] = {"captions": t_captions, "pope": t_pope}
     return {"summary": summary, "captions": captions, "pope": pope}
 
@@ -736,17 +757,24 @@ def train_scene_llava(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)
         result = vlm_train.train(
-            model, RenderedScenes(scenes), examples, train, eval_images=RenderedScenes(held),
-            eval_examples=held_examples, feature_key=data.fingerprint("train", data.n_train),
-            eval_feature_key=data.fingerprint("iid", len(held)), progress=progress,
-        )  # fmt: skip
+            model,
+            RenderedScenes(scenes),
+            examples,
+            train,
+            eval_images=RenderedScenes(held),
+            eval_examples=held_examples,
+            feature_key=data.fingerprint("train", data.n_train),
+            eval_feature_key=data.fingerprint("iid", len(held)),
+            progress=progress,
+        )
     result.timings.update({"load_s": t_load, "data_s": t_data})
     evaluation: dict[str, Any] = {}
     if n_eval:
         for split in ("iid", "conflict"):
             t0 = time.perf_counter()
-            tables = evaluate(model, eval_scenes(data, split, n_eval), stats, EvalConfig(seed=train.seed),
-                              progress=progress)  # fmt: skip
+            tables = evaluate(
+                model, eval_scenes(data, split, n_eval), stats, EvalConfig(seed=train.seed), progress=progress
+            )
             evaluation[split] = {
                 "summary": tables["summary"].to_dict(orient="records"),
                 "examples": tables["captions"]

@@ -42,6 +42,7 @@ VHD = register(
         default_model="scene-llava",
         page="dashboard.vhd.page:VhdPage",
         report="dashboard.vhd.report:report_sections",
+        docs="docs/analyses/vhd.md",
         opt_outs={"demo": "the vhr run computes VHD first and saves the same tables"},
     )
 )
@@ -58,6 +59,7 @@ VHR = register(
         default_model="scene-llava",
         page="dashboard.vhd.page:VhdPage",
         report="dashboard.vhd.report:report_sections",
+        docs="docs/analyses/vhd.md",
         # a few noisy held-out scenes and the main VHR setting only
         demo={
             "n_scenes": 8,

@@ -47,8 +47,8 @@ def _decide(
 
 
 def select_heads(model: LoadedModel, rows: Rows, setting: VhrSetting, *, seed: int = 0) -> Selection:
-    """VHR's head choice at the first generation step, layer by layer, in one forward (see the module
-    docstring): returns the per-row scales to apply while generating."""
+    """VHR's head choice at the first generation step, layer by layer, in one forward (see
+    docs/analyses/vhd.md): returns the per-row scales to apply while generating."""
     b = rows.n_image_rows
     if rows.ids.shape[0] != 2 * b:
         raise ConfigError(

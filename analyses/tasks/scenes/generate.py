@@ -75,7 +75,7 @@ def _make_object(
 
 
 def _draw_classes(config: SceneConfig, rng: np.random.Generator) -> list[str]:
-    """The classes present: a free draw, then the co-occurrence rules (see the module docstring)."""
+    """The classes present: a free draw, then the co-occurrence rules (see docs/scene-llava.md)."""
     shapes = config.shapes
     for _ in range(1000):
         k = int(rng.integers(config.min_classes, config.max_classes + 1))
