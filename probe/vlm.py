@@ -72,27 +72,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
-from probe import cache
+from probe import cache, vision, zoo
+from probe.assemblies import ASSEMBLIES, IMAGE_TOKEN, AssemblySpec, FeatureStrategy
 from probe.checkpoints import check_checkpoint_files, load_language_dir, quiet_transformers
 from probe.checksums import checkpoint_sha256
 from probe.checksums import state_sha256 as _state_sha256
 from probe.errors import CaptureError, ConfigError, HeadlabError
 from probe.generation import prepare_bridge_generation
+from probe.images import ImageInput, ImageSpec
+from probe.kernels import native_attention
 from probe.model import Batch, BosMode, LoadedModel, bos_policy
+from probe.sources import ASSEMBLY, DIRECTORY, TINY, ModelRequest, ModelSource, register
+from probe.tiny import TINY_BUILDERS, TinyBuilder, build_tiny_clip_vision, build_tiny_llama
+from probe.tiny import register as register_tiny
 
-if TYPE_CHECKING:
-    from probe.images import ImageInput, ImageSpec
-
-IMAGE_TOKEN = "<image>"
 KIND: Literal["vision-language"] = "vision-language"
-FeatureStrategy = Literal["default", "full"]
 PROJECTOR_FORMAT = "headlab-llava-projector/1"
 MAX_PROJECTOR_BYTES = 10 * 1024 * 1024  # the projector file is committed to data/: keep it small
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 PROJECTOR_PREFIX = "projector."
 LORA_PREFIX = "lora."
 
@@ -434,58 +434,9 @@ def read_projector(path: str | Path) -> ProjectorFile:
     )
 
 
-# ============================================================================== assemblies
-
-
-@dataclass(frozen=True)
-class AssemblySpec:
-    """A vision-language model the workbench assembles: catalogue parts + a projector file in ``data/``."""
-
-    name: str
-    description: str
-    vision: str  # catalogue name of the image tower
-    language: str  # catalogue name of the language model
-    projector_file: str  # file name under data/
-    train_command: str
-    vision_feature_layer: int = -2
-    vision_feature_select_strategy: FeatureStrategy = "default"
-    projector_hidden_act: str = "gelu"
-
-    @property
-    def projector_path(self) -> Path:
-        return DATA_DIR / self.projector_file
-
-    def describe_parts(self) -> dict[str, Any]:
-        return {
-            "vision": self.vision,
-            "language": self.language,
-            "vision_feature_layer": self.vision_feature_layer,
-            "vision_feature_select_strategy": self.vision_feature_select_strategy,
-            "projector_hidden_act": self.projector_hidden_act,
-            "image_token": IMAGE_TOKEN,
-        }
-
-
-ASSEMBLIES: dict[str, AssemblySpec] = {
-    spec.name: spec
-    for spec in [
-        AssemblySpec(
-            name="scene-llava",
-            description="LLaVA-style: clip-vit-b16 (frozen, layer -2, CLS dropped, 196 image tokens) -> "
-            "2-layer MLP projector trained on synthetic scene captions -> smollm2-135m (frozen)",
-            vision="clip-vit-b16",
-            language="smollm2-135m",
-            projector_file="scene_llava_projector.safetensors",
-            train_command="headlab train scene-llava",
-        ),
-    ]
-}
-
 
 def _converted(name: str, fetch_if_missing: bool) -> tuple[Path, dict[str, Any]]:
     """The converted directory of catalogue model ``name`` and its marker, content-checked first."""
-    from probe import zoo
-
     return zoo.verified_cache(zoo.get_spec(name), fetch_if_missing=fetch_if_missing)
 
 
@@ -496,8 +447,6 @@ def load_parts(
 
     Returns (vision model, language model, tokenizer, image spec, provenance of both parts).
     """
-    from probe import vision, zoo
-
     vision_dir, vision_marker = _converted(spec.vision, fetch_if_missing)
     language_dir, language_marker = _converted(spec.language, fetch_if_missing)
     vision_model, family, image = vision.load_checkpoint(vision_dir, torch.float32)
@@ -639,8 +588,6 @@ def load_llava_dir(
 
 
 def _image_spec(vision_config: Any, processor_file: Path | None = None) -> ImageSpec:
-    from probe import vision
-
     if str(getattr(vision_config, "model_type", "")) not in ("clip_vision_model", "clip"):
         raise HeadlabError(
             f"the image tower is a {vision_config.model_type!r} model; probe's LLaVA support covers CLIP towers"
@@ -658,7 +605,7 @@ def _image_spec(vision_config: Any, processor_file: Path | None = None) -> Image
         except json.JSONDecodeError as err:
             raise HeadlabError(f"{processor_file} is not valid JSON ({err}); fix or delete it") from None
         processor = processor.get("image_processor", processor)  # a processor_config nests it
-        return vision.ImageSpec.from_processor_config(
+        return ImageSpec.from_processor_config(
             processor, image_size=size, patch_size=patch, prefix_names=arch.prefix_names
         )
     return arch.default_image(size, patch)
@@ -862,8 +809,6 @@ def _native_generate(
     model: LoadedModel, pixels: torch.Tensor | None, batch: Batch, max_new_tokens: int, scores: bool
 ) -> Any:
     from transformers import GenerationConfig
-
-    from probe.kernels import native_attention
 
     tok = model.tokenizer
     # A fresh config: plain greedy decoding whatever a checkpoint's generation_config.json asks for
@@ -1099,3 +1044,84 @@ def state_sha256(model: LoadedModel) -> str:
     """sha256 of the model's current weights (after training changed them in place)."""
     assert model.native_model is not None
     return _state_sha256(model.native_model)
+
+
+# ============================================================================== model sources
+
+
+def build_tiny_llava(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
+    """A LLaVA of the tiny CLIP tower (layer -2, CLS dropped: 16 image tokens) and the tiny Llama."""
+    tower, _ = build_tiny_clip_vision(seed)
+    language, tok = build_tiny_llama(seed, words)
+    return assemble(tower, language, tok, seed=seed)
+
+
+register_tiny(
+    TinyBuilder(
+        "tiny-llava",
+        "vision-language",
+        "llava",
+        "random LLaVA: tiny-clip-vision (layer -2, 16 image tokens) -> 2-layer MLP projector -> tiny-llama",
+        build_tiny_llava,
+    )
+)
+
+
+def _is_tiny(request: ModelRequest) -> bool:
+    builder = TINY_BUILDERS.get(request.name)
+    return builder is not None and builder.kind == KIND
+
+
+def _load_tiny(request: ModelRequest) -> LoadedModel:
+    model, tokenizer = TINY_BUILDERS[request.name].build(request.seed, request.tiny_words)
+    return wrap_vlm(
+        request.name,
+        "tiny",
+        model,
+        tokenizer,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        weight_sha256=_state_sha256(model),
+        path=None,
+        licence="n/a (random weights)",
+    )
+
+
+def _load_assembly(request: ModelRequest) -> LoadedModel:
+    return load_assembly(
+        request.name,
+        device=request.device,
+        dtype=request.dtype,
+        bos=request.bos,
+        fetch_if_missing=request.fetch_if_missing,
+    )
+
+
+def _is_llava_dir(request: ModelRequest) -> bool:
+    return request.path.is_dir() and is_llava_config(request.config)
+
+
+def _load_llava_dir(request: ModelRequest) -> LoadedModel:
+    return load_llava_dir(request.path, device=request.device, dtype=request.dtype, bos=request.bos)
+
+
+register(ModelSource("tiny-vision-language", TINY + 20, "a tiny random LLaVA built in memory", _is_tiny, _load_tiny))
+register(
+    ModelSource(
+        "assembly",
+        ASSEMBLY,
+        "a vision-language model assembled from two catalogue models and a projector trained here",
+        lambda request: request.name in ASSEMBLIES,
+        _load_assembly,
+    )
+)
+register(
+    ModelSource(
+        "llava-directory",
+        DIRECTORY + 10,
+        "a local LLaVA checkpoint directory (model_type llava)",
+        _is_llava_dir,
+        _load_llava_dir,
+    )
+)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from probe import cache
+from probe import cache, tempdirs
+from probe.assemblies import ASSEMBLIES
 from probe.errors import (
     CacheDamagedError,
     CheckpointError,
@@ -36,6 +37,7 @@ from probe.errors import (
     ModelPathError,
     UnknownModelError,
 )
+from probe.tiny import TINY_BUILDERS
 
 Kind = Literal["language", "vision"]
 
@@ -170,10 +172,12 @@ CATALOGUE: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def get_spec(name: str) -> ModelSpec:
-    from probe.tiny import TINY_BUILDERS
-    from probe.vlm import ASSEMBLIES
+def known_names() -> list[str]:
+    """Every model name the catalogue knows: embedded models, tiny models and assemblies."""
+    return [*CATALOGUE, *TINY_BUILDERS, *ASSEMBLIES]
 
+
+def get_spec(name: str) -> ModelSpec:
     if name in CATALOGUE:
         return CATALOGUE[name]
     if name in ASSEMBLIES:
@@ -182,7 +186,7 @@ def get_spec(name: str) -> ModelSpec:
             f"{name} is assembled from {spec.vision} and {spec.language} (fetch those: headlab fetch "
             f"{spec.vision}; headlab fetch {spec.language}) plus a projector trained by: {spec.train_command}"
         )
-    raise UnknownModelError(name, [*CATALOGUE, *TINY_BUILDERS, *ASSEMBLIES])
+    raise UnknownModelError(name, known_names())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,8 +242,6 @@ def verified_cache(spec: ModelSpec, *, fetch_if_missing: bool = True) -> tuple[P
 
 def _stale_rows() -> list[dict[str, Any]]:
     """Temporary directories of killed conversions in the cache: removed now, and reported."""
-    from probe import tempdirs
-
     models = cache.cache_root() / "models"
     found = tempdirs.stale_tempdirs(models, cache.TEMP_GLOB)
     removed = {t.path for t in cache.clean_stale(models)}
@@ -267,8 +269,6 @@ def catalogue_rows() -> list[dict[str, Any]]:
     ``converted`` compares sizes only (a listing stays fast); loading checks content. Temporary
     directories left by killed conversions are removed and listed as rows of kind "stale temporary".
     """
-    from probe.tiny import TINY_BUILDERS
-
     rows = _stale_rows()
     for spec in CATALOGUE.values():
         directory = cache.model_dir(spec.name)
@@ -288,8 +288,6 @@ def catalogue_rows() -> list[dict[str, Any]]:
                 "caveat": spec.caveat,
             }
         )
-    from probe.vlm import ASSEMBLIES
-
     for assembly in ASSEMBLIES.values():
         projector = assembly.projector_path
         parts = [CATALOGUE[assembly.vision], CATALOGUE[assembly.language]]
@@ -486,24 +484,18 @@ def convert_gguf_causal_lm(gguf_file: Path, out: Path) -> None:
     (out / "headlab-source.json").write_text(json.dumps(info, indent=2))
 
 
-def convert_onnx_clip_vision(onnx_file: Path, out: Path) -> None:
-    """INT8 ONNX CLIP image tower -> a float32 ``CLIPVisionModelWithProjection`` checkpoint.
-
-    Dequantises every weight and checks that the mapping fills the model exactly
-    (:mod:`probe.onnx_clip`); also writes CLIP's ``preprocessor_config.json`` so the directory
-    says how its images are prepared.
-    """
-    from probe import onnx_clip
-    from probe.vision import CLIP_IMAGE
-
-    onnx_clip.convert(onnx_file, out)
-    (out / "preprocessor_config.json").write_text(json.dumps(CLIP_IMAGE.to_processor_config(), indent=2))
-
-
 CONVERTERS: dict[str, Callable[[Path, Path], None]] = {
     "gguf-causal-lm": convert_gguf_causal_lm,
-    "onnx-clip-vision": convert_onnx_clip_vision,
 }
+"""converter name (``ModelSpec.converter``) -> function(source file, output directory); the vision
+package adds ``onnx-clip-vision`` (:func:`register_converter`)."""
+
+
+def register_converter(name: str, converter: Callable[[Path, Path], None]) -> None:
+    """Make ``converter`` available to catalogue entries whose ``converter`` is ``name``."""
+    if name in CONVERTERS:
+        raise ValueError(f"a converter named {name!r} is registered already")
+    CONVERTERS[name] = converter
 
 
 def check_gguf_magic(path: Path) -> None:

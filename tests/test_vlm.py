@@ -19,7 +19,7 @@ import torch
 
 import probe
 from analyses.tasks import scene_captions as scc
-from probe import vlm, vlm_train, zoo
+from probe import assemblies, vlm, vlm_train, zoo
 from probe.errors import ConfigError, HeadlabError, UnknownModelError
 from probe.loading import LoadedModel
 from probe.tiny import TINY_BUILDERS, build_tiny_clip_vision, build_tiny_llama
@@ -312,7 +312,7 @@ def test_a_local_llava_checkpoint_loads_through_load_model(tmp_path: Path) -> No
 def test_scene_llava_without_its_projector_names_the_training_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vlm, "DATA_DIR", tmp_path)  # no projector there
+    monkeypatch.setattr(assemblies, "DATA_DIR", tmp_path)  # no projector there
     with pytest.raises(HeadlabError, match="headlab train scene-llava"):
         probe.load_model("scene-llava", device="cpu")
     with pytest.raises(HeadlabError, match="headlab fetch clip-vit-b16"):
