@@ -103,16 +103,28 @@ def run_census(
     n_kept_rep = min(cfg.n_examples, cfg.n_repeated)
     keep_rep = KeepPatterns(n_samples=n_kept_rep, max_tokens=2 * cfg.repeat_len + bos)
     stats_nat = capture(
-        model, natural, reducers_nat, mode=cfg.mode, batch_size=cfg.batch_size,
-        query_block=cfg.query_block, progress=progress, desc="census: natural text",
-    )  # fmt: skip
+        model,
+        natural,
+        reducers_nat,
+        mode=cfg.mode,
+        batch_size=cfg.batch_size,
+        query_block=cfg.query_block,
+        progress=progress,
+        desc="census: natural text",
+    )
     first, n = bos, cfg.repeat_len  # real position where the first copy starts, block length
     induction = DiagonalScore(n - 1, query_from=first + n, query_to=first + 2 * n, name="induction")
     duplicate = DiagonalScore(n, query_from=first + n, query_to=first + 2 * n, name="duplicate_token")
     stats_rep = capture(
-        model, repeated, [induction, duplicate] + ([keep_rep] if n_kept_rep else []), mode=cfg.mode, batch_size=cfg.batch_size,
-        query_block=cfg.query_block, progress=progress, desc="census: repeated tokens",
-    )  # fmt: skip
+        model,
+        repeated,
+        [induction, duplicate] + ([keep_rep] if n_kept_rep else []),
+        mode=cfg.mode,
+        batch_size=cfg.batch_size,
+        query_block=cfg.query_block,
+        progress=progress,
+        desc="census: repeated tokens",
+    )
 
     per_sample = {
         "entropy": entropy.result(),

@@ -149,8 +149,12 @@ def test_both_threshold_forms() -> None:
     # alpha > 0.5: the same
     assert torch.equal(calibrate_pattern(HAND[None], lengths, alpha_threshold=0.5)[0], HAND)
     # the ratio threshold follows each row's real length: a = 1.5 on a row of real length 10 is 0.15
-    _, hidden = detect_sinks(torch.tensor([[0.9, 0.2, 0.1], [0.9, 0.2, 0.1]]), torch.tensor([3, 10]),
-                             threshold="ratio", ratio_a=1.5)  # fmt: skip
+    _, hidden = detect_sinks(
+        torch.tensor([[0.9, 0.2, 0.1], [0.9, 0.2, 0.1]]),
+        torch.tensor([3, 10]),
+        threshold="ratio",
+        ratio_a=1.5,
+    )
     assert hidden.tolist() == [[False, False, False], [False, True, False]]
     with pytest.raises(ConfigError, match="threshold"):
         detect_sinks(torch.zeros(1, 3), torch.tensor([3]), threshold="median")  # type: ignore[arg-type]
@@ -377,10 +381,14 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
 
 def test_tasks_are_split_disjointly_and_a_user_file_joins(tmp_path: Path) -> None:
     path = choice.write_jsonl(
-        [choice.ChoiceItem(f"Is {i} even? Answer:", (" no", " yes"), int(i % 2 == 0), "parity", "classification")
-         for i in range(10)],
+        [
+            choice.ChoiceItem(
+                f"Is {i} even? Answer:", (" no", " yes"), int(i % 2 == 0), "parity", "classification"
+            )
+            for i in range(10)
+        ],
         tmp_path / "parity.jsonl",
-    )  # fmt: skip
+    )
     cfg = ActConfig(tasks=("sentiment",), jsonl=str(path), n_calibration=5, n_heldout=7)
     tasks, notes = act.load_tasks(cfg)
     assert [t.name for t in tasks] == ["sentiment", "parity"]
@@ -399,9 +407,16 @@ def test_tasks_are_split_disjointly_and_a_user_file_joins(tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------ the run
 
 SMALL = ActConfig(
-    tasks=("sentiment", "larger_number"), n_calibration=6, n_heldout=5, layer_start=1, layer_end=None,
-    alpha_threshold=0.05, heads_per_pass=3, batch_size=4, n_boot=200,
-)  # fmt: skip
+    tasks=("sentiment", "larger_number"),
+    n_calibration=6,
+    n_heldout=5,
+    layer_start=1,
+    layer_end=None,
+    alpha_threshold=0.05,
+    heads_per_pass=3,
+    batch_size=4,
+    n_boot=200,
+)
 
 
 def _check_schema(result: Any, model: LoadedModel) -> None:
@@ -519,19 +534,43 @@ def test_registry_and_cli(tmp_path: Path) -> None:
     assert entry.config_cls is ActConfig and entry.run is run_act and entry.summary is act.summary
     root = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "headlab.cli", "run", "act", "--model", "tiny-llama", "--root", str(root),
-         "--set", "tasks=sentiment", "--set", "n_calibration=4", "--set", "n_heldout=4",
-         "--set", "layer_start=2", "--set", "layer_end=none", "--set", "heads_per_pass=4"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "headlab.cli",
+            "run",
+            "act",
+            "--model",
+            "tiny-llama",
+            "--root",
+            str(root),
+            "--set",
+            "tasks=sentiment",
+            "--set",
+            "n_calibration=4",
+            "--set",
+            "n_heldout=4",
+            "--set",
+            "layer_start=2",
+            "--set",
+            "layer_end=none",
+            "--set",
+            "heads_per_pass=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ACT on tiny-llama" in proc.stdout and "sentiment" in proc.stdout
     runs = [p for p in root.iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1 and (runs[0] / "heads.parquet").is_file() and (runs[0] / "filter.parquet").is_file()
     bad = subprocess.run(
         [sys.executable, "-m", "headlab.cli", "run", "act", "--model", "tiny-llama", "--set", "beta=2"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "beta" in bad.stderr and bad.stderr.strip().count("\n") == 0
 
 

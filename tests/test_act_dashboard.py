@@ -311,8 +311,11 @@ def test_search_distribution_and_sink_tokens(runs: Runs) -> None:
     np.testing.assert_allclose([y for _, y in shown], ranked)
     assert (np.asarray(kept.y) >= 0).all() and (np.asarray(dropped.y) < 0).all()
     overview = views.search_figure(run)
-    assert [t.name for t in overview.data] == [*TASKS, f"kept ({int(filt['kept'].sum())})",
-                                               f"dropped ({int((~filt['kept']).sum())})"]  # fmt: skip
+    assert [t.name for t in overview.data] == [
+        *TASKS,
+        f"kept ({int(filt['kept'].sum())})",
+        f"dropped ({int((~filt['kept']).sum())})",
+    ]
     np.testing.assert_allclose(overview.data[2].y, filt[filt["scope"] == "capital"]["delta"])
     assert sorted(overview.data[3].y) == sorted(filt[filt["kept"]]["delta"])
     assert list(overview.layout.xaxis.ticktext) == list(TASKS)
@@ -399,8 +402,18 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     page = _page(runs.root)
     layout = page.layout({"run": runs.per_task, "task": "topic", "map": "hidden"})
     text = to_json(layout)
-    for element in ("act-run", "act-task", "act-map", "act-accuracy", "act-delta", "act-grid",
-                    "act-search", "act-margins", "act-tokens", "act-table"):  # fmt: skip
+    for element in (
+        "act-run",
+        "act-task",
+        "act-map",
+        "act-accuracy",
+        "act-delta",
+        "act-grid",
+        "act-search",
+        "act-margins",
+        "act-tokens",
+        "act-table",
+    ):
         assert f'"id": "{element}"' in text
     assert (
         f'"value": "{runs.per_task}"' in text and '"value": "topic"' in text and '"value": "hidden"' in text
@@ -436,8 +449,16 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
         "act-tokens",
     ]
     body = "".join(s.body for s in sections)
-    for needle in ("act-accuracy-figure", "act-delta-figure", "act-grid-kept", "act-grid-scope-2",
-                   "act-grid-hidden", "act-search-all", "act-margins-figure", "act-tokens-figure"):  # fmt: skip
+    for needle in (
+        "act-accuracy-figure",
+        "act-delta-figure",
+        "act-grid-kept",
+        "act-grid-scope-2",
+        "act-grid-hidden",
+        "act-search-all",
+        "act-margins-figure",
+        "act-tokens-figure",
+    ):
         assert needle in body
     for row in views.task_rows(run).itertuples(index=False):
         assert row.before in body and row.delta in body
@@ -450,9 +471,12 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     assert 'id="act-accuracy"' in html and "Heads kept for calibration" in html and "beta 0.4" in html
     monkeypatch.setitem(REPORT_SECTIONS, "act", act_section.report_sections)
     foreign = runstore.write_run(
-        tmp_path / "runs", analysis="act", model_info={"name": "m"}, config={},
+        tmp_path / "runs",
+        analysis="act",
+        model_info={"name": "m"},
+        config={},
         tables={"heads": run.heads[["layer", "head", "kv_head", "hidden_sinks"]]},
-    )  # fmt: skip
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="act-accuracy"' not in generic
 

@@ -326,9 +326,11 @@ def test_several_token_choices_follow_the_chain_rule_to_their_first_distinct_tok
     np.testing.assert_allclose(first, torch.stack(expected).numpy(), atol=1e-5)
     ends = [ids[c][-1] for c in (" sun", " sea")]
     last = choice.choice_logprobs(
-        tiny_llama, [ChoiceItem(prompt, (" sun", " sea"), 0, "t", "classification")], choice_token="last",
+        tiny_llama,
+        [ChoiceItem(prompt, (" sun", " sea"), 0, "t", "classification")],
+        choice_token="last",
         progress=False,
-    )[0]  # fmt: skip
+    )[0]
     np.testing.assert_allclose(last, at_end[ends].numpy(), atol=1e-5)
 
 

@@ -295,8 +295,20 @@ def _update(app: Any, host: str, run_id: str) -> Any:
             "127.0.0.1",
             (),
             ["127.0.0.1:8050", "localhost:8050", "[::1]:8050", "LocalHost:8050", "localhost.:8050"],
-            ["evil.example:8050", "127.0.0.1:8051", "localhost", "127.0.0.1.evil.example:8050", "127.0.0.2:8050",
-             "[::1]", "::1:8050", "localhost:8050:1", "localhost:", "local host:8050", "user@localhost:8050", ""],
+            [
+                "evil.example:8050",
+                "127.0.0.1:8051",
+                "localhost",
+                "127.0.0.1.evil.example:8050",
+                "127.0.0.2:8050",
+                "[::1]",
+                "::1:8050",
+                "localhost:8050:1",
+                "localhost:",
+                "local host:8050",
+                "user@localhost:8050",
+                "",
+            ],
         ),
         ("192.0.2.10", (), ["192.0.2.10:8050"], ["127.0.0.1:8050", "localhost:8050", "evil.example:8050"]),
         (
@@ -307,7 +319,7 @@ def _update(app: Any, host: str, run_id: str) -> Any:
         ),
     ],
     ids=["loopback", "one-address", "allowed-hosts"],
-)  # fmt: skip
+)
 def test_only_requests_for_the_address_it_listens_on_are_answered(
     root: Path, listen: str, allowed: tuple[str, ...], good: list[str], bad: list[str]
 ) -> None:

@@ -74,9 +74,12 @@ def feed(
                 full[b, layer, h, off:, :off] = 0.0
                 full[b, layer, h, off:, off:] = sample[layer][h]
     info = BatchInfo(
-        lengths=torch.tensor(lengths), pad_offsets=torch.tensor(offsets), T=width,
-        n_layers=n_layers, n_heads=n_heads,
-    )  # fmt: skip
+        lengths=torch.tensor(lengths),
+        pad_offsets=torch.tensor(offsets),
+        T=width,
+        n_layers=n_layers,
+        n_heads=n_heads,
+    )
     reducer.begin_batch(info)
     step = block or width
     for layer in range(n_layers):

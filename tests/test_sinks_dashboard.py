@@ -199,8 +199,15 @@ def test_report_section_renders(root: Path, tmp_path: Path, monkeypatch: pytest.
     sections = sinks_section.report_sections(run)
     assert [s.anchor for s in sections] == ["sinks-summary", "sinks-heads", "sinks-positions", "sinks-norms"]
     body = "".join(s.body for s in sections)
-    for needle in ("Sink_1", "sinks-bars-figure", "sinks-alpha0-natural", "sinks-alpha0-repeated",
-                   "sinks-positions-figure", "sinks-norms-figure", "one random token repeated"):  # fmt: skip
+    for needle in (
+        "Sink_1",
+        "sinks-bars-figure",
+        "sinks-alpha0-natural",
+        "sinks-alpha0-repeated",
+        "sinks-positions-figure",
+        "sinks-norms-figure",
+        "one random token repeated",
+    ):
         assert needle in body
     sink_1 = run.table("summary").set_index("input_set").loc["natural", "sink_1"]
     assert f"{sink_1:.4g}" in body
@@ -208,9 +215,12 @@ def test_report_section_renders(root: Path, tmp_path: Path, monkeypatch: pytest.
     assert "measured no norms" in small[-1].body and "sinks-alpha0-random" not in small[1].body
     monkeypatch.setitem(REPORT_SECTIONS, "sinks", sinks_section.report_sections)
     foreign = runstore.write_run(
-        tmp_path / "runs", analysis="sinks", model_info={"name": "m"}, config={},
+        tmp_path / "runs",
+        analysis="sinks",
+        model_info={"name": "m"},
+        config={},
         tables={"heads": run.heads[["layer", "head", "kv_head", "alpha0_natural"]]},
-    )  # fmt: skip
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic  # not a sinks run's tables: the generic heat maps
     html = report.render_report(run)

@@ -107,19 +107,27 @@ class Calibration:
     def sinks(self, pattern: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, hidden)`` sink masks ``[B, …, T]`` of patterns ``[B, …, T, T]``."""
         return detect_sinks(
-            column_importance(pattern, lengths), lengths, threshold=self.threshold,
-            alpha_threshold=self.alpha_threshold, ratio_a=self.ratio_a,
-        )  # fmt: skip
+            column_importance(pattern, lengths),
+            lengths,
+            threshold=self.threshold,
+            alpha_threshold=self.alpha_threshold,
+            ratio_a=self.ratio_a,
+        )
 
     def apply(
         self, pattern: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The calibrated patterns (a new tensor); see :func:`calibrate_pattern`."""
         return calibrate_pattern(
-            pattern, lengths, beta=self.beta, threshold=self.threshold,
-            alpha_threshold=self.alpha_threshold, ratio_a=self.ratio_a, rows=rows,
+            pattern,
+            lengths,
+            beta=self.beta,
+            threshold=self.threshold,
+            alpha_threshold=self.alpha_threshold,
+            ratio_a=self.ratio_a,
+            rows=rows,
             first_sink=self.first_sink,
-        )  # fmt: skip
+        )
 
 
 def calibrate_pattern(
@@ -160,16 +168,24 @@ def calibrate_pattern(
         if not bool(rows.all()):
             out = pattern.clone()
             out[rows] = calibrate_pattern(
-                pattern[rows], lengths[rows], beta=beta, threshold=threshold,
-                alpha_threshold=alpha_threshold, ratio_a=ratio_a, first_sink=first_sink,
-            )  # fmt: skip
+                pattern[rows],
+                lengths[rows],
+                beta=beta,
+                threshold=threshold,
+                alpha_threshold=alpha_threshold,
+                ratio_a=ratio_a,
+                first_sink=first_sink,
+            )
             return out
     T = pattern.shape[-1]
     A = pattern.float()
     first, hidden = detect_sinks(
-        column_importance(A, lengths), lengths, threshold=threshold, alpha_threshold=alpha_threshold,
+        column_importance(A, lengths),
+        lengths,
+        threshold=threshold,
+        alpha_threshold=alpha_threshold,
         ratio_a=ratio_a,
-    )  # fmt: skip
+    )
     in_sink = hidden[..., None, :]  # [B, …, 1, T]: the same columns for every query row
     frozen = first[..., None, :] if first_sink == "frozen" else torch.zeros_like(in_sink)
     sink_mass = torch.where(in_sink, A, 0.0).sum(-1, keepdim=True)

@@ -24,17 +24,45 @@ from probe.loading import LoadedModel
 from probe.types import Head
 
 HEADS_COLUMNS = (
-    "layer", "head", "kv_head", "in_range", "n_tasks_kept", "mean_delta", "hidden_sinks", "first_sink_pos",
-)  # fmt: skip
+    "layer",
+    "head",
+    "kv_head",
+    "in_range",
+    "n_tasks_kept",
+    "mean_delta",
+    "hidden_sinks",
+    "first_sink_pos",
+)
 FILTER_COLUMNS = ("scope", "layer", "head", "acc_base", "acc_calibrated", "delta", "kept")
 TASKS_COLUMNS = (
-    "task", "kind", "chance", "n_calibration", "n_heldout", "scope", "n_kept", "acc_before", "before_low",
-    "before_high", "acc_after", "after_low", "after_high", "delta", "delta_low", "delta_high",
-)  # fmt: skip
+    "task",
+    "kind",
+    "chance",
+    "n_calibration",
+    "n_heldout",
+    "scope",
+    "n_kept",
+    "acc_before",
+    "before_low",
+    "before_high",
+    "acc_after",
+    "after_low",
+    "after_high",
+    "delta",
+    "delta_low",
+    "delta_high",
+)
 ITEMS_COLUMNS = (
-    "task", "item", "label", "pred_before", "pred_after", "correct_before", "correct_after", "margin_before",
+    "task",
+    "item",
+    "label",
+    "pred_before",
+    "pred_after",
+    "correct_before",
+    "correct_after",
+    "margin_before",
     "margin_after",
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -148,9 +176,16 @@ def _search(s: _Setup, base_correct: np.ndarray, timings: dict[str, float], prog
                 if keep:
                     kept[scope].append((layer, h))
                 filter_rows.append(
-                    {"scope": scope, "layer": layer, "head": h, "acc_base": acc_base, "acc_calibrated": acc,
-                     "delta": acc - acc_base, "kept": keep}
-                )  # fmt: skip
+                    {
+                        "scope": scope,
+                        "layer": layer,
+                        "head": h,
+                        "acc_base": acc_base,
+                        "acc_calibrated": acc,
+                        "delta": acc - acc_base,
+                        "kept": keep,
+                    }
+                )
     else:
         kept[ALL_HEADS] = list(s.in_range)
     timings["search"] = round(time.perf_counter() - t0, 3)
@@ -204,15 +239,24 @@ def _task_rows(
         )
         rows.append(
             {
-                "task": t.name, "kind": t.kind,
+                "task": t.name,
+                "kind": t.kind,
                 "chance": float(np.mean([1.0 / len(item.choices) for item in t.heldout])),
-                "n_calibration": len(t.calibration), "n_heldout": len(t.heldout), "scope": scope_of_task[i],
+                "n_calibration": len(t.calibration),
+                "n_heldout": len(t.heldout),
+                "scope": scope_of_task[i],
                 "n_kept": len(kept[scope_of_task[i]]),
-                "acc_before": acc_b.value, "before_low": acc_b.low, "before_high": acc_b.high,
-                "acc_after": acc_a.value, "after_low": acc_a.low, "after_high": acc_a.high,
-                "delta": d, "delta_low": d_low, "delta_high": d_high,
+                "acc_before": acc_b.value,
+                "before_low": acc_b.low,
+                "before_high": acc_b.high,
+                "acc_after": acc_a.value,
+                "after_low": acc_a.low,
+                "after_high": acc_a.high,
+                "delta": d,
+                "delta_low": d_low,
+                "delta_high": d_high,
             }
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -228,12 +272,16 @@ def _held_out_tables(
     items = pd.DataFrame(
         {
             "task": pd.Series([held_items[i].task for i in range(len(held_items))], dtype=object),
-            "item": item_index.astype(np.int64), "label": held_labels.astype(np.int64),
-            "pred_before": pred_before.astype(np.int64), "pred_after": pred_after.astype(np.int64),
-            "correct_before": correct_before.astype(bool), "correct_after": correct_after.astype(bool),
-            "margin_before": margins(before, held_labels), "margin_after": margins(after, held_labels),
+            "item": item_index.astype(np.int64),
+            "label": held_labels.astype(np.int64),
+            "pred_before": pred_before.astype(np.int64),
+            "pred_after": pred_after.astype(np.int64),
+            "correct_before": correct_before.astype(bool),
+            "correct_after": correct_after.astype(bool),
+            "margin_before": margins(before, held_labels),
+            "margin_after": margins(after, held_labels),
         }
-    )  # fmt: skip
+    )
     return pd.DataFrame(task_rows, columns=list(TASKS_COLUMNS)), items[list(ITEMS_COLUMNS)]
 
 
@@ -264,9 +312,16 @@ def _heads_table(s: _Setup, search: _Search, stats: SinkStats) -> pd.DataFrame:
 
 def _filter_table(search: _Search) -> pd.DataFrame:
     return pd.DataFrame(search.filter_rows, columns=list(FILTER_COLUMNS)).astype(
-        {"scope": object, "layer": np.int64, "head": np.int64, "acc_base": np.float64,
-         "acc_calibrated": np.float64, "delta": np.float64, "kept": bool}
-    )  # fmt: skip
+        {
+            "scope": object,
+            "layer": np.int64,
+            "head": np.int64,
+            "acc_base": np.float64,
+            "acc_calibrated": np.float64,
+            "delta": np.float64,
+            "kept": bool,
+        }
+    )
 
 
 def _notes(s: _Setup, search: _Search) -> dict[str, Any]:
@@ -274,7 +329,9 @@ def _notes(s: _Setup, search: _Search) -> dict[str, Any]:
     n_forward = cal_scorer.n_sequences * (1 + (len(s.in_range) if search.scopes else 0))
     return {
         "alpha": "alpha_k = sum_{t>=k} A[t,k] / (T-k), real tokens only (left padding)",
-        "sinks": (f"alpha_k > {cfg.alpha_threshold}" if cfg.threshold == "alpha" else f"alpha_k > {cfg.ratio_a}/T")
+        "sinks": (
+            f"alpha_k > {cfg.alpha_threshold}" if cfg.threshold == "alpha" else f"alpha_k > {cfg.ratio_a}/T"
+        )
         + "; the first (lowest-position) detected sink is never calibrated",
         "calibration": f"A[i,s] -> {cfg.beta}*A[i,s] on hidden sinks; the removed mass goes to the other "
         "keys in proportion to their attention (rows keep their sum); "

@@ -79,13 +79,18 @@ class ChoiceScorer:
             cols = np.array([x[1] for x in reads])
             self.chunks.append(
                 Chunk(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0), lengths=batch.lengths,
-                    row_ids=ids, read_row=np.array([x[0] for x in reads]), read_col=cols,
-                    read_item=np.array([x[2] for x in reads]), read_choice=np.array([x[3] for x in reads]),
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0),
+                    lengths=batch.lengths,
+                    row_ids=ids,
+                    read_row=np.array([x[0] for x in reads]),
+                    read_col=cols,
+                    read_item=np.array([x[2] for x in reads]),
+                    read_choice=np.array([x[3] for x in reads]),
                     read_token=torch.tensor([x[4] for x in reads], dtype=torch.long),
                 )
-            )  # fmt: skip
+            )
 
     @property
     def n_sequences(self) -> int:
@@ -129,9 +134,11 @@ class ChoiceScorer:
                 if observe is not None:
                     stack.enter_context(observe(chunk))
                 logits = bridge(
-                    chunk.input_ids.repeat(G, 1), attention_mask=chunk.attention_mask.repeat(G, 1),
-                    position_ids=chunk.position_ids.repeat(G, 1), **kwargs,
-                )  # fmt: skip
+                    chunk.input_ids.repeat(G, 1),
+                    attention_mask=chunk.attention_mask.repeat(G, 1),
+                    position_ids=chunk.position_ids.repeat(G, 1),
+                    **kwargs,
+                )
                 if edits is not None:
                     edits.check_fired()  # a calibration that never ran would pass for "no effect"
             offset = T - logits.shape[1]  # logits kept for the last columns only

@@ -64,20 +64,38 @@ def measure_sinks(
     if token_norms is not None:
         with hooks(model, token_norms.hook_points(model)) as hook_set:
             capture(
-                model, rows, alpha_reducers, mode=mode, batch_size=batch_size, query_block=query_block,
-                progress=progress, desc=desc,
-            )  # fmt: skip
+                model,
+                rows,
+                alpha_reducers,
+                mode=mode,
+                batch_size=batch_size,
+                query_block=query_block,
+                progress=progress,
+                desc=desc,
+            )
             if mode == "recompute":  # the native model has no hook points: one more bridge forward
                 capture(
-                    model, rows, [token_norms], mode="eager", batch_size=batch_size,
-                    query_block=query_block, progress=progress, desc=f"{desc} (norms)",
-                )  # fmt: skip
+                    model,
+                    rows,
+                    [token_norms],
+                    mode="eager",
+                    batch_size=batch_size,
+                    query_block=query_block,
+                    progress=progress,
+                    desc=f"{desc} (norms)",
+                )
             hook_set.check_fired()
     else:
         capture(
-            model, rows, alpha_reducers, mode=mode, batch_size=batch_size, query_block=query_block,
-            progress=progress, desc=desc,
-        )  # fmt: skip
+            model,
+            rows,
+            alpha_reducers,
+            mode=mode,
+            batch_size=batch_size,
+            query_block=query_block,
+            progress=progress,
+            desc=desc,
+        )
     return sink, token_norms
 
 
@@ -86,9 +104,16 @@ def _capture_set(
 ) -> _SetResult:
     t0 = time.perf_counter()
     sink, norms = measure_sinks(
-        model, rows, eps=cfg.eps, mode=cfg.mode, batch_size=cfg.batch_size, query_block=cfg.query_block,
-        norms=cfg.norms, progress=progress, desc=f"sinks: {input_set}",
-    )  # fmt: skip
+        model,
+        rows,
+        eps=cfg.eps,
+        mode=cfg.mode,
+        batch_size=cfg.batch_size,
+        query_block=cfg.query_block,
+        norms=cfg.norms,
+        progress=progress,
+        desc=f"sinks: {input_set}",
+    )
     prefix = [model.bos.token_id] if model.bos.prepend and model.bos.token_id is not None else []
     return _SetResult(
         alpha=sink.alpha(),

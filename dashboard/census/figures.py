@@ -24,8 +24,13 @@ def metric_heatmaps(heads: pd.DataFrame) -> dict[str, go.Figure]:
             )
         )
         fig.update_layout(
-            title=METRIC_LABELS[metric], xaxis_title="head", yaxis_title="layer", height=520, width=520,
-            yaxis={"autorange": "reversed"}, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-        )  # fmt: skip
+            title=METRIC_LABELS[metric],
+            xaxis_title="head",
+            yaxis_title="layer",
+            height=520,
+            width=520,
+            yaxis={"autorange": "reversed"},
+            margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        )
         figs[metric] = fig
     return figs

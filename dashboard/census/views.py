@@ -217,7 +217,9 @@ def pattern_figure(
     )
 
 
-def pattern_heads(heads: pd.DataFrame, metrics: tuple[str, ...] = PATTERN_METRICS) -> list[tuple[str, PickedHead]]:
+def pattern_heads(
+    heads: pd.DataFrame, metrics: tuple[str, ...] = PATTERN_METRICS
+) -> list[tuple[str, PickedHead]]:
     """The top head of each of ``metrics``, each head once: what the report draws patterns of."""
     seen: set[PickedHead] = set()
     out = []

@@ -43,7 +43,9 @@ def alpha_heatmap(heads: pd.DataFrame, column: str, *, title: str = "", subtitle
     return heatmap_grid(grid.to_numpy(), title=title or column, label=column, subtitle=subtitle)
 
 
-def heatmap_grid(z: np.ndarray, *, title: str, label: str, zmax: float = 1.0, subtitle: str = "") -> go.Figure:
+def heatmap_grid(
+    z: np.ndarray, *, title: str, label: str, zmax: float = 1.0, subtitle: str = ""
+) -> go.Figure:
     """Layer x head heat map of ``z`` ``[L, H]`` (layer 0 at the top), colours fixed to ``0..zmax``."""
     n_layers, n_heads = z.shape
     fig = go.Figure(
@@ -59,10 +61,13 @@ def heatmap_grid(z: np.ndarray, *, title: str, label: str, zmax: float = 1.0, su
         )
     )
     fig.update_layout(
-        title={"text": title, "x": 0.02, "subtitle": {"text": subtitle}}, xaxis_title="head", yaxis_title="layer",
-        yaxis={"autorange": "reversed"}, height=int(min(900, max(320, 110 + 16 * n_layers))),
+        title={"text": title, "x": 0.02, "subtitle": {"text": subtitle}},
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis={"autorange": "reversed"},
+        height=int(min(900, max(320, 110 + 16 * n_layers))),
         margin={"l": 60, "r": 20, "t": 70 if subtitle else 50, "b": 50},
-    )  # fmt: skip
+    )
     return fig
 
 
@@ -85,9 +90,12 @@ def sink_map_figure(positions: pd.DataFrame, *, highlight: str | None = None) ->
         )
     fig.update_layout(
         title={"text": "Sink_k per position: % of heads with alpha_k > eps", "x": 0.02},
-        xaxis_title="position k (0 = first real token)", yaxis_title="% of heads", height=420,
-        margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.2},
-    )  # fmt: skip
+        xaxis_title="position k (0 = first real token)",
+        yaxis_title="% of heads",
+        height=420,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        legend={"orientation": "h", "y": -0.2},
+    )
     return fig
 
 
@@ -113,13 +121,19 @@ def norms_figure(norms: pd.DataFrame, input_sets: Sequence[str] | None = None) -
             ):
                 fig.add_trace(
                     go.Scatter(
-                        x=part["layer"], y=part[column], mode="lines+markers",
-                        line={"color": colours[column], "dash": dash}, marker={"size": 4},
-                        name=who, legendgroup=who, showlegend=i == 0 and j == 0,
+                        x=part["layer"],
+                        y=part[column],
+                        mode="lines+markers",
+                        line={"color": colours[column], "dash": dash},
+                        marker={"size": 4},
+                        name=who,
+                        legendgroup=who,
+                        showlegend=i == 0 and j == 0,
                         hovertemplate=f"layer %{{x}}<br>{who} ‖{quantity}‖ = %{{y:.3g}}<extra>{input_set}</extra>",
                     ),
-                    row=i + 1, col=j + 1,
-                )  # fmt: skip
+                    row=i + 1,
+                    col=j + 1,
+                )
     fig.update_yaxes(type="log")
     fig.update_xaxes(title_text="layer", row=len(sets))
     # Whole layers only (plotly would tick 0.5, 1.5 on a short axis): about ten ticks at most.
@@ -128,7 +142,8 @@ def norms_figure(norms: pd.DataFrame, input_sets: Sequence[str] | None = None) -
     fig.update_yaxes(title_text="L2 norm", col=1)
     fig.update_layout(
         title={"text": "L2 norms: first real token (solid) vs mean of the other tokens (dotted)", "x": 0.02},
-        height=150 + 280 * len(sets), margin={"l": 60, "r": 20, "t": 80, "b": 90},
+        height=150 + 280 * len(sets),
+        margin={"l": 60, "r": 20, "t": 80, "b": 90},
         legend={"orientation": "h", "yref": "container", "y": 0.01, "yanchor": "bottom", "x": 0.0},
-    )  # fmt: skip
+    )
     return fig
