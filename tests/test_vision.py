@@ -120,7 +120,7 @@ def test_a_fused_attention_kernel_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(CaptureError, match="fused kernel"):
         vision.capture(model, _images(1), patterns=[(1, 0)])
     # Even past that check, a layer that hands back no weights stops the capture.
-    monkeypatch.setattr(vision, "check_eager", lambda model: None)
+    monkeypatch.setattr(vision.reading, "check_eager", lambda model: None)
     with pytest.raises(CaptureError, match="no attention weights"):
         vision.capture(model, _images(1), patterns=[(1, 0)])
     vision.force_eager(model.hf_model)
