@@ -251,10 +251,14 @@ def test_cooccurrence_matrix_counts_scenes() -> None:
     ("kwargs", "message"),
     [
         ({"rules": (CooccurrenceRule("circle", "unicorn", 0.5),)}, "not among this config's shapes"),
-        ({"rules": (CooccurrenceRule("circle", "star", 0.5), CooccurrenceRule("heart", "star", 0.5))},
-         "target of several"),
-        ({"rules": (CooccurrenceRule("circle", "star", 0.5), CooccurrenceRule("star", "heart", 0.5))},
-         "chains are not supported"),
+        (
+            {"rules": (CooccurrenceRule("circle", "star", 0.5), CooccurrenceRule("heart", "star", 0.5))},
+            "target of several",
+        ),
+        (
+            {"rules": (CooccurrenceRule("circle", "star", 0.5), CooccurrenceRule("star", "heart", 0.5))},
+            "chains are not supported",
+        ),
         ({"rules": (CooccurrenceRule("circle", "star", 1.5),)}, "probability in"),
         ({"height": 32}, "from 64 to"),
         ({"min_classes": 3, "max_classes": 2}, "min_classes <= max_classes"),
@@ -262,15 +266,16 @@ def test_cooccurrence_matrix_counts_scenes() -> None:
         ({"shapes": ("circle", "blob")}, "unknown shape 'blob'"),
         ({"colours": ()}, "non-empty"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_says_how_to_fix(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SceneConfig(**kwargs)
 
 
 def test_overcrowded_images_raise_a_fixable_error() -> None:
-    cfg = SceneConfig(height=64, width=64, sizes=("small",), max_classes=8, p_single=0.0, max_count=6,
-                      max_objects=40, gap=4)  # fmt: skip
+    cfg = SceneConfig(
+        height=64, width=64, sizes=("small",), max_classes=8, p_single=0.0, max_count=6, max_objects=40, gap=4
+    )
     with pytest.raises(ConfigError, match="lower max_objects"):
         scenes.make_scenes(5, seed=0, config=cfg)
 

@@ -42,8 +42,16 @@ def pixels(n: int, seed: int = 0) -> torch.Tensor:
     return tiny().preprocess(images)
 
 
-SMALL = vh.VhdConfig(n_scenes=4, max_new_tokens=6, batch_size=3, n_boot=30, n_stats=100,
-                     pope_kinds=("adversarial",), pope_per_scene=1, progress=False)  # fmt: skip
+SMALL = vh.VhdConfig(
+    n_scenes=4,
+    max_new_tokens=6,
+    batch_size=3,
+    n_boot=30,
+    n_stats=100,
+    pope_kinds=("adversarial",),
+    pope_per_scene=1,
+    progress=False,
+)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -151,8 +159,12 @@ def test_own_forward_equals_the_llava_forward() -> None:
     got = vh.forward_rows(model, rows, read=list(range(rows.ids.shape[1])))
     positions = (rows.mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        want = model.native_model(input_ids=rows.ids, attention_mask=rows.mask, position_ids=positions,  # type: ignore[misc]
-                                  pixel_values=px).logits  # fmt: skip
+        want = model.native_model(  # type: ignore[misc]
+            input_ids=rows.ids,
+            attention_mask=rows.mask,
+            position_ids=positions,
+            pixel_values=px,
+        ).logits
     real = rows.mask.bool()
     assert torch.allclose(got[real], want[real].float(), atol=1e-5)
 
@@ -171,8 +183,11 @@ def test_teacher_forced_vhd_equals_separate_runs_step_by_step() -> None:
                 ids = vlm.prompt_ids(model, PROMPT, image=image) + answer[:t]
                 batch = model.batch_from_ids([ids])
                 with vlm.capture_head_outputs(model) as cap, torch.no_grad():
-                    model.native_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,  # type: ignore[misc]
-                                       pixel_values=px[b : b + 1] if image else None)  # fmt: skip
+                    model.native_model(  # type: ignore[misc]
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        pixel_values=px[b : b + 1] if image else None,
+                    )
                 outputs[image] = torch.stack(
                     [cap.outputs[layer][0][0, -1] for layer in range(model.n_layers)]
                 )
@@ -244,8 +259,12 @@ def test_head_scaling_multiplies_exactly_the_chosen_head_and_undoes_itself() -> 
 
 
 def test_vhr_run_end_to_end_on_the_tiny_model(tmp_path: Path) -> None:
-    cfg = replace_settings(SMALL, vh.VhrSetting("vhr"), vh.VhrSetting("identity", alpha=1.0),
-                           vh.VhrSetting("random heads", random=True))  # fmt: skip
+    cfg = replace_settings(
+        SMALL,
+        vh.VhrSetting("vhr"),
+        vh.VhrSetting("identity", alpha=1.0),
+        vh.VhrSetting("random heads", random=True),
+    )
     result = vh.run_vhr(tiny(), cfg)
     t = result.tables
     assert result.notes["teacher_forced_agreement"] == 1.0
@@ -297,8 +316,17 @@ def test_a_run_leaves_the_model_as_it_was() -> None:
 @pytest.mark.real
 def test_scene_llava_reads_the_scene_and_generation_is_reproduced() -> None:
     model = probe.load_model("scene-llava")
-    cfg = vh.VhdConfig(n_scenes=2, split="iid", noise=0.0, max_new_tokens=16, batch_size=2, ablations=False,
-                       pope_kinds=(), n_boot=20, progress=False)  # fmt: skip
+    cfg = vh.VhdConfig(
+        n_scenes=2,
+        split="iid",
+        noise=0.0,
+        max_new_tokens=16,
+        batch_size=2,
+        ablations=False,
+        pope_kinds=(),
+        n_boot=20,
+        progress=False,
+    )
     result = vh.run_vhr(model, cfg)
     assert result.notes["teacher_forced_agreement"] == 1.0
     captions = result.tables["captions"]
@@ -320,8 +348,12 @@ def test_a_llava_checkpoint_directory_runs_the_same_analysis(tmp_path: Path) -> 
 
 
 def test_pope_can_be_limited_to_the_baseline_and_the_main_setting() -> None:
-    cfg = vh.VhdConfig(**{**replace_settings(SMALL, vh.VhrSetting("vhr"), vh.VhrSetting("alpha=3", alpha=3.0)).__dict__,
-                          "pope_ablations": False})  # fmt: skip
+    cfg = vh.VhdConfig(
+        **{
+            **replace_settings(SMALL, vh.VhrSetting("vhr"), vh.VhrSetting("alpha=3", alpha=3.0)).__dict__,
+            "pope_ablations": False,
+        }
+    )
     t = vh.run_vhr(tiny(), cfg).tables
     assert set(t["pope"]["setting"]) == {"baseline", "vhr"}
     assert set(t["captions"]["setting"]) == {"baseline", "vhr", "alpha=3"}
@@ -333,8 +365,13 @@ def test_paired_deltas_are_the_differences_of_the_summaries() -> None:
     scenes = sc.make_scenes(6, seed=5)
     base_texts = [f"A {s.classes[0]}." for s in scenes]
     other_texts = ["A circle and a star." for _ in scenes]
-    captions = pd.concat([scc.chair_table(scenes, t).assign(setting=name)
-                          for name, t in (("baseline", base_texts), ("x", other_texts))], ignore_index=True)  # fmt: skip
+    captions = pd.concat(
+        [
+            scc.chair_table(scenes, t).assign(setting=name)
+            for name, t in (("baseline", base_texts), ("x", other_texts))
+        ],
+        ignore_index=True,
+    )
     silent = scc.chair_table(scenes, ["Nothing."] * 6).assign(setting="silent")
     captions = pd.concat([captions, silent], ignore_index=True)
     d = vh.paired_deltas(captions, pd.DataFrame(), len(scenes), SMALL).set_index(["setting", "metric"])[

@@ -92,14 +92,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
         model = probe.load_model("tiny-llava", device="cpu")
-        cfg = vh.VhdConfig(n_scenes=N_SCENES, max_new_tokens=6, batch_size=4, n_boot=20, n_stats=100,
-                           pope_kinds=("adversarial",), pope_per_scene=1, n_display=N_DISPLAY, progress=False)  # fmt: skip
+        cfg = vh.VhdConfig(
+            n_scenes=N_SCENES,
+            max_new_tokens=6,
+            batch_size=4,
+            n_boot=20,
+            n_stats=100,
+            pope_kinds=("adversarial",),
+            pope_per_scene=1,
+            n_display=N_DISPLAY,
+            progress=False,
+        )
         vhr = vh.run_vhr(model, cfg)
         vhd = vh.run_vhd(model, cfg)
         marked, good, bad, last = _mark(vhr)
         paths = [r.save(root) for r in (vhr, vhd, marked)]
-        census = runstore.write_run(root, analysis="census", model_info={"name": "m"}, config={},
-                                    tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})})  # fmt: skip
+        census = runstore.write_run(
+            root,
+            analysis="census",
+            model_info={"name": "m"},
+            config={},
+            tables={"heads": pd.DataFrame({"layer": [0], "head": [0], "x": [1.0]})},
+        )
     yield Runs(root, paths[0].name, paths[1].name, paths[2].name, census.name, vhr, good, bad, last)
 
 
@@ -266,8 +280,14 @@ def test_benchmark_figure_shows_the_summary_with_intervals_baseline_first(runs: 
     settings = run.table("settings")["name"].tolist()
     fig = figures.benchmark_figure(run)
     names = [t.name for t in fig.data]
-    assert names == ["CHAIR captions CHAIR_S", "CHAIR captions CHAIR_I", "CHAIR captions recall",
-                     "CHAIR captions words", "POPE adversarial F1", "POPE adversarial accuracy"]  # fmt: skip
+    assert names == [
+        "CHAIR captions CHAIR_S",
+        "CHAIR captions CHAIR_I",
+        "CHAIR captions recall",
+        "CHAIR captions words",
+        "POPE adversarial F1",
+        "POPE adversarial accuracy",
+    ]
     for trace in fig.data:
         bench, kind, metric = trace.name.split(" ")
         assert list(trace.x) == ["baseline", *settings]
@@ -289,9 +309,13 @@ def test_deltas_figure_shows_each_setting_with_a_zero_line(runs: Runs) -> None:
     deltas = run.table("deltas")
     settings = run.table("settings")["name"].tolist()
     fig = figures.deltas_figure(run)
-    assert [t.name for t in fig.data] == ["Δ CHAIR captions CHAIR_S", "Δ CHAIR captions CHAIR_I",
-                                          "Δ CHAIR captions recall", "Δ POPE adversarial F1",
-                                          "Δ POPE adversarial accuracy"]  # fmt: skip
+    assert [t.name for t in fig.data] == [
+        "Δ CHAIR captions CHAIR_S",
+        "Δ CHAIR captions CHAIR_I",
+        "Δ CHAIR captions recall",
+        "Δ POPE adversarial F1",
+        "Δ POPE adversarial accuracy",
+    ]
     for trace in fig.data:
         _, bench, kind, metric = trace.name.split(" ")
         assert list(trace.x) == settings
@@ -340,8 +364,21 @@ def test_page_is_registered_offers_vhd_and_vhr_runs_and_renders(runs: Runs) -> N
     offered = {o["value"] for o in page.run_options()}
     assert offered == {runs.vhr, runs.vhd, runs.marked}  # not the census run
     text = to_json(page.layout({"run": runs.marked, "metric": "outlier_share"}))
-    for element in ("vhd-run", "vhd-settings", "vhd-findings", "vhd-metric", "vhd-heads", "vhd-words", "vhd-test",
-                    "vhd-scene", "vhd-caption", "vhd-image", "vhd-captions", "vhd-benchmarks", "vhd-deltas"):  # fmt: skip
+    for element in (
+        "vhd-run",
+        "vhd-settings",
+        "vhd-findings",
+        "vhd-metric",
+        "vhd-heads",
+        "vhd-words",
+        "vhd-test",
+        "vhd-scene",
+        "vhd-caption",
+        "vhd-image",
+        "vhd-captions",
+        "vhd-benchmarks",
+        "vhd-deltas",
+    ):
         assert f'"id": "{element}"' in text
     assert '"value": "outlier_share"' in text and f'"value": {runs.bad_scene}' in text
     assert page.metric_choice(runs.vhd, "selected_share")[1] == "vhd_mean"
@@ -394,8 +431,13 @@ def test_a_run_without_the_vhd_tables_is_refused_saying_how_to_get_them(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
-    partial = runstore.write_run(tmp_path, analysis="vhr", model_info={"name": "m"}, config={},
-                                 tables={"heads": _run(runs, runs.vhr).heads})  # fmt: skip
+    partial = runstore.write_run(
+        tmp_path,
+        analysis="vhr",
+        model_info={"name": "m"},
+        config={},
+        tables={"heads": _run(runs, runs.vhr).heads},
+    )
     page = _page(tmp_path)
     missing = ", ".join(sorted(views.REQUIRED_TABLES - {"heads"}))
     for text in (
@@ -436,9 +478,16 @@ def test_callbacks_wire_through_a_bare_dash_app(runs: Runs) -> None:
     app = Dash(__name__)
     app.layout = page.layout({"run": runs.vhr})
     page.register_callbacks(app)
-    assert {"vhd-heads.figure", "vhd-words.figure", "vhd-test.children", "vhd-image.figure",
-            "vhd-captions.children", "vhd-benchmarks.figure", "vhd-findings.children",
-            "vhd-settings.children"} <= set(app.callback_map)  # fmt: skip
+    assert {
+        "vhd-heads.figure",
+        "vhd-words.figure",
+        "vhd-test.children",
+        "vhd-image.figure",
+        "vhd-captions.children",
+        "vhd-benchmarks.figure",
+        "vhd-findings.children",
+        "vhd-settings.children",
+    } <= set(app.callback_map)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -455,8 +504,16 @@ def test_report_sections_render_the_figures(
     assert [s.anchor for s in sections] == ["vhd-overview", "vhd-heads", "vhd-tvhd", "vhd-benchmarks"]
     path = report.write_report(run.path, tmp_path)
     page = path.read_text(encoding="utf-8")
-    for needle in [*(f"vhd-heads-{m}" for m in views.HEAD_METRICS), "vhd-words-figure", "vhd-caption-figure",
-                   "vhd-image-figure", "vhd-benchmarks-figure", "vhd-deltas-figure", "vhd-overview", "vhd-tvhd"]:  # fmt: skip
+    for needle in [
+        *(f"vhd-heads-{m}" for m in views.HEAD_METRICS),
+        "vhd-words-figure",
+        "vhd-caption-figure",
+        "vhd-image-figure",
+        "vhd-benchmarks-figure",
+        "vhd-deltas-figure",
+        "vhd-overview",
+        "vhd-tvhd",
+    ]:
         assert page.count(f'id="{needle}"') == 1, needle
     for line in views.findings(run):
         assert line.replace("&", "&amp;").replace("'", "&#x27;") in page
@@ -468,8 +525,13 @@ def test_report_sections_render_the_figures(
     assert 'id="vhd-heads-selected_share"' not in vhd_page and 'id="vhd-heads-vhd_first"' in vhd_page
     assert "The VHR settings" not in vhd_page and "No VHR setting in this run" in vhd_page
     # a run of the analysis without its tables gets the generic heads maps
-    foreign = runstore.write_run(tmp_path / "runs", analysis="vhr", model_info={"name": "m"}, config={},
-                                 tables={"heads": run.heads[["layer", "head", "vhd_mean"]]})  # fmt: skip
+    foreign = runstore.write_run(
+        tmp_path / "runs",
+        analysis="vhr",
+        model_info={"name": "m"},
+        config={},
+        tables={"heads": run.heads[["layer", "head", "vhd_mean"]]},
+    )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="vhd-overview"' not in generic
 
@@ -496,13 +558,33 @@ def _collapsed(runs: Runs, names: tuple[str, ...] = ("quiet", "terse", "fluent")
             ("recall", recall),
             ("words", n_words),
         ):
-            rows.append({"vhr_setting": name, "benchmark": "CHAIR", "setting": "captions", "metric": metric,
-                         "value": value, "lo": value, "hi": value, "n": N_SCENES})  # fmt: skip
+            rows.append(
+                {
+                    "vhr_setting": name,
+                    "benchmark": "CHAIR",
+                    "setting": "captions",
+                    "metric": metric,
+                    "value": value,
+                    "lo": value,
+                    "hi": value,
+                    "n": N_SCENES,
+                }
+            )
     summary = pd.concat([summary, pd.DataFrame(rows)], ignore_index=True)
-    deltas = pd.DataFrame([
-        {"setting": n, "benchmark": "CHAIR", "kind": "captions", "metric": "CHAIR_S", "delta": -0.125, "lo": -0.2, "hi": -0.05}
-        for n in names
-    ])  # fmt: skip
+    deltas = pd.DataFrame(
+        [
+            {
+                "setting": n,
+                "benchmark": "CHAIR",
+                "kind": "captions",
+                "metric": "CHAIR_S",
+                "delta": -0.125,
+                "lo": -0.2,
+                "hi": -0.05,
+            }
+            for n in names
+        ]
+    )
     return dataclasses.replace(base, tables={**base.tables, "summary": summary, "deltas": deltas})
 
 
@@ -543,7 +625,9 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
     assert values["baseline"] == pytest.approx(0.87) and values["quiet"] == pytest.approx(0.40)
     assert dict(zip(words.x, words.y, strict=True))["terse"] == pytest.approx(6.0)
     # the flag's thresholds are drawn (red dashes) in the recall and length panels
-    dashes = [s for s in fig.layout.shapes if s.line.dash == "dash" and s.line.color == figures.WARNING_COLOUR]
+    dashes = [
+        s for s in fig.layout.shapes if s.line.dash == "dash" and s.line.color == figures.WARNING_COLOUR
+    ]
     assert sorted(round(float(s.y0), 4) for s in dashes) == sorted(
         [round(0.87 * (1 - views.RECALL_DROP), 4), round(18.0 * (1 - views.LENGTH_DROP), 4)]
     )
