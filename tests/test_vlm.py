@@ -247,7 +247,7 @@ def test_projector_files_refuse_the_wrong_model_and_oversize(
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(HeadlabError, match="safetensors"):
         vlm.read_projector(tmp_path / "junk.safetensors")
-    monkeypatch.setattr(vlm, "MAX_PROJECTOR_BYTES", 1000)
+    monkeypatch.setattr(vlm.projector, "MAX_PROJECTOR_BYTES", 1000)
     with pytest.raises(ConfigError, match="lora_rank"):
         vlm.write_projector(tmp_path / "big.safetensors", vlm.ProjectorFile(state, {}, meta))
     assert not (tmp_path / "big.safetensors").exists()
