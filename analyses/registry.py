@@ -176,7 +176,7 @@ def _from_saved(value: Any, annotation: Any) -> Any:
         return _from_saved(value, options[0]) if len(options) == 1 else value
     if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
         return config_from_saved(annotation, value)  # type: ignore[arg-type]
-    if (origin is tuple or annotation is tuple) and isinstance(value, list):
+    if (origin is tuple or annotation is tuple) and isinstance(value, list | tuple):
         args = typing.get_args(annotation)
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
         return tuple(_from_saved(v, inner) if inner is not None else v for v in value)
