@@ -59,4 +59,3 @@ ASSEMBLIES: dict[str, AssemblySpec] = {
         ),
     ]
 }
-

@@ -101,9 +101,14 @@ def capture(
     batch_size = min(batch_size, len(rows))
     if plan_memory:  # raises MemoryBudgetError saying what to change when even one sequence does not fit
         planned = plan_batch_size(
-            model, n_sequences=len(rows), seq_len=longest, reducers=reducers, mode=mode,
-            query_block=query_block, requested_batch=batch_size,
-        )  # fmt: skip
+            model,
+            n_sequences=len(rows),
+            seq_len=longest,
+            reducers=reducers,
+            mode=mode,
+            query_block=query_block,
+            requested_batch=batch_size,
+        )
         if planned < batch_size:
             warnings.warn(
                 f"{desc}: batch size {batch_size} lowered to {planned} to fit the available memory",
@@ -279,9 +284,15 @@ def _recompute_attention(
         if state.use_moments:
             assert state.stack is not None
             attention_moments(
-                query, key, scale=scaling, pad_offsets=state.pad_offsets, sliding_window=window,
-                diag_offsets=state.diag_offsets, block=state.query_block, out=(state.stack, layer),
-            )  # fmt: skip
+                query,
+                key,
+                scale=scaling,
+                pad_offsets=state.pad_offsets,
+                sliding_window=window,
+                diag_offsets=state.diag_offsets,
+                block=state.query_block,
+                out=(state.stack, layer),
+            )
             state.seen[layer] += query.shape[2]
             return out, None
         for q0, rows in _rows_blocks(

@@ -103,9 +103,9 @@ def first_line(err: BaseException) -> str:
 def text_config(hf_config: Any) -> Any:
     return getattr(hf_config, "text_config", None) or hf_config
 
+
 def model_family(hf_config: Any) -> str:
     return str(getattr(text_config(hf_config), "model_type", "unknown"))
-
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -145,4 +145,3 @@ def force_eager(hf_model: torch.nn.Module) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = "eager"
-

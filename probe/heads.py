@@ -44,7 +44,6 @@ def by_layer(model: LoadedModel, heads: Iterable[object]) -> dict[int, list[int]
     return out
 
 
-
 def selection_by_layer(model: LoadedModel, heads: HeadSelection | None) -> dict[int, list[int]]:
     """Heads grouped by layer (duplicates dropped, order kept); ``"all"`` is every head."""
     if heads is None:
@@ -66,4 +65,3 @@ def selection_by_layer(model: LoadedModel, heads: HeadSelection | None) -> dict[
         if index not in out.setdefault(layer, []):
             out[layer].append(index)
     return out
-

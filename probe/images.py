@@ -32,7 +32,6 @@ _PIL_RESAMPLE = {
 }  # PIL's codes, as preprocessor_config.json writes them
 
 
-
 @dataclass(frozen=True)
 class ImageSpec:
     """How a model sees an image: its preprocessing and its token grid.
@@ -223,15 +222,29 @@ class ImageSpec:
         if not config.get("do_normalize", True):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         return cls(
-            image_size=image_size, patch_size=patch_size, n_prefix=len(prefix_names), prefix_names=prefix_names,
-            mean=mean, std=std, shortest_edge=shortest, resize_to=exact, crop=crop, resample=resample,  # type: ignore[arg-type]
-        )  # fmt: skip
+            image_size=image_size,
+            patch_size=patch_size,
+            n_prefix=len(prefix_names),
+            prefix_names=prefix_names,
+            mean=mean,
+            std=std,
+            shortest_edge=shortest,
+            resize_to=exact,
+            crop=crop,
+            resample=resample,  # type: ignore[arg-type]
+        )
 
 
 CLIP_IMAGE = ImageSpec(
-    image_size=224, patch_size=16, n_prefix=1, mean=CLIP_MEAN, std=CLIP_STD,
-    shortest_edge=224, crop=(224, 224), resample="bicubic",
-)  # fmt: skip
+    image_size=224,
+    patch_size=16,
+    n_prefix=1,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    shortest_edge=224,
+    crop=(224, 224),
+    resample="bicubic",
+)
 """CLIP ViT-B/16's preprocessing: shortest side to 224 (bicubic), centre crop 224, CLIP mean/std."""
 
 

@@ -131,7 +131,6 @@ def _bridge_points(model: LoadedModel) -> Mapping[str, Any]:
     return model.bridge.hook_dict
 
 
-
 def _check_positions(positions: Positions | None, what: str) -> Positions | None:
     """Check the kind of ``positions`` now; their range is checked against each input's length."""
     if positions is None:
@@ -567,9 +566,14 @@ def freeze_heads(
     def make(layer: int, indices: list[int]) -> HookFn:
         def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
             return _patched(
-                z, cached_z[layer], seq_axis=1, head_axis=2, heads=indices, positions=wanted,
+                z,
+                cached_z[layer],
+                seq_axis=1,
+                head_axis=2,
+                heads=indices,
+                positions=wanted,
                 name=attn_hook(layer, "z"),
-            )  # fmt: skip
+            )
 
         return hook
 

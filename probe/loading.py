@@ -112,10 +112,20 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def _wrap_language(
-    name: str, family: str, source: str, hf_model: torch.nn.Module, tokenizer: Any, *,
-    device: torch.device, dtype: torch.dtype, bos: BosMode, weight_sha256: str, path: str | None,
-    caveat: str = "", licence: str = "",
-) -> LoadedModel:  # fmt: skip
+    name: str,
+    family: str,
+    source: str,
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    bos: BosMode,
+    weight_sha256: str,
+    path: str | None,
+    caveat: str = "",
+    licence: str = "",
+) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
@@ -142,13 +152,32 @@ def _wrap_language(
     layer_types = list(cfg.layer_types) if getattr(cfg, "layer_types", None) else None
     sliding = getattr(cfg, "sliding_window", None)
     loaded = LoadedModel(
-        name=name, kind="language", family=family, source=source, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=n_kv, d_head=d_head, d_model=d_model, n_ctx=n_ctx, tokenizer=tokenizer,
-        bos=bos_policy(tokenizer, bos), device=device, dtype=dtype, hf_model=hf_model, bridge=bridge,
+        name=name,
+        kind="language",
+        family=family,
+        source=source,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_head=d_head,
+        d_model=d_model,
+        n_ctx=n_ctx,
+        tokenizer=tokenizer,
+        bos=bos_policy(tokenizer, bos),
+        device=device,
+        dtype=dtype,
+        hf_model=hf_model,
+        bridge=bridge,
         native_model=native_model,
-        weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, layer_types=layer_types,
-        sliding_window=int(sliding) if sliding and layer_types and "sliding_attention" in layer_types else None,
-    )  # fmt: skip
+        weight_sha256=weight_sha256,
+        path=path,
+        caveat=caveat,
+        licence=licence,
+        layer_types=layer_types,
+        sliding_window=int(sliding)
+        if sliding and layer_types and "sliding_attention" in layer_types
+        else None,
+    )
     prepare_bridge_generation(loaded)
     return loaded
 

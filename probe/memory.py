@@ -474,9 +474,14 @@ def plan_batch_size(
 
     def need(batch: int, **over: Any) -> MemoryEstimate:
         kwargs: dict[str, Any] = dict(
-            batch_size=batch, seq_len=seq_len, reducers=reducers, mode=mode, query_block=query_block,
-            n_sequences=n_sequences, weights=weights,
-        )  # fmt: skip
+            batch_size=batch,
+            seq_len=seq_len,
+            reducers=reducers,
+            mode=mode,
+            query_block=query_block,
+            n_sequences=n_sequences,
+            weights=weights,
+        )
         kwargs.update(over)
         return estimate_capture(model, **kwargs)
 

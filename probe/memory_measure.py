@@ -69,17 +69,28 @@ def _reducer_set(name: str) -> list[PatternReducer]:
     if name not in REDUCER_SETS:
         raise ConfigError(f"unknown reducer set {name!r}; choose one of {', '.join(REDUCER_SETS)}")
     out: list[PatternReducer] = [
-        RowEntropy(), MeanDistance(), DiagonalScore(1, name="prev_token"), ColumnImportance(),
-    ]  # fmt: skip
+        RowEntropy(),
+        MeanDistance(),
+        DiagonalScore(1, name="prev_token"),
+        ColumnImportance(),
+    ]
     if name == "census+patterns":
         out.append(KeepPatterns(n_samples=2))
     return out
 
 
 def _measure_in_process(
-    name: str, *, batch_size: int, seq_len: int, mode: Mode, query_block: int, device: str, dtype: str,
-    reducers: str, ragged: bool,
-) -> dict[str, Any]:  # fmt: skip
+    name: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    mode: Mode,
+    query_block: int,
+    device: str,
+    dtype: str,
+    reducers: str,
+    ragged: bool,
+) -> dict[str, Any]:
     import resource
 
     model = load_model(name, device=device, dtype=dtype)
@@ -96,9 +107,14 @@ def _measure_in_process(
     capture(model, [rows[0][:8]], _reducer_set(reducers), mode=mode, query_block=query_block, progress=False)
     chosen = _reducer_set(reducers)
     est = estimate_capture(
-        model, batch_size=batch_size, seq_len=seq_len, reducers=chosen, mode=mode,
-        query_block=query_block, n_sequences=batch_size,
-    )  # fmt: skip
+        model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        reducers=chosen,
+        mode=mode,
+        query_block=query_block,
+        n_sequences=batch_size,
+    )
     gc.collect()
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "seq_len": seq_len, "mode": mode}
     out.update(query_block=min(query_block, seq_len), device=str(model.device), dtype=dtype)
@@ -161,10 +177,27 @@ def measure_capture_peak(
     its tests.
     """
     cmd = [
-        sys.executable, "-m", "probe.memory_measure", "measure", name, "--batch-size", str(batch_size),
-        "--seq-len", str(seq_len), "--mode", mode, "--query-block", str(query_block),
-        "--device", device, "--dtype", dtype, "--reducers", reducers, *(["--ragged"] if ragged else []),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "probe.memory_measure",
+        "measure",
+        name,
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        str(seq_len),
+        "--mode",
+        mode,
+        "--query-block",
+        str(query_block),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--reducers",
+        reducers,
+        *(["--ragged"] if ragged else []),
+    ]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -192,10 +225,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--ragged", action="store_true", help="sequences of different lengths (padding)")
     args = parser.parse_args(argv)
     result = _measure_in_process(
-        args.model, batch_size=args.batch_size, seq_len=args.seq_len, mode=args.mode,
-        query_block=args.query_block, device=args.device, dtype=args.dtype, reducers=args.reducers,
+        args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        mode=args.mode,
+        query_block=args.query_block,
+        device=args.device,
+        dtype=args.dtype,
+        reducers=args.reducers,
         ragged=args.ragged,
-    )  # fmt: skip
+    )
     print(json.dumps(result))
     return 0
 

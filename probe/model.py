@@ -212,7 +212,6 @@ class LoadedModel:
         }
 
 
-
 def bos_policy(tokenizer: Any, mode: BosMode) -> BosPolicy:
     if mode not in ("default", "always", "never"):
         raise ConfigError(f"unknown BOS mode {mode!r}; choose default, always or never")
@@ -226,4 +225,3 @@ def bos_policy(tokenizer: Any, mode: BosMode) -> BosPolicy:
             "BOS mode 'always' asked for, but this tokenizer has no BOS token; use default or never"
         )
     return BosPolicy(mode=mode, prepend=prepend, token_id=token_id, token=tokenizer.bos_token)
-

@@ -82,9 +82,12 @@ def sanity_check(
     bridge_continuation = None
     if model.extra.get("bridge_generation") == "ok":  # otherwise its generate refuses, saying why
         bridged = model.hf_model.generate(  # type: ignore[operator]
-            ids, attention_mask=batch.attention_mask, max_new_tokens=new_tokens, do_sample=False,
+            ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
             pad_token_id=model.tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
         bridge_continuation = model.tokenizer.decode(bridged[0, ids.shape[1] :], skip_special_tokens=True)
     return SanityReport(
         rows, diff, continuation, prompt, str(model.dtype).removeprefix("torch."), bridge_continuation

@@ -106,10 +106,18 @@ def build_tiny_gpt2(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.
 
     tok = byte_tokenizer(prepend_bos=False, words=words)  # GPT-2's tokenizer adds no BOS
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=3, n_head=4,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        n_positions=256,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+    )
     return _seeded(seed, lambda: GPT2LMHeadModel(cfg), std=0.15), tok
 
 
@@ -118,10 +126,19 @@ def build_tiny_llama(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn
 
     tok = byte_tokenizer(prepend_bos=True, words=words)  # Llama's tokenizer prepends <s>
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     return _seeded(seed, lambda: LlamaForCausalLM(cfg), std=0.15), tok
 
 
@@ -130,10 +147,17 @@ def build_tiny_vit(seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.M
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=3,
-        num_attention_heads=4, intermediate_size=64, qkv_bias=True,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     cfg.num_labels = 5
     return _seeded(seed, lambda: ViTForImageClassification(cfg), std=0.3), None
 
@@ -143,10 +167,18 @@ def build_tiny_clip_vision(seed: int = 0, words: Sequence[str] = ()) -> tuple[to
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = CLIPVisionConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, projection_dim=16, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, attention_dropout=0.0,
-    )  # fmt: skip
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        projection_dim=16,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        attention_dropout=0.0,
+    )
     return _seeded(seed, lambda: CLIPVisionModelWithProjection(cfg), std=0.3), None
 
 
@@ -154,27 +186,35 @@ TINY_BUILDERS: dict[str, TinyBuilder] = {
     b.name: b
     for b in [
         TinyBuilder(
-            "tiny-gpt2", "language", "gpt2",
+            "tiny-gpt2",
+            "language",
+            "gpt2",
             "random GPT-2-style model: learned positions, 3 layers x 4 heads, d 64, byte tokenizer, no BOS",
             build_tiny_gpt2,
         ),
         TinyBuilder(
-            "tiny-llama", "language", "llama",
+            "tiny-llama",
+            "language",
+            "llama",
             "random Llama-style model: RoPE, 3 layers x 4 heads / 2 KV heads, RMSNorm, byte tokenizer, BOS",
             build_tiny_llama,
         ),
         TinyBuilder(
-            "tiny-vit", "vision", "vit",
+            "tiny-vit",
+            "vision",
+            "vit",
             "random ViT image classifier: 32 px, patch 8 (4x4 grid + CLS), 3 layers x 4 heads, d 32, 5 labels",
             build_tiny_vit,
         ),
         TinyBuilder(
-            "tiny-clip-vision", "vision", "clip",
+            "tiny-clip-vision",
+            "vision",
+            "clip",
             "random CLIP image tower: 32 px, patch 8 (4x4 grid + CLS), 2 layers x 4 heads, d 32, 16-d projection",
             build_tiny_clip_vision,
         ),
     ]
-}  # fmt: skip
+}
 """name -> builder; :mod:`probe.vlm` adds ``tiny-llava`` (it needs the LLaVA assembly)."""
 
 

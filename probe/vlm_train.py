@@ -133,13 +133,21 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,
-                    "feature_batch_size": self.feature_batch_size}  # fmt: skip
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "log_every": self.log_every,
+            "feature_batch_size": self.feature_batch_size,
+        }
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in {"warmup_steps": self.warmup_steps, "lora_rank": self.lora_rank,
-                            "eval_every": self.eval_every, "seed": self.seed}.items():  # fmt: skip
+        for name, value in {
+            "warmup_steps": self.warmup_steps,
+            "lora_rank": self.lora_rank,
+            "eval_every": self.eval_every,
+            "seed": self.seed,
+        }.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         rates: dict[str, float] = {"lr": self.lr, "lora_lr": self.lora_lr, "lora_alpha": self.lora_alpha}
@@ -261,10 +269,14 @@ def extract_features(
     if n < 1:
         raise ConfigError("no images to extract features from")
     key_fields = {
-        "images": cache_key, "n": n, "vision": _vision_fingerprint(model),
-        "layer": model.extra["vision_feature_layer"], "strategy": model.extra["vision_feature_select_strategy"],
-        "image": model.image.describe() if model.image is not None else None, "dtype": str(model.dtype),
-    }  # fmt: skip
+        "images": cache_key,
+        "n": n,
+        "vision": _vision_fingerprint(model),
+        "layer": model.extra["vision_feature_layer"],
+        "strategy": model.extra["vision_feature_select_strategy"],
+        "image": model.image.describe() if model.image is not None else None,
+        "dtype": str(model.dtype),
+    }
     digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     file = cache.cache_root() / "features" / f"{digest}.npy"
     if cache_key is not None and file.is_file():
@@ -725,13 +737,30 @@ def loss_figure(result: TrainResult, title: str = "projector training") -> Any:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[p["step"] for p in result.curve], y=[p["loss"] for p in result.curve],
-                             mode="lines", name="training loss"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[p["step"] for p in result.curve],
+            y=[p["loss"] for p in result.curve],
+            mode="lines",
+            name="training loss",
+        )
+    )
     if result.eval_curve:
-        fig.add_trace(go.Scatter(x=[p["step"] for p in result.eval_curve], y=[p["eval_loss"] for p in result.eval_curve],
-                                 mode="lines+markers", name="held-out loss"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy (nats; see loss_weighting)",
-                      yaxis_type="log", template="plotly_white")  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[p["step"] for p in result.eval_curve],
+                y=[p["eval_loss"] for p in result.eval_curve],
+                mode="lines+markers",
+                name="held-out loss",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="step",
+        yaxis_title="cross-entropy (nats; see loss_weighting)",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -771,8 +800,11 @@ def save(
         "loss_curve": result.curve,
         "eval_loss_curve": result.eval_curve,
     }
-    file_meta = {**vlm.parts_meta(model), **_lora_meta(result.config),
-                 "training": {k: record[k] for k in ("model", "seed", "steps_done", "final_loss", "final_eval_loss")}}  # fmt: skip
+    file_meta = {
+        **vlm.parts_meta(model),
+        **_lora_meta(result.config),
+        "training": {k: record[k] for k in ("model", "seed", "steps_done", "final_loss", "final_eval_loss")},
+    }
     weights = vlm.write_projector(path, vlm.ProjectorFile(result.projector, result.lora, file_meta))
     record["projector_sha256"] = cache.sha256_file(weights)
     record["projector_bytes"] = weights.stat().st_size

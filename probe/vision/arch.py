@@ -39,9 +39,15 @@ def _vit_image(size: int, patch: int) -> ImageSpec:
 def _deit_image(size: int, patch: int) -> ImageSpec:
     edge = round(size * 256 / 224)
     return ImageSpec(
-        size, patch, 2, IMAGENET_MEAN, IMAGENET_STD, shortest_edge=edge, crop=(size, size),
+        size,
+        patch,
+        2,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        shortest_edge=edge,
+        crop=(size, size),
         prefix_names=("cls", "distillation"),
-    )  # fmt: skip
+    )
 
 
 ARCHITECTURES: dict[str, VisionArch] = {
@@ -57,10 +63,27 @@ ARCHITECTURES: dict[str, VisionArch] = {
 MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "vit": "vit", "deit": "deit"}
 """config.json ``model_type`` -> family."""
 _OTHER_VISION_TYPES = {
-    "swin", "swinv2", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "siglip",
-    "siglip_vision_model", "convnext", "convnextv2", "mobilevit", "levit", "pvt", "vit_mae",
-    "vit_msn", "vit_hybrid", "dinat", "efficientformer", "hiera", "ijepa",
-}  # fmt: skip
+    "swin",
+    "swinv2",
+    "dinov2",
+    "dinov2_with_registers",
+    "beit",
+    "data2vec-vision",
+    "siglip",
+    "siglip_vision_model",
+    "convnext",
+    "convnextv2",
+    "mobilevit",
+    "levit",
+    "pvt",
+    "vit_mae",
+    "vit_msn",
+    "vit_hybrid",
+    "dinat",
+    "efficientformer",
+    "hiera",
+    "ijepa",
+}
 
 
 def vision_family(config_json: Mapping[str, Any]) -> str | None:

@@ -1,5 +1,4 @@
-"""A vision model's forward pass: its image embedding and, for classifiers, its logits.
-"""
+"""A vision model's forward pass: its image embedding and, for classifiers, its logits."""
 
 from __future__ import annotations
 

@@ -100,7 +100,6 @@ def _image(model: LoadedModel) -> ImageSpec:
     return model.image
 
 
-
 def _pixels(model: LoadedModel, images: ImageInput) -> torch.Tensor:
     pixels = _image(model).preprocess(images)
     return pixels.to(device=model.device, dtype=model.dtype)

@@ -1,5 +1,4 @@
-"""Loading vision checkpoints and wrapping them: frozen weights, eager attention, the module layout.
-"""
+"""Loading vision checkpoints and wrapping them: frozen weights, eager attention, the module layout."""
 
 from __future__ import annotations
 
@@ -69,10 +68,20 @@ def check_eager(model: LoadedModel) -> None:
 
 
 def wrap_vision(
-    name: str, family: str, source: str, hf_model: torch.nn.Module, image: ImageSpec | None = None, *,
-    device: torch.device, dtype: torch.dtype, weight_sha256: str, path: str | None,
-    caveat: str = "", licence: str = "", extra: Mapping[str, Any] | None = None,
-) -> LoadedModel:  # fmt: skip
+    name: str,
+    family: str,
+    source: str,
+    hf_model: torch.nn.Module,
+    image: ImageSpec | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_sha256: str,
+    path: str | None,
+    caveat: str = "",
+    licence: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     """Wrap a transformers ViT/DeiT/CLIP image model: eager attention, frozen weights, geometry."""
     if family not in ARCHITECTURES:
         raise HeadlabError(f"no vision layout for family {family!r}; known: {', '.join(ARCHITECTURES)}")
@@ -104,13 +113,30 @@ def wrap_vision(
         "embedding_dim": _embedding_dim(hf_model, d_model),
     }
     model = LoadedModel(
-        name=name, kind="vision", family=family, source=source, n_layers=len(modules["layers"]),
-        n_heads=n_heads, n_kv_heads=n_heads, d_head=int(getattr(cfg, "head_dim", None) or d_model // n_heads),
-        d_model=d_model, n_ctx=image.n_tokens, tokenizer=None,
-        bos=BosPolicy(mode="never", prepend=False, token_id=None, token=None), device=device, dtype=dtype,
-        hf_model=hf_model, bridge=None, native_model=None, weight_sha256=weight_sha256, path=path,
-        caveat=caveat, licence=licence, extra=info, image=image,
-    )  # fmt: skip
+        name=name,
+        kind="vision",
+        family=family,
+        source=source,
+        n_layers=len(modules["layers"]),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        d_head=int(getattr(cfg, "head_dim", None) or d_model // n_heads),
+        d_model=d_model,
+        n_ctx=image.n_tokens,
+        tokenizer=None,
+        bos=BosPolicy(mode="never", prepend=False, token_id=None, token=None),
+        device=device,
+        dtype=dtype,
+        hf_model=hf_model,
+        bridge=None,
+        native_model=None,
+        weight_sha256=weight_sha256,
+        path=path,
+        caveat=caveat,
+        licence=licence,
+        extra=info,
+        image=image,
+    )
     check_eager(model)
     return model
 
@@ -180,9 +206,11 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     if processor.is_file():
         try:
             image = ImageSpec.from_processor_config(
-                json.loads(processor.read_text()), image_size=image_size, patch_size=patch_size,
+                json.loads(processor.read_text()),
+                image_size=image_size,
+                patch_size=patch_size,
                 prefix_names=arch.prefix_names,
-            )  # fmt: skip
+            )
         except json.JSONDecodeError as err:
             raise HeadlabError(f"{processor} is not valid JSON ({err}); fix or delete it") from None
     else:

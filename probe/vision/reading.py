@@ -127,8 +127,10 @@ def capture(
             info = BatchInfo(
                 lengths=torch.full((chunk.shape[0],), spec.n_tokens, dtype=torch.long, device=model.device),
                 pad_offsets=torch.zeros(chunk.shape[0], dtype=torch.long, device=model.device),
-                T=spec.n_tokens, n_layers=model.n_layers, n_heads=model.n_heads,
-            )  # fmt: skip
+                T=spec.n_tokens,
+                n_layers=model.n_layers,
+                n_heads=model.n_heads,
+            )
             for reducer in reducers:
                 reducer.begin_batch(info)
             out = _run(model, chunk, hooks)

@@ -118,7 +118,9 @@ def _load_dir(request: ModelRequest) -> LoadedModel:
     )
 
 
-register(ModelSource("tiny-vision", TINY + 10, "a tiny random vision model built in memory", _is_tiny, _load_tiny))
+register(
+    ModelSource("tiny-vision", TINY + 10, "a tiny random vision model built in memory", _is_tiny, _load_tiny)
+)
 register(
     ModelSource(
         "catalogue-vision",

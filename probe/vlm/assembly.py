@@ -151,9 +151,13 @@ def assemble(
     old_vocab = int(lm_config.vocab_size)
     lm_config.vocab_size = max(old_vocab, len(tokenizer))
     config = llava_config(
-        vision_model.config, lm_config, image_token_id=image_token_id, vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy, projector_hidden_act=projector_hidden_act,
-    )  # fmt: skip
+        vision_model.config,
+        lm_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act=projector_hidden_act,
+    )
     model: Any
     with no_init_weights():  # every weight is copied in below; random init would only cost time
         model = LlavaForConditionalGeneration(config)

@@ -1,5 +1,4 @@
-"""Loading vision-language models: assemblies from the catalogue, LLaVA checkpoint directories.
-"""
+"""Loading vision-language models: assemblies from the catalogue, LLaVA checkpoint directories."""
 
 from __future__ import annotations
 
@@ -47,9 +46,12 @@ def load_parts(
     ):
         part = zoo.CATALOGUE[name]
         parts[role] = {
-            "name": name, "path": str(directory), "weight_sha256": str(marker.get("source_sha256")),
-            "caveat": part.caveat, "licence": part.licence,
-        }  # fmt: skip
+            "name": name,
+            "path": str(directory),
+            "weight_sha256": str(marker.get("source_sha256")),
+            "caveat": part.caveat,
+            "licence": part.licence,
+        }
     return vision_model, language_model, tokenizer, image, parts
 
 
@@ -94,12 +96,15 @@ def load_assembly(
         spec, fetch_if_missing=fetch_if_missing
     )
     hf_model, tokenizer = assemble(
-        vision_model, language_model, tokenizer, seed=seed,
+        vision_model,
+        language_model,
+        tokenizer,
+        seed=seed,
         projector_state=trained.projector if trained is not None else None,
         vision_feature_layer=spec.vision_feature_layer,
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         projector_hidden_act=spec.projector_hidden_act,
-    )  # fmt: skip
+    )
     del vision_model, language_model
     lora_merged = 0
     if trained is not None and trained.lora:
@@ -117,8 +122,17 @@ def load_assembly(
     if lora_merged:
         caveats.append(f"language model changed by {lora_merged} merged LoRA deltas")
     return wrap_vlm(
-        name, "assembled", hf_model, tokenizer, image, device=device, dtype=dtype, bos=bos,
-        weight_sha256=digest.hexdigest(), path=None, caveat="; ".join(caveats),
+        name,
+        "assembled",
+        hf_model,
+        tokenizer,
+        image,
+        device=device,
+        dtype=dtype,
+        bos=bos,
+        weight_sha256=digest.hexdigest(),
+        path=None,
+        caveat="; ".join(caveats),
         licence=f"{parts['vision']['name']}: {parts['vision']['licence']}; "
         f"{parts['language']['name']}: {parts['language']['licence']}",
         extra={
@@ -132,7 +146,7 @@ def load_assembly(
             "train_command": spec.train_command,
             "parts_meta": spec.describe_parts(),
         },
-    )  # fmt: skip
+    )
 
 
 def load_llava_dir(
@@ -169,9 +183,17 @@ def load_llava_dir(
     tokenizer.padding_side = "left"
     image = _image_spec(model.config.vision_config, directory / "preprocessor_config.json")
     return wrap_vlm(
-        directory.name, "local", model, tokenizer, image, device=device, dtype=dtype, bos=bos,
-        weight_sha256=checkpoint_sha256(directory, name_files_if_no_weights=True), path=str(directory),
-    )  # fmt: skip
+        directory.name,
+        "local",
+        model,
+        tokenizer,
+        image,
+        device=device,
+        dtype=dtype,
+        bos=bos,
+        weight_sha256=checkpoint_sha256(directory, name_files_if_no_weights=True),
+        path=str(directory),
+    )
 
 
 def save_checkpoint(model: LoadedModel, directory: str | Path) -> Path:

@@ -1,5 +1,4 @@
-"""Prompts for vision-language models: the chat template, the expanded image token, left-padded batches.
-"""
+"""Prompts for vision-language models: the chat template, the expanded image token, left-padded batches."""
 
 from __future__ import annotations
 

@@ -78,7 +78,11 @@ def _load_llava_dir(request: ModelRequest) -> LoadedModel:
     return load_llava_dir(request.path, device=request.device, dtype=request.dtype, bos=request.bos)
 
 
-register(ModelSource("tiny-vision-language", TINY + 20, "a tiny random LLaVA built in memory", _is_tiny, _load_tiny))
+register(
+    ModelSource(
+        "tiny-vision-language", TINY + 20, "a tiny random LLaVA built in memory", _is_tiny, _load_tiny
+    )
+)
 register(
     ModelSource(
         "assembly",

@@ -1,5 +1,4 @@
-"""Wrapping a ``LlavaForConditionalGeneration``: frozen, eager, a TransformerBridge and a native twin.
-"""
+"""Wrapping a ``LlavaForConditionalGeneration``: frozen, eager, a TransformerBridge and a native twin."""
 
 from __future__ import annotations
 
@@ -74,10 +73,21 @@ def _force_eager(hf_model: torch.nn.Module) -> None:
 
 
 def wrap_vlm(
-    name: str, source: str, hf_model: torch.nn.Module, tokenizer: Any, image: ImageSpec | None = None, *,
-    device: torch.device, dtype: torch.dtype, bos: BosMode = "default", weight_sha256: str, path: str | None,
-    caveat: str = "", licence: str = "", extra: Mapping[str, Any] | None = None,
-) -> LoadedModel:  # fmt: skip
+    name: str,
+    source: str,
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    image: ImageSpec | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    bos: BosMode = "default",
+    weight_sha256: str,
+    path: str | None,
+    caveat: str = "",
+    licence: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     """Wrap a ``LlavaForConditionalGeneration``: frozen, eager, a TransformerBridge, a native twin."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -132,13 +142,30 @@ def wrap_vlm(
             f"{image.patch_size} gives {image.n_patches} patch tokens; the checkpoint's config is inconsistent"
         )
     loaded = LoadedModel(
-        name=name, kind=KIND, family="llava", source=source, n_layers=n_layers, n_heads=n_heads,
+        name=name,
+        kind=KIND,
+        family="llava",
+        source=source,
+        n_layers=n_layers,
+        n_heads=n_heads,
         n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
-        d_head=int(getattr(text, "head_dim", None) or d_model // n_heads), d_model=d_model,
-        n_ctx=int(text.max_position_embeddings), tokenizer=tokenizer, bos=bos_policy(tokenizer, bos),
-        device=device, dtype=dtype, hf_model=hf_model, bridge=bridge, native_model=native_model,
-        weight_sha256=weight_sha256, path=path, caveat=caveat, licence=licence, extra=info, image=image,
-    )  # fmt: skip
+        d_head=int(getattr(text, "head_dim", None) or d_model // n_heads),
+        d_model=d_model,
+        n_ctx=int(text.max_position_embeddings),
+        tokenizer=tokenizer,
+        bos=bos_policy(tokenizer, bos),
+        device=device,
+        dtype=dtype,
+        hf_model=hf_model,
+        bridge=bridge,
+        native_model=native_model,
+        weight_sha256=weight_sha256,
+        path=path,
+        caveat=caveat,
+        licence=licence,
+        extra=info,
+        image=image,
+    )
     prepare_bridge_generation(loaded)
     return loaded
 
