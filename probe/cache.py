@@ -1,31 +1,13 @@
 """Where converted models live, and how they are written and checked.
 
-The cache root is ``$HEADLAB_CACHE`` or the platform cache directory (``platformdirs``). A converted
-model is one directory ``models/<name>/`` holding a transformers checkpoint, the licence files and
-``headlab-model.json`` (the marker): the source weight file's sha256 and the sha256 of every file
-written. A directory is only ever created by renaming a finished temporary directory, so a reader
-sees either nothing or a complete model; a marker that disagrees with the files marks it damaged.
+A converted model is one directory ``models/<name>/`` under the cache root (``$HEADLAB_CACHE`` or
+the platform cache directory): a transformers checkpoint, its licence files and the marker
+``headlab-model.json`` with the sha256 of the source and of every file written. Directories appear
+only by renaming a finished temporary directory (:func:`atomic_dir`, with a writer lock);
+:func:`cache_problem` checks the files against the marker before a model is read, and a verified
+stamp lets a later check skip the hashing when no file changed.
 
-Every load checks the files' content against the marker (:func:`cache_problem` with ``deep=True``)
-before a number is computed from them. Hashing every file, measured from the page cache on a shared
-2-core machine (``cache_problem(model_dir(NAME), trust_stamp=False)``): smollm2-135m (540 MB)
-0.75-1.1 s, clip-vit-b16 (345 MB) 0.65 s, gemma3-270m (1.1 GB) 2.2-4 s; a cold read adds the disk
-read, which the load that follows then finds in the page cache. To avoid paying it on every load
-(about 0.2 ms instead), a successful check writes a
-*verified stamp* ``.headlab-verified.json`` into the directory: every file's (size, mtime_ns,
-ctime_ns, inode, device) and the marker's, as they were before hashing. A later check whose stats all
-equal the stamp's skips the hashing. This is sound for any change made through the file system: a
-write to a file, even one that keeps its size, sets its mtime and ctime; setting the mtime back
-(``touch -d``, ``os.utime``) sets the ctime, which user space cannot set; replacing the file changes
-its inode and ctime. File timestamps are coarse (a clock tick), so a stamp is only written when
-every file's ctime is more than :data:`RACY_NS` older than the start of the hashing (a file written in
-the same tick as the check could otherwise keep its stamped times); such a directory is simply hashed
-again next time. What a stamp cannot see is damage below the file system (bad sectors); ``headlab
-fetch NAME`` always hashes everything (``trust_stamp=False``).
-
-Writers use :func:`atomic_dir`, whose temporary directories carry a writer lock
-(:mod:`probe.tempdirs`): those left by a killed conversion are removed by the next writer, by
-``headlab fetch`` and by ``headlab models`` (:func:`clean_stale`), never those of a live one.
+See docs/models.md (the model cache).
 """
 
 from __future__ import annotations
@@ -101,7 +83,7 @@ def cache_problem(directory: Path, *, deep: bool = True, trust_stamp: bool = Tru
     """Why ``directory`` is not a usable converted model, or None when it is.
 
     ``deep`` checks every file's content against the marker's sha256 (skipped, when ``trust_stamp``,
-    for files unchanged since a verified stamp, see the module docstring); otherwise only sizes are
+    for files unchanged since a verified stamp, see docs/models.md); otherwise only sizes are
     compared (what ``headlab models`` shows, not enough to trust the numbers).
     """
     if not directory.is_dir():

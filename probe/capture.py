@@ -1,29 +1,12 @@
 """Capture: run a model over many sequences and reduce its attention inside the hooks.
 
-Background
-----------
-Two ways to read attention:
+``mode="eager"``: the TransformerBridge computes every pattern and a hook hands it to the
+reducers (needed when interventions edit patterns). ``mode="recompute"``: the model keeps its
+fused kernel (SDPA) and a registered attention function recomputes the softmax rows from the
+post-RoPE queries and keys, ``query_block`` rows at a time. Both give the same numbers; a layer
+that produced no rows raises :class:`~probe.errors.CaptureError` naming it.
 
-* ``mode="eager"``: the TransformerBridge computes every pattern; a hook on each layer's
-  ``hook_pattern`` hands the rows to the reducers. Needed whenever patterns are also edited
-  (interventions compose with it).
-* ``mode="recompute"``: the model keeps its fused kernel (SDPA) for its own output; a registered
-  attention function also receives the post-RoPE queries and keys and recomputes the softmax rows
-  block by block over queries (``query_block`` rows at a time), so memory is
-  ``O(query_block × T)`` per layer instead of ``O(T²)``.
-
-Both feed the same reducers the same rows (up to float rounding), so they give the same numbers.
-After every run the capture checks that each requested layer produced rows for every batch; a
-layer that was silent (a fused kernel that returns no weights, a wrong module path) raises
-:class:`~probe.errors.CaptureError` naming the layer.
-
-Usage
------
->>> from probe.capture import capture
->>> from probe.reducers import RowEntropy, ColumnImportance
->>> ent, alpha = RowEntropy(), ColumnImportance()
->>> capture(model, token_rows, [ent, alpha], mode="recompute")
->>> ent.result().shape  # [n_samples, n_layers, n_heads]
+See docs/capture.md.
 """
 
 from __future__ import annotations

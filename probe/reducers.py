@@ -1,30 +1,12 @@
 """Reducers: per-head statistics computed from attention rows inside the hook.
 
-Background
-----------
-Keeping every layer's ``[batch, heads, T, T]`` pattern costs ``L·H·T²`` floats (540·T² bytes for
-SmolLM2 in float32), which is what makes long contexts run out of memory. A reducer instead sees the
-post-softmax rows of one layer as they are produced, adds them into accumulators of size
-``O(batch × heads × T)`` or less, and turns those into per-sample, per-head numbers when the batch is
-done. Rows may arrive all at once (eager mode: the bridge's ``hook_pattern``) or in blocks of query
-rows (recompute mode: rows recomputed from post-RoPE q/k while the model keeps its fused kernel);
-every reducer is additive over query blocks, so both modes give the same numbers.
+A reducer sees the post-softmax rows of one layer as they are produced (all at once in eager mode,
+in blocks of query rows in recompute mode), adds them into accumulators of size
+``O(batch × heads × T)`` or less, and turns those into per-sample, per-head numbers when the batch
+is done; every reducer is additive over query blocks. Sequences are left-padded and positions are
+reported as real positions. Afterwards ``reducer.result()`` has a leading sample dimension.
 
-Padding: sequences are left-padded. ``BatchInfo.pad_offsets[b]`` is where sample ``b``'s real tokens
-start; rows of pad queries are ignored, and positions are reported as *real* positions
-(0 = the first real token, which is BOS when the BOS policy prepends one).
-
-Usage
------
-Reducers are handed to :func:`probe.capture.capture`; afterwards ``reducer.result()`` holds tensors
-with a leading sample dimension: ``[n_samples, n_layers, n_heads]`` (or ``[..., T]``).
-
-References
-----------
-Column importance ``alpha_k``: Gu et al., "When Attention Sink Emerges" (ICLR 2025) and Yu et al.,
-"Unveiling and Harnessing Hidden Attention Sinks" (ICML 2024). Previous-token, induction and
-duplicate-token scores: Olsson et al., "In-context Learning and Induction Heads" (2022), Wang et al.,
-"Interpretability in the Wild" (2022). Mean attention distance: Dosovitskiy et al., ViT (2021).
+See docs/capture.md (reducers) for the definitions and references.
 """
 
 from __future__ import annotations

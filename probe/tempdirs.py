@@ -1,43 +1,12 @@
 """Temporary directories that say whether their writer is still alive, and the clean-up of dead ones.
 
-A writer that builds something in a hidden temporary directory and renames it into place when it is
-complete (the model cache, the runs store) leaves that directory behind if it is killed (``kill -9``,
-power loss, out of memory). :func:`locked_tempdir` puts a lock into the directory so that such
-leftovers can be told from directories that a live process is still writing, and
-:func:`stale_tempdirs` / :func:`remove_stale` find and remove the dead ones.
+A writer builds in a hidden temporary directory and renames it into place when complete
+(:func:`locked_tempdir`, :func:`publish`); the lock file :data:`LOCK_NAME` inside it is flocked while
+the writer lives, so :func:`stale_tempdirs` and :func:`remove_stale` can tell the leftovers of a
+killed writer from a directory still being written. Leave the lock file out when listing or
+checksumming a directory before publishing it.
 
-API::
-
-    with locked_tempdir(parent, ".name.tmp-") as tmp:   # parent/.name.tmp-<random>, locked
-        ...write into tmp...
-        publish(tmp, parent / "name")                   # unlock, then rename into place
-    # on an exception, or if publish was not called, tmp is removed
-
-    stale_tempdirs(parent, ".*.tmp-*") -> list[StaleTemp(path, bytes, pid, why)]   # finds, removes nothing
-    remove_stale(parent, ".*.tmp-*")   -> list[StaleTemp]                           # removes those, returns them
-
-The lock file ``LOCK_NAME`` lies inside the directory until :func:`publish` removes it: leave it out
-when listing or checksumming the directory's files before publishing.
-
-How liveness is decided, and why it is sound:
-
-* The lock is ``LOCK_NAME`` inside the directory: a small JSON file (pid, hostname, start time, for
-  the messages) on which the writer holds an exclusive ``fcntl.flock`` for as long as it writes. The
-  kernel releases a flock when its holder dies, however it dies, so a lock file that can be flocked
-  by someone else belongs to a dead writer; one that cannot is live and is never touched. flock
-  conflicts between separate ``open`` calls even inside one process, so the check also works there.
-* The lock file is created under another name, flocked, and only then renamed to ``LOCK_NAME``, so a
-  ``LOCK_NAME`` that exists is always either held or abandoned, never "about to be locked".
-* A directory without ``LOCK_NAME`` exists legitimately only for an instant: between its creation and
-  the lock's rename into it, and between :func:`publish` removing the lock and renaming the
-  directory. Both events set the directory's mtime to now, so a lock-less directory counts as stale
-  only when its mtime is older than ``grace_s`` (10 minutes by default); this also catches leftovers
-  from versions that wrote no lock.
-* A lock written on another host (a cache on a network file system) cannot be checked from here
-  (flock is not reliable across NFS clients, and the pid means nothing here); such a directory is
-  left alone.
-* Removal re-checks under the flock it has just taken, so a writer cannot come back to life in
-  between (a new writer always makes a new directory).
+See docs/models.md (the model cache) for how liveness is decided and why it is sound.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Tiny randomly initialised models of each architecture family, built in memory for tests.
 
-Each is a real transformers model (so TransformerLens's bridge and every probe path treat it exactly
-like a full-size one) with a byte-level tokenizer that needs no files; the vision ones (``tiny-vit``,
-``tiny-clip-vision``) take 32-pixel images in a 4×4 grid of 8-pixel patches and have no tokenizer;
-``tiny-llava`` joins the tiny CLIP tower and the tiny Llama through a projector (16 image tokens). Weights are drawn from a
-seeded generator: the same name and seed give bit-identical models. The initialiser scale is larger
-than the architectures' default so that attention patterns are not all near-uniform and tests of
-pattern statistics have something to measure.
+Each is a real transformers model with a byte-level tokenizer that needs no files (the vision ones
+have none); weights come from a seeded generator, so the same name and seed give bit-identical
+models, with a larger initialiser scale than the architectures' default so that attention
+patterns are not all near-uniform. ``tiny-llava`` is registered by :mod:`probe.vlm`
+(:func:`register`), which assembles it from ``tiny-clip-vision`` and ``tiny-llama``.
+
+See docs/models.md (tiny models).
 """
 
 from __future__ import annotations

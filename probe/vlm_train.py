@@ -1,43 +1,14 @@
 """Training a LLaVA's projector (optionally with LoRA deltas on its language model) on image-text pairs.
 
-Background
-----------
-LLaVA's first stage ("feature alignment") trains only the projector: the image tower and the
-language model stay frozen, and the loss is the language model's cross-entropy on the answer tokens
-of (image, prompt, answer) triples. Because the tower is frozen, what the projector reads (the
-tower's hidden states at ``vision_feature_layer``, CLS dropped) is a fixed function of the image:
-:func:`extract_features` computes it once per image and caches it on disk (fp16, in
-``$HEADLAB_CACHE/features``), and every step runs only projector -> language model -> loss. The
-language model still runs forward and backward (the projector's gradient flows through it), with
-its fast attention kernel (SDPA) and logits only at answer positions.
-
-A frozen language model keeps its own language prior; the co-occurrence statistics of the training
-captions then shape only what the projector writes. ``lora_rank > 0`` adds low-rank deltas to the
-language model's attention projections (``lora_targets``), trained with the projector and merged into
-its weights on load, so that the language model itself learns the captions' statistics (a language
-prior of the kind the hallucination papers blame).
-
-Why this lives in probe: it touches the model (gradients, module hooks) and writes weights, and it
-is generic over (image, prompt, answer) triples. The scene data and the recipe (which scenes, which
-captions, what to evaluate) live in :mod:`analyses.tasks.scene_captions`; the command is
+LLaVA's first stage: the image tower and the language model stay frozen (unless ``lora_rank > 0``)
+and the loss is the language model's cross-entropy on the answer tokens of (image, prompt, answer)
+triples. The tower's features are computed once per image and cached on disk
+(:func:`extract_features`), so each step runs only projector -> language model -> loss.
+:func:`train` runs the steps; :func:`save` writes the projector file, its record and the loss
+figure. The scene data and the recipe live in :mod:`analyses.tasks.scene_captions`; the command is
 ``headlab train scene-llava``.
 
-Usage
------
-::
-
-    import probe
-    from probe import vlm, vlm_train
-
-    model = vlm.load_assembly("scene-llava", projector="fresh", device=..., dtype=...)
-    examples = [vlm_train.TrainExample(image=i, prompt="Describe the image.", target=text), ...]
-    result = vlm_train.train(model, images, examples, vlm_train.TrainConfig(steps=3000))
-    vlm_train.save(result, "data/scene_llava_projector.safetensors", model, meta={...})
-
-References
-----------
-* Liu, Li, Li & Lee (2024). Improved Baselines with Visual Instruction Tuning. CVPR.
-* Hu et al. (2022). LoRA: Low-Rank Adaptation of Large Language Models. ICLR.
+See docs/scene-llava.md (training the projector) and docs/models.md (projector files).
 """
 
 from __future__ import annotations

