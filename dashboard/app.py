@@ -2,7 +2,7 @@
 
 Background
 ----------
-One page per analysis (:mod:`dashboard.pages`) plus a start page listing every run. The app reads
+One page per analysis (each in its folder, listed by :mod:`dashboard.registry`) plus a start page listing every run. The app reads
 only run directories directly under its root, and pages name runs by run id, never by path
 (:class:`dashboard.catalog.RunCatalog`); it listens on 127.0.0.1 unless told otherwise. Everything
 it serves (Dash's scripts, plotly.js, the stylesheet) comes from the installed packages, so it
@@ -45,7 +45,8 @@ from dash.development.base_component import Component
 from werkzeug.exceptions import InternalServerError
 
 from dashboard.catalog import RunCatalog
-from dashboard.pages import PAGES, Page, Site
+from dashboard.core.page import Page, Site
+from dashboard.registry import pages
 from dashboard.report import stylesheet
 from probe.errors import ConfigError
 
@@ -227,9 +228,10 @@ def guard(
 def build_pages(root: Path) -> list[Page]:
     """One instance of every registered page, sharing one run catalog over ``root``."""
     catalog = RunCatalog(Path(root))
-    paths = {name: cls.path for cls in PAGES for name in cls.shown_analyses()}
+    classes = pages()
+    paths = {name: cls.path for cls in classes for name in cls.shown_analyses()}
     site = Site(catalog=catalog, analysis_paths=paths)
-    return [cls(site) for cls in PAGES]
+    return [cls(site) for cls in classes]
 
 
 def _ignored_message(keys: list[str]) -> Component | None:

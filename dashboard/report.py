@@ -4,7 +4,7 @@ Background
 ----------
 A report is the run's manifest summary (what model, weights, dtype, device, BOS policy, config,
 seeds, versions, code revision, timings, and the model's caveat, e.g. quantised weights) followed by
-the sections of its analysis (:mod:`dashboard.sections`). plotly.js is inlined once in ``<head>``
+the sections of its analysis (its ``dashboard/<analysis>/report.py``, found by :mod:`dashboard.registry`). plotly.js is inlined once in ``<head>``
 and every figure is a ``<div>`` plus a small script, so the file needs no network and no other
 file. Runs are immutable and checksummed, so the report is written outside the run directory,
 by default to ``./reports/<run_id>.html``; it is written to a temporary file in the target
@@ -36,8 +36,8 @@ import plotly.offline
 
 from analyses import runstore
 from analyses.runstore import Run
-from dashboard.core.section import fmt, table_html
-from dashboard.sections import ReportSection, sections_for
+from dashboard.core.section import ReportSection, fmt, table_html
+from dashboard.registry import sections_for
 from probe.errors import HeadlabError, RunStoreError
 
 DEFAULT_DIR = Path("reports")

@@ -22,7 +22,7 @@ from dashboard.act.page import ActPage
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.sections import REPORT_SECTIONS
+from dashboard.registry import section_builder
 from tests.conftest import post_callback, to_json
 
 N_LAYERS, N_HEADS, GROUP = 6, 4, 2
@@ -469,7 +469,7 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     assert "kept no per-item table" in pooled[3].body and "No hidden sink token" in pooled[4].body
     html = report.render_report(run)
     assert 'id="act-accuracy"' in html and "Heads kept for calibration" in html and "beta 0.4" in html
-    monkeypatch.setitem(REPORT_SECTIONS, "act", act_section.report_sections)
+    assert section_builder("act") is act_section.report_sections
     foreign = runstore.write_run(
         tmp_path / "runs",
         analysis="act",

@@ -30,7 +30,7 @@ import pytest
 from analyses import runstore
 from dashboard.app import create_app
 from dashboard.census import views
-from dashboard.pages import PAGES
+from dashboard.registry import pages
 from tests import browser_runs
 
 pytestmark = pytest.mark.browser
@@ -507,7 +507,7 @@ def _clicked(driver: Any, element: Any) -> bool:
 
 
 def test_every_registered_page_is_in_the_browser_test() -> None:
-    assert {cls.path for cls in PAGES} == {"/"} | {case.path for case in CASES}
+    assert {cls.path for cls in pages()} == {"/"} | {case.path for case in CASES}
     assert {case.analysis for case in CASES} == set(browser_runs.ANALYSES)
 
 

@@ -33,9 +33,9 @@ from dashboard.circuits import figures, views
 from dashboard.circuits import report as circuits_section
 from dashboard.circuits.graph import OPPOSE_COLOUR, SUPPORT_COLOUR, circuit_graph
 from dashboard.circuits.page import CircuitsPage
+from dashboard.core.home import HomePage
 from dashboard.core.page import Site
-from dashboard.pages import HomePage
-from dashboard.sections import REPORT_SECTIONS
+from dashboard.registry import section_builder
 from tests.conftest import decode_array, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
@@ -479,7 +479,7 @@ def test_report_sections_render_for_each_run_kind(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in views.ANALYSES:
-        assert REPORT_SECTIONS[name] is circuits_section.report_sections
+        assert section_builder(name) is circuits_section.report_sections
     run = _open(runs, runs.reuse)
     sections = circuits_section.report_sections(run)
     assert [s.anchor for s in sections] == [

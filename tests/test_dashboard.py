@@ -15,20 +15,18 @@ import pytest
 import probe
 from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
+from dashboard.act.page import ActPage
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
 from dashboard.census import views
+from dashboard.census.page import CensusPage
+from dashboard.circuits.page import CircuitsPage
 from dashboard.core import figures
-from dashboard.pages import (
-    ActPage,
-    CensusPage,
-    CircuitsPage,
-    HomePage,
-    RetrievalPage,
-    SinksPage,
-    VhdPage,
-    VitPage,
-)
+from dashboard.core.home import HomePage
+from dashboard.retrieval.page import RetrievalPage
+from dashboard.sinks.page import SinksPage
+from dashboard.vhd.page import VhdPage
+from dashboard.vit_heads.page import VitPage
 from probe.errors import ConfigError, RunStoreError
 from tests.conftest import post_callback, render_route, to_json
 

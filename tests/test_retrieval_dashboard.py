@@ -19,10 +19,10 @@ from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
+from dashboard.registry import pages, section_builder
 from dashboard.retrieval import report as retrieval_section
 from dashboard.retrieval import views
 from dashboard.retrieval.page import RetrievalPage
-from dashboard.sections import REPORT_SECTIONS
 from tests.conftest import decode_array, fixed_code_revision, post_callback, render_route, to_json
 
 N_LAYERS, N_HEADS, GROUP = 4, 6, 2
@@ -494,11 +494,10 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
     assert "No intact retrieval run" in empty and "headlab run retrieval" in empty
 
 
-def test_the_app_serves_the_page_once_registered(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_app_serves_the_registered_page(runs: Runs) -> None:
     from dashboard import app as app_module
 
-    if RetrievalPage not in app_module.PAGES:
-        monkeypatch.setattr(app_module, "PAGES", (*app_module.PAGES, RetrievalPage))
+    assert RetrievalPage in pages()
     app = app_module.create_app(runs.root)
     assert "retrieval-grid.figure" in app.callback_map
     page = render_route(app, "/retrieval", f"?run={runs.unrecalled}")
@@ -530,9 +529,9 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     assert "&lt;b&gt;amber&lt;/b&gt; &amp; falcon" in body and HTML_GENERATED not in body  # escaped
     curve = masking_curve(run.table("masking"))
     assert f"<td>{float(curve['recall'].iloc[-1]):.3g}</td>" in body
-    html = report.render_report(run)  # registered or not, the report renders
+    html = report.render_report(run)
     assert 'id="run"' in html
-    monkeypatch.setitem(REPORT_SECTIONS, "retrieval", retrieval_section.report_sections)
+    assert section_builder("retrieval") is retrieval_section.report_sections
     html = report.render_report(run)
     assert 'id="retrieval-summary"' in html and "Needle recall over depth and length" in html
     foreign = runstore.write_run(

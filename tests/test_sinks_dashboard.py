@@ -18,7 +18,7 @@ from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
-from dashboard.sections import REPORT_SECTIONS
+from dashboard.registry import section_builder
 from dashboard.sinks import figures as sink_figures
 from dashboard.sinks import report as sinks_section
 from dashboard.sinks import views
@@ -213,7 +213,7 @@ def test_report_section_renders(root: Path, tmp_path: Path, monkeypatch: pytest.
     assert f"{sink_1:.4g}" in body
     small = sinks_section.report_sections(runstore.open_run(root / natural_only))
     assert "measured no norms" in small[-1].body and "sinks-alpha0-random" not in small[1].body
-    monkeypatch.setitem(REPORT_SECTIONS, "sinks", sinks_section.report_sections)
+    assert section_builder("sinks") is sinks_section.report_sections
     foreign = runstore.write_run(
         tmp_path / "runs",
         analysis="sinks",

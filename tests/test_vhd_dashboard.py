@@ -27,9 +27,9 @@ from analyses.base import AnalysisResult
 from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
+from dashboard.core.home import HomePage
 from dashboard.core.page import Site
-from dashboard.pages import PAGES, HomePage
-from dashboard.sections import REPORT_SECTIONS
+from dashboard.registry import pages, section_builder
 from dashboard.vhd import figures, views
 from dashboard.vhd import report as vhd_section
 from dashboard.vhd.page import VhdPage
@@ -359,7 +359,7 @@ def test_findings_read_the_tables(runs: Runs) -> None:
 
 
 def test_page_is_registered_offers_vhd_and_vhr_runs_and_renders(runs: Runs) -> None:
-    assert VhdPage in PAGES and VhdPage.shown_analyses() == ("vhd", "vhr")
+    assert VhdPage in pages() and VhdPage.shown_analyses() == ("vhd", "vhr")
     page = _page(runs.root)
     offered = {o["value"] for o in page.run_options()}
     assert offered == {runs.vhr, runs.vhd, runs.marked}  # not the census run
@@ -497,8 +497,8 @@ def test_report_sections_render_the_figures(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
-    assert REPORT_SECTIONS["vhd"] is vhd_section.report_sections
-    assert REPORT_SECTIONS["vhr"] is vhd_section.report_sections
+    assert section_builder("vhd") is vhd_section.report_sections
+    assert section_builder("vhr") is vhd_section.report_sections
     run = _run(runs, runs.marked)
     sections = vhd_section.report_sections(run)
     assert [s.anchor for s in sections] == ["vhd-overview", "vhd-heads", "vhd-tvhd", "vhd-benchmarks"]

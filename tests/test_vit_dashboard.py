@@ -22,9 +22,9 @@ from dashboard import report
 from dashboard.app import build_pages, create_app
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
+from dashboard.core.home import HomePage
 from dashboard.core.page import Site
-from dashboard.pages import HomePage
-from dashboard.sections import REPORT_SECTIONS
+from dashboard.registry import section_builder
 from dashboard.vit_heads import report as vit_section
 from dashboard.vit_heads import views
 from dashboard.vit_heads.page import VitPage
@@ -348,7 +348,7 @@ def test_the_app_serves_the_page_and_links_the_run(runs: Runs) -> None:
 
 
 def test_report_sections_render(runs: Runs, tmp_path: Path) -> None:
-    assert REPORT_SECTIONS["vit-heads"] is vit_section.report_sections
+    assert section_builder("vit-heads") is vit_section.report_sections
     run = _run(runs)
     sections = vit_section.report_sections(run)
     assert [s.anchor for s in sections] == ["vit-overview", "vit-importance", "vit-distance", "vit-patterns"]

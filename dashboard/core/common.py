@@ -4,9 +4,7 @@ alike (so a notebook can draw a result before saving it)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,7 @@ def table(source: Source, name: str, *, kind: str) -> pd.DataFrame:
 
 
 def table_names(source: Source) -> list[str]:
-    return list(source.tables) if isinstance(source, AnalysisResult) else source.table_names
+    return source.table_names
 
 
 def has_tables(source: Source, names: frozenset[str]) -> bool:
@@ -48,18 +46,15 @@ def array(source: Source, name: str, *, kind: str) -> np.ndarray:
 
 
 def has_array(source: Source, name: str) -> bool:
-    names = list(source.arrays) if isinstance(source, AnalysisResult) else source.array_names
-    return name in names
+    return name in source.array_names
 
 
 def model_name(source: Source) -> str:
-    if isinstance(source, AnalysisResult):
-        return str(source.model_info.get("name", "?"))
     return source.model_name
 
 
 def notes(source: Source) -> dict[str, Any]:
-    return dict(source.notes) if isinstance(source, AnalysisResult) else dict(source.manifest.notes)
+    return dict(source.notes)
 
 
 def num(value: object, spec: str) -> str:
@@ -69,19 +64,3 @@ def num(value: object, spec: str) -> str:
     except (TypeError, ValueError):
         return "n/a"
     return format(x, spec) if math.isfinite(x) else "n/a"
-
-
-def settings(source: Source) -> Any:
-    """The run's config as its analysis's typed dataclass (a saved run's is read back from its
-    manifest, with defaults for settings the run predates)."""
-    return source.config
-
-
-def config(source: Source) -> dict[str, Any]:
-    """The run's config as plain values (the manifest's, or the result's dataclass)."""
-    if isinstance(source, AnalysisResult):
-        cfg = source.config
-        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-            return dataclasses.asdict(cfg)
-        return dict(cfg) if isinstance(cfg, Mapping) else {}
-    return dict(source.manifest.config)

@@ -1,1 +1,0 @@
-"""Views: per-analysis data -> tables and figures, shared by dashboard pages and reports."""
