@@ -142,6 +142,7 @@ ANALYSIS = register(
         help="IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
         page="dashboard.circuits.page:CircuitsPage",
         report="dashboard.circuits.report:report_sections",
+        docs="docs/analyses/circuits.md",
         # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
         # screens the senders (the 12 strongest by attribution patching) on 8 prompts
         demo={"n_items": 8, "max_senders": 12, "n_random": 5, "batch_size": 64},
@@ -157,6 +158,7 @@ COLORED_OBJECTS = register(
         aliases=("colored_objects",),
         page="dashboard.circuits.page:CircuitsPage",
         report="dashboard.circuits.report:report_sections",
+        docs="docs/analyses/circuits.md",
         opt_outs={"demo": "a second path-patching circuit; circuit-reuse runs it with IOI when asked"},
     )
 )
@@ -170,6 +172,7 @@ CIRCUIT_REUSE = register(
         aliases=("circuit_reuse",),
         page="dashboard.circuits.page:CircuitsPage",
         report="dashboard.circuits.report:report_sections",
+        docs="docs/analyses/circuits.md",
         opt_outs={"demo": "runs both circuits (twice the IOI demo's time); run it on its own"},
     )
 )

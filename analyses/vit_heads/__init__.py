@@ -98,6 +98,7 @@ ANALYSIS = register(
         aliases=("vit_heads",),
         page="dashboard.vit_heads.page:VitPage",
         report="dashboard.vit_heads.report:report_sections",
+        docs="docs/analyses/vit-heads.md",
         # the small preset (few images, the strongest heads by gradient pruned)
         demo={"preset": "small"},
     )
