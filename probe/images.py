@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from probe.errors import ConfigError
 
 Resample = Literal["nearest", "bilinear", "bicubic"]
+RGB = tuple[float, float, float]
 ImageInput = np.ndarray | Sequence[Any] | torch.Tensor
 """uint8 RGB arrays ``[H, W, 3]`` (one, a list, or a stack ``[N, H, W, 3]``), PIL images, or
 pixel values ``[N, 3, H, W]`` already made by :meth:`ImageSpec.preprocess`."""
@@ -216,9 +217,10 @@ class ImageSpec:
         if config.get("do_center_crop", False):
             c = config.get("crop_size", image_size)
             crop = (int(c), int(c)) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
-        resample = {v: k for k, v in _PIL_RESAMPLE.items()}.get(int(config.get("resample", 3)), "bicubic")
-        mean = tuple(float(x) for x in config.get("image_mean", (0.5, 0.5, 0.5)))
-        std = tuple(float(x) for x in config.get("image_std", (0.5, 0.5, 0.5)))
+        codes = {v: k for k, v in _PIL_RESAMPLE.items()}
+        resample = cast(Resample, codes.get(int(config.get("resample", 3)), "bicubic"))
+        mean = cast(RGB, tuple(float(x) for x in config.get("image_mean", (0.5, 0.5, 0.5))))
+        std = cast(RGB, tuple(float(x) for x in config.get("image_std", (0.5, 0.5, 0.5))))
         if not config.get("do_normalize", True):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         return cls(
@@ -231,7 +233,7 @@ class ImageSpec:
             shortest_edge=shortest,
             resize_to=exact,
             crop=crop,
-            resample=resample,  # type: ignore[arg-type]
+            resample=resample,
         )
 
 
