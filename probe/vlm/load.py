@@ -9,13 +9,14 @@ from typing import Any, Literal
 
 import torch
 
-from probe import cache, vision, zoo
+from probe import cache, zoo
 from probe.assemblies import ASSEMBLIES, AssemblySpec
 from probe.checkpoints import check_checkpoint_files, load_language_dir, quiet_transformers
 from probe.checksums import checkpoint_sha256
 from probe.errors import HeadlabError
 from probe.images import ImageSpec
 from probe.model import BosMode, LoadedModel
+from probe.vision.load import load_checkpoint
 from probe.vlm.assembly import assemble, merge_lora
 from probe.vlm.projector import ProjectorFile, read_projector
 from probe.vlm.wrap import _image_spec, _require_vlm, wrap_vlm
@@ -35,7 +36,7 @@ def load_parts(
     """
     vision_dir, vision_marker = _converted(spec.vision, fetch_if_missing)
     language_dir, language_marker = _converted(spec.language, fetch_if_missing)
-    vision_model, family, image = vision.load_checkpoint(vision_dir, torch.float32)
+    vision_model, family, image = load_checkpoint(vision_dir, torch.float32)
     if family != "clip":
         raise HeadlabError(f"{spec.vision} is a {family} model; LLaVA assemblies take a CLIP image tower")
     language_model, tokenizer = load_language_dir(language_dir, torch.float32)
