@@ -360,6 +360,8 @@ def list_runs(
     """
     summaries = []
     base = runs_root(root)
+    if analysis is not None:
+        analysis = registry.canonical(analysis)  # an alias finds its analysis's runs
     for directory in _run_dirs(base):
         summary = _summarise(directory, verify=verify, root=base)
         if analysis is not None:
