@@ -1,6 +1,6 @@
 """Fingerprint what every analysis computes, to show a refactoring changed no result.
 
-Runs each registered analysis on tiny models (and census and sinks on the embedded default model)
+Runs each registered analysis (``tests/test_registry.py`` checks every one has a case) on tiny models (and census and sinks on the embedded default model)
 with small configs, saves each run, and prints one line per saved table, array and summary: a
 sha256 of its contents. Run it before and after a change and diff the two outputs::
 

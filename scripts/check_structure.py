@@ -1,5 +1,5 @@
 """Report what the layout rules forbid: modules over 800 lines, functions over 120 lines,
-``# fmt: skip`` markers, module docstrings over 40 lines, and references to files outside the
+``# fmt: skip`` markers, module docstrings over 30 lines, and references to files outside the
 repository. Exit status 1 when anything is found.
 
     python scripts/check_structure.py [paths...]   # default: probe analyses dashboard

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import pkgutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import dashboard
-from analyses import registry
+from analyses import registry, runstore
 from analyses.base import config_from_overrides
 from analyses.registry import ANALYSES, Analysis, config_from_saved
 from analyses.runstore import to_jsonable
@@ -18,8 +20,10 @@ from dashboard.core.page import AnalysisPage, MultiAnalysisPage
 from dashboard.registry import pages, resolve, section_builder
 from probe import zoo
 from probe.errors import ConfigError
+from tests.conftest import fixed_code_revision
 
 DASHBOARD = Path(dashboard.__file__).parent
+ROOT = DASHBOARD.parent
 SHARED_DASHBOARD_FOLDERS = {"core", "pages", "sections"}
 
 
@@ -69,17 +73,31 @@ def test_every_registering_module_is_builtin() -> None:
             parts = path.relative_to(root.parent).with_suffix("").parts
             registering.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     listed = set(registry.BUILTIN)
-    assert all(any(m == b or m.startswith(b + ".") for b in listed) for m in registering), registering
+    unlisted = [m for m in registering if not any(m == b or m.startswith(b + ".") for b in listed)]
+    assert unlisted == [], f"add {unlisted} to analyses.registry.BUILTIN"
     assert all(any(m == b or m.startswith(b + ".") for m in registering) for b in listed)
 
 
 @pytest.mark.parametrize("name", list(ANALYSES))
 def test_each_analysis_has_its_docs_page(name: str) -> None:
     entry = ANALYSES[name]
-    assert entry.docs is not None
+    if entry.docs is None:  # a written opt-out (checked by test_every_registration_is_complete)
+        assert entry.opt_outs.get("docs")
+        return
     page = Path(registry.__file__).resolve().parent.parent / entry.docs
     assert page.is_file(), f"{name}: {entry.docs} does not exist"
     assert page.read_text().startswith("# ")
+
+
+def test_every_analysis_has_a_behaviour_digest_case() -> None:
+    spec = importlib.util.spec_from_file_location("digest", ROOT / "scripts" / "behaviour_digest.py")
+    assert spec is not None and spec.loader is not None
+    digest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digest)
+    covered = {analysis for analysis, _model, _settings in digest.CASES}
+    assert covered == set(ANALYSES), "add a case to scripts/behaviour_digest.py"
+    for analysis, _model, settings in digest.CASES:
+        config_from_overrides(ANALYSES[analysis].config_cls, settings)  # the settings still exist
 
 
 def test_default_models_are_known_to_the_zoo() -> None:
@@ -138,6 +156,20 @@ def test_names_and_aliases_are_unique() -> None:
     with pytest.raises(ValueError, match="'colored_objects' is already registered"):
         registry.register(dataclasses.replace(entry, name="census-2", aliases=("colored_objects",)))
     assert "census-2" not in ANALYSES
+
+
+def test_an_alias_finds_its_analysis_runs(tmp_path: Path) -> None:
+    heads = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "score": [0.5, 0.25]})
+    with fixed_code_revision():
+        path = runstore.write_run(
+            tmp_path,
+            analysis="colored-objects",
+            model_info={"name": "fake-model", "n_layers": 1, "n_heads": 2},
+            config=None,
+            tables={"heads": heads},
+        )
+    assert runstore.resolve_run("latest:colored_objects", tmp_path) == path
+    assert [s.path for s in runstore.list_runs(tmp_path, analysis="colored_objects")] == [path]
 
 
 def test_unknown_names_get_one_line_errors() -> None:
