@@ -21,6 +21,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --no-cache --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy
