@@ -234,3 +234,65 @@ def test_context_too_long_suggests_the_real_setting_and_a_value_that_fits(tiny_l
     small = CensusConfig(seq_len=int(found.group(1)), n_natural=2, n_repeated=2, repeat_len=4, n_examples=1)
     run_census(tiny_llama, small, progress=False)  # the advised value runs
     assert tiny_llama.encode(["x" * int(found.group(1))]).input_ids.shape[1] == tiny_llama.n_ctx
+
+
+# --------------------------------------------------------------------------------- the source table
+
+
+def test_the_source_table_tries_every_kind_of_name_in_the_documented_order() -> None:
+    from probe import sources
+
+    assert [(s.order, s.name) for s in sources.SOURCES] == [
+        (100, "tiny"),
+        (110, "tiny-vision"),
+        (120, "tiny-vision-language"),
+        (200, "assembly"),
+        (300, "catalogue"),
+        (310, "catalogue-vision"),
+        (400, "gguf"),
+        (510, "llava-directory"),
+        (520, "vision-directory"),
+        (530, "directory"),
+        (700, "hub"),
+    ]
+    assert all(s.description for s in sources.SOURCES)
+
+
+def test_a_source_is_found_by_its_order_and_a_second_of_the_same_name_is_refused(
+    tiny_llama: LoadedModel,
+) -> None:
+    from probe import sources
+
+    calls: list[str] = []
+
+    def load(request: sources.ModelRequest) -> LoadedModel:
+        calls.append(request.name)
+        return tiny_llama
+
+    extra = sources.ModelSource("test-alias", 50, "a test alias", lambda r: r.name == "alias", load)
+    sources.register(extra)
+    try:
+        assert sources.SOURCES[0] is extra
+        assert probe.load_model("alias", device="cpu") is tiny_llama and calls == ["alias"]
+        assert probe.load_model("tiny-gpt2", device="cpu").name == "tiny-gpt2"  # later sources still match
+        with pytest.raises(ValueError, match="registered already"):
+            sources.register(extra)
+    finally:
+        sources.SOURCES.remove(extra)
+    with pytest.raises(UnknownModelError):
+        probe.load_model("alias", device="cpu")
+
+
+def test_the_language_core_imports_nothing_of_the_image_packages() -> None:
+    import ast
+
+    root = Path(probe.__file__).parent
+    core = ["model", "loading", "sources", "zoo", "tiny", "generation", "kernels", "checkpoints", "checksums"]
+    for name in core:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not {m for m in imported if m.startswith(("probe.vision", "probe.vlm"))}, name
+        assert not (names & {"vision", "vlm"}), name

@@ -15,6 +15,7 @@ import pytest
 
 import probe
 from probe import cache, tempdirs, zoo
+from probe.assemblies import ASSEMBLIES
 from probe.errors import (
     CacheDamagedError,
     CacheNotWritableError,
@@ -417,3 +418,15 @@ def test_a_published_directory_keeps_no_lock_and_its_marker_lists_only_its_files
         cache.write_marker(tmp, {"name": "m"})
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [cache.MARKER, "weights.bin"]
     assert cache.cache_problem(tmp_path / "m") is None
+
+
+def test_converters_and_tiny_models_registered_twice_are_refused() -> None:
+    from probe import tiny
+
+    assert set(zoo.CONVERTERS) == {"gguf-causal-lm", "onnx-clip-vision"}
+    with pytest.raises(ValueError, match="registered already"):
+        zoo.register_converter("onnx-clip-vision", zoo.convert_gguf_causal_lm)
+    with pytest.raises(ValueError, match="registered already"):
+        tiny.register(TINY_BUILDERS["tiny-llava"])
+    assert list(TINY_BUILDERS)[-1] == "tiny-llava"  # added by probe.vlm after the others, as listed
+    assert zoo.known_names() == [*zoo.CATALOGUE, *TINY_BUILDERS, *ASSEMBLIES]
