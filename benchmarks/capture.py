@@ -122,9 +122,14 @@ def worker(args: argparse.Namespace) -> None:
             elif args.method in ("eager", "recompute"):
                 reds = _reducers(T, bos)
                 capture(
-                    model, [row], reds, mode=args.method, batch_size=1, query_block=args.query_block,
+                    model,
+                    [row],
+                    reds,
+                    mode=args.method,
+                    batch_size=1,
+                    query_block=args.query_block,
                     progress=False,
-                )  # fmt: skip
+                )
                 stats = _summaries(reds)
             else:
                 reds = _reducers(T, bos)
@@ -134,9 +139,12 @@ def worker(args: argparse.Namespace) -> None:
                     ids, names_filter=lambda name: name.endswith("hook_pattern")
                 )
                 info = BatchInfo(
-                    lengths=torch.tensor([T], device=device), pad_offsets=torch.tensor([0], device=device),
-                    T=T, n_layers=model.n_layers, n_heads=model.n_heads,
-                )  # fmt: skip
+                    lengths=torch.tensor([T], device=device),
+                    pad_offsets=torch.tensor([0], device=device),
+                    T=T,
+                    n_layers=model.n_layers,
+                    n_heads=model.n_heads,
+                )
                 for r in reds:
                     r.begin_batch(info)
                 for layer in range(model.n_layers):
@@ -214,14 +222,34 @@ def interleaved(args: argparse.Namespace) -> None:
 
 def run_one(args: argparse.Namespace, method: str, T: int) -> dict[str, Any]:
     cmd = [
-        sys.executable, __file__, "--worker", "--method", method, "--T", str(T), "--model", args.model,
-        "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
-        "--query-block", str(args.query_block),
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        "--T",
+        str(T),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+        "--query-block",
+        str(args.query_block),
+    ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-    )  # fmt: skip
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[7:]))

@@ -150,8 +150,10 @@ def main() -> None:
         for name, (sec, shares) in results.items():
             speed = base[0] / sec if base else float("nan")
             diff = float(np.abs(shares - base[1]).max()) if base else float("nan")
-            print(f"{kind:<9} {name:<8} {sec:>9.3f} {1000 * sec / len(senders):>10.1f} {speed:>8.2f}x {diff:>11.2e}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{kind:<9} {name:<8} {sec:>9.3f} {1000 * sec / len(senders):>10.1f} {speed:>8.2f}x {diff:>11.2e}",
+                flush=True,
+            )
             if diff > args.tol:
                 failed.append(f"{kind}/{name}: max |diff| {diff:.2e} > {args.tol:g}")
         if torch.cuda.is_available() and device.type == "cuda":

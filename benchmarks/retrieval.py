@@ -97,9 +97,12 @@ def _floor(model: Any, ids: list[int], n: int) -> list[int]:
 
     with native_attention(model, "sdpa") as native, torch.inference_mode():
         out = native.generate(
-            torch.tensor([ids], device=model.device), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+            torch.tensor([ids], device=model.device),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return [int(t) for t in out[0, len(ids) :]]
 
 
@@ -122,9 +125,11 @@ def _eager(model: Any, ids: list[int], n: int) -> list[int]:
         current = ids[-1]
         for _ in range(n):
             out = native(
-                input_ids=torch.tensor([[current]], device=model.device), use_cache=True, output_attentions=True,
+                input_ids=torch.tensor([[current]], device=model.device),
+                use_cache=True,
+                output_attentions=True,
                 **{cache_arg: cache},
-            )  # fmt: skip
+            )
             cache = _cache_of(out)
             kept.append([a.argmax(-1) for a in out.attentions])
             current = int(out.logits[0, -1].argmax())

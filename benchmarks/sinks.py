@@ -100,9 +100,14 @@ def worker(args: argparse.Namespace) -> None:
 
         def once(subset: list[list[int]]) -> torch.Tensor:
             sink, _ = measure_sinks(
-                model, subset, eps=args.eps, mode=mode, batch_size=args.batch_size,
-                query_block=args.query_block, norms=False,
-            )  # fmt: skip
+                model,
+                subset,
+                eps=args.eps,
+                mode=mode,
+                batch_size=args.batch_size,
+                query_block=args.query_block,
+                norms=False,
+            )
             return sink.alpha()
 
     else:
@@ -162,12 +167,36 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_one(args: argparse.Namespace, method: str) -> dict[str, Any]:
     cmd = [
-        sys.executable, __file__, "--worker", "--method", method, "--model", args.model,
-        "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--n", str(args.n),
-        "--T", str(args.T), "--eps", str(args.eps), "--inputs", args.inputs, "--seed", str(args.seed),
-        "--batch-size", str(args.batch_size), "--query-block", str(args.query_block),
-        "--threads", str(args.threads),
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+        "--n",
+        str(args.n),
+        "--T",
+        str(args.T),
+        "--eps",
+        str(args.eps),
+        "--inputs",
+        args.inputs,
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.batch_size),
+        "--query-block",
+        str(args.query_block),
+        "--threads",
+        str(args.threads),
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -214,9 +243,12 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads per worker (0: torch's default); "
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per worker (0: torch's default); "
         "use 1 on a machine whose cores are shared with other jobs: spinning threads thrash there",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)

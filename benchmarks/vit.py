@@ -109,9 +109,20 @@ def main() -> None:
     threads = numba.get_num_threads()
     cold = _first_calls(args.grid, args.n_prefix)
     proc = subprocess.run(
-        [sys.executable, __file__, "--first-call", "--grid", str(args.grid), "--n-prefix", str(args.n_prefix)],
-        capture_output=True, text=True, env={**os.environ, "NUMBA_CACHE_DIR": cache_dir}, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--first-call",
+            "--grid",
+            str(args.grid),
+            "--n-prefix",
+            str(args.n_prefix),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NUMBA_CACHE_DIR": cache_dir},
+        check=False,
+    )
     lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     cached = json.loads(lines[0]) if lines else None
 

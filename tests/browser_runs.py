@@ -25,14 +25,43 @@ from tests import test_act_dashboard, test_circuits_dashboard, test_retrieval_da
 CENSUS = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 SINKS = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidden_min_queries=4, eps=0.1)
 # Thresholds of 0: every circuit has heads and edges; a few senders, tested by attribution patching.
-CIRCUIT = CircuitConfig(n_items=2, max_senders=3, min_share=0.0, min_attention=0.0, max_per_class=2,
-                        n_random=1, reuse_percents=(10.0, 50.0), n_boot=20, progress=False)  # fmt: skip
-VIT = vit_heads.VitHeadsConfig(preset="small", n_scenes=12, n_faces=8, n_eval=2, prune_top_k=2, ae_epochs=2,
-                               n_attention_images=2, pattern_images=1, pattern_queries=4, progress=False)  # fmt: skip
+CIRCUIT = CircuitConfig(
+    n_items=2,
+    max_senders=3,
+    min_share=0.0,
+    min_attention=0.0,
+    max_per_class=2,
+    n_random=1,
+    reuse_percents=(10.0, 50.0),
+    n_boot=20,
+    progress=False,
+)
+VIT = vit_heads.VitHeadsConfig(
+    preset="small",
+    n_scenes=12,
+    n_faces=8,
+    n_eval=2,
+    prune_top_k=2,
+    ae_epochs=2,
+    n_attention_images=2,
+    pattern_images=1,
+    pattern_queries=4,
+    progress=False,
+)
 # The main VHR setting and the random-heads control: the ablation figures have two bars.
-VHD = vh.VhdConfig(n_scenes=2, max_new_tokens=4, batch_size=4, n_boot=20, n_stats=50, pope_kinds=("adversarial",),
-                   pope_per_scene=1, n_display=1, settings=(vh.DEFAULT_SETTINGS[0], vh.DEFAULT_SETTINGS[-1]),
-                   pope_ablations=False, progress=False)  # fmt: skip
+VHD = vh.VhdConfig(
+    n_scenes=2,
+    max_new_tokens=4,
+    batch_size=4,
+    n_boot=20,
+    n_stats=50,
+    pope_kinds=("adversarial",),
+    pope_per_scene=1,
+    n_display=1,
+    settings=(vh.DEFAULT_SETTINGS[0], vh.DEFAULT_SETTINGS[-1]),
+    pope_ablations=False,
+    progress=False,
+)
 
 
 ANALYSES = (

@@ -100,9 +100,14 @@ class Workspace:
             (base / sub).mkdir(parents=True, exist_ok=True)
         ws = cls(base, shared)
         ws.vars.update(
-            base=str(base), runs=str(ws.runs), cache=str(ws.cache), out=str(ws.out), work=str(ws.work),
-            outside=str(ws.outside), run=shared.run.name,
-        )  # fmt: skip
+            base=str(base),
+            runs=str(ws.runs),
+            cache=str(ws.cache),
+            out=str(ws.out),
+            work=str(ws.work),
+            outside=str(ws.outside),
+            run=shared.run.name,
+        )
         ws.env.update(HEADLAB_RUNS=str(ws.runs), HEADLAB_CACHE=str(ws.cache))
         return ws
 
@@ -197,7 +202,9 @@ def environment(ws: Workspace) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:  # fmt: skip
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
@@ -701,8 +708,13 @@ def C(id: str, family: str, argv: str, exit: int = 2, phrase: str | None = None,
 
 
 def _set(analysis: str, setting: str, phrase: str, model: str = "tiny-llama") -> Case:
-    return C(f"set-{analysis}-{setting.split('=')[0] or 'empty'}-{re.sub(r'[^a-z0-9]+', '', setting.split('=', 1)[-1].lower())[:12] or 'x'}",
-             "bad --set", f"run {analysis} --model {model} --set {shlex.quote(setting)}", 2, phrase)  # fmt: skip
+    return C(
+        f"set-{analysis}-{setting.split('=')[0] or 'empty'}-{re.sub(r'[^a-z0-9]+', '', setting.split('=', 1)[-1].lower())[:12] or 'x'}",
+        "bad --set",
+        f"run {analysis} --model {model} --set {shlex.quote(setting)}",
+        2,
+        phrase,
+    )
 
 
 BAD_SETS = [
@@ -739,37 +751,182 @@ BAD_SETS = [
 ]
 
 INPUTS = [
-    C("model-unknown-name", "bad input", f"run census --model tiny-lama {SMALL}", 2, r"Did you mean 'tiny-llama'"),
-    C("fetch-unknown-name", "bad input", "fetch smollm3-135m", 2, r"Did you mean 'smollm2-135m'.*headlab models"),
-    C("model-hub-id-without-allow-hub", "bad input", f"run census --model someorg/somemodel {SMALL}", 2, r"--allow-hub"),
-    C("analysis-unknown", "bad input", "run nosuch --model tiny-llama", 2, r"No such command 'nosuch'", usage=True),
-    C("dtype-unknown", "bad input", f"run census --model tiny-llama --dtype float8 {SMALL}", 2, r"choose one of float32, bfloat16, float16"),
-    C("bos-unknown", "bad input", f"run census --model tiny-llama --bos sometimes {SMALL}", 2, r"choose default, always or never"),
-    C("n-examples-census", "bad input", "run census --model tiny-llama --set n_natural=3 --set n_examples=5", 2, r"\b0\b.*\b3\b", new=True),
-    C("n-examples-sinks", "bad input", "run sinks --model tiny-llama --set n_sequences=3 --set n_examples=9", 2, r"\b0\b.*\b3\b", new=True),
-    C("model-missing-path", "bad input", f"run census --model ./no/such/dir {SMALL}", 2, r"(?i)no such", new=True, forbid=r"unknown model"),
-    C("device-tpu", "bad input", f"run census --model tiny-llama --device tpu {SMALL}", 2, r"use (--device )?cpu", new=True),
-    C("device-meta", "bad input", f"run census --model tiny-llama --device meta {SMALL}", 2, r"use (--device )?(cpu|auto)", new=True),
-    C("context-too-long", "bad input", "run census --model tiny-gpt2 --set seq_len=400 --set n_natural=1 --set n_repeated=1 --set repeat_len=4 --set n_examples=1",
-      2, r"--set seq_len=\d+", new=True, check=check_suggestion_works,
-      setup=lambda ws: ws.vars.update(argv=shlex.split("run census --model tiny-gpt2 --set seq_len=400 --set n_natural=1 --set n_repeated=1 --set repeat_len=4 --set n_examples=1"))),
-    C("sanity-greedy-equals-generate", "generation", "sanity --model tiny-llama --device cpu", 0, r"greedy: ", new=True, check=check_sanity_matches_reference),
-]  # fmt: skip
+    C(
+        "model-unknown-name",
+        "bad input",
+        f"run census --model tiny-lama {SMALL}",
+        2,
+        r"Did you mean 'tiny-llama'",
+    ),
+    C(
+        "fetch-unknown-name",
+        "bad input",
+        "fetch smollm3-135m",
+        2,
+        r"Did you mean 'smollm2-135m'.*headlab models",
+    ),
+    C(
+        "model-hub-id-without-allow-hub",
+        "bad input",
+        f"run census --model someorg/somemodel {SMALL}",
+        2,
+        r"--allow-hub",
+    ),
+    C(
+        "analysis-unknown",
+        "bad input",
+        "run nosuch --model tiny-llama",
+        2,
+        r"No such command 'nosuch'",
+        usage=True,
+    ),
+    C(
+        "dtype-unknown",
+        "bad input",
+        f"run census --model tiny-llama --dtype float8 {SMALL}",
+        2,
+        r"choose one of float32, bfloat16, float16",
+    ),
+    C(
+        "bos-unknown",
+        "bad input",
+        f"run census --model tiny-llama --bos sometimes {SMALL}",
+        2,
+        r"choose default, always or never",
+    ),
+    C(
+        "n-examples-census",
+        "bad input",
+        "run census --model tiny-llama --set n_natural=3 --set n_examples=5",
+        2,
+        r"\b0\b.*\b3\b",
+        new=True,
+    ),
+    C(
+        "n-examples-sinks",
+        "bad input",
+        "run sinks --model tiny-llama --set n_sequences=3 --set n_examples=9",
+        2,
+        r"\b0\b.*\b3\b",
+        new=True,
+    ),
+    C(
+        "model-missing-path",
+        "bad input",
+        f"run census --model ./no/such/dir {SMALL}",
+        2,
+        r"(?i)no such",
+        new=True,
+        forbid=r"unknown model",
+    ),
+    C(
+        "device-tpu",
+        "bad input",
+        f"run census --model tiny-llama --device tpu {SMALL}",
+        2,
+        r"use (--device )?cpu",
+        new=True,
+    ),
+    C(
+        "device-meta",
+        "bad input",
+        f"run census --model tiny-llama --device meta {SMALL}",
+        2,
+        r"use (--device )?(cpu|auto)",
+        new=True,
+    ),
+    C(
+        "context-too-long",
+        "bad input",
+        "run census --model tiny-gpt2 --set seq_len=400 --set n_natural=1 --set n_repeated=1 --set repeat_len=4 --set n_examples=1",
+        2,
+        r"--set seq_len=\d+",
+        new=True,
+        check=check_suggestion_works,
+        setup=lambda ws: ws.vars.update(
+            argv=shlex.split(
+                "run census --model tiny-gpt2 --set seq_len=400 --set n_natural=1 --set n_repeated=1 --set repeat_len=4 --set n_examples=1"
+            )
+        ),
+    ),
+    C(
+        "sanity-greedy-equals-generate",
+        "generation",
+        "sanity --model tiny-llama --device cpu",
+        0,
+        r"greedy: ",
+        new=True,
+        check=check_sanity_matches_reference,
+    ),
+]
 
 RUN_REFERENCES = [
-    C("report-unknown-id", "run references", "report 20200101-nosuch", 2, r"headlab runs", setup=lambda ws: ws.put_run()),
-    C("report-ambiguous-prefix", "run references", "report {prefix}", 2, r"give more characters", setup=_two_runs_sharing_a_prefix),
+    C(
+        "report-unknown-id",
+        "run references",
+        "report 20200101-nosuch",
+        2,
+        r"headlab runs",
+        setup=lambda ws: ws.put_run(),
+    ),
+    C(
+        "report-ambiguous-prefix",
+        "run references",
+        "report {prefix}",
+        2,
+        r"give more characters",
+        setup=_two_runs_sharing_a_prefix,
+    ),
     C("report-latest-no-runs", "run references", "report latest", 2, r"run an analysis first"),
-    C("report-latest-other-analysis", "run references", "report latest:sinks", 2, r"no sinks run", setup=lambda ws: ws.put_run()),
+    C(
+        "report-latest-other-analysis",
+        "run references",
+        "report latest:sinks",
+        2,
+        r"no sinks run",
+        setup=lambda ws: ws.put_run(),
+    ),
     C("report-empty-reference", "run references", "report ''", 2, r"pass a run id"),
     C("report-latest-bad-name", "run references", "report 'latest:bad name'", 2, r"use 1-64 letters"),
-    C("report-path-not-a-dir", "run references", "report {outside}/file.txt", 2, r"check the path", setup=_file_at("outside/file.txt")),
+    C(
+        "report-path-not-a-dir",
+        "run references",
+        "report {outside}/file.txt",
+        2,
+        r"check the path",
+        setup=_file_at("outside/file.txt"),
+    ),
     C("runs-root-missing", "run references", "runs --root {base}/nowhere", 0, r"\(no runs\)"),
-    C("report-not-a-run-dir", "run references", "report /etc --out {out}", 2, r"(?i)not a (headlab )?run|no manifest|manifest\.json", new=True, forbid=r"remove the directory"),
-    C("report-empty-dir", "run references", "report {outside} --out {out}", 2, r"(?i)not a (headlab )?run|no manifest|manifest\.json", new=True, forbid=r"remove the directory"),
-    C("runs-two-copies", "run references", "runs", 0, None, new=True, leaves=(visible("out"),), check=check_two_copies,
-      setup=lambda ws: (ws.put_run(), ws.put_run(ws.shared.run.name + ".bak"))),
-]  # fmt: skip
+    C(
+        "report-not-a-run-dir",
+        "run references",
+        "report /etc --out {out}",
+        2,
+        r"(?i)not a (headlab )?run|no manifest|manifest\.json",
+        new=True,
+        forbid=r"remove the directory",
+    ),
+    C(
+        "report-empty-dir",
+        "run references",
+        "report {outside} --out {out}",
+        2,
+        r"(?i)not a (headlab )?run|no manifest|manifest\.json",
+        new=True,
+        forbid=r"remove the directory",
+    ),
+    C(
+        "runs-two-copies",
+        "run references",
+        "runs",
+        0,
+        None,
+        new=True,
+        leaves=(visible("out"),),
+        check=check_two_copies,
+        setup=lambda ws: (ws.put_run(), ws.put_run(ws.shared.run.name + ".bak")),
+    ),
+]
 
 
 def _damaged(id: str, how: Callable[[Path], Any], phrase: str, new: bool = False) -> Case:
@@ -779,90 +936,363 @@ def _damaged(id: str, how: Callable[[Path], Any], phrase: str, new: bool = False
 
 
 DAMAGED = [
-    _damaged("manifest-missing", lambda r: (r / "manifest.json").unlink(), r"manifest\.json is missing.*re-run the analysis"),
-    _damaged("manifest-bad-json", lambda r: _truncate(r / "manifest.json", 0.6), r"not valid JSON.*re-run the analysis"),
-    _damaged("manifest-not-object", lambda r: (r / "manifest.json").write_text("[1, 2]"), r"does not hold a JSON object"),
-    _damaged("schema-newer", lambda r: _edit_manifest(r, lambda d: d.update(schema_version=99)), r"upgrade headlab"),
-    _damaged("schema-zero", lambda r: _edit_manifest(r, lambda d: d.update(schema_version=0)), r"schema version 0.*re-run"),
-    _damaged("manifest-field-missing", lambda r: _edit_manifest(r, lambda d: d.pop("config")), r"field 'config' is missing"),
-    _damaged("created-not-a-time", lambda r: _edit_manifest(r, lambda d: d.update(created="yesterday")), r"not an ISO timestamp"),
-    _damaged("table-name-invalid", lambda r: _edit_manifest(r, lambda d: d["tables"].update({"../x": d["tables"]["heads"]})), r"invalid name '\.\./x'"),
-    _damaged("table-missing", lambda r: (r / "heads.parquet").unlink(), r"heads\.parquet listed in manifest\.json is missing"),
-    _damaged("table-truncated", lambda r: _truncate(r / "heads.parquet"), r"heads\.parquet has \d+ bytes but"),
+    _damaged(
+        "manifest-missing",
+        lambda r: (r / "manifest.json").unlink(),
+        r"manifest\.json is missing.*re-run the analysis",
+    ),
+    _damaged(
+        "manifest-bad-json",
+        lambda r: _truncate(r / "manifest.json", 0.6),
+        r"not valid JSON.*re-run the analysis",
+    ),
+    _damaged(
+        "manifest-not-object",
+        lambda r: (r / "manifest.json").write_text("[1, 2]"),
+        r"does not hold a JSON object",
+    ),
+    _damaged(
+        "schema-newer", lambda r: _edit_manifest(r, lambda d: d.update(schema_version=99)), r"upgrade headlab"
+    ),
+    _damaged(
+        "schema-zero",
+        lambda r: _edit_manifest(r, lambda d: d.update(schema_version=0)),
+        r"schema version 0.*re-run",
+    ),
+    _damaged(
+        "manifest-field-missing",
+        lambda r: _edit_manifest(r, lambda d: d.pop("config")),
+        r"field 'config' is missing",
+    ),
+    _damaged(
+        "created-not-a-time",
+        lambda r: _edit_manifest(r, lambda d: d.update(created="yesterday")),
+        r"not an ISO timestamp",
+    ),
+    _damaged(
+        "table-name-invalid",
+        lambda r: _edit_manifest(r, lambda d: d["tables"].update({"../x": d["tables"]["heads"]})),
+        r"invalid name '\.\./x'",
+    ),
+    _damaged(
+        "table-missing",
+        lambda r: (r / "heads.parquet").unlink(),
+        r"heads\.parquet listed in manifest\.json is missing",
+    ),
+    _damaged(
+        "table-truncated", lambda r: _truncate(r / "heads.parquet"), r"heads\.parquet has \d+ bytes but"
+    ),
     _damaged("table-edited", lambda r: _flip_middle(r / "heads.parquet"), r"does not match its sha256"),
     _damaged("array-missing", lambda r: next((r / "arrays").iterdir()).unlink(), r"arrays/.* is missing"),
-    _damaged("table-rehashed-rows-wrong", lambda r: _edit_manifest(r, lambda d: d["tables"]["heads"].update(rows=999)), r"999"),
-    C("damaged-stray-file-is-harmless", "damaged runs", "report {run} --out {out}", 0, r"report written", leaves=(visible("out"),),
-      setup=damage(lambda r: (r / "notes.txt").write_text("my notes on this run\n"))),
-    C("damaged-listed-by-runs", "damaged runs", "runs", 0, r"damaged", check=check_listed_damaged,
-      setup=_older_intact_newer(_plain_damage(lambda r: _truncate(r / "heads.parquet")))),
-    C("damaged-latest-skips", "damaged runs", "report latest --out {out}", 0, r"report written", leaves=(visible("out"),),
-      check=check_latest_is_intact, setup=_older_intact_newer(_plain_damage(lambda r: _truncate(r / "heads.parquet")))),
-    C("damaged-latest-only-damaged", "damaged runs", "report latest", 2, r"no intact run.*re-run the analysis",
-      setup=damage(lambda r: _truncate(r / "heads.parquet"))),
-]  # fmt: skip
+    _damaged(
+        "table-rehashed-rows-wrong",
+        lambda r: _edit_manifest(r, lambda d: d["tables"]["heads"].update(rows=999)),
+        r"999",
+    ),
+    C(
+        "damaged-stray-file-is-harmless",
+        "damaged runs",
+        "report {run} --out {out}",
+        0,
+        r"report written",
+        leaves=(visible("out"),),
+        setup=damage(lambda r: (r / "notes.txt").write_text("my notes on this run\n")),
+    ),
+    C(
+        "damaged-listed-by-runs",
+        "damaged runs",
+        "runs",
+        0,
+        r"damaged",
+        check=check_listed_damaged,
+        setup=_older_intact_newer(_plain_damage(lambda r: _truncate(r / "heads.parquet"))),
+    ),
+    C(
+        "damaged-latest-skips",
+        "damaged runs",
+        "report latest --out {out}",
+        0,
+        r"report written",
+        leaves=(visible("out"),),
+        check=check_latest_is_intact,
+        setup=_older_intact_newer(_plain_damage(lambda r: _truncate(r / "heads.parquet"))),
+    ),
+    C(
+        "damaged-latest-only-damaged",
+        "damaged runs",
+        "report latest",
+        2,
+        r"no intact run.*re-run the analysis",
+        setup=damage(lambda r: _truncate(r / "heads.parquet")),
+    ),
+]
 
 
 SYMLINKS = [
-    C("symlink-run-dir-listed-damaged", "symlinks", "runs", 0, r"damaged", new=True, check=check_listed_damaged,
-      setup=_older_intact_newer(_symlinked_run)),
-    C("symlink-run-dir-report-refused", "symlinks", "report {newer} --out {out}", 2, r"(?i)symlink|link|outside", new=True,
-      setup=_older_intact_newer(_symlinked_run)),
-    C("symlink-run-dir-latest-skips", "symlinks", "report latest --out {out}", 0, r"report written", new=True,
-      leaves=(visible("out"),), check=check_latest_is_intact, setup=_older_intact_newer(_symlinked_run)),
-    C("symlink-table-listed-damaged", "symlinks", "runs", 0, r"damaged", new=True, check=check_listed_damaged,
-      setup=_older_intact_newer(_symlinked_table)),
-    C("symlink-table-report-refused", "symlinks", "report {newer} --out {out}", 2, r"(?i)symlink|link|outside", new=True,
-      setup=_older_intact_newer(_symlinked_table)),
-    C("symlink-table-latest-skips", "symlinks", "report latest --out {out}", 0, r"report written", new=True,
-      leaves=(visible("out"),), check=check_latest_is_intact, setup=_older_intact_newer(_symlinked_table)),
-    C("report-run-id-traversal", "symlinks", "report {run} --out {out}/a/b", 2, r"(?i)run.?id|invalid|name", new=True,
-      setup=damage(lambda r: _edit_manifest(r, lambda d: d.update(run_id="../../x/pwned"))), check=check_no_pwned),
-    C("report-run-id-traversal-default-out", "symlinks", "report {run}", 2, r"(?i)run.?id|invalid|name", new=True,
-      setup=damage(lambda r: _edit_manifest(r, lambda d: d.update(run_id="../../x/pwned"))), check=check_no_pwned),
-]  # fmt: skip
+    C(
+        "symlink-run-dir-listed-damaged",
+        "symlinks",
+        "runs",
+        0,
+        r"damaged",
+        new=True,
+        check=check_listed_damaged,
+        setup=_older_intact_newer(_symlinked_run),
+    ),
+    C(
+        "symlink-run-dir-report-refused",
+        "symlinks",
+        "report {newer} --out {out}",
+        2,
+        r"(?i)symlink|link|outside",
+        new=True,
+        setup=_older_intact_newer(_symlinked_run),
+    ),
+    C(
+        "symlink-run-dir-latest-skips",
+        "symlinks",
+        "report latest --out {out}",
+        0,
+        r"report written",
+        new=True,
+        leaves=(visible("out"),),
+        check=check_latest_is_intact,
+        setup=_older_intact_newer(_symlinked_run),
+    ),
+    C(
+        "symlink-table-listed-damaged",
+        "symlinks",
+        "runs",
+        0,
+        r"damaged",
+        new=True,
+        check=check_listed_damaged,
+        setup=_older_intact_newer(_symlinked_table),
+    ),
+    C(
+        "symlink-table-report-refused",
+        "symlinks",
+        "report {newer} --out {out}",
+        2,
+        r"(?i)symlink|link|outside",
+        new=True,
+        setup=_older_intact_newer(_symlinked_table),
+    ),
+    C(
+        "symlink-table-latest-skips",
+        "symlinks",
+        "report latest --out {out}",
+        0,
+        r"report written",
+        new=True,
+        leaves=(visible("out"),),
+        check=check_latest_is_intact,
+        setup=_older_intact_newer(_symlinked_table),
+    ),
+    C(
+        "report-run-id-traversal",
+        "symlinks",
+        "report {run} --out {out}/a/b",
+        2,
+        r"(?i)run.?id|invalid|name",
+        new=True,
+        setup=damage(lambda r: _edit_manifest(r, lambda d: d.update(run_id="../../x/pwned"))),
+        check=check_no_pwned,
+    ),
+    C(
+        "report-run-id-traversal-default-out",
+        "symlinks",
+        "report {run}",
+        2,
+        r"(?i)run.?id|invalid|name",
+        new=True,
+        setup=damage(lambda r: _edit_manifest(r, lambda d: d.update(run_id="../../x/pwned"))),
+        check=check_no_pwned,
+    ),
+]
 
 SAVING = [
-    C("save-heads-all-nan", "interrupted runs", TINY_RUN, 2, r"NaN", new=True, patches=(wrap_analysis("census", _all_nan),)),
-    C("save-table-not-parquet", "interrupted runs", TINY_RUN, 2, r"astype\(str\)", patches=(wrap_analysis("census", _mixed_column),)),
-    C("save-disk-full", "interrupted runs", TINY_RUN, 2, r"free space|another root",
-      patches=(fail_while_saving(lambda: OSError(errno.ENOSPC, "No space left on device")),)),
-    C("save-error-in-capture", "interrupted runs", TINY_RUN, 2, r"use mode='eager'", patches=(capture_error_in_layer_1,)),
-    C("save-ctrl-c", "interrupted runs", TINY_RUN, 130, r"(?i)nothing|no run|kept|saved", new=True, prefix=r"(error: )?interrupted",
-      patches=(fail_while_saving(KeyboardInterrupt),)),
-    C("ctrl-c-process", "interrupted runs", "run census --model tiny-llama --set n_natural=400 --set seq_len=48", 130,
-      r"(?i)nothing|no run|kept|saved", new=True, process=True, interrupt_after="census:", prefix=r"(error: )?interrupted"),
-    C("root-is-a-file", "interrupted runs", f"{TINY_RUN} --root {{outside}}/file.txt", 2, r"--root|HEADLAB_RUNS", new=True,
-      setup=_file_at("outside/file.txt"), patches=(no_model_load,)),
-    C("root-under-a-file", "interrupted runs", f"{TINY_RUN} --root {{outside}}/file.txt/runs", 2, r"--root|HEADLAB_RUNS", new=True,
-      setup=_file_at("outside/file.txt"), patches=(no_model_load,)),
-]  # fmt: skip
+    C(
+        "save-heads-all-nan",
+        "interrupted runs",
+        TINY_RUN,
+        2,
+        r"NaN",
+        new=True,
+        patches=(wrap_analysis("census", _all_nan),),
+    ),
+    C(
+        "save-table-not-parquet",
+        "interrupted runs",
+        TINY_RUN,
+        2,
+        r"astype\(str\)",
+        patches=(wrap_analysis("census", _mixed_column),),
+    ),
+    C(
+        "save-disk-full",
+        "interrupted runs",
+        TINY_RUN,
+        2,
+        r"free space|another root",
+        patches=(fail_while_saving(lambda: OSError(errno.ENOSPC, "No space left on device")),),
+    ),
+    C(
+        "save-error-in-capture",
+        "interrupted runs",
+        TINY_RUN,
+        2,
+        r"use mode='eager'",
+        patches=(capture_error_in_layer_1,),
+    ),
+    C(
+        "save-ctrl-c",
+        "interrupted runs",
+        TINY_RUN,
+        130,
+        r"(?i)nothing|no run|kept|saved",
+        new=True,
+        prefix=r"(error: )?interrupted",
+        patches=(fail_while_saving(KeyboardInterrupt),),
+    ),
+    C(
+        "ctrl-c-process",
+        "interrupted runs",
+        "run census --model tiny-llama --set n_natural=400 --set seq_len=48",
+        130,
+        r"(?i)nothing|no run|kept|saved",
+        new=True,
+        process=True,
+        interrupt_after="census:",
+        prefix=r"(error: )?interrupted",
+    ),
+    C(
+        "root-is-a-file",
+        "interrupted runs",
+        f"{TINY_RUN} --root {{outside}}/file.txt",
+        2,
+        r"--root|HEADLAB_RUNS",
+        new=True,
+        setup=_file_at("outside/file.txt"),
+        patches=(no_model_load,),
+    ),
+    C(
+        "root-under-a-file",
+        "interrupted runs",
+        f"{TINY_RUN} --root {{outside}}/file.txt/runs",
+        2,
+        r"--root|HEADLAB_RUNS",
+        new=True,
+        setup=_file_at("outside/file.txt"),
+        patches=(no_model_load,),
+    ),
+]
 
 MODELS = [
-    C("checkpoint-safetensors-truncated", "damaged models", f"run census --model {{ckpt}} {SMALL}", 2, r"model\.safetensors", new=True,
-      setup=_checkpoint(lambda d: _truncate(d / "model.safetensors"))),
-    C("checkpoint-safetensors-random", "damaged models", f"run census --model {{ckpt}} {SMALL}", 2, r"model\.safetensors", new=True,
-      setup=_checkpoint(lambda d: _random_bytes(d / "model.safetensors"))),
-    C("checkpoint-safetensors-bad-header", "damaged models", f"run census --model {{ckpt}} {SMALL}", 2, r"model\.safetensors", new=True,
-      setup=_checkpoint(lambda d: _bad_header(d / "model.safetensors"))),
-    C("checkpoint-no-tokenizer", "damaged models", f"run census --model {{ckpt}} {SMALL}", 2, r"(?i)tokenizer", new=True,
-      setup=_checkpoint(_no_tokenizer)),
-    C("gguf-truncated", "damaged models", f"run census --model {{gguf}} {SMALL}", 2, r"(?i)gguf", new=True, leaves=(CACHE_SKELETON,),
-      setup=_gguf(lambda s: s.gguf_head)),
-    C("gguf-random-bytes", "damaged models", f"run census --model {{gguf}} {SMALL}", 2, r"(?i)gguf", new=True, leaves=(CACHE_SKELETON,),
-      setup=_gguf(lambda s: os.urandom(1 << 16))),
-    C("gguf-empty", "damaged models", f"run census --model {{gguf}} {SMALL}", 2, r"(?i)gguf", new=True, leaves=(CACHE_SKELETON,),
-      setup=_gguf(lambda s: b"")),
-    C("cache-model-damaged", "damaged models", f"run census --model fault-llama {SMALL}", 2, r"headlab fetch fault-llama --force", new=True,
-      setup=_converted_catalogue_model("fault-llama", lambda d: _flip_middle(d / "model.safetensors")),
-      patches=(catalogue_entry("fault-llama"),)),
-    C("cache-unwritable-fetch", "damaged models", "fetch smollm2-135m --no-install", 2, r"HEADLAB_CACHE", new=True,
-      setup=_unwritable_cache),
-    C("cache-unwritable-gguf", "damaged models", f"run census --model {{gguf}} {SMALL}", 2, r"HEADLAB_CACHE", new=True,
-      setup=both(_unwritable_cache, _gguf(lambda s: s.gguf_head))),
-    C("report-out-unwritable", "damaged models", "report {run} --out {outside}/file.txt/r.html", 2, r"--out", new=True,
-      setup=both(_file_at("outside/file.txt"), lambda ws: ws.put_run())),
-]  # fmt: skip
+    C(
+        "checkpoint-safetensors-truncated",
+        "damaged models",
+        f"run census --model {{ckpt}} {SMALL}",
+        2,
+        r"model\.safetensors",
+        new=True,
+        setup=_checkpoint(lambda d: _truncate(d / "model.safetensors")),
+    ),
+    C(
+        "checkpoint-safetensors-random",
+        "damaged models",
+        f"run census --model {{ckpt}} {SMALL}",
+        2,
+        r"model\.safetensors",
+        new=True,
+        setup=_checkpoint(lambda d: _random_bytes(d / "model.safetensors")),
+    ),
+    C(
+        "checkpoint-safetensors-bad-header",
+        "damaged models",
+        f"run census --model {{ckpt}} {SMALL}",
+        2,
+        r"model\.safetensors",
+        new=True,
+        setup=_checkpoint(lambda d: _bad_header(d / "model.safetensors")),
+    ),
+    C(
+        "checkpoint-no-tokenizer",
+        "damaged models",
+        f"run census --model {{ckpt}} {SMALL}",
+        2,
+        r"(?i)tokenizer",
+        new=True,
+        setup=_checkpoint(_no_tokenizer),
+    ),
+    C(
+        "gguf-truncated",
+        "damaged models",
+        f"run census --model {{gguf}} {SMALL}",
+        2,
+        r"(?i)gguf",
+        new=True,
+        leaves=(CACHE_SKELETON,),
+        setup=_gguf(lambda s: s.gguf_head),
+    ),
+    C(
+        "gguf-random-bytes",
+        "damaged models",
+        f"run census --model {{gguf}} {SMALL}",
+        2,
+        r"(?i)gguf",
+        new=True,
+        leaves=(CACHE_SKELETON,),
+        setup=_gguf(lambda s: os.urandom(1 << 16)),
+    ),
+    C(
+        "gguf-empty",
+        "damaged models",
+        f"run census --model {{gguf}} {SMALL}",
+        2,
+        r"(?i)gguf",
+        new=True,
+        leaves=(CACHE_SKELETON,),
+        setup=_gguf(lambda s: b""),
+    ),
+    C(
+        "cache-model-damaged",
+        "damaged models",
+        f"run census --model fault-llama {SMALL}",
+        2,
+        r"headlab fetch fault-llama --force",
+        new=True,
+        setup=_converted_catalogue_model("fault-llama", lambda d: _flip_middle(d / "model.safetensors")),
+        patches=(catalogue_entry("fault-llama"),),
+    ),
+    C(
+        "cache-unwritable-fetch",
+        "damaged models",
+        "fetch smollm2-135m --no-install",
+        2,
+        r"HEADLAB_CACHE",
+        new=True,
+        setup=_unwritable_cache,
+    ),
+    C(
+        "cache-unwritable-gguf",
+        "damaged models",
+        f"run census --model {{gguf}} {SMALL}",
+        2,
+        r"HEADLAB_CACHE",
+        new=True,
+        setup=both(_unwritable_cache, _gguf(lambda s: s.gguf_head)),
+    ),
+    C(
+        "report-out-unwritable",
+        "damaged models",
+        "report {run} --out {outside}/file.txt/r.html",
+        2,
+        r"--out",
+        new=True,
+        setup=both(_file_at("outside/file.txt"), lambda ws: ws.put_run()),
+    ),
+]
 
 
 def _temporaries(parent: str, dead: str, live: str) -> Callable[[Workspace], None]:
@@ -916,9 +1346,13 @@ def _killed_mid_save(ws: Workspace) -> None:
 
             pd.DataFrame.to_parquet = write_then_hang  # type: ignore[method-assign]
             runstore.write_run(
-                ws.runs, analysis=run.analysis, model_info=run.manifest.model, config=run.manifest.config,
-                tables=tables, arrays=arrays,
-            )  # fmt: skip
+                ws.runs,
+                analysis=run.analysis,
+                model_info=run.manifest.model,
+                config=run.manifest.config,
+                tables=tables,
+                arrays=arrays,
+            )
         finally:
             os._exit(1)
     found: list[Path] = []
@@ -958,15 +1392,39 @@ def hold_live_lock(ws: Workspace, notes: list[str]) -> Iterator[None]:
 
 
 STALE = [
-    C("stale-run-tmp-listed-and-cleaned", "stale temporaries", "runs", 0, None, new=True,
-      setup=_temporaries("runs", ".{run}.tmp", ".29991231-235959-census-tiny-llama-beef.tmp"),
-      patches=(hold_live_lock,), check=check_stale_removed),
-    C("killed-mid-save-then-runs", "stale temporaries", "runs", 0, r"\(no runs\)", new=True, setup=_killed_mid_save,
-      check=check_stale_removed),
-    C("stale-cache-tmp-listed-and-cleaned", "stale temporaries", "models", 0, None, new=True,
-      setup=_temporaries("cache/models", ".smollm2-135m.tmp-dead0001", ".gemma3-270m.tmp-live0001"),
-      patches=(hold_live_lock,), check=check_stale_removed),
-]  # fmt: skip
+    C(
+        "stale-run-tmp-listed-and-cleaned",
+        "stale temporaries",
+        "runs",
+        0,
+        None,
+        new=True,
+        setup=_temporaries("runs", ".{run}.tmp", ".29991231-235959-census-tiny-llama-beef.tmp"),
+        patches=(hold_live_lock,),
+        check=check_stale_removed,
+    ),
+    C(
+        "killed-mid-save-then-runs",
+        "stale temporaries",
+        "runs",
+        0,
+        r"\(no runs\)",
+        new=True,
+        setup=_killed_mid_save,
+        check=check_stale_removed,
+    ),
+    C(
+        "stale-cache-tmp-listed-and-cleaned",
+        "stale temporaries",
+        "models",
+        0,
+        None,
+        new=True,
+        setup=_temporaries("cache/models", ".smollm2-135m.tmp-dead0001", ".gemma3-270m.tmp-live0001"),
+        patches=(hold_live_lock,),
+        check=check_stale_removed,
+    ),
+]
 
 CLI_CASES: list[Case] = [*BAD_SETS, *INPUTS, *RUN_REFERENCES, *DAMAGED, *SYMLINKS, *SAVING, *MODELS, *STALE]
 
@@ -1095,8 +1553,10 @@ def _interventions() -> dict[str, Callable[[Any, Any], contextlib.AbstractContex
         "uniform_attention": lambda m, other: iv.uniform_attention(m, [(0, 0), (1, 1)]),
         "patch_activation": patch_resid,
         "freeze_heads": lambda m, other: iv.freeze_heads(m, [(0, 2), (1, 0)], iv.cache_z(m, other)),
-        "compose": lambda m, other: iv.compose(iv.scale_heads(m, {(1, 1): 0.5}), iv.uniform_attention(m, [(2, 0)])),
-    }  # fmt: skip
+        "compose": lambda m, other: iv.compose(
+            iv.scale_heads(m, {(1, 1): 0.5}), iv.uniform_attention(m, [(2, 0)])
+        ),
+    }
 
 
 def hooks_after_error(model_name: str, kind: str) -> Callable[[Workspace], list[str]]:
@@ -1199,9 +1659,12 @@ def reference_continuation(
     reference, tokenizer = TINY_BUILDERS[model_name].build(0, ())
     batch = model.encode([prompt])
     out = reference.generate(
-        batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=new_tokens, do_sample=False,
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     return str(tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True))
 
 
@@ -1215,9 +1678,12 @@ def generation(model_name: str) -> Callable[[Workspace], list[str]]:
         report = sanity_check(model)
         batch = model.encode([report.prompt])
         native = model.native_model.generate(
-            batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False,
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=8,
+            do_sample=False,
             pad_token_id=model.tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
         expected = model.tokenizer.decode(native[0, batch.input_ids.shape[1] :], skip_special_tokens=True)
         problems = []
         if report.continuation != expected:
@@ -1345,18 +1811,25 @@ INTERVENTION_KINDS = (
 )
 
 API_CASES: list[ApiCase] = [
-    *(ApiCase(f"hooks-{m}-{k}", "hooks after exceptions", hooks_after_error(m, k))
-      for m, kinds in (("tiny-llama", (*INTERVENTION_KINDS, "capture-eager", "capture-recompute", "hook-fn-raises")),
-                       ("tiny-gpt2", ("scale_heads", "compose", "capture-recompute", "hook-fn-raises")))
-      for k in kinds),
-    *(ApiCase(f"padding-{m}-{mode}", "padding", padding(m, mode))
-      for m in ("tiny-llama", "tiny-gpt2") for mode in ("eager", "recompute")),
+    *(
+        ApiCase(f"hooks-{m}-{k}", "hooks after exceptions", hooks_after_error(m, k))
+        for m, kinds in (
+            ("tiny-llama", (*INTERVENTION_KINDS, "capture-eager", "capture-recompute", "hook-fn-raises")),
+            ("tiny-gpt2", ("scale_heads", "compose", "capture-recompute", "hook-fn-raises")),
+        )
+        for k in kinds
+    ),
+    *(
+        ApiCase(f"padding-{m}-{mode}", "padding", padding(m, mode))
+        for m in ("tiny-llama", "tiny-gpt2")
+        for mode in ("eager", "recompute")
+    ),
     ApiCase("generation-tiny-llama", "generation", generation("tiny-llama"), new=True),
     ApiCase("generation-tiny-gpt2", "generation", generation("tiny-gpt2"), new=True),
     ApiCase("dashboard-host-header", "dashboard", dashboard_host_header, new=True),
     ApiCase("dashboard-security-headers", "dashboard", dashboard_security_headers, new=True),
     ApiCase("dashboard-long-run-name", "dashboard", dashboard_long_run_name, new=True),
-]  # fmt: skip
+]
 
 
 def run_api_case(case: ApiCase, base: Path, shared: Shared) -> tuple[Outcome, list[str]]:
@@ -1437,8 +1910,18 @@ def _main(argv: Sequence[str]) -> int:
                 problems = [f"the case could not run: {type(err).__name__}: {err}"]
             shutil.rmtree(base, ignore_errors=True)
             verdict = "PASS" if not problems else "FAIL"
-            rows.append({"id": case.id, "family": case.family, "new": case.new, "exit": code, "verdict": verdict,
-                         "stderr": shown, "problems": problems, "seconds": round(outcome.seconds, 2)})  # fmt: skip
+            rows.append(
+                {
+                    "id": case.id,
+                    "family": case.family,
+                    "new": case.new,
+                    "exit": code,
+                    "verdict": verdict,
+                    "stderr": shown,
+                    "problems": problems,
+                    "seconds": round(outcome.seconds, 2),
+                }
+            )
             print(f"{verdict}  {case.id:<44} exit {code:>3}  {shown[:150]}")
             for problem in problems:
                 print(f"      - {problem[:200]}")

@@ -401,27 +401,89 @@ class PageCase:
 
 _CIRCUIT_GRAPHS = ("circuits-metrics", "circuits-faithfulness", "circuits-graph", "circuits-heatmaps")
 CASES = (
-    PageCase("census", "/census", "census", ("census-heatmap", "census-pattern"),
-             "census-metric", "radio", "census-heatmap"),
-    PageCase("sinks", "/sinks", "sinks", ("sinks-bars", "sinks-positions", "sinks-heatmap", "sinks-example-figure"),
-             "sinks-input", "radio", "sinks-heatmap"),
-    PageCase("act", "/act", "act", ("act-accuracy", "act-delta", "act-grid", "act-search", "act-margins"),
-             "act-task", "dropdown", "act-grid"),
-    PageCase("retrieval", "/retrieval", "retrieval",
-             ("retrieval-grid", "retrieval-histogram", "retrieval-top", "retrieval-masking", "retrieval-test-grid"),
-             "retrieval-test", "dropdown", "retrieval-test-grid"),
-    PageCase("circuits-ioi", "/circuits", "ioi", _CIRCUIT_GRAPHS, "circuits-stage", "radio", "circuits-heatmaps"),
-    PageCase("circuits-colored-objects", "/circuits", "colored-objects", _CIRCUIT_GRAPHS,
-             "circuits-stage", "radio", "circuits-heatmaps"),
-    PageCase("circuits-reuse", "/circuits", "circuit-reuse",
-             (*_CIRCUIT_GRAPHS, "circuits-overlap", "circuits-intervention"),
-             "circuits-iv-metric", "radio", "circuits-intervention"),
-    PageCase("vit", "/vit", "vit-heads", ("vit-importance", "vit-agreement", "vit-trend", "vit-distance"),
-             "vit-head", "dropdown", "vit-distance"),
+    PageCase(
+        "census",
+        "/census",
+        "census",
+        ("census-heatmap", "census-pattern"),
+        "census-metric",
+        "radio",
+        "census-heatmap",
+    ),
+    PageCase(
+        "sinks",
+        "/sinks",
+        "sinks",
+        ("sinks-bars", "sinks-positions", "sinks-heatmap", "sinks-example-figure"),
+        "sinks-input",
+        "radio",
+        "sinks-heatmap",
+    ),
+    PageCase(
+        "act",
+        "/act",
+        "act",
+        ("act-accuracy", "act-delta", "act-grid", "act-search", "act-margins"),
+        "act-task",
+        "dropdown",
+        "act-grid",
+    ),
+    PageCase(
+        "retrieval",
+        "/retrieval",
+        "retrieval",
+        (
+            "retrieval-grid",
+            "retrieval-histogram",
+            "retrieval-top",
+            "retrieval-masking",
+            "retrieval-test-grid",
+        ),
+        "retrieval-test",
+        "dropdown",
+        "retrieval-test-grid",
+    ),
+    PageCase(
+        "circuits-ioi", "/circuits", "ioi", _CIRCUIT_GRAPHS, "circuits-stage", "radio", "circuits-heatmaps"
+    ),
+    PageCase(
+        "circuits-colored-objects",
+        "/circuits",
+        "colored-objects",
+        _CIRCUIT_GRAPHS,
+        "circuits-stage",
+        "radio",
+        "circuits-heatmaps",
+    ),
+    PageCase(
+        "circuits-reuse",
+        "/circuits",
+        "circuit-reuse",
+        (*_CIRCUIT_GRAPHS, "circuits-overlap", "circuits-intervention"),
+        "circuits-iv-metric",
+        "radio",
+        "circuits-intervention",
+    ),
+    PageCase(
+        "vit",
+        "/vit",
+        "vit-heads",
+        ("vit-importance", "vit-agreement", "vit-trend", "vit-distance"),
+        "vit-head",
+        "dropdown",
+        "vit-distance",
+    ),
     PageCase("vhd", "/vhd", "vhd", ("vhd-heads", "vhd-caption"), "vhd-metric", "dropdown", "vhd-heads"),
-    PageCase("vhr", "/vhd", "vhr", ("vhd-heads", "vhd-caption", "vhd-benchmarks", "vhd-deltas"),
-             "vhd-scene", "dropdown", "vhd-caption"),
-)  # fmt: skip
+    PageCase(
+        "vhr",
+        "/vhd",
+        "vhr",
+        ("vhd-heads", "vhd-caption", "vhd-benchmarks", "vhd-deltas"),
+        "vhd-scene",
+        "dropdown",
+        "vhd-caption",
+    ),
+)
 
 
 def _settled(driver: Any, served: Served, what: str) -> dict[str, Any]:
@@ -462,7 +524,11 @@ def _assert_clean(driver: Any, served: Served, state: dict[str, Any], what: str)
         f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage() for r in served.log.records
     ]
     assert failed == [], f"{what}: the dashboard logged failures: {failed}"
-    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]  # fmt: skip
+    severe = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if e["level"] == "SEVERE" and "favicon" not in e["message"]
+    ]
     assert severe == [], f"{what}: browser console errors: {severe}"
 
 

@@ -33,10 +33,22 @@ def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_run_census_then_runs_then_report(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     proc = headlab(
-        "run", "census", "--model", "tiny-llama", "--root", str(root),
-        "--set", "n_natural=3", "--set", "seq_len=24", "--set", "n_repeated=2", "--set", "repeat_len=6",
+        "run",
+        "census",
+        "--model",
+        "tiny-llama",
+        "--root",
+        str(root),
+        "--set",
+        "n_natural=3",
+        "--set",
+        "seq_len=24",
+        "--set",
+        "n_repeated=2",
+        "--set",
+        "repeat_len=6",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     assert "census of tiny-llama: 12 heads" in proc.stdout
     runs = [p for p in root.iterdir() if not p.name.startswith(".")]
@@ -215,9 +227,23 @@ def test_a_model_with_non_finite_attention_is_not_saved(
     monkeypatch.setattr(probe, "load_model", broken)
     root = tmp_path / "runs"
     code, _, err = main(
-        monkeypatch, capsys, "run", "census", "--model", "tiny-llama", "--root", str(root),
-        "--set", "n_natural=3", "--set", "seq_len=24", "--set", "n_repeated=2", "--set", "repeat_len=6",
-    )  # fmt: skip
+        monkeypatch,
+        capsys,
+        "run",
+        "census",
+        "--model",
+        "tiny-llama",
+        "--root",
+        str(root),
+        "--set",
+        "n_natural=3",
+        "--set",
+        "seq_len=24",
+        "--set",
+        "n_repeated=2",
+        "--set",
+        "repeat_len=6",
+    )
     assert code == 2 and err.count("\n") == 1
     assert "refusing to save the census run of tiny-llama" in err and "for 8 of 12 heads" in err
     assert "'entropy' 8" in err and "`headlab fetch tiny-llama --force`" in err

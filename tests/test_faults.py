@@ -51,9 +51,19 @@ def test_the_table_names_each_case_once_and_covers_every_family() -> None:
     assert len(set(fc.ALL_IDS)) == len(fc.ALL_IDS)
     families = {c.family for c in [*fc.CLI_CASES, *fc.API_CASES]}
     assert {
-        "bad --set", "bad input", "run references", "damaged runs", "symlinks", "interrupted runs",
-        "damaged models", "stale temporaries", "hooks after exceptions", "padding", "generation", "dashboard",
-    } <= families  # fmt: skip
+        "bad --set",
+        "bad input",
+        "run references",
+        "damaged runs",
+        "symlinks",
+        "interrupted runs",
+        "damaged models",
+        "stale temporaries",
+        "hooks after exceptions",
+        "padding",
+        "generation",
+        "dashboard",
+    } <= families
 
 
 def test_the_judge_sees_progress_bars_as_no_message() -> None:

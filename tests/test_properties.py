@@ -245,8 +245,11 @@ def test_left_padding_changes_no_sink_and_no_act_edit(p: Padded, eps: float, fir
         alone = reduce(lambda: SinkReducer(eps), A[None], one)[:, None]
         assert close(sink_share(alone, eps), share[b : b + 1, :n])
         assert torch.equal(out[b, :, :off], p.batch[b, :, :off]) and (out[b, :, off:, :off] == 0).all()
-        assert close(act.calibrate_pattern(A[None], one, alpha_threshold=eps, first_sink=first_sink)[0],
-                     out[b, :, off:, off:], tol=1e-6)  # fmt: skip
+        assert close(
+            act.calibrate_pattern(A[None], one, alpha_threshold=eps, first_sink=first_sink)[0],
+            out[b, :, off:, off:],
+            tol=1e-6,
+        )
         if ((alone - eps).abs() > TOL).all():  # no alpha on the threshold, where rounding may decide
             assert torch.equal(sink_indicator(alone, eps), sink_indicator(alpha[b : b + 1, ..., :n], eps))
             f1, h1 = act.detect_sinks(act.column_importance(A[None], one), one, alpha_threshold=eps)
@@ -262,9 +265,13 @@ def test_recompute_from_queries_and_keys_equals_the_explicit_softmax(qk: QK) -> 
     pattern = explicit_pattern(qk)
     eager = pattern_moments(pattern.float(), pad_offsets=qk.offsets, diag_offsets=DIAGONALS)
     recomputed = attention_moments(
-        qk.query, qk.key, pad_offsets=qk.offsets, sliding_window=qk.window, diag_offsets=DIAGONALS,
+        qk.query,
+        qk.key,
+        pad_offsets=qk.offsets,
+        sliding_window=qk.window,
+        diag_offsets=DIAGONALS,
         block=qk.block,
-    )  # fmt: skip
+    )
     for field in ("entropy", "mean_key", "colsum"):
         assert close(getattr(recomputed, field), getattr(eager, field)), field
     for o in DIAGONALS:
@@ -395,9 +402,12 @@ def test_act_moves_the_hidden_sinks_mass_to_the_other_keys_in_proportion(
 
 @PROPERTY
 @given(
-    padded_batch(), st.sampled_from(act.THRESHOLDS), st.floats(0.02, 0.9), st.floats(0.5, 6.0),
+    padded_batch(),
+    st.sampled_from(act.THRESHOLDS),
+    st.floats(0.02, 0.9),
+    st.floats(0.5, 6.0),
     st.floats(0.0, 0.5),
-)  # fmt: skip
+)
 def test_sink_detection_splits_the_keys_above_the_threshold(
     p: Padded, threshold: Any, alpha_threshold: float, ratio_a: float, raise_by: float
 ) -> None:
@@ -421,9 +431,12 @@ def test_sink_detection_splits_the_keys_above_the_threshold(
     assert (~hidden | (pos > first_pos[..., None])).all()  # every hidden sink comes after the first
     assert not (above & torch.isnan(alpha)).any()
     f2, h2 = act.detect_sinks(
-        alpha, p.lengths, threshold=threshold, alpha_threshold=min(alpha_threshold + raise_by, 0.99),
+        alpha,
+        p.lengths,
+        threshold=threshold,
+        alpha_threshold=min(alpha_threshold + raise_by, 0.99),
         ratio_a=ratio_a * (1 + raise_by),
-    )  # fmt: skip
+    )
     assert not ((f2 | h2) & ~above).any()
 
 
