@@ -21,6 +21,7 @@ from analyses.census import CensusConfig, run_census
 from analyses.circuits import CircuitConfig
 from analyses.sinks import SinksConfig, run_sinks
 from tests import test_act_dashboard, test_circuits_dashboard, test_retrieval_dashboard
+from tests.conftest import fixed_revision
 
 CENSUS = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 SINKS = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidden_min_queries=4, eps=0.1)
@@ -89,7 +90,7 @@ def build(root: Path) -> DemoRuns:
     colored-objects, circuit-reuse, vit-heads, vhr, vhd) saved under ``root``."""
     paths: dict[str, Path] = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         llama = probe.load_model("tiny-llama", device="cpu")
         paths["census"] = run_census(llama, CENSUS, progress=False).save(root)
         paths["sinks"] = run_sinks(llama, SINKS, progress=False).save(root)

@@ -123,10 +123,15 @@ def render_route(app: Any, pathname: str, search: str = "") -> str:
 FIXED_REVISION = "0" * 40
 
 
+def fixed_revision(source_dir: object = None) -> str:
+    """Stands in for :func:`analyses.runstore.code_revision`: :data:`FIXED_REVISION`, without git."""
+    return FIXED_REVISION
+
+
 @contextmanager
 def fixed_code_revision() -> Iterator[None]:
     """Runs saved inside record :data:`FIXED_REVISION` as their code revision instead of asking git
     (usable in module-scoped fixtures, where the ``monkeypatch`` fixture is not)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: FIXED_REVISION)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         yield

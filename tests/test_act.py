@@ -33,6 +33,7 @@ from analyses.tasks import choice
 from probe.errors import ConfigError
 from probe.hooks import attn_hook, hooks
 from probe.loading import LoadedModel
+from tests.conftest import fixed_revision
 
 # ------------------------------------------------------------------------------ hand-built patterns
 
@@ -487,7 +488,7 @@ def test_run_act_on_a_tiny_model(
         and tokens["share_of_heads"].between(0, 1).all()
     )
     assert "ACT on tiny-llama" in act.summary(result)
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     run = runstore.open_run(result.save(tmp_path))
     assert run.analysis == "act" and set(result.tables) <= set(run.table_names)
     pd.testing.assert_frame_equal(run.table("filter"), filt, check_dtype=False)

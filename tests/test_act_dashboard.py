@@ -23,7 +23,7 @@ from dashboard.catalog import RunCatalog
 from dashboard.core import figures
 from dashboard.core.page import Site
 from dashboard.registry import section_builder
-from tests.conftest import post_callback, to_json
+from tests.conftest import fixed_revision, post_callback, to_json
 
 N_LAYERS, N_HEADS, GROUP = 6, 4, 2
 LAYER_START, LAYER_END = 2, 5  # layers 2, 3, 4 searched
@@ -194,7 +194,7 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("act-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         per_task = make_result(FakeActConfig()).save(root)
         pooled_result = make_result(FakeActConfig(tasks=("sentiment", "topic"), filter="pooled"), seed=1)
         for name in ("items", "sink_tokens"):

@@ -24,7 +24,7 @@ from dashboard.census import report as census_section
 from dashboard.census import views
 from dashboard.census.page import CensusPage
 from dashboard.core.page import Site
-from tests.conftest import post_callback, to_json
+from tests.conftest import fixed_revision, post_callback, to_json
 
 SMALL = CensusConfig(n_natural=4, n_repeated=3, seq_len=32, repeat_len=8, n_examples=2)
 
@@ -43,7 +43,7 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("census-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-llama", device="cpu")
         result = run_census(model, SMALL, progress=False)
         full = result.save(root)

@@ -36,7 +36,7 @@ from dashboard.circuits.page import CircuitsPage
 from dashboard.core.home import HomePage
 from dashboard.core.page import Site
 from dashboard.registry import section_builder
-from tests.conftest import decode_array, post_callback, render_route, to_json
+from tests.conftest import decode_array, fixed_revision, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
 RICH = CircuitConfig(
@@ -59,7 +59,7 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("circuit-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-gpt2", device="cpu", tiny_words=WORDS)
         result = circuits.run_circuit_reuse(model, RICH)
         reuse = result.save(root)

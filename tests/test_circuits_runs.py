@@ -20,7 +20,7 @@ from analyses.circuits import CircuitConfig, Runner
 from probe import interventions as iv
 from probe.hooks import attn_hook
 from probe.loading import LoadedModel
-from tests.conftest import real_model
+from tests.conftest import fixed_revision, real_model
 from tests.test_circuits import bridge_logit_diff, every_head, wordy
 
 # --------------------------------------------------------------------------- 1. end to end (tiny)
@@ -209,7 +209,7 @@ def test_run_ioi_end_to_end_with_screened_senders(
     faith = result.tables["faithfulness"].set_index("circuit")
     assert faith.loc["empty", "logit_diff"] == pytest.approx(float(torch.cat(lds).double().mean()), abs=1e-5)
     assert "ioi on tiny-gpt2" in circuits.summary(result)
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     run = runstore.open_run(result.save(tmp_path))
     assert run.analysis == "ioi" and set(run.table_names) == set(result.tables)
     for name, table in result.tables.items():
@@ -271,7 +271,7 @@ def test_run_colored_objects_and_circuit_reuse_end_to_end(
     text = circuits.summary(reuse)
     assert "reuse:" in text and "intervention on Colored Objects" in text
 
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     for result in (single, reuse):
         run = runstore.open_run(result.save(tmp_path))
         assert run.analysis == result.analysis and set(run.table_names) == set(result.tables)

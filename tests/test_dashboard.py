@@ -28,7 +28,7 @@ from dashboard.sinks.page import SinksPage
 from dashboard.vhd.page import VhdPage
 from dashboard.vit_heads.page import VitPage
 from probe.errors import ConfigError, RunStoreError
-from tests.conftest import post_callback, render_route, to_json
+from tests.conftest import fixed_revision, post_callback, render_route, to_json
 
 SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 
@@ -38,7 +38,7 @@ def census_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A runs root holding two census runs of the tiny llama (different seeds)."""
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-llama", device="cpu")
         run_census(model, SMALL, progress=False).save(root)
         run_census(model, CensusConfig(**{**SMALL.__dict__, "seed": 1}), progress=False).save(root)

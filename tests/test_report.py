@@ -24,6 +24,7 @@ from dashboard.core.page import Site
 from dashboard.report import write_report
 from probe.errors import HeadlabError, RunStoreError
 from probe.loading import LoadedModel
+from tests.conftest import fixed_revision
 
 SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 
@@ -32,7 +33,7 @@ SMALL = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_exam
 def census_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One census run of the tiny llama, shared by the module (runs are immutable)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-llama", device="cpu")
         path = run_census(model, SMALL, progress=False).save(tmp_path_factory.mktemp("runs"))
     yield path

@@ -27,7 +27,7 @@ from analyses.sinks.tables import eligible
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 from probe.reducers import BatchInfo, ColumnImportance, PatternReducer
-from tests.conftest import real_model
+from tests.conftest import fixed_revision, real_model
 
 # ------------------------------------------------------------------------------ hand-built patterns
 
@@ -320,7 +320,7 @@ def test_run_sinks_on_a_tiny_model_writes_every_table(
     assert result.model_info["bos"]["prepend"] is True
     assert "Sink_1" in sinks.summary(result)
     # the run store keeps every table and array
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     run = runstore.open_run(result.save(tmp_path))
     assert run.analysis == "sinks" and set(result.tables) <= set(run.table_names)
     pd.testing.assert_frame_equal(run.table("summary"), summary)

@@ -24,7 +24,7 @@ from dashboard.sinks import report as sinks_section
 from dashboard.sinks import views
 from dashboard.sinks.page import SinksPage
 from probe.tiny import BOS
-from tests.conftest import decode_array, post_callback, to_json
+from tests.conftest import decode_array, fixed_revision, post_callback, to_json
 
 FULL = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidden_min_queries=4, eps=0.1)
 NATURAL_ONLY = SinksConfig(seq_len=16, n_sequences=2, inputs=("natural",), n_examples=0, norms=False)
@@ -35,7 +35,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A runs root with a full sinks run and a natural-text-only run without examples or norms."""
     root = tmp_path_factory.mktemp("sink-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-llama", device="cpu")
         run_sinks(model, NATURAL_ONLY, progress=False).save(root)
         run_sinks(model, FULL, progress=False).save(root)
@@ -232,7 +232,7 @@ def test_a_run_whose_config_kept_examples_but_has_none_is_called_incomplete(
 ) -> None:
     """Not "run with n_examples=0": the config says what was asked for, so a missing examples table
     means the run is damaged or incomplete, and the fix is a re-run."""
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     model = probe.load_model("tiny-llama", device="cpu")
     cfg = dataclasses.replace(NATURAL_ONLY, n_examples=2)
     result = run_sinks(model, cfg, progress=False)

@@ -33,7 +33,7 @@ from dashboard.registry import pages, section_builder
 from dashboard.vhd import figures, views
 from dashboard.vhd import report as vhd_section
 from dashboard.vhd.page import VhdPage
-from tests.conftest import decode_array, post_callback, render_route, to_json
+from tests.conftest import decode_array, fixed_revision, post_callback, render_route, to_json
 
 N_SCENES = 4
 N_DISPLAY = 2  # fewer than the scenes: the later scenes' images are not stored
@@ -90,7 +90,7 @@ def _mark(result: AnalysisResult) -> tuple[AnalysisResult, int, int, int]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("vhd-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-llava", device="cpu")
         cfg = vh.VhdConfig(
             n_scenes=N_SCENES,
@@ -430,7 +430,7 @@ def test_page_callbacks(runs: Runs) -> None:
 def test_a_run_without_the_vhd_tables_is_refused_saying_how_to_get_them(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     partial = runstore.write_run(
         tmp_path,
         analysis="vhr",
@@ -496,7 +496,7 @@ def test_callbacks_wire_through_a_bare_dash_app(runs: Runs) -> None:
 def test_report_sections_render_the_figures(
     runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     assert section_builder("vhd") is vhd_section.report_sections
     assert section_builder("vhr") is vhd_section.report_sections
     run = _run(runs, runs.marked)
@@ -649,7 +649,7 @@ def test_recall_and_length_are_drawn_beside_chair_and_a_collapse_is_flagged(
     plain = figures.benchmark_figure(calm)
     assert "⚠" not in json.dumps(plain.to_plotly_json(), cls=PlotlyJSONEncoder)
     # the page's warning box and the report's
-    monkeypatch.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+    monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     path = edited.save(tmp_path)
     page = _page(tmp_path)
     box = to_json(page.warnings(path.name))

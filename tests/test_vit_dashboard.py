@@ -28,7 +28,7 @@ from dashboard.registry import section_builder
 from dashboard.vit_heads import report as vit_section
 from dashboard.vit_heads import views
 from dashboard.vit_heads.page import VitPage
-from tests.conftest import decode_array, post_callback, render_route, to_json
+from tests.conftest import decode_array, fixed_revision, post_callback, render_route, to_json
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("vit-runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-clip-vision", device="cpu")
         result = vit_heads.run_vit_heads(model, vit_heads.VitHeadsConfig(preset="small", progress=False))
         path = result.save(root)
@@ -208,7 +208,7 @@ def old_root(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
         arrays={k: v for k, v in result.arrays.items() if not k.startswith("display")},
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runstore, "code_revision", lambda source_dir=None: "0" * 40)
+        mp.setattr(runstore, "code_revision", fixed_revision)
         path = old.save(root)
     return root, path.name
 
