@@ -351,6 +351,9 @@ def train_scene_llava_cmd(
         init=resume,
         command=" ".join(["headlab", *sys.argv[1:]]),
     )
+    from dashboard.training import write_loss_figure
+
+    record["files"]["figure"] = str(write_loss_figure(record["files"]["record"]))
     t = record["timings"]
     typer.echo(
         f"trained {record['steps_done']} steps{' (stopped at the time limit)' if record['stopped_early'] else ''}: "

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.io
 import pytest
 import torch
 
 import probe
 from analyses.tasks import scene_captions as scc
+from dashboard.training import write_loss_figure
 from probe import assemblies, vlm, vlm_train, zoo
 from probe.errors import ConfigError, HeadlabError, UnknownModelError
 from probe.loading import LoadedModel
@@ -111,8 +113,11 @@ def test_image_tokens_are_expanded_and_replaced_by_projected_features() -> None:
     pixels = model.preprocess(images(2))
     assert pixels.shape == (2, 3, 32, 32)
     with torch.no_grad():
-        native = model.native_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,  # type: ignore[misc]
-                                    pixel_values=pixels).logits  # fmt: skip
+        native = model.native_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,  # type: ignore[misc]
+            pixel_values=pixels,
+        ).logits
         bridged = model.bridge(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)  # type: ignore[misc]
         features = vlm.image_features(model, pixels)
         projected = vlm.projector_module(model).forward(features)
@@ -131,9 +136,10 @@ def test_head_outputs_from_torch_hooks_equal_the_bridges_hook_z() -> None:
     seen: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         model.bridge.run_with_hooks(  # type: ignore[union-attr]
-            batch.input_ids, pixel_values=pixels,
+            batch.input_ids,
+            pixel_values=pixels,
             fwd_hooks=[("blocks.2.attn.hook_z", lambda z, hook: seen.update(z=z.detach().clone()))],
-        )  # fmt: skip
+        )
         with vlm.capture_head_outputs(model, layers=[2]) as cap:
             model.native_model(input_ids=batch.input_ids, pixel_values=pixels)  # type: ignore[misc]
     cap.check_fired()
@@ -171,10 +177,24 @@ def test_batched_generation_and_yes_no_answers_match_one_at_a_time() -> None:
 
 def _train(model: LoadedModel, steps: int, **kwargs: object) -> vlm_train.TrainResult:
     scenes = scc.train_scenes(DATA)
-    config = vlm_train.TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, log_every=2,
-                                   eval_every=0, feature_batch_size=8, **kwargs)  # type: ignore[arg-type]  # fmt: skip
-    return vlm_train.train(model, scc.RenderedScenes(scenes), scc.training_examples(scenes, DATA), config,
-                           feature_key=DATA.fingerprint("train", DATA.n_train), progress=False)  # fmt: skip
+    config = vlm_train.TrainConfig(
+        steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=2,
+        eval_every=0,
+        feature_batch_size=8,
+        **kwargs,
+    )  # type: ignore[arg-type]
+    return vlm_train.train(
+        model,
+        scc.RenderedScenes(scenes),
+        scc.training_examples(scenes, DATA),
+        config,
+        feature_key=DATA.fingerprint("train", DATA.n_train),
+        progress=False,
+    )
 
 
 def test_training_lowers_the_loss_and_leaves_the_frozen_parts_untouched() -> None:
@@ -194,8 +214,13 @@ def test_training_lowers_the_loss_and_leaves_the_frozen_parts_untouched() -> Non
     assert result.timings["features_per_image_s"] > 0 and result.sizes["n_images"] == DATA.n_train
     # the features were cached: a second extraction reads them back
     timings: dict[str, float] = {}
-    again = vlm_train.extract_features(model, scc.RenderedScenes(scc.train_scenes(DATA)), progress=False,
-                                       cache_key=DATA.fingerprint("train", DATA.n_train), timings=timings)  # fmt: skip
+    again = vlm_train.extract_features(
+        model,
+        scc.RenderedScenes(scc.train_scenes(DATA)),
+        progress=False,
+        cache_key=DATA.fingerprint("train", DATA.n_train),
+        timings=timings,
+    )
     assert (
         timings.get("features_cached") == 1.0 and again.dtype == torch.float16 and again.shape == (12, 16, 32)
     )
@@ -219,7 +244,10 @@ def test_lora_changes_only_the_adapted_projections_and_round_trips_through_a_fil
     assert (
         record["command"] == "test" and record["steps_done"] == 4 and record["train_config"]["lora_rank"] == 2
     )
-    assert len(record["loss_curve"]) == 2 and paths["figure"].is_file()
+    assert len(record["loss_curve"]) == 2 and set(paths) == {"weights", "record"}  # figures: dashboard
+    figure = plotly.io.read_json(write_loss_figure(paths["record"]))
+    assert [trace.name for trace in figure.data] == ["training loss"]
+    assert list(figure.data[0].y) == [p["loss"] for p in record["loss_curve"]]
     file = vlm.read_projector(paths["weights"])
     assert set(file.lora) == {f"{i}.{t}.{p}" for i in range(3) for t in ("q_proj", "v_proj") for p in "AB"}
     assert file.meta["lora_rank"] == 2 and file.lora_scale == 8.0
@@ -259,11 +287,31 @@ def test_cli_trains_the_tiny_llava_end_to_end(tmp_path: Path) -> None:
     from headlab.cli import app
 
     out = tmp_path / "tiny_projector.safetensors"
-    common = ["train", "scene-llava", "--base", "tiny-llava", "--device", "cpu",
-              "--set", "batch_size=4", "--set", "lr=0.01", "--set", "warmup_steps=1", "--set", "log_every=2",
-              "--data", "n_train=8", "--data", "image_size=64", "--data", "examples_per_scene=1"]  # fmt: skip
-    result = CliRunner().invoke(app, [*common, "--out", str(out), "--eval", "1", "--set", "steps=6",
-                                      "--set", "eval_every=3"])  # fmt: skip
+    common = [
+        "train",
+        "scene-llava",
+        "--base",
+        "tiny-llava",
+        "--device",
+        "cpu",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "lr=0.01",
+        "--set",
+        "warmup_steps=1",
+        "--set",
+        "log_every=2",
+        "--data",
+        "n_train=8",
+        "--data",
+        "image_size=64",
+        "--data",
+        "examples_per_scene=1",
+    ]
+    result = CliRunner().invoke(
+        app, [*common, "--out", str(out), "--eval", "1", "--set", "steps=6", "--set", "eval_every=3"]
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "trained 6 steps" in result.output and "conflict:" in result.output
     record = json.loads(out.with_suffix(".json").read_text())
@@ -275,8 +323,22 @@ def test_cli_trains_the_tiny_llava_end_to_end(tmp_path: Path) -> None:
         "F1",
         "yes_ratio",
     }
-    resumed = CliRunner().invoke(app, [*common, "--eval", "0", "--set", "steps=2", "--set", "seed=1",
-                                       "--resume", str(out), "--out", str(tmp_path / "resumed.safetensors")])  # fmt: skip
+    resumed = CliRunner().invoke(
+        app,
+        [
+            *common,
+            "--eval",
+            "0",
+            "--set",
+            "steps=2",
+            "--set",
+            "seed=1",
+            "--resume",
+            str(out),
+            "--out",
+            str(tmp_path / "resumed.safetensors"),
+        ],
+    )
     assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
     again = json.loads((tmp_path / "resumed.json").read_text())
     assert again["init"]["path"] == str(out) and again["init"]["training"]["steps_done"] == 6
@@ -373,8 +435,14 @@ def test_example_weighting_averages_each_answer_before_the_batch() -> None:
     with torch.no_grad():
         by_example = float(parts.loss(batch, feats[batch["images"]], "example"))
         by_token = float(parts.loss(batch, feats[batch["images"]], "token"))
-        singles = [float(parts.loss(vlm_train._batch(tokens, [r], pad, model.device),
-                                    feats[[tokens.images[r]]], "token")) for r in rows]  # fmt: skip
+        singles = [
+            float(
+                parts.loss(
+                    vlm_train._batch(tokens, [r], pad, model.device), feats[[tokens.images[r]]], "token"
+                )
+            )
+            for r in rows
+        ]
     assert by_example == pytest.approx(float(np.mean(singles)), rel=1e-4)
     assert abs(by_example - by_token) > 1e-4
     with pytest.raises(ConfigError, match="loss_weighting"):

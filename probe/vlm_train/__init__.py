@@ -17,7 +17,7 @@ from __future__ import annotations
 from probe.vlm_train.config import IGNORE, LORA_TARGETS, ImageSet, TrainConfig, TrainExample, TrainResult
 from probe.vlm_train.features import extract_features
 from probe.vlm_train.loop import train
-from probe.vlm_train.outputs import loss_figure, save
+from probe.vlm_train.outputs import save
 from probe.vlm_train.parts import _Parts
 from probe.vlm_train.tokens import _batch, _tokenize
 
@@ -32,7 +32,6 @@ __all__ = [
     "_batch",
     "_tokenize",
     "extract_features",
-    "loss_figure",
     "save",
     "train",
 ]

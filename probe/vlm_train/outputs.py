@@ -1,4 +1,5 @@
-"""Writing a training's outputs: the projector file, its JSON record and the loss figure."""
+"""Writing a training's outputs: the projector file and its JSON record (the loss curves are in it;
+``dashboard.training`` draws them)."""
 
 from __future__ import annotations
 
@@ -18,38 +19,6 @@ from probe.vlm_train.config import TrainResult
 from probe.vlm_train.loop import _lora_meta
 
 
-def loss_figure(result: TrainResult, title: str = "projector training") -> Any:
-    """A plotly figure of the training loss (and the held-out loss) against the step."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[p["step"] for p in result.curve],
-            y=[p["loss"] for p in result.curve],
-            mode="lines",
-            name="training loss",
-        )
-    )
-    if result.eval_curve:
-        fig.add_trace(
-            go.Scatter(
-                x=[p["step"] for p in result.eval_curve],
-                y=[p["eval_loss"] for p in result.eval_curve],
-                mode="lines+markers",
-                name="held-out loss",
-            )
-        )
-    fig.update_layout(
-        title=title,
-        xaxis_title="step",
-        yaxis_title="cross-entropy (nats; see loss_weighting)",
-        yaxis_type="log",
-        template="plotly_white",
-    )
-    return fig
-
-
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -63,12 +32,11 @@ def _versions() -> dict[str, str]:
 def save(
     result: TrainResult, path: str | Path, model: LoadedModel, *, meta: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write the projector file, its JSON record and the loss figure; returns their paths.
+    """Write the projector file and its JSON record; returns their paths.
 
     ``path`` (``.safetensors``) holds the weights (< 10 MB, checked); ``<stem>.json`` the training
     config, seed, steps, losses and the curve, timings, sizes, versions and the caller's ``meta``
-    (data statistics, command, evaluation); ``<stem>.loss.plotly.json`` the figure
-    (``plotly.io.read_json``).
+    (data statistics, command, evaluation), and the loss curves that ``dashboard.training`` draws.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -95,11 +63,5 @@ def save(
     record["projector_sha256"] = cache.sha256_file(weights)
     record["projector_bytes"] = weights.stat().st_size
     paths = {"weights": weights, "record": path.with_suffix(".json")}
-    try:  # a plotting dependency must never cost a trained projector
-        figure = path.with_name(f"{path.stem}.loss.plotly.json")
-        loss_figure(result, f"{model.name}: projector training").write_json(str(figure))
-        paths["figure"] = figure
-    except ImportError as err:
-        record["figure_error"] = f"loss figure not written ({err}); the curve is in loss_curve"
     paths["record"].write_text(json.dumps(record, indent=2, default=str))
     return paths
