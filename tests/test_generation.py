@@ -70,9 +70,13 @@ def test_language_handles_equal_transformers_generate(
     assert model.bridge is not None
     one = model.encode(PROMPTS[:1])  # the longest prompt: no padding
     bridge_out = model.bridge.generate(
-        one.input_ids, max_new_tokens=NEW, do_sample=False, verbose=False, use_past_kv_cache=use_cache,
+        one.input_ids,
+        max_new_tokens=NEW,
+        do_sample=False,
+        verbose=False,
+        use_past_kv_cache=use_cache,
         stop_at_eos=False,
-    )  # fmt: skip
+    )
     for name, out in handles.items():
         assert torch.equal(out, ref), f"{name} (use_cache={use_cache}) differs from transformers' generate"
     # The bridge's own loop does not stop at EOS; up to the reference's length it must agree.

@@ -69,9 +69,13 @@ def test_estimate_grows_with_batch_and_counts_the_reducers(tiny_llama: LoadedMod
     assert bare.reducers == 0 and four.reducers >= alpha
     # on the CPU, the results kept over all sequences (and kept patterns) are counted too
     kept = estimate_capture(
-        tiny_llama, batch_size=4, seq_len=256, mode="eager", n_sequences=1000,
+        tiny_llama,
+        batch_size=4,
+        seq_len=256,
+        mode="eager",
+        n_sequences=1000,
         reducers=[ColumnImportance(), KeepPatterns(n_samples=2)],
-    )  # fmt: skip
+    )
     L, H = tiny_llama.n_layers, tiny_llama.n_heads
     assert kept.reducers >= 1000 * L * H * 256 * 4 + 2 * L * H * 256 * 256 * 2
 

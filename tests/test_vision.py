@@ -143,9 +143,14 @@ def test_local_vit_and_clip_checkpoints_load(tmp_path: Path) -> None:
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
     deit_cfg = DeiTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=3,
-    )  # fmt: skip
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     deit = DeiTForImageClassificationWithTeacher(deit_cfg).eval()
     deit.save_pretrained(tmp_path / "deit")

@@ -214,8 +214,25 @@ def test_a_damaged_cache_stops_headlab_run_with_one_line_and_saves_nothing(
     _flip_middle(directory / "model.safetensors")
     runs = tmp_path / "runs"
     monkeypatch.setenv("HEADLAB_RUNS", str(runs))
-    argv = ["headlab", "run", "census", "--model", spec.name, "--device", "cpu", "--set", "n_natural=2",
-            "--set", "seq_len=16", "--set", "n_repeated=2", "--set", "repeat_len=4", "--set", "n_examples=1"]  # fmt: skip
+    argv = [
+        "headlab",
+        "run",
+        "census",
+        "--model",
+        spec.name,
+        "--device",
+        "cpu",
+        "--set",
+        "n_natural=2",
+        "--set",
+        "seq_len=16",
+        "--set",
+        "n_repeated=2",
+        "--set",
+        "repeat_len=4",
+        "--set",
+        "n_examples=1",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_:
         cli.main()
