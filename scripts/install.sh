@@ -51,6 +51,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$CONSTRAINTS" !=
     || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing headlab[$EXTRAS] (versions: $CONSTRAINTS)"
   "${PIP[@]}" install "${pins[@]}" -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -c "import probe, analyses, dashboard" || { echo "error: headlab did not install" >&2; exit 2; }
+  "$VENV/bin/python" -c "import probe, analyses, dashboard, headlab" || { echo "error: headlab did not install" >&2; exit 2; }
   echo "$want" > "$stamp"
 fi
