@@ -53,9 +53,6 @@ def table(source: Source, name: str) -> pd.DataFrame:
     return common.table(source, name, kind="ACT")
 
 
-table_names = common.table_names
-
-
 def is_act(source: Source) -> bool:
     """Whether the source has the ACT tables this module draws."""
     return common.has_tables(source, REQUIRED_TABLES)
@@ -525,7 +522,7 @@ OUTCOMES = {
 
 def items_table(source: Source, task: str | None = None) -> pd.DataFrame:
     """Held-out items (of ``task``, or all) with an ``outcome``: fixed, broken, right, wrong."""
-    if "items" not in table_names(source):
+    if "items" not in source.table_names:
         raise KeyError("this run kept no per-item table")
     chosen = _check_task(source, task)
     rows = table(source, "items")
@@ -588,7 +585,7 @@ def margin_figure(source: Source, task: str | None = None) -> go.Figure:
 
 def top_sink_tokens(source: Source, k: int = 20) -> pd.DataFrame:
     """The ``k`` tokens most often found as hidden sinks (then by the share of heads they sink on)."""
-    if "sink_tokens" not in table_names(source):
+    if "sink_tokens" not in source.table_names:
         return pd.DataFrame(columns=["token", "count", "share_of_heads"])
     rows = table(source, "sink_tokens")
     ordered = rows.sort_values(["count", "share_of_heads"], ascending=[False, False])
@@ -663,7 +660,7 @@ def _pct(value: float, low: float, high: float, *, signed: bool = False) -> str:
 def task_rows(source: Source) -> pd.DataFrame:
     """The tasks table as display strings, with the columns of :data:`TASK_COLUMNS`."""
     tasks = tasks_table(source)
-    searched_scopes = set(scopes(source)) if "filter" in table_names(source) else None
+    searched_scopes = set(scopes(source)) if "filter" in source.table_names else None
     out = pd.DataFrame(
         {
             "task": tasks["task"].astype(str),

@@ -5,7 +5,6 @@ alike (so a notebook can draw a result before saving it)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,13 +25,9 @@ def table(source: Source, name: str, *, kind: str) -> pd.DataFrame:
     return source.table(name)
 
 
-def table_names(source: Source) -> list[str]:
-    return source.table_names
-
-
 def has_tables(source: Source, names: frozenset[str]) -> bool:
     """Whether the source has every table in ``names``."""
-    return names.issubset(table_names(source))
+    return names.issubset(source.table_names)
 
 
 def array(source: Source, name: str, *, kind: str) -> np.ndarray:
@@ -47,14 +42,6 @@ def array(source: Source, name: str, *, kind: str) -> np.ndarray:
 
 def has_array(source: Source, name: str) -> bool:
     return name in source.array_names
-
-
-def model_name(source: Source) -> str:
-    return source.model_name
-
-
-def notes(source: Source) -> dict[str, Any]:
-    return dict(source.notes)
 
 
 def num(value: object, spec: str) -> str:

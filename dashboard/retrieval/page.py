@@ -177,7 +177,7 @@ class RetrievalPage(AnalysisPage):
         )
 
     def settings_text(self, run_id: str | None) -> str:
-        return self._text(run_id, lambda run: f"{views.model_name(run)}: {views.settings_line(run)}")
+        return self._text(run_id, lambda run: f"{run.model_name}: {views.settings_line(run)}")
 
     def grid_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, views.score_grid, f"{run_id}/grid")

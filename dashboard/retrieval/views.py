@@ -44,17 +44,13 @@ def table(source: Source, name: str) -> pd.DataFrame:
     return common.table(source, name, kind="retrieval")
 
 
-table_names = common.table_names
-model_name = common.model_name
-
-
 def is_retrieval(source: Source) -> bool:
     """Whether the source has the retrieval tables this module draws."""
     return common.has_tables(source, REQUIRED_TABLES)
 
 
 def has_masking(source: Source) -> bool:
-    return "masking" in table_names(source)
+    return "masking" in source.table_names
 
 
 def threshold(source: Source) -> float:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from analyses.vhd import BASELINE, VhdConfig
 from dashboard.core import common
-from dashboard.core.common import Source, table_names
+from dashboard.core.common import Source
 from dashboard.core.common import table as _table
 
 ANALYSES: tuple[str, ...] = ("vhd", "vhr")
@@ -73,8 +73,6 @@ def array(source: Source, name: str) -> np.ndarray:
 
 
 has_array = common.has_array
-model_name = common.model_name
-notes = common.notes
 
 
 def is_vhd(source: Source) -> bool:
@@ -87,7 +85,7 @@ def analysis(source: Source) -> str:
 
 
 def _optional(source: Source, name: str) -> pd.DataFrame:
-    return table(source, name) if name in table_names(source) else pd.DataFrame()
+    return table(source, name) if name in source.table_names else pd.DataFrame()
 
 
 def num(value: object, spec: str = ".3f") -> str:
@@ -144,7 +142,7 @@ def settings_line(source: Source) -> str:
     cfg: VhdConfig = source.config
     scenes = table(source, "scenes")
     parts = [
-        f"{analysis(source)} run of {model_name(source)}",
+        f"{analysis(source)} run of {source.model_name}",
         f"{len(scenes)} scenes",
         f"{cfg.split} split",
         f"pixel noise {cfg.noise}",
@@ -537,11 +535,11 @@ def _delta_phrase(row: pd.Series | None, metric: str) -> str:
 
 def _run_line(source: Source, n_scenes: int) -> list[str]:
     """How well teacher forcing reproduced the captions (the pass VHD is read on)."""
-    agree = notes(source).get("teacher_forced_agreement")
+    agree = source.notes.get("teacher_forced_agreement")
     if agree is None:
         return []
     return [
-        f"{analysis(source)} on {model_name(source)}, {n_scenes} scenes: teacher forcing reproduces "
+        f"{analysis(source)} on {source.model_name}, {n_scenes} scenes: teacher forcing reproduces "
         f"{100 * float(agree):.1f}% of the generated caption tokens (VHD is read on that pass)."
     ]
 

@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 from analyses import vit_heads
 from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS, VitHeadsConfig
 from dashboard.core import common, figures
-from dashboard.core.common import Source, table_names
+from dashboard.core.common import Source
 from dashboard.core.common import table as _table
 
 ANALYSIS = "vit-heads"
@@ -356,7 +356,7 @@ def offset_map_figure(source: Source, layer: int, head: int) -> go.Figure:
 
 
 def has_clusters(source: Source) -> bool:
-    return has_array(source, "cluster_prototypes") and "cluster_info" in table_names(source)
+    return has_array(source, "cluster_prototypes") and "cluster_info" in source.table_names
 
 
 def cluster_gallery(source: Source, per_row: int = 4) -> go.Figure:
@@ -598,7 +598,7 @@ def findings(source: Source) -> list[str]:
     h = heads(source)
     lines = []
     pruned = h[h["pruned"].astype(bool)]
-    if "probes" in table_names(source):
+    if "probes" in source.table_names:
         probes = table(source, "probes")
         ok = probes[probes["status"] == "ok"] if "status" in probes else probes
         if len(ok):
@@ -647,7 +647,7 @@ def findings(source: Source) -> list[str]:
             f"{int(first['layer'])} to {float(last['mean']):.2f} in layer {int(last['layer'])}; the spread "
             f"over heads in the first layer is {float(first['min']):.2f}–{float(first['max']):.2f}."
         )
-    if "cluster_info" in table_names(source):
+    if "cluster_info" in source.table_names:
         info = table(source, "cluster_info")
         if len(info):
             big = info.loc[info["map_share"].idxmax()]
