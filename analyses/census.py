@@ -14,7 +14,7 @@ See docs/analyses/census.md.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -173,7 +173,7 @@ def run_census(
     return AnalysisResult(
         analysis="census",
         model_info=model.describe(),
-        config=asdict(cfg),
+        config=replace(cfg),
         tables=tables,
         arrays=arrays,
         seeds={"natural": cfg.seed, "repeated": cfg.seed},

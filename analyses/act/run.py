@@ -4,7 +4,7 @@ the held-out evaluation before and after, and the tables."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -378,7 +378,7 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
     return AnalysisResult(
         analysis="act",
         model_info=model.describe(),
-        config=asdict(cfg),
+        config=replace(cfg),
         tables=tables,
         seeds={"seed": cfg.seed, "bootstrap": cfg.seed},
         timings=timings,

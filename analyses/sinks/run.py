@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -228,7 +228,7 @@ def run_sinks(
     return AnalysisResult(
         analysis="sinks",
         model_info=model.describe(),
-        config=asdict(cfg),
+        config=replace(cfg),
         tables=tables,
         arrays=out.arrays,
         seeds=out.seeds,
