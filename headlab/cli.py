@@ -228,25 +228,28 @@ for _entry in registry.ANALYSES.values():
         _make_run_command(_entry, _alias, hidden=True)
 
 
+def _demo_text(entry: Analysis) -> str:
+    """The demo settings of ``entry`` as ``key=value`` pairs, "defaults", or why it is not run."""
+    if entry.demo is None:
+        return f"(not run: {entry.opt_outs.get('demo')})"
+    return ", ".join(f"{k}={v}" for k, v in entry.demo.items()) or "defaults"
+
+
 @app.command()
 def analyses() -> None:
     """List the registered analyses: default model, aliases, dashboard page, report, docs, demo settings."""
-    rows: list[dict[str, object]] = []
-    for entry in registry.ANALYSES.values():
-        rows.append(
-            {
-                "name": entry.name,
-                "default model": entry.default_model,
-                "aliases": ", ".join(entry.aliases),
-                "page": entry.page or f"(none: {entry.opt_outs.get('page')})",
-                "report": entry.report or f"(none: {entry.opt_outs.get('report')})",
-                "docs": entry.docs or f"(none: {entry.opt_outs.get('docs')})",
-                "demo": "defaults"
-                if entry.demo == {}
-                else ", ".join(f"{k}={v}" for k, v in (entry.demo or {}).items())
-                or f"(not run: {entry.opt_outs.get('demo')})",
-            }
-        )
+    rows: list[dict[str, object]] = [
+        {
+            "name": entry.name,
+            "default model": entry.default_model,
+            "aliases": ", ".join(entry.aliases),
+            **{
+                p: getattr(entry, p) or f"(none: {entry.opt_outs.get(p)})" for p in ("page", "report", "docs")
+            },
+            "demo": _demo_text(entry),
+        }
+        for entry in registry.ANALYSES.values()
+    ]
     typer.echo(_table(rows))
 
 
@@ -276,8 +279,7 @@ def demo(
             typer.echo(f"== {entry.name}: not in the demo ({entry.opt_outs.get('demo')})")
             continue
         target = model if entry.default_model == DEFAULT_MODEL else entry.default_model
-        settings = ", ".join(f"{k}={v}" for k, v in entry.demo.items()) or "default settings"
-        typer.echo(f"== {entry.name} on {target} ({settings}): {entry.help}")
+        typer.echo(f"== {entry.name} on {target} ({_demo_text(entry)}): {entry.help}")
         config = config_from_overrides(entry.config_cls, dict(entry.demo))
         path = _run_one(
             entry, config, target, device=device, dtype=dtype, bos="default", root=root, allow_hub=False

@@ -23,6 +23,10 @@ from dashboard import report as report_module
 from headlab import cli
 from probe import tempdirs
 
+_SETTINGS = ("n_natural=3", "seq_len=24", "n_repeated=2", "repeat_len=6")
+TINY_CENSUS = ("run", "census", "--model", "tiny-llama", *(a for s in _SETTINGS for a in ("--set", s)))
+"""A census run small enough for a test."""
+
 
 def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -33,20 +37,9 @@ def headlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_run_census_then_runs_then_report(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     proc = headlab(
-        "run",
-        "census",
-        "--model",
-        "tiny-llama",
+        *TINY_CENSUS,
         "--root",
         str(root),
-        "--set",
-        "n_natural=3",
-        "--set",
-        "seq_len=24",
-        "--set",
-        "n_repeated=2",
-        "--set",
-        "repeat_len=6",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -229,22 +222,26 @@ def test_a_model_with_non_finite_attention_is_not_saved(
     code, _, err = main(
         monkeypatch,
         capsys,
-        "run",
-        "census",
-        "--model",
-        "tiny-llama",
+        *TINY_CENSUS,
         "--root",
         str(root),
-        "--set",
-        "n_natural=3",
-        "--set",
-        "seq_len=24",
-        "--set",
-        "n_repeated=2",
-        "--set",
-        "repeat_len=6",
     )
     assert code == 2 and err.count("\n") == 1
     assert "refusing to save the census run of tiny-llama" in err and "for 8 of 12 heads" in err
     assert "'entropy' 8" in err and "`headlab fetch tiny-llama --force`" in err
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_analyses_lists_every_registration_with_its_pieces_or_reasons(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = main(monkeypatch, capsys, "analyses")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert list(rows) == list(ANALYSES)
+    for entry in ANALYSES.values():
+        assert entry.docs is not None and entry.docs in rows[entry.name]
+        if entry.demo is None:
+            assert f"(not run: {entry.opt_outs['demo']}" in rows[entry.name]
+        elif not entry.demo:
+            assert rows[entry.name].rstrip().endswith("defaults")
