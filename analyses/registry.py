@@ -91,7 +91,11 @@ def register(entry: Analysis) -> Analysis:
     """Add ``entry``; a name or alias that is already taken raises :class:`ValueError`."""
     for name in (entry.name, *entry.aliases):
         if name in _ENTRIES or name in _ALIASES:
-            raise ValueError(f"analysis name {name!r} is already registered")
+            taken = _ENTRIES.get(_ALIASES.get(name, name))
+            owner = f" (by {taken.run.__module__})" if taken is not None else ""
+            raise ValueError(
+                f"analysis name {name!r} is already registered{owner}; give {entry.name!r} another name or alias"
+            )
     _ENTRIES[entry.name] = entry
     _ALIASES.update(dict.fromkeys(entry.aliases, entry.name))
     ordered = sorted(_ENTRIES.values(), key=_builtin_rank)  # stable: registration order within a module
