@@ -1,0 +1,204 @@
+"""The held-out validation of head roles, shown one way everywhere: terminal lines, a figure of each
+role's effect against its null, a dashboard block and a report section (docs/validation.md)."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from dash import dcc
+from dash import html as dhtml
+from dash.development.base_component import Component
+
+from analyses.runstore import Run
+from dashboard.core import figures
+from dashboard.core.page import GRAPH_CONFIG
+from dashboard.core.section import ReportSection, figure_html, table_html
+
+PASS, FAIL = "#2a9d8f", "#d1495b"
+NULL_COLOUR = "rgba(120, 120, 120, 0.35)"
+
+
+def _g(value: object, spec: str = ".3g") -> str:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return "n/a" if math.isnan(number) else format(number, spec)
+
+
+def _label(row: pd.Series, context: Sequence[str]) -> str:
+    where = " ".join(str(row[c]) for c in context if c in row and str(row[c]))
+    heads = str(row["heads"])
+    if int(row["n_heads"]) > 4:
+        heads = " ".join(heads.split()[:4]) + f" … ({int(row['n_heads'])} heads)"
+    return f"{where + ' · ' if where else ''}{row['role']} [{heads}]"
+
+
+def context_columns(table: pd.DataFrame) -> list[str]:
+    """The leading columns an analysis put before the standard ones (``task``, ``scope`` …)."""
+    return [str(c) for c in table.columns[: list(table.columns).index("role")]] if "role" in table else []
+
+
+def verdict(row: pd.Series) -> str:
+    return "validated" if bool(row["validated"]) else "NOT validated"
+
+
+def summary_lines(table: pd.DataFrame, *, indent: str = "  ") -> list[str]:
+    """One terminal line per test: effect with interval, the null, percentile, p and the verdict."""
+    if table is None or not len(table):
+        return []
+    context = context_columns(table)
+    lines = [
+        f"{indent}held-out validation (effect [95% CI] vs {int(table['n_null'].max())} random same-size sets):"
+    ]
+    for _, row in table.iterrows():
+        lines.append(
+            f"{indent}  {_label(row, context)}: {row['measure']} {_g(row['effect'])} "
+            f"[{_g(row['effect_low'])}, {_g(row['effect_high'])}] vs null {_g(row['null_mean'])} ± "
+            f"{_g(row['null_std'])}; percentile {_g(row['percentile'], '.0f')}, p = {_g(row['p_value'], '.2g')}: "
+            f"{verdict(row)}"
+        )
+    return lines
+
+
+def validation_figure(table: pd.DataFrame, title: str = "Held-out validation of head roles") -> go.Figure:
+    """Per test, the null's 5–95% band (grey) with its mean, and the effect with its interval
+    (green when validated, red when not)."""
+    fig = go.Figure()
+    if table is None or not len(table):
+        return figures.message_figure("No role was tested on held-out inputs in this run.")
+    context = context_columns(table)
+    table = table.reset_index(drop=True)
+    labels = [_label(row, context) for _, row in table.iterrows()]
+    fig.add_trace(
+        go.Bar(
+            y=labels,
+            x=(table["null_high"] - table["null_low"]).tolist(),
+            base=table["null_low"].tolist(),
+            orientation="h",
+            marker_color=NULL_COLOUR,
+            name="null: 5–95% of random sets",
+            hovertemplate="null 5–95%%: %{base:.3g} to %{x:.3g} wide<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            y=labels,
+            x=table["null_mean"].tolist(),
+            mode="markers",
+            marker={"symbol": "line-ns-open", "size": 14, "color": "#555"},
+            name="null mean",
+        )
+    )
+    for ok, colour in ((True, PASS), (False, FAIL)):
+        part = table[table["validated"].astype(bool) == ok]
+        if not len(part):
+            continue
+        ys = [labels[i] for i in part.index]
+        fig.add_trace(
+            go.Scatter(
+                y=ys,
+                x=part["effect"].tolist(),
+                mode="markers",
+                marker={"size": 10, "color": colour},
+                error_x=figures.error_bars(
+                    part["effect"].to_numpy(float),
+                    part["effect_low"].to_numpy(float),
+                    part["effect_high"].to_numpy(float),
+                ),
+                name="validated" if ok else "not validated",
+                customdata=part[["percentile", "p_value", "measure"]].to_numpy(),
+                hovertemplate="effect %{x:.3g}<br>percentile %{customdata[0]:.0f}, p = %{customdata[1]:.2g}"
+                "<br>%{customdata[2]}<extra></extra>",
+            )
+        )
+    measures = sorted(set(map(str, table["measure"])))
+    fig.update_layout(
+        title=figures.titled(title, "; ".join(measures)),
+        height=160 + 34 * len(labels),
+        xaxis_title="effect on held-out inputs",
+        yaxis={"autorange": "reversed"},
+        barmode="overlay",
+        legend={"orientation": "h", "y": -0.2},
+        margin={"l": 20, "r": 20},
+    )
+    return fig
+
+
+def _rows(table: pd.DataFrame) -> list[list[str]]:
+    context = context_columns(table)
+    return [
+        [
+            *(str(row[c]) for c in context),
+            str(row["role"]),
+            str(row["heads"]),
+            str(row["measure"]),
+            f"{_g(row['effect'])} [{_g(row['effect_low'])}, {_g(row['effect_high'])}]",
+            f"{_g(row['null_mean'])} ± {_g(row['null_std'])} (n={int(row['n_null'])})",
+            _g(row["percentile"], ".0f"),
+            _g(row["p_value"], ".2g"),
+            verdict(row),
+            str(row["inputs"]),
+        ]
+        for _, row in table.iterrows()
+    ]
+
+
+def _header(table: pd.DataFrame) -> list[str]:
+    return [
+        *context_columns(table),
+        "role",
+        "heads",
+        "measure",
+        "effect (95%)",
+        "null",
+        "percentile",
+        "p",
+        "verdict",
+        "held-out inputs",
+    ]
+
+
+INTRO = (
+    "Each role was found on discovery inputs and tested on held-out inputs it was not found on. The "
+    "effect of intervening on its heads is compared with the same intervention on random head sets "
+    "of the same size drawn from outside the role. A role is validated when the effect goes the "
+    "predicted way, its 95% interval excludes zero and p ≤ 0.05."
+)
+
+
+def validation_block(table: pd.DataFrame, graph_id: str = "validation-graph") -> Component:
+    """The dashboard's block: the figure and the table."""
+    if table is None or not len(table):
+        return dhtml.P("No role was tested on held-out inputs in this run.")
+    return dhtml.Div(
+        [
+            dhtml.P(INTRO),
+            dcc.Graph(id=graph_id, figure=validation_figure(table), config=GRAPH_CONFIG),
+            dhtml.Table(
+                [
+                    dhtml.Thead(dhtml.Tr([dhtml.Th(h) for h in _header(table)])),
+                    dhtml.Tbody([dhtml.Tr([dhtml.Td(c) for c in row]) for row in _rows(table)]),
+                ],
+                className="data",
+            ),
+        ],
+        className="validation",
+    )
+
+
+def validation_sections(run: Run, table_name: str = "validation") -> list[ReportSection]:
+    """The report section of a run's validation table (none when the run has no such table)."""
+    if table_name not in run.table_names:
+        return []
+    table = run.table(table_name)
+    body = (
+        f"<p>{html.escape(INTRO)}</p>"
+        + figure_html(validation_figure(table), f"{table_name}-figure", wide=True)
+        + table_html(_header(table), _rows(table))
+    )
+    return [ReportSection(table_name, "Held-out validation of head roles", body)]
