@@ -302,3 +302,49 @@ def significant(
     else:
         raise ValueError(f"correction={correction!r}: choose bh, bonferroni or none")
     return passed & finite, p
+
+
+# ------------------------------------------------------------------------------- terminal lines
+
+
+def number(value: object, spec: str = ".3g") -> str:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return "n/a" if math.isnan(number) else format(number, spec)
+
+
+def label(row: pd.Series, context: Sequence[str]) -> str:
+    where = " ".join(str(row[c]) for c in context if c in row and str(row[c]))
+    heads = str(row["heads"])
+    if int(row["n_heads"]) > 4:
+        heads = " ".join(heads.split()[:4]) + f" … ({int(row['n_heads'])} heads)"
+    return f"{where + ' · ' if where else ''}{row['role']} [{heads}]"
+
+
+def context_columns(table: pd.DataFrame) -> list[str]:
+    """The leading columns an analysis put before the standard ones (``task``, ``scope`` …)."""
+    return [str(c) for c in table.columns[: list(table.columns).index("role")]] if "role" in table else []
+
+
+def verdict(row: pd.Series) -> str:
+    return "validated" if bool(row["validated"]) else "NOT validated"
+
+
+def summary_lines(table: pd.DataFrame, *, indent: str = "  ") -> list[str]:
+    """One terminal line per test: effect with interval, the null, percentile, p and the verdict."""
+    if table is None or not len(table):
+        return []
+    context = context_columns(table)
+    lines = [
+        f"{indent}held-out validation (effect [95% CI] vs {int(table['n_null'].max())} random same-size sets):"
+    ]
+    for _, row in table.iterrows():
+        lines.append(
+            f"{indent}  {label(row, context)}: {row['measure']} {number(row['effect'])} "
+            f"[{number(row['effect_low'])}, {number(row['effect_high'])}] vs null {number(row['null_mean'])} ± "
+            f"{number(row['null_std'])}; percentile {number(row['percentile'], '.0f')}, p = {number(row['p_value'], '.2g')}: "
+            f"{verdict(row)}"
+        )
+    return lines

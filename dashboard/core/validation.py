@@ -4,8 +4,6 @@ role's effect against its null, a dashboard block and a report section (docs/val
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -14,55 +12,15 @@ from dash import html as dhtml
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
+from analyses.validation import context_columns, label, number, summary_lines, verdict
+
+__all__ = ["summary_lines", "validation_block", "validation_figure", "validation_sections"]
 from dashboard.core import figures
 from dashboard.core.page import GRAPH_CONFIG
 from dashboard.core.section import ReportSection, figure_html, table_html
 
 PASS, FAIL = "#2a9d8f", "#d1495b"
 NULL_COLOUR = "rgba(120, 120, 120, 0.35)"
-
-
-def _g(value: object, spec: str = ".3g") -> str:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(value)
-    return "n/a" if math.isnan(number) else format(number, spec)
-
-
-def _label(row: pd.Series, context: Sequence[str]) -> str:
-    where = " ".join(str(row[c]) for c in context if c in row and str(row[c]))
-    heads = str(row["heads"])
-    if int(row["n_heads"]) > 4:
-        heads = " ".join(heads.split()[:4]) + f" … ({int(row['n_heads'])} heads)"
-    return f"{where + ' · ' if where else ''}{row['role']} [{heads}]"
-
-
-def context_columns(table: pd.DataFrame) -> list[str]:
-    """The leading columns an analysis put before the standard ones (``task``, ``scope`` …)."""
-    return [str(c) for c in table.columns[: list(table.columns).index("role")]] if "role" in table else []
-
-
-def verdict(row: pd.Series) -> str:
-    return "validated" if bool(row["validated"]) else "NOT validated"
-
-
-def summary_lines(table: pd.DataFrame, *, indent: str = "  ") -> list[str]:
-    """One terminal line per test: effect with interval, the null, percentile, p and the verdict."""
-    if table is None or not len(table):
-        return []
-    context = context_columns(table)
-    lines = [
-        f"{indent}held-out validation (effect [95% CI] vs {int(table['n_null'].max())} random same-size sets):"
-    ]
-    for _, row in table.iterrows():
-        lines.append(
-            f"{indent}  {_label(row, context)}: {row['measure']} {_g(row['effect'])} "
-            f"[{_g(row['effect_low'])}, {_g(row['effect_high'])}] vs null {_g(row['null_mean'])} ± "
-            f"{_g(row['null_std'])}; percentile {_g(row['percentile'], '.0f')}, p = {_g(row['p_value'], '.2g')}: "
-            f"{verdict(row)}"
-        )
-    return lines
 
 
 def validation_figure(table: pd.DataFrame, title: str = "Held-out validation of head roles") -> go.Figure:
@@ -73,7 +31,7 @@ def validation_figure(table: pd.DataFrame, title: str = "Held-out validation of 
         return figures.message_figure("No role was tested on held-out inputs in this run.")
     context = context_columns(table)
     table = table.reset_index(drop=True)
-    labels = [_label(row, context) for _, row in table.iterrows()]
+    labels = [label(row, context) for _, row in table.iterrows()]
     fig.add_trace(
         go.Bar(
             y=labels,
@@ -137,10 +95,10 @@ def _rows(table: pd.DataFrame) -> list[list[str]]:
             str(row["role"]),
             str(row["heads"]),
             str(row["measure"]),
-            f"{_g(row['effect'])} [{_g(row['effect_low'])}, {_g(row['effect_high'])}]",
-            f"{_g(row['null_mean'])} ± {_g(row['null_std'])} (n={int(row['n_null'])})",
-            _g(row["percentile"], ".0f"),
-            _g(row["p_value"], ".2g"),
+            f"{number(row['effect'])} [{number(row['effect_low'])}, {number(row['effect_high'])}]",
+            f"{number(row['null_mean'])} ± {number(row['null_std'])} (n={int(row['n_null'])})",
+            number(row["percentile"], ".0f"),
+            number(row["p_value"], ".2g"),
             verdict(row),
             str(row["inputs"]),
         ]
