@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses import act, runstore
+from analyses import act, runstore, validation
 from analyses.act import (
+    MEASURES,
     ActConfig,
     Calibration,
     ChoiceScorer,
@@ -23,6 +24,9 @@ from analyses.act import (
     calibrate_pattern,
     column_importance,
     detect_sinks,
+    heldout,
+    keep_heads,
+    margins,
     paired_difference,
     run_act,
     search_heads,
@@ -330,6 +334,119 @@ def test_batched_head_search_equals_one_head_per_forward(tiny_llama: LoadedModel
     assert max(np.abs(batched[j] - base).max() for j in range(len(heads))) > 1e-3
 
 
+# ------------------------------------------------------------------------------ keep rules, validation
+
+# Per calibration item (rows), the margin change of calibrating each head alone (columns): A rises
+# clearly, B is noise around zero, C falls, D does nothing, E rises a little (one-sided p = 0.029).
+DELTAS = np.array(
+    [
+        [1.00, 0.5, -1.0, 0.0, 0.6],
+        [1.10, -0.4, -0.9, 0.0, -0.1],
+        [0.90, 0.6, -1.1, 0.0, 0.5],
+        [1.00, -0.5, -1.0, 0.0, 0.4],
+        [1.05, 0.3, -1.2, 0.0, 0.1],
+        [0.95, -0.2, -0.8, 0.0, 0.3],
+        [1.02, 0.1, -1.0, 0.0, 0.2],
+        [0.98, -0.3, -1.0, 0.0, -0.2],
+    ]
+)
+
+
+def test_keep_rules_on_hand_built_deltas() -> None:
+    n_items = DELTAS.shape[0]
+    base_margin = np.linspace(-0.5, 2.0, n_items)
+    base_correct = base_margin > 0  # 6 of 8 right
+    search_margin = (base_margin[:, None] + DELTAS).T  # [n_heads, n_items]
+    search_correct = search_margin > 0  # A: 8, B: 6, C: 3, D: 6, E: 7 right
+    args = (base_correct, search_correct, base_margin, search_margin, 0.05)
+    sig = keep_heads("significant", *args)
+    np.testing.assert_allclose(sig.margin_delta, DELTAS.mean(0))
+    np.testing.assert_allclose(sig.acc_delta, np.array([8, 6, 3, 6, 7]) / 8 - 6 / 8)
+    assert sig.p_value[0] < 1e-8 and sig.p_value[4] == pytest.approx(0.0292, abs=1e-3)
+    assert sig.p_value[3] == 1.0 and sig.p_value[2] > 0.99  # no change, and a fall: no evidence
+    # Benjamini-Hochberg over 5 heads: E's 0.029 is above its rank's 2/5 * 0.05 = 0.02, so only A
+    assert sig.kept.tolist() == [True, False, False, False, False]
+    # over A and E alone, E's rank-2 threshold is 0.05: both pass
+    pair = keep_heads(
+        "significant", base_correct, search_correct[[0, 4]], base_margin, search_margin[[0, 4]], 0.05
+    )
+    assert pair.kept.tolist() == [True, True]
+    # the accuracy rules ignore the margins: heads that do not lower (or that raise) accuracy
+    assert keep_heads("not_lower", *args).kept.tolist() == [True, True, False, True, True]
+    assert keep_heads("raise", *args).kept.tolist() == [True, False, False, False, True]
+    np.testing.assert_allclose(keep_heads("not_lower", *args).p_value, sig.p_value)
+
+
+def _scope_items(model: LoadedModel, kept: list[tuple[int, int]]) -> heldout.ScopeItems:
+    items = choice.make_task("sentiment", 8, seed=3)
+    scorer = ChoiceScorer(model, items, batch_size=4)
+    return heldout.ScopeItems(
+        scope="sentiment",
+        tasks=["sentiment"],
+        items=items,
+        labels=np.array([item.label for item in items]),
+        before=scorer.logprobs()[0],
+        after=scorer.logprobs([kept], LOW)[0],
+    )
+
+
+def test_validation_of_a_kept_set_on_a_tiny_model(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_range = [(layer, h) for layer in (1, 2) for h in range(4)]
+    kept = [(1, 0), (2, 1)]
+    s = _scope_items(tiny_llama, kept)
+    seen: list[list[tuple[int, int]]] = []
+    real = heldout.null_effects
+
+    def spy(model: LoadedModel, items: heldout.ScopeItems, sets: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.extend([list(h) for h in sets])
+        return real(model, items, sets, *args, **kwargs)
+
+    monkeypatch.setattr(heldout, "null_effects", spy)
+    kwargs: dict[str, Any] = {
+        "n_null": 50,
+        "significance": 0.05,
+        "seed": 0,
+        "n_boot": 200,
+        "batch_size": 4,
+        "choice_token": "first",
+    }
+    rows = heldout.validate_scope(tiny_llama, s, kept, in_range, LOW, sets_per_pass=4, **kwargs)
+    # the null: every 2-head set of the 6 in-range heads outside the kept ones (15 < 50: exact)
+    assert len(seen) == math.comb(6, 2) == len({tuple(x) for x in seen})
+    assert all(len(x) == 2 and not set(x) & set(kept) and set(x) <= set(in_range) for x in seen)
+    table = validation.frame(rows, extra=heldout.VALIDATION_EXTRA)
+    assert list(table["measure"]) == list(MEASURES) and (table["n_null"] == 15).all()
+    assert (table["null_pool"] == 6).all() and (table["role"] == "kept:sentiment").all()
+    assert (table["heads"] == "L1H0 L2H1").all() and (table["n_inputs"] == 8).all()
+    margin, correct = table.iloc[0], table.iloc[1]
+    effect = margins(s.after, s.labels) - margins(s.before, s.labels)
+    assert margin["effect"] == pytest.approx(effect.mean()) and abs(margin["effect"]) > 1e-4
+    right = lambda logp: (choice.predictions(logp) == s.labels).astype(float)  # noqa: E731
+    assert correct["effect"] == pytest.approx((right(s.after) - right(s.before)).mean())
+    # the null mean is the mean over sets of each set's own held-out effect, set by set
+    scorer = ChoiceScorer(tiny_llama, s.items, batch_size=4)
+    own = [
+        (margins(scorer.logprobs([x], LOW)[0], s.labels) - margins(s.before, s.labels)).mean() for x in seen
+    ]
+    assert margin["null_mean"] == pytest.approx(np.mean(own), abs=1e-5)
+    beaten = np.mean(np.array(own) < margin["effect"]) + 0.5 * np.mean(np.array(own) == margin["effect"])
+    assert margin["percentile"] == pytest.approx(100 * beaten, abs=1e-6)
+    # one set per pass gives the same null
+    seen.clear()
+    again = heldout.validate_scope(tiny_llama, s, kept, in_range, LOW, sets_per_pass=1, **kwargs)
+    assert again[0]["null_mean"] == pytest.approx(margin["null_mean"], abs=1e-5)
+    # a set larger than the heads outside it: no null, reported and not validated
+    big = in_range[:5]
+    rows = heldout.validate_scope(
+        tiny_llama, _scope_items(tiny_llama, big), big, in_range, LOW, sets_per_pass=4, **kwargs
+    )
+    assert [r["n_null"] for r in rows] == [0, 0] and not any(r["validated"] for r in rows)
+    assert [r["null_pool"] for r in rows] == [3, 3] and all(math.isnan(r["p_value"]) for r in rows)
+    assert heldout.validate_scope(tiny_llama, s, [], in_range, LOW, sets_per_pass=4, **kwargs) == []
+
+
 def test_paired_difference_and_margins() -> None:
     assert paired_difference(np.zeros(10), np.ones(10)) == (1.0, 1.0, 1.0)
     before = np.array([1, 0, 1, 0, 1, 1, 0, 0] * 5)
@@ -362,7 +479,10 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         (["tasks="], "no tasks"),
         (["threshold=median"], "alpha, ratio"),
         (["filter=best"], "task, kind, pooled, none"),
-        (["keep=maybe"], "not_lower"),
+        (["keep=maybe"], "significant"),
+        (["significance=0"], "significance"),
+        (["significance=1.5"], "significance"),
+        (["n_null=10"], "at least 50"),
         (["first_sink=drop"], "frozen"),
         (["heads_per_pass=0"], "heads_per_pass"),
         (["n_calibration=0"], "n_calibration"),
@@ -426,11 +546,50 @@ def _check_schema(result: Any, model: LoadedModel) -> None:
     assert list(result.tables["tasks"].columns) == list(act.TASKS_COLUMNS)
     assert list(result.tables["items"].columns) == list(act.ITEMS_COLUMNS)
     assert list(result.tables["sink_tokens"].columns) == list(act.SINK_TOKENS_COLUMNS)
+    assert list(result.tables["validation"].columns) == list(act.VALIDATION_COLUMNS)
+    _check_validation(result)
     heads = result.tables["heads"]
     assert len(heads) == model.n_layers * model.n_heads
     assert heads["in_range"].dtype == bool and heads["n_tasks_kept"].dtype == np.int64
     assert heads["first_sink_pos"].dtype == np.int64
     assert (heads["kv_head"] == heads["head"] // model.group_size).all()
+
+
+def _check_validation(result: Any) -> None:
+    """Each scope's kept set is tested (one row per measure) against a null drawn outside it, and
+    each head carries the evidence of the sets that kept it."""
+    cfg, checks, heads = result.config, result.tables["validation"], result.tables["heads"]
+    kept_sets = {
+        str(scope): [(int(r.layer), int(r.head)) for r in part[part["kept"]].itertuples()]
+        for scope, part in result.tables["filter"].groupby("scope")
+    } or {"all": [(int(r.layer), int(r.head)) for r in heads[heads["in_range"]].itertuples()]}
+    tested = {scope: sets for scope, sets in kept_sets.items() if sets}
+    assert sorted(set(checks["head_search"])) == sorted(tested)
+    n_in_range = int(heads["in_range"].sum())
+    for scope, kept in tested.items():
+        rows = checks[checks["head_search"] == scope]
+        assert list(rows["measure"]) == list(MEASURES) and (rows["role"] == f"kept:{scope}").all()
+        assert validation.parse_heads(rows["heads"].iloc[0]) == sorted(kept)
+        pool = n_in_range - len(kept)
+        want = 0 if pool < len(kept) else min(cfg.n_null, math.comb(pool, len(kept)))
+        assert (rows["null_pool"] == pool).all() and (rows["n_null"] == want).all()
+        assert (rows["effect_low"] <= rows["effect"] + 1e-12).all()
+        assert (rows["effect"] <= rows["effect_high"] + 1e-12).all()
+        if want == 0:
+            assert not rows["validated"].any() and rows["p_value"].isna().all()
+    by_head = heads.set_index(["layer", "head"])
+    for (layer, h), row in by_head.iterrows():
+        roles = [f"kept:{scope}" for scope, kept in tested.items() if (layer, h) in kept]
+        assert sorted(filter(None, str(row["act_role"]).split("+"))) == sorted(roles)
+        if roles:
+            first = checks[
+                (checks["role"] == row["act_role"].split("+")[0]) & (checks["measure"] == "margin")
+            ]
+            assert row["act_effect"] == pytest.approx(float(first["effect"].iloc[0]))
+            verdicts = checks[checks["role"].isin(roles) & (checks["measure"] == "margin")]["validated"]
+            assert row["act_validated"] == bool(verdicts.all())
+        else:
+            assert not row["act_validated"] and math.isnan(row["act_effect"])
 
 
 def test_run_act_on_a_tiny_model(
@@ -487,7 +646,10 @@ def test_run_act_on_a_tiny_model(
         and tokens["count"].is_monotonic_decreasing
         and tokens["share_of_heads"].between(0, 1).all()
     )
-    assert "ACT on tiny-llama" in act.summary(result)
+    text = act.summary(result)
+    assert "ACT on tiny-llama" in text and "held-out validation (keep=not_lower)" in text
+    for scope in set(result.tables["validation"]["head_search"]):
+        assert any(line.strip().startswith(str(scope)) for line in text.splitlines())
     monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     run = runstore.open_run(result.save(tmp_path))
     assert run.analysis == "act" and set(result.tables) <= set(run.table_names)
@@ -505,6 +667,14 @@ def test_pooled_and_none_filters(tiny_gpt2: LoadedModel) -> None:
     # pooled baseline = all calibration items
     assert filt["acc_base"].nunique() == 1
     assert (filt["kept"] == (filt["delta"] >= 0)).all()
+    significant = run_act(tiny_gpt2, ActConfig(**{**cfg.__dict__, "keep": "significant"}), progress=False)
+    _check_schema(significant, tiny_gpt2)
+    sfilt = significant.tables["filter"]
+    np.testing.assert_allclose(sfilt["p_value"], filt["p_value"])  # the same search, another rule
+    assert (sfilt.loc[sfilt["kept"], "p_value"] <= 0.05).all() and (
+        sfilt.loc[sfilt["kept"], "margin_delta"] > 0
+    ).all()
+    assert "keep=significant" in act.summary(significant)
     strict = run_act(tiny_gpt2, ActConfig(**{**cfg.__dict__, "keep": "raise"}), progress=False)
     sfilt = strict.tables["filter"]
     assert (sfilt["kept"] == (sfilt["delta"] > 0)).all()

@@ -31,16 +31,22 @@ from analyses.act.config import (
     ALL_HEADS,
     ALL_TASKS,
     FILTERS,
+    KEEP_RULES,
     POOLED,
     ActConfig,
     FilterMode,
     resolve_layers,
+)
+from analyses.act.heldout import (
+    MEASURES,
+    keep_heads,
 )
 from analyses.act.run import (
     FILTER_COLUMNS,
     HEADS_COLUMNS,
     ITEMS_COLUMNS,
     TASKS_COLUMNS,
+    VALIDATION_COLUMNS,
     run_act,
 )
 from analyses.act.scoring import (
@@ -68,10 +74,13 @@ __all__ = [
     "FIRST_SINKS",
     "HEADS_COLUMNS",
     "ITEMS_COLUMNS",
+    "KEEP_RULES",
+    "MEASURES",
     "POOLED",
     "SINK_TOKENS_COLUMNS",
     "TASKS_COLUMNS",
     "THRESHOLDS",
+    "VALIDATION_COLUMNS",
     "ActConfig",
     "Calibration",
     "ChoiceScorer",
@@ -82,6 +91,7 @@ __all__ = [
     "calibrate_pattern",
     "column_importance",
     "detect_sinks",
+    "keep_heads",
     "load_tasks",
     "margins",
     "paired_difference",

@@ -11,10 +11,13 @@ from typing import Literal, get_args
 from analyses.act.calibration import THRESHOLDS, Calibration, FirstSink, Threshold, check_first_sink
 from analyses.tasks import choice
 from analyses.tasks.choice import ChoiceToken
+from analyses.validation import check_null
 from probe.errors import ConfigError
 
 FilterMode = Literal["task", "kind", "pooled", "none"]
 FILTERS: tuple[str, ...] = get_args(FilterMode)
+KeepRule = Literal["not_lower", "raise", "significant"]
+KEEP_RULES: tuple[str, ...] = get_args(KeepRule)
 ALL_TASKS: tuple[str, ...] = tuple(choice.TASKS)
 POOLED = "pooled"
 ALL_HEADS = "all"
@@ -30,9 +33,12 @@ class ActConfig:
     report. ``layer_start`` .. ``layer_end`` (exclusive; negative counts from the end, None = to
     the last layer): the layers whose heads may be calibrated. ``heads_per_pass``: heads scored by
     one forward pass in the search (each forward holds ``batch_size × heads_per_pass`` sequences).
-    ``keep``: ``"not_lower"`` keeps the heads whose calibration does not lower calibration accuracy
-    (a head with no effect is kept), ``"raise"`` only those that raise it (the official
-    code's released head lists are this sparse: a few heads per layer). ``first_sink``: ``"share"``
+    ``keep``: ``"not_lower"`` (the paper's rule) keeps the heads whose calibration does not lower
+    calibration accuracy (a head with no effect is kept), ``"raise"`` only those that raise it,
+    ``"significant"`` those whose calibration raises the label's margin on the calibration items
+    significantly (one-sided t-test per head, Benjamini-Hochberg over the heads at
+    ``significance``). ``n_null``: random head sets from outside the kept ones, in range, that the
+    held-out validation compares the kept set with (at least 50). ``first_sink``: ``"share"``
     (the official code's variant, behind the paper's published numbers) lets the first detected sink
     take its proportional share of the removed mass; ``"frozen"`` leaves its column untouched.
     """
@@ -48,7 +54,9 @@ class ActConfig:
     layer_start: int = 2
     layer_end: int | None = -1
     filter: FilterMode = "task"
-    keep: Literal["not_lower", "raise"] = "not_lower"
+    keep: KeepRule = "not_lower"
+    significance: float = 0.05
+    n_null: int = 50
     first_sink: FirstSink = "share"
     heads_per_pass: int = 8
     batch_size: int = 16
@@ -58,11 +66,17 @@ class ActConfig:
 
     def validate(self) -> None:
         check_first_sink(self.first_sink)
-        if self.keep not in ("not_lower", "raise"):
+        if self.keep not in KEEP_RULES:
             raise ConfigError(
-                f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, the default) "
-                f"or 'raise' (only heads that raise it) (got {self.keep!r})"
+                f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, the default), "
+                f"'raise' (only heads that raise it) or 'significant' (heads that raise the label's margin "
+                f"significantly, Benjamini-Hochberg at `significance`) (got {self.keep!r})"
             )
+        if not (isinstance(self.significance, float) and 0.0 < self.significance < 1.0):
+            raise ConfigError(
+                f"significance must be a level in (0, 1), e.g. 0.05 (got {self.significance!r})"
+            )
+        check_null(self.n_null, self.significance)
         if isinstance(self.tasks, str):
             raise ConfigError(f"tasks must be a tuple of task names, got the string {self.tasks!r}")
         for name in self.tasks:

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses import validation
 from analyses.act.calibration import Calibration
 from analyses.act.config import ALL_HEADS, POOLED, ActConfig, resolve_layers
+from analyses.act.heldout import MEASURES, VALIDATION_EXTRA, ScopeItems, keep_heads, validate_scope
 from analyses.act.scoring import ChoiceScorer, margins, paired_difference, search_heads
 from analyses.act.statistics import SinkStats, sink_tokens
 from analyses.act.tasks import Task, load_tasks
@@ -32,8 +34,20 @@ HEADS_COLUMNS = (
     "mean_delta",
     "hidden_sinks",
     "first_sink_pos",
+    *(f"act_{name}" for name in validation.EVIDENCE),
 )
-FILTER_COLUMNS = ("scope", "layer", "head", "acc_base", "acc_calibrated", "delta", "kept")
+FILTER_COLUMNS = (
+    "scope",
+    "layer",
+    "head",
+    "acc_base",
+    "acc_calibrated",
+    "delta",
+    "margin_delta",
+    "p_value",
+    "kept",
+)
+VALIDATION_COLUMNS = (*VALIDATION_EXTRA, *validation.COLUMNS)
 TASKS_COLUMNS = (
     "task",
     "kind",
@@ -63,6 +77,14 @@ ITEMS_COLUMNS = (
     "margin_before",
     "margin_after",
 )
+
+
+KEEP_NOTES = {
+    "not_lower": "a head is kept when its calibration accuracy alone >= the uncalibrated accuracy",
+    "raise": "a head is kept when its calibration accuracy alone > the uncalibrated accuracy",
+    "significant": "a head is kept when calibrating it alone raises the label's margin on the calibration "
+    "items significantly: one-sided t-test per head, Benjamini-Hochberg over the heads at {significance}",
+}
 
 
 @dataclass
@@ -126,13 +148,12 @@ def _setup(model: LoadedModel, cfg: ActConfig, timings: dict[str, float]) -> _Se
 
 
 def _baseline(s: _Setup, timings: dict[str, float]) -> tuple[SinkStats, np.ndarray]:
-    """Uncalibrated calibration pass: the sink statistics and which calibration items are right."""
+    """Uncalibrated calibration pass: the sink statistics and the calibration log-probabilities."""
     t0 = time.perf_counter()
     stats = SinkStats(s.cal_scorer, s.cal, s.layers)
     base_logp = s.cal_scorer.logprobs(((),), s.cal, observe=stats.observe)[0]
-    base_correct = choice.predictions(base_logp) == s.cal_labels
     timings["baseline"] = round(time.perf_counter() - t0, 3)
-    return stats, base_correct
+    return stats, base_logp
 
 
 def _scopes(s: _Setup) -> list[tuple[str, np.ndarray]]:
@@ -148,7 +169,7 @@ def _scopes(s: _Setup) -> list[tuple[str, np.ndarray]]:
     return []
 
 
-def _search(s: _Setup, base_correct: np.ndarray, timings: dict[str, float], progress: bool) -> _Search:
+def _search(s: _Setup, base_logp: np.ndarray, timings: dict[str, float], progress: bool) -> _Search:
     """Calibrate each head in range alone; per scope, keep the heads that pass ``cfg.keep``."""
     model, cfg = s.model, s.cfg
     scopes = _scopes(s)
@@ -166,24 +187,32 @@ def _search(s: _Setup, base_correct: np.ndarray, timings: dict[str, float], prog
             )
             == s.cal_labels[None, :]
         )
+        base_correct = choice.predictions(base_logp) == s.cal_labels
+        base_margin, search_margin = margins(base_logp, s.cal_labels), margins(search_logp, s.cal_labels)
         for i, (scope, mask) in enumerate(scopes):
             acc_base = float(base_correct[mask].mean())
-            kept[scope] = []
+            verdict = keep_heads(
+                cfg.keep,
+                base_correct[mask],
+                search_correct[:, mask],
+                base_margin[mask],
+                search_margin[:, mask],
+                cfg.significance,
+            )
+            kept[scope] = [head for j, head in enumerate(s.in_range) if verdict.kept[j]]
             for j, (layer, h) in enumerate(s.in_range):
-                acc = float(search_correct[j, mask].mean())
-                keep = acc > acc_base if cfg.keep == "raise" else acc >= acc_base
-                delta[i, layer, h] = acc - acc_base
-                if keep:
-                    kept[scope].append((layer, h))
+                delta[i, layer, h] = verdict.acc_delta[j]
                 filter_rows.append(
                     {
                         "scope": scope,
                         "layer": layer,
                         "head": h,
                         "acc_base": acc_base,
-                        "acc_calibrated": acc,
-                        "delta": acc - acc_base,
-                        "kept": keep,
+                        "acc_calibrated": float(search_correct[j, mask].mean()),
+                        "delta": verdict.acc_delta[j],
+                        "margin_delta": verdict.margin_delta[j],
+                        "p_value": verdict.p_value[j],
+                        "kept": bool(verdict.kept[j]),
                     }
                 )
     else:
@@ -221,6 +250,53 @@ def _evaluate(
         after[on, : scorer.width] = scorer.logprobs((tuple(heads),), s.cal)[0]
     timings["evaluate"] = round(time.perf_counter() - t0, 3)
     return before, after
+
+
+def _validate(
+    s: _Setup,
+    kept: dict[str, list[Head]],
+    before: np.ndarray,
+    after: np.ndarray,
+    timings: dict[str, float],
+    progress: bool,
+) -> pd.DataFrame:
+    """The ``validation`` table: each scope's kept set on its held-out items against the null."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    cfg = s.cfg
+    scope_of_task = _scope_of_tasks(s)
+    rows: list[dict[str, Any]] = []
+    for scope, heads in tqdm(kept.items(), desc="ACT validation", disable=not progress, leave=False):
+        on = np.array([scope_of_task[i] == scope for i in s.held_task])
+        if not on.any():
+            continue
+        items = [s.held_items[i] for i in np.nonzero(on)[0]]
+        width = max(len(item.choices) for item in items)
+        scope_items = ScopeItems(
+            scope=scope,
+            tasks=[t.name for i, t in enumerate(s.tasks) if scope_of_task[i] == scope],
+            items=items,
+            labels=s.held_labels[on],
+            before=before[on, :width],
+            after=after[on, :width],
+        )
+        rows += validate_scope(
+            s.model,
+            scope_items,
+            heads,
+            s.in_range,
+            s.cal,
+            n_null=cfg.n_null,
+            significance=cfg.significance,
+            seed=cfg.seed,
+            n_boot=cfg.n_boot,
+            sets_per_pass=cfg.heads_per_pass,
+            batch_size=cfg.batch_size,
+            choice_token=cfg.choice_token,
+        )
+    timings["validate"] = round(time.perf_counter() - t0, 3)
+    return validation.frame(rows, extra=VALIDATION_EXTRA).astype({"null_pool": np.int64})
 
 
 def _task_rows(
@@ -285,7 +361,7 @@ def _held_out_tables(
     return pd.DataFrame(task_rows, columns=list(TASKS_COLUMNS)), items[list(ITEMS_COLUMNS)]
 
 
-def _heads_table(s: _Setup, search: _Search, stats: SinkStats) -> pd.DataFrame:
+def _heads_table(s: _Setup, search: _Search, stats: SinkStats, checks: pd.DataFrame) -> pd.DataFrame:
     """One row per head: in range, head sets that kept it, mean calibration delta, hidden sinks."""
     model = s.model
     in_range_mask = np.zeros((model.n_layers, model.n_heads), dtype=bool)
@@ -307,6 +383,7 @@ def _heads_table(s: _Setup, search: _Search, stats: SinkStats) -> pd.DataFrame:
     heads.insert(3, "in_range", in_range_mask.ravel())
     heads.insert(4, "n_tasks_kept", n_kept.ravel())
     heads["first_sink_pos"] = first_sink.ravel()
+    heads = validation.evidence_columns(heads, checks, "act")
     return heads[list(HEADS_COLUMNS)]
 
 
@@ -319,6 +396,8 @@ def _filter_table(search: _Search) -> pd.DataFrame:
             "acc_base": np.float64,
             "acc_calibrated": np.float64,
             "delta": np.float64,
+            "margin_delta": np.float64,
+            "p_value": np.float64,
             "kept": bool,
         }
     )
@@ -342,7 +421,12 @@ def _notes(s: _Setup, search: _Search) -> dict[str, Any]:
         ),
         "layers": [s.layers.start, s.layers.stop],
         "n_heads_in_range": len(s.in_range),
-        "keep_rule": "a head is kept when its calibration accuracy alone >= the uncalibrated accuracy",
+        "keep_rule": KEEP_NOTES[cfg.keep].format(significance=cfg.significance),
+        "validation": f"each scope's kept heads, calibrated together on its held-out items, against "
+        f"{cfg.n_null} random sets of as many in-range heads from outside them (every distinct set when "
+        f"there are fewer); effects: {'; '.join(MEASURES.values())}; validated when the effect is above "
+        f"zero (95% bootstrap interval) and p <= {cfg.significance}; the heads table carries the margin "
+        "row's numbers",
         "scopes": {scope: len(h) for scope, h in search.kept.items()},
         "calibration_sequences": cal_scorer.n_sequences,
         "search_forward_sequences": n_forward,
@@ -363,15 +447,17 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     s = _setup(model, cfg, timings)
-    stats, base_correct = _baseline(s, timings)
-    search = _search(s, base_correct, timings, progress)
+    stats, base_logp = _baseline(s, timings)
+    search = _search(s, base_logp, timings, progress)
     before, after = _evaluate(s, search.kept, timings)
     tasks, items = _held_out_tables(s, search.kept, before, after)
+    checks = _validate(s, search.kept, before, after, timings, progress)
     tables = {
-        "heads": _heads_table(s, search, stats),
+        "heads": _heads_table(s, search, stats, checks),
         "filter": _filter_table(search),
         "tasks": tasks,
         "items": items,
+        "validation": checks,
         "sink_tokens": sink_tokens(stats, len(s.in_range), token_decoder(model.tokenizer)),
     }
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -380,7 +466,7 @@ def run_act(model: LoadedModel, config: ActConfig | None = None, *, progress: bo
         model_info=model.describe(),
         config=replace(cfg),
         tables=tables,
-        seeds={"seed": cfg.seed, "bootstrap": cfg.seed},
+        seeds={"seed": cfg.seed, "bootstrap": cfg.seed, "null": cfg.seed},
         timings=timings,
         notes=_notes(s, search),
     )
