@@ -418,7 +418,7 @@ def test_validation_of_a_kept_set_on_a_tiny_model(
     assert all(len(x) == 2 and not set(x) & set(kept) and set(x) <= set(in_range) for x in seen)
     table = validation.frame(rows, extra=heldout.VALIDATION_EXTRA)
     assert list(table["measure"]) == list(MEASURES) and (table["n_null"] == 15).all()
-    assert (table["null_pool"] == 6).all() and (table["role"] == "kept:sentiment").all()
+    assert (table["head_search"] == "sentiment").all() and (table["role"] == "kept").all()
     assert (table["heads"] == "L1H0 L2H1").all() and (table["n_inputs"] == 8).all()
     margin, correct = table.iloc[0], table.iloc[1]
     effect = margins(s.after, s.labels) - margins(s.before, s.labels)
@@ -443,7 +443,11 @@ def test_validation_of_a_kept_set_on_a_tiny_model(
         tiny_llama, _scope_items(tiny_llama, big), big, in_range, LOW, sets_per_pass=4, **kwargs
     )
     assert [r["n_null"] for r in rows] == [0, 0] and not any(r["validated"] for r in rows)
-    assert [r["null_pool"] for r in rows] == [3, 3] and all(math.isnan(r["p_value"]) for r in rows)
+    assert all(math.isnan(r["p_value"]) for r in rows)
+    why = heldout.null_missing(validation.frame(rows, extra=heldout.VALIDATION_EXTRA), len(in_range))
+    assert why == [
+        "sentiment: 5 heads kept, only 3 in-range heads outside them, so no null set of that size can be drawn"
+    ]
     assert heldout.validate_scope(tiny_llama, s, [], in_range, LOW, sets_per_pass=4, **kwargs) == []
 
 
@@ -568,11 +572,11 @@ def _check_validation(result: Any) -> None:
     n_in_range = int(heads["in_range"].sum())
     for scope, kept in tested.items():
         rows = checks[checks["head_search"] == scope]
-        assert list(rows["measure"]) == list(MEASURES) and (rows["role"] == f"kept:{scope}").all()
+        assert list(rows["measure"]) == list(MEASURES) and (rows["role"] == "kept").all()
         assert validation.parse_heads(rows["heads"].iloc[0]) == sorted(kept)
         pool = n_in_range - len(kept)
         want = 0 if pool < len(kept) else min(cfg.n_null, math.comb(pool, len(kept)))
-        assert (rows["null_pool"] == pool).all() and (rows["n_null"] == want).all()
+        assert (rows["n_null"] == want).all()
         assert (rows["effect_low"] <= rows["effect"] + 1e-12).all()
         assert (rows["effect"] <= rows["effect_high"] + 1e-12).all()
         if want == 0:
@@ -582,11 +586,10 @@ def _check_validation(result: Any) -> None:
         roles = [f"kept:{scope}" for scope, kept in tested.items() if (layer, h) in kept]
         assert sorted(filter(None, str(row["act_role"]).split("+"))) == sorted(roles)
         if roles:
-            first = checks[
-                (checks["role"] == row["act_role"].split("+")[0]) & (checks["measure"] == "margin")
-            ]
-            assert row["act_effect"] == pytest.approx(float(first["effect"].iloc[0]))
-            verdicts = checks[checks["role"].isin(roles) & (checks["measure"] == "margin")]["validated"]
+            margin = checks[checks["measure"] == "margin"].set_index("head_search")
+            first = row["act_role"].split("+")[0].removeprefix("kept:")
+            assert row["act_effect"] == pytest.approx(float(margin.loc[first, "effect"]))
+            verdicts = margin.loc[[r.removeprefix("kept:") for r in roles], "validated"]
             assert row["act_validated"] == bool(verdicts.all())
         else:
             assert not row["act_validated"] and math.isnan(row["act_effect"])
@@ -647,9 +650,9 @@ def test_run_act_on_a_tiny_model(
         and tokens["share_of_heads"].between(0, 1).all()
     )
     text = act.summary(result)
-    assert "ACT on tiny-llama" in text and "held-out validation (keep=not_lower)" in text
+    assert "ACT on tiny-llama" in text and "kept heads by keep=not_lower" in text
     for scope in set(result.tables["validation"]["head_search"]):
-        assert any(line.strip().startswith(str(scope)) for line in text.splitlines())
+        assert any(line.strip().startswith(f"{scope} · kept [") for line in text.splitlines())
     monkeypatch.setattr(runstore, "code_revision", fixed_revision)
     run = runstore.open_run(result.save(tmp_path))
     assert run.analysis == "act" and set(result.tables) <= set(run.table_names)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from analyses import validation
 from analyses.act.calibration import Calibration
@@ -24,9 +25,10 @@ from analyses.tasks.choice import ChoiceItem, ChoiceToken
 from probe.loading import LoadedModel
 from probe.types import Head
 
-# leading columns of the validation table: the head search the set came from (a task, a task kind,
-# "pooled" or "all") and how many in-range heads lie outside the set (the null's pool)
-VALIDATION_EXTRA = ("head_search", "null_pool")
+# the leading column of the validation table: the head search the set came from (a task, a task
+# kind, "pooled" or "all"); every row's role is "kept"
+VALIDATION_EXTRA = ("head_search",)
+ROLE = "kept"
 # the per-item effects, in the order of their rows: the first is the one the heads table carries
 MEASURES = {
     "margin": "held-out change in the label's log-probability margin (after - before)",
@@ -139,7 +141,7 @@ def validate_scope(
     """The validation rows of one scope's kept set (one per measure; none for an empty set).
 
     When fewer in-range heads lie outside the set than it holds, no null set can be drawn: the rows
-    have no null (``n_null`` 0) and are not validated.
+    have no null (``n_null`` 0) and are not validated (:func:`null_missing` tells them apart).
     """
     if not kept:
         return []
@@ -164,7 +166,7 @@ def validate_scope(
     own = _effects(s.after, s)
     return [
         validation.test_row(
-            f"kept:{s.scope}",
+            ROLE,
             sorted(kept),
             own[name],
             null[name],
@@ -176,7 +178,24 @@ def validate_scope(
             seed=seed,
             alpha=significance,
             head_search=s.scope,
-            null_pool=pool,
         )
         for name in MEASURES
+    ]
+
+
+def head_roles(table: pd.DataFrame) -> pd.DataFrame:
+    """The validation table with each role named after its head search (``kept:sentiment``), so that
+    a head kept by several searches carries each one's verdict in the heads table."""
+    out = table.copy()
+    out["role"] = [f"{role}:{scope}" for role, scope in zip(out["role"], out["head_search"], strict=True)]
+    return out
+
+
+def null_missing(table: pd.DataFrame, n_in_range: int) -> list[str]:
+    """Per head search with no null: why (fewer in-range heads outside the set than it holds)."""
+    rows = table[table["n_null"] == 0].drop_duplicates("head_search")
+    return [
+        f"{r.head_search}: {int(r.n_heads)} heads kept, only {n_in_range - int(r.n_heads)} in-range heads "
+        "outside them, so no null set of that size can be drawn"
+        for r in rows.itertuples(index=False)
     ]

@@ -13,7 +13,14 @@ import pandas as pd
 from analyses import validation
 from analyses.act.calibration import Calibration
 from analyses.act.config import ALL_HEADS, POOLED, ActConfig, resolve_layers
-from analyses.act.heldout import MEASURES, VALIDATION_EXTRA, ScopeItems, keep_heads, validate_scope
+from analyses.act.heldout import (
+    MEASURES,
+    VALIDATION_EXTRA,
+    ScopeItems,
+    head_roles,
+    keep_heads,
+    validate_scope,
+)
 from analyses.act.scoring import ChoiceScorer, margins, paired_difference, search_heads
 from analyses.act.statistics import SinkStats, sink_tokens
 from analyses.act.tasks import Task, load_tasks
@@ -296,7 +303,7 @@ def _validate(
             choice_token=cfg.choice_token,
         )
     timings["validate"] = round(time.perf_counter() - t0, 3)
-    return validation.frame(rows, extra=VALIDATION_EXTRA).astype({"null_pool": np.int64})
+    return validation.frame(rows, extra=VALIDATION_EXTRA)
 
 
 def _task_rows(
@@ -383,7 +390,7 @@ def _heads_table(s: _Setup, search: _Search, stats: SinkStats, checks: pd.DataFr
     heads.insert(3, "in_range", in_range_mask.ravel())
     heads.insert(4, "n_tasks_kept", n_kept.ravel())
     heads["first_sink_pos"] = first_sink.ravel()
-    heads = validation.evidence_columns(heads, checks, "act")
+    heads = validation.evidence_columns(heads, head_roles(checks), "act")
     return heads[list(HEADS_COLUMNS)]
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
-import pandas as pd
-
+from analyses import validation
+from analyses.act.heldout import null_missing
 from analyses.base import AnalysisResult
 
 
@@ -32,7 +30,7 @@ def summary(result: AnalysisResult) -> str:
             f"  mean over tasks: {tasks['acc_before'].mean():.3f} -> {tasks['acc_after'].mean():.3f} "
             f"({tasks['delta'].mean():+.3f})"
         )
-    lines += validation_lines(result.tables.get("validation"), cfg.keep, cfg.significance)
+    lines += validation_lines(result)
     rng = heads[heads["in_range"]]
     lines.append(
         f"  hidden sinks per input (in-range heads): mean {rng['hidden_sinks'].mean():.2f}, "
@@ -45,33 +43,20 @@ def summary(result: AnalysisResult) -> str:
     return "\n".join(lines)
 
 
-def _signed(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{x:+.3f}"
-
-
-def validation_lines(table: pd.DataFrame | None, keep: str, significance: float) -> list[str]:
-    """Per head search and measure: the held-out effect of the kept set, its interval, the null and
-    the verdict (validated or not, and why not when no null could be drawn)."""
+def validation_lines(result: AnalysisResult) -> list[str]:
+    """The held-out validation of each head search's kept set (the shared lines), with the keep rule
+    and why a set has no null."""
+    table = result.tables.get("validation")
     if table is None:
         return []
+    cfg = result.config
+    rule = f"  kept heads by keep={cfg.keep}" + (
+        f" (Benjamini-Hochberg at {cfg.significance})" if cfg.keep == "significant" else ""
+    )
     if not len(table):
-        return [f"  held-out validation: no head search kept a head (keep={keep}), nothing to test"]
-    n_null = int(table["n_null"].max())
-    lines = [
-        f"  held-out validation (keep={keep}): kept heads calibrated together vs up to {n_null} random "
-        f"same-size sets of in-range heads outside them; validated = effect > 0, 95% interval above 0, "
-        f"p <= {significance}"
-    ]
-    for row in table.itertuples(index=False):
-        head = f"    {row.head_search!s:<14} {int(row.n_heads):>3} heads  {row.measure!s:<7}"
-        effect = f"{_signed(row.effect)} [{_signed(row.effect_low)}, {_signed(row.effect_high)}]"
-        if int(row.n_null) == 0:
-            null = f"no null: {int(row.null_pool)} in-range heads outside the set, fewer than it holds"
-        else:
-            null = (
-                f"null {_signed(row.null_mean)} ({int(row.n_null)} sets), percentile {row.percentile:.0f}, "
-                f"p {row.p_value:.3f}"
-            )
-        verdict = "VALIDATED" if bool(row.validated) else "not validated"
-        lines.append(f"{head} {effect}  {null}  {verdict}  (n={int(row.n_inputs)})")
+        return [f"{rule}: no head search kept a head, nothing to validate"]
+    n_in_range = int(result.tables["heads"]["in_range"].sum())
+    lines = [f"{rule}; validated against random sets of in-range heads outside them"]
+    lines += validation.summary_lines(table)
+    lines += [f"    no null for {why}" for why in null_missing(table, n_in_range)]
     return lines
