@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from dash import Dash
 
-from analyses import runstore
+from analyses import runstore, validation
+from analyses.act.heldout import head_roles
 from analyses.base import AnalysisResult
 from dashboard import report
 from dashboard.act import report as act_section
@@ -54,6 +55,36 @@ class FakeActConfig:
 
 def _interval(rng: np.random.Generator, value: float, width: float) -> tuple[float, float]:
     return value - width * rng.uniform(0.5, 1.0), value + width * rng.uniform(0.5, 1.0)
+
+
+def _validation(
+    filt: pd.DataFrame, scopes: list[str], searched: list[tuple[int, int]], rng: np.random.Generator
+) -> pd.DataFrame:
+    """Two tests (margin, correctness) per head search that kept heads; ``capital``'s set beats its
+    null for sure; a set with fewer heads outside it than it holds has no null."""
+    rows = []
+    for scope in scopes:
+        part = filt[(filt["scope"] == scope) & filt["kept"]]
+        kept = [(int(r.layer), int(r.head)) for r in part.itertuples()] if len(filt) else searched
+        if not kept:
+            continue
+        n_null = 50 if len(searched) - len(kept) >= len(kept) else 0
+        shift = 0.5 if scope == "capital" else 0.0
+        for measure in ("margin", "correct"):
+            rows.append(
+                validation.test_row(
+                    "kept",
+                    kept,
+                    rng.normal(shift, 0.2, 40),
+                    rng.normal(0.0, 0.05, n_null),
+                    measure=measure,
+                    direction="higher",
+                    inputs=validation.Inputs(f"held-out items of {scope}", 40),
+                    n_boot=200,
+                    head_search=scope,
+                )
+            )
+    return validation.frame(rows, extra=("head_search",))
 
 
 def make_result(cfg: FakeActConfig, seed: int = 0) -> AnalysisResult:
@@ -155,6 +186,8 @@ def make_result(cfg: FakeActConfig, seed: int = 0) -> AnalysisResult:
                     "first_sink_pos": int(rng.choice([-1, 0])),
                 }
             )
+    checks = _validation(filt, list(dict.fromkeys(task_frame["scope"])), searched, rng)
+    heads = validation.evidence_columns(pd.DataFrame(head_rows), head_roles(checks), "act")
     sink_tokens = pd.DataFrame(
         {
             "token": TOKENS,
@@ -172,11 +205,12 @@ def make_result(cfg: FakeActConfig, seed: int = 0) -> AnalysisResult:
         },
         config=dataclasses.asdict(cfg),  # as analyses.act stores it
         tables={
-            "heads": pd.DataFrame(head_rows),
+            "heads": heads,
             "filter": filt,
             "tasks": task_frame,
             "items": pd.DataFrame(item_rows),
             "sink_tokens": sink_tokens,
+            "validation": checks,
         },
         seeds={"seed": cfg.seed},
     )
@@ -186,7 +220,7 @@ def make_result(cfg: FakeActConfig, seed: int = 0) -> AnalysisResult:
 class Runs:
     root: Path
     per_task: str  # run id: three tasks, one head search each
-    pooled: str  # run id: two tasks sharing one pooled search, without items and sink tokens
+    pooled: str  # run id: two tasks sharing one pooled search, without items, sink tokens, validation
     unsearched: str  # run id: filter="none", every head in range calibrated, no search
 
 
@@ -197,7 +231,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         mp.setattr(runstore, "code_revision", fixed_revision)
         per_task = make_result(FakeActConfig()).save(root)
         pooled_result = make_result(FakeActConfig(tasks=("sentiment", "topic"), filter="pooled"), seed=1)
-        for name in ("items", "sink_tokens"):
+        for name in ("items", "sink_tokens", "validation"):  # as an older run
             del pooled_result.tables[name]
         pooled = pooled_result.save(root)
         unsearched = make_result(FakeActConfig(tasks=("topic",), filter="none"), seed=2).save(root)
@@ -413,6 +447,7 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
         "act-margins",
         "act-tokens",
         "act-table",
+        "act-validation",
     ):
         assert f'"id": "{element}"' in text
     assert (
@@ -445,6 +480,7 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
         "act-accuracy",
         "act-heads",
         "act-search",
+        "act-validation",
         "act-items",
         "act-tokens",
     ]
@@ -458,6 +494,8 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
         "act-search-all",
         "act-margins-figure",
         "act-tokens-figure",
+        "validation-figure",
+        "keep=not_lower",
     ):
         assert needle in body
     for row in views.task_rows(run).itertuples(index=False):
@@ -466,6 +504,7 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     pooled = act_section.report_sections(_open(runs, runs.pooled))
     heads_body = pooled[1].body
     assert "act-grid-scope-0" in heads_body and "act-grid-scope-1" not in heads_body  # one pooled search
+    assert "act-validation" not in [s.anchor for s in pooled]  # an older run: no validation table
     assert "kept no per-item table" in pooled[3].body and "No hidden sink token" in pooled[4].body
     html = report.render_report(run)
     assert 'id="act-accuracy"' in html and "Heads kept for calibration" in html and "beta 0.4" in html
@@ -500,3 +539,36 @@ def test_a_run_without_head_search_calibrates_every_head_in_range(runs: Runs) ->
     sections = act_section.report_sections(run)
     body = "".join(s.body for s in sections)
     assert "act-grid-kept" in body and "act-grid-scope" not in body and "act-search-scope" not in body
+
+
+def test_validation_panel_and_verdicts(runs: Runs) -> None:
+    run = _open(runs, runs.per_task)
+    checks = run.table("validation")
+    verdicts = views.validation_verdicts(run)
+    assert verdicts["capital"].startswith("validated: percentile 100")
+    rows = views.task_rows(run).set_index("task")
+    for task, verdict in verdicts.items():
+        assert rows.loc[task, "validated"] == verdict
+        tested = checks[(checks["head_search"] == task) & (checks["measure"] == "margin")].iloc[0]
+        assert verdict.startswith("validated") == bool(tested["validated"])
+    # the heads table carries each kept head's evidence, named after the search that kept it
+    heads = run.heads
+    capital = heads[heads["act_role"].str.contains("kept:capital", regex=False)]
+    assert len(capital) == int(rows.loc["capital", "n_kept"])
+    first = capital[capital["act_role"].str.startswith("kept:capital")]  # its own numbers come first
+    capital_p = checks[(checks["head_search"] == "capital") & (checks["measure"] == "margin")]["p_value"]
+    assert len(first) and np.allclose(first["act_p_value"], float(capital_p.iloc[0]))
+    page = _page(runs.root)
+    text = to_json(page.validation_panel(runs.per_task))
+    assert "act-validation-graph" in text and "Held-out validation of the kept heads" in text
+    assert "keep=not_lower" in text and "capital" in text
+    older = to_json(page.validation_panel(runs.pooled))
+    assert "made before ACT validated" in older and "act-validation-graph" not in older
+    assert set(views.task_rows(_open(runs, runs.pooled))["validated"]) == {"not tested (an older run)"}
+    # every head in range calibrated: nothing lies outside the set, so there is no null
+    unsearched = _open(runs, runs.unsearched)
+    assert views.validation_verdicts(unsearched) == {"all": "no null (too few heads outside the set)"}
+    assert "No null for all: 12 heads kept, only 0 in-range heads outside them" in views.validation_note(
+        unsearched
+    )
+    assert "validated" not in to_json(page.validation_panel(None)).replace("not validated", "")

@@ -7,7 +7,8 @@ calibration settings), ``act-accuracy`` (accuracy before/after per task with 95%
 chance), ``act-delta`` (the paired change with its interval), ``act-grid`` (layer x head map: tasks
 keeping each head, or the chosen task's calibration delta with kept heads ringed, or hidden sinks),
 ``act-search`` (calibration delta of every searched head), ``act-margins`` (per held-out item,
-margin before vs after), ``act-tokens`` (hidden-sink tokens), ``act-table`` (the tasks table).
+margin before vs after), ``act-tokens`` (hidden-sink tokens), ``act-table`` (the tasks table),
+``act-validation`` (each head search's kept set on held-out items against random head sets).
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`ActPage.register_callbacks` only wires them to the elements.
@@ -25,6 +26,7 @@ from dash.development.base_component import Component
 from dashboard.act import views
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
+from dashboard.core.validation import validation_block
 
 DEFAULT_MAP: views.MapKind = "kept"
 
@@ -48,9 +50,10 @@ class ActPage(AnalysisPage):
                     "A head has a sink on key k when alpha_k (mean attention k receives) exceeds the "
                     "threshold; the first sink is not calibrated and the later, hidden ones are: each "
                     "query row keeps beta of its attention on them and gives the rest to the other keys "
-                    "(the first sink included with first_sink=share, the default; not with frozen). Heads are searched one at a time on a calibration split and kept when accuracy "
-                    "does not drop; the kept heads are then calibrated together and scored on held-out "
-                    "items (Yu et al., ICML 2024).",
+                    "(the first sink included with first_sink=share, the default; not with frozen). Heads are "
+                    "searched one at a time on a calibration split and kept by the run's keep rule; the kept "
+                    "heads are then calibrated together and scored on held-out items (Yu et al., ICML "
+                    "2024), and tested there against random head sets of the same size.",
                     className="hint",
                 ),
                 *self.run_header(
@@ -78,6 +81,7 @@ class ActPage(AnalysisPage):
                 ui.columns(
                     ui.panel(ui.graph("act-tokens")), ui.panel(html.Div(id="act-table"), css=ui.DETAIL_PANEL)
                 ),
+                ui.panel(html.Div(id="act-validation")),
             ],
             className="page",
         )
@@ -163,6 +167,27 @@ class ActPage(AnalysisPage):
             ]
         )
 
+    def validation_panel(self, run_id: str | None) -> Component:
+        """The held-out validation of every head search's kept set (the shared block), with what was
+        tested."""
+
+        def build(run: Any) -> Component:
+            checks = views.validation_table(run)
+            if checks is None:
+                return html.P(
+                    "This run was made before ACT validated its kept heads; run it again to see the test.",
+                    className="hint",
+                )
+            return html.Div(
+                [
+                    html.H3("Held-out validation of the kept heads"),
+                    html.P(views.validation_note(run), className="hint"),
+                    validation_block(checks, graph_id="act-validation-graph"),
+                ]
+            )
+
+        return self._block(run_id, build, "cannot show the validation")
+
     def register_callbacks(self, app: Dash) -> None:
         app.callback(
             Output("act-task", "options"),
@@ -190,6 +215,7 @@ class ActPage(AnalysisPage):
             self.margin_figure
         )
         app.callback(Output("act-tokens", "figure"), Input("act-run", "value"))(self.tokens_figure)
+        app.callback(Output("act-validation", "children"), Input("act-run", "value"))(self.validation_panel)
         app.callback(Output("act-table", "children"), Input("act-run", "value"), Input("act-task", "value"))(
             self.tasks_table
         )

@@ -10,6 +10,7 @@ from analyses.runstore import Run
 from dashboard.act import views
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, table_html
+from dashboard.core.validation import validation_sections
 
 
 def _accuracy(run: Run) -> ReportSection:
@@ -22,8 +23,9 @@ def _accuracy(run: Run) -> ReportSection:
         "and the default, the first sink takes back its proportional share too; with first_sink=frozen "
         "its column stays as it was; the settings below say which this run used). Heads are "
         "searched one at a time on a calibration "
-        "split and kept when accuracy does not drop; the kept heads are calibrated together and scored "
-        "zero-shot on a held-out split. Settings: "
+        "split and kept by the run's keep rule; the kept heads are calibrated together and scored "
+        "zero-shot on a held-out split, and tested there against random head sets of the same size. "
+        "Settings: "
         f"{html.escape(views.settings_line(run))}.</p>"
     )
     table = table_html([views.TASK_COLUMNS[c] for c in views.TASK_COLUMNS], rows.itertuples(index=False))
@@ -63,9 +65,9 @@ def _heads(run: Run) -> ReportSection:
 
 
 def _search(run: Run) -> ReportSection:
+    keep = views.KEEP_LABELS.get(str(getattr(run.config, "keep", "not_lower")), "")
     parts = [
-        "<p>Calibration delta of every searched head, one scope at a time; a head is kept when "
-        "calibrating it alone does not lower the calibration accuracy.</p>",
+        f"<p>Calibration delta of every searched head, one scope at a time; {html.escape(keep)}.</p>",
         figure_html(views.search_figure(run), "act-search-all", wide=True),
         '<div class="grid">',
     ]
@@ -118,9 +120,19 @@ def _tokens(run: Run) -> ReportSection:
     return ReportSection("act-tokens", "Hidden sink tokens", body)
 
 
+def _validation(run: Run) -> list[ReportSection]:
+    """The shared validation section, opened by what ACT tested (none for an older run)."""
+    sections = validation_sections(run)
+    note = f"<p>{html.escape(views.validation_note(run))}</p>"
+    return [
+        ReportSection("act-validation", "Held-out validation of the kept heads", note + s.body)
+        for s in sections
+    ]
+
+
 def report_sections(run: Run) -> list[ReportSection]:
     """The ACT sections; a run without the ACT tables (written by other code under the name ``act``)
     gets the generic heads heat maps instead of an error."""
     if not views.is_act(run):
         return generic.report_sections(run)
-    return [_accuracy(run), _heads(run), _search(run), _items(run), _tokens(run)]
+    return [_accuracy(run), _heads(run), _search(run), *_validation(run), _items(run), _tokens(run)]

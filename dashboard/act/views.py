@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from analyses.act.heldout import null_missing
 from dashboard.core import common, figures
 
 Source = common.Source
@@ -120,6 +121,8 @@ def settings_line(source: Source) -> str:
         parts.append(f"sinks alpha_k > {cfg.alpha_threshold}")
     parts.append(FIRST_SINK_LABELS.get(str(cfg.first_sink), f"first sink {cfg.first_sink}"))
     parts.append(FILTER_LABELS.get(str(cfg.filter), f"head search {cfg.filter}"))
+    keep = str(getattr(cfg, "keep", "not_lower"))
+    parts.append(f"keep={keep}" + (f" at {cfg.significance}" if keep == "significant" else ""))
     layers = calibrated_layers(source)
     parts.append(f"layers {layers[0]}–{layers[1]} in range" if layers else "no layer in range")
     parts.append(f"{cfg.n_calibration} calibration items per task")
@@ -649,7 +652,55 @@ TASK_COLUMNS = {
     "before": "accuracy before [95%]",
     "after": "accuracy after [95%]",
     "delta": "change [95%]",
+    "validated": "kept heads on held-out items vs null",
 }
+
+KEEP_LABELS = {
+    "not_lower": "a head is kept when calibrating it alone does not lower calibration accuracy (keep=not_lower, "
+    "the paper's rule)",
+    "raise": "a head is kept when calibrating it alone raises calibration accuracy (keep=raise)",
+    "significant": "a head is kept when calibrating it alone raises the label's margin on the calibration items "
+    "significantly (one-sided t-test, Benjamini-Hochberg over the heads; keep=significant)",
+}
+
+
+def validation_table(source: Source) -> pd.DataFrame | None:
+    """The run's ``validation`` table (None for a run made before ACT validated its kept heads)."""
+    return table(source, "validation") if "validation" in source.table_names else None
+
+
+def validation_verdicts(source: Source) -> dict[str, str]:
+    """Per head search, a short verdict on its kept set's held-out margin effect against the null."""
+    checks = validation_table(source)
+    if checks is None:
+        return {}
+    out = {}
+    for row in checks[checks["measure"] == "margin"].itertuples(index=False):
+        if int(row.n_null) == 0:
+            out[str(row.head_search)] = "no null (too few heads outside the set)"
+        else:
+            verdict = "validated" if bool(row.validated) else "not validated"
+            out[str(row.head_search)] = f"{verdict}: percentile {row.percentile:.0f}, p {row.p_value:.2g}"
+    return out
+
+
+def validation_note(source: Source) -> str:
+    """What the validation of this run tested, in plain text: the keep rule, the measures, and why a
+    head search has no null."""
+    cfg = source.config
+    keep = str(getattr(cfg, "keep", "not_lower"))
+    parts = [
+        KEEP_LABELS.get(keep, f"keep={keep}").capitalize() + ".",
+        "Each head search's kept set is calibrated together on the held-out items of its tasks and "
+        "compared with random sets of as many heads drawn from the in-range heads outside it. Two "
+        "effects per item: the change in the label's log-probability margin (the heads table carries "
+        "this one) and the change in correctness.",
+    ]
+    checks = validation_table(source)
+    if checks is not None and len(checks):
+        n_in_range = int(table(source, "heads")["in_range"].astype(bool).sum())
+        parts += [f"No null for {why}." for why in null_missing(checks, n_in_range)]
+    return " ".join(parts)
 
 
 def _pct(value: float, low: float, high: float, *, signed: bool = False) -> str:
@@ -661,6 +712,8 @@ def task_rows(source: Source) -> pd.DataFrame:
     """The tasks table as display strings, with the columns of :data:`TASK_COLUMNS`."""
     tasks = tasks_table(source)
     searched_scopes = set(scopes(source)) if "filter" in source.table_names else None
+    verdicts = validation_verdicts(source)
+    missing = "not tested (an older run)" if validation_table(source) is None else "no head kept"
     out = pd.DataFrame(
         {
             "task": tasks["task"].astype(str),
@@ -682,6 +735,7 @@ def task_rows(source: Source) -> pd.DataFrame:
             "delta": [
                 _pct(r.delta, r.delta_low, r.delta_high, signed=True) for r in tasks.itertuples(index=False)
             ],
+            "validated": [verdicts.get(str(scope), missing) for scope in tasks["scope"]],
         }
     )
     return out[list(TASK_COLUMNS)]
