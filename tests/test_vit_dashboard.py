@@ -45,7 +45,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runstore, "code_revision", fixed_revision)
         model = probe.load_model("tiny-clip-vision", device="cpu")
-        result = vit_heads.run_vit_heads(model, vit_heads.VitHeadsConfig(preset="small", progress=False))
+        cfg = vit_heads.VitHeadsConfig(preset="small", prune_top_k=6, progress=False)
+        result = vit_heads.run_vit_heads(model, cfg)
         path = result.save(root)
         other = runstore.write_run(
             root,
@@ -83,6 +84,9 @@ def test_page_offers_only_vit_runs_and_renders(runs: Runs) -> None:
         "vit-metric",
         "vit-importance",
         "vit-agreement",
+        "vit-intervals",
+        "vit-concentration",
+        "vit-validation",
         "vit-trend-metric",
         "vit-trend",
         "vit-head",
@@ -164,6 +168,36 @@ def test_agreement_trend_distance_offset_and_clusters(runs: Runs) -> None:
     assert gallery.layout.margin.t >= figures.title_top(gallery)
 
 
+def test_intervals_concentration_and_validation_show_the_tables(runs: Runs) -> None:
+    page = _page(runs.root)
+    run = _run(runs)
+    heads = run.heads
+    for metric in views.METRICS:
+        fig = page.intervals_figure(runs.run_id, metric)
+        shown = heads[heads["pruned"]].nlargest(len(fig.data[0].x), metric).iloc[::-1]
+        np.testing.assert_allclose(np.asarray(fig.data[0].x, dtype=float), shown[metric].to_numpy())
+        up = shown[f"{metric}_high"].to_numpy() - shown[metric].to_numpy()
+        np.testing.assert_allclose(np.asarray(decode_array(fig.data[0].error_x.array), dtype=float), up)
+        assert list(fig.data[0].y) == [f"L{r.layer}H{r.head}" for r in shown.itertuples()]
+    table = run.table("concentration")
+    fig = page.concentration_figure(runs.run_id)
+    np.testing.assert_allclose(np.asarray(fig.data[1].x, dtype=float), table["share"].to_numpy())
+    np.testing.assert_allclose(np.asarray(fig.data[0].x, dtype=float), table["null_mean"].to_numpy())
+    block = to_json(page.validation(runs.run_id))
+    checked = run.table("validation")
+    assert "vit-validation-graph" in block and str(checked["heads"].iloc[0]) in block
+    assert "against the exact cosine drop over 6 heads" in block
+    tested = heads[heads["vit_role"] == "important"]
+    assert len(tested) == checked["n_heads"].iloc[0]
+    info = to_json(
+        page.head_info(runs.run_id, views.head_key(tested["layer"].iloc[0], tested["head"].iloc[0]))
+    )
+    assert "held-out images" in info and "random sets" in info
+    findings = views.findings(run)
+    assert any(line.startswith("Held-out check of") for line in findings)
+    assert any("shuffled over the heads" in line for line in findings)
+
+
 def test_head_selection_click_run_and_messages(runs: Runs) -> None:
     page = _page(runs.root)
     click = {"points": [{"x": "3", "y": "1", "z": 0.1}]}
@@ -172,8 +206,10 @@ def test_head_selection_click_run_and_messages(runs: Runs) -> None:
     best = views.default_head(runs.result)
     assert page.select_head(runs.run_id, None, "9-9") == views.head_key(*best)
     assert page.select_head(None, click, "0-0") is None
-    info = to_json(page.head_info(runs.run_id, "1-3"))
-    assert "Layer 1, head 3" in info and "Not pruned" in info
+    skipped = runs.result.heads[~runs.result.heads["pruned"]].iloc[0]
+    layer, head = int(skipped["layer"]), int(skipped["head"])
+    info = to_json(page.head_info(runs.run_id, views.head_key(layer, head)))
+    assert f"Layer {layer}, head {head}" in info and "Not pruned" in info
     assert "No head selected" in to_json(page.head_info(runs.run_id, None))
     findings = to_json(page.findings(runs.run_id))
     assert "Spearman" in findings and "Mean attention distance" in findings
@@ -351,9 +387,20 @@ def test_report_sections_render(runs: Runs, tmp_path: Path) -> None:
     assert section_builder("vit-heads") is vit_section.report_sections
     run = _run(runs)
     sections = vit_section.report_sections(run)
-    assert [s.anchor for s in sections] == ["vit-overview", "vit-importance", "vit-distance", "vit-patterns"]
+    assert [s.anchor for s in sections] == [
+        "vit-overview",
+        "vit-importance",
+        "vit-statistics",
+        "validation",
+        "vit-distance",
+        "vit-patterns",
+    ]
     body = "".join(s.body for s in sections)
     for needle in (
+        "vit-intervals-cosine",
+        "vit-intervals-confidence",
+        "vit-concentration",
+        "validation-figure",
         "vit-importance-accuracy_drop",
         "vit-importance-grad_importance",
         "vit-agreement",

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,11 @@ def test_config_errors_name_the_setting_and_the_fix() -> None:
         "n_faces": (7, "even number"),
         "artifact_ratio": (1.0, "must be > 1"),
         "n_clusters": (1, "choose by silhouette"),
+        "held_out": (1.0, "held_out must lie in"),
+        "n_null": (20, "at least 50"),
+        "n_boot": (10, "n_boot must be >= 100"),
+        "top_fraction": (0.0, "top_fraction"),
+        "validate_top": (-1, "validate_top"),
     }
     for field_name, (value, message) in cases.items():
         with pytest.raises(ConfigError, match=message):
@@ -137,6 +142,12 @@ def test_pruning_effects_on_hand_built_embeddings() -> None:
     np.testing.assert_allclose(effects.cosine_drop[0], 0.0, atol=1e-12)
     assert effects.confidence_drop("sign")[0] == pytest.approx(0.0, abs=1e-12)
     assert effects.confidence_drop("sign")[1] > effects.confidence_drop("sign")[2] > 0.4
+    per = effects.per_image()
+    np.testing.assert_allclose(per["accuracy_drop"].mean(1), effects.accuracy_drop("sign"))
+    np.testing.assert_allclose(per["accuracy_drop"][1], [1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(per["accuracy_drop"][2], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(per["confidence_drop"].mean(1), effects.confidence_drop("sign"))
+    np.testing.assert_allclose(per["cosine_drop"].mean(1), effects.cosine_drop, atol=1e-12)
     long = effects.long()
     assert set(long["metric"]) == {
         "cosine_drop",
@@ -157,6 +168,56 @@ def test_agreement_is_one_for_identical_metrics_and_minus_one_for_reversed() -> 
     assert table.loc[("a", "c"), "spearman"] == pytest.approx(-1.0)
     assert math.isnan(table.loc[("a", "flat"), "spearman"])
     assert (table["n_heads"] == 5).all()
+
+
+def test_pooled_per_image_values_average_to_the_mean_over_tasks() -> None:
+    """Task a labels images 0-2, task b images 2-3: the pooled mean over the 5 images (image 4 has no
+    label) is the mean of the two task means, also per condition row."""
+    a = np.array([[1.0, 2.0, 3.0, np.nan, np.nan], [0.0, 0.0, 0.0, np.nan, np.nan]])
+    b = np.array([[np.nan, np.nan, 10.0, 20.0, np.nan], [np.nan, np.nan, 4.0, 0.0, np.nan]])
+    pooled = vit_heads.pooled_per_image({"a": a, "b": b})
+    np.testing.assert_allclose(pooled.mean(1), [(2.0 + 15.0) / 2, (0.0 + 2.0) / 2])
+    assert pooled[0, 4] == 0.0 and pooled[0, 0] == pytest.approx(1.0 * 5 / (2 * 3))
+    only_a = vit_heads.pooled_per_image({"a": a, "none": np.full_like(a, np.nan)})
+    np.testing.assert_allclose(only_a.mean(1), [2.0, 0.0])  # a task without labels does not count
+
+
+def test_top_share_counts_the_top_tenth_of_the_positive_effects() -> None:
+    values = np.array([6.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0])
+    assert vit_heads.top_share(values, 0.1) == pytest.approx(0.6)  # top 1 of 10; the negative counts 0
+    assert vit_heads.top_share(values, 0.2) == pytest.approx(0.8)
+    assert math.isnan(float(vit_heads.top_share(np.zeros(10), 0.1)))
+    np.testing.assert_allclose(vit_heads.top_share(np.stack([values, np.ones(10)]), 0.1), [0.6, 0.1])
+
+
+def test_concentration_beats_the_shuffled_null_only_for_a_truly_dominant_head() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.exponential(1.0, (40, 20))  # 40 images, 20 exchangeable heads
+    dominant = noise.copy()
+    dominant[:, 3] += 10.0
+    strong = vit_heads.concentration(dominant, 0.1, n_perm=200, n_boot=200, seed=0)
+    expected = float(vit_heads.top_share(dominant.mean(0), 0.1))
+    assert strong["share"] == pytest.approx(expected) and strong["top_heads"] == 2
+    assert strong["share_low"] <= strong["share"] <= strong["share_high"]
+    assert strong["p_value"] == pytest.approx(1 / 201) and strong["share"] > strong["null_high"]
+    flat = vit_heads.concentration(noise, 0.1, n_perm=200, n_boot=200, seed=0)
+    assert flat["p_value"] > 0.05 and flat["null_low"] <= flat["share"] <= flat["null_high"]
+    few = vit_heads.concentration(noise[:2], 0.1, n_perm=200, n_boot=200, seed=0)
+    assert few["null_mean"] > flat["null_mean"]  # fewer images: noise alone concentrates more
+
+
+def test_ranking_and_head_intervals_on_known_values() -> None:
+    reference = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1])
+    same = vit_heads.ranking(reference, reference * 3, 0.2)
+    assert same["spearman"] == pytest.approx(1.0) and same["top_found"] == 2 and same["best_rank"] == 1
+    reverse = vit_heads.ranking(reference, -reference, 0.2)
+    assert reverse["spearman"] == pytest.approx(-1.0) and reverse["top_found"] == 0
+    assert reverse["best_rank"] == 10 and reverse["best"] == 0
+    per_image = np.array([[1.0, 0.0, np.nan], [1.0, 2.0, 1.0], [1.0, 4.0, 1.0]])
+    mean, low, high = vit_heads.head_intervals(per_image, 500, 0)
+    assert mean[0] == low[0] == high[0] == 1.0  # no spread over images: a point interval
+    assert mean[1] == pytest.approx(2.0) and 0.0 <= low[1] < 2.0 < high[1] <= 4.0
+    assert np.isnan([mean[2], low[2], high[2]]).all()
 
 
 def test_artifact_mask_marks_patches_far_above_the_median_norm() -> None:
@@ -208,14 +269,41 @@ def test_partial_pruning_with_no_query_is_intact_and_with_every_query_is_full_pr
 
 
 def test_many_heads_packed_into_one_forward_equal_one_head_at_a_time(tiny: LoadedModel) -> None:
+    """Packed conditions, resumed from the intact residual stream of their first pruned layer (or
+    run from the start), equal each condition alone, sets of heads included."""
     pixels = _pixels(tiny, 3)
     region = vision.region_mask(tiny, rows=[0, 1])
-    conditions = [PruneCondition(h) for h in _all_heads(tiny)] + [PruneCondition((0, 2), "top", region)]
-    packed = vit_heads.pruned_embeddings(tiny, pixels, conditions, mode="zero", batch_size=8)
+    conditions = [PruneCondition(h) for h in _all_heads(tiny)] + [
+        PruneCondition((0, 2), "top", region),
+        PruneCondition((1, 1), "set", others=((1, 3), (0, 0))),
+        PruneCondition((1, 0), "late set", others=((1, 2),)),
+    ]
+    assert conditions[-2].start == 0 and conditions[-1].start == 1
+    packed = vit_heads.pruned_embeddings(tiny, pixels, conditions, mode="zero", batch_size=5)
+    from_start = vit_heads.pruned_embeddings(tiny, pixels, conditions, batch_size=4, resume=False)
+    torch.testing.assert_close(packed, from_start, rtol=1e-5, atol=1e-5)
     for i, cond in enumerate(conditions):
-        with vision.gate_heads(tiny, [cond.head], query_mask=cond.query_mask):
+        with vision.gate_heads(tiny, cond.heads, query_mask=cond.query_mask):
             alone = vision.embed(tiny, pixels)
         torch.testing.assert_close(packed[i], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_pruning_skips_the_layers_before_the_pruned_head() -> None:
+    """A head of the last layer costs one layer per image (after the intact pass that records the
+    residual stream), and the model runs as before afterwards."""
+    model = _tiny("tiny-clip-vision")
+    pixels = _pixels(model, 2)
+    first = model.hf_model.get_submodule(model.extra["modules"]["attention"][0])
+    calls: list[int] = []
+    handle = first.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        vit_heads.pruned_embeddings(model, pixels, [PruneCondition((model.n_layers - 1, 0))] * 3)
+        assert len(calls) == 1  # the intact pass only
+        vit_heads.pruned_embeddings(model, pixels, [PruneCondition((model.n_layers - 1, 0))], resume=False)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    assert "forward" not in vars(model.hf_model.get_submodule(model.extra["modules"]["layers"][0]))
 
 
 def test_head_gradients_match_finite_differences_of_the_probe_loss() -> None:
@@ -238,6 +326,12 @@ def test_head_gradients_match_finite_differences_of_the_probe_loss() -> None:
         assert grads["hi"][head] == pytest.approx(np.abs(fd).mean(), rel=2e-2, abs=1e-5)
     combined = vit_heads.head_gradients(model, pixels, {"hi": lp}, {"hi": labels}, per_task=False)
     np.testing.assert_allclose(combined["all"], grads["hi"], rtol=1e-5)
+    some = labels.copy()
+    some[:2] = None  # two unlabelled images: NaN rows, left out of the mean
+    per = vit_heads.head_gradients_per_image(model, pixels, {"hi": lp}, {"hi": some}, batch_size=4)
+    assert per["hi"].shape == (6, model.n_layers, model.n_heads) and np.isnan(per["hi"][:2]).all()
+    mean = vit_heads.head_gradients(model, pixels, {"hi": lp}, {"hi": some}, batch_size=4)["hi"]
+    np.testing.assert_allclose(mean, per["hi"][2:].mean(0))
 
 
 def test_a_label_written_by_one_head_is_found_by_pruning_that_head() -> None:
@@ -317,6 +411,47 @@ def _check_result(result: AnalysisResult, model: LoadedModel, cfg: VitHeadsConfi
     norms = result.tables["norms"]
     assert {"input_set", "layer", "quantity", "sink_norm", "other_norm", "ratio"} <= set(norms.columns)
     assert "vit-heads of" in vit_heads.summary(result)
+    _check_statistics(result, model, cfg)
+
+
+def _check_statistics(result: AnalysisResult, model: LoadedModel, cfg: VitHeadsConfig) -> None:
+    """Intervals bracket each pruned head's mean; the per-image array averages to the heads table;
+    concentration and ranking cover every pruned head; the validation tests the top heads by cosine
+    drop against random sets from outside them, and the heads table carries its evidence."""
+    from analyses import validation
+
+    heads, pruned = result.heads, result.heads[result.heads["pruned"]]
+    cube = result.arrays["importance_per_image"]
+    images = result.tables["images"]
+    n_disc = int(images["eval"].sum())
+    assert cube.shape == (4, model.n_layers, model.n_heads, n_disc)
+    for i, metric in enumerate(vit_heads.IMPORTANCE_METRICS):
+        values = pruned[metric].to_numpy(dtype=float)
+        assert (pruned[f"{metric}_low"] <= values + 1e-9).all() and (
+            values <= pruned[f"{metric}_high"] + 1e-9
+        ).all()
+        means = cube[i].mean(-1)[pruned["layer"], pruned["head"]]
+        np.testing.assert_allclose(means, values, rtol=1e-4, atol=1e-6)
+    concentration = result.tables["concentration"].set_index("metric")
+    assert set(concentration.index) == set(vit_heads.IMPORTANCE_METRICS)
+    assert (concentration["n_heads"] == len(pruned)).all() and (concentration["n_images"] == n_disc).all()
+    ranking = result.tables["ranking"].set_index("metric")
+    assert ranking.loc["grad_importance", "n_heads"] == len(pruned)
+    best = pruned.loc[pruned["cosine_drop"].idxmax()]
+    assert ranking.loc["grad_importance", "reference_best"] == f"L{best['layer']}H{best['head']}"
+    table = result.tables["validation"]
+    assert list(table.columns) == list(validation.COLUMNS)
+    held = images[images["held_out"]]
+    assert not (images["eval"] & images["held_out"]).any() and len(held) == result.notes["held_out_images"]
+    if cfg.validate_top:
+        top = pruned.nlargest(cfg.validate_top, "cosine_drop")
+        tested = sorted(zip(top["layer"], top["head"], strict=True))
+        assert table["heads"].iloc[0] == validation.heads_label(tested)
+        assert table["measure"].iloc[0] == "cosine_drop" and (table["n_inputs"] == len(held)).all()
+        assert (table["n_null"] >= min(cfg.n_null, math.comb(len(heads) - len(tested), len(tested)))).all()
+        role = heads.set_index(["layer", "head"])["vit_role"]
+        assert {h for h in role.index if role[h] == "important"} == set(tested)
+        assert heads["vit_effect"].notna().sum() == len(tested)
 
 
 def test_full_run_on_each_tiny_vision_model(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -417,7 +552,7 @@ def test_display_patterns_are_the_attention_rows_of_an_eager_forward(
             for head in range(tiny.n_heads):
                 want = eager[layer][0, head].double().numpy()  # [T, T]
                 for token, row, col in queries:
-                    query = "cls" if row < 0 else (int(row), int(col))
+                    query: tuple[int, int] | Literal["cls"] = "cls" if row < 0 else (int(row), int(col))
                     got = vit_heads.display_pattern(run, image.index, layer, head, query)
                     np.testing.assert_allclose(got.patches.ravel(), want[token, n_prefix:], atol=1e-3)
                     np.testing.assert_allclose(got.prefix, want[token, :n_prefix], atol=1e-3)

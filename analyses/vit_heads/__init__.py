@@ -37,11 +37,14 @@ from analyses.vit_heads.display import (
     has_display,
     input_crops,
 )
+from analyses.vit_heads.evidence import concentration, head_intervals, ranking, top_share
 from analyses.vit_heads.importance import (
     Effects,
     PruneCondition,
     agreement,
     head_gradients,
+    head_gradients_per_image,
+    pooled_per_image,
     pruned_embeddings,
     pruning_effects,
     query_masks,
@@ -68,6 +71,7 @@ __all__ = [
     "artifact_mask",
     "build_probe_set",
     "capture_display",
+    "concentration",
     "display_attention",
     "display_geometry",
     "display_images",
@@ -75,12 +79,17 @@ __all__ = [
     "display_query_grid",
     "has_display",
     "head_gradients",
+    "head_gradients_per_image",
+    "head_intervals",
     "input_crops",
+    "pooled_per_image",
     "pruned_embeddings",
     "pruning_effects",
     "query_masks",
+    "ranking",
     "run_vit_heads",
     "summary",
+    "top_share",
 ]
 
 
@@ -99,7 +108,7 @@ ANALYSIS = register(
         page="dashboard.vit_heads.page:VitPage",
         report="dashboard.vit_heads.report:report_sections",
         docs="docs/analyses/vit-heads.md",
-        # the small preset (few images, the strongest heads by gradient pruned)
+        # the small preset (every head pruned on 2 discovery images, validated on 2 held-out ones)
         demo={"preset": "small"},
     )
 )

@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 
 from analyses.tasks import images as image_set
 from analyses.tasks import scenes
+from analyses.validation import check_null
 from probe.errors import ConfigError
 
 AblationMode = Literal["zero", "mean"]
@@ -30,9 +31,9 @@ SMALL: dict[str, Any] = {
     "n_scenes": 24,
     "n_faces": 16,
     "test_fraction": 0.5,
-    "n_eval": 4,
-    "prune_top_k": 6,
+    "n_eval": 2,
     "partial_heads": 1,
+    "validate_top": 3,
     "regions": ("cls", "centre", "border"),
     "bands": (),
     "grad_per_task": False,
@@ -58,8 +59,13 @@ class VitHeadsConfig:
     Data: ``n_scenes`` synthetic scenes of ``scene_shapes`` in ``scene_colours`` (1–2 classes, at
     most 3 objects), ``n_faces`` LFW crops (half faces), split with ``test_fraction``; ``n_eval``
     test images per source are pruned on (0: all). ``probe_c`` is the probes' inverse L2 strength.
-    Pruning: ``ablation``, ``prune_layers`` (empty: all), ``prune_top_k`` (0: every head of those
-    layers; else the top-k by gradient importance), ``partial_heads`` heads get the partial
+    The eval images of each source are split into discovery and ``held_out`` (a share) images.
+    Pruning, on the discovery images: ``ablation``, ``prune_layers`` (empty: all), ``prune_top_k``
+    (0: every head of those layers; else the top-k by gradient importance, a screen that can miss
+    heads), intervals from ``n_boot`` bootstrap draws over images, the share of the effect held by
+    the top ``top_fraction`` of heads against ``n_perm`` permutations. Validation: the
+    ``validate_top`` heads of largest cosine drop (0: none), pruned together on the held-out images,
+    against ``n_null`` random sets of as many other heads. ``partial_heads`` heads get the partial
     conditions ``regions`` and ``bands`` (band edges as shares, 0..1, of the largest distance of a
     patch from the grid centre). Attention: ``attention_images`` (an image subset of
     :mod:`analyses.tasks.images`, or ``"probe"`` for the probe images), ``n_attention_images``,
@@ -87,6 +93,12 @@ class VitHeadsConfig:
     regions: tuple[str, ...] = REGIONS
     bands: tuple[float, ...] = (0.0, 1 / 3, 2 / 3, 1.0)
     grad_per_task: bool = True
+    held_out: float = 0.5
+    validate_top: int = 10
+    n_null: int = 50
+    n_boot: int = 1000
+    top_fraction: float = 0.1
+    n_perm: int = 200
     attention_images: str = "natural"
     n_attention_images: int = 10
     pattern_images: int = 4
@@ -195,6 +207,18 @@ class VitHeadsConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0.0 < self.held_out < 1.0:
+            raise ConfigError(
+                f"held_out must lie in (0, 1), a share of the eval images (got {self.held_out})"
+            )
+        if not 0.0 < self.top_fraction < 1.0:
+            raise ConfigError(f"top_fraction must lie in (0, 1), e.g. 0.1 (got {self.top_fraction})")
+        if self.validate_top < 0:
+            raise ConfigError(f"validate_top must be >= 0 (0: no validation; got {self.validate_top})")
+        check_null(self.n_null)
+        for name in ("n_boot", "n_perm"):
+            if getattr(self, name) < 100:
+                raise ConfigError(f"{name} must be >= 100 draws (got {getattr(self, name)})")
         if not self.probe_c > 0:
             raise ConfigError(f"probe_c must be positive (got {self.probe_c})")
 

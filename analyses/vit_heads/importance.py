@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -29,11 +29,75 @@ from probe.types import Head
 
 @dataclass(frozen=True)
 class PruneCondition:
-    """One head removed, at every token (``query_mask`` None) or only at the ``[T]`` bool query mask."""
+    """One head removed (with ``others``, a set of heads), at every token (``query_mask`` None) or
+    only at the ``[T]`` bool query mask."""
 
     head: Head
     name: str = "full"
     query_mask: torch.Tensor | None = field(default=None, compare=False)
+    others: tuple[Head, ...] = ()
+
+    @property
+    def heads(self) -> list[Head]:
+        return [self.head, *self.others]
+
+    @property
+    def start(self) -> int:
+        """The first layer the condition changes: the layers before it run as in the intact model."""
+        return min(h[0] for h in self.heads)
+
+
+def _layer_inputs(model: LoadedModel, pixels: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    """The residual stream entering every layer ``[L] x [N, T, d]`` of the intact model, and the
+    output of layer 0 (its structure is what a skipped layer returns)."""
+    names = model.extra["modules"]["layers"]
+    seen: list[torch.Tensor | None] = [None] * len(names)
+    template: list[Any] = [None]
+    handles = []
+    for i, name in enumerate(names):
+        module = model.hf_model.get_submodule(name)
+
+        def pre(_: torch.nn.Module, args: tuple[Any, ...], i: int = i) -> None:
+            seen[i] = args[0].detach()
+
+        handles.append(module.register_forward_pre_hook(pre))
+    handles.append(
+        model.hf_model.get_submodule(names[0]).register_forward_hook(
+            lambda _m, _a, out: template.__setitem__(0, out)
+        )
+    )
+    try:
+        with torch.no_grad():
+            vision.forward(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(s is None or not isinstance(s, torch.Tensor) for s in seen):
+        raise ConfigError(f"{model.name}: a layer ran without its hidden states as first argument")
+    return [s for s in seen if s is not None], template[0]
+
+
+@contextlib.contextmanager
+def _skip_layers(model: LoadedModel, start: int, hidden: torch.Tensor, template: Any) -> Iterator[None]:
+    """Layers below ``start`` return ``hidden`` (the intact input of layer ``start``) uncomputed."""
+    names = model.extra["modules"]["layers"][:start]
+    modules = [model.hf_model.get_submodule(n) for n in names]
+    out = (hidden, *template[1:]) if isinstance(template, tuple) else hidden
+    saved = [vars(m).get("forward") for m in modules]
+
+    def skip(*args: Any, **kwargs: Any) -> Any:
+        return out
+
+    try:
+        for m in modules:
+            m.forward = skip
+        yield
+    finally:
+        for m, old in zip(modules, saved, strict=True):
+            if old is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = old
 
 
 def pruned_embeddings(
@@ -44,6 +108,7 @@ def pruned_embeddings(
     mode: AblationMode = "zero",
     means: Mapping[int, torch.Tensor] | None = None,
     batch_size: int = 16,
+    resume: bool = True,
     progress: bool = False,
     desc: str = "pruning",
 ) -> torch.Tensor:
@@ -52,7 +117,10 @@ def pruned_embeddings(
     Every (condition, image) pair is one row; ``batch_size`` rows share a forward, each condition
     gated by its own :func:`probe.vision.gate_heads` whose ``[batch, T]`` query mask selects its
     rows (and, for partial pruning, its queries), so conditions never touch each other's rows.
-    ``mode="mean"`` needs ``means`` (:func:`probe.vision.mean_head_outputs`).
+    ``resume``: a condition whose first pruned head sits in layer ``l`` starts from the intact
+    residual stream entering layer ``l`` (one intact pass per group of ``batch_size`` images
+    records it); the layers before ``l`` are not run again, which is exact, since they do not
+    see the pruned head. ``mode="mean"`` needs ``means`` (:func:`probe.vision.mean_head_outputs`).
     """
     from tqdm.auto import tqdm
 
@@ -61,43 +129,100 @@ def pruned_embeddings(
     if mode == "mean" and means is None:
         raise ConfigError("mode='mean' needs means; compute them with probe.vision.mean_head_outputs")
     n_images, n_tokens = int(pixels.shape[0]), model.n_ctx
+    batch_size = max(1, batch_size)
     out = torch.zeros(len(conditions), n_images, int(model.extra["embedding_dim"]))
-    pairs = [(c, i) for c in range(len(conditions)) for i in range(n_images)]
-    starts = range(0, len(pairs), max(1, batch_size))
-    bar = tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)
-    for start in bar:
-        chunk = pairs[start : start + batch_size]
-        cond_idx = torch.tensor([c for c, _ in chunk])
-        img_idx = torch.tensor([i for _, i in chunk])
-        with contextlib.ExitStack() as stack:
-            for c in torch.unique(cond_idx).tolist():
-                cond = conditions[int(c)]
-                mask = torch.zeros(len(chunk), n_tokens, dtype=torch.bool)
-                mask[cond_idx == c] = True if cond.query_mask is None else cond.query_mask.to(torch.bool)
-                stack.enter_context(
-                    vision.gate_heads(
-                        model,
-                        [cond.head],
-                        mode=mode,
-                        means=means if mode == "mean" else None,
-                        query_mask=mask,
+    groups = [np.arange(g, min(g + batch_size, n_images)) for g in range(0, n_images, batch_size)]
+    order = sorted(range(len(conditions)), key=lambda c: (conditions[c].start, c))
+    total = sum(-(-len(conditions) * len(g) // batch_size) for g in groups)
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    for group in groups:
+        inputs, template = _layer_inputs(model, pixels[group]) if resume else ([], None)
+        pairs = [(c, i) for c in order for i in range(len(group))]
+        for first in range(0, len(pairs), batch_size):
+            chunk = pairs[first : first + batch_size]
+            cond_idx = torch.tensor([c for c, _ in chunk])
+            local = torch.tensor([i for _, i in chunk])
+            # the chunk's earliest first pruned layer (its rows are sorted by it)
+            start = conditions[chunk[0][0]].start if resume else 0
+            with contextlib.ExitStack() as stack:
+                for c in torch.unique(cond_idx).tolist():
+                    cond = conditions[int(c)]
+                    mask = torch.zeros(len(chunk), n_tokens, dtype=torch.bool)
+                    mask[cond_idx == c] = True if cond.query_mask is None else cond.query_mask.to(torch.bool)
+                    stack.enter_context(
+                        vision.gate_heads(
+                            model,
+                            cond.heads,
+                            mode=mode,
+                            means=means if mode == "mean" else None,
+                            query_mask=mask,
+                        )
                     )
-                )
-            emb = vision.embed(model, pixels[img_idx], batch_size=len(chunk))
-        out[cond_idx, img_idx] = emb
+                if start > 0:
+                    stack.enter_context(_skip_layers(model, start, inputs[start][local], template))
+                emb = vision.embed(model, pixels[group][local], batch_size=len(chunk))
+            out[cond_idx, torch.as_tensor(group)[local]] = emb
+            bar.update(1)
     bar.close()
     return out
 
 
+def pooled_per_image(per_task: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-image values ``[..., N]`` whose mean over images is the mean over tasks of each task's
+    mean over its labelled images (``per_task[t] [..., N]``, NaN where image ``i`` has no label).
+
+    Image ``i`` contributes ``sum_t d_t,i · N / (T · n_t)`` (``T`` tasks with a labelled image,
+    ``n_t`` of them for task ``t``), so a bootstrap over images of these values is a bootstrap of
+    the task-averaged metric. Images without any label contribute 0.
+    """
+    arrays = [np.asarray(v, dtype=np.float64) for v in per_task.values()]
+    if not arrays:
+        raise ValueError("pooled_per_image needs at least one task")
+    n = arrays[0].shape[-1]
+    used = [a for a in arrays if np.isfinite(a).any(axis=tuple(range(a.ndim - 1))).any()]
+    out = np.zeros(arrays[0].shape)
+    for a in used:
+        labelled = np.isfinite(a).reshape(-1, n).any(axis=0)
+        out += np.nan_to_num(a, nan=0.0) * (n / (len(used) * int(labelled.sum())))
+    return out if used else np.full(arrays[0].shape, np.nan)
+
+
 @dataclass
 class Effects:
-    """What pruning did to the probes and the embedding, per condition ``[C]``."""
+    """What pruning did to the probes and the embedding, per condition ``[C]``; the per-image
+    numbers behind them (``cosine``: 1 − cosine ``[C, N]``; per task the labelled ``rows`` and,
+    pruned ``[C, n_t]`` and intact ``[n_t]``, whether the probe is right and the true-class
+    probability)."""
 
     cosine_drop: np.ndarray
     accuracy: dict[str, np.ndarray]
     confidence: dict[str, np.ndarray]
     clean_accuracy: dict[str, float]
     clean_confidence: dict[str, float]
+    cosine: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
+    prob: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_correct: dict[str, np.ndarray] = field(default_factory=dict)
+    clean_prob: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """``[C, N]`` per metric: ``cosine_drop`` per image, and ``accuracy_drop`` and
+        ``confidence_drop`` as :func:`pooled_per_image` contributions (their mean over images is the
+        task-averaged drop; all NaN without tasks)."""
+        n_cond, n = self.cosine.shape
+        out = {"cosine_drop": self.cosine}
+        for metric, pruned, clean in (
+            ("accuracy_drop", self.correct, self.clean_correct),
+            ("confidence_drop", self.prob, self.clean_prob),
+        ):
+            per_task = {}
+            for task, rows in self.rows.items():
+                full = np.full((n_cond, n), np.nan)
+                full[:, rows] = clean[task][None, :] - pruned[task]
+                per_task[task] = full
+            out[metric] = pooled_per_image(per_task) if per_task else np.full((n_cond, n), np.nan)
+        return out
 
     def accuracy_drop(self, task: str) -> np.ndarray:
         return self.clean_accuracy[task] - self.accuracy[task]
@@ -160,15 +285,21 @@ def pruning_effects(
             f"pruned must be [conditions, {clean_np.shape[0]}, {clean_np.shape[1]}], got {pruned_np.shape}"
         )
     cos = (unit(pruned_np) * unit(clean_np)[None]).sum(-1)  # [C, N]
-    effects = Effects(1.0 - cos.mean(axis=1), {}, {}, {}, {})
+    effects = Effects(1.0 - cos.mean(axis=1), {}, {}, {}, {}, cosine=1.0 - cos)
     for task, probe in probes.items():
         rows, y = rows_and_labels(labels[task])
         if rows.size == 0:
             continue
-        effects.clean_accuracy[task], effects.clean_confidence[task] = probe.score(clean_np[rows], y)
-        scores = [probe.score(p[rows], y) for p in pruned_np]
-        effects.accuracy[task] = np.asarray([s[0] for s in scores])
-        effects.confidence[task] = np.asarray([s[1] for s in scores])
+        clean_correct, clean_prob = probe.scores(clean_np[rows], y)
+        scores = [probe.scores(p[rows], y) for p in pruned_np]
+        effects.rows[task] = rows
+        effects.clean_correct[task], effects.clean_prob[task] = clean_correct, clean_prob
+        effects.correct[task] = np.asarray([s[0] for s in scores]).reshape(len(pruned_np), len(rows))
+        effects.prob[task] = np.asarray([s[1] for s in scores]).reshape(len(pruned_np), len(rows))
+        effects.clean_accuracy[task] = float(clean_correct.mean())
+        effects.clean_confidence[task] = float(clean_prob.mean())
+        effects.accuracy[task] = effects.correct[task].mean(axis=1)
+        effects.confidence[task] = effects.prob[task].mean(axis=1)
     return effects
 
 
@@ -182,7 +313,34 @@ def head_gradients(
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Michel et al.'s importance ``mean_images |∂ CE / ∂ gate_h|`` ``[L, H]`` per task (or ``"all"``).
+    """Michel et al.'s importance ``mean_images |∂ CE / ∂ gate_h|`` ``[L, H]`` per task (or ``"all"``):
+    the mean over the labelled images of :func:`head_gradients_per_image`."""
+    per_image = head_gradients_per_image(
+        model, pixels, probes, labels, per_task=per_task, batch_size=batch_size, progress=progress
+    )
+    return image_means(per_image)
+
+
+def image_means(per_image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mean over the labelled images (rows without NaN) of each ``[N, ...]`` array (NaN: none)."""
+    out = {}
+    for key, g in per_image.items():
+        labelled = np.isfinite(g.reshape(len(g), -1)).all(axis=1)
+        out[key] = g[labelled].mean(0) if labelled.any() else np.full(g.shape[1:], np.nan)
+    return out
+
+
+def head_gradients_per_image(
+    model: LoadedModel,
+    pixels: torch.Tensor,
+    probes: Mapping[str, LinearProbe],
+    labels: Mapping[str, np.ndarray],
+    *,
+    per_task: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """``|∂ CE / ∂ gate_h|`` per image ``[N, L, H]`` per task (or ``"all"``; NaN rows: unlabelled).
 
     Each image has its own gates (:func:`probe.vision.gate_variables` with ``batch``), so one
     backward pass gives every image its own gradient. ``per_task``: one backward per task over the
@@ -193,11 +351,11 @@ def head_gradients(
     index = {t: probes[t].label_index([v if v is not None else "" for v in labels[t]]) for t in probes}
     has = {t: np.asarray([v is not None for v in labels[t]]) & (index[t] >= 0) for t in probes}
     keys = list(probes) if per_task else ["all"]
-    sums = {k: torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64) for k in keys}
-    counts = dict.fromkeys(keys, 0)
-    starts = range(0, int(pixels.shape[0]), max(1, batch_size))
+    n = int(pixels.shape[0])
+    out = {k: np.full((n, model.n_layers, model.n_heads), np.nan) for k in keys}
+    starts = range(0, n, max(1, batch_size))
     for start in tqdm(starts, desc="gradients", unit="batch", disable=not progress, leave=False):
-        rows = np.arange(start, min(start + batch_size, int(pixels.shape[0])))
+        rows = np.arange(start, min(start + batch_size, n))
         with torch.enable_grad(), vision.gate_variables(model, batch=len(rows)) as gates:
             emb = vision.forward(model, pixels[rows]).embedding
             losses: dict[str, torch.Tensor] = {}
@@ -215,18 +373,13 @@ def head_gradients(
                 for task, loss in losses.items():
                     (grad,) = torch.autograd.grad(loss.sum(), gates, retain_graph=True)
                     mask = has[task][rows]
-                    sums[task] += grad.detach().abs().double().cpu()[torch.as_tensor(mask)].sum(0)
-                    counts[task] += int(mask.sum())
+                    out[task][rows[mask]] = grad.detach().abs().double().cpu().numpy()[mask]
             else:
                 total = torch.stack(list(losses.values())).sum(0)
                 (grad,) = torch.autograd.grad(total.sum(), gates)
                 mask = np.any([has[t][rows] for t in losses], axis=0)
-                sums["all"] += grad.detach().abs().double().cpu()[torch.as_tensor(mask)].sum(0)
-                counts["all"] += int(mask.sum())
-    return {
-        k: (sums[k] / counts[k]).numpy() if counts[k] else np.full((model.n_layers, model.n_heads), np.nan)
-        for k in keys
-    }
+                out["all"][rows[mask]] = grad.detach().abs().double().cpu().numpy()[mask]
+    return out
 
 
 def query_masks(
@@ -323,7 +476,8 @@ def select_heads(model: LoadedModel, cfg: VitHeadsConfig, grad: np.ndarray) -> l
 @dataclass
 class FullPruning:
     """Full pruning of the selected ``heads``: the effects per head, the drops averaged over tasks
-    (``[len(heads)]``) and the ``[L, H]`` columns of the heads table (NaN where not pruned)."""
+    (``[len(heads)]``), the ``[L, H]`` columns of the heads table (NaN where not pruned) and the
+    per-image effects ``[len(heads), N]`` per metric (:meth:`Effects.per_image`)."""
 
     heads: list[Head]
     n_candidates: int
@@ -331,6 +485,7 @@ class FullPruning:
     accuracy_drop: np.ndarray
     confidence_drop: np.ndarray
     columns: dict[str, np.ndarray]
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def prune_heads(
@@ -363,7 +518,7 @@ def prune_heads(
         cols["accuracy_drop"][layer, h] = acc_drop[i]
         cols["confidence_drop"][layer, h] = conf_drop[i]
         cols["cosine_drop"][layer, h] = full.cosine_drop[i]
-    return FullPruning(heads, n_candidates, full, acc_drop, conf_drop, cols)
+    return FullPruning(heads, n_candidates, full, acc_drop, conf_drop, cols, full.per_image())
 
 
 PARTIAL_COLUMNS = [

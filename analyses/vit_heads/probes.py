@@ -82,15 +82,22 @@ class LinearProbe:
         lookup = {c: i for i, c in enumerate(self.classes)}
         return np.asarray([lookup.get(str(v), -1) for v in labels], dtype=np.int64)
 
-    def score(self, embeddings: np.ndarray | torch.Tensor, labels: Sequence[Any]) -> tuple[float, float]:
-        """(accuracy, mean probability of the true class) on ``embeddings`` with ``labels``."""
+    def scores(
+        self, embeddings: np.ndarray | torch.Tensor, labels: Sequence[Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: (correct 0/1, probability of the true class); an unseen label is wrong, 0."""
         p = self.proba(embeddings)
         y = self.label_index(labels)
         known = y >= 0
-        correct = np.zeros(len(y), dtype=bool)
+        correct = np.zeros(len(y))
         correct[known] = p[known].argmax(axis=1) == y[known]
         conf = np.zeros(len(y))
         conf[known] = p[known, y[known]]
+        return correct, conf
+
+    def score(self, embeddings: np.ndarray | torch.Tensor, labels: Sequence[Any]) -> tuple[float, float]:
+        """(accuracy, mean probability of the true class) on ``embeddings`` with ``labels``."""
+        correct, conf = self.scores(embeddings, labels)
         return float(correct.mean()), float(conf.mean())
 
 

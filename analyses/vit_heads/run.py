@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.validation import evidence_columns, split_indices
+from analyses.validation import frame as validation_frame
 from analyses.vit_heads import attention as va
 from analyses.vit_heads import patterns as vp
 from analyses.vit_heads.artifacts import head_sink_columns, sink_tables
@@ -22,12 +24,15 @@ from analyses.vit_heads.capture import Capture, capture_pass
 from analyses.vit_heads.config import IMPORTANCE_METRICS, METRIC_LABELS, VitHeadsConfig
 from analyses.vit_heads.data import ImageSet, eval_rows, patch_grid, prepare_images, rows_and_labels
 from analyses.vit_heads.display import display_step
+from analyses.vit_heads.evidence import importance_stats, validate_top
 from analyses.vit_heads.importance import (
     EvalSet,
     FullPruning,
     agreement,
-    head_gradients,
+    head_gradients_per_image,
+    image_means,
     importance_table,
+    pooled_per_image,
     prune_heads,
     prune_partially,
 )
@@ -59,14 +64,34 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def _eval_set(
+def _eval_sets(
     images: ImageSet, probes: Mapping[str, LinearProbe], cap: Capture, cfg: VitHeadsConfig
-) -> EvalSet:
-    """The test images pruning is measured on (at most ``n_eval`` per source)."""
+) -> tuple[EvalSet, EvalSet | None]:
+    """The test images pruning is measured on (at most ``n_eval`` per source), split per source
+    into discovery and ``held_out`` images (no held-out images without validation)."""
     data = images.data
     rows = eval_rows(data, cfg.n_eval)
-    labels = {t: data.labels[t][rows] for t in probes}
-    return EvalSet(rows, labels, images.pixels[rows], cap.embeddings[rows])
+    discovery: list[int] = []
+    held: list[int] = []
+    for src in ("scenes", "faces"):
+        mine = rows[data.source[rows] == src]
+        if cfg.validate_top and len(mine) >= 2:
+            d, h = split_indices(len(mine), cfg.held_out, cfg.seed)
+            discovery += mine[d].tolist()
+            held += mine[h].tolist()
+        else:
+            discovery += mine.tolist()
+    if cfg.validate_top and not held:
+        raise ConfigError(
+            "validation needs at least 2 eval images of a source (discovery and held-out); raise n_eval, "
+            "n_scenes or n_faces, or set validate_top=0"
+        )
+
+    def subset(picked: list[int]) -> EvalSet:
+        r = np.sort(np.asarray(picked, dtype=np.int64))
+        return EvalSet(r, {t: data.labels[t][r] for t in probes}, images.pixels[r], cap.embeddings[r])
+
+    return subset(discovery), (subset(held) if held else None)
 
 
 # ============================================================================== attention strength
@@ -214,6 +239,28 @@ def _patterns(model: LoadedModel, cap: Capture, cfg: VitHeadsConfig, queries: np
     return result
 
 
+# ============================================================================== validation
+
+
+def _validation(
+    model: LoadedModel,
+    cfg: VitHeadsConfig,
+    full: FullPruning,
+    held: EvalSet | None,
+    probes: Mapping[str, LinearProbe],
+    means: Mapping[int, Any] | None,
+) -> pd.DataFrame:
+    """The ``validate_top`` pruned heads of largest cosine drop on the discovery images, tested
+    together on the held-out images against random sets of the other candidate heads."""
+    if held is None or not cfg.validate_top:
+        return validation_frame([])
+    order = np.argsort(-np.nan_to_num(full.effects.cosine_drop, nan=-np.inf), kind="stable")
+    tested = sorted(full.heads[int(i)] for i in order[: cfg.validate_top])
+    layers = sorted({int(x) for x in cfg.prune_layers}) or list(range(model.n_layers))
+    candidates = [(layer, h) for layer in layers for h in range(model.n_heads)]
+    return validate_top(model, cfg, held, probes, means, tested, candidates)
+
+
 # ============================================================================== tables and notes
 
 
@@ -289,8 +336,9 @@ def _probes_with_eval(probes_frame: pd.DataFrame, full: FullPruning, ev: EvalSet
     return probes_frame.merge(clean_scores, on="task", how="left") if len(clean_scores) else probes_frame
 
 
-def _images_frame(images: ImageSet, ev: EvalSet, cfg: VitHeadsConfig) -> pd.DataFrame:
-    """Every image with its source, split, ``eval``/``attention`` flags and labels."""
+def _images_frame(images: ImageSet, ev: EvalSet, held: EvalSet | None, cfg: VitHeadsConfig) -> pd.DataFrame:
+    """Every image with its source, split, ``eval`` (discovery) / ``held_out`` / ``attention``
+    flags and labels."""
     data, n_extra = images.data, len(images.extra_names)
     all_names = images.all_names
     return pd.DataFrame(
@@ -299,6 +347,7 @@ def _images_frame(images: ImageSet, ev: EvalSet, cfg: VitHeadsConfig) -> pd.Data
             "source": images.row_sources,
             "split": [*data.split.tolist(), *(["attention"] * n_extra)],
             "eval": np.isin(np.arange(len(all_names)), ev.rows),
+            "held_out": np.isin(np.arange(len(all_names)), held.rows if held is not None else []),
             "attention": np.isin(np.arange(len(all_names)), images.att_rows),
             **{f"label_{t}": [*data.labels[t].tolist(), *([None] * n_extra)] for t in cfg.tasks},
         }
@@ -368,9 +417,9 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
         display_arrays, display_frame, display_rows = display_step(model, images, cfg)
     with _timed(timings, "probes"):
         probes, probes_frame = fit_probes(cfg, images.data, cap.embeddings.numpy())
-        ev = _eval_set(images, probes, cap, cfg)
+        ev, held = _eval_sets(images, probes, cap, cfg)
     with _timed(timings, "gradients"):
-        grads = head_gradients(
+        grads_per_image = head_gradients_per_image(
             model,
             ev.pixels,
             probes,
@@ -379,9 +428,16 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
             batch_size=max(1, min(cfg.batch_size, 16)),
             progress=cfg.progress,
         )
+        grads = image_means(grads_per_image)
         grad_mean = np.nanmean(np.stack(list(grads.values())), axis=0)
+        n_ev = len(ev.rows)
+        grad_per_image = pooled_per_image({k: g.reshape(n_ev, -1).T for k, g in grads_per_image.items()})
     with _timed(timings, "pruning"):
         full = prune_heads(model, cfg, ev, probes, cap.means, grad_mean)
+    with _timed(timings, "statistics"):
+        stats = importance_stats(model, cfg, full, grad_per_image)
+    with _timed(timings, "validation"):
+        validation = _validation(model, cfg, full, held, probes, cap.means)
     with _timed(timings, "partial"):
         partial, partial_long, partial_heads = prune_partially(model, cfg, ev, probes, cap.means, full)
     importance = importance_table(model, full, grads, partial_long)
@@ -392,12 +448,16 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
     att_names = [images.all_names[int(r)] for r in images.att_rows]
     sinks, norms, artifacts = sink_tables(model, cap, att_names, cfg.attention_images, cfg)
     head_table = _heads_table(model, cfg, cap, full, grads, grad_mean, strength, patterns)
+    for name, values in stats.columns.items():
+        head_table[name] = values.ravel()
+    head_table = evidence_columns(head_table, validation, "vit")
     agree = agreement(head_table[head_table["pruned"]], IMPORTANCE_METRICS)
     arrays = {
         "offset_maps": cap.offset.astype(np.float32),
         **display_arrays,
         **patterns.arrays,
         "agreement": _agreement_array(agree),
+        "importance_per_image": stats.per_image.astype(np.float32),
     }
     timings["total"] = round(time.perf_counter() - t_start, 3)
     return AnalysisResult(
@@ -409,6 +469,9 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
             "importance": importance,
             "partial": partial,
             "agreement": agree,
+            "concentration": stats.concentration,
+            "ranking": stats.ranking,
+            "validation": validation,
             "probes": _probes_with_eval(probes_frame, full, ev),
             "distance": strength.distance,
             "attention_trend": strength.attention_trend,
@@ -417,11 +480,15 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
             "sinks": sinks,
             "norms": norms,
             "artifacts": artifacts,
-            "images": _images_frame(images, ev, cfg),
+            "images": _images_frame(images, ev, held, cfg),
             **({"display": display_frame} if display_frame is not None else {}),
         },
         arrays=arrays,
         seeds={"data": cfg.seed, "queries": cfg.seed + 1, "autoencoder": cfg.seed, "kmeans": cfg.seed},
         timings=timings,
-        notes=_notes(cfg, full, ev, partial_heads, strength, patterns, display_rows),
+        notes={
+            **_notes(cfg, full, ev, partial_heads, strength, patterns, display_rows),
+            "held_out_images": 0 if held is None else len(held.rows),
+            "statistics": stats.notes,
+        },
     )

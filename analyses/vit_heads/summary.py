@@ -3,35 +3,78 @@ partial pruning, the attention-distance trend, the pattern clusters and the visi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from analyses.base import AnalysisResult
+from analyses.vit_heads.config import IMPORTANCE_METRICS
+
+
+def _interval(r: Any, metric: str) -> str:
+    return f"{getattr(r, metric):.3g} [{getattr(r, metric + '_low'):.3g}, {getattr(r, metric + '_high'):.3g}]"
 
 
 def _importance_lines(result: AnalysisResult) -> list[str]:
     heads = result.heads
+    notes = result.notes
     lines = []
     pruned = heads[heads["pruned"]]
-    if len(pruned):
-        top = pruned.nlargest(5, "confidence_drop")
-        lines.append(
-            "  top heads by confidence drop: "
-            + ", ".join(
-                f"L{r.layer}H{r.head} {r.confidence_drop:+.3f} (acc {r.accuracy_drop:+.2f})"
-                for r in top.itertuples()
-            )
+    stats = notes.get("statistics", {})
+    if len(pruned) and stats:
+        counts = ", ".join(
+            f"{m} {stats[m]['interval_excludes_zero']}" for m in IMPORTANCE_METRICS if m in stats
         )
+        lines.append(
+            f"  intervals: 95% bootstrap over {stats['discovery_images']} discovery images; heads whose "
+            f"interval excludes 0 (of {len(pruned)}): {counts}; accuracy drop exactly 0 for "
+            f"{stats['accuracy_drop']['exactly_zero']}"
+        )
+        for metric in ("cosine_drop", "confidence_drop"):
+            top = pruned.nlargest(3, metric)
+            lines.append(
+                f"  top by {metric}: "
+                + ", ".join(f"L{r.layer}H{r.head} {_interval(r, metric)}" for r in top.itertuples())
+            )
     top_grad = heads.nlargest(3, "grad_importance")
     lines.append(
         "  top by gradient: "
         + ", ".join(f"L{r.layer}H{r.head} {r.grad_importance:.3g}" for r in top_grad.itertuples())
     )
-    agree = result.tables["agreement"]
-    pairs = agree[(agree["metric_a"] == "confidence_drop") & (agree["metric_b"] != "confidence_drop")]
-    if len(pairs):
+    ranking = result.tables.get("ranking")
+    if ranking is not None and len(ranking):
+        for r in ranking.itertuples():
+            lines.append(
+                f"  {r.metric} vs the exact {r.reference} over {r.n_heads} heads: Spearman {r.spearman:.2f}, "
+                f"finds {r.top_found} of the top {r.top_heads}; ranks {r.reference_best} (the largest) #{r.best_rank}"
+            )
+    lines += _concentration_lines(result.tables.get("concentration"))
+    lines += _validation_lines(result.tables.get("validation"))
+    return lines
+
+
+def _concentration_lines(table: pd.DataFrame | None) -> list[str]:
+    if table is None or not len(table):
+        return []
+    lines = []
+    for r in table.itertuples():
         lines.append(
-            f"  Spearman with confidence_drop (n={int(pairs['n_heads'].iloc[0])}): "
-            + ", ".join(f"{r.metric_b} {r.spearman:.2f}" for r in pairs.itertuples())
+            f"  top {r.top_heads} of {r.n_heads} heads hold {r.share:.0%} [{r.share_low:.0%}, {r.share_high:.0%}] "
+            f"of the {r.metric} vs {r.null_mean:.0%} [{r.null_low:.0%}, {r.null_high:.0%}] with heads "
+            f"shuffled per image (p = {r.p_value:.2g})"
+        )
+    return lines
+
+
+def _validation_lines(table: pd.DataFrame | None) -> list[str]:
+    if table is None or not len(table):
+        return ["  held-out validation: none (validate_top=0)"]
+    lines = [f"  held-out validation of {table['heads'].iloc[0]} ({table['inputs'].iloc[0]}):"]
+    for r in table.itertuples():
+        verdict = "validated" if r.validated else "NOT validated"
+        lines.append(
+            f"    {r.measure} {r.effect:.3g} [{r.effect_low:.3g}, {r.effect_high:.3g}] vs {r.n_null} random sets "
+            f"{r.null_mean:.3g} ± {r.null_std:.2g}; percentile {r.percentile:.0f}, p = {r.p_value:.2g}: {verdict}"
         )
     return lines
 
@@ -114,7 +157,7 @@ def summary(result: AnalysisResult) -> str:
     probes = result.tables["probes"]
     lines = [
         f"vit-heads of {result.model_info['name']}: {cfg.ablation} ablation, {notes['pruned_heads']}/{len(heads)} "
-        f"heads pruned on {notes['eval_images']} eval images"
+        f"heads pruned on {notes['eval_images']} discovery images ({notes.get('held_out_images', 0)} held out)"
     ]
     acc = ", ".join(
         f"{r.task} {r.test_accuracy:.2f} (chance {r.chance:.2f})"

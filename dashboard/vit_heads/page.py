@@ -5,7 +5,9 @@ It shows one ``vit-heads`` run (:mod:`analyses.vit_heads`).
 Elements (stable ids): ``vit-run`` (run picker), ``vit-settings`` (the run's settings),
 ``vit-findings`` (sentences reading the run's numbers), ``vit-metric`` (importance metric),
 ``vit-importance`` (layer x head map of that metric; clicking a cell picks the head),
-``vit-agreement`` (Spearman matrix of the metrics), ``vit-trend-metric`` and ``vit-trend`` (a head
+``vit-agreement`` (Spearman matrix of the metrics), ``vit-intervals`` (the top heads by that metric
+with their intervals over images), ``vit-concentration`` (the top heads' share of the total against
+a shuffled null), ``vit-validation`` (the held-out validation of the top heads), ``vit-trend-metric`` and ``vit-trend`` (a head
 statistic per layer with its spread), ``vit-head`` (the chosen head), ``vit-head-info`` (its numbers),
 ``vit-distance`` (its strength against distance), ``vit-offset`` (its offset map),
 ``vit-clusters`` (the pattern-cluster gallery), and the overlay: ``vit-display-image`` (a display
@@ -30,7 +32,8 @@ from dash.development.base_component import Component
 from analyses.runstore import Run
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
-from dashboard.vit_heads import views
+from dashboard.core.validation import validation_block
+from dashboard.vit_heads import statistics, views
 
 DEFAULT_METRIC = "confidence_drop"
 DEFAULT_TREND = "mean_attention_distance"
@@ -81,6 +84,11 @@ class VitPage(AnalysisPage):
                     ),
                     ui.panel(ui.graph("vit-agreement"), css=ui.DETAIL_PANEL),
                 ),
+                ui.columns(
+                    ui.panel(ui.graph("vit-intervals")),
+                    ui.panel(ui.graph("vit-concentration"), css=ui.DETAIL_PANEL),
+                ),
+                html.Div(id="vit-validation"),
                 ui.columns(
                     ui.panel(
                         ui.detail_controls(
@@ -197,6 +205,30 @@ class VitPage(AnalysisPage):
 
     def agreement_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, views.agreement_figure)
+
+    def intervals_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
+        shown = metric if metric in views.METRICS else DEFAULT_METRIC
+        return self._figure(run_id, lambda run: statistics.interval_figure(run, shown))
+
+    def concentration_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, statistics.concentration_figure)
+
+    def validation(self, run_id: str | None) -> Component:
+        def build(run: Run) -> Component:
+            table = statistics.validation_table(run)
+            if table is None:
+                return html.P(
+                    "This run has no held-out validation; re-run headlab run vit-heads.", className="hint"
+                )
+            return html.Div(
+                [
+                    html.H3("Held-out validation of the top heads"),
+                    *[html.P(line, className="hint") for line in statistics.ranking_lines(run)],
+                    validation_block(table, graph_id="vit-validation-graph"),
+                ]
+            )
+
+        return self._block(run_id, build, "cannot show the validation")
 
     def trend_figure(self, run_id: str | None, metric: str | None) -> go.Figure:
         shown = metric if metric in views.TREND_METRICS else DEFAULT_TREND
@@ -328,6 +360,13 @@ class VitPage(AnalysisPage):
             Input("vit-head", "value"),
         )(self.importance_figure)
         app.callback(Output("vit-agreement", "figure"), Input("vit-run", "value"))(self.agreement_figure)
+        app.callback(
+            Output("vit-intervals", "figure"), Input("vit-run", "value"), Input("vit-metric", "value")
+        )(self.intervals_figure)
+        app.callback(Output("vit-concentration", "figure"), Input("vit-run", "value"))(
+            self.concentration_figure
+        )
+        app.callback(Output("vit-validation", "children"), Input("vit-run", "value"))(self.validation)
         app.callback(
             Output("vit-trend", "figure"), Input("vit-run", "value"), Input("vit-trend-metric", "value")
         )(self.trend_figure)

@@ -1,5 +1,5 @@
 """The vit-heads report: what the run's numbers say, head importance per metric and the metrics'
-agreement, attention distance across layers and for the most important head, and the pattern
+agreement, the intervals and concentration of importance, its held-out validation, attention distance across layers and for the most important head, and the pattern
 clusters (the figures of the ViT page, through :mod:`dashboard.vit_heads.views`).
 See docs/analyses/vit-heads.md."""
 
@@ -10,7 +10,8 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
-from dashboard.vit_heads import views
+from dashboard.core.validation import validation_sections
+from dashboard.vit_heads import statistics, views
 
 
 def _overview(run: Run) -> ReportSection:
@@ -46,7 +47,8 @@ def _importance(run: Run) -> ReportSection:
     intro = (
         "<p>Each head's output is removed and the probes are scored again (rows: layers, layer 0 at the "
         "top; columns: heads). Blank cells: heads that were not pruned (only the gradient importance "
-        "covers every head). The agreement is the Spearman rank correlation over the pruned heads.</p>"
+        "covers every head). The agreement is the Spearman rank correlation over the pruned heads "
+        f"(n = {int(views.heads(run)['pruned'].sum())}).</p>"
     )
     body = (
         intro
@@ -56,6 +58,38 @@ def _importance(run: Run) -> ReportSection:
         + table_html(["head", *[views.METRIC_NAMES[m] for m in views.METRICS]], rows)
     )
     return ReportSection("vit-importance", "Head importance and metric agreement", body)
+
+
+def _statistics(run: Run) -> ReportSection:
+    if not statistics.has_intervals(run):
+        body = "<p>This run has no intervals over images; re-run <code>headlab run vit-heads</code>.</p>"
+        return ReportSection("vit-statistics", "How much to trust the importance", body)
+    parts = [
+        "<p>Each head's effect is its mean over the discovery images, with a 95% bootstrap interval over "
+        "those images. The concentration compares the share of the total effect held by the top heads "
+        "with the same share when each image's effects are shuffled over the heads.</p>",
+        '<div class="grid">',
+        figure_html(statistics.interval_figure(run, "cosine_drop"), "vit-intervals-cosine"),
+        figure_html(statistics.interval_figure(run, "confidence_drop"), "vit-intervals-confidence"),
+        "</div>",
+        figure_html(statistics.concentration_figure(run), "vit-concentration"),
+    ]
+    if "concentration" in run.table_names:
+        rows = [
+            [
+                views.METRIC_NAMES.get(str(r.metric), str(r.metric)),
+                f"{int(r.top_heads)} of {int(r.n_heads)}",
+                f"{fmt(100 * float(r.share), 3)}% [{fmt(100 * float(r.share_low), 3)}, {fmt(100 * float(r.share_high), 3)}]",
+                f"{fmt(100 * float(r.null_mean), 3)}% [{fmt(100 * float(r.null_low), 3)}, {fmt(100 * float(r.null_high), 3)}]",
+                fmt(float(r.p_value), 2),
+            ]
+            for r in run.table("concentration").itertuples(index=False)
+        ]
+        parts.append(
+            table_html(["metric", "top heads", "share (95% CI)", "shuffled null (95% range)", "p"], rows)
+        )
+    parts += [f"<p>{html.escape(line)}</p>" for line in statistics.ranking_lines(run)]
+    return ReportSection("vit-statistics", "How much to trust the importance", "".join(parts))
 
 
 def _distance(run: Run) -> ReportSection:
@@ -103,4 +137,11 @@ def report_sections(run: Run) -> list[ReportSection]:
     """The vit-heads sections; a run without the vit-heads tables gets the generic heads heat maps."""
     if not views.is_vit(run):
         return generic.report_sections(run)
-    return [_overview(run), _importance(run), _distance(run), _patterns(run)]
+    return [
+        _overview(run),
+        _importance(run),
+        _statistics(run),
+        *validation_sections(run),
+        _distance(run),
+        _patterns(run),
+    ]

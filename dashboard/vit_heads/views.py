@@ -17,19 +17,18 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analyses import vit_heads
-from analyses.vit_heads import DISPLAY_HINT, IMPORTANCE_METRICS, METRIC_LABELS, VitHeadsConfig
+from analyses.vit_heads import DISPLAY_HINT, METRIC_LABELS, VitHeadsConfig
 from dashboard.core import common, figures
 from dashboard.core.common import Source
 from dashboard.core.common import table as _table
+from dashboard.vit_heads.statistics import (
+    METRIC_NAMES,
+    METRICS,
+    ranking_lines,
+    validation_table,
+)
 
 ANALYSIS = "vit-heads"
-METRICS: tuple[str, ...] = IMPORTANCE_METRICS
-METRIC_NAMES = {
-    "accuracy_drop": "accuracy drop",
-    "confidence_drop": "confidence drop",
-    "cosine_drop": "cosine drop",
-    "grad_importance": "gradient importance",
-}
 TREND_METRICS: tuple[str, ...] = (
     "mean_attention_distance",
     "patch_share",
@@ -577,8 +576,19 @@ def head_lines(source: Source, layer: int, head: int) -> list[str]:
     r = row.iloc[0]
     lines = []
     if bool(r["pruned"]):
-        drops = ", ".join(f"{METRIC_NAMES[m]} {float(r[m]):.4f}" for m in METRICS)
+        drops = ", ".join(
+            f"{METRIC_NAMES[m]} {float(r[m]):.4f}"
+            + (f" [{float(r[m + '_low']):.4f}, {float(r[m + '_high']):.4f}]" if m + "_low" in r else "")
+            for m in METRICS
+        )
         lines.append(f"Pruned: {drops}.")
+    if str(r.get("vit_role", "") or ""):
+        verdict = "validated" if bool(r["vit_validated"]) else "not validated"
+        lines.append(
+            f"Among the top heads tested together on held-out images: effect {float(r['vit_effect']):.4f} "
+            f"[{float(r['vit_effect_low']):.4f}, {float(r['vit_effect_high']):.4f}], percentile "
+            f"{float(r['vit_percentile']):.0f} of random sets, p = {float(r['vit_p_value']):.2g}: {verdict}."
+        )
     else:
         lines.append(f"Not pruned; gradient importance {float(r['grad_importance']):.4f}.")
     lines.append(
@@ -637,6 +647,25 @@ def findings(source: Source) -> list[str]:
             )
     except KeyError:
         pass
+    lines += [line for line in ranking_lines(source) if line.startswith(METRIC_NAMES["grad_importance"])]
+    if "concentration" in source.table_names:
+        for r in table(source, "concentration").itertuples(index=False):
+            if r.metric in ("cosine_drop", "grad_importance"):
+                lines.append(
+                    f"The top {int(r.top_heads)} of {int(r.n_heads)} heads hold {float(r.share):.0%} "
+                    f"[{float(r.share_low):.0%}, {float(r.share_high):.0%}] of the {METRIC_NAMES[str(r.metric)]}; "
+                    f"with each image's effects shuffled over the heads they would hold {float(r.null_mean):.0%} "
+                    f"[{float(r.null_low):.0%}, {float(r.null_high):.0%}] (p = {float(r.p_value):.2g})."
+                )
+    checked = validation_table(source)
+    if checked is not None and len(checked):
+        first = checked.iloc[0]
+        lines.append(
+            f"Held-out check of {first['heads']} ({first['measure']}): {float(first['effect']):.4g} "
+            f"[{float(first['effect_low']):.4g}, {float(first['effect_high']):.4g}] against "
+            f"{float(first['null_mean']):.4g} for {int(first['n_null'])} random sets, p = {float(first['p_value']):.2g}: "
+            + ("validated." if bool(first["validated"]) else "not validated.")
+        )
     trend = table(source, "attention_trend")
     mad = trend[trend["metric"] == "mean_attention_distance"].sort_values("layer")
     if len(mad) >= 2:
