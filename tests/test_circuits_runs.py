@@ -17,6 +17,8 @@ import torch
 import probe
 from analyses import circuits, runstore
 from analyses.circuits import CircuitConfig, Runner
+from analyses.validation import COLUMNS as VALIDATION_COLUMNS
+from analyses.validation import EVIDENCE
 from probe import interventions as iv
 from probe.hooks import attn_hook
 from probe.loading import LoadedModel
@@ -25,7 +27,9 @@ from tests.test_circuits import bridge_logit_diff, every_head, wordy
 
 # --------------------------------------------------------------------------- 1. end to end (tiny)
 
-TINY_CFG = CircuitConfig(n_items=8, n_random=3, batch_size=64, n_boot=50, progress=False)
+TINY_CFG = CircuitConfig(
+    n_items=8, n_random=3, batch_size=64, n_boot=50, progress=False, n_heldout=6, n_reference=6
+)
 IOI_CFG = dataclasses.replace(TINY_CFG, max_senders=5, batch_size=4)  # chunks of one prompt
 STAGE_COLS = ["logits", "mover_queries", "inhibition_kv", "induction_k"]
 SIG_COLS = [
@@ -88,6 +92,7 @@ COLUMNS = {
     ],
     "faithfulness": ["task", "circuit", "index", "size", "logit_diff", "full_logit_diff", "faithfulness"],
     "ablation": ["task", "ablated", "index", "size", "logit_diff", "drop", "heads"],
+    "validation": ["task", *VALIDATION_COLUMNS],
     "overlap": ["source", "stage", "percent", "k", "shared", "overlap", "jaccard"],
     "rank_correlation": ["stage", "spearman", "p_value", "n_heads"],
     "intervention": [
@@ -115,11 +120,15 @@ def heads_columns(prefixes: Sequence[str]) -> list[str]:
     for px in prefixes:
         cols += [
             f"{px}_activation",
+            f"{px}_compensation",
             f"{px}_attribution",
             *(f"{px}_{s}" for s in STAGE_COLS),
             *(f"{px}_{s}" for s in SIG_COLS),
         ]
-    return cols + [f"{px}_class" for px in prefixes]
+    cols += [f"{px}_class" for px in prefixes]
+    for px in prefixes:
+        cols += [f"{px}_{e}" for e in EVIDENCE]
+    return cols
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,33 @@ from analyses.circuits.config import (
     TaskName,
 )
 from analyses.circuits.forward import GroupCache, Runner
-from analyses.circuits.patching import Receivers, path_patching
+from analyses.circuits.patching import Receivers, path_patching, path_patching_items
+from analyses.validation import significant
 from probe.loading import LoadedModel
 from probe.types import Head
 
 
+def admitted(scores: np.ndarray, items: np.ndarray | None, sign: float, cfg: CircuitConfig) -> np.ndarray:
+    """``[L, H]``: heads whose path score admits them in the direction ``sign`` (-1: the score lowers
+    the metric, as a name mover's does). ``cfg.admit="significance"`` tests the per-prompt scores
+    ``items`` ``[n_prompts, L, H]`` against zero (one-sided t-test, Benjamini–Hochberg at
+    ``cfg.alpha`` over the tested heads); ``"share"`` compares the mean with ``cfg.min_share``."""
+    if cfg.admit == "share" or items is None:
+        return np.nan_to_num(sign * scores, nan=-np.inf) >= cfg.min_share
+    flat = items.reshape(items.shape[0], -1)
+    passed, _ = significant(flat, "higher" if sign > 0 else "lower", cfg.alpha)
+    return passed.reshape(scores.shape)
+
+
 def classify(
-    stage: Stage, scores: np.ndarray, signatures: Mapping[str, np.ndarray], cfg: CircuitConfig
+    stage: Stage,
+    scores: np.ndarray,
+    signatures: Mapping[str, np.ndarray],
+    cfg: CircuitConfig,
+    items: np.ndarray | None = None,
 ) -> dict[HeadClass, list[Head]]:
-    """The heads of ``stage``'s classes: path score past ``min_share`` and the attention signature."""
+    """The heads of ``stage``'s classes: an admitted path score (:func:`admitted`) and the attention
+    signature."""
     out: dict[HeadClass, list[Head]] = {}
     att = cfg.min_attention
     sig = signatures
@@ -43,7 +61,7 @@ def classify(
             ok = (sig["dup2_to_dup1"] >= att) & (sig["dup2_to_dup1"] >= sig["dup2_to_dup1_next"])
         else:  # previous_token
             ok = sig["dup1_next_to_dup1"] >= att
-        passed = (sign * scores >= cfg.min_share) & ok
+        passed = admitted(scores, items, sign, cfg) & ok
         order = np.argsort(-(sign * scores), axis=None)
         heads = [(int(i // scores.shape[1]), int(i % scores.shape[1])) for i in order]
         out[cls] = [h for h in heads if passed[h]][: cfg.max_per_class]
@@ -56,6 +74,7 @@ class Discovery:
 
     task: TaskName
     scores: dict[Stage, np.ndarray]  # [L, H] per stage
+    items: dict[Stage, np.ndarray]  # [n_prompts, L, H] per stage: each prompt's score (NaN: not tested)
     classes: dict[HeadClass, list[Head]]
     receivers: dict[Stage, tuple[list[Head], str]]  # heads and why (class found / stand-in)
     signatures: dict[str, np.ndarray]
@@ -95,6 +114,8 @@ def discover(
     for head in senders:
         tested[head] = True
     scores: dict[Stage, np.ndarray] = {}
+    per_item: dict[Stage, np.ndarray] = {}
+    n_prompts = sum(len(c.group) for c in caches)
     classes: dict[HeadClass, list[Head]] = {}
     receivers: dict[Stage, tuple[list[Head], str]] = {}
     for stage in STAGES:
@@ -113,11 +134,12 @@ def discover(
                 )
             if all(layer == 0 for layer, _ in heads):
                 scores[stage] = np.where(tested, 0.0, np.nan)
+                per_item[stage] = np.broadcast_to(scores[stage], (n_prompts, *tested.shape)).copy()
                 receivers[stage] = (heads, why + " (all in layer 0: nothing can reach them)")
-                classes.update(classify(stage, scores[stage], signatures, cfg))
+                classes.update(classify(stage, scores[stage], signatures, cfg, per_item[stage]))
                 continue
         receivers[stage] = (heads, why)
-        flat = path_patching(
+        flat = path_patching_items(
             runner,
             caches,
             senders,
@@ -126,12 +148,13 @@ def discover(
             progress=cfg.progress,
             desc=f"{task} {stage}",
         )
-        grid = np.full((model.n_layers, model.n_heads), np.nan)
-        for head, value in zip(senders, flat, strict=True):
-            grid[head] = value
-        scores[stage] = grid
-        classes.update(classify(stage, scores[stage], signatures, cfg))
-    discovery = Discovery(task, scores, classes, receivers, signatures)
+        grid = np.full((n_prompts, model.n_layers, model.n_heads), np.nan)
+        for head, values in zip(senders, flat, strict=True):
+            grid[:, head[0], head[1]] = values
+        per_item[stage] = grid
+        scores[stage] = grid.mean(0)
+        classes.update(classify(stage, scores[stage], signatures, cfg, grid))
+    discovery = Discovery(task, scores, per_item, classes, receivers, signatures)
     discovery.edges = circuit_edges(runner, caches, discovery, cfg)
     return discovery
 

@@ -6,13 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from analyses.validation import check_null
 from probe.errors import ConfigError
 
 TaskName = Literal["ioi", "colored_objects"]
 Stage = Literal["logits", "mover_queries", "inhibition_kv", "induction_k"]
 ReceiverInput = Literal["logits", "q", "kv", "k"]
 HeadClass = Literal[
-    "name_mover", "negative_mover", "s_inhibition", "induction", "duplicate_token", "previous_token"
+    "name_mover",
+    "negative_mover",
+    "backup_mover",
+    "s_inhibition",
+    "induction",
+    "duplicate_token",
+    "previous_token",
 ]
 STAGES: tuple[Stage, ...] = get_args(Stage)
 CLASSES: tuple[HeadClass, ...] = get_args(HeadClass)
@@ -38,6 +45,7 @@ STAGE_CLASSES: dict[Stage, tuple[HeadClass, ...]] = {
     "induction_k": ("previous_token",),
 }
 TASK_LABELS = {"ioi": "IOI", "colored_objects": "Colored Objects"}
+Admit = Literal["significance", "share"]
 
 
 @dataclass
@@ -47,7 +55,14 @@ class CircuitConfig:
     ``n_items`` prompts per task (IOI templates and both name orders, Colored Objects balanced over
     the asked position), drawn with ``seed``. ``min_share``: the path-patching score (share of the
     clean–corrupt gap) a head needs in a stage; ``min_attention``: the mean attention its signature
-    needs. ``max_per_class`` caps a class (strongest first). ``n_random``: random circuits / head sets
+    needs. ``admit``: how a head's path score admits it to a class: ``"significance"`` (the default;
+    its per-prompt scores differ from zero in the class's direction at false discovery rate
+    ``alpha``, a one-sided t-test with Benjamini–Hochberg over the tested heads) or ``"share"`` (the
+    mean score passes ``min_share``). ``max_per_class`` caps a class (strongest first).
+    Every class is then tested on ``n_heldout`` fresh prompts drawn from the other half of the
+    names, places and objects (docs/validation.md) against ``n_null`` random same-size head sets;
+    mean ablation there uses per-template means over the held-out prompts and ``n_reference``
+    further fresh prompts, so that no mean rests on one or two prompts. ``n_random``: random circuits / head sets
     for the faithfulness, ablation and intervention controls. ``reuse_percents``: the top-p% points
     of the overlap curve (``2.0`` is the paper's). ``batch_size``: sequences per forward pass (the
     sender batching repeats the prompts to fill it). ``max_senders``: activation- and path-patch only
@@ -61,6 +76,11 @@ class CircuitConfig:
     max_senders: int | None = None
     seed: int = 0
     min_share: float = 0.02
+    admit: Admit = "significance"
+    alpha: float = 0.05
+    n_heldout: int = 48
+    n_reference: int = 96
+    n_null: int = 50
     min_attention: float = 0.1
     max_per_class: int = 8
     n_random: int = 20
@@ -86,5 +106,12 @@ class CircuitConfig:
             raise ConfigError(f"max_senders={self.max_senders}: test at least 1 head, or none for all heads")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1 sequence per forward")
+        if self.admit not in get_args(Admit):
+            raise ConfigError(f"admit={self.admit!r}: choose one of {', '.join(get_args(Admit))}")
+        for key in ("n_heldout", "n_reference"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"{key}={value!r}: use at least 2 fresh prompts")
+        check_null(self.n_null, self.alpha)
         if self.n_boot < 1:
             raise ConfigError(f"n_boot={self.n_boot}: use at least 1 bootstrap resample")

@@ -13,6 +13,7 @@ import torch
 from analyses.circuits.config import TaskName
 from analyses.tasks import colored_objects as co
 from analyses.tasks import ioi
+from analyses.tasks.ioi import Part
 from probe.loading import LoadedModel
 
 
@@ -35,6 +36,7 @@ class PromptSet:
     roles: dict[str, torch.Tensor]
     wrong_positions: torch.Tensor
     items: np.ndarray  # indices into the task's item list
+    key: tuple[int, ...] = ()  # what makes prompts of two sets position-aligned (template, length)
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -54,6 +56,7 @@ class PromptSet:
             {k: v[rows] for k, v in self.roles.items()},
             self.wrong_positions[rows],
             self.items[rows],
+            self.key,
         )
 
 
@@ -73,12 +76,13 @@ def _long(values: Sequence[Any]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-def ioi_task(model: LoadedModel, n: int, seed: int = 0) -> TaskData:
-    """IOI prompts (both orders, all templates) with their ABC corruptions, grouped by template."""
-    items = ioi.make_ioi(model, n, seed=seed)
+def ioi_task(model: LoadedModel, n: int, seed: int = 0, part: Part = "all") -> TaskData:
+    """IOI prompts (both orders, all templates) with their ABC corruptions, grouped by template;
+    ``part`` picks the words they draw from (:func:`analyses.tasks.ioi.word_part`)."""
+    items = ioi.make_ioi(model, n, seed=seed, part=part)
     groups = []
     index = {id(it): i for i, it in enumerate(items)}
-    for group in ioi.group_by_template(items).values():
+    for key, group in ioi.group_by_template(items).items():
         groups.append(
             PromptSet(
                 clean=_long([it.ids for it in group]),
@@ -96,17 +100,19 @@ def ioi_task(model: LoadedModel, n: int, seed: int = 0) -> TaskData:
                 },
                 wrong_positions=_long([[it.s1_pos, it.s2_pos] for it in group]),
                 items=np.array([index[id(it)] for it in group]),
+                key=key,
             )
         )
     return TaskData("ioi", groups, [it.text for it in items], [it.answer for it in items])
 
 
-def colored_objects_task(model: LoadedModel, n: int, seed: int = 0) -> TaskData:
-    """Colored Objects prompts with their other-object corruptions, grouped by length."""
-    items = co.make_colored_objects(model, n, seed=seed)
+def colored_objects_task(model: LoadedModel, n: int, seed: int = 0, part: Part = "all") -> TaskData:
+    """Colored Objects prompts with their other-object corruptions, grouped by length; ``part`` picks
+    the objects they draw from (:func:`analyses.tasks.colored_objects.word_part`)."""
+    items = co.make_colored_objects(model, n, seed=seed, part=part)
     index = {id(it): i for i, it in enumerate(items)}
     groups = []
-    for group in co.group_by_length(items).values():
+    for key, group in co.group_by_length(items).items():
         others = [[k for k in range(len(it.candidates)) if k != it.asked] for it in group]
         groups.append(
             PromptSet(
@@ -127,12 +133,13 @@ def colored_objects_task(model: LoadedModel, n: int, seed: int = 0) -> TaskData:
                     [[it.colour_positions[k] for k in ks] for it, ks in zip(group, others, strict=True)]
                 ),
                 items=np.array([index[id(it)] for it in group]),
+                key=(key,),
             )
         )
     return TaskData("colored_objects", groups, [it.text for it in items], [it.answer for it in items])
 
 
-TASK_BUILDERS: dict[str, Callable[[LoadedModel, int, int], TaskData]] = {
+TASK_BUILDERS: dict[str, Callable[[LoadedModel, int, int, Part], TaskData]] = {
     "ioi": ioi_task,
     "colored_objects": colored_objects_task,
 }

@@ -312,6 +312,46 @@ def path_patching_reference(
         return logit_diff()
 
 
+def path_patching_items(
+    runner: Runner,
+    caches: Sequence[GroupCache],
+    senders: Sequence[Head],
+    receivers: Receivers,
+    *,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "path patching",
+) -> np.ndarray:
+    """Per sender and prompt, the change its path to ``receivers`` makes, as a share of the gap:
+    ``[len(senders), n_prompts]`` (prompts in cache order).
+
+    Senders at or above the last receiver layer cannot reach a receiver and score exactly 0 without a
+    forward pass; the others are batched ``batch_size // N`` per pass.
+    """
+    gap = clean_corrupt_gap(caches)
+    out = np.zeros((len(senders), sum(len(c.group) for c in caches)))
+    live = [
+        i
+        for i, (layer, _) in enumerate(senders)
+        if receivers.input == "logits" or layer < receivers.last_layer
+    ]
+    bar = progress_bar(
+        sum(math.ceil(len(live) / max(1, batch_size // len(c.group))) for c in caches), desc, progress
+    )
+    offset = 0
+    for cache in caches:
+        n = len(cache.group)
+        per = max(1, batch_size // n)
+        for chunk in chunk_slices(len(live), per):
+            which = live[chunk]
+            ld = path_patching_raw(runner, cache, [senders[i] for i in which], receivers)
+            out[which, offset : offset + n] = (ld - cache.clean.logit_diff[None]).double().numpy()
+            bar.update(1)
+        offset += n
+    bar.close()
+    return out / gap
+
+
 def path_patching(
     runner: Runner,
     caches: Sequence[GroupCache],
@@ -322,28 +362,9 @@ def path_patching(
     progress: bool = False,
     desc: str = "path patching",
 ) -> np.ndarray:
-    """Per sender, the share of the gap its path to ``receivers`` carries: ``[len(senders)]``.
-
-    Senders at or above the last receiver layer cannot reach a receiver and score exactly 0 without a
-    forward pass; the others are batched ``batch_size // N`` per pass.
-    """
-    gap = clean_corrupt_gap(caches)
-    out = np.zeros(len(senders))
-    live = [
-        i
-        for i, (layer, _) in enumerate(senders)
-        if receivers.input == "logits" or layer < receivers.last_layer
-    ]
-    total_items = sum(len(c.group) for c in caches)
-    bar = progress_bar(
-        sum(math.ceil(len(live) / max(1, batch_size // len(c.group))) for c in caches), desc, progress
+    """Per sender, the share of the gap its path to ``receivers`` carries (the mean over prompts of
+    :func:`path_patching_items`): ``[len(senders)]``."""
+    items = path_patching_items(
+        runner, caches, senders, receivers, batch_size=batch_size, progress=progress, desc=desc
     )
-    for cache in caches:
-        per = max(1, batch_size // len(cache.group))
-        for chunk in chunk_slices(len(live), per):
-            which = live[chunk]
-            ld = path_patching_raw(runner, cache, [senders[i] for i in which], receivers)
-            out[which] += (ld - cache.clean.logit_diff[None]).sum(1).double().numpy()
-            bar.update(1)
-    bar.close()
-    return out / total_items / gap
+    return items.mean(1)

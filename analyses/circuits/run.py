@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from analyses.base import AnalysisResult, heads_frame
+from analyses.circuits import heldout
 from analyses.circuits.classes import Discovery, discover, screened_senders
 from analyses.circuits.config import (
     CLASSES,
@@ -23,6 +24,7 @@ from analyses.circuits.config import (
     STAGES,
     TASK_LABELS,
     CircuitConfig,
+    HeadClass,
     TaskName,
 )
 from analyses.circuits.data import TASK_BUILDERS, TaskData
@@ -37,6 +39,7 @@ from analyses.circuits.forward import (
 )
 from analyses.circuits.patching import activation_patching, attribution_patching
 from analyses.circuits.reuse import intervene, intervention_heads, overlap_curve, rank_correlations
+from analyses.validation import evidence_columns, summary_lines
 from probe.loading import LoadedModel
 from probe.types import Head
 
@@ -64,6 +67,8 @@ class TaskAnalysis:
     faithfulness: pd.DataFrame
     ablation: pd.DataFrame
     attribution: np.ndarray  # [L, H], first-order estimate of activation patching
+    compensation: np.ndarray  # [L, H], direct-effect gain when the name movers are ablated
+    validation: pd.DataFrame  # held-out tests of every class (analyses.circuits.heldout)
 
 
 def prepare(
@@ -71,7 +76,7 @@ def prepare(
 ) -> tuple[TaskData, list[GroupCache], dict[str, np.ndarray]]:
     """The task's prompts; per chunk of at most ``batch_size // 4`` prompts, its clean/corrupted
     cache; and the attention signatures, read during the same clean passes."""
-    data = TASK_BUILDERS[task](runner.model, cfg.n_items, cfg.seed)
+    data = TASK_BUILDERS[task](runner.model, cfg.n_items, cfg.seed, "discovery")
     per = max(1, cfg.batch_size // 4)
     chunks = [g.subset(rows) for g in data.groups for rows in chunk_slices(len(g), per)]
     bar = progress_bar(len(chunks), f"{task} clean/corrupted runs", cfg.progress)
@@ -147,10 +152,12 @@ def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnal
     for head, value in zip(screened, exact, strict=True):
         activation[head] = value
     found = discover(runner, caches, task, cfg, signatures, attribution)
-    circuit = sorted({h for heads in found.classes.values() for h in heads})
     means = template_means(runner, caches, data.groups)
+    movers = found.classes.get("name_mover", [])
+    found.classes["backup_mover"], compensation = heldout.find_backups(runner, caches, means, movers, cfg)
+    circuit = sorted({h for heads in found.classes.values() for h in heads})
     full = float(torch.cat([c.clean.logit_diff for c in caches]).double().mean())
-    randoms = random_head_sets(model, len(circuit), cfg.n_random, cfg.seed)
+    randoms = random_head_sets(model, len(circuit), cfg.n_random, cfg.seed, exclude=circuit)
     keep_sets: list[list[Head]] = [circuit, [], *randoms]
     lds = mean_ablated_logit_diff(runner, caches, means, keep_sets, batch_size=cfg.batch_size)
     labels = ["found", "empty", *["random"] * len(randoms)]
@@ -165,10 +172,9 @@ def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnal
             "faithfulness": lds / full if full else np.nan,
         }
     )
-    movers = found.classes.get("name_mover", [])
     ablation_rows = []
     if movers:
-        rand = random_head_sets(model, len(movers), cfg.n_random, cfg.seed + 1)
+        rand = random_head_sets(model, len(movers), cfg.n_random, cfg.seed + 1, exclude=movers)
         sets = [movers, *rand]
         keep = [[h for h in all_heads if h not in set(s)] for s in sets]
         ab = mean_ablated_logit_diff(runner, caches, means, keep, batch_size=cfg.batch_size)
@@ -187,7 +193,21 @@ def analyse_task(runner: Runner, task: TaskName, cfg: CircuitConfig) -> TaskAnal
     ablation = pd.DataFrame(
         ablation_rows, columns=["task", "ablated", "index", "size", "logit_diff", "drop", "heads"]
     )
-    return TaskAnalysis(data, caches, metrics, items, activation, found, faith, ablation, attribution)
+    held = heldout.build(runner, task, cfg)
+    validation = heldout.validate(runner, task, held, found.classes, cfg)
+    return TaskAnalysis(
+        data,
+        caches,
+        metrics,
+        items,
+        activation,
+        found,
+        faith,
+        ablation,
+        attribution,
+        compensation,
+        validation,
+    )
 
 
 SCORE_COLUMNS = ("activation", *STAGES)
@@ -207,6 +227,7 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
         task, found = a.data.name, a.discovery
         px = _prefix(task)
         columns[f"{px}_activation"] = a.activation
+        columns[f"{px}_compensation"] = a.compensation
         columns[f"{px}_attribution"] = a.attribution
         for stage in STAGES:
             columns[f"{px}_{stage}"] = found.scores[stage]
@@ -227,6 +248,9 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
     heads = heads_frame(model, columns)
     for name, labels_of in classes.items():
         heads[name] = pd.Series(labels_of, dtype=object)
+    for a in analyses:
+        tested = a.validation[a.validation["role"] != "circuit"]
+        heads = evidence_columns(heads, tested, _prefix(a.data.name))
     scores = pd.DataFrame(scores_rows, columns=["task", "stage", "layer", "head", "score"])
     scores["task"] = scores["task"].astype(object)
     scores["stage"] = scores["stage"].astype(object)
@@ -235,7 +259,8 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
     for a in analyses:
         found = a.discovery
         for stage in STAGES:
-            for cls in STAGE_CLASSES[stage]:
+            backup: tuple[HeadClass, ...] = ("backup_mover",) if stage == "logits" else ()
+            for cls in (*STAGE_CLASSES[stage], *backup):
                 for rank, (layer, h) in enumerate(found.classes.get(cls, [])):
                     circuit_rows.append(
                         {
@@ -292,6 +317,7 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
         ),
         "faithfulness": pd.concat([a.faithfulness for a in analyses], ignore_index=True),
         "ablation": pd.concat([a.ablation for a in analyses], ignore_index=True),
+        "validation": pd.concat([a.validation for a in analyses], ignore_index=True),
     }
 
 
@@ -444,6 +470,18 @@ def summary(result: AnalysisResult) -> str:
             f"  faithfulness ({TASK_LABELS[str(task)]}, {int(found['size'])} heads, mean ablation): "
             f"{found['faithfulness']:.2f} vs random {rand.mean():.2f} ± {rand.std(ddof=0):.2f}"
         )
+    for _, part in t["ablation"].groupby("task", sort=False):
+        movers = part[part["ablated"] == "name_movers"]
+        rand = part[part["ablated"] == "random"]["drop"]
+        if len(movers) and len(rand):
+            drop = float(movers["drop"].iloc[0])
+            pct = 100.0 * float((rand < drop).mean())
+            lines.append(
+                f"  name-mover ablation on the discovery prompts: drop {drop:.2f} vs random {rand.mean():.2f} "
+                f"± {rand.std(ddof=0):.2f} ({pct:.0f}th percentile of {len(rand)} sets)"
+            )
+    if "validation" in t:
+        lines += summary_lines(t["validation"])
     if "overlap" in t:
         o = t["overlap"]
         at2 = o[(o["source"] == "path_patching") & (o["stage"] == "all") & (np.isclose(o["percent"], 2.0))]

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from math import perm
 from typing import Any
 
-from analyses.tasks.ioi import Target, fill_segments, resolve_target, single_token_words, tokenize_with_slots
+from analyses.tasks.ioi import (
+    PARTS,
+    Part,
+    Target,
+    fill_segments,
+    resolve_target,
+    single_token_words,
+    tokenize_with_slots,
+)
 from probe.errors import ConfigError
 
 N_OBJECTS = 3
@@ -259,16 +267,36 @@ def build_item(
     )
 
 
-def capacity(tokenizer_or_model: Any) -> int:
+def word_part(lex: Lexicon, part: Part) -> Lexicon:
+    """Every word (``"all"``), or the even (``"discovery"``) or odd (``"held_out"``) half of the
+    objects; colours are few and stay shared."""
+    if part not in PARTS:
+        raise ConfigError(f"part={part!r}: choose one of {', '.join(PARTS)}")
+    if part == "all":
+        return lex
+    half = Lexicon(lex.objects[0 if part == "discovery" else 1 :: 2], lex.colours)
+    if len(half.objects) < 2 * N_OBJECTS:
+        raise ConfigError(
+            f"this tokenizer keeps {len(lex.objects)} single-token objects, too few to split into two halves "
+            f"of at least {2 * N_OBJECTS}: use part='all' (held-out prompts then differ by seed only)"
+        )
+    return half
+
+
+def capacity(tokenizer_or_model: Any, part: Part = "all") -> int:
     """Distinct queries for this tokenizer: surfaces × ordered object triples × ordered distinct
     colour triples × asked object. Prompts differ also by their one-shot example, so the number of
     distinct prompts is larger still; this is the bound :func:`make_colored_objects` enforces."""
-    lex = usable_words(tokenizer_or_model)
+    lex = word_part(usable_words(tokenizer_or_model), part)
     return len(SURFACES) * perm(len(lex.objects), N_OBJECTS) * perm(len(lex.colours), N_OBJECTS) * N_OBJECTS
 
 
-def make_colored_objects(tokenizer_or_model: Any, n: int, seed: int = 0) -> list[ColoredObjectsItem]:
+def make_colored_objects(
+    tokenizer_or_model: Any, n: int, seed: int = 0, part: Part = "all"
+) -> list[ColoredObjectsItem]:
     """``n`` distinct one-shot Colored Objects items, deterministic per ``seed``.
+
+    ``part``: every object, or one of two disjoint halves of the objects (see :func:`word_part`).
 
     The asked object's index cycles 0, 1, 2 (balanced answer positions); the corrupted question asks
     about one of the other two at random. Raises :class:`~probe.errors.ConfigError` for ``n < 1`` or
@@ -276,14 +304,14 @@ def make_colored_objects(tokenizer_or_model: Any, n: int, seed: int = 0) -> list
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive integer, got {n!r}; ask for at least one item")
-    cap = capacity(tokenizer_or_model)
+    cap = capacity(tokenizer_or_model, part)
     if n > cap:
         raise ConfigError(
             f"asked for {n} Colored Objects items but only {cap} distinct prompts exist; ask for at most {cap}"
         )
     target = resolve_target(tokenizer_or_model)
-    lex = usable_words(target.tokenizer)
-    rng = random.Random(f"colored_objects:{seed}")
+    lex = word_part(usable_words(target.tokenizer), part)
+    rng = random.Random(f"colored_objects:{seed}" if part == "all" else f"colored_objects:{seed}:{part}")
     items: list[ColoredObjectsItem] = []
     seen: set[str] = set()
     failures = 0

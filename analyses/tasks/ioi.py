@@ -306,6 +306,28 @@ def usable_words(tokenizer_or_model: Any) -> Lexicon:
     return lex
 
 
+Part = Literal["all", "discovery", "held_out"]
+PARTS: tuple[Part, ...] = ("all", "discovery", "held_out")
+
+
+def word_part(lex: Lexicon, part: Part) -> Lexicon:
+    """Every word (``"all"``), the even-indexed half (``"discovery"``) or the odd half (``"held_out"``)."""
+    if part not in PARTS:
+        raise ConfigError(f"part={part!r}: choose one of {', '.join(PARTS)}")
+    if part == "all":
+        return lex
+    start = 0 if part == "discovery" else 1
+    half = Lexicon(
+        lex.names[start::2], lex.places[start::2] or lex.places, lex.objects[start::2] or lex.objects
+    )
+    if len(half.names) < 5:
+        raise ConfigError(
+            f"this tokenizer keeps {len(lex.names)} single-token names, too few to split into two halves of "
+            "at least 5: use part='all' (held-out prompts then differ by seed only)"
+        )
+    return half
+
+
 # ---------------------------------------------------------------------------------------- filling
 
 
@@ -536,12 +558,16 @@ def _check_choices(templates: Sequence[int] | None, orders: Sequence[str]) -> tu
 
 
 def capacity(
-    tokenizer_or_model: Any, *, templates: Sequence[int] | None = None, orders: Sequence[str] = ORDERS
+    tokenizer_or_model: Any,
+    *,
+    templates: Sequence[int] | None = None,
+    orders: Sequence[str] = ORDERS,
+    part: Part = "all",
 ) -> int:
     """How many distinct prompts the product space holds for this tokenizer (an upper bound:
     the rare draws whose slots merge with a neighbour are discarded)."""
     chosen, ords = _check_choices(templates, orders)
-    lex = usable_words(tokenizer_or_model)
+    lex = word_part(usable_words(tokenizer_or_model), part)
     n_names = len(lex.names)
     total = 0
     for t in chosen:
@@ -563,8 +589,13 @@ def make_ioi(
     *,
     templates: Sequence[int] | None = None,
     orders: Sequence[str] = ORDERS,
+    part: Part = "all",
 ) -> list[IOIItem]:
     """``n`` distinct IOI items, deterministic per ``seed``.
+
+    ``part`` draws from every word (``"all"``) or from one of two disjoint halves of the names,
+    places and objects (``"discovery"``: the even-indexed words, ``"held_out"``: the odd ones), so
+    held-out prompts share no name, place or object with the prompts a circuit was found on.
 
     Orders alternate (balanced), templates cycle through a seeded permutation of ``templates``
     (default: all of :data:`TEMPLATES`), and names, place and object are drawn uniformly from
@@ -574,15 +605,15 @@ def make_ioi(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive integer, got {n!r}; ask for at least one item")
     chosen, ords = _check_choices(templates, orders)
-    cap = capacity(tokenizer_or_model, templates=chosen, orders=ords)
+    cap = capacity(tokenizer_or_model, templates=chosen, orders=ords, part=part)
     if n > cap:
         raise ConfigError(
             f"asked for {n} IOI items but only {cap} distinct prompts exist for these "
             f"templates and orders; ask for at most {cap} or allow more templates"
         )
     target = resolve_target(tokenizer_or_model)
-    lex = usable_words(target.tokenizer)
-    rng = random.Random(f"ioi:{seed}")
+    lex = word_part(usable_words(target.tokenizer), part)
+    rng = random.Random(f"ioi:{seed}" if part == "all" else f"ioi:{seed}:{part}")
     cycle = chosen[:]
     rng.shuffle(cycle)
     items: list[IOIItem] = []

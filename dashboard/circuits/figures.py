@@ -47,6 +47,7 @@ from dashboard.core.figures import error_bars, head_rings, heatmap_height, messa
 CLASS_COLOURS = {
     "name_mover": "#1b9e77",
     "negative_mover": "#d95f02",
+    "backup_mover": "#a6761d",
     "s_inhibition": "#7570b3",
     "induction": "#e7298a",
     "duplicate_token": "#66a61e",

@@ -8,7 +8,8 @@ Elements (stable ids): ``circuits-run`` (run picker), ``circuits-settings`` (the
 and accuracies per task), ``circuits-faithfulness`` (found circuit vs random and empty circuits),
 ``circuits-task`` (the task whose circuit is drawn), ``circuits-graph`` (the circuit as a graph of
 heads by class with the path-patching edges), ``circuits-classes`` (its heads by class, as a table,
-and what each stage patched into), ``circuits-stage`` (activation patching or a path-patching stage),
+and what each stage patched into), ``circuits-validation`` (each class tested on held-out prompts
+against random head sets), ``circuits-stage`` (activation patching or a path-patching stage),
 ``circuits-heatmaps`` (layer x head maps of that stage, the tasks side by side), ``circuits-overlap``
 (overlap vs top-p% per stage, the 2% point marked), ``circuits-iv-metric`` and
 ``circuits-intervention`` (Colored Objects before, with IOI heads edited, with random heads edited);
@@ -32,6 +33,7 @@ from analyses.runstore import Run
 from dashboard.circuits import figures, graph, views
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
+from dashboard.core.validation import validation_block
 
 DEFAULT_AXIS = "activation"
 DEFAULT_IV_METRIC: views.IvMetric = "accuracy"
@@ -73,7 +75,8 @@ class CircuitsPage(MultiAnalysisPage):
                     "logits (name movers), the name movers' queries (S-inhibition), the S-inhibition "
                     "heads' keys and values (induction, duplicate token), the induction heads' keys "
                     "(previous token). A head joins a class when its path score and its attention "
-                    "signature both pass. Reuse (Merullo et al. 2024): how many of IOI's top heads per "
+                    "signature both pass; every class is then tested on held-out prompts against random "
+                    "head sets (the validation block below the graph). Reuse (Merullo et al. 2024): how many of IOI's top heads per "
                     "stage are Colored Objects' too, and whether editing IOI's inhibition heads repairs "
                     "Colored Objects.",
                     className="hint",
@@ -89,6 +92,11 @@ class CircuitsPage(MultiAnalysisPage):
                         ui.graph("circuits-graph"),
                         html.Div(id="circuits-classes"),
                     ],
+                    className="panel",
+                    style={"margin": "20px 0"},
+                ),
+                html.Div(
+                    [html.H3("Held-out validation of the classes"), html.Div(id="circuits-validation")],
                     className="panel",
                     style={"margin": "20px 0"},
                 ),
@@ -193,6 +201,14 @@ class CircuitsPage(MultiAnalysisPage):
 
         return self._block(run_id, build)
 
+    def validation(self, run_id: str | None) -> Component:
+        def build(run: Run) -> Component:
+            if "validation" not in run.table_names:
+                return html.P("This run predates held-out validation: run it again.", className="hint")
+            return validation_block(run.table("validation"), "circuits-validation-graph")
+
+        return self._block(run_id, build)
+
     def metrics_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, figures.metrics_figure)
 
@@ -268,6 +284,7 @@ class CircuitsPage(MultiAnalysisPage):
         app.callback(Output("circuits-settings", "children"), run)(self.settings_text)
         app.callback(Output("circuits-findings", "children"), run)(self.findings)
         app.callback(Output("circuits-metrics", "figure"), run)(self.metrics_figure)
+        app.callback(Output("circuits-validation", "children"), run)(self.validation)
         app.callback(Output("circuits-faithfulness", "figure"), run)(self.faithfulness_figure)
         app.callback(Output("circuits-graph", "figure"), run, Input("circuits-task", "value"))(
             self.graph_figure

@@ -11,6 +11,7 @@ from analyses.runstore import Run
 from dashboard.circuits import figures, graph, views
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
+from dashboard.core.validation import validation_sections
 
 
 def _paragraphs(lines: list[str]) -> str:
@@ -218,7 +219,7 @@ def report_sections(run: Run) -> list[ReportSection]:
     three names) gets the generic heads heat maps instead of an error."""
     if not views.is_circuits(run):
         return generic.report_sections(run)
-    sections = [_summary(run), _heads(run), _patching(run), _faithfulness(run)]
+    sections = [_summary(run), _heads(run), _patching(run), _faithfulness(run), *validation_sections(run)]
     if views.is_reuse(run):
         sections += [_reuse(run), _intervention(run)]
     return sections

@@ -54,6 +54,7 @@ AXIS_NOTES = {
 CLASS_LABELS = {
     "name_mover": "name mover",
     "negative_mover": "negative name mover",
+    "backup_mover": "backup name mover",
     "s_inhibition": "S-inhibition",
     "induction": "induction",
     "duplicate_token": "duplicate token",
@@ -62,6 +63,7 @@ CLASS_LABELS = {
 CLASS_SIGNATURE = {
     "name_mover": "end_to_target",
     "negative_mover": "end_to_target",
+    "backup_mover": "end_to_target",
     "s_inhibition": "end_to_dup",
     "induction": "dup2_to_dup1_next",
     "duplicate_token": "dup2_to_dup1",
