@@ -473,6 +473,7 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
     assert cfg.beta == 0.5 and cfg.tasks == ("sentiment", "topic") and cfg.filter == "pooled"
     assert cfg.layer_end is None and cfg.threshold == "ratio"
     assert ActConfig().tasks == tuple(choice.TASKS) and ActConfig().layer_start == 2
+    assert ActConfig().keep == "significant" and ActConfig().n_null == 50
     for bad, match in [
         (["beta=1.5"], "beta"),
         (["beta=-0.1"], "beta"),
@@ -541,6 +542,7 @@ SMALL = ActConfig(
     heads_per_pass=3,
     batch_size=4,
     n_boot=200,
+    keep="not_lower",
 )
 
 
@@ -759,7 +761,12 @@ def test_smollm2_act_small(smollm: LoadedModel) -> None:
     is kept); 4-8 hidden sinks per input per head; the most frequent hidden-sink tokens are ' the',
     '.', ':' and the newline. About 25 s on two CPU cores."""
     cfg = ActConfig(
-        tasks=("sentiment", "topic"), n_calibration=10, n_heldout=20, layer_start=10, layer_end=12
+        tasks=("sentiment", "topic"),
+        n_calibration=10,
+        n_heldout=20,
+        layer_start=10,
+        layer_end=12,
+        keep="not_lower",
     )
     result = run_act(smollm, cfg, progress=False)
     _check_schema(result, smollm)

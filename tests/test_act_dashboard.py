@@ -51,6 +51,8 @@ class FakeActConfig:
     n_heldout: int = 40
     seed: int = 0
     first_sink: str = "share"
+    keep: str = "not_lower"
+    significance: float = 0.05
 
 
 def _interval(rng: np.random.Generator, value: float, width: float) -> tuple[float, float]:

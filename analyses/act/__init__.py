@@ -3,9 +3,11 @@
 Yu et al. (ICML 2024). A key whose column importance ``alpha_k`` exceeds a threshold is a sink; the
 first sink is kept and each query row keeps ``beta`` of its attention on the later (hidden) ones,
 the rest going to the other keys in proportion. Heads are calibrated one at a time on a calibration
-split of zero-shot choice tasks (:mod:`analyses.tasks.choice`) and kept when accuracy does not drop;
-the kept heads are then calibrated together and scored on a held-out split, before and after, with
-bootstrap intervals.
+split of zero-shot choice tasks (:mod:`analyses.tasks.choice`) and kept by ``keep``: by default when
+they raise the label's margin significantly (Benjamini-Hochberg over the heads), with the paper's
+rule (accuracy does not drop) as ``keep="not_lower"``. The kept heads are then calibrated together
+and scored on a held-out split, before and after, with bootstrap intervals, and tested there against
+random sets of as many heads from outside them (the ``validation`` table).
 
 >>> result = run_act(model, ActConfig(tasks=("sentiment", "topic"), filter="pooled", n_calibration=60))
 >>> result.tables["tasks"][["task", "acc_before", "acc_after", "delta_low", "delta_high"]]

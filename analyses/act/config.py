@@ -33,11 +33,10 @@ class ActConfig:
     report. ``layer_start`` .. ``layer_end`` (exclusive; negative counts from the end, None = to
     the last layer): the layers whose heads may be calibrated. ``heads_per_pass``: heads scored by
     one forward pass in the search (each forward holds ``batch_size × heads_per_pass`` sequences).
-    ``keep``: ``"not_lower"`` (the paper's rule) keeps the heads whose calibration does not lower
-    calibration accuracy (a head with no effect is kept), ``"raise"`` only those that raise it,
-    ``"significant"`` those whose calibration raises the label's margin on the calibration items
-    significantly (one-sided t-test per head, Benjamini-Hochberg over the heads at
-    ``significance``). ``n_null``: random head sets from outside the kept ones, in range, that the
+    ``keep``: ``"significant"`` (the default) keeps the heads whose calibration raises the label's
+    margin on the calibration items significantly (one-sided t-test per head, Benjamini-Hochberg over
+    the heads at ``significance``); ``"not_lower"`` (the paper's rule) those whose calibration does
+    not lower calibration accuracy (a head with no effect is kept), ``"raise"`` those that raise it. ``n_null``: random head sets from outside the kept ones, in range, that the
     held-out validation compares the kept set with (at least 50). ``first_sink``: ``"share"``
     (the official code's variant, behind the paper's published numbers) lets the first detected sink
     take its proportional share of the removed mass; ``"frozen"`` leaves its column untouched.
@@ -54,7 +53,7 @@ class ActConfig:
     layer_start: int = 2
     layer_end: int | None = -1
     filter: FilterMode = "task"
-    keep: KeepRule = "not_lower"
+    keep: KeepRule = "significant"
     significance: float = 0.05
     n_null: int = 50
     first_sink: FirstSink = "share"
@@ -68,9 +67,10 @@ class ActConfig:
         check_first_sink(self.first_sink)
         if self.keep not in KEEP_RULES:
             raise ConfigError(
-                f"keep must be 'not_lower' (keep heads that do not lower calibration accuracy, the default), "
-                f"'raise' (only heads that raise it) or 'significant' (heads that raise the label's margin "
-                f"significantly, Benjamini-Hochberg at `significance`) (got {self.keep!r})"
+                f"keep must be 'significant' (the default: heads that raise the label's margin "
+                f"significantly, Benjamini-Hochberg at `significance`), 'not_lower' (the paper's rule: heads "
+                f"that do not lower calibration accuracy) or 'raise' (only heads that raise it) "
+                f"(got {self.keep!r})"
             )
         if not (isinstance(self.significance, float) and 0.0 < self.significance < 1.0):
             raise ConfigError(
