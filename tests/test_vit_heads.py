@@ -359,6 +359,41 @@ def test_a_label_written_by_one_head_is_found_by_pruning_that_head() -> None:
     assert effects.accuracy_drop("carried")[heads.index(carrier)] >= 0.3
 
 
+def test_held_out_validation_of_the_head_that_writes_the_label_against_an_exact_null() -> None:
+    """Head 1.3 of tiny-clip-vision writes the label (as above). Pruned on the held-out half it costs
+    more confidence than each of the 7 other heads, the whole (exact) null of size-1 sets: percentile
+    100 and p = 1/8, the smallest p 7 null sets allow, so it is not validated at 0.05 although its
+    interval excludes 0. The head of smallest drop sits at the bottom of the same null."""
+    from analyses.vit_heads.evidence import validate_top
+    from analyses.vit_heads.importance import EvalSet
+
+    model = _tiny("tiny-clip-vision")
+    heads = _all_heads(model)
+    carrier = (1, 3)
+    pixels = _pixels(model, 96)
+    clean = vision.embed(model, pixels)
+    pruned = vit_heads.pruned_embeddings(model, pixels, [PruneCondition(h) for h in heads], batch_size=64)
+    written = (_unit(clean.double().numpy()) - _unit(pruned[heads.index(carrier)].double().numpy())).mean(0)
+    score = _unit(clean.double().numpy()) @ written
+    labels = np.where(score > np.median(score), "on", "off").astype(object)
+    train, test = np.arange(96) % 2 == 0, np.flatnonzero(np.arange(96) % 2 == 1)
+    probes = {"carried": LinearProbe.fit("carried", clean.numpy()[train], labels[train].tolist(), c=10.0)}
+    held = EvalSet(test, {"carried": labels[test]}, pixels[test], clean[test])
+    cfg = VitHeadsConfig(n_boot=200, batch_size=64, progress=False)
+    table = validate_top(model, cfg, held, probes, None, [carrier], heads).set_index("measure")
+    conf = table.loc["confidence_drop"]
+    assert conf["n_null"] == 7 and conf["percentile"] == 100.0 and conf["p_value"] == pytest.approx(1 / 8)
+    assert conf["effect_low"] > 0 and not conf["validated"]
+    assert conf["inputs"].startswith("held-out eval images (n=48")
+    drops = vit_heads.pruning_effects(probes, held.labels, held.clean, pruned[:, test]).confidence_drop(
+        "carried"
+    )
+    assert conf["effect"] == pytest.approx(drops[heads.index(carrier)], abs=1e-6)
+    weakest = heads[int(np.argmin(drops))]
+    low = validate_top(model, cfg, held, probes, None, [weakest], heads).set_index("measure")
+    assert low.loc["confidence_drop", "percentile"] == 0.0 and not low.loc["confidence_drop", "validated"]
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 
@@ -588,6 +623,7 @@ def test_clip_vit_b16_end_to_end_small() -> None:
         n_faces=8,
         n_eval=2,
         prune_top_k=3,
+        validate_top=0,  # the held-out test costs 51 forwards per held-out image: the tiny runs check it
         regions=("centre",),
         bands=(),
         n_attention_images=2,
