@@ -31,7 +31,15 @@ from analyses.tasks import colored_objects, ioi
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *colored_objects.OBJECTS, *colored_objects.COLOURS]
 WORDS += list(colored_objects.SURFACES)
-CIRCUIT = {"n_items": 4, "n_random": 2, "max_senders": 5, "n_boot": 200, "progress": False}
+CIRCUIT = {
+    "n_items": 4,
+    "n_random": 2,
+    "max_senders": 5,
+    "n_boot": 200,
+    "progress": False,
+    "n_heldout": 4,
+    "n_reference": 4,
+}
 VHD = {
     "n_scenes": 2,
     "max_new_tokens": 4,

@@ -311,7 +311,7 @@ def test_template_means_do_not_depend_on_how_a_template_is_chunked(model: Loaded
     """``prepare`` cuts a template group into chunks of ``batch_size // 4`` prompts: the means must
     pool the chunks of one template, or mean ablation would depend on the batch size."""
     runner = Runner(model)
-    data = circuits.ioi_task(model, 16, seed=1)
+    data = circuits.ioi_task(model, 16, seed=1, part="discovery")
     assert max(len(g) for g in data.groups) > 1
     whole = [circuits.cache_group(runner, g) for g in data.groups]
     m_whole = circuits.template_means(runner, whole, data.groups)

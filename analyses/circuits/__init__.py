@@ -144,8 +144,16 @@ ANALYSIS = register(
         report="dashboard.circuits.report:report_sections",
         docs="docs/analyses/circuits.md",
         # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
-        # screens the senders (the 12 strongest by attribution patching) on 8 prompts
-        demo={"n_items": 8, "max_senders": 12, "n_random": 5, "batch_size": 64},
+        # screens the senders (the 12 strongest by attribution patching) on 8 prompts, and tests the
+        # classes on 24 held-out prompts
+        demo={
+            "n_items": 8,
+            "max_senders": 12,
+            "n_random": 5,
+            "batch_size": 64,
+            "n_heldout": 24,
+            "n_reference": 48,
+        },
     )
 )
 COLORED_OBJECTS = register(
