@@ -679,7 +679,10 @@ def test_pooled_and_none_filters(tiny_gpt2: LoadedModel) -> None:
     assert (sfilt.loc[sfilt["kept"], "p_value"] <= 0.05).all() and (
         sfilt.loc[sfilt["kept"], "margin_delta"] > 0
     ).all()
-    assert "keep=significant" in act.summary(significant)
+    text = act.summary(significant)
+    assert "keep=significant" in text
+    for scope in significant.tables["tasks"].query("n_kept == 0")["scope"]:
+        assert f"{scope}: no head kept, nothing to validate" in text
     strict = run_act(tiny_gpt2, ActConfig(**{**cfg.__dict__, "keep": "raise"}), progress=False)
     sfilt = strict.tables["filter"]
     assert (sfilt["kept"] == (sfilt["delta"] > 0)).all()

@@ -53,10 +53,11 @@ def validation_lines(result: AnalysisResult) -> list[str]:
     rule = f"  kept heads by keep={cfg.keep}" + (
         f" (Benjamini-Hochberg at {cfg.significance})" if cfg.keep == "significant" else ""
     )
-    if not len(table):
-        return [f"{rule}: no head search kept a head, nothing to validate"]
     n_in_range = int(result.tables["heads"]["in_range"].sum())
     lines = [f"{rule}; validated against random sets of in-range heads outside them"]
     lines += validation.summary_lines(table)
-    lines += [f"    no null for {why}" for why in null_missing(table, n_in_range)]
+    lines += [f"    no null for {why}" for why in null_missing(table, n_in_range)] if len(table) else []
+    tasks = result.tables["tasks"]
+    empty = sorted(set(map(str, tasks.loc[tasks["n_kept"] == 0, "scope"])))
+    lines += [f"    {scope}: no head kept, nothing to validate" for scope in empty]
     return lines
