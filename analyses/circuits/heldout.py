@@ -44,8 +44,9 @@ from analyses.circuits.forward import (
 from probe.hooks import HookFn, attn_hook
 from probe.types import Head
 
-LOGIT_CLASSES: dict[HeadClass, v.Direction] = {
+LOGIT_CLASSES: dict[str, v.Direction] = {
     "name_mover": "lower",
+    "movers_and_backups": "lower",
     "negative_mover": "higher",
     "induction": "lower",
     "duplicate_token": "lower",
@@ -55,6 +56,7 @@ LD_MEASURE = "logit-diff change, mean-ablated"
 ATTENTION_MEASURE = "movers' END attention (answer − repeated name) change, mean-ablated"
 BACKUP_MEASURE = "direct-effect gain when the name movers are ablated"
 CIRCUIT_MEASURE = "logit diff with only these heads kept"
+JOINT_ROLES = ("circuit", "movers_and_backups")  # tests of several classes together: no head role
 
 
 @dataclass
@@ -290,15 +292,21 @@ def _ablation_tests(
     runner: Runner, held: HeldOut, classes: dict[HeadClass, list[Head]], every: list[Head], cfg: CircuitConfig
 ) -> list[Test]:
     """The logit-difference tests of :data:`LOGIT_CLASSES`: set, each head, the nulls, in one pass."""
-    found = [(cls, heads) for cls, heads in classes.items() if cls in LOGIT_CLASSES and heads]
+    found: list[tuple[str, list[Head]]] = [
+        (cls, heads) for cls, heads in classes.items() if cls in LOGIT_CLASSES and heads
+    ]
+    if classes.get("name_mover") and classes.get("backup_mover"):
+        # can the movers be told apart from their backups? ablate both together
+        joint = sorted({*classes["name_mover"], *classes["backup_mover"]})
+        found.append(("movers_and_backups", joint))
     circuit = sorted({h for _, heads in classes.items() for h in heads})
     singles = v.null_sets(every, 1, cfg.n_null, f"{cfg.seed}:singles", exclude=circuit) if found else []
-    plan: list[tuple[HeadClass, list[Head], list[list[Head]], str]] = []
+    plan: list[tuple[str, list[Head], list[list[Head]], str]] = []
     for cls, heads in found:
         plan.append(
             (cls, heads, v.null_sets(every, len(heads), cfg.n_null, f"{cfg.seed}:{cls}", heads), "set")
         )
-        if len(heads) > 1:
+        if len(heads) > 1 and cls != "movers_and_backups":
             plan += [(cls, [h], singles, "head") for h in heads]
     sets: list[list[Head]] = []
     index: dict[tuple[Head, ...], int] = {}

@@ -249,7 +249,7 @@ def task_tables(model: LoadedModel, analyses: Sequence[TaskAnalysis]) -> dict[st
     for name, labels_of in classes.items():
         heads[name] = pd.Series(labels_of, dtype=object)
     for a in analyses:
-        tested = a.validation[a.validation["role"] != "circuit"]
+        tested = a.validation[~a.validation["role"].isin(heldout.JOINT_ROLES)]
         heads = evidence_columns(heads, tested, _prefix(a.data.name))
     scores = pd.DataFrame(scores_rows, columns=["task", "stage", "layer", "head", "score"])
     scores["task"] = scores["task"].astype(object)
