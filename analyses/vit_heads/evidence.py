@@ -263,7 +263,10 @@ def importance_stats(
             grid[tuple(np.asarray(full.heads).T)] = v
             columns[f"{metric}_{suffix}"] = grid
         excludes = int(np.sum((low > 0) | (high < 0)))
-        notes[metric] = {"interval_excludes_zero": excludes, "exactly_zero": int(np.sum(mean == 0))}
+        notes[metric] = {
+            "interval_excludes_zero": excludes,
+            "exactly_zero": int(np.sum(np.abs(mean) <= 1e-12)),
+        }
         if metric != "grad_importance":
             passed, _ = validation.significant(values.T, "higher") if values.shape[1] >= 2 else (None, None)
             grid = np.zeros((L, H))
