@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from analyses.tasks import needles
-from analyses.tasks.needles import Needle, NeedleTest, find_span, rouge1_recall
+from analyses.tasks.needles import Needle, NeedleTest, find_span, rouge1_recall, rouge_tokens
 from probe import zoo
 from probe.errors import ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
@@ -338,20 +338,23 @@ def test_grid_is_deterministic_per_seed_and_seeds_differ() -> None:
 
 
 def test_chat_template_and_answer_prefix() -> None:
+    """The answer protocol: the question asks for the answer and the answer turn starts with the
+    needle's own lead-in."""
     smol, gemma = tokenizer("smollm2-135m"), tokenizer("gemma3-270m")
-    t = grid("smollm2-135m", [400], [0.5], n_needles=1)[0]
+    t = grid("smollm2-135m", [400], [0.5], n_needles=1, protocol="answer")[0]
     text = decode(smol, t.prompt_ids)
     assert t.chat and text.startswith("<|im_start|>system\n")
     assert text.endswith(f"Question: {t.question}<|im_end|>\n<|im_start|>assistant\n{t.answer_prefix}")
     assert t.answer_prefix == t.needle[: t.needle.index(t.answer)].strip()
+    assert t.reference == t.answer and t.scored_span == t.answer_span and t.protocol == "answer"
     assert (
         t.bos and t.prompt_ids.count(smol.bos_token_id) == 3
     )  # the template's own <|im_start|>s, none added
-    bare = grid("smollm2-135m", [400], [0.5], n_needles=1, answer_prefix=False)[0]
+    bare = grid("smollm2-135m", [400], [0.5], n_needles=1, answer_prefix=False, protocol="answer")[0]
     assert bare.answer_prefix == "" and decode(smol, bare.prompt_ids).endswith("<|im_start|>assistant\n")
-    plain = grid("smollm2-135m", [400], [0.5], n_needles=1, chat=False)[0]
+    plain = grid("smollm2-135m", [400], [0.5], n_needles=1, chat=False, protocol="answer")[0]
     assert not plain.chat and decode(smol, plain.prompt_ids).endswith(f"\nAnswer: {plain.answer_prefix}")
-    g = grid("gemma3-270m", [400], [0.5], n_needles=1)[0]  # a base model: no chat template
+    g = grid("gemma3-270m", [400], [0.5], n_needles=1, protocol="answer")[0]  # a base model: no chat template
     assert (
         not g.chat
         and g.bos
@@ -361,6 +364,38 @@ def test_chat_template_and_answer_prefix() -> None:
     assert decode(gemma, g.prompt_ids).endswith(f"\n\nQuestion: {g.question}\nAnswer: {g.answer_prefix}")
     with pytest.raises(ConfigError, match="no chat template"):
         grid("gemma3-270m", [400], [0.5], n_needles=1, chat=True)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_the_needle_protocol_asks_for_the_whole_needle_by_its_place_alone(name: str) -> None:
+    """The default (the paper's task): the question names the needle's place and asks for the
+    sentence; the lead-in opens a quotation; the reference is the needle, its span the scored one."""
+    tok = tokenizer(name)
+    for t in grid(name, [400], [0.0, 0.5, 1.0], n_needles=2):
+        assert t.protocol == "needle" and t.reference == t.needle and t.scored_span == t.needle_span
+        assert t.question == needles.NEEDLE_QUESTION.format(place=t.place)
+        assert t.answer_prefix == needles.NEEDLE_PREFIX.format(place=t.place)
+        tail = decode(tok, t.prompt_ids[t.haystack_span[1] :])
+        assert tail.rstrip().endswith(t.answer_prefix.rstrip())
+        # nothing of the needle but its place is asked or led in with: the model must retrieve it
+        asked = rouge_tokens(t.question + " " + t.answer_prefix)
+        content = (
+            set(rouge_tokens(t.needle))
+            - set(rouge_tokens(t.place))
+            - {"the", "of", "to", "is", "was", "that"}
+        )
+        assert not content & set(asked), content & set(asked)
+        start, end = t.needle_span
+        assert decode(tok, t.prompt_ids[start:end]).strip() == t.needle and end - start > 10
+    with pytest.raises(ConfigError, match="protocol must be"):
+        grid(name, [400], [0.5], n_needles=1, protocol="sentence")
+
+
+def test_a_grid_can_exclude_another_grids_answers() -> None:
+    first = grid("smollm2-135m", [300], [0.5], n_needles=3, seed=4)
+    again = grid("smollm2-135m", [300], [0.5], n_needles=3, seed=4, exclude=[t.answer for t in first])
+    assert {t.answer for t in first}.isdisjoint({t.answer for t in again})
+    assert [t.kind for t in first] == [t.kind for t in again]  # the same kinds and places, other answers
 
 
 def test_loaded_models_bos_policy_and_context_limit(tiny_llama: LoadedModel, tiny_gpt2: LoadedModel) -> None:

@@ -9,7 +9,7 @@ prompt. Stages: :mod:`.words` and :mod:`.templates` (what needles are made of), 
 (ROUGE-1 recall and the gate).
 
     tests = needles.make_grid(model, lengths=[1024, 4096], depths=[0, 0.5, 1], n_needles=3, seed=0)
-    needles.rouge1_recall(generated_text, tests[0].answer) > needles.RECALL_GATE
+    needles.rouge1_recall(generated_text, tests[0].reference) > needles.RECALL_GATE
 
 See docs/analyses/retrieval.md.
 """
@@ -20,20 +20,32 @@ from analyses.tasks.needles.haystack import ROTATIONS, build_haystack, haystack_
 from analyses.tasks.needles.prompts import MIN_HAYSTACK_TOKENS, NeedleTest, make_test
 from analyses.tasks.needles.scoring import RECALL_GATE, rouge1_recall, rouge_tokens
 from analyses.tasks.needles.spans import find_span
-from analyses.tasks.needles.templates import TEMPLATES, Needle, NeedleTemplate
+from analyses.tasks.needles.templates import (
+    NEEDLE_PREFIX,
+    NEEDLE_QUESTION,
+    PROTOCOLS,
+    TEMPLATES,
+    Needle,
+    NeedleTemplate,
+    Protocol,
+)
 from analyses.tasks.needles.words import ANSWER_WORDS, EXTRA_MODULES, PLACES
 
 __all__ = [
     "ANSWER_WORDS",
     "EXTRA_MODULES",
     "MIN_HAYSTACK_TOKENS",
+    "NEEDLE_PREFIX",
+    "NEEDLE_QUESTION",
     "PLACES",
+    "PROTOCOLS",
     "RECALL_GATE",
     "ROTATIONS",
     "TEMPLATES",
     "Needle",
     "NeedleTemplate",
     "NeedleTest",
+    "Protocol",
     "build_haystack",
     "find_span",
     "haystack_paragraphs",

@@ -7,7 +7,15 @@ from typing import Any
 
 from analyses.tasks.needles.draw import _Drawer
 from analyses.tasks.needles.haystack import _Orders
-from analyses.tasks.needles.prompts import NeedleTest, _build_test, _check_length, _Rejected, _target
+from analyses.tasks.needles.prompts import (
+    NeedleTest,
+    _build_test,
+    _check_length,
+    _Rejected,
+    _target,
+    check_protocol,
+)
+from analyses.tasks.needles.templates import Protocol
 from probe.errors import ConfigError
 
 
@@ -24,8 +32,11 @@ def iter_grid(
     novel_answer_tokens: bool = True,
     max_context: int | None = None,
     progress: bool = False,
+    protocol: Protocol = "needle",
+    exclude: Sequence[str] = (),
 ) -> Iterator[NeedleTest]:
     """The tests of :func:`make_grid`, one at a time (a long grid need not be held in memory)."""
+    check_protocol(protocol)
     target = _target(model_or_tokenizer, max_context)
     lengths, depths = list(lengths), [float(d) for d in depths]
     if not lengths or not depths:
@@ -39,7 +50,7 @@ def iter_grid(
         raise ConfigError(f"n_needles must be at least 1, got {n_needles}")
     from tqdm.auto import tqdm
 
-    drawer = _Drawer(seed, target.tokenizer, answer_words, novel_answer_tokens, ())
+    drawer = _Drawer(seed, target.tokenizer, answer_words, novel_answer_tokens, exclude)
     bar = tqdm(
         total=n_needles * len(lengths) * len(depths),
         desc="needles",
@@ -65,6 +76,7 @@ def iter_grid(
                             chat=chat,
                             answer_prefix=answer_prefix,
                             novel=novel_answer_tokens,
+                            protocol=protocol,
                         )
                         for length in lengths
                         for depth in depths
@@ -96,6 +108,8 @@ def make_grid(
     novel_answer_tokens: bool = True,
     max_context: int | None = None,
     progress: bool = False,
+    protocol: Protocol = "needle",
+    exclude: Sequence[str] = (),
 ) -> list[NeedleTest]:
     """Every (needle, length, depth) test, needle-major, then length, then depth.
 
@@ -105,7 +119,8 @@ def make_grid(
     context raises :class:`~probe.errors.ContextTooLongError`, one too small for the needle and
     question a :class:`~probe.errors.ConfigError`. ``depths``: fractions in ``[0, 1]``. Each needle has
     its own haystack order, drawn from ``(seed, needle index)``. The paper's grid is 20 lengths x 10
-    depths x 3 needles.
+    depths x 3 needles. ``protocol``: the question asks for the whole ``needle`` sentence (the
+    paper's task) or for its ``answer``. ``exclude``: answers not to draw (another grid's).
     """
     return list(
         iter_grid(
@@ -120,5 +135,7 @@ def make_grid(
             novel_answer_tokens=novel_answer_tokens,
             max_context=max_context,
             progress=progress,
+            protocol=protocol,
+            exclude=exclude,
         )
     )

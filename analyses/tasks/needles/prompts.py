@@ -8,7 +8,7 @@ from typing import Any
 
 from analyses.tasks.needles.haystack import ROTATIONS, _fit, _Order, _Orders, _too_long_for_source
 from analyses.tasks.needles.spans import _decode, _encode, find_span
-from analyses.tasks.needles.templates import Needle
+from analyses.tasks.needles.templates import PROTOCOLS, Needle, Protocol
 from probe.errors import ConfigError, ContextTooLongError
 from probe.loading import BosPolicy, LoadedModel, bos_policy
 
@@ -22,7 +22,9 @@ class NeedleTest:
     ``prompt_ids`` include the BOS token when the model's policy (or its chat template) puts one
     first. ``answer_ids == prompt_ids[answer_span[0]:answer_span[1]]``: the answer's tokens as they
     appear in this context (with their leading space merged in, where the tokenizer does that).
-    ``haystack_span`` is the whole context (haystack with the needle inside it).
+    ``haystack_span`` is the whole context (haystack with the needle inside it). ``protocol``: what
+    the question asks for, the whole ``needle`` sentence or its ``answer``; :attr:`reference` is the
+    text a generation is scored against and :attr:`scored_span` its span.
     """
 
     prompt_ids: list[int]
@@ -45,6 +47,17 @@ class NeedleTest:
     chat: bool
     bos: bool  # the first prompt token is the BOS token
     novel_answer_tokens: bool  # the answer's tokens were checked to occur nowhere else in the prompt
+    protocol: Protocol = "answer"
+
+    @property
+    def reference(self) -> str:
+        """What the model is asked to produce: the needle sentence or the answer."""
+        return self.needle if self.protocol == "needle" else self.answer
+
+    @property
+    def scored_span(self) -> tuple[int, int]:
+        """The token span of :attr:`reference` in the prompt."""
+        return self.needle_span if self.protocol == "needle" else self.answer_span
 
     def describe(self) -> dict[str, Any]:
         """The test's scalars (no token ids), one row of a results table."""
@@ -66,6 +79,7 @@ class NeedleTest:
             "bos": self.bos,
             "answer_prefix": self.answer_prefix,
             "seed": self.seed,
+            "protocol": self.protocol,
         }
 
 
@@ -104,9 +118,12 @@ class _Frame:
     lead: list[int]
     chat: bool
     prefix: str
+    question: str
 
 
-def _frame(target: _Target, needle: Needle, chat: bool | None, answer_prefix: bool) -> _Frame:
+def _frame(
+    target: _Target, needle: Needle, chat: bool | None, answer_prefix: bool, protocol: Protocol
+) -> _Frame:
     tok = target.tokenizer
     has_template = bool(getattr(tok, "chat_template", None))
     if chat and not has_template:
@@ -114,8 +131,9 @@ def _frame(target: _Target, needle: Needle, chat: bool | None, answer_prefix: bo
             f"chat=True but {target.name}'s tokenizer has no chat template; use chat=None or False"
         )
     use_chat = has_template if chat is None else chat
-    prefix = needle.prefix if answer_prefix else ""
-    question = f"\n\nQuestion: {needle.question}"
+    asked, lead_in = needle.ask(protocol)
+    prefix = lead_in if answer_prefix else ""
+    question = f"\n\nQuestion: {asked}"
     if use_chat:
         sentinel = "\ue000HEADLAB-CONTEXT\ue000"
         rendered = tok.apply_chat_template(
@@ -136,7 +154,7 @@ def _frame(target: _Target, needle: Needle, chat: bool | None, answer_prefix: bo
         if target.bos.prepend and target.bos.token_id is not None and not template_bos
         else []
     )
-    return _Frame(head=head, mid=mid, lead=lead, chat=use_chat, prefix=prefix)
+    return _Frame(head=head, mid=mid, lead=lead, chat=use_chat, prefix=prefix, question=asked)
 
 
 @dataclass
@@ -258,11 +276,12 @@ def _build_test(
     chat: bool | None,
     answer_prefix: bool,
     novel: bool,
+    protocol: Protocol = "answer",
 ) -> NeedleTest:
     _check_length(target, length)
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depths are fractions of the haystack between 0 and 1, got {depth!r}")
-    frame = _frame(target, needle, chat, answer_prefix)
+    frame = _frame(target, needle, chat, answer_prefix, protocol)
     n, built = _fit_prompt(target, orders, frame, needle, length, depth)
     # One int object per token id across all tests (a 32K prompt: 0.26 MB of pointers, not 1.2 MB).
     ids = [_INTERN.setdefault(i, i) for i in built.ids]
@@ -277,7 +296,7 @@ def _build_test(
         answer=needle.answer,
         answer_ids=ids[spans.answer[0] : spans.answer[1]],
         needle=needle.sentence,
-        question=needle.question,
+        question=frame.question,
         answer_prefix=frame.prefix,
         kind=needle.kind,
         place=needle.place,
@@ -290,7 +309,13 @@ def _build_test(
         chat=frame.chat,
         bos=bool(ids) and target.bos.token_id is not None and ids[0] == target.bos.token_id,
         novel_answer_tokens=novel,
+        protocol=protocol,
     )
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
 
 
 def make_test(
@@ -305,6 +330,7 @@ def make_test(
     answer_prefix: bool = True,
     novel_answer_tokens: bool = True,
     max_context: int | None = None,
+    protocol: Protocol = "needle",
 ) -> NeedleTest:
     """One test: ``needle`` at ``depth`` in a prompt of exactly ``length`` tokens.
 
@@ -312,6 +338,7 @@ def make_test(
     Raises :class:`~probe.errors.ConfigError` if the answer's tokens occur elsewhere in the prompt
     (with ``novel_answer_tokens``) or merge with the text around them.
     """
+    check_protocol(protocol)
     target = _target(model_or_tokenizer, max_context)
     return _build_test(
         target,
@@ -324,4 +351,5 @@ def make_test(
         chat=chat,
         answer_prefix=answer_prefix,
         novel=novel_answer_tokens,
+        protocol=protocol,
     )

@@ -1,10 +1,25 @@
-"""The needle templates and a filled needle (one invented fact with its question and answer)."""
+"""The needle templates and a filled needle (one invented fact with its question and answer).
+
+Two protocols ask about a needle. ``"needle"`` (Wu et al.'s task): the question asks for the needle
+sentence itself, named by its place alone, and the model is to reproduce the whole sentence.
+``"answer"``: the question asks for the needle's answer, and the answer turn starts with the needle's
+own lead-in, so the model only has to produce the answer's few words.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from probe.errors import ConfigError
+
+Protocol = Literal["needle", "answer"]
+PROTOCOLS: tuple[Protocol, ...] = ("needle", "answer")
+
+# The needle protocol's question and answer lead-in, the same for every template: they name the
+# needle by its place alone, so nothing else of the needle is in the prompt twice.
+NEEDLE_QUESTION = "Which sentence of the text mentions {place}? Quote it exactly."
+NEEDLE_PREFIX = 'The sentence that mentions {place} is: "'
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,14 @@ class Needle:
     question: str
     prefix: str
     answer_offset: int
+
+    def ask(self, protocol: Protocol) -> tuple[str, str]:
+        """The question and the answer lead-in of ``protocol``."""
+        if protocol == "needle":
+            return NEEDLE_QUESTION.format(place=self.place), NEEDLE_PREFIX.format(place=self.place)
+        if protocol == "answer":
+            return self.question, self.prefix
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
 
     def __post_init__(self) -> None:
         if self.sentence[self.answer_offset : self.answer_offset + len(self.answer)] != self.answer:
