@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from dash import Dash
 
-from analyses import runstore
+from analyses import runstore, validation
 from analyses.base import AnalysisResult
-from analyses.retrieval import RetrievalConfig, aggregate_scores, masking_curve
+from analyses.retrieval import RetrievalConfig, aggregate_scores, masking_curve, validation_row
 from dashboard import report
 from dashboard.catalog import RunCatalog
 from dashboard.core import figures
@@ -40,22 +40,57 @@ KINDS = ("passphrase", "ship", "greeting")
 HTML_GENERATED = "<b>amber</b> & falcon"  # test 0 generates markup: the report must escape it
 
 
+HELDOUT = 4  # held-out tests; 3 recalled unmasked
+N_NULL = 50
+
+
 def _config(*, masking: bool = True) -> RetrievalConfig:
-    """The run's settings, as analyses.retrieval.run_retrieval puts them in its result."""
+    """The run's settings, as analyses.retrieval.run_retrieval puts them in its result: the full run
+    under the needle protocol with the held-out validation, the other under the answer protocol."""
     return RetrievalConfig(
         lengths=LENGTHS,
         depths=DEPTHS,
         n_needles=N_NEEDLES,
         seed=0,
+        protocol="needle" if masking else "answer",
         threshold=0.1,
         rouge_gate=0.5,
-        span="answer",
         max_new_tokens=0,
         mask_fractions=MASK_FRACTIONS if masking else (),
         mask_seeds=MASK_SEEDS,
         mask_tests=len(MASK_TESTS),
+        validation=masking,
+        heldout_needles=2,
+        heldout_depths=(0.25, 0.75),
+        n_null=N_NULL,
         progress=False,
     )
+
+
+def _validation_tables(rng: np.random.Generator, heads: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The held-out tests, the masked recalls and the validation row of the retrieval heads."""
+    found = sorted((int(r.layer), int(r.head)) for r in heads[heads["is_retrieval"]].itertuples())
+    recall = np.array([1.0, 1.0, 0.8, 0.2])
+    held = pd.DataFrame(
+        {
+            "test": np.arange(HELDOUT),
+            "length": 256,
+            "n_tokens": 256,
+            "depth": [0.25, 0.75, 0.25, 0.75],
+            "needle": [0, 0, 1, 1],
+            "needle_kind": "ship",
+            "answer": "word colour thing",
+            "reference": "The ship was named word colour thing.",
+            "generated": "The ship was named word colour thing.",
+            "rouge1_recall": recall,
+            "passed": recall > 0.5,
+        }
+    )
+    base = recall[:3]
+    mine = np.array([0.2, 0.0, 0.4])
+    null = np.clip(base[None, :] - rng.choice([0.0, 0.2], (N_NULL, 3)), 0, 1)
+    row = validation_row(found, base, mine, null, inputs=validation.Inputs("held-out needle tests", 3))
+    return {"heldout": held, "validation": validation.frame([row])}
 
 
 def _masking_table(rng: np.random.Generator, tests: pd.DataFrame) -> pd.DataFrame:
@@ -170,6 +205,8 @@ def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -
     }
     if masking:
         tables["masking"] = _masking_table(rng, tests)
+        tables.update(_validation_tables(rng, heads))
+        tables["heads"] = validation.evidence_columns(heads, tables["validation"], "retrieval")
     return AnalysisResult(
         analysis="retrieval",
         model_info={
@@ -184,7 +221,11 @@ def make_result(seed: int = 0, *, recalled: bool = True, masking: bool = True) -
         seeds={"grid": 0, "masking": 0},
         notes={"tests": n_tests, "tests_passed": int(passed.sum())},
         # a run where no test passed has no retrieval score for any head
-        nan_ok=("retrieval_score", "activation_frequency"),
+        nan_ok=(
+            "retrieval_score",
+            "activation_frequency",
+            *(f"retrieval_{c}" for c in ("effect", "effect_low", "effect_high", "percentile", "p_value")),
+        ),
     )
 
 
@@ -398,7 +439,7 @@ def test_a_run_where_no_test_passed_says_so(runs: Runs) -> None:
     assert "No test passed the gate" in to_json(page.top_table(runs.unrecalled, 20))
     sections = retrieval_section.report_sections(run)
     body = "".join(s.body for s in sections)
-    assert f"0 / {N_TESTS}</b> tests passed" in body and "ran no masking experiment" in sections[-1].body
+    assert f"0 / {N_TESTS}</b> tests passed" in body and "ran no masking experiment" in sections[-2].body
     assert "retrieval-histogram-figure" not in body
 
 
@@ -435,7 +476,7 @@ def test_page_callbacks(runs: Runs) -> None:
         and '"className": "panel"' in banner
     )
     assert "weak evidence" not in banner  # 16 passing tests: not flagged
-    assert "synthetic: lengths 256, 512" in page.settings_text(runs.full)
+    assert "synthetic: protocol needle, lengths 256, 512" in page.settings_text(runs.full)
     np.testing.assert_allclose(
         np.asarray(page.grid_figure(runs.full).data[0].z, dtype=float), _pivot(run.heads, "retrieval_score")
     )
@@ -471,6 +512,7 @@ def test_layout_and_callbacks_through_dash(runs: Runs, tmp_path: Path) -> None:
         "retrieval-top-table",
         "retrieval-masking",
         "retrieval-recall",
+        "retrieval-validation",
         "retrieval-test",
         "retrieval-test-detail",
         "retrieval-test-grid",
@@ -512,6 +554,7 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
         "retrieval-heads",
         "retrieval-recall",
         "retrieval-masking",
+        "validation",
     ]
     body = "".join(s.body for s in sections)
     for needle in (
@@ -543,3 +586,48 @@ def test_report_section_renders(runs: Runs, tmp_path: Path, monkeypatch: pytest.
     )
     generic = report.render_report(runstore.open_run(foreign))
     assert 'id="heads-heatmap-0"' in generic and 'id="retrieval-summary"' not in generic
+
+
+def test_the_protocol_is_named_wherever_the_scores_are(runs: Runs) -> None:
+    full, legacy = _open(runs, runs.full), _open(runs, runs.unrecalled)
+    assert views.protocol(full) == "needle" and views.protocol(legacy) == "answer"
+    assert views.settings_line(full).startswith("protocol needle") and "scored span: whole needle" in (
+        views.settings_line(full)
+    )
+    assert "scored span: answer tokens" in views.settings_line(legacy)
+    assert "reproduce the whole needle" in views.protocol_line(full)
+    assert "1/|answer|" in views.protocol_line(legacy)
+    page = _page(runs.root)
+    assert "reproduce the whole needle" in to_json(page.gate_banner(runs.full))
+    assert "share of the needle" in views.score_histogram(full).layout.xaxis.title.text
+    body = retrieval_section.report_sections(full)[0].body
+    assert "protocol needle" in body and "(the needle)" in body
+
+
+def test_the_held_out_validation_is_shown_with_its_null(runs: Runs) -> None:
+    run = _open(runs, runs.full)
+    table = views.validation_table(run)
+    assert table is not None and list(table.columns) == list(validation.COLUMNS) and len(table) == 1
+    row = table.iloc[0]
+    assert row["role"] == "retrieval" and row["n_null"] == N_NULL and row["n_inputs"] == 3
+    assert row["effect"] == pytest.approx(np.mean([0.2 - 1.0, 0.0 - 1.0, 0.4 - 0.8]))
+    heads = run.heads
+    ringed = heads[heads["is_retrieval"]]
+    assert (ringed["retrieval_role"] == "retrieval").all() and (
+        heads.loc[~heads["is_retrieval"], "retrieval_role"] == ""
+    ).all()
+    assert (ringed["retrieval_validated"] == bool(row["validated"])).all()
+    note = views.validation_note(run)
+    assert "4 held-out tests" in note and "3 were recalled" in note and f"{N_NULL} random" in note
+    page = _page(runs.root)
+    panel = to_json(page.validation_panel(runs.full))
+    assert "retrieval-validation-graph" in panel and "Held-out validation of the retrieval heads" in panel
+    assert row["inputs"] in panel
+    # a run without the table says so instead of failing
+    legacy = to_json(page.validation_panel(runs.unrecalled))
+    assert "made before the retrieval heads were validated" in legacy
+    sections = retrieval_section.report_sections(run)
+    assert sections[-1].anchor == "validation" and "validation-figure" in sections[-1].body
+    assert "3 were recalled" in sections[-1].body
+    old = retrieval_section.report_sections(_open(runs, runs.unrecalled))[-1]
+    assert "made before the retrieval heads were validated" in old.body

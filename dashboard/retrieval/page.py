@@ -7,8 +7,9 @@ settings), ``retrieval-grid`` (layer x head map of the retrieval score, retrieva
 ``retrieval-top-n`` (how many top heads), ``retrieval-top`` (top heads: bars) and
 ``retrieval-top-table`` (the same as a table), ``retrieval-mask-metric`` (recall or share recalled),
 ``retrieval-masking`` (recall against K, top-K vs random-K heads masked), ``retrieval-recall``
-(recall over depth x length), ``retrieval-test`` (test picker), ``retrieval-test-detail`` (its needle
-answer, the generated text, recall), ``retrieval-test-grid`` (which heads copy-pasted on it) and
+(recall over depth x length), ``retrieval-validation`` (the held-out validation of the retrieval
+heads: the shared block of :mod:`dashboard.core.validation`), ``retrieval-test`` (test picker), ``retrieval-test-detail`` (what it asked
+for, the generated text, recall), ``retrieval-test-grid`` (which heads copy-pasted on it) and
 ``retrieval-test-heads`` (the same as a table).
 
 The callbacks are methods taking plain values, so tests call them directly;
@@ -28,6 +29,7 @@ from dash.development.base_component import Component
 from analyses.runstore import Run
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, empty_figure, why
+from dashboard.core.validation import validation_block
 from dashboard.retrieval import views
 
 TOP_N_CHOICES = (10, 20, 50)
@@ -55,11 +57,14 @@ class RetrievalPage(AnalysisPage):
                 html.H2("Retrieval heads"),
                 html.P(
                     "A needle sentence is put at a depth of a haystack and the model answers a question "
-                    "about it by greedy decoding. At each step a head copy-pastes when its attention "
-                    "argmax lies in the needle's answer span on the very token being generated; each hit "
-                    "adds 1/|span| to its score on that test. Only tests whose answer was recalled "
+                    "about it by greedy decoding. Under the needle protocol (Wu et al. 2024) it is asked "
+                    "to reproduce the whole needle; under the answer protocol only the needle's answer. "
+                    "At each step a head copy-pastes when its attention argmax lies in the scored span "
+                    "(the needle, or its answer) on the very token being generated; each hit adds "
+                    "1/|span| to its score on that test. Only tests whose reference was recalled "
                     "(ROUGE-1 recall above the gate) count; a head's retrieval score is the mean over "
-                    "them, and a retrieval head scores above the run's threshold (0.1 in Wu et al. 2024).",
+                    "them, and a retrieval head scores above the run's threshold (0.1 in the paper). "
+                    "The retrieval heads are then masked on held-out needles, against random head sets.",
                     className="hint",
                 ),
                 ui.controls(self.run_picker(choice)),
@@ -101,6 +106,7 @@ class RetrievalPage(AnalysisPage):
                     ),
                     ui.panel(ui.graph("retrieval-recall"), css=ui.DETAIL_PANEL),
                 ),
+                ui.panel(html.Div(id="retrieval-validation")),
                 html.H3("One needle test"),
                 ui.controls(
                     ui.dropdown(
@@ -171,6 +177,7 @@ class RetrievalPage(AnalysisPage):
                 html.Span("tests passed the gate", style={"fontWeight": "bold", "marginRight": "14px"}),
                 html.Span(share, style={"marginRight": "14px"}),
                 html.Div(line, className="hint" if not weak else ""),
+                html.Div(views.protocol_line(run), className="hint", id="retrieval-protocol"),
             ],
             className="caveat" if weak else "panel",
             style={"margin": "6px 0 10px"},
@@ -224,13 +231,28 @@ class RetrievalPage(AnalysisPage):
                     table_id="retrieval-top-rows",
                 ),
                 html.P(
-                    f"Retrieval score: mean copy-paste share of the answer span over the {passed} passing "
-                    "tests. Activation frequency: share of those tests in which the head copy-pasted at "
+                    f"Retrieval score: mean copy-paste share of {views.span_noun(run)} over the {passed} "
+                    "passing tests. Activation frequency: share of those tests in which the head copy-pasted at "
                     "least once (a high score with a low frequency is a specialist of a few needles).",
                     className="hint",
                 ),
             ]
         )
+
+    def validation_panel(self, run_id: str | None) -> Component:
+        """The held-out validation of the retrieval heads (the shared block), with what was tested."""
+
+        def build(run: Run) -> Component:
+            table = views.validation_table(run)
+            parts: list[Component] = [
+                html.H3("Held-out validation of the retrieval heads"),
+                html.P(views.validation_note(run), className="hint", id="retrieval-validation-note"),
+            ]
+            if table is not None:
+                parts.append(validation_block(table, graph_id="retrieval-validation-graph"))
+            return html.Div(parts)
+
+        return self._block(run_id, build, "cannot show the validation")
 
     def test_detail(self, run_id: str | None, test: int | None) -> Component:
         if not run_id or test is None:
@@ -259,7 +281,7 @@ class RetrievalPage(AnalysisPage):
         return html.Div(
             [
                 html.H3(f"Test {info['test']}"),
-                html.P(["needle answer: ", html.Code(info["answer"], id="retrieval-test-answer")]),
+                html.P(["asked for: ", html.Code(info["reference"], id="retrieval-test-answer")]),
                 html.P(["generated: ", html.Code(info["generated"], id="retrieval-test-generated")]),
                 html.Table(
                     html.Tbody([html.Tr([html.Td(k), html.Td(v)]) for k, v in rows]), className="data kv"
@@ -304,6 +326,9 @@ class RetrievalPage(AnalysisPage):
             self.settings_text
         )
         app.callback(Output("retrieval-grid", "figure"), Input("retrieval-run", "value"))(self.grid_figure)
+        app.callback(Output("retrieval-validation", "children"), Input("retrieval-run", "value"))(
+            self.validation_panel
+        )
         app.callback(Output("retrieval-histogram", "figure"), Input("retrieval-run", "value"))(
             self.histogram_figure
         )

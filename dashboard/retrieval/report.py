@@ -1,6 +1,7 @@
-"""The retrieval report: how many needle tests passed the gate, the retrieval score of every head
-(grid, distribution, top heads), recall over depth × length with every test, and the masking curve.
-The same figures as the dashboard's retrieval page, as static plotly."""
+"""The retrieval report: the protocol and how many needle tests passed the gate, the retrieval score
+of every head (grid, distribution, top heads), recall over depth × length with every test, the
+masking curve and the held-out validation of the retrieval heads. The same figures as the
+dashboard's retrieval page, as static plotly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
+from dashboard.core.validation import validation_sections
 from dashboard.retrieval import views
 
 MAX_TEST_ROWS = 300
@@ -29,10 +31,11 @@ def _summary(run: Run) -> ReportSection:
     intro = (
         "<p>Retrieval heads (Wu et al. 2024): a needle sentence is put at a depth of a haystack and the "
         "model answers a question about it by greedy decoding. At each decoding step a head "
-        "<i>copy-pastes</i> when its attention argmax lies in the needle's answer span and the token "
-        "there is the token being generated; each hit adds 1/|span| to the head's score on that test. "
-        "Only tests whose answer was recalled (ROUGE-1 recall above the gate) count: a head's retrieval "
-        "score is its mean over those tests, and a retrieval head scores above the threshold. "
+        f"<i>copy-pastes</i> when its attention argmax lies in the scored span ({views.span_noun(run)}) "
+        "and the token there is the token being generated; each hit adds 1/|span| to the head's score "
+        "on that test. Only tests whose reference was recalled (ROUGE-1 recall above the gate) count: a "
+        "head's retrieval score is its mean over those tests, and a retrieval head scores above the "
+        f"threshold. This run: {html.escape(views.protocol_line(run))}. "
         f"Settings: {html.escape(views.settings_line(run))}.</p>"
     )
     css = ' class="caveat"' if weak else ""
@@ -99,7 +102,7 @@ def _recall(run: Run) -> ReportSection:
         "length",
         "depth (reached)",
         "needle",
-        "answer",
+        "asked for",
         "generated",
         "ROUGE-1 recall",
         "passed",
@@ -164,4 +167,14 @@ def report_sections(run: Run) -> list[ReportSection]:
     name ``retrieval``) gets the generic heads heat maps instead of an error."""
     if not views.is_retrieval(run):
         return generic.report_sections(run)
-    return [_summary(run), _heads(run), _recall(run), _masking(run)]
+    return [_summary(run), _heads(run), _recall(run), _masking(run), *_validation(run)]
+
+
+def _validation(run: Run) -> list[ReportSection]:
+    """The held-out validation of the retrieval heads (the shared section), with what was tested."""
+    note = f"<p>{html.escape(views.validation_note(run))}</p>"
+    sections = validation_sections(run)
+    if not sections:
+        return [ReportSection("validation", "Held-out validation of the retrieval heads", note)]
+    first = sections[0]
+    return [ReportSection(first.anchor, "Held-out validation of the retrieval heads", note + first.body)]

@@ -63,6 +63,51 @@ def gate(source: Source) -> float:
     return float(source.config.rouge_gate)
 
 
+def protocol(source: Source) -> str:
+    """``"needle"`` (the model reproduces the whole needle; the paper's) or ``"answer"``."""
+    return str(source.config.protocol)
+
+
+def span_noun(source: Source) -> str:
+    """What the scored span is, in words: "the needle" or "the answer"."""
+    return "the needle" if source.config.scored_span == "needle" else "the answer"
+
+
+def protocol_line(source: Source) -> str:
+    """The run's protocol in one sentence (plain text)."""
+    return retrieval.protocol_line(source.config)
+
+
+def has_validation(source: Source) -> bool:
+    return "validation" in source.table_names
+
+
+def validation_table(source: Source) -> pd.DataFrame | None:
+    """The held-out validation table, or None for a run made before the analysis validated."""
+    return table(source, "validation") if has_validation(source) else None
+
+
+def validation_note(source: Source) -> str:
+    """What the held-out validation tested, or why it tested nothing (plain text)."""
+    cfg = source.config
+    if not has_validation(source):
+        return "This run was made before the retrieval heads were validated on held-out tests."
+    if not cfg.validation:
+        return "The held-out validation was off in this run (validation=False)."
+    held = table(source, "heldout") if "heldout" in source.table_names else pd.DataFrame()
+    recalled = int(held["passed"].sum()) if len(held) else 0
+    found = table(source, "validation")
+    lead = (
+        f"The retrieval heads found on the grid (score > {threshold(source):g}) attend uniformly while "
+        f"the model answers {len(held)} held-out tests (new needles in new haystacks, "
+        f"{cfg.heldout_tokens} tokens); {recalled} were recalled unmasked and measure the drop in "
+        f"ROUGE-1 recall, against {cfg.n_null} random same-size head sets from outside them."
+    )
+    if not len(found):
+        return lead + " No head scored above the threshold, so nothing was tested."
+    return lead
+
+
 def heads_table(source: Source) -> pd.DataFrame:
     """The heads table sorted by (layer, head), ``is_retrieval`` as bool."""
     heads = table(source, "heads").sort_values(["layer", "head"]).reset_index(drop=True)
@@ -108,18 +153,24 @@ def settings_line(source: Source) -> str:
     """One line naming the run's grid and scoring settings (plain text)."""
     cfg = source.config
     parts = [
+        f"protocol {cfg.protocol}",
         f"lengths {_fmt_list(cfg.lengths)} tokens",
         f"depths {_fmt_list(cfg.depths)}",
         f"{cfg.n_needles} needle(s) per cell",
         f"gate ROUGE-1 recall > {gate(source):g}",
         f"retrieval head: score > {threshold(source):g}",
-        f"scored span: {'answer tokens' if cfg.span == 'answer' else 'whole needle'}",
+        f"scored span: {'whole needle' if cfg.scored_span == 'needle' else 'answer tokens'}",
     ]
     if cfg.mask_fractions:
         shares = ", ".join(f"{100 * float(f):g}%" for f in cfg.mask_fractions)
         parts.append(f"masking K = {shares} of heads, {cfg.mask_seeds} random seed(s)")
     else:
         parts.append("no masking experiment")
+    if cfg.validation:
+        parts.append(
+            f"held-out validation on {cfg.heldout_needles} needle(s) x {len(cfg.heldout_depths)} depth(s) at "
+            f"{cfg.heldout_tokens} tokens against {cfg.n_null} random head sets"
+        )
     parts.append(f"seed {cfg.seed}")
     return ", ".join(parts)
 
@@ -265,7 +316,7 @@ def score_histogram(source: Source, bin_size: float = 0.02) -> go.Figure:
             "Distribution of retrieval scores",
             f"all {len(scores)} heads, scores over {passed} passing tests; dashed: threshold",
         ),
-        xaxis={"title": {"text": "retrieval score (mean copy-paste share of the answer span)"}},
+        xaxis={"title": {"text": f"retrieval score (mean copy-paste share of {span_noun(source)})"}},
         yaxis={"title": {"text": "heads (log scale)"}, "type": "log"},
         bargap=0.05,
         height=360,
@@ -630,6 +681,7 @@ def test_summary(source: Source, test: int) -> dict[str, Any]:
         "needle": int(row["needle"]),
         "needle_kind": str(row["needle_kind"]),
         "answer": str(row["answer"]),
+        "reference": str(row["reference"]) if "reference" in row else str(row["answer"]),
         "generated": str(row["generated"]),
         "rouge1_recall": float(row["rouge1_recall"]),
         "passed": bool(row["passed"]),
@@ -652,7 +704,7 @@ def tests_rows(source: Source) -> pd.DataFrame:
                 for d, a in zip(tests["depth"], tests["depth_actual"], strict=True)
             ],
             "needle": tests["needle_kind"].astype(str),
-            "answer": tests["answer"].astype(str),
+            "answer": (tests["reference"] if "reference" in tests else tests["answer"]).astype(str),
             "generated": tests["generated"].astype(str),
             "recall": [f"{float(v):.2f}" for v in tests["rouge1_recall"]],
             "passed": ["yes" if p else "no" for p in tests["passed"]],
