@@ -50,6 +50,7 @@ COLUMNS = (
     "percentile",
     "p_value",
     "validated",
+    "alpha",
     "inputs",
     "n_inputs",
 )
@@ -188,6 +189,7 @@ def test_row(
         "percentile": percentile,
         "p_value": p_value,
         "validated": validated,
+        "alpha": float(alpha),
         "inputs": inputs.describe(),
         "n_inputs": int(inputs.n),
     }
@@ -337,9 +339,9 @@ def summary_lines(table: pd.DataFrame, *, indent: str = "  ") -> list[str]:
     if table is None or not len(table):
         return []
     context = context_columns(table)
-    lines = [
-        f"{indent}held-out validation (effect [95% CI] vs {int(table['n_null'].max())} random same-size sets):"
-    ]
+    most = int(table["n_null"].max())
+    against = f"{most} random same-size sets" if most else "no null: too few heads outside the tested ones"
+    lines = [f"{indent}held-out validation (effect [95% CI] vs {against}):"]
     for _, row in table.iterrows():
         lines.append(
             f"{indent}  {label(row, context)}: {row['measure']} {number(row['effect'])} "

@@ -121,12 +121,16 @@ def _header(table: pd.DataFrame) -> list[str]:
     ]
 
 
-INTRO = (
-    "Each role was found on discovery inputs and tested on held-out inputs it was not found on. The "
-    "effect of intervening on its heads is compared with the same intervention on random head sets "
-    "of the same size drawn from outside the role. A role is validated when the effect goes the "
-    "predicted way, its 95% interval excludes zero and p ≤ 0.05."
-)
+def intro(table: pd.DataFrame) -> str:
+    """What the block shows, with the run's own significance level."""
+    levels = sorted({float(a) for a in table["alpha"]}) if "alpha" in table else [0.05]
+    level = " or ".join(f"{a:g}" for a in levels) or "0.05"
+    return (
+        "Each role was found on discovery inputs and tested on held-out inputs it was not found on. The "
+        "effect of intervening on its heads is compared with the same intervention on random head sets "
+        "of the same size drawn from outside the role. A role is validated when the effect goes the "
+        f"predicted way, its 95% interval excludes zero and p ≤ {level}."
+    )
 
 
 def validation_block(table: pd.DataFrame, graph_id: str = "validation-graph") -> Component:
@@ -135,7 +139,7 @@ def validation_block(table: pd.DataFrame, graph_id: str = "validation-graph") ->
         return dhtml.P("No role was tested on held-out inputs in this run.")
     return dhtml.Div(
         [
-            dhtml.P(INTRO),
+            dhtml.P(intro(table)),
             dcc.Graph(id=graph_id, figure=validation_figure(table), config=GRAPH_CONFIG),
             dhtml.Table(
                 [
@@ -155,7 +159,7 @@ def validation_sections(run: Run, table_name: str = "validation") -> list[Report
         return []
     table = run.table(table_name)
     body = (
-        f"<p>{html.escape(INTRO)}</p>"
+        f"<p>{html.escape(intro(table))}</p>"
         + figure_html(validation_figure(table), f"{table_name}-figure", wide=True)
         + table_html(_header(table), _rows(table))
     )
