@@ -105,6 +105,8 @@ def validation_note(source: Source) -> str:
     )
     if not len(found):
         return lead + " No head scored above the threshold, so nothing was tested."
+    if recalled == 0:
+        return lead + " With no held-out test recalled there was no recall to lose: not validated."
     return lead
 
 
