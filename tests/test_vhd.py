@@ -10,6 +10,7 @@ and the runs end to end (tiny model; the real ``scene-llava`` once).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from analyses import vhd as vh
 from analyses.runstore import open_run
 from analyses.tasks import scene_captions as scc
 from analyses.tasks import scenes as sc
+from analyses.validation import parse_heads
 from analyses.vhd.reinforcement import _decide
 from probe import vlm
 from probe.errors import ConfigError
@@ -50,6 +52,8 @@ SMALL = vh.VhdConfig(
     n_stats=100,
     pope_kinds=("adversarial",),
     pope_per_scene=1,
+    sweep="off",
+    validation=False,
     progress=False,
 )
 
@@ -63,7 +67,11 @@ def test_layer_sets() -> None:
     assert vh.parse_layers("paper", 3) == [0, 1, 2]
     assert vh.parse_layers("last:2", 5) == [3, 4] and vh.parse_layers("first:2", 5) == [0, 1]
     assert vh.parse_layers("4, 1,1", 5) == [1, 4] and vh.parse_layers([2, 0], 3) == [0, 2]
-    for bad in ("last:0", "7", "middle", "last:x"):
+    thirds = [vh.parse_layers(t, 30) for t in ("early", "middle", "late")]
+    assert thirds == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    assert [vh.parse_layers(t, 3) for t in ("early", "middle", "late")] == [[0], [1], [2]]
+    assert sum(map(len, (vh.parse_layers(t, 31) for t in ("early", "middle", "late")))) == 31
+    for bad in ("last:0", "7", "centre", "last:x"):
         with pytest.raises(ConfigError):
             vh.parse_layers(bad, 5)
 
@@ -106,8 +114,8 @@ def test_word_test_counts_means_and_auroc() -> None:
 
 def test_object_words_map_to_the_tokens_that_start_them() -> None:
     model = tiny()
-    scene = sc.make_scenes(20, seed=3)
-    scene = next(s for s in scene if "circle" in s.classes and "star" not in s.classes)
+    scenes = sc.make_scenes(20, seed=3)
+    scene = next(s for s in scenes if "circle" in s.classes and "star" not in s.classes)
     text = "A red circle and two blue stars."
     tokens = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     table = vh.token_table(model, scene, tokens, np.arange(len(tokens), dtype=float), 0)
@@ -138,7 +146,19 @@ def test_config_and_model_errors() -> None:
     with pytest.raises(ConfigError, match="unique"):
         vh.VhdConfig(settings=(vh.VhrSetting("a"), vh.VhrSetting("a")))
     with pytest.raises(ConfigError, match="alpha"):
-        vh.VhdConfig(settings=(vh.VhrSetting("a", alpha=0.0),))
+        vh.VhdConfig(settings=(vh.VhrSetting("a", alpha=-1.0),))
+    vh.VhdConfig(settings=(vh.VhrSetting("a", alpha=0.0),))  # 0: the converse control, allowed
+    with pytest.raises(ConfigError, match="sweep"):
+        vh.VhdConfig(sweep="diagonal")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="sweep"):
+        vh.VhdConfig(sweep="cross", sweep_alphas=())
+    with pytest.raises(ConfigError, match="n_null"):
+        vh.VhdConfig(n_null=49)
+    with pytest.raises(ConfigError, match="changes nothing"):
+        vh.VhdConfig(validation_scales=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="0 or more"):
+        vh.VhdConfig(sweep_alphas=(-0.5,))
+    vh.VhdConfig(validation=False, n_null=1, validation_scales=())  # not checked when not run
     with pytest.raises(ConfigError, match="vision-language"):
         vh.run_vhd(probe.load_model("tiny-llama"), SMALL)
     with pytest.raises(ConfigError, match="layers"):
@@ -325,6 +345,8 @@ def test_scene_llava_reads_the_scene_and_generation_is_reproduced() -> None:
         ablations=False,
         pope_kinds=(),
         n_boot=20,
+        sweep="off",
+        validation=False,
         progress=False,
     )
     result = vh.run_vhr(model, cfg)
@@ -384,3 +406,138 @@ def test_paired_deltas_are_the_differences_of_the_summaries() -> None:
             want[name] = scc.chair_summary(frame, n_boot=10).set_index("metric").loc[metric, "value"]
         assert d[("x", metric)] == pytest.approx(want["x"] - want["baseline"])
     assert np.isnan(d[("silent", "CHAIR_I")])  # no object named: CHAIR_I is undefined, not 0
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+def test_sweep_settings_cross_grid_and_reuse_of_the_chosen_ones() -> None:
+    main = vh.VhrSetting("vhr", alpha=2.0, layers="paper")
+    cross = vh.VhdConfig(settings=(main,), sweep_alphas=(0.5, 2.0), sweep_layers=("paper", "late"))
+    names = [s.name for s in vh.sweep_settings(cross)]
+    # every alpha at the main layers, then every layer set at the main alpha; (2, paper) once
+    assert names == ["alpha=0.5 layers=paper", "alpha=2 layers=paper", "alpha=2 layers=late"]
+    grid = vh.VhdConfig(**{**cross.__dict__, "sweep": "grid"})
+    assert len(vh.sweep_settings(grid)) == 4
+    assert not vh.sweep_settings(vh.VhdConfig(**{**cross.__dict__, "sweep": "off"}))
+    extra, points = vh.sweep_plan(cross, [main])
+    assert [p.name for p in points] == ["alpha=0.5 layers=paper", "vhr", "alpha=2 layers=late"]
+    assert [e.name for e in extra] == ["alpha=0.5 layers=paper", "alpha=2 layers=late"]
+    assert all(p.outlier_removal == main.outlier_removal for p in points)
+
+
+def test_sweep_lines_name_the_best_and_worst_and_the_converse_by_hand() -> None:
+    rows = []
+    for name, alpha, d_s, d_r in (("a", 1.5, 0.10, -0.05), ("b", 2.0, -0.20, 0.02), ("c", 0.0, -0.30, 0.04)):
+        for metric, d in (("CHAIR_S", d_s), ("CHAIR_I", 0.0), ("recall", d_r)):
+            kind = "suppress" if alpha < 1 else "reinforce"
+            rows.append(
+                {"setting": name, "alpha": alpha, "intervention": kind, "metric": metric}
+                | {"delta": d, "delta_lo": d - 0.1, "delta_hi": d + 0.1}
+            )
+    lines = vh.sweep_lines(pd.DataFrame(rows))
+    assert lines[0].startswith("  sweep best: b ΔCHAIR_S -0.200") and "Δrecall +0.020" in lines[0]
+    assert lines[1].startswith("  sweep worst: a ΔCHAIR_S +0.100")
+    # median reinforcing ΔCHAIR_S = -0.05, Δrecall = -0.015; the suppression: -0.30, +0.04
+    assert "CHAIR_S the same way (-0.300 vs median reinforcing -0.050)" in lines[2]
+    assert "recall the other way (+0.040 vs median reinforcing -0.015)" in lines[2]
+    assert vh.sweep_lines(pd.DataFrame()) == []
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _selection(selected: list[list[list[bool]]]) -> vh.Selection:
+    mask = torch.tensor(selected)
+    zeros = torch.zeros(mask.shape)
+    return vh.Selection(torch.where(mask, 2.0, 1.0), mask, zeros.bool(), zeros, zeros)
+
+
+def test_vhr_heads_are_those_selected_on_most_inputs_by_hand() -> None:
+    # 3 inputs, 2 layers x 3 heads: L0H0 3/3, L0H1 2/3, L1H2 2/3, L1H0 1/3
+    first = _selection(
+        [[[True, True, False], [True, False, True]], [[True, True, False], [False, False, True]]]
+    )
+    second = _selection([[[True, False, False], [False, False, False]]])
+    assert vh.vhr_heads([first, second]) == [(0, 0), (0, 1), (1, 2)]
+    assert vh.vhr_heads([first, second], min_share=0.9) == [(0, 0)]
+    assert vh.vhr_heads([first, second], limit=2) == [(0, 0), (0, 1)]  # ties: the lower layer
+    assert vh.vhr_heads([]) == []
+
+
+def test_discrimination_is_present_minus_absent_margin_per_scene_by_hand() -> None:
+    scene = np.array([0, 0, 0, 1, 1, 2])
+    label = np.array([True, True, False, True, False, True])
+    margin = np.array([3.0, 1.0, -1.0, 0.5, 2.5, 4.0])
+    got = vh.discrimination(scene, label, margin, 4)
+    assert got[:2].tolist() == [2.0 - (-1.0), 0.5 - 2.5]
+    assert np.isnan(got[2]) and np.isnan(got[3])  # no absent question; no question at all
+
+
+def test_cheap_margin_equals_the_first_generated_step_under_scaled_heads() -> None:
+    """The validation's one-forward Yes − No margin is the first step of generation, scaled or not."""
+    model = tiny()
+    prompts = ["Is there a star in the image?", "Is there a ring in the image?"]
+    px = pixels(2, seed=3)
+    rows = vh.make_rows(model, prompts, px, text_twin=False)
+    rows.features = vh.project_images(model, px)
+    yes_no = _yes_no(model)
+    scales = vh.head_scales(model, [(0, 1), (2, 3)], 0.0)
+    assert scales.sum() == model.n_layers * model.n_heads - 2
+    for s in (None, scales):
+        want = vh.generate_ids(model, prompts, px, 1, s, yes_no=True).margins
+        assert vh.margins_under(model, rows, yes_no, s) == pytest.approx(want, abs=1e-4)
+    assert not np.allclose(
+        vh.margins_under(model, rows, yes_no, None), vh.margins_under(model, rows, yes_no, scales)
+    )
+
+
+def _yes_no(model: LoadedModel) -> tuple[int, int]:
+    tok = model.tokenizer
+    return tok("Yes", add_special_tokens=False)["input_ids"][0], tok("No", add_special_tokens=False)[
+        "input_ids"
+    ][0]
+
+
+def test_sweep_and_validation_tables_on_the_tiny_model() -> None:
+    cfg = vh.VhdConfig(
+        **{
+            **replace_settings(SMALL, vh.VhrSetting("vhr")).__dict__,
+            "ablations": False,
+            "sweep": "cross",
+            "sweep_alphas": (0.5, 2.0),
+            "sweep_layers": ("paper", "late"),
+            "validation": True,
+            "held_out_scenes": 3,
+            "validation_scales": (0.0, 2.0),
+        }
+    )
+    result = vh.run_vhr(tiny(), cfg)
+    t = result.tables
+    sweep = t["sweep"]
+    points = ["alpha=0.5 layers=paper", "vhr", "alpha=2 layers=late"]
+    assert sweep["setting"].drop_duplicates().tolist() == points and len(sweep) == 3 * 3
+    assert set(t["captions"]["setting"]) == {"baseline", *points}
+    assert set(t["pope"]["setting"]) == {"baseline", "vhr"}  # no POPE under the sweep's own settings
+    assert sweep.set_index("setting")["intervention"].to_dict()["alpha=0.5 layers=paper"] == "suppress"
+    assert sweep.loc[sweep["setting"] == "alpha=2 layers=late", "layers_used"].iloc[0] == "2"
+    deltas = t["deltas"][t["deltas"]["benchmark"] == "CHAIR"].set_index(["setting", "metric"])
+    values = t["summary"][t["summary"]["benchmark"] == "CHAIR"].set_index(["vhr_setting", "metric"])
+    for r in sweep.itertuples():
+        assert r.delta == deltas.loc[(r.setting, r.metric), "delta"] or np.isnan(r.delta)
+        assert r.value == values.loc[(r.setting, r.metric), "value"] or np.isnan(r.value)
+        assert r.baseline == values.loc[("baseline", r.metric), "value"] or np.isnan(r.baseline)
+
+    v = t["validation"]
+    assert v["role"].tolist() == ["vhr-suppress", "vhr-reinforce"] and v["scale"].tolist() == [0.0, 2.0]
+    assert v["direction"].tolist() == ["lower", "higher"]
+    tested = parse_heads(v["heads"].iloc[0])
+    # tiny-llava: 12 heads in the paper layers; at most half tested, every other-half set is the null
+    assert 0 < len(tested) <= 6 and (v["n_null"] == math.comb(12 - len(tested), len(tested))).all()
+    assert (v["n_inputs"] == 3).all() and v["inputs"].str.contains("scenes 4-6").all()
+    heads = t["heads"].set_index(["layer", "head"])
+    roles = heads["vhr_role"]
+    assert set(roles[roles != ""].index) == set(tested)
+    assert (roles[roles != ""] == "vhr-suppress+vhr-reinforce").all()
+    text = vh.summary(result)
+    assert "sweep best" in text and "held-out validation" in text and "vhr-suppress" in text

@@ -30,7 +30,7 @@ from dashboard.catalog import RunCatalog
 from dashboard.core.home import HomePage
 from dashboard.core.page import Site
 from dashboard.registry import pages, section_builder
-from dashboard.vhd import figures, views
+from dashboard.vhd import figures, sweep, views
 from dashboard.vhd import report as vhd_section
 from dashboard.vhd.page import VhdPage
 from tests.conftest import decode_array, fixed_revision, post_callback, render_route, to_json
@@ -101,6 +101,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
             pope_kinds=("adversarial",),
             pope_per_scene=1,
             n_display=N_DISPLAY,
+            sweep_alphas=(0.5, 2.0),
+            sweep_layers=("paper", "late"),
+            held_out_scenes=2,
+            validation_scales=(0.0,),
             progress=False,
         )
         vhr = vh.run_vhr(model, cfg)
@@ -290,7 +294,12 @@ def test_benchmark_figure_shows_the_summary_with_intervals_baseline_first(runs: 
     ]
     for trace in fig.data:
         bench, kind, metric = trace.name.split(" ")
-        assert list(trace.x) == ["baseline", *settings]
+        # POPE is asked under the baseline and the chosen settings, never under the sweep's own
+        asked = [
+            "baseline",
+            *[n for n in settings if bench == "CHAIR" or n in set(run.table("pope")["setting"])],
+        ]
+        assert list(trace.x) == asked
         part = summary[
             (summary["benchmark"] == bench) & (summary["setting"] == kind) & (summary["metric"] == metric)
         ]
@@ -318,11 +327,12 @@ def test_deltas_figure_shows_each_setting_with_a_zero_line(runs: Runs) -> None:
     ]
     for trace in fig.data:
         _, bench, kind, metric = trace.name.split(" ")
-        assert list(trace.x) == settings
+        asked = [n for n in settings if bench == "CHAIR" or n in set(run.table("pope")["setting"])]
+        assert list(trace.x) == asked
         part = deltas[
             (deltas["benchmark"] == bench) & (deltas["kind"] == kind) & (deltas["metric"] == metric)
         ]
-        part = part.set_index("setting").loc[settings]
+        part = part.set_index("setting").loc[asked]
         np.testing.assert_allclose(np.asarray(trace.y, dtype=float), part["delta"].to_numpy(float))
     zero_lines = [s for s in fig.layout.shapes if s.y0 == 0 and s.y1 == 0]
     assert len(zero_lines) == len(fig.data)
@@ -487,6 +497,9 @@ def test_callbacks_wire_through_a_bare_dash_app(runs: Runs) -> None:
         "vhd-benchmarks.figure",
         "vhd-findings.children",
         "vhd-settings.children",
+        "vhd-sweep.figure",
+        "vhd-sweep-text.children",
+        "vhd-validation.children",
     } <= set(app.callback_map)
 
 
@@ -501,7 +514,14 @@ def test_report_sections_render_the_figures(
     assert section_builder("vhr") is vhd_section.report_sections
     run = _run(runs, runs.marked)
     sections = vhd_section.report_sections(run)
-    assert [s.anchor for s in sections] == ["vhd-overview", "vhd-heads", "vhd-tvhd", "vhd-benchmarks"]
+    assert [s.anchor for s in sections] == [
+        "vhd-overview",
+        "vhd-heads",
+        "vhd-tvhd",
+        "vhd-benchmarks",
+        "vhd-sweep",
+        "validation",
+    ]
     path = report.write_report(run.path, tmp_path)
     page = path.read_text(encoding="utf-8")
     for needle in [
@@ -513,8 +533,12 @@ def test_report_sections_render_the_figures(
         "vhd-deltas-figure",
         "vhd-overview",
         "vhd-tvhd",
+        "vhd-sweep-figure",
+        "validation-figure",
     ]:
         assert page.count(f'id="{needle}"') == 1, needle
+    for line in sweep.sweep_sentences(run):
+        assert line.replace("&", "&amp;").replace("'", "&#x27;") in page
     for line in views.findings(run):
         assert line.replace("&", "&amp;").replace("'", "&#x27;") in page
     assert f"scene {runs.bad_scene} (the first with a hallucinated object word)" in page
@@ -524,6 +548,7 @@ def test_report_sections_render_the_figures(
     vhd_page = report.render_report(_run(runs, runs.vhd))
     assert 'id="vhd-heads-selected_share"' not in vhd_page and 'id="vhd-heads-vhd_first"' in vhd_page
     assert "The VHR settings" not in vhd_page and "No VHR setting in this run" in vhd_page
+    assert 'id="vhd-sweep"' not in vhd_page and 'id="validation-figure"' in vhd_page  # empty: said
     # a run of the analysis without its tables gets the generic heads maps
     foreign = runstore.write_run(
         tmp_path / "runs",
@@ -684,3 +709,35 @@ def test_object_words_are_marked_with_their_class_name(runs: Runs) -> None:
     assert "crescent ('moon')" in str(bad.customdata[0][1])
     label = next(o["label"] for o in views.scene_options(edited) if o["value"] == scene)
     assert "hallucinates crescent" in label and "moon" not in label
+
+
+# ---------------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_figure_draws_the_sweep_table_with_its_intervals(runs: Runs) -> None:
+    run = _run(runs, runs.vhr)
+    table = run.table("sweep")
+    order = ["alpha=0.5 layers=paper", "vhr", "alpha=2 layers=late"]
+    fig = sweep.sweep_figure(run)
+    assert [t.name for t in fig.data] == ["Δ CHAIR_S", "Δ CHAIR_I", "Δ recall"]
+    for trace, metric in zip(fig.data, ("CHAIR_S", "CHAIR_I", "recall"), strict=True):
+        assert list(trace.x) == order
+        want = table[table["metric"] == metric].set_index("setting").loc[order]
+        np.testing.assert_allclose(np.asarray(trace.y, dtype=float), want["delta"].to_numpy(float))
+        assert list(trace.marker.symbol) == ["diamond", "circle", "circle"]  # alpha 0.5 suppresses
+    assert "No VHR sweep" in sweep.sweep_figure(_run(runs, runs.vhd)).layout.annotations[0].text
+    lines = sweep.sweep_sentences(run)
+    assert lines[0].startswith("sweep best:") and lines[-1].startswith("converse alpha=0.5 layers=paper")
+
+
+def test_page_shows_the_sweep_and_the_validation(runs: Runs) -> None:
+    page = _page(runs.root)
+    assert len(page.sweep_figure(runs.vhr).data) == 3 and not page.sweep_figure(runs.vhd).data
+    block = to_json(page.validation(runs.vhr))
+    v = _run(runs, runs.vhr).table("validation")
+    assert len(v) == 1 and v["role"].iloc[0] == "vhr-suppress"
+    assert "vhd-validation-graph" in block and "vhr-suppress" in block
+    assert "No role was tested" in to_json(page.validation(runs.vhd))
+    assert [li.children for li in page.sweep_text(runs.vhr).children] == sweep.sweep_sentences(
+        _run(runs, runs.vhr)
+    )

@@ -4,8 +4,10 @@ on a LLaVA (He et al., ACL 2025), with CHAIR and POPE on the scene-llava testbed
 The package runs by stage: :mod:`~analyses.vhd.config` (settings), :mod:`~analyses.vhd.forward`
 (the language model's own forward and ``o_proj`` hooks), :mod:`~analyses.vhd.divergence` (VHD,
 T-VHD), :mod:`~analyses.vhd.reinforcement` (VHR's head choice), :mod:`~analyses.vhd.captions`
-(scenes and the model's answers), :mod:`~analyses.vhd.evaluation` (tables) and
-:mod:`~analyses.vhd.run` (``run_vhd``, ``run_vhr``). Importing it registers ``vhd`` and ``vhr``.
+(scenes and the model's answers), :mod:`~analyses.vhd.evaluation` (tables),
+:mod:`~analyses.vhd.sweep` (the alpha × layers sweep), :mod:`~analyses.vhd.heldout` (held-out
+validation of VHR's heads) and :mod:`~analyses.vhd.run` (``run_vhd``, ``run_vhr``). Importing it
+registers ``vhd`` and ``vhr``.
 
 See docs/analyses/vhd.md.
 """
@@ -22,12 +24,16 @@ from analyses.vhd.config import (
     VhdConfig,
     VhrSetting,
     parse_layers,
+    sweep_settings,
 )
 from analyses.vhd.divergence import TOKEN_COLUMNS, step_vhd, t_vhd, token_table, tvhd_test
 from analyses.vhd.evaluation import paired_deltas
-from analyses.vhd.forward import Rows, embed_rows, forward_rows, make_rows, scale_heads
+from analyses.vhd.forward import Rows, embed_rows, forward_rows, make_rows, project_images, scale_heads
+from analyses.vhd.heldout import discrimination, head_scales, margins_under, run_validation, vhr_heads
 from analyses.vhd.reinforcement import Selection, select_heads
 from analyses.vhd.run import run_vhd, run_vhr, summary
+from analyses.vhd.sweep import plan as sweep_plan
+from analyses.vhd.sweep import sweep_lines, sweep_table
 
 VHD = register(
     Analysis(
@@ -54,13 +60,14 @@ VHR = register(
         summary=summary,
         help=(
             "Vision-aware head reinforcement: CHAIR and POPE before and after VHR, with ablations "
-            "(alpha, layers, outliers) and a random-heads control."
+            "(alpha, layers, outliers), a random-heads control, an alpha x layers sweep and a held-out "
+            "validation of the reinforced heads against random head sets."
         ),
         default_model="scene-llava",
         page="dashboard.vhd.page:VhdPage",
         report="dashboard.vhd.report:report_sections",
         docs="docs/analyses/vhd.md",
-        # a few noisy held-out scenes and the main VHR setting only
+        # a few noisy held-out scenes and the main VHR setting only; no sweep, no validation
         demo={
             "n_scenes": 8,
             "max_new_tokens": 32,
@@ -69,6 +76,8 @@ VHR = register(
             "pope_per_scene": 1,
             "n_stats": 2000,
             "batch_size": 8,
+            "sweep": "off",
+            "validation": False,
         },
     )
 )
@@ -87,21 +96,31 @@ __all__ = [
     "Selection",
     "VhdConfig",
     "VhrSetting",
+    "discrimination",
     "embed_rows",
     "eval_inputs",
     "forward_rows",
     "generate_ids",
+    "head_scales",
     "make_rows",
+    "margins_under",
     "noisy_images",
     "paired_deltas",
     "parse_layers",
+    "project_images",
+    "run_validation",
     "run_vhd",
     "run_vhr",
     "scale_heads",
     "select_heads",
     "step_vhd",
     "summary",
+    "sweep_lines",
+    "sweep_plan",
+    "sweep_settings",
+    "sweep_table",
     "t_vhd",
     "token_table",
     "tvhd_test",
+    "vhr_heads",
 ]

@@ -49,12 +49,14 @@ def require_llava(model: LoadedModel) -> None:
 
 @dataclass
 class EvalInputs:
-    """What a run evaluates: the held-out scenes, their (noisy) images and the POPE questions."""
+    """What a run evaluates: the held-out scenes, their (noisy) images, the POPE questions and the
+    training statistics that ranked their negatives (``None`` without POPE)."""
 
     data: scc.SceneCaptionConfig
     scenes: list[sc.Scene]
     images: np.ndarray
     questions: list[scc.PopeQuestion]
+    stats: sc.Cooccurrence | None = None
 
 
 def eval_inputs(cfg: VhdConfig) -> EvalInputs:
@@ -69,7 +71,7 @@ def eval_inputs(cfg: VhdConfig) -> EvalInputs:
         for kind in cfg.pope_kinds
         for q in scc.pope_questions(scenes, stats, kind, n_per_scene=cfg.pope_per_scene, seed=cfg.seed)  # type: ignore[arg-type]
     ]
-    return EvalInputs(data, scenes, images, questions)
+    return EvalInputs(data, scenes, images, questions, stats)
 
 
 @dataclass

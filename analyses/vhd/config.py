@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+from analyses import validation as va
 from analyses.tasks import scene_captions as scc
 from probe.errors import ConfigError
 
@@ -15,7 +17,8 @@ from probe.errors import ConfigError
 @dataclass(frozen=True)
 class VhrSetting:
     """One way to reinforce heads: ``alpha``, ``layers`` (see :func:`parse_layers`), outlier removal,
-    and ``random=True`` for the control that scales as many heads per layer, drawn at random."""
+    and ``random=True`` for the control that scales as many heads per layer, drawn at random.
+    ``alpha`` below 1 suppresses the selected heads instead (the converse control; 0 removes them)."""
 
     name: str
     alpha: float = 2.0
@@ -24,8 +27,8 @@ class VhrSetting:
     random: bool = False
 
     def validate(self) -> None:
-        if not self.alpha > 0:
-            raise ConfigError(f"VHR setting {self.name!r}: alpha must be positive, got {self.alpha!r}")
+        if not self.alpha >= 0:
+            raise ConfigError(f"VHR setting {self.name!r}: alpha must be 0 or more, got {self.alpha!r}")
         if not self.name or self.name == BASELINE:
             raise ConfigError(f"a VHR setting needs a name other than {BASELINE!r}")
 
@@ -45,6 +48,11 @@ DEFAULT_SETTINGS: tuple[VhrSetting, ...] = (
 )
 
 
+Sweep = Literal["off", "cross", "grid"]
+SWEEP_ALPHAS = (0.5, 1.1, 1.25, 1.5, 2.0)
+SWEEP_LAYERS = ("paper", "early", "middle", "late")
+
+
 @dataclass(frozen=True)
 class VhdConfig:
     """What :func:`run_vhd` and :func:`run_vhr` evaluate.
@@ -56,6 +64,11 @@ class VhdConfig:
     and under the main setting).
     ``pope_per_scene`` present and as many absent classes per scene and kind (empty ``pope_kinds``:
     no POPE). ``n_display`` images are kept for the dashboard.
+    ``sweep`` (``vhr`` only): ``cross`` runs every ``sweep_alphas`` at the main setting's layers and
+    every ``sweep_layers`` at its alpha, ``grid`` every pair, ``off`` none (the ``sweep`` table).
+    ``validation`` (``vhr`` only): the heads the main setting selects on most evaluated scenes, scaled
+    by each of ``validation_scales`` on ``held_out_scenes`` further scenes, against ``n_null``
+    random same-size sets of the same layers (the ``validation`` table).
     """
 
     n_scenes: int = 100
@@ -75,6 +88,13 @@ class VhdConfig:
     n_display: int = 8
     ablations: bool = True
     pope_ablations: bool = True
+    sweep: Sweep = "cross"
+    sweep_alphas: tuple[float, ...] = SWEEP_ALPHAS
+    sweep_layers: tuple[str, ...] = SWEEP_LAYERS
+    validation: bool = True
+    held_out_scenes: int = 20
+    n_null: int = 50
+    validation_scales: tuple[float, ...] = (0.0, 2.0)
     seed: int = 0
     progress: bool = True
 
@@ -91,6 +111,7 @@ class VhdConfig:
             "n_stats": self.n_stats,
             "batch_size": self.batch_size,
             "n_boot": self.n_boot,
+            "held_out_scenes": self.held_out_scenes,
         }
         for name, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -109,13 +130,33 @@ class VhdConfig:
             raise ConfigError(f"VHR setting names must be unique, got {names}")
         for setting in self.settings:
             setting.validate()
+        if self.sweep not in ("off", "cross", "grid"):
+            raise ConfigError(f"sweep must be off, cross or grid, got {self.sweep!r}")
+        if self.sweep != "off" and not (self.sweep_alphas and self.sweep_layers):
+            raise ConfigError("a sweep needs at least one of sweep_alphas and of sweep_layers")
+        for a in (*self.sweep_alphas, *self.validation_scales):
+            if not a >= 0:
+                raise ConfigError(f"sweep_alphas and validation_scales must be 0 or more, got {a!r}")
+        if self.validation:
+            va.check_null(self.n_null, key="n_null")
+            if not self.validation_scales:
+                raise ConfigError("validation=True needs at least one of validation_scales (e.g. 0,2)")
+            if 1.0 in self.validation_scales:
+                raise ConfigError("validation_scales: a scale of 1 changes nothing; use e.g. 0 or 2")
+
+
+THIRDS = ("early", "middle", "late")
 
 
 def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
-    """Layers named by ``spec``: ``"paper"`` (1 and the last 14), ``"all"``, ``"last:N"``,
-    ``"first:N"``, ``"1,5,9"`` or a list of indices; sorted, each once."""
+    """Layers named by ``spec``: ``"paper"`` (1 and the last 14), ``"all"``, ``"early"``,
+    ``"middle"`` or ``"late"`` (a third of the layers: ``i * n // 3`` up to ``(i + 1) * n // 3``),
+    ``"last:N"``, ``"first:N"``, ``"1,5,9"`` or a list of indices; sorted, each once."""
     if not isinstance(spec, str):
         chosen = [int(x) for x in spec]
+    elif spec in THIRDS:
+        i = THIRDS.index(spec)
+        chosen = list(range(i * n_layers // 3, (i + 1) * n_layers // 3))
     elif spec == "paper":
         chosen = [1, *range(max(0, n_layers - 14), n_layers)]
     elif spec == "all":
@@ -131,7 +172,8 @@ def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
             chosen = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(
-                f"layers {spec!r}: use paper, all, last:N, first:N or a comma list of indices"
+                f"layers {spec!r}: use paper, all, early, middle, late, last:N, first:N "
+                "or a comma list of indices"
             ) from None
     bad = [x for x in chosen if not 0 <= x < n_layers]
     if bad or not chosen:
@@ -139,3 +181,35 @@ def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
             f"layers {spec!r} name {bad or 'no layers'}; the model has layers 0 to {n_layers - 1}"
         )
     return sorted(set(chosen))
+
+
+def _fmt(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def sweep_settings(cfg: VhdConfig) -> list[VhrSetting]:
+    """The sweep's settings, each named ``alpha=A layers=L``: with ``cross``, every alpha at the main
+    setting's layers, then every layer set at its alpha; with ``grid``, every pair (each once)."""
+    if cfg.sweep == "off":
+        return []
+    main = cfg.settings[0]
+    if cfg.sweep == "grid":
+        pairs = [(a, layers) for layers in cfg.sweep_layers for a in cfg.sweep_alphas]
+    else:
+        pairs = [(a, main.layers) for a in cfg.sweep_alphas]
+        pairs += [(main.alpha, layers) for layers in cfg.sweep_layers]
+    out: list[VhrSetting] = []
+    seen: set[tuple[float, str]] = set()
+    for alpha, layers in pairs:
+        if (alpha, layers) in seen:
+            continue
+        seen.add((alpha, layers))
+        out.append(
+            VhrSetting(
+                f"alpha={_fmt(alpha)} layers={layers}",
+                alpha=alpha,
+                layers=layers,
+                outlier_removal=main.outlier_removal,
+            )
+        )
+    return out

@@ -26,6 +26,7 @@ class Rows:
 
     ``ids``/``mask`` ``[2B, W + N]``: prompt (left-padded to ``W``) then ``N`` answer tokens
     (right-padded, mask 0 there). Step ``t`` of row ``b`` is read at position ``W - 1 + t``.
+    ``features``: the projected image features of ``pixels``, when computed once for many forwards.
     """
 
     ids: torch.Tensor
@@ -33,6 +34,7 @@ class Rows:
     n_image_rows: int
     width: int
     pixels: torch.Tensor | None
+    features: torch.Tensor | None = None
 
 
 def make_rows(
@@ -79,13 +81,21 @@ def embed_rows(model: LoadedModel, rows: Rows) -> torch.Tensor:
                 "image tokens in the prompt but no images given; pass pixel values to make_rows"
             )
         return embeds
-    projector = native.get_submodule(vlm.LAYOUT.projector)
-    features = projector(vlm.image_features(model, rows.pixels.to(model.device, model.dtype)))
+    features = rows.features if rows.features is not None else project_images(model, rows.pixels)
     if int(image_mask.sum()) != features.shape[0] * features.shape[1]:
         raise CaptureError(
             f"{int(image_mask.sum())} image tokens for {features.shape[0]} images of {features.shape[1]} features"
         )
     return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+def project_images(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected image features ``[B, image tokens, d_model]`` LLaVA writes over the image tokens."""
+    native = model.native_model
+    assert native is not None
+    projector = native.get_submodule(vlm.LAYOUT.projector)
+    with torch.no_grad():
+        return projector(vlm.image_features(model, pixels.to(model.device, model.dtype)))
 
 
 def forward_rows(

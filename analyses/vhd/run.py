@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analyses import validation as va
 from analyses.base import AnalysisResult
 from analyses.tasks import scene_captions as scc
 from analyses.vhd.captions import (
@@ -35,18 +36,34 @@ from analyses.vhd.evaluation import (
     token_tables,
     vhd_pass,
 )
+from analyses.vhd.heldout import EXTRA as VALIDATION_EXTRA
+from analyses.vhd.heldout import run_validation, validation_work
 from analyses.vhd.reinforcement import Selection
+from analyses.vhd.sweep import plan as sweep_plan
+from analyses.vhd.sweep import sweep_lines, sweep_table
 from probe.loading import LoadedModel
 
 
-def _settings(model: LoadedModel, cfg: VhdConfig, with_vhr: bool) -> list[VhrSetting | None]:
-    """The settings to run, ``None`` (the baseline) first; their layers are checked before any work."""
-    chosen = (cfg.settings if cfg.ablations else cfg.settings[:1]) if with_vhr else ()
-    settings: list[VhrSetting | None] = [None, *chosen]
+def _settings(
+    model: LoadedModel, cfg: VhdConfig, with_vhr: bool
+) -> tuple[list[VhrSetting | None], list[VhrSetting]]:
+    """The settings to run, ``None`` (the baseline) first, then the chosen ones and the sweep's own;
+    and the sweep's points. Their layers are checked before any work."""
+    chosen = list(cfg.settings if cfg.ablations else cfg.settings[:1]) if with_vhr else []
+    extra, points = sweep_plan(cfg, chosen) if with_vhr else ([], [])
+    settings: list[VhrSetting | None] = [None, *chosen, *extra]
     for s in settings:
         if s is not None:
             parse_layers(s.layers, model.n_layers)  # fail before any work
-    return settings
+    return settings, points
+
+
+def _asks_pope(cfg: VhdConfig, setting: VhrSetting | None) -> bool:
+    """POPE under the baseline and the main setting, and the ablations with ``pope_ablations``
+    (never under the sweep's own settings)."""
+    if setting is None or setting.name == cfg.settings[0].name:
+        return True
+    return cfg.pope_ablations and cfg.ablations and setting in cfg.settings
 
 
 @dataclass
@@ -85,9 +102,7 @@ def _run_settings(
         table = scc.chair_table(inputs.scenes, texts)
         table.insert(0, "setting", name)
         out.caption_frames.append(table)
-        ask = bool(inputs.questions) and (
-            setting is None or cfg.pope_ablations or setting.name == cfg.settings[0].name
-        )
+        ask = bool(inputs.questions) and _asks_pope(cfg, setting)
         pope = (
             pope_setting(model, cfg, inputs.images, inputs.questions, setting, bar) if ask else pd.DataFrame()
         )
@@ -115,16 +130,26 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     inputs = eval_inputs(cfg)
-    settings = _settings(model, cfg, with_vhr)
+    settings, points = _settings(model, cfg, with_vhr)
     n_scenes, n_questions = len(inputs.scenes), len(inputs.questions)
-    n_pope = len(settings) if cfg.pope_ablations else min(2, len(settings))
+    n_pope = sum(_asks_pope(cfg, s) for s in settings)
+    validate = with_vhr and cfg.validation
     n_work = len(settings) * n_scenes + n_pope * n_questions + n_scenes
+    n_work += validation_work(cfg) if validate else 0
     bar = tqdm(total=n_work, desc=analysis, unit="item", disable=not cfg.progress)
     runs = _run_settings(model, cfg, inputs, settings, bar, timings)
     t0 = time.perf_counter()
     bar.set_postfix_str("VHD")
     vhd, norm, agreement = vhd_pass(model, cfg, inputs.images, runs.baseline_answers, bar)
     timings["vhd_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bar.set_postfix_str("validation")
+    validation = (
+        run_validation(model, cfg, inputs, runs.selection_main, bar)
+        if validate
+        else va.frame([], extra=VALIDATION_EXTRA)
+    )
+    timings["validation_s"] = time.perf_counter() - t0
     bar.close()
 
     tokens, words = token_tables(model, inputs.scenes, runs.baseline_answers, vhd, cfg.top_k)
@@ -132,7 +157,7 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
     pope = pd.concat(runs.pope_frames, ignore_index=True) if runs.pope_frames else pd.DataFrame()
     summary = summary_table(captions, pope, cfg)
     deltas = paired_deltas(captions, pope, n_scenes, cfg)
-    heads = heads_table(model, cfg, vhd, norm, runs.selection_main)
+    heads = va.evidence_columns(heads_table(model, cfg, vhd, norm, runs.selection_main), validation, "vhr")
     timings["total_s"] = time.perf_counter() - t_all
     return AnalysisResult(
         analysis=analysis,
@@ -149,6 +174,8 @@ def _evaluate(model: LoadedModel, cfg: VhdConfig, with_vhr: bool, analysis: str)
             "deltas": deltas,
             "scenes": scene_table(inputs.scenes),
             "settings": pd.DataFrame(runs.setting_rows),
+            "sweep": sweep_table(points, summary, deltas, model.n_layers),
+            "validation": validation,
         },
         arrays={"vhd": vhd.astype(np.float16), "images": inputs.images[: cfg.n_display]},
         seeds={
@@ -199,6 +226,8 @@ def summary(result: AnalysisResult) -> str:
         f"  T-VHD: hallucinated {test.mean_hallucinated:.2f} (n={int(test.n_hallucinated)}) vs correct "
         f"{test.mean_correct:.2f} (n={int(test.n_correct)}); Mann-Whitney p={test.p_value:.3g}, AUROC {test.auroc_correct:.3f}"
     )
+    lines += sweep_lines(t.get("sweep", pd.DataFrame()))
+    lines += va.summary_lines(t.get("validation", pd.DataFrame()))
     top = t["heads"].nlargest(5, "vhd_mean")
     lines.append(
         "  top VHD heads: " + ", ".join(f"L{r.layer}H{r.head} {r.vhd_mean:.3f}" for r in top.itertuples())

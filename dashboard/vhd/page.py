@@ -12,7 +12,9 @@ hallucinated vs correct object words), ``vhd-test`` (the Mann–Whitney test row
 ``vhd-image`` (its image), ``vhd-captions`` (its baseline and main-VHR captions with CHAIR's reading),
 ``vhd-warnings`` (settings whose object recall or caption length collapses, so that their low CHAIR
 means nothing), ``vhd-benchmarks`` (CHAIR with object recall and caption length beside it, and POPE,
-per setting) and ``vhd-deltas`` (paired changes against the baseline).
+per setting), ``vhd-deltas`` (paired changes against the baseline), ``vhd-sweep`` (the alpha × layers
+sweep's paired changes), ``vhd-sweep-text`` (its reading) and ``vhd-validation`` (the held-out
+validation of VHR's heads against random head sets).
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`VhdPage.register_callbacks` only wires them to the elements.
@@ -29,7 +31,9 @@ from dash.development.base_component import Component
 
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
+from dashboard.core.validation import validation_block
 from dashboard.vhd import figures, views
+from dashboard.vhd import sweep as sw
 
 DEFAULT_METRIC = "vhd_mean"
 
@@ -117,6 +121,16 @@ class VhdPage(MultiAnalysisPage):
                     ui.panel(ui.graph("vhd-benchmarks"), css=ui.DETAIL_PANEL),
                     ui.panel(ui.graph("vhd-deltas"), css=ui.DETAIL_PANEL),
                 ),
+                html.H3("Where VHR helps: the sweep and the held-out test of its heads"),
+                html.P(
+                    "Each alpha at the main setting's layers and each layer set at its alpha (alpha < 1 "
+                    "suppresses the selected heads: the converse control), against the unmodified model "
+                    "on the same scenes. Below, the heads VHR selects on most scenes, scaled on held-out "
+                    "scenes, against random head sets of the same size from the same layers.",
+                    className="hint",
+                ),
+                ui.panel(ui.graph("vhd-sweep"), html.Ul(id="vhd-sweep-text")),
+                html.Div(id="vhd-validation", className="panel"),
             ],
             className="page",
         )
@@ -251,6 +265,19 @@ class VhdPage(MultiAnalysisPage):
     def deltas_figure(self, run_id: str | None) -> go.Figure:
         return self._figure(run_id, figures.deltas_figure)
 
+    def sweep_figure(self, run_id: str | None) -> go.Figure:
+        return self._figure(run_id, sw.sweep_figure)
+
+    def sweep_text(self, run_id: str | None) -> Component:
+        return self._block(run_id, lambda run: html.Ul([html.Li(line) for line in sw.sweep_sentences(run)]))
+
+    def validation(self, run_id: str | None) -> Component:
+        return self._block(
+            run_id,
+            lambda run: validation_block(sw.validation_table(run), graph_id="vhd-validation-graph"),
+            "cannot show the held-out validation",
+        )
+
     def register_callbacks(self, app: Dash) -> None:
         run = Input("vhd-run", "value")
         app.callback(
@@ -275,3 +302,6 @@ class VhdPage(MultiAnalysisPage):
         app.callback(Output("vhd-captions", "children"), run, scene)(self.captions_block)
         app.callback(Output("vhd-benchmarks", "figure"), run)(self.benchmarks_figure)
         app.callback(Output("vhd-deltas", "figure"), run)(self.deltas_figure)
+        app.callback(Output("vhd-sweep", "figure"), run)(self.sweep_figure)
+        app.callback(Output("vhd-sweep-text", "children"), run)(self.sweep_text)
+        app.callback(Output("vhd-validation", "children"), run)(self.validation)

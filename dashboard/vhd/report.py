@@ -10,7 +10,9 @@ import html
 from analyses.runstore import Run
 from dashboard.core import generic
 from dashboard.core.section import ReportSection, figure_html, fmt, table_html
+from dashboard.core.validation import validation_sections
 from dashboard.vhd import figures, views
+from dashboard.vhd import sweep as sw
 
 
 def _warnings(run: Run) -> str:
@@ -173,8 +175,46 @@ def _benchmarks(run: Run) -> ReportSection:
     return ReportSection("vhd-benchmarks", "CHAIR and POPE under VHR", body)
 
 
+def _sweep(run: Run) -> list[ReportSection]:
+    """The alpha × layers sweep as a figure of paired changes, its reading and its table."""
+    s = sw.sweep_table(run)
+    if s.empty:
+        return []
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in sw.sweep_sentences(run))
+    rows = [
+        [
+            str(r.setting),
+            fmt(float(r.alpha)),
+            str(r.layers_used),
+            str(r.metric),
+            views.num(r.baseline),
+            views.num(r.value),
+            f"{views.num(r.delta, '+.3f')} [{views.num(r.delta_lo, '+.3f')}, {views.num(r.delta_hi, '+.3f')}]",
+        ]
+        for r in s.itertuples(index=False)
+    ]
+    body = (
+        "<p>Each alpha at the main setting's layers and each layer set at its alpha; alpha below 1 "
+        "suppresses the heads VHR selects (the converse control). Changes are paired against the "
+        "unmodified model on the same scenes.</p>"
+        + figure_html(sw.sweep_figure(run), "vhd-sweep-figure", wide=True)
+        + f"<ul>{items}</ul>"
+        + table_html(
+            ["setting", "alpha", "layers used", "metric", "unmodified", "value", "Δ [interval]"], rows
+        )
+    )
+    return [ReportSection("vhd-sweep", "VHR sweep: alpha and layers", body)]
+
+
 def report_sections(run: Run) -> list[ReportSection]:
     """The vhd / vhr sections; a run without the vhd tables gets the generic heads heat maps."""
     if not views.is_vhd(run):
         return generic.report_sections(run)
-    return [_overview(run), _heads(run), _tvhd(run), _benchmarks(run)]
+    return [
+        _overview(run),
+        _heads(run),
+        _tvhd(run),
+        _benchmarks(run),
+        *_sweep(run),
+        *validation_sections(run),
+    ]
