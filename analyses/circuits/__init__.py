@@ -145,14 +145,14 @@ ANALYSIS = register(
         docs="docs/analyses/circuits.md",
         # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
         # screens the senders (the 12 strongest by attribution patching) on 8 prompts, and tests the
-        # classes on 24 held-out prompts
+        # classes on 12 held-out prompts
         demo={
             "n_items": 8,
             "max_senders": 12,
             "n_random": 5,
             "batch_size": 64,
-            "n_heldout": 24,
-            "n_reference": 48,
+            "n_heldout": 12,
+            "n_reference": 24,
         },
     )
 )
