@@ -49,6 +49,10 @@ VHD = {
     "pope_kinds": ("adversarial",),
     "pope_per_scene": 1,
     "ablations": False,
+    "sweep_alphas": (0.5, 2.0),
+    "sweep_layers": ("paper", "late"),
+    "held_out_scenes": 2,
+    "validation_scales": (0.0,),
 }
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     (

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import probe
-from analyses import circuits, runstore, validation
+from analyses import circuits, runstore
 from analyses.circuits import CircuitConfig, Runner, heldout
 from analyses.validation import COLUMNS as VALIDATION_COLUMNS
 from analyses.validation import EVIDENCE
@@ -367,24 +367,38 @@ def test_real_model_name_movers_matter_more_than_random_heads(smol: dict[str, An
 
 
 @pytest.mark.real
-def test_real_model_held_out_test_of_the_movers_recomputes(smol: dict[str, Any]) -> None:
-    """The held-out name-mover row: fresh prompts on the other half of the words, the effect and the
-    null recomputed with the faithfulness code, and the verdict following from the numbers."""
+def test_real_model_held_out_test_of_the_movers_recomputes(smol: dict[str, Any], monkeypatch: Any) -> None:
+    """The held-out name-mover row: fresh prompts on the other half of the words, null sets that
+    never hold a mover, the ablations recomputed with the faithfulness code, and the verdict
+    following from the numbers."""
     model, runner, found = smol["model"], smol["runner"], smol["found"]
     movers = found.classes["name_mover"] or circuits.stand_ins(found.scores["logits"])
-    cfg = dataclasses.replace(REAL_CFG, n_heldout=12, n_reference=12, n_null=50)
+    cfg = dataclasses.replace(REAL_CFG, n_heldout=8, n_reference=8, n_null=50)
     held = heldout.build(runner, "ioi", cfg)
-    assert held.data.n_items == 12 and held.inputs.n == 12
+    assert held.data.n_items == 8 and held.inputs.n == 8
     assert not set(held.data.answers) & set(smol["data"].answers)  # no discovery answer is reused
+    calls: list[Any] = []
+    original = heldout.run_sets
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls.append((args[3], out))
+        return out
+
+    monkeypatch.setattr(heldout, "run_sets", spy)
     table = heldout.validate(runner, "ioi", held, {"name_mover": movers}, cfg)
+    sets, readings = calls[0]
+    first = sets.index(list(movers))
+    nulls = [s for s in sets if len(s) == len(movers) and s != list(movers)]
+    assert len(nulls) >= 50 and not any(set(s) & set(movers) for s in nulls)
     row = table[(table["role"] == "name_mover") & (table["scope"] == "set")].iloc[0]
+    clean = held.clean.mean()
+    assert row["effect"] == pytest.approx(float(readings.logit_diff[first].mean() - clean), abs=1e-9)
     every = every_head(model)
-    keep = [h for h in every if h not in set(movers)]
-    ld = circuits.mean_ablated_logit_diff(runner, held.caches, held.means, [keep], batch_size=cfg.batch_size)
-    assert row["effect"] == pytest.approx(float(ld[0] - held.clean.mean()), abs=1e-4)
-    null = validation.null_sets(every, len(movers), cfg.n_null, f"{cfg.seed}:name_mover", movers)
-    assert row["n_null"] == len(null) >= 50
-    keeps = [[h for h in every if h not in set(s)] for s in null]
+    pick = [first, sets.index(nulls[0]), sets.index(nulls[-1])]
+    keeps = [[h for h in every if h not in set(sets[i])] for i in pick]
     lds = circuits.mean_ablated_logit_diff(runner, held.caches, held.means, keeps, batch_size=cfg.batch_size)
-    assert row["null_mean"] == pytest.approx(float(np.mean(lds - held.clean.mean())), abs=1e-4)
+    np.testing.assert_allclose(lds, readings.logit_diff[pick].mean(1), rtol=1e-4, atol=1e-4)
+    null_means = [readings.logit_diff[sets.index(s)].mean() - clean for s in nulls]
+    assert row["null_mean"] == pytest.approx(float(np.mean(null_means)), abs=1e-9)
     assert row["validated"] == (row["p_value"] <= cfg.alpha and row["effect_high"] < 0)
