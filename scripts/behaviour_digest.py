@@ -95,6 +95,8 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
             "mask_fractions": (0.1,),
             "mask_seeds": 2,
             "novel_answer_tokens": False,
+            "max_new_tokens": 4,
+            "heldout_depths": (0.5,),
             "progress": False,
         },
     ),
