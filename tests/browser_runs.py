@@ -29,6 +29,7 @@ SINKS = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidde
 CIRCUIT = CircuitConfig(
     n_items=2,
     max_senders=3,
+    admit="share",
     min_share=0.0,
     min_attention=0.0,
     max_per_class=2,
@@ -36,6 +37,8 @@ CIRCUIT = CircuitConfig(
     reuse_percents=(10.0, 50.0),
     n_boot=20,
     progress=False,
+    n_heldout=4,
+    n_reference=4,
 )
 VIT = vit_heads.VitHeadsConfig(
     preset="small",

@@ -39,11 +39,34 @@ from dashboard.registry import section_builder
 from tests.conftest import decode_array, fixed_revision, post_callback, render_route, to_json
 
 WORDS = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *co.OBJECTS, *co.COLOURS, *co.SURFACES]
+# seed 3: on the tiny GPT-2 every stage of both tasks finds heads, so the graph has edges of each
 RICH = CircuitConfig(
-    n_items=4, n_random=3, min_share=0.0, min_attention=0.0, max_per_class=3, n_boot=200, progress=False
+    n_items=4,
+    seed=3,
+    n_random=3,
+    admit="share",
+    min_share=0.0,
+    min_attention=0.0,
+    max_per_class=3,
+    n_boot=200,
+    progress=False,
+    n_heldout=4,
+    n_reference=4,
 )
-SCREENED = CircuitConfig(n_items=4, n_random=2, max_senders=5, n_boot=200, progress=False)
-EMPTY = CircuitConfig(n_items=4, n_random=2, min_share=0.9, min_attention=1.0, n_boot=200, progress=False)
+SCREENED = CircuitConfig(
+    n_items=4, n_random=2, max_senders=5, n_boot=200, progress=False, n_heldout=4, n_reference=4
+)
+EMPTY = CircuitConfig(
+    n_items=4,
+    n_random=2,
+    admit="share",
+    min_share=0.9,
+    min_attention=1.0,
+    n_boot=200,
+    progress=False,
+    n_heldout=4,
+    n_reference=4,
+)
 
 
 @dataclass(frozen=True)
@@ -487,6 +510,7 @@ def test_report_sections_render_for_each_run_kind(
         "circuits-heads",
         "circuits-patching",
         "circuits-faithfulness",
+        "validation",
         "circuits-reuse",
         "circuits-intervention",
     ]
@@ -510,7 +534,7 @@ def test_report_sections_render_for_each_run_kind(
     assert "<td>S-inhibition</td>" in body and "Spearman" in body
     html = report.render_report(run)
     assert 'id="circuits-reuse"' in html and "Intervention on Colored Objects" in html
-    for run_id, n in ((runs.ioi, 4), (runs.co, 4)):
+    for run_id, n in ((runs.ioi, 5), (runs.co, 5)):
         single = circuits_section.report_sections(_open(runs, run_id))
         assert len(single) == n and "circuits-reuse" not in [s.anchor for s in single]
     screened = "".join(s.body for s in circuits_section.report_sections(_open(runs, runs.ioi)))
