@@ -85,9 +85,10 @@ def pooled_means(
     prompt (of ``caches`` and ``extra``) with the same key (template and length)."""
     sums: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}
     counts: dict[tuple[int, ...], int] = {}
+    wanted = {x.group.key for x in caches}
     for c in [*caches, *extra]:
         key = c.group.key
-        if key not in {x.group.key for x in caches}:
+        if key not in wanted:
             continue
         acc = sums.setdefault(key, {})
         for layer, z in c.corrupt_z.items():
