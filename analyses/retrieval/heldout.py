@@ -96,7 +96,10 @@ class HeldOut:
     note: str
 
 
-def _test_row(i: int, test: needles.NeedleTest, said: str, recall: float, gate: float) -> dict[str, Any]:
+def needle_test_row(
+    i: int, test: needles.NeedleTest, said: str, recall: float, gate: float
+) -> dict[str, Any]:
+    """The columns every table of needle tests shares (grid and held-out)."""
     return {
         "test": i,
         "length": test.length,
@@ -138,7 +141,7 @@ def run_heldout(
         pre = prefill(model, test.prompt_ids, max_new(cfg, test))
         plain = answer(model, cfg, test, pre)
         scores[i] = plain.scores if plain.scores is not None else 0.0
-        rows.append(_test_row(i, test, plain.text, plain.recall, cfg.rouge_gate))
+        rows.append(needle_test_row(i, test, plain.text, plain.recall, cfg.rouge_gate))
         rows[-1]["span_start"], rows[-1]["span_end"] = scored_span(cfg, test)
         bar.update(1)
         if plain.recall <= cfg.rouge_gate:  # nothing recalled: no recall to lose

@@ -13,7 +13,7 @@ from analyses import validation
 from analyses.base import AnalysisResult, heads_frame
 from analyses.retrieval.config import RetrievalConfig
 from analyses.retrieval.decoding import answer, check_room
-from analyses.retrieval.heldout import HeldOut, found_heads, run_heldout
+from analyses.retrieval.heldout import HeldOut, found_heads, needle_test_row, run_heldout
 from analyses.retrieval.masking import masking_table
 from analyses.retrieval.scoring import aggregate_scores, copy_significance
 from analyses.tasks import needles
@@ -53,18 +53,7 @@ def _score_grid(
         start, end = test.needle_span if cfg.scored_span == "needle" else test.answer_span
         rows.append(
             {
-                "test": i,
-                "length": test.length,
-                "n_tokens": len(test.prompt_ids),
-                "depth": test.depth,
-                "depth_actual": test.depth_actual,
-                "needle": test.needle_index,
-                "needle_kind": test.kind,
-                "answer": test.answer,
-                "reference": test.reference,
-                "generated": out.text,
-                "rouge1_recall": out.recall,
-                "passed": out.recall > cfg.rouge_gate,
+                **needle_test_row(i, test, out.text, out.recall, cfg.rouge_gate),
                 "span_start": start,
                 "span_end": end,
                 "n_steps": len(out.decode.tokens),
