@@ -445,7 +445,12 @@ def _check_result(result: AnalysisResult, model: LoadedModel, cfg: VitHeadsConfi
     assert sinks["alpha0"].between(0, 1).all()
     norms = result.tables["norms"]
     assert {"input_set", "layer", "quantity", "sink_norm", "other_norm", "ratio"} <= set(norms.columns)
-    assert "vit-heads of" in vit_heads.summary(result)
+    text = vit_heads.summary(result)
+    assert "vit-heads of" in text
+    if len(result.tables.get("validation", pd.DataFrame())):
+        assert "tested heads L" in text and "held-out validation (effect [95% CI] vs" in text
+    else:
+        assert "held-out validation: none" in text
     _check_statistics(result, model, cfg)
 
 

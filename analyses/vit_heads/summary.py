@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from analyses import validation as va
 from analyses.base import AnalysisResult
 from analyses.vit_heads.config import IMPORTANCE_METRICS
 
@@ -69,14 +70,8 @@ def _concentration_lines(table: pd.DataFrame | None) -> list[str]:
 def _validation_lines(table: pd.DataFrame | None) -> list[str]:
     if table is None or not len(table):
         return ["  held-out validation: none (validate_top=0)"]
-    lines = [f"  held-out validation of {table['heads'].iloc[0]} ({table['inputs'].iloc[0]}):"]
-    for r in table.itertuples():
-        verdict = "validated" if r.validated else "NOT validated"
-        lines.append(
-            f"    {r.measure} {r.effect:.3g} [{r.effect_low:.3g}, {r.effect_high:.3g}] vs {r.n_null} random sets "
-            f"{r.null_mean:.3g} ± {r.null_std:.2g}; percentile {r.percentile:.0f}, p = {r.p_value:.2g}: {verdict}"
-        )
-    return lines
+    first = table.iloc[0]
+    return [f"  tested heads {first['heads']} on {first['inputs']}", *va.summary_lines(table)]
 
 
 def _partial_lines(partial: pd.DataFrame) -> list[str]:
