@@ -27,6 +27,7 @@ BUILTIN: tuple[str, ...] = (
     "analyses.sinks",
     "analyses.act",
     "analyses.retrieval",
+    "analyses.duo",
     "analyses.circuits",
     "analyses.vit_heads",
     "analyses.vhd",

@@ -1,0 +1,91 @@
+"""DuoAttention: which KV heads need the whole context (retrieval heads) and which can stream.
+
+Background: Xiao et al. (2025), "DuoAttention: Efficient Long-Context LLM Inference with Retrieval
+and Streaming Heads". One gate per KV head mixes full attention with streaming attention (the first
+``sink`` and last ``recent`` keys, :mod:`probe.streaming`); the gates are trained (:mod:`.train`) to
+keep the final hidden states of the full model on synthetic multi-needle contexts (:mod:`.data`)
+while an L1 term pushes them to 0. The top share of KV heads by gate are kept whole
+(:func:`binarise`), and needle-in-a-haystack recall with them (:mod:`.evaluate`) is compared with the
+same share chosen by Wu et al.'s retrieval score and at random.
+
+Usage:
+
+>>> result = run_duo(model, DuoConfig(steps=200, lengths=(1024,), shares=(0.25,)))
+>>> result.tables["accuracy"]
+
+See docs/analyses/duo.md.
+"""
+
+from analyses.duo.config import DuoConfig
+from analyses.duo.data import PasskeyContext, passkey_context
+from analyses.duo.evaluate import duo_decode, kv_head_scores, selections
+from analyses.duo.gates import (
+    agreement_table,
+    binarise,
+    kv_ratio,
+    load_gates,
+    n_retrieval,
+    save_gates,
+    spearman,
+)
+from analyses.duo.run import memory_table, run_duo
+from analyses.duo.summary import summary
+from analyses.duo.train import duo_loss, full_targets, train_gates
+from analyses.registry import Analysis, register
+
+__all__ = [
+    "DuoConfig",
+    "PasskeyContext",
+    "agreement_table",
+    "binarise",
+    "duo_decode",
+    "duo_loss",
+    "full_targets",
+    "kv_head_scores",
+    "kv_ratio",
+    "load_gates",
+    "memory_table",
+    "n_retrieval",
+    "passkey_context",
+    "run_duo",
+    "save_gates",
+    "selections",
+    "spearman",
+    "summary",
+    "train_gates",
+]
+
+ANALYSIS = register(
+    Analysis(
+        name="duo",
+        config_cls=DuoConfig,
+        run=run_duo,
+        summary=summary,
+        help="DuoAttention: train one gate per KV head (full vs sink+recent attention), then test the top "
+        "share as retrieval heads on needle tests against the retrieval score and random heads.",
+        docs="docs/analyses/duo.md",
+        opt_outs={
+            "page": "no dashboard page yet: the gate map and accuracy-by-share views are being built next",
+            "report": "no report section yet: it is built with the dashboard page",
+        },
+        # 8 training steps at 512-768 tokens and one needle per (length 512, depth 0.5) on CPU
+        demo={
+            "sink": 16,
+            "recent": 64,
+            "train_min_length": 512,
+            "train_max_length": 768,
+            "train_n_lengths": 2,
+            "n_passkeys": 5,
+            "steps": 8,
+            "n_contexts": 4,
+            "shares": (0.25, 0.5),
+            "lengths": (512,),
+            "depths": (0.5,),
+            "n_needles": 2,
+            "random_seeds": 1,
+            "score_lengths": (512,),
+            "score_depths": (0.5,),
+            "score_needles": 1,
+        },
+    )
+)
