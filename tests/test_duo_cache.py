@@ -163,7 +163,7 @@ def test_the_cache_keeps_the_models_own_keys_at_their_absolute_positions(tiny_ll
 def test_streaming_heads_keep_exactly_sink_plus_recent_and_the_saving_is_the_formulas(
     tiny_llama: LoadedModel,
 ) -> None:
-    ids = _prompt(tiny_llama, 6)  # 269 tokens
+    ids = _prompt(tiny_llama, 6)  # 264 tokens
     got = duo_generate(
         tiny_llama,
         ids,
@@ -277,6 +277,27 @@ def test_bad_arguments_are_refused_in_one_line(
     assert "\n" not in str(err.value)
     impl = tiny_llama.native_model.config._attn_implementation  # type: ignore[union-attr]
     assert impl != "headlab_duo_cache"
+
+
+def test_decodes_do_not_nest_and_the_attention_runs_only_inside_one(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe import duo_cache
+    from probe.errors import CaptureError
+    from probe.kernels import attention_modules
+
+    ids = [0, 5, 6, 7]
+    first = attention_modules(tiny_llama)[0]
+    monkeypatch.setitem(duo_cache._ACTIVE, id(first), (None, 0))  # a decode still running
+    with pytest.raises(ConfigError, match="already running on tiny-llama"):
+        duo_generate(tiny_llama, ids, _all(tiny_llama, True), sink=SINK, recent=RECENT, max_new_tokens=2)
+    monkeypatch.delitem(duo_cache._ACTIVE, id(first))
+    duo_cache._register()
+    with (
+        pytest.raises(CaptureError, match="outside duo_generate"),
+        native_attention(tiny_llama, duo_cache.DUO_CACHE_IMPL) as native,
+    ):
+        native(input_ids=torch.tensor([ids]), use_cache=False)
 
 
 def test_the_formula_refuses_what_is_not_a_share_or_a_length() -> None:
