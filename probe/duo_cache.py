@@ -221,7 +221,7 @@ class DuoCache:
 
     def full_nbytes(self, n: int) -> int:
         """Bytes a full cache holds after ``n`` positions: all of them, the last ``min(n, W)`` on a
-        sliding-window layer of window ``W`` (what the model's own cache keeps)."""
+        sliding-window layer of window ``W`` (transformers' own cache keeps ``W - 1`` between steps)."""
         total = 0
         for entry in self.layers:
             tokens = n if entry.window is None else min(n, entry.window)
@@ -397,8 +397,9 @@ class DuoDecode:
     """What one :func:`duo_generate` produced and kept.
 
     ``cache_bytes`` are the bytes of the key and value tensors held at the end; ``full_cache_bytes``
-    what a full cache (the model's own) holds for the same ``context_tokens`` positions (the prompt
-    and every generated token but the last, which is never fed back). ``kept_tokens[l, h]`` is
+    what a full cache (every position; on a sliding-window layer its window) holds for the same
+    ``context_tokens`` positions (the prompt and every generated token but the last, which is never
+    fed back). ``kept_tokens[l, h]`` is
     the positions KV head ``h`` of layer ``l`` keeps. ``peak_bytes`` is the rise of
     ``torch.cuda.max_memory_allocated`` over the call above what was allocated at its start,
     ``decode_peak_bytes`` the same over the decode steps alone (the kept cache and one step's work);
