@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.manifest import to_jsonable
+from probe import duo_cache
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -53,11 +54,11 @@ def binarise(gates: np.ndarray, share: float) -> np.ndarray:
 
 
 def kv_ratio(share: float, length: int, sink: int, recent: int) -> float:
-    """KV-cache size relative to the full cache at context ``length``: ``r + (1 - r) · min(1, (S + R) / N)``."""
+    """KV-cache size relative to the full cache at context ``length``: ``r + (1 - r) · min(1, (S + R) / N)``
+    (:func:`probe.duo_cache.kv_ratio`)."""
     if length < 1:
         raise ConfigError(f"length must be a positive number of tokens, got {length}")
-    r = float(share)
-    return r + (1.0 - r) * min(1.0, (sink + recent) / length)
+    return duo_cache.kv_ratio(float(share), sink, recent, int(length))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

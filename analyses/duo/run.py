@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from analyses.duo.gates import agreement_table, kv_ratio, load_gates, n_retrieva
 from analyses.duo.train import Trained, train_gates
 from analyses.retrieval.decoding import check_room
 from analyses.tasks import needles
+from probe.duo_cache import duo_generate
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -96,15 +96,9 @@ def _heads(
 
 
 def _measure(model: LoadedModel, cfg: DuoConfig, mask: np.ndarray, test: needles.NeedleTest) -> float:
-    """The KV cache kept / the full cache, measured by :mod:`probe.duo_cache`'s decode (NaN without it)."""
-    try:
-        duo_cache: Any = importlib.import_module("probe.duo_cache")
-    except ImportError:
-        return math.nan
-    generate = getattr(duo_cache, "duo_generate", None)
-    if generate is None:
-        return math.nan
-    out = generate(
+    """The KV cache kept / the full cache after prefilling ``test`` with :func:`probe.duo_cache.duo_generate`,
+    its streaming heads keeping only sinks + recent keys."""
+    out = duo_generate(
         model,
         test.prompt_ids,
         torch.as_tensor(mask, dtype=torch.bool),
@@ -234,7 +228,11 @@ def _notes(
         "kv_retrieval_score": "the largest retrieval score (Wu et al.) of the KV head's query heads",
         "random": "KV heads drawn uniformly from all KV heads, one draw per (seed, k)",
         "memory": "kv_ratio = r + (1 - r) * min(1, (sink + recent) / N), r = k / n; measured_ratio: "
-        + ("cache bytes kept / full cache bytes by probe.duo_cache's decode" if measured else "not measured"),
+        + (
+            "cache bytes kept / full cache bytes after probe.duo_cache's prefill"
+            if measured
+            else "not measured"
+        ),
         "n_kv_heads_total": model.n_layers * model.n_kv_heads,
     }
     if model.sliding_window:
