@@ -68,24 +68,25 @@ ANALYSIS = register(
             "page": "no dashboard page yet: the gate map and accuracy-by-share views are being built next",
             "report": "no report section yet: it is built with the dashboard page",
         },
-        # 8 training steps at 512-768 tokens and one needle per (length 512, depth 0.5) on CPU
+        # a smoke run on two CPU cores (docs/analyses/duo.md has its time): 5 training steps at 384-512
+        # tokens, one share, two needle tests at 384 tokens, the retrieval score on two short tests
         demo={
             "sink": 16,
             "recent": 64,
-            "train_min_length": 512,
-            "train_max_length": 768,
+            "train_min_length": 384,
+            "train_max_length": 512,
             "train_n_lengths": 2,
-            "n_passkeys": 5,
-            "steps": 8,
-            "n_contexts": 4,
-            "shares": (0.25, 0.5),
-            "lengths": (512,),
+            "n_passkeys": 4,
+            "steps": 5,
+            "n_contexts": 2,
+            "shares": (0.25,),
+            "lengths": (384,),
             "depths": (0.5,),
             "n_needles": 2,
             "random_seeds": 1,
-            "score_lengths": (512,),
-            "score_depths": (0.5,),
-            "score_needles": 1,
+            "score_lengths": (256,),
+            "score_depths": (0.0,),
+            "score_needles": 2,
         },
     )
 )
