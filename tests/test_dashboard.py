@@ -23,6 +23,7 @@ from dashboard.census.page import CensusPage
 from dashboard.circuits.page import CircuitsPage
 from dashboard.core import figures
 from dashboard.core.home import HomePage
+from dashboard.duo.page import DuoPage
 from dashboard.retrieval.page import RetrievalPage
 from dashboard.sinks.page import SinksPage
 from dashboard.vhd.page import VhdPage
@@ -91,6 +92,7 @@ def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path)
         SinksPage,
         ActPage,
         RetrievalPage,
+        DuoPage,
         CircuitsPage,
         VitPage,
         VhdPage,

@@ -64,10 +64,8 @@ ANALYSIS = register(
         help="DuoAttention: train one gate per KV head (full vs sink+recent attention), then test the top "
         "share as retrieval heads on needle tests against the retrieval score and random heads.",
         docs="docs/analyses/duo.md",
-        opt_outs={
-            "page": "no dashboard page yet: the gate map and accuracy-by-share views are being built next",
-            "report": "no report section yet: it is built with the dashboard page",
-        },
+        page="dashboard.duo.page:DuoPage",
+        report="dashboard.duo.report:report_sections",
         # a smoke run on two CPU cores (docs/analyses/duo.md has its time): 5 training steps at 384-512
         # tokens, one share, two needle tests at 384 tokens, the retrieval score on two short tests
         demo={
