@@ -28,7 +28,7 @@ from probe.errors import CaptureError, ConfigError
 from probe.heads import check_int
 from probe.kernels import attention_modules, native_attention
 from probe.model import LoadedModel
-from probe.streaming import full_attention, streaming_attention
+from probe.streaming import check_causal_model, full_attention, streaming_attention
 
 __all__ = ["DUO_CACHE_IMPL", "DuoCache", "DuoDecode", "duo_generate", "kv_ratio", "kv_tokens"]
 
@@ -321,17 +321,7 @@ def _active(model: LoadedModel, cache: DuoCache) -> Iterator[torch.nn.Module]:
 
 
 def _check_model(model: LoadedModel) -> None:
-    if model.kind != "language" or model.native_model is None:
-        raise ConfigError(
-            f"{model.name} is a {model.kind} model without a native causal language model; duo_generate "
-            "needs a language model loaded with probe.load_model"
-        )
-    modules = attention_modules(model)
-    if any(getattr(m, "is_causal", True) is False for m in modules):
-        raise ConfigError(f"{model.name} has bidirectional attention layers; duo_generate needs causal ones")
-    configs = [model.native_model.config, getattr(model.native_model.config, "text_config", None)]
-    if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
-        raise ConfigError(f"{model.name} soft-caps its attention logits, which duo_generate does not support")
+    check_causal_model(model, "duo_generate")
 
 
 def _check_retrieval(model: LoadedModel, retrieval: object) -> torch.Tensor:

@@ -315,20 +315,25 @@ def _check_gates(model: LoadedModel, gates: object) -> torch.Tensor:
     return gates
 
 
-def _check_model(model: LoadedModel) -> list[torch.nn.Module]:
+def check_causal_model(model: LoadedModel, who: str) -> list[torch.nn.Module]:
+    """The attention modules of ``model`` if ``who`` (a function's name, for the message) can run on
+    it: a causal language model with a native module and no attention-logit soft-capping."""
     if model.kind != "language" or model.native_model is None:
         raise ConfigError(
-            f"{model.name} is a {model.kind} model without a native causal language model; duo_attention "
+            f"{model.name} is a {model.kind} model without a native causal language model; {who} "
             "needs a language model loaded with probe.load_model"
         )
     modules = attention_modules(model)
     if any(getattr(m, "is_causal", True) is False for m in modules):
-        raise ConfigError(f"{model.name} has bidirectional attention layers; duo_attention needs causal ones")
+        raise ConfigError(f"{model.name} has bidirectional attention layers; {who} needs causal ones")
     configs = [model.native_model.config, getattr(model.native_model.config, "text_config", None)]
     if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
-        raise ConfigError(
-            f"{model.name} soft-caps its attention logits, which duo_attention does not support"
-        )
+        raise ConfigError(f"{model.name} soft-caps its attention logits, which {who} does not support")
+    return modules
+
+
+def _check_model(model: LoadedModel) -> list[torch.nn.Module]:
+    modules = check_causal_model(model, "duo_attention")
     busy = [m for m in modules if id(m) in _ACTIVE]
     if busy:
         raise ConfigError(
