@@ -19,12 +19,14 @@ from analyses import circuits, runstore, vit_heads
 from analyses import vhd as vh
 from analyses.census import CensusConfig, run_census
 from analyses.circuits import CircuitConfig
+from analyses.duo import DuoConfig, run_duo
 from analyses.sinks import SinksConfig, run_sinks
-from tests import test_act_dashboard, test_circuits_dashboard, test_retrieval_dashboard
+from tests import test_act_dashboard, test_circuits_dashboard, test_duo, test_retrieval_dashboard
 from tests.conftest import fixed_revision
 
 CENSUS = CensusConfig(n_natural=4, n_repeated=2, seq_len=32, repeat_len=8, n_examples=2)
 SINKS = SinksConfig(seq_len=24, n_sequences=6, batch_size=6, n_examples=2, hidden_min_queries=4, eps=0.1)
+DUO = DuoConfig(**{**test_duo.TINY, "max_new_tokens": 4, "random_seeds": 1, "n_boot": 20})  # type: ignore[arg-type]
 # Thresholds of 0: every circuit has heads and edges; a few senders, tested by attribution patching.
 CIRCUIT = CircuitConfig(
     n_items=2,
@@ -74,6 +76,7 @@ ANALYSES = (
     "sinks",
     "act",
     "retrieval",
+    "duo",
     "ioi",
     "colored-objects",
     "circuit-reuse",
@@ -90,7 +93,7 @@ class DemoRuns:
 
 
 def build(root: Path) -> DemoRuns:
-    """One run of every analysis with a dashboard page (census, sinks, act, retrieval, ioi,
+    """One run of every analysis with a dashboard page (census, sinks, act, retrieval, duo, ioi,
     colored-objects, circuit-reuse, vit-heads, vhr, vhd) saved under ``root``."""
     paths: dict[str, Path] = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -100,6 +103,7 @@ def build(root: Path) -> DemoRuns:
         paths["sinks"] = run_sinks(llama, SINKS, progress=False).save(root)
         paths["act"] = test_act_dashboard.make_result(test_act_dashboard.FakeActConfig()).save(root)
         paths["retrieval"] = test_retrieval_dashboard.make_result().save(root)
+        paths["duo"] = run_duo(llama, DUO).save(root)
         gpt2 = probe.load_model("tiny-gpt2", device="cpu", tiny_words=test_circuits_dashboard.WORDS)
         paths["ioi"] = circuits.run_ioi(gpt2, CIRCUIT).save(root)
         paths["colored-objects"] = circuits.run_colored_objects(gpt2, CIRCUIT).save(root)

@@ -444,6 +444,15 @@ CASES = (
         "retrieval-test-grid",
     ),
     PageCase(
+        "duo",
+        "/duo",
+        "duo",
+        ("duo-gates", "duo-loss", "duo-accuracy", "duo-memory"),
+        "duo-metric",
+        "radio",
+        "duo-accuracy",
+    ),
+    PageCase(
         "circuits-ioi", "/circuits", "ioi", _CIRCUIT_GRAPHS, "circuits-stage", "radio", "circuits-heatmaps"
     ),
     PageCase(
