@@ -113,6 +113,7 @@ def test_the_gate_map_shows_the_gates_and_rings_the_top_share(runs: Runs) -> Non
     ringed = set(zip(fig.data[1].y, fig.data[1].x, strict=True))
     assert ringed == {(str(r.layer), str(r.kv_head)) for r in top3.itertuples()}
     assert "top 3 of 6" in _text(fig) and not fig.layout.shapes  # no sliding-window layer on tiny-llama
+    assert f"gates {gates['gate'].min():.2f} to {gates['gate'].max():.2f}" in _text(fig)
     assert len(page.gates_figure(main, 0.25).data[1].x) == 2  # 0.25 of 6 KV heads rounds to 2
     assert len(page.gates_figure(main, 0.9).data[1].x) == 2  # a share the run lacks: its first
     options, value = page.share_options(main, 0.5)

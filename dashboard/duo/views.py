@@ -159,8 +159,9 @@ def _layer_label(layer: int, sliding: set[int]) -> str:
 
 
 def gate_map(source: Source, share: float | None = None) -> go.Figure:
-    """Layer x KV head map of the gates (0..1), the retrieval heads at ``share`` ringed (None: the
-    run's first share); sliding-window layers are labelled and outlined."""
+    """Layer x KV head map of the gates, coloured from the lowest to the highest (a short training
+    leaves them all near 1, their ranking in small differences), the retrieval heads at ``share``
+    ringed (None: the run's first share); sliding-window layers are labelled and outlined."""
     gates = gates_table(source)
     z = gate_matrix(source)
     n_layers, n_kv = z.shape
@@ -175,8 +176,6 @@ def gate_map(source: Source, share: float | None = None) -> go.Figure:
             z=z,
             x=xs,
             y=ys,
-            zmin=0.0,
-            zmax=1.0,
             colorscale=figures.COLORSCALE,
             colorbar={"title": {"text": "gate"}},
             customdata=custom,
@@ -217,7 +216,7 @@ def gate_map(source: Source, share: float | None = None) -> go.Figure:
     )
     subtitle = (
         f"ringed: the top {len(marks)} of {z.size} KV heads at share {chosen:g} (retrieval heads); "
-        f"gate 1 = full attention, 0 = streaming{sliding_note}"
+        f"gate 1 = full attention, 0 = streaming; gates {z.min():.2f} to {z.max():.2f}{sliding_note}"
     )
     return figures.head_grid_layout(fig, "Trained gate per KV head", subtitle, n_layers).update_layout(
         xaxis={"title": {"text": "KV head"}}
