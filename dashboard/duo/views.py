@@ -265,9 +265,21 @@ def loss_figure(source: Source) -> go.Figure:
         height=380,
         margin={"l": 60, "r": 60, "t": 70, "b": 50},
         legend={"orientation": "h", "y": -0.2},
+        plot_bgcolor="#ffffff",
     )
-    fig.update_yaxes(title_text="distillation", rangemode="tozero", secondary_y=False)
-    fig.update_yaxes(title_text="regulariser", rangemode="tozero", secondary_y=True)
+    if len(loss) <= 12:
+        fig.update_xaxes(tick0=0, dtick=1)  # whole steps, not 0.5
+    fig.update_xaxes(gridcolor="#eeeeee")
+    fig.update_yaxes(
+        title_text="distillation",
+        rangemode="tozero",
+        gridcolor="#eeeeee",
+        tickformat=".2g",
+        secondary_y=False,
+    )
+    fig.update_yaxes(
+        title_text="regulariser", rangemode="tozero", showgrid=False, tickformat=".2g", secondary_y=True
+    )
     return fig
 
 
