@@ -1158,7 +1158,7 @@ SAVING = [
     C(
         "ctrl-c-process",
         "interrupted runs",
-        "run census --model tiny-llama --set n_natural=400 --set seq_len=48",
+        "run census --model tiny-llama --set n_natural=800 --set seq_len=48 --set batch_size=1",
         130,
         r"(?i)nothing|no run|kept|saved",
         new=True,
