@@ -249,6 +249,10 @@ def _code_path() -> str:
     return str(Path(analyses.__file__).resolve().parent.parent)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_process(
     argv: Sequence[str], ws: Workspace, *, interrupt_after: str | None = None, timeout: float = 180
 ) -> Outcome:
@@ -262,7 +266,14 @@ def run_process(
     t0 = time.perf_counter()
     with err_path.open("w") as err_fh, out_path.open("w") as out_fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "headlab.cli", *argv], cwd=ws.work, env=env, stdout=out_fh, stderr=err_fh
+            [sys.executable, "-m", "headlab.cli", *argv],
+            cwd=ws.work,
+            env=env,
+            stdout=out_fh,
+            stderr=err_fh,
+            # a SIGINT ignored by the test process (some earlier test may leave it so) is inherited
+            # and would make the CLI deaf to Ctrl-C: give the child the default disposition
+            preexec_fn=_default_sigint,
         )
         try:
             if interrupt_after is not None:
