@@ -314,6 +314,7 @@ def test_a_tiny_run_writes_every_table_and_round_trips(tiny_llama: LoadedModel, 
     assert list(memory["share"]) == [0.25, 0.5]
     expected = [kv_ratio(k / 6, n, 4, 16) for k, n in zip(memory["k"], memory["n_tokens"], strict=True)]
     np.testing.assert_allclose(memory["kv_ratio"], expected)
+    np.testing.assert_allclose(memory["kv_ratio_layers"], expected)  # no sliding-window layer here
     np.testing.assert_allclose(
         memory["measured_ratio"], expected, rtol=1e-9
     )  # no sliding layers: the formula

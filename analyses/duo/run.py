@@ -28,7 +28,7 @@ from analyses.duo.gates import agreement_table, kv_ratio, load_gates, n_retrieva
 from analyses.duo.train import Trained, train_gates
 from analyses.retrieval.decoding import check_room
 from analyses.tasks import needles
-from probe.duo_cache import duo_generate
+from probe.duo_cache import duo_generate, kv_tokens
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -126,7 +126,9 @@ def memory_table(
         k = n_retrieval(share, gates.size)
         for length in sorted(first):
             test = first[length]
-            measured = _measure(model, cfg, top_mask(gates, k), test) if measure else math.nan
+            mask = top_mask(gates, k)
+            measured = _measure(model, cfg, mask, test) if measure else math.nan
+            kept, full = kv_tokens(model, torch.as_tensor(mask), cfg.sink, cfg.recent, test.n_tokens)
             rows.append(
                 {
                     "share": float(share),
@@ -135,6 +137,8 @@ def memory_table(
                     "length": length,
                     "n_tokens": test.n_tokens,
                     "kv_ratio": kv_ratio(k / gates.size, test.n_tokens, cfg.sink, cfg.recent),
+                    # layer by layer: a sliding-window layer's full cache is its window, not N
+                    "kv_ratio_layers": kept / full,
                     "measured_ratio": measured,
                 }
             )
@@ -227,7 +231,8 @@ def _notes(
         "binarise": "top round(share * n) KV heads by gate (ties: earlier layer, then lower KV head)",
         "kv_retrieval_score": "the largest retrieval score (Wu et al.) of the KV head's query heads",
         "random": "KV heads drawn uniformly from all KV heads, one draw per (seed, k)",
-        "memory": "kv_ratio = r + (1 - r) * min(1, (sink + recent) / N), r = k / n; measured_ratio: "
+        "memory": "kv_ratio = r + (1 - r) * min(1, (sink + recent) / N), r = k / n; kv_ratio_layers: the "
+        "same counted layer by layer, a sliding-window layer capped at its window; measured_ratio: "
         + (
             "cache bytes kept / full cache bytes after probe.duo_cache's prefill"
             if measured
