@@ -266,7 +266,10 @@ def _duo_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if kwargs.get("softcap") is not None:
-        raise ConfigError("duo_attention does not support soft-capped attention logits (Gemma 2)")
+        raise ConfigError(
+            "duo_attention does not support soft-capped attention logits (Gemma 2); run it on a model "
+            "whose attention is not soft-capped (Llama, Qwen, Mistral, Gemma 3)"
+        )
     full, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )  # [B, T_q, H, d_v]
