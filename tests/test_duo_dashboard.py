@@ -222,6 +222,16 @@ def test_the_memory_figure_has_formula_curves_and_measured_points(runs: Runs) ->
         rows = memory[memory["share"] == share]
         assert list(trace.x) == list(rows["n_tokens"])
         np.testing.assert_allclose(list(trace.y), rows["measured_ratio"])
+        # the hover carries the formula and the layer-by-layer count (equal on tiny-llama: no sliding layers)
+        np.testing.assert_allclose(np.asarray(trace.customdata)[:, 0], rows["kv_ratio"])
+        np.testing.assert_allclose(np.asarray(trace.customdata)[:, 1], rows["kv_ratio_layers"])
+        np.testing.assert_allclose(rows["kv_ratio_layers"], rows["kv_ratio"], atol=1e-9)
+    # a run written before kv_ratio_layers was kept still draws, its count shown as NaN
+    older = replace(
+        runs.result, tables={**runs.result.tables, "memory": memory.drop(columns=["kv_ratio_layers"])}
+    )
+    assert views.memory_rows(older)["kv_ratio_layers"].isna().all()
+    assert len([t for t in views.memory_figure(older).data if t.mode == "markers"]) == 2
     unmeasured = _page(root).memory_figure(loaded)
     assert [t.mode for t in unmeasured.data] == ["lines", "lines"]
     assert "not measured" in _text(unmeasured)
@@ -306,6 +316,7 @@ def test_the_report_section_renders_the_key_numbers(runs: Runs, tmp_path: Path) 
     memory = run.table("memory")
     for r in memory.itertuples():
         assert f"{r.kv_ratio:.3f}" in body and f"{r.measured_ratio:.3f}" in body
+    assert "<th>layer by layer</th>" in body
     pooled = run.table("accuracy").query("length == 0 and selection == 'full'").iloc[0]
     assert f"{pooled['recall']:.2f} [{pooled['recall_low']:.2f}, {pooled['recall_high']:.2f}]" in body
     rho = float(run.table("agreement")["spearman"].iloc[0])

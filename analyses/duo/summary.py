@@ -84,6 +84,11 @@ def summary(result: AnalysisResult) -> str:
     for share, part in memory.groupby("share"):
         cells = ", ".join(
             f"N={r.n_tokens}: {r.kv_ratio:.2f}"
+            + (
+                f" (layer by layer {r.kv_ratio_layers:.2f})"
+                if not math.isclose(r.kv_ratio_layers, r.kv_ratio, abs_tol=5e-3)
+                else ""
+            )
             + ("" if math.isnan(r.measured_ratio) else f" (measured {r.measured_ratio:.2f})")
             for r in part.itertuples()
         )

@@ -92,6 +92,7 @@ def _memory(run: Run) -> ReportSection:
             f"{int(r.k)} ({float(r.share_kept):.1%})",
             str(int(r.n_tokens)),
             f"{float(r.kv_ratio):.3f}",
+            "n/a" if math.isnan(float(r.kv_ratio_layers)) else f"{float(r.kv_ratio_layers):.3f}",
             "not measured" if math.isnan(float(r.measured_ratio)) else f"{float(r.measured_ratio):.3f}",
         ]
         for r in views.memory_rows(run).itertuples(index=False)
@@ -100,9 +101,10 @@ def _memory(run: Run) -> ReportSection:
         "<p>The KV cache kept relative to the full cache at context length N, with r = k / n of the KV "
         "heads kept whole: r + (1 − r) · min(1, (S + R) / N). Measured: the bytes of the key and value "
         "tensors the cut cache keeps after prefilling the first test of that length, over what a full "
-        "cache holds.</p>"
+        "cache holds. Layer by layer: the same count with each sliding-window layer's full cache capped "
+        "at its window, as the model really keeps it (equal to the formula on models without such layers).</p>"
         + figure_html(views.memory_figure(run), "duo-memory-figure", wide=True)
-        + table_html(["share", "k (k / n)", "N (tokens)", "formula", "measured"], rows)
+        + table_html(["share", "k (k / n)", "N (tokens)", "formula", "layer by layer", "measured"], rows)
     )
     return ReportSection("duo-memory", "KV-cache memory", body)
 

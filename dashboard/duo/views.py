@@ -500,7 +500,7 @@ def memory_figure(source: Source) -> go.Figure:
     the ratios measured with the cut cache as points."""
     cfg = source.config
     curves = memory_curves(source)
-    memory = table(source, "memory")
+    memory = memory_rows(source)
     n = n_kv_total(source)
     fig = go.Figure()
     for i, share in enumerate(shares(source)):
@@ -528,9 +528,9 @@ def memory_figure(source: Source) -> go.Figure:
                     name=f"share {share:g}: measured",
                     legendgroup=f"share-{share:g}",
                     marker={"color": colour, "symbol": "x", "size": 11, "line": {"width": 1}},
-                    customdata=measured["kv_ratio"],
+                    customdata=measured[["kv_ratio", "kv_ratio_layers"]].to_numpy(),
                     hovertemplate=f"share {share:g}, N = %{{x}}<br>measured %{{y:.3f}} "
-                    "(formula %{customdata:.3f})<extra></extra>",
+                    "(formula %{customdata[0]:.3f}, layer by layer %{customdata[1]:.3f})<extra></extra>",
                 )
             )
     fig.add_hline(y=1.0, line_dash="dot", line_color=COLOURS["full"])
@@ -573,8 +573,12 @@ def memory_figure(source: Source) -> go.Figure:
 
 
 def memory_rows(source: Source) -> pd.DataFrame:
-    """The memory table: share, k, share kept, N, formula and measured ratio."""
-    return table(source, "memory")[["share", "k", "share_kept", "n_tokens", "kv_ratio", "measured_ratio"]]
+    """The memory table: share, k, share kept, N, the formula, the layer-by-layer count and the
+    measured ratio (``kv_ratio_layers`` is NaN for runs written before it was kept)."""
+    memory = table(source, "memory")
+    if "kv_ratio_layers" not in memory.columns:
+        memory = memory.assign(kv_ratio_layers=np.nan)
+    return memory[["share", "k", "share_kept", "n_tokens", "kv_ratio", "kv_ratio_layers", "measured_ratio"]]
 
 
 # ------------------------------------------------------------------------------------- agreement
@@ -657,11 +661,12 @@ def findings(source: Source) -> list[str]:
         )
     else:
         lines.append(agreement_note(source))
-    memory = table(source, "memory")
+    memory = memory_rows(source)
     if len(memory):
         longest = memory[memory["n_tokens"] == memory["n_tokens"].max()]
         ratios = ", ".join(
             f"{r.kv_ratio:.2f} at share {r.share:g}"
+            + ("" if math.isnan(r.kv_ratio_layers) else f" (layer by layer {r.kv_ratio_layers:.2f})")
             + ("" if math.isnan(r.measured_ratio) else f" (measured {r.measured_ratio:.2f})")
             for r in longest.itertuples(index=False)
         )
