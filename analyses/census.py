@@ -23,6 +23,7 @@ import torch
 
 from analyses.base import AnalysisResult, heads_frame
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 from analyses.tasks.text import natural_token_rows
 from probe.capture import capture
 from probe.errors import ConfigError
@@ -220,6 +221,33 @@ ANALYSIS = register(
         page="dashboard.census.page:CensusPage",
         report="dashboard.census.report:report_sections",
         docs="docs/analyses/census.md",
+        atlas_metrics=("entropy", "alpha_0", "prev_token", "induction", "duplicate_token", "mean_distance"),
+        roles=(
+            Role(
+                "previous_token",
+                "previous-token head",
+                "prev_token",
+                "above",
+                0.4,
+                "Wang et al. 2023, Interpretability in the wild (IOI)",
+            ),
+            Role(
+                "induction",
+                "induction head",
+                "induction",
+                "above",
+                0.4,
+                "Olsson et al. 2022, In-context learning and induction heads",
+            ),
+            Role(
+                "duplicate_token",
+                "duplicate-token head",
+                "duplicate_token",
+                "above",
+                0.4,
+                "Wang et al. 2023, Interpretability in the wild (IOI)",
+            ),
+        ),
         demo={},
     )
 )

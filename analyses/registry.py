@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from analyses.roles import Role
 from probe import zoo
 from probe.errors import ConfigError
 
@@ -31,6 +32,7 @@ BUILTIN: tuple[str, ...] = (
     "analyses.circuits",
     "analyses.vit_heads",
     "analyses.vhd",
+    "analyses.atlas",
 )
 """Modules that register the built-in analyses, in the order the CLI, the demo and the dashboard
 list them."""
@@ -49,6 +51,15 @@ class Analysis:
     settings over the defaults (``{}``: the defaults). ``docs`` is the page of ``docs/`` that defines
     it (a path relative to the repository root). A piece left ``None`` needs a reason in
     ``opt_outs`` (``{"demo": "why"}``); the registry test fails otherwise.
+
+    ``roles`` are the head roles its ``heads`` table gives (:class:`analyses.roles.Role`: column,
+    rule, threshold, paper); the head atlas joins analyses by them. ``atlas_metrics`` are the
+    heads-table columns the atlas correlates across analyses (empty: the numeric columns its roles
+    read). ``model_kinds`` are the model
+    kinds it runs on (``LoadedModel.kind``: ``language``, ``vision``, ``vision-language``).
+    ``reads_run_store`` marks an analysis that reads other runs (the atlas): its config's ``root``
+    is set to the run store the CLI writes to. ``atlas_preset`` is the fast config ``headlab atlas
+    --run-missing`` runs it with when it has no ``demo`` settings (None: it is not run there).
     """
 
     name: str
@@ -63,6 +74,11 @@ class Analysis:
     demo: Mapping[str, Any] | None = None
     docs: str | None = None
     opt_outs: Mapping[str, str] = field(default_factory=dict)
+    roles: tuple[Role, ...] = ()
+    atlas_metrics: tuple[str, ...] = ()
+    model_kinds: tuple[str, ...] = ("language",)
+    reads_run_store: bool = False
+    atlas_preset: Mapping[str, Any] | None = None
 
     def missing(self) -> list[str]:
         """Pieces neither given nor opted out of, with a reason (empty when the entry is complete)."""
@@ -96,6 +112,13 @@ def register(entry: Analysis) -> Analysis:
             owner = f" (by {taken.run.__module__})" if taken is not None else ""
             raise ValueError(
                 f"analysis name {name!r} is already registered{owner}; give {entry.name!r} another name or alias"
+            )
+    taken_roles = {role.name: other.name for other in _ENTRIES.values() for role in other.roles}
+    for role in entry.roles:
+        if role.name in taken_roles:
+            raise ValueError(
+                f"role {role.name!r} of {entry.name!r} is already declared by {taken_roles[role.name]!r}; "
+                "role names are unique over all analyses"
             )
     _ENTRIES[entry.name] = entry
     _ALIASES.update(dict.fromkeys(entry.aliases, entry.name))

@@ -7,6 +7,7 @@ with a non-zero exit status.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -167,6 +168,8 @@ def _run_one(
         f"under {base} are intact"
     )
     m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub)  # type: ignore[arg-type]
+    if entry.reads_run_store and not getattr(config, "root", ""):
+        config = dataclasses.replace(config, root=str(base))  # it reads the store this run is written to
     result = entry.run(m, config)
     path = result.save(root)
     _INTERRUPTED["note"] = f"the run had been saved, complete, before the interruption: {path}"
@@ -391,6 +394,91 @@ def runs(
     for path, what in runstore.temporaries(base):
         typer.echo(f"temporary: {path.name}: {what}")
     typer.echo(runstore.format_runs_table(runstore.list_runs(base, analysis=analysis)))
+
+
+@app.command()
+def atlas(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="model to build the atlas of (repeat to compare models)"),
+    ] = None,
+    runs: Annotated[
+        list[str] | None, typer.Option("--runs", help="use this run (id, prefix or path) for its analysis")
+    ] = None,
+    run_missing: Annotated[
+        bool,
+        typer.Option("--run-missing", help="first run the analyses with no run yet, with their fast presets"),
+    ] = False,
+    export: Annotated[
+        str | None, typer.Option("--export", help="folder for CSV and JSON exports (and the comparison CSVs)")
+    ] = None,
+    depth_bins: Annotated[
+        int, typer.Option("--depth-bins", help="relative-depth bins of the comparison")
+    ] = 5,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    root: RootOpt = None,
+) -> None:
+    """Build the head atlas of MODEL from its newest runs (every role of every head) and save it as a run.
+
+    With several --model, also compare the models by relative depth. Without --run-missing no model
+    is loaded: the newest run fixes the weights and BOS policy the others must match."""
+    import time
+
+    from analyses import runstore
+    from analyses.atlas import AtlasConfig, build_atlas, compare, summary
+    from analyses.atlas import run_missing as run_missing_fn
+    from analyses.atlas.export import export_atlas
+    from probe import load_model
+
+    models = list(dict.fromkeys(model or [DEFAULT_MODEL]))
+    if runs and len(models) > 1:
+        raise typer.BadParameter("--runs names runs of one model; build one atlas at a time with --runs")
+    base = runstore.check_root(root)
+    _INTERRUPTED["note"] = f"no atlas was saved for the model being built; runs under {base} are intact"
+    results = []
+    for name in models:
+        t0 = time.perf_counter()
+        config = AtlasConfig(runs=tuple(runs or ()), root=str(base), depth_bins=depth_bins)
+        if run_missing:
+            loaded = load_model(name, device=device, dtype=dtype)  # type: ignore[arg-type]
+            typer.echo(f"== {name}: running the analyses the atlas lacks")
+            run_missing_fn(loaded, base, echo=typer.echo)
+            result = build_atlas(loaded.name, config, kind=loaded.kind, reference=loaded.describe())
+        else:
+            result = build_atlas(name, config, kind=_model_kind(name, base))
+        path = result.save(base)
+        typer.echo(summary(result))
+        typer.echo(f"saved atlas: {path} ({time.perf_counter() - t0:.1f} s)")
+        if export:
+            for written in export_atlas(runstore.open_run(path), export):
+                typer.echo(f"exported: {written}")
+        results.append(result)
+    if len(results) > 1:
+        tables = compare(results, depth_bins)
+        totals = tables["role_totals"].pivot_table(
+            index="role", columns="model", values="n_heads", sort=False
+        )
+        typer.echo("heads per role (a blank: the model's atlas has no run giving that role)")
+        typer.echo(totals.to_string(na_rep="", float_format=lambda v: f"{v:.0f}"))
+        if export:
+            out = Path(export)
+            for key, frame in tables.items():
+                target = out / f"compare-{key}.csv"
+                frame.to_csv(target, index=False)
+                typer.echo(f"exported: {target}")
+    typer.echo("open: headlab dashboard" + (f" --root {root}" if root else "") + "  (page /atlas)")
+
+
+def _model_kind(name: str, root: Path) -> str:
+    """The kind of ``name`` from its runs' manifests, else the catalogue, else ``language``."""
+    from analyses import runstore
+
+    for s in runstore.list_runs(root, model=name, verify=False):
+        if s.ok and s.model == name:
+            return str(runstore.open_run(s.path, verify=False).manifest.model.get("kind") or "language")
+    entry = zoo.CATALOGUE.get(name)
+    return entry.kind if entry is not None else "language"
 
 
 @app.command()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -138,7 +139,12 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("vhr", "tiny-llava", VHD),
     ("census", "smollm2-135m", {"n_natural": 4, "n_repeated": 2, "seq_len": 64, "repeat_len": 16}),
     ("sinks", "smollm2-135m", {"seq_len": 64, "n_sequences": 4, "batch_size": 4}),
+    # joins the runs above of the same model (its root is the digest's temporary run store)
+    ("atlas", "smollm2-135m", {}),
 ]
+RUN_ID = re.compile(r"\b\d{8}-\d{6}-[\w.-]+-[0-9a-f]{4}\b")
+# columns that name runs or times, not results (the atlas's provenance)
+VOLATILE = ("run_id", "created", "code_revision")
 
 
 def _sha(data: bytes) -> str:
@@ -146,7 +152,7 @@ def _sha(data: bytes) -> str:
 
 
 def _frame_digest(frame: pd.DataFrame) -> str:
-    timing = [c for c in frame.columns if str(c).endswith(("_s", "seconds"))]
+    timing = [c for c in frame.columns if str(c).endswith(("_s", "seconds")) or c in VOLATILE]
     frame = frame.drop(columns=timing)
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False, float_format="%.9g")
@@ -183,10 +189,11 @@ def main() -> None:
                 kwargs = {"tiny_words": words} if words else {}
                 models[model_name] = probe.load_model(model_name, device="cpu", **kwargs)
             entry = ANALYSES[analysis]
-            config = entry.config_cls(**settings)
+            config = entry.config_cls(**({**settings, "root": root} if entry.reads_run_store else settings))
             result = entry.run(models[model_name], config)
             print(f"{analysis} on {model_name}", flush=True)
             summary = entry.summary(result)
+            summary = RUN_ID.sub("<run>", summary)  # the atlas names the runs it joined
             print(f"  summary: {_sha(summary.encode())}")
             for line in digest_run(result.save(root)):
                 print(line, flush=True)

@@ -67,6 +67,7 @@ from analyses.act.tasks import (
     load_tasks,
 )
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 
 __all__ = [
     "ALL_HEADS",
@@ -114,6 +115,18 @@ ANALYSIS = register(
         page="dashboard.act.page:ActPage",
         report="dashboard.act.report:report_sections",
         docs="docs/analyses/act.md",
+        atlas_metrics=("mean_delta", "hidden_sinks"),
+        roles=(
+            Role(
+                "act_calibrated",
+                "calibrated by ACT",
+                "act_role",
+                "label",
+                "kept:*",
+                "Yu et al. 2024, Unveiling and harnessing hidden attention sinks (ACT)",
+                evidence="act_validated",
+            ),
+        ),
         # ACT is a search over heads (one forward pass per head and calibration batch): a small config
         # keeps the demo to a few minutes on a CPU
         demo={

@@ -73,6 +73,7 @@ from analyses.circuits.run import (
     task_tables,
 )
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 
 __all__ = [
     "CLASSES",
@@ -133,6 +134,48 @@ __all__ = [
     "wrong_options_edit",
 ]
 
+
+_IOI_PAPER = "Wang et al. 2023, Interpretability in the wild (IOI)"
+_CO_PAPER = "Merullo et al. 2024, Circuit component reuse across tasks"
+_CLASS_LABELS = {
+    "name_mover": "name mover",
+    "negative_mover": "negative name mover",
+    "backup_mover": "backup name mover",
+    "s_inhibition": "S-inhibition head",
+    "induction": "induction head",
+    "duplicate_token": "duplicate-token head",
+    "previous_token": "previous-token head",
+}
+
+
+def _class_roles(prefix: str, task: str, paper: str) -> tuple[Role, ...]:
+    """One role per head class of a task's path patching: the class label in ``<prefix>_class``,
+    the held-out verdict in ``<prefix>_validated``."""
+    return tuple(
+        Role(
+            f"{prefix}_{c}",
+            f"{task} {label}",
+            f"{prefix}_class",
+            "label",
+            c,
+            paper,
+            evidence=f"{prefix}_validated",
+        )
+        for c, label in _CLASS_LABELS.items()
+    )
+
+
+# the demo's path patching, also the fast preset of Colored Objects in the atlas's --run-missing
+_IOI_DEMO = {
+    "n_items": 8,
+    "max_senders": 12,
+    "n_random": 5,
+    "batch_size": 64,
+    "n_heldout": 12,
+    "n_reference": 24,
+}
+
+
 ANALYSIS = register(
     Analysis(
         name="ioi",
@@ -140,20 +183,15 @@ ANALYSIS = register(
         run=run_ioi,
         summary=summary,
         help="IOI circuit: logit difference, activation and path patching, head classes, faithfulness.",
+        atlas_metrics=("ioi_attribution", "ioi_activation"),
+        roles=_class_roles("ioi", "IOI", _IOI_PAPER),
         page="dashboard.circuits.page:CircuitsPage",
         report="dashboard.circuits.report:report_sections",
         docs="docs/analyses/circuits.md",
         # every path-patching stage costs two forward passes per sender and prompt: on a CPU the demo
         # screens the senders (the 12 strongest by attribution patching) on 8 prompts, and tests the
         # classes on 12 held-out prompts
-        demo={
-            "n_items": 8,
-            "max_senders": 12,
-            "n_random": 5,
-            "batch_size": 64,
-            "n_heldout": 12,
-            "n_reference": 24,
-        },
+        demo=_IOI_DEMO,
     )
 )
 COLORED_OBJECTS = register(
@@ -163,11 +201,14 @@ COLORED_OBJECTS = register(
         run=run_colored_objects,
         summary=summary,
         help="Colored Objects: the same staged path patching on one-shot colour questions.",
+        atlas_metrics=("co_attribution", "co_activation"),
+        roles=_class_roles("co", "Colored Objects", _CO_PAPER),
         aliases=("colored_objects",),
         page="dashboard.circuits.page:CircuitsPage",
         report="dashboard.circuits.report:report_sections",
         docs="docs/analyses/circuits.md",
         opt_outs={"demo": "a second path-patching circuit; circuit-reuse runs it with IOI when asked"},
+        atlas_preset=_IOI_DEMO,
     )
 )
 CIRCUIT_REUSE = register(

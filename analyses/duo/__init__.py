@@ -32,6 +32,7 @@ from analyses.duo.run import memory_table, run_duo
 from analyses.duo.summary import summary
 from analyses.duo.train import duo_loss, full_targets, train_gates
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 
 __all__ = [
     "DuoConfig",
@@ -64,6 +65,18 @@ ANALYSIS = register(
         help="DuoAttention: train one gate per KV head (full vs sink+recent attention), then test the top "
         "share as retrieval heads on needle tests against the retrieval score and random heads.",
         docs="docs/analyses/duo.md",
+        atlas_metrics=("duo_gate",),
+        roles=(
+            Role(
+                "duo_retrieval",
+                "Duo retrieval head (top 25% of gates)",
+                "duo_rank",
+                "rank_share",
+                0.25,
+                "Xiao et al. 2025, DuoAttention",
+                per_kv_head=True,
+            ),
+        ),
         page="dashboard.duo.page:DuoPage",
         report="dashboard.duo.report:report_sections",
         # a smoke run on two CPU cores (docs/analyses/duo.md has its time): 5 training steps at 384-512

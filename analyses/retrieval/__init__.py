@@ -32,6 +32,7 @@ from analyses.retrieval.scoring import (
     retrieval_scores_for_test,
 )
 from analyses.retrieval.summary import protocol_line, summary, validation_lines
+from analyses.roles import Role
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",
@@ -61,6 +62,18 @@ ANALYSIS = register(
         page="dashboard.retrieval.page:RetrievalPage",
         report="dashboard.retrieval.report:report_sections",
         docs="docs/analyses/retrieval.md",
+        atlas_metrics=("retrieval_score",),
+        roles=(
+            Role(
+                "retrieval",
+                "retrieval head",
+                "retrieval_score",
+                "above",
+                0.1,
+                "Wu et al. 2025, Retrieval head mechanistically explains long-context factuality",
+                evidence="retrieval_validated",
+            ),
+        ),
         # a small needle grid (each test is a prefill plus a short greedy decode), the masking curve
         # on a few tests, and the held-out validation on two held-out tests
         demo={

@@ -15,6 +15,7 @@ See docs/analyses/sinks.md.
 from __future__ import annotations
 
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 from analyses.sinks.config import (
     HEAD_METRIC_LABELS,
     HEAD_METRICS,
@@ -80,6 +81,25 @@ ANALYSIS = register(
         page="dashboard.sinks.page:SinksPage",
         report="dashboard.sinks.report:report_sections",
         docs="docs/analyses/sinks.md",
+        atlas_metrics=("alpha0_natural", "sink_rate_natural", "hidden_sink_rate_natural"),
+        roles=(
+            Role(
+                "sink",
+                "sink head (first token)",
+                "sink_rate_natural",
+                "at_least",
+                0.5,
+                "Gu et al. 2025, When attention sink emerges in language models",
+            ),
+            Role(
+                "hidden_sink",
+                "hidden-sink head",
+                "hidden_sink_rate_natural",
+                "at_least",
+                0.5,
+                "Yu et al. 2024, Unveiling and harnessing hidden attention sinks (ACT)",
+            ),
+        ),
         demo={},
     )
 )

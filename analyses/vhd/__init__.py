@@ -15,6 +15,7 @@ See docs/analyses/vhd.md.
 from __future__ import annotations
 
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 from analyses.vhd.captions import Answers, EvalInputs, eval_inputs, generate_ids, noisy_images
 from analyses.vhd.config import (
     BASELINE,
@@ -50,6 +51,18 @@ VHD = register(
         report="dashboard.vhd.report:report_sections",
         docs="docs/analyses/vhd.md",
         opt_outs={"demo": "the vhr run computes VHD first and saves the same tables"},
+        atlas_metrics=("vhd_mean",),
+        roles=(
+            Role(
+                "vhd_sensitive",
+                "vision-aware head (top 10% VHD)",
+                "vhd_mean",
+                "top_share",
+                0.1,
+                "He et al. 2025, Cracking the code of hallucination in LVLMs with vision-aware head divergence",
+            ),
+        ),
+        model_kinds=("vision-language",),
     )
 )
 VHR = register(
@@ -67,6 +80,19 @@ VHR = register(
         page="dashboard.vhd.page:VhdPage",
         report="dashboard.vhd.report:report_sections",
         docs="docs/analyses/vhd.md",
+        atlas_metrics=("vhd_mean", "selected_share"),
+        roles=(
+            Role(
+                "vhr_reinforced",
+                "reinforced by VHR (most inputs)",
+                "selected_share",
+                "at_least",
+                0.5,
+                "He et al. 2025, Cracking the code of hallucination in LVLMs with vision-aware head divergence",
+                evidence="vhr_validated",
+            ),
+        ),
+        model_kinds=("vision-language",),
         # a few noisy held-out scenes and the main VHR setting only; no sweep, no validation
         demo={
             "n_scenes": 8,

@@ -14,6 +14,7 @@ re-exports the public names and registers the analysis. See docs/analyses/vit-he
 from __future__ import annotations
 
 from analyses.registry import Analysis, register
+from analyses.roles import Role
 from analyses.vit_heads.capture import artifact_mask
 from analyses.vit_heads.config import (
     IMPORTANCE_METRICS,
@@ -108,6 +109,27 @@ ANALYSIS = register(
         page="dashboard.vit_heads.page:VitPage",
         report="dashboard.vit_heads.report:report_sections",
         docs="docs/analyses/vit-heads.md",
+        atlas_metrics=("accuracy_drop", "grad_importance", "mean_attention_distance", "sink_rate_natural"),
+        roles=(
+            Role(
+                "vit_important",
+                "important ViT head (pruning)",
+                "vit_role",
+                "label",
+                "important",
+                "Michel et al. 2019, Are sixteen heads really better than one?",
+                evidence="vit_validated",
+            ),
+            Role(
+                "vit_sink",
+                "ViT sink head (CLS token)",
+                "sink_rate_natural",
+                "at_least",
+                0.5,
+                "Darcet et al. 2024, Vision transformers need registers",
+            ),
+        ),
+        model_kinds=("vision",),
         # the small preset (every head pruned on 2 discovery images, validated on 2 held-out ones)
         demo={"preset": "small"},
     )

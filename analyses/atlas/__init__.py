@@ -1,0 +1,69 @@
+"""The head atlas: every role of every head of a model in one table, joined from its runs.
+
+See docs/atlas.md. ``build_atlas`` joins the newest runs of a model; ``run_atlas`` does it for a
+loaded model (its weights and BOS policy are the reference); ``compare`` puts several atlases side
+by side by relative depth.
+"""
+
+from __future__ import annotations
+
+from analyses.atlas.build import atlas_analyses, config_hash, join, role_of, select_runs
+from analyses.atlas.config import AtlasConfig
+from analyses.atlas.findings import (
+    correlations,
+    key_metrics,
+    metric_distributions,
+    multi_role,
+    overlap,
+    role_depth,
+    role_names,
+    role_totals,
+)
+from analyses.atlas.missing import missing_analyses, run_missing
+from analyses.atlas.run import ATLAS, build_atlas, compare, latest_atlas, run_atlas, summary
+from analyses.registry import Analysis, register
+
+ANALYSIS = register(
+    Analysis(
+        name=ATLAS,
+        config_cls=AtlasConfig,
+        run=run_atlas,
+        summary=summary,
+        help="Head atlas: every role of every head, joined from the model's newest runs (headlab atlas).",
+        opt_outs={
+            "page": "the /atlas page is added in the commits that follow",
+            "report": "the atlas report section is added in the commits that follow",
+            "docs": "docs/atlas.md is added in the commits that follow",
+        },
+        # joins the runs the demo has just written for the default model
+        demo={},
+        model_kinds=("language", "vision", "vision-language"),
+        reads_run_store=True,
+    )
+)
+
+__all__ = [
+    "ANALYSIS",
+    "ATLAS",
+    "AtlasConfig",
+    "atlas_analyses",
+    "build_atlas",
+    "compare",
+    "config_hash",
+    "correlations",
+    "join",
+    "key_metrics",
+    "latest_atlas",
+    "metric_distributions",
+    "missing_analyses",
+    "multi_role",
+    "overlap",
+    "role_depth",
+    "role_names",
+    "role_of",
+    "role_totals",
+    "run_atlas",
+    "run_missing",
+    "select_runs",
+    "summary",
+]
