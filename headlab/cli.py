@@ -289,6 +289,9 @@ def demo(
         )
         _INTERRUPTED["note"] = f"the run {path.name} was saved; its report was not written"
         typer.echo(f"report written: {write_report(path, Path(reports))}")
+        if entry.reads_run_store:
+            where = f" --root {root}" if root else ""
+            typer.echo(f"open the atlas of {target}: headlab dashboard{where}, page /atlas")
 
 
 train_app = typer.Typer(help="Train the parts of models the workbench builds itself.", no_args_is_help=True)

@@ -16,3 +16,4 @@ echo "== analyses"; "$H" analyses
 echo "== runs"; "$H" runs --root "$RUNS"
 echo
 echo "dashboard data: $RUNS/   open it with: $H dashboard --root $RUNS   (http://127.0.0.1:8050)"
+echo "the head atlas of $MODEL (every role of every head): http://127.0.0.1:8050/atlas"
