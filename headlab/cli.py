@@ -379,6 +379,74 @@ def train_scene_llava_cmd(
         typer.echo(f"{kind}: {path}")
 
 
+@train_app.command("duo-gates")
+def train_duo_gates_cmd(
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    overrides: SetOpt = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", "-o", help="gates file (default data/duo/<model>.gates.json, the shipped gates)"
+        ),
+    ] = None,
+) -> None:
+    """Train DuoAttention's gates of MODEL (the duo config's training settings) and write them with
+    their record: the settings, the steps and lengths, the time and the loss per step."""
+    import time
+
+    import numpy as np
+
+    from analyses.base import config_from_overrides
+    from analyses.duo import DuoConfig, save_gates, shipped_path, train_gates
+    from probe import load_model
+
+    cfg = config_from_overrides(DuoConfig, overrides)
+    target = Path(out) if out else None
+    m = load_model(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    if cfg.train_max_length > m.n_ctx:
+        raise typer.BadParameter(
+            f"train_max_length={cfg.train_max_length} is beyond {m.name}'s context of {m.n_ctx}; "
+            f"use --set train_max_length={m.n_ctx}"
+        )
+    target = target or shipped_path(m.name)
+    _INTERRUPTED["note"] = f"no gates were written ({target} is unchanged)"
+    t0 = time.perf_counter()
+    trained = train_gates(m, cfg)
+    seconds = round(time.perf_counter() - t0, 1)
+    loss = trained.loss
+    record = {
+        "trained": {
+            "device": str(m.device),
+            "dtype": dtype,
+            "steps": cfg.steps,
+            "lengths": list(cfg.train_lengths),
+            "seconds": seconds,
+            "seconds_by_stage": trained.seconds,
+            "command": "headlab train duo-gates --model "
+            + m.name
+            + "".join(f" --set {o}" for o in overrides or []),
+        },
+        "loss": {
+            "step": loss["step"].astype(int).tolist(),
+            "length": loss["length"].astype(int).tolist(),
+            "distill": [round(float(v), 7) for v in loss["distill"]],
+            "reg": [round(float(v), 7) for v in loss["reg"]],
+        },
+    }
+    path = save_gates(target, trained.gates, m, cfg, extra=record)
+    top = sorted(((float(g), layer, kv) for (layer, kv), g in np.ndenumerate(trained.gates)), reverse=True)[
+        :5
+    ]
+    typer.echo(
+        f"trained {cfg.steps} steps at lengths {list(cfg.train_lengths)} in {seconds:.0f} s on {m.device}; "
+        f"distillation {loss['distill'].iloc[0]:.4g} -> {loss['distill'].tail(20).mean():.4g} (mean of the last 20)"
+    )
+    typer.echo("top gates: " + ", ".join(f"L{layer}KV{kv} {g:.3f}" for g, layer, kv in top))
+    typer.echo(f"gates written: {path}")
+
+
 @app.command()
 def runs(
     root: RootOpt = None,

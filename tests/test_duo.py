@@ -295,6 +295,54 @@ def test_gates_save_load_and_refuse_another_model(tiny_llama: LoadedModel, tmp_p
         load_gates(tmp_path / "none.json", tiny_llama)
 
 
+def test_shipped_gates_are_found_by_model_name_or_refused_with_the_command(
+    tiny_llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from analyses.duo import gates as gates_module
+
+    monkeypatch.setattr(gates_module, "DATA_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="train them: headlab train duo-gates --model tiny-llama"):
+        load_gates("shipped", tiny_llama)
+    gates = np.array([[1.0, 0.25], [0.5, 0.0], [0.125, 0.75]])
+    save_gates(gates_module.shipped_path("tiny-llama"), gates, tiny_llama, tiny_config())
+    loaded, _ = load_gates("shipped", tiny_llama)
+    np.testing.assert_array_equal(loaded, gates)
+    assert not list(tmp_path.glob(".*"))  # written whole, no temporary left
+
+
+def test_the_real_shipped_gates_fit_their_models() -> None:
+    from analyses.duo import gates as gates_module
+
+    files = sorted(gates_module.DATA_DIR.glob("*.gates.json"))
+    for path in files:
+        payload = json.loads(path.read_text())
+        assert path.stat().st_size < 1_000_000
+        assert path.name == f"{payload['model']}.gates.json"
+        g = np.asarray(payload["gates"])
+        assert list(g.shape) == payload["shape"] and 0 <= g.min() and g.max() <= 1
+        assert payload["trained"]["command"].startswith("headlab train duo-gates --model ")
+        assert len(payload["loss"]["distill"]) == payload["trained"]["steps"]
+
+
+def test_train_duo_gates_writes_a_file_run_duo_can_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headlab.cli import main
+
+    out = tmp_path / "g.json"
+    sets = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+    argv = ["headlab", "train", "duo-gates", "--model", "tiny-llama", "--device", "cpu", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", [*argv, *[a for s in sets for a in ("--set", s)]])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    text = capsys.readouterr().out
+    assert exc.value.code in (0, None), text
+    assert "trained 3 steps at lengths [400, 480]" in text and f"gates written: {out}" in text
+    payload = json.loads(out.read_text())
+    assert payload["trained"]["steps"] == 3 and len(payload["loss"]["distill"]) == 3
+    assert payload["trained"]["command"].startswith("headlab train duo-gates --model tiny-llama --set sink=4")
+
+
 # ------------------------------------------------------------------------------ end to end
 
 

@@ -25,7 +25,9 @@ from analyses.duo.gates import (
     kv_ratio,
     load_gates,
     n_retrieval,
+    resolve_gates_file,
     save_gates,
+    shipped_path,
     spearman,
 )
 from analyses.duo.run import memory_table, run_duo
@@ -48,9 +50,11 @@ __all__ = [
     "memory_table",
     "n_retrieval",
     "passkey_context",
+    "resolve_gates_file",
     "run_duo",
     "save_gates",
     "selections",
+    "shipped_path",
     "spearman",
     "summary",
     "train_gates",

@@ -19,6 +19,29 @@ from probe.loading import LoadedModel
 
 GATES_FORMAT = "headlab-duo-gates"
 GATES_VERSION = 1
+SHIPPED = "shipped"
+"""``gates_from="shipped"``: the gates headlab ships for the model (:func:`shipped_path`)."""
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "duo"
+
+
+def shipped_path(model_name: str) -> Path:
+    """Where the shipped gates of ``model_name`` live: ``data/duo/<model>.gates.json``."""
+    return DATA_DIR / f"{model_name}.gates.json"
+
+
+def resolve_gates_file(gates_from: str | Path, model_name: str) -> Path:
+    """The file ``gates_from`` names: a path, or ``"shipped"`` for the model's shipped gates (refused,
+    with the command that trains them, where none are shipped)."""
+    if str(gates_from) != SHIPPED:
+        return Path(gates_from).expanduser()
+    path = shipped_path(model_name)
+    if not path.is_file():
+        have = sorted(p.name.removesuffix(".gates.json") for p in DATA_DIR.glob("*.gates.json"))
+        raise ConfigError(
+            f"no shipped DuoAttention gates for {model_name} (shipped for: {', '.join(have) or 'none'}); "
+            f"train them: headlab train duo-gates --model {model_name}"
+        )
+    return path
 
 
 def n_retrieval(share: float, n: int) -> int:
@@ -127,14 +150,16 @@ def save_gates(
     }
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(out)  # whole or not at all
     return out
 
 
 def load_gates(path: str | Path, model: LoadedModel) -> tuple[np.ndarray, dict[str, Any]]:
     """Gates ``[n_layers, n_kv_heads]`` from a file of :func:`save_gates` and the file's record; a file
     for another model (name, weights or shape) is refused."""
-    src = Path(path)
+    src = resolve_gates_file(path, model.name)
     try:
         payload = json.loads(src.read_text())
     except FileNotFoundError:
