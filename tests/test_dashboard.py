@@ -17,6 +17,7 @@ from analyses import census, runstore
 from analyses.census import CensusConfig, run_census
 from dashboard.act.page import ActPage
 from dashboard.app import build_pages, create_app
+from dashboard.atlas.page import AtlasPage
 from dashboard.catalog import RunCatalog
 from dashboard.census import views
 from dashboard.census.page import CensusPage
@@ -96,6 +97,7 @@ def test_create_app_builds_every_page_and_wires_the_census_callbacks(root: Path)
         CircuitsPage,
         VitPage,
         VhdPage,
+        AtlasPage,
     ]
 
 

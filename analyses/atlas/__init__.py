@@ -30,9 +30,9 @@ ANALYSIS = register(
         run=run_atlas,
         summary=summary,
         help="Head atlas: every role of every head, joined from the model's newest runs (headlab atlas).",
+        page="dashboard.atlas.page:AtlasPage",
+        report="dashboard.atlas.report:report_sections",
         opt_outs={
-            "page": "the /atlas page is added in the commits that follow",
-            "report": "the atlas report section is added in the commits that follow",
             "docs": "docs/atlas.md is added in the commits that follow",
         },
         # joins the runs the demo has just written for the default model
