@@ -17,6 +17,7 @@ import pytest
 import probe
 from analyses import circuits, runstore, vit_heads
 from analyses import vhd as vh
+from analyses.atlas import AtlasConfig, build_atlas
 from analyses.census import CensusConfig, run_census
 from analyses.circuits import CircuitConfig
 from analyses.duo import DuoConfig, run_duo
@@ -83,6 +84,7 @@ ANALYSES = (
     "vit-heads",
     "vhr",
     "vhd",
+    "atlas",
 )
 
 
@@ -94,7 +96,8 @@ class DemoRuns:
 
 def build(root: Path) -> DemoRuns:
     """One run of every analysis with a dashboard page (census, sinks, act, retrieval, duo, ioi,
-    colored-objects, circuit-reuse, vit-heads, vhr, vhd) saved under ``root``."""
+    colored-objects, circuit-reuse, vit-heads, vhr, vhd, atlas) saved under ``root``, and a second
+    atlas (of tiny-gpt2) for the atlas page's comparison of models."""
     paths: dict[str, Path] = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runstore, "code_revision", fixed_revision)
@@ -113,5 +116,10 @@ def build(root: Path) -> DemoRuns:
         llava = probe.load_model("tiny-llava", device="cpu")
         paths["vhr"] = vh.run_vhr(llava, VHD).save(root)
         paths["vhd"] = vh.run_vhd(llava, VHD).save(root)
+        # the atlas of tiny-llama (its census, sinks and duo runs), and one of tiny-gpt2 (its
+        # circuits) for the page's comparison of models
+        atlas = AtlasConfig(root=str(root))
+        build_atlas("tiny-gpt2", atlas).save(root)
+        paths["atlas"] = build_atlas("tiny-llama", atlas).save(root)
     assert tuple(paths) == ANALYSES
     return DemoRuns(root, {analysis: path.name for analysis, path in paths.items()})

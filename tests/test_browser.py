@@ -6,7 +6,8 @@ module. Each page (a test id per page, and per run kind where a page shows sever
 its run and must draw its figures with no error text, no failed callback and nothing refused by the
 Content-Security-Policy; then one real interaction (a radio button, a dropdown, a link) must change
 what it steers. The census page is also driven with the mouse: a head clicked at its cell's pixel
-position (computed from plotly's axes) updates the map, the head's numbers and its pattern. Missing
+position (computed from plotly's axes) updates the map, the head's numbers and its pattern, and a
+head clicked on the atlas's role grid opens its card. Missing
 selenium or chromium is a failure naming the fix (``bash scripts/browser-deps.sh``), never a skip.
 """
 
@@ -29,6 +30,7 @@ import pytest
 
 from analyses import runstore
 from dashboard.app import create_app
+from dashboard.atlas import views as atlas_views
 from dashboard.census import views
 from dashboard.registry import pages
 from tests import browser_runs
@@ -340,6 +342,89 @@ def test_census_page_metric_change_and_head_click_update_the_map_detail_and_patt
     assert errors == []
 
 
+# The atlas's role grid (numeric axes: a head's cell is centred on its number) and its head card.
+_ATLAS_GRID = "document.querySelector('#atlas-grid .js-plotly-plot')"
+_ATLAS_CELL = _CELL_OFFSET.replace(_GRAPH, _ATLAS_GRID)
+
+
+def _atlas_grid(driver: Any) -> dict[str, Any] | None:
+    """The atlas grid as plotted: its outlined head (None until drawn)."""
+    return driver.execute_script(
+        f"""
+        const gd = {_ATLAS_GRID};
+        if (!gd || !gd._fullData || !gd._fullData.length) return null;
+        const rect = (gd.layout.shapes || []).find(s => s.type === 'rect');
+        return {{outlined: rect ? [rect.x0, rect.y0] : null}};
+        """
+    )
+
+
+def _atlas_card(driver: Any) -> str:
+    return str(
+        driver.execute_script(
+            "const el = document.getElementById('atlas-head-card'); return el ? el.innerText : ''"
+        )
+    )
+
+
+def _atlas_pattern_title(driver: Any) -> str:
+    return str(
+        driver.execute_script(
+            "const gd = document.querySelector('#atlas-pattern .js-plotly-plot');"
+            "return gd && gd.layout && gd.layout.title ? gd.layout.title.text : ''"
+        )
+    )
+
+
+def test_atlas_page_a_head_clicked_on_the_grid_opens_its_card(served: Served, chromium: _Browser) -> None:
+    atlas = runstore.open_run(served.root / served.ids["atlas"])
+    heads = atlas.table("heads")
+    browser = chromium.driver()
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    served.log.records.clear()
+    browser.get(served.url("/atlas", "atlas"))
+    first = atlas_views.default_head(heads)  # the card opens on the head with the most roles
+    _wait(browser, f"the card of {first}", lambda d: f"{first}: layer" in _atlas_card(d))
+    _wait(browser, "the role grid", _atlas_grid)
+
+    last = atlas_views.PickedHead(int(heads["layer"].max()), int(heads["head"].max()))
+    target = last if last != first else atlas_views.PickedHead(0, 0)
+    grid = browser.find_element(By.CSS_SELECTOR, "#atlas-grid .js-plotly-plot")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", grid)
+    dx, dy = browser.execute_script(_ATLAS_CELL, target.head, target.layer)
+    ActionChains(browser).move_to_element_with_offset(grid, int(dx), int(dy)).pause(0.3).click().perform()
+
+    card = _wait(
+        browser,
+        f"the card of {target}",
+        lambda d: (
+            t if f"{target}: layer {target.layer}, head {target.head}" in (t := _atlas_card(d)) else None
+        ),
+        lambda d: f"the card shown: {_atlas_card(d)[:80]!r}",
+    )
+    census = atlas_views.source_run(atlas, "census")
+    assert census is not None and census in card and "percentile" in card
+    row = heads[(heads["layer"] == target.layer) & (heads["head"] == target.head)].iloc[0]
+    assert f"{row['census.entropy']:.4g}" in card
+    n = int(row["n_roles"])
+    assert f"{n} role{'s' if n != 1 else ''}" in card
+    cell = [target.head - 0.5, target.layer - 0.5]
+    _wait(browser, "the clicked head outlined", lambda d: (m := _atlas_grid(d)) and m["outlined"] == cell)
+    _wait(browser, f"the pattern of {target}", lambda d: _atlas_pattern_title(d).startswith(f"{target} on"))
+
+    # A row's button in the heads table opens that head's card too.
+    button = browser.find_element(By.CSS_SELECTOR, "#atlas-heads-rows button")
+    row_head = str(button.text)
+    assert row_head != str(target)  # the table lists the heads with the most roles first
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+    button.click()
+    _wait(browser, f"the card of {row_head}", lambda d: f"{row_head}: layer" in _atlas_card(d))
+    state = _settled(browser, served, "atlas page after a click on the grid")
+    _assert_clean(browser, served, state, "atlas page after a click on the grid")
+
+
 # ------------------------------------------------------------------------------------ every page
 
 _ERROR_TEXT = re.compile(
@@ -491,6 +576,15 @@ CASES = (
         "vhd-scene",
         "dropdown",
         "vhd-caption",
+    ),
+    PageCase(
+        "atlas",
+        "/atlas",
+        "atlas",
+        ("atlas-grid", "atlas-pattern", "atlas-overlap", "atlas-compare-depth", "atlas-compare-metrics"),
+        "atlas-compare-role",
+        "dropdown",
+        "atlas-compare-depth",
     ),
 )
 
