@@ -208,6 +208,7 @@ def join(
     role_rows: list[dict[str, Any]] = []
     flags: dict[str, pd.Series] = {}
     unread: list[dict[str, str]] = []
+    joined: dict[str, np.ndarray] = {}  # the atlas's columns, added at once after the loop
     for source in sources:
         entry = registry.ANALYSES[source.analysis]
         heads = source.run.heads
@@ -222,7 +223,7 @@ def join(
         prov = source.provenance
         for column in metric_columns(heads):
             name = f"{source.analysis}.{column}"
-            atlas[name] = heads[column].to_numpy()
+            joined[name] = heads[column].to_numpy()
             provenance.append({"column": name, "source_column": column, **prov})
         for role in entry.roles:
             if role.column not in heads.columns:
@@ -237,12 +238,12 @@ def join(
                 continue
             flag = role.flags(heads).to_numpy()
             flags[role.name] = pd.Series(flag)
-            atlas[f"role.{role.name}"] = flag
+            joined[f"role.{role.name}"] = flag
             provenance.append({"column": f"role.{role.name}", "source_column": role.column, **prov})
             tested = role.evidence is not None and role.evidence in heads.columns
             if tested:
                 validated = flag & heads[role.evidence].map(_bool).to_numpy()
-                atlas[f"validated.{role.name}"] = validated
+                joined[f"validated.{role.name}"] = validated
                 provenance.append(
                     {"column": f"validated.{role.name}", "source_column": role.evidence, **prov}
                 )
@@ -254,10 +255,13 @@ def join(
                     "run_id": source.run.run_id,
                     "n_heads": int(flag.sum()),
                     "share": float(flag.mean()),
-                    "mean_depth": float(atlas.loc[flag, "depth"].mean()) if flag.any() else float("nan"),
+                    "mean_depth": float(atlas["depth"].to_numpy()[flag].mean())
+                    if flag.any()
+                    else float("nan"),
                     "n_validated": int(validated.sum()) if tested else -1,
                 }
             )
+    atlas = pd.concat([atlas, pd.DataFrame(joined, index=atlas.index)], axis=1)
     names = [r["role"] for r in role_rows]
     matrix = (
         np.column_stack([flags[n].to_numpy() for n in names]) if names else np.zeros((len(atlas), 0), bool)
