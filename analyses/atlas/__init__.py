@@ -32,9 +32,7 @@ ANALYSIS = register(
         help="Head atlas: every role of every head, joined from the model's newest runs (headlab atlas).",
         page="dashboard.atlas.page:AtlasPage",
         report="dashboard.atlas.report:report_sections",
-        opt_outs={
-            "docs": "docs/atlas.md is added in the commits that follow",
-        },
+        docs="docs/atlas.md",
         # joins the runs the demo has just written for the default model
         demo={},
         model_kinds=("language", "vision", "vision-language"),
