@@ -9,10 +9,12 @@ Rules (``value`` is the threshold):
 ``above`` / ``at_least`` / ``below``
     the column is ``>`` / ``>=`` / ``<`` the value (NaN never qualifies);
 ``top_share``
-    the head is among the ``ceil(value * n)`` highest values of the model's ``n`` units (heads, or KV
-    heads with ``per_kv_head``); heads tied with the last one admitted are admitted too;
+    the head is among the ``k`` highest values of the model's ``n`` units (heads, or KV heads with
+    ``per_kv_head``), ``k = value * n`` rounded half up, at least 1; heads tied with the last one
+    admitted are admitted too;
 ``rank_share``
-    the column is a rank (1 = first) and the head's rank is at most ``ceil(value * n)``;
+    the column is a rank (1 = first) and the head's rank is at most that ``k`` (the rounding of
+    DuoAttention's own selection, :func:`analyses.duo.n_retrieval`);
 ``label``
     the column holds labels joined by ``+`` (``"name_mover+backup_mover"``) and one of them is the
     value (a value ending in ``*`` matches every label it begins: ``"kept:*"``);
@@ -119,7 +121,7 @@ class Role:
         units = pd.DataFrame({k: heads[k] for k in keys}).assign(x=x.to_numpy())
         per_unit = units.groupby(keys, sort=False)["x"].first()
         n = len(per_unit)
-        k = max(1, math.ceil(float(self.value) * n)) if n else 0  # type: ignore[arg-type]
+        k = min(n, max(1, math.floor(float(self.value) * n + 0.5))) if n else 0  # type: ignore[arg-type]
         finite = per_unit.dropna()
         if not len(finite):
             return pd.Series(False, index=heads.index)

@@ -124,11 +124,25 @@ def test_threshold_rules_and_nan() -> None:
     assert list(Role("r", "r", "x", "below", 0.2, "p").flags(heads)) == [True, False, False, False]
 
 
-def test_top_share_takes_ceil_and_keeps_ties() -> None:
+def test_top_share_rounds_half_up_and_keeps_ties() -> None:
     heads = _frame([5.0, 3.0, 3.0, 1.0, math.nan])
-    # ceil(0.3 * 5) = 2 units: 5 and the 3s tied with the second
+    # 0.3 * 5 = 1.5 -> 2 units: 5 and the 3s tied with the second; 0.1 * 5 = 0.5 -> 1; 0.25 * 5 -> 1
     assert list(Role("r", "r", "x", "top_share", 0.3, "p").flags(heads)) == [True, True, True, False, False]
     assert list(Role("r", "r", "x", "top_share", 0.1, "p").flags(heads)) == [True, False, False, False, False]
+    assert list(Role("r", "r", "x", "top_share", 0.25, "p").flags(heads)) == [
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    # rank_share keeps what DuoAttention's own rounding keeps at the same share
+    from analyses.duo import n_retrieval
+
+    ranks = _frame([float(r) for r in range(1, 11)])
+    for share in (0.1, 0.25, 0.45, 0.5):
+        kept = Role("r", "r", "x", "rank_share", share, "p").flags(ranks)
+        assert int(kept.sum()) == n_retrieval(share, 10)
 
 
 def test_per_kv_head_counts_kv_heads_not_query_heads() -> None:
@@ -243,9 +257,21 @@ def test_runs_of_other_weights_or_bos_are_refused_naming_which(store: Path) -> N
     # a named run of other weights or of another BOS policy is refused
     with pytest.raises(ConfigError, match=f"{odd.name} \\(sinks\\) cannot join"):
         build_atlas("m", AtlasConfig(root=str(store), runs=(odd.name,)), reference=model_info())
+    prepending = model_info()
+    prepending["bos"] = {"mode": "default", "prepend": True, "token_id": 1, "token": "<s>"}
     bos = write(store, "retrieval", retrieval_heads(), bos_id=7)
     with pytest.raises(ConfigError, match="BOS policy"):
-        build_atlas("m", AtlasConfig(root=str(store), runs=(bos.name,)), reference=model_info())
+        build_atlas("m", AtlasConfig(root=str(store), runs=(bos.name,)), reference=prepending)
+    # what counts is what reaches the model: no BOS under either mode is the same policy
+    always = runstore.write_run(
+        store,
+        analysis="retrieval",
+        model_info={**model_info(), "bos": {"mode": "always", "prepend": False, "token_id": 1}},
+        config={"x": 1},
+        tables={"heads": retrieval_heads()},
+    )
+    joined = build_atlas("m", AtlasConfig(root=str(store), runs=(always.name,)), reference=model_info())
+    assert always.name in set(joined.tables["sources"]["run_id"])
 
 
 def test_named_runs_of_another_model_or_analysis_are_refused(store: Path) -> None:
@@ -263,6 +289,14 @@ def test_a_run_of_another_shape_is_refused(store: Path) -> None:
     write(store, "census", census_heads().iloc[:-4])  # one layer short
     with pytest.raises(ConfigError, match="another shape"):
         build_atlas("m", AtlasConfig(root=str(store)))
+
+
+def test_a_run_with_its_validation_off_counts_as_not_tested(tmp_path: Path) -> None:
+    heads = retrieval_heads().assign(retrieval_validated=False, retrieval_role="")
+    write(tmp_path, "retrieval", heads)
+    result = build_atlas("m", AtlasConfig(root=str(tmp_path)))
+    assert result.tables["roles"].set_index("role").loc["retrieval", "n_validated"] == -1
+    assert "validated.retrieval" not in result.tables["heads"].columns
 
 
 def test_a_run_without_a_roles_column_is_listed_not_guessed(tmp_path: Path) -> None:

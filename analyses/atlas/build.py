@@ -67,11 +67,19 @@ def atlas_analyses(kind: str) -> list[Analysis]:
     return [e for e in registry.ANALYSES.values() if e.roles and kind in e.model_kinds]
 
 
+def bos_key(bos: Any) -> tuple[Any, Any]:
+    """What a BOS policy does to the tokens: whether a BOS is prepended, and which (the mode's name,
+    ``default`` or ``always``, is left out: two modes that prepend the same token give the same runs)."""
+    if not isinstance(bos, Mapping):
+        return (str(bos or ""), None)
+    return (bool(bos.get("prepend")), bos.get("token_id") if bos.get("prepend") else None)
+
+
 def mismatch(model: Mapping[str, Any], reference: Mapping[str, Any]) -> str | None:
     ref_sha, sha = reference.get("weight_sha256"), model.get("weight_sha256")
     if ref_sha and sha != ref_sha:
         return f"weights sha256 {str(sha)[:12]}… differ from the reference's {str(ref_sha)[:12]}…"
-    if bos_text(model.get("bos")) != bos_text(reference.get("bos")):
+    if bos_key(model.get("bos")) != bos_key(reference.get("bos")):
         return f"BOS policy {bos_text(model.get('bos'))} differs from the reference's {bos_text(reference.get('bos'))}"
     return None
 
@@ -171,7 +179,7 @@ def _agreed_reference(
     for name, run in chosen.items():
         key = (
             str(run.manifest.model.get("weight_sha256") or "")[:12],
-            bos_text(run.manifest.model.get("bos")),
+            str(bos_key(run.manifest.model.get("bos"))),
         )
         groups.setdefault(key, []).append(f"{name} {run.run_id}")
     if len(groups) > 1:
@@ -240,7 +248,7 @@ def join(
             flags[role.name] = pd.Series(flag)
             joined[f"role.{role.name}"] = flag
             provenance.append({"column": f"role.{role.name}", "source_column": role.column, **prov})
-            tested = role.evidence is not None and role.evidence in heads.columns
+            tested = _tested(heads, role)
             if tested:
                 validated = flag & heads[role.evidence].map(_bool).to_numpy()
                 joined[f"validated.{role.name}"] = validated
@@ -305,6 +313,16 @@ def join(
     )
     roles["evidence"] = roles["evidence"].fillna("").astype(str)
     return atlas, columns, roles, pd.DataFrame(unread, columns=["analysis", "run_id", "reason"])
+
+
+def _tested(heads: pd.DataFrame, role: Role) -> bool:
+    """Whether the run tested its roles on held-out inputs: the evidence column is there and some
+    head holds a tested role (``<prefix>_role`` non-empty); a run with its validation off has the
+    columns but no role in them."""
+    if role.evidence is None or role.evidence not in heads.columns:
+        return False
+    labels = f"{role.evidence.removesuffix('_validated')}_role"
+    return labels not in heads.columns or bool(heads[labels].fillna("").astype(str).str.len().gt(0).any())
 
 
 def _bool(v: Any) -> bool:
