@@ -81,7 +81,7 @@ class Role:
     def threshold(self) -> str:
         """The rule in words: ``retrieval_score > 0.1``, ``top 25% of KV heads by duo_gate``..."""
         if self.rule in _SYMBOLS:
-            return f"{self.column} {_SYMBOLS[self.rule]} {self.value:g}"  # type: ignore[str-format]
+            return f"{self.column} {_SYMBOLS[self.rule]} {self.value:g}"
         units = "KV heads" if self.per_kv_head else "heads"
         if self.rule == "top_share":
             return f"top {float(self.value):.0%} of {units} by {self.column}"  # type: ignore[arg-type]

@@ -404,7 +404,7 @@ def train_duo_gates_cmd(
 
     cfg = config_from_overrides(DuoConfig, overrides)
     target = Path(out) if out else None
-    m = load_model(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    m = load_model(model, device=device, dtype=dtype)
     if cfg.train_max_length > m.n_ctx:
         raise typer.BadParameter(
             f"train_max_length={cfg.train_max_length} is beyond {m.name}'s context of {m.n_ctx}; "
@@ -512,7 +512,7 @@ def atlas(
         t0 = time.perf_counter()
         config = AtlasConfig(runs=tuple(runs or ()), root=str(base), depth_bins=depth_bins)
         if run_missing:
-            loaded = load_model(name, device=device, dtype=dtype)  # type: ignore[arg-type]
+            loaded = load_model(name, device=device, dtype=dtype)
             typer.echo(f"== {name}: running the analyses the atlas lacks")
             run_missing_fn(loaded, base, echo=typer.echo)
             result = build_atlas(loaded.name, config, kind=loaded.kind, reference=loaded.describe())
