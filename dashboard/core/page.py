@@ -23,6 +23,7 @@ from dash.development.base_component import Component
 from analyses.runstore import Run
 from dashboard.catalog import RunCatalog, RunEntry
 from dashboard.core import figures
+from dashboard.core import focus as head_focus
 from probe.errors import HeadlabError, RunStoreError
 
 GRAPH_CONFIG: dcc.Graph.Config = {
@@ -225,6 +226,21 @@ class AnalysisPage(Page):
         if versions:
             notes.append(html.P(versions, className="hint"))
         return RunChoice(options, run_id, notes)
+
+    def focus(self, params: Mapping[str, str], run_id: str | None) -> head_focus.Focus:
+        """The head the URL's ``head`` parameter focuses, checked against run ``run_id``'s heads
+        (not checked when there is no run or its heads cannot be read)."""
+        heads = None
+        if run_id:
+            try:
+                heads = self._run(run_id).heads
+            except RUN_ERRORS:
+                heads = None
+        return head_focus.read(params, heads)
+
+    def focus_elements(self, focus: head_focus.Focus) -> list[Component]:
+        """The focus banner ``<prefix>-focus`` and store ``<prefix>-focus-head`` (see :mod:`dashboard.core.focus`)."""
+        return head_focus.elements(focus, self.prefix)
 
     def run_picker(self, choice: RunChoice) -> Component:
         """The labelled ``<analysis>-run`` dropdown."""
