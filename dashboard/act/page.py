@@ -8,7 +8,9 @@ chance), ``act-delta`` (the paired change with its interval), ``act-grid`` (laye
 keeping each head, or the chosen task's calibration delta with kept heads ringed, or hidden sinks),
 ``act-search`` (calibration delta of every searched head), ``act-margins`` (per held-out item,
 margin before vs after), ``act-tokens`` (hidden-sink tokens), ``act-table`` (the tasks table),
-``act-validation`` (each head search's kept set on held-out items against random head sets).
+``act-validation`` (each head search's kept set on held-out items against random head sets);
+``act-focus`` and ``act-focus-head``: the head the URL's ``head=L<layer>H<head>`` focuses, outlined
+on the map.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`ActPage.register_callbacks` only wires them to the elements.
@@ -24,6 +26,7 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from dashboard.act import views
+from dashboard.core import focus
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, why
 from dashboard.core.validation import validation_block
@@ -46,6 +49,7 @@ class ActPage(AnalysisPage):
         return html.Div(
             [
                 html.H2("ACT: attention calibration of hidden sinks"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "A head has a sink on key k when alpha_k (mean attention k receives) exceeds the "
                     "threshold; the first sink is not calibrated and the later, hidden ones are: each "
@@ -208,6 +212,7 @@ class ActPage(AnalysisPage):
             Input("act-task", "value"),
             Input("act-map", "value"),
         )(self.grid_figure)
+        focus.register_outline(app, "act-grid", "act-focus-head")
         app.callback(Output("act-search", "figure"), Input("act-run", "value"), Input("act-task", "value"))(
             self.search_figure
         )

@@ -5,7 +5,7 @@ Elements (stable ids, used by the browser test): ``census-run`` (run picker), ``
 ``census-head-detail`` (the head's metrics), ``census-input-set``, ``census-example`` and
 ``census-scale`` (pattern controls: which input set, natural text or the repeated random block,
 follows the metric until changed), ``census-pattern`` (the head's attention pattern, drawn as an
-image).
+image). The URL's ``head=L<layer>H<head>`` selects that head first (``census-focus`` says so).
 
 The callbacks are methods taking plain values (run id, metric, click data...), so tests call them
 directly; :meth:`CensusPage.register_callbacks` only wires them to the elements.
@@ -43,9 +43,16 @@ class CensusPage(AnalysisPage):
     def layout(self, params: Mapping[str, str]) -> Component:
         choice = self.choose_run(params)
         metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
+        focus = self.focus(params, choice.run_id)
+        focused = (
+            None
+            if focus.head is None
+            else {"run": choice.run_id, "layer": focus.head[0], "head": focus.head[1]}
+        )
         return html.Div(
             [
                 html.H2("Head census"),
+                *self.focus_elements(focus),
                 html.P(
                     "Six numbers per head from one pass over natural text and repeated random tokens. "
                     "Pick a metric, then click a head on the map for its values and its attention pattern.",
@@ -90,7 +97,7 @@ class CensusPage(AnalysisPage):
                         css=ui.DETAIL_PANEL,
                     ),
                 ),
-                dcc.Store(id="census-head"),
+                dcc.Store(id="census-head", data=focused),
             ],
             className="page",
         )

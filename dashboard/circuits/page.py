@@ -15,6 +15,8 @@ against random head sets), ``circuits-stage`` (activation patching or a path-pat
 ``circuits-intervention`` (Colored Objects before, with IOI heads edited, with random heads edited);
 those two sit in ``circuits-reuse``, which is drawn only for a circuit-reuse run (another run gets
 the line ``circuits-reuse-note`` saying why there is no overlap or intervention instead).
+``circuits-focus`` and ``circuits-focus-head``: the head the URL's ``head=L<layer>H<head>`` focuses,
+outlined on the stage's maps.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`CircuitsPage.register_callbacks` only wires them to the elements.
@@ -31,6 +33,7 @@ from dash.development.base_component import Component
 
 from analyses.runstore import Run
 from dashboard.circuits import figures, graph, views
+from dashboard.core import focus
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.core.validation import validation_block
@@ -66,6 +69,7 @@ class CircuitsPage(MultiAnalysisPage):
         return html.Div(
             [
                 html.H2("Circuits: IOI, Colored Objects and circuit reuse"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "Every score is a share of the clean–corrupt gap of the logit difference at END "
                     "(IOI: logit(IO) − logit(S); Colored Objects: the right colour's logit minus the colour "
@@ -292,6 +296,7 @@ class CircuitsPage(MultiAnalysisPage):
         app.callback(Output("circuits-classes", "children"), run, Input("circuits-task", "value"))(
             self.classes_table
         )
+        focus.register_outline(app, "circuits-heatmaps", "circuits-focus-head")
         app.callback(Output("circuits-heatmaps", "figure"), run, Input("circuits-stage", "value"))(
             self.heatmap_figure
         )

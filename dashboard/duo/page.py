@@ -8,7 +8,8 @@ layers marked), ``duo-loss`` (distillation and regulariser per training step), `
 ``duo-accuracy`` (the metric against the share of retrieval heads for Duo's gates, the retrieval
 score and random heads, the full model as the reference), ``duo-accuracy-table`` (the pooled numbers),
 ``duo-memory`` (the KV cache kept against context length: formula curves, measured points) and
-``duo-agreement`` (Duo's gates against the retrieval score).
+``duo-agreement`` (Duo's gates against the retrieval score); ``duo-focus`` and ``duo-focus-head``: the
+head the URL's ``head=L<layer>H<head>`` focuses, its KV head outlined on the gate map.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`DuoPage.register_callbacks` only wires them to the elements. See docs/analyses/duo.md.
@@ -25,6 +26,7 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
+from dashboard.core import focus
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage
 from dashboard.duo import views
@@ -48,6 +50,7 @@ class DuoPage(AnalysisPage):
         return html.Div(
             [
                 html.H2("DuoAttention: retrieval and streaming heads"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "Every KV head gets a gate between full attention and streaming attention (the first "
                     "sink and the last recent keys). The gates are trained to keep the full model's final "
@@ -248,6 +251,7 @@ class DuoPage(AnalysisPage):
         app.callback(Output("duo-settings", "children"), run)(self.settings)
         app.callback(Output("duo-findings", "children"), run)(self.findings)
         app.callback(Output("duo-gates", "figure"), run, Input("duo-share", "value"))(self.gates_figure)
+        focus.register_outline(app, "duo-gates", "duo-focus-head", kv=True)
         app.callback(Output("duo-loss", "figure"), run)(self.loss_figure)
         app.callback(
             Output("duo-accuracy", "figure"), run, Input("duo-metric", "value"), Input("duo-length", "value")

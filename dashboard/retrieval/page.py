@@ -10,7 +10,8 @@ settings), ``retrieval-grid`` (layer x head map of the retrieval score, retrieva
 (recall over depth x length), ``retrieval-validation`` (the held-out validation of the retrieval
 heads: the shared block of :mod:`dashboard.core.validation`), ``retrieval-test`` (test picker), ``retrieval-test-detail`` (what it asked
 for, the generated text, recall), ``retrieval-test-grid`` (which heads copy-pasted on it) and
-``retrieval-test-heads`` (the same as a table).
+``retrieval-test-heads`` (the same as a table). ``retrieval-focus`` and ``retrieval-focus-head``: the
+head the URL's ``head=L<layer>H<head>`` focuses, outlined on both maps.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`RetrievalPage.register_callbacks` only wires them to the elements.
@@ -27,6 +28,7 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
+from dashboard.core import focus
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, AnalysisPage, empty_figure, why
 from dashboard.core.validation import validation_block
@@ -55,6 +57,7 @@ class RetrievalPage(AnalysisPage):
         return html.Div(
             [
                 html.H2("Retrieval heads"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "A needle sentence is put at a depth of a haystack and the model answers a question "
                     "about it by greedy decoding. Under the needle protocol (Wu et al. 2024) it is asked "
@@ -326,6 +329,8 @@ class RetrievalPage(AnalysisPage):
             self.settings_text
         )
         app.callback(Output("retrieval-grid", "figure"), Input("retrieval-run", "value"))(self.grid_figure)
+        for graph_id in ("retrieval-grid", "retrieval-test-grid"):
+            focus.register_outline(app, graph_id, "retrieval-focus-head")
         app.callback(Output("retrieval-validation", "children"), Input("retrieval-run", "value"))(
             self.validation_panel
         )

@@ -5,7 +5,9 @@ Elements (stable ids): ``sinks-run`` (run picker), ``sinks-input`` (input set), 
 (layer x head map), ``sinks-bars`` (Sink_1 per input set), ``sinks-positions`` (the per-position
 sink map), ``sinks-example`` (example picker), ``sinks-example-figure`` (% of heads per position
 of that example, tokens on the axis), ``sinks-example-table`` (its listed hidden sinks),
-``sinks-tokens`` (the tokens most often hidden sinks), ``sinks-norms`` (first token vs others).
+``sinks-tokens`` (the tokens most often hidden sinks), ``sinks-norms`` (first token vs others);
+``sinks-focus`` and ``sinks-focus-head``: the head the URL's ``head=L<layer>H<head>`` focuses, outlined
+on the map.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`SinksPage.register_callbacks` only wires them to the elements.
@@ -22,7 +24,7 @@ from dash import Dash, Input, Output, State, html
 from dash.development.base_component import Component
 
 from analyses.runstore import Run
-from dashboard.core import figures
+from dashboard.core import figures, focus
 from dashboard.core import page as ui
 from dashboard.core.page import AnalysisPage, empty_figure, why
 from dashboard.sinks import views
@@ -46,6 +48,7 @@ class SinksPage(AnalysisPage):
         return html.Div(
             [
                 html.H2("Attention sinks"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "alpha_k is the mean attention position k receives from the queries that see it; a head "
                     "sinks on k when alpha_k > eps (per sample). Sink_k is the share of all heads that do, "
@@ -237,6 +240,7 @@ class SinksPage(AnalysisPage):
             Input("sinks-quantity", "value"),
             Input("sinks-position", "value"),
         )(self.heatmap_figure)
+        focus.register_outline(app, "sinks-heatmap", "sinks-focus-head")
         app.callback(Output("sinks-bars", "figure"), Input("sinks-run", "value"))(self.bars_figure)
         app.callback(
             Output("sinks-positions", "figure"), Input("sinks-run", "value"), Input("sinks-input", "value")

@@ -14,7 +14,8 @@ hallucinated vs correct object words), ``vhd-test`` (the Mann–Whitney test row
 means nothing), ``vhd-benchmarks`` (CHAIR with object recall and caption length beside it, and POPE,
 per setting), ``vhd-deltas`` (paired changes against the baseline), ``vhd-sweep`` (the alpha × layers
 sweep's paired changes), ``vhd-sweep-text`` (its reading) and ``vhd-validation`` (the held-out
-validation of VHR's heads against random head sets).
+validation of VHR's heads against random head sets). ``vhd-focus`` and ``vhd-focus-head``: the head the
+URL's ``head=L<layer>H<head>`` focuses, outlined on the head map.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`VhdPage.register_callbacks` only wires them to the elements.
@@ -29,6 +30,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, html
 from dash.development.base_component import Component
 
+from dashboard.core import focus
 from dashboard.core import page as ui
 from dashboard.core.page import RUN_ERRORS, MultiAnalysisPage, why
 from dashboard.core.validation import validation_block
@@ -58,6 +60,7 @@ class VhdPage(MultiAnalysisPage):
         return html.Div(
             [
                 html.H2("Vision-aware heads: VHD, T-VHD and VHR"),
+                *self.focus_elements(self.focus(params, choice.run_id)),
                 html.P(
                     "VHD of a head (He et al., ACL 2025): the distance between its output with the image "
                     "and with the image tokens removed from the prompt, at each generated token; a head "
@@ -295,6 +298,7 @@ class VhdPage(MultiAnalysisPage):
         app.callback(Output("vhd-warnings", "children"), run)(self.warnings)
         app.callback(Output("vhd-test", "children"), run)(self.test_text)
         app.callback(Output("vhd-heads", "figure"), run, Input("vhd-metric", "value"))(self.heads_figure)
+        focus.register_outline(app, "vhd-heads", "vhd-focus-head")
         app.callback(Output("vhd-words", "figure"), run)(self.words_figure)
         scene = Input("vhd-scene", "value")
         app.callback(Output("vhd-caption", "figure"), run, scene)(self.caption_figure)

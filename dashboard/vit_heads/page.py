@@ -13,7 +13,8 @@ statistic per layer with its spread), ``vit-head`` (the chosen head), ``vit-head
 ``vit-clusters`` (the pattern-cluster gallery), and the overlay: ``vit-display-image`` (a display
 image of the run), ``vit-overlay`` (the chosen head's attention from one query patch over that image;
 clicking a patch makes it the query), ``vit-query`` (a store holding the clicked patch; empty: the
-centre patch) and ``vit-overlay-info`` (the attention to CLS and the most attended patch).
+centre patch) and ``vit-overlay-info`` (the attention to CLS and the most attended patch). The URL's
+``head`` (``<layer>-<head>`` or ``L<layer>H<head>``) picks the head first; ``vit-focus`` says so.
 
 Runs saved before the display patterns were stored show a hint to re-run the analysis in place of
 the overlay. The callbacks are methods taking plain values, so tests call them directly;
@@ -53,11 +54,13 @@ class VitPage(AnalysisPage):
         choice = self.choose_run(params)
         metric = params.get("metric") if params.get("metric") in views.METRICS else DEFAULT_METRIC
         head_options = self.head_options(choice.run_id)
-        head = self.select_head(choice.run_id, None, params.get("head"))
+        focus = self.focus(params, choice.run_id)
+        head = self.select_head(choice.run_id, None, views.head_key(*focus.head) if focus.head else None)
         display_options, display_value = self.display_choice(choice.run_id, None)
         return html.Div(
             [
                 html.H2("ViT heads: importance, attention distance and patterns"),
+                *self.focus_elements(focus),
                 html.P(
                     "Importance: each head's output is removed (pruned) and the linear probes on the image "
                     "embedding are scored again: accuracy and true-class confidence drops, the embedding's "
