@@ -14,8 +14,9 @@ the joined census run), the heads table's filters ``atlas-filter-roles``, ``atla
 
 URL parameters: ``run`` (an atlas run id) and ``head`` (``L<layer>H<head>``: the head whose card
 opens). The head card links to each source run's page as ``<page>?run=<id>&head=L<layer>H<head>``:
-the ViT page reads its ``head`` parameter (as ``<layer>-<head>``, which the link passes it) and opens
-on that head; the other pages open the run and ignore ``head``.
+every page focuses that head (:mod:`dashboard.core.focus`: a banner linking back here, the head
+selected where the page has a head picker and outlined on its layer x head maps); the ViT page gets it
+as ``<layer>-<head>``.
 
 The callbacks are methods taking plain values, so tests call them directly;
 :meth:`AtlasPage.register_callbacks` only wires them to the elements.
@@ -265,7 +266,7 @@ class AtlasPage(AnalysisPage):
             html.P(
                 "percentile: the share of the model's heads with this value or a lower one. ± is the "
                 "standard error the analysis recorded. Links open the source run on its page with "
-                f"head={head} in the URL (the ViT page opens on that head; the others show the run).",
+                f"head={head} in the URL: the page selects that head where it can and outlines it on its maps.",
                 className="hint",
             )
         )
