@@ -23,7 +23,13 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.heads import by_layer
-from probe.kernels import attention_modules, native_attention, register_attention
+from probe.kernels import (
+    attention_modules,
+    native_attention,
+    register_attention,
+    soft_caps_logits,
+    uses_attention_interface,
+)
 from probe.model import LoadedModel
 from probe.types import Head
 
@@ -218,6 +224,20 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
 
 
 @torch.inference_mode()
+def check_decodable(model: LoadedModel) -> None:
+    """Refuse, before any step runs, a model whose decode steps the scoring function cannot see."""
+    if soft_caps_logits(model):
+        raise ConfigError(
+            f"{model.name} soft-caps its attention logits, which decode scoring (SDPA beside a score row) "
+            "does not support; use model.generate for tokens and an eager capture for patterns"
+        )
+    if not uses_attention_interface(model):
+        raise ConfigError(
+            f"{model.name}'s attention ({model.family}) does not dispatch through transformers' attention "
+            "interface, so decode scoring cannot see it; use model.generate for tokens and an eager capture"
+        )
+
+
 def greedy_decode(
     model: LoadedModel,
     prompt_ids: Sequence[int] | Prefill,
@@ -239,6 +259,7 @@ def greedy_decode(
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; give at least 1")
+    check_decodable(model)
     whole = not isinstance(prompt_ids, Prefill)  # ids: one prefill of the whole prompt, here
     if isinstance(prompt_ids, Prefill):
         ids = prompt_ids.prompt_ids

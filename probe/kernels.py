@@ -72,6 +72,39 @@ def _find_attention_modules(model: NativeModel) -> list[torch.nn.Module]:
     return found
 
 
+def soft_caps_logits(model: NativeModel) -> bool:
+    """Whether the native model soft-caps its attention logits (Gemma 2), which SDPA cannot do."""
+    return any(getattr(c, "attn_logit_softcapping", None) is not None for c in _configs(_native(model)))
+
+
+def fast_implementation(model: NativeModel) -> str:
+    """The fastest built-in attention implementation that computes this model's attention right.
+
+    ``sdpa``, unless the model soft-caps its logits (transformers' SDPA path refuses a soft cap) or
+    its class does not support SDPA (BLOOM and MPT build an ALiBi mask that only eager reads).
+    """
+    native = _native(model)
+    if soft_caps_logits(model) or not getattr(type(native), "_supports_sdpa", False):
+        return "eager"
+    return "sdpa"
+
+
+def uses_attention_interface(model: NativeModel) -> bool:
+    """Whether every attention module dispatches through transformers' attention interface, the
+    only way a registered implementation (decode scoring, recompute) is reached. BLOOM's and MPT's
+    ALiBi attention computes its scores inline."""
+    import inspect
+
+    for module in attention_modules(model):
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            return False
+        if "ALL_ATTENTION_FUNCTIONS" not in source:
+            return False
+    return True
+
+
 _REGISTERED: set[str] = set()
 
 

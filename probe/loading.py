@@ -124,6 +124,9 @@ def _wrap_language(
 ) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
+    problem = unsupported_language(hf_model.config)
+    if problem is not None:
+        raise ConfigError(problem)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
@@ -144,7 +147,7 @@ def _wrap_language(
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     d_head = int(getattr(cfg, "head_dim", None) or d_model // n_heads)
     n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
-    n_ctx = int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
+    n_ctx = _context_length(cfg, tokenizer)
     layer_types = list(cfg.layer_types) if getattr(cfg, "layer_types", None) else None
     sliding = getattr(cfg, "sliding_window", None)
     loaded = LoadedModel(
@@ -176,6 +179,37 @@ def _wrap_language(
     )
     prepare_bridge_generation(loaded)
     return loaded
+
+
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+ALIBI_DEFAULT_CONTEXT = 2048
+
+
+def _context_length(cfg: Any, tokenizer: Any) -> int:
+    """The longest sequence the config allows; BLOOM's config (ALiBi, no position table) names none.
+
+    Then the tokenizer's ``model_max_length`` is used when it is a real number, else
+    :data:`ALIBI_DEFAULT_CONTEXT` (BLOOM's training length).
+    """
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return ALIBI_DEFAULT_CONTEXT
+
+
+def unsupported_language(hf_config: Any) -> str | None:
+    """Why probe cannot wrap a language model of this config (one line with what to do), or None."""
+    cfg = text_config(hf_config)
+    if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "new_decoder_architecture", False):
+        return (
+            "Falcon's new decoder architecture (fused qkv grouped by KV head) is split wrongly by the "
+            "TransformerBridge; use a multi-query (Falcon-7B-style) checkpoint or another family"
+        )
+    return None
 
 
 def _looks_like_path(name: str) -> bool:

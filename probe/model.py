@@ -16,7 +16,7 @@ import torch
 
 from probe.errors import ConfigError, ContextTooLongError
 from probe.images import ImageInput, ImageSpec
-from probe.kernels import native_attention
+from probe.kernels import fast_implementation, native_attention
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -151,7 +151,8 @@ class LoadedModel:
         do_sample: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy continuation (by default) of ``prompts`` by the native model with its SDPA kernel.
+        """Greedy continuation (by default) of ``prompts`` by the native model with its SDPA kernel
+        (eager where SDPA cannot compute the model's attention: soft-capped logits, ALiBi masks).
 
         ``prompts`` are texts (encoded under the model's BOS policy and left-padded) or a
         :class:`Batch`. Returns the token ids ``[batch, prompt + new]`` exactly as transformers'
@@ -172,7 +173,7 @@ class LoadedModel:
         self.check_context(int(batch.input_ids.shape[1]) + max_new_tokens)
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with native_attention(self, "sdpa") as native:
+        with native_attention(self, fast_implementation(self)) as native:
             generator: Any = native
             out = generator.generate(
                 input_ids=batch.input_ids,
