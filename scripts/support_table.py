@@ -1,0 +1,69 @@
+"""Write docs/support.md: every architecture family of probe.families against every support check.
+
+Usage: python scripts/support_table.py [--out docs/support.md]
+
+Each family's tiny checkpoint is written into a temporary directory and checked with
+probe.support.run_checks, the functions tests/test_architectures.py runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from probe.families import FAMILIES
+from probe.support import CHECKS, CheckResult, family_results
+
+ROOT = Path(__file__).resolve().parent.parent
+INTRO = """# Architecture support
+
+Which transformers architecture families probe handles, checked on tiny random-weight checkpoints
+(`probe/families.py`: 2-3 layers, width 64, 4 heads, grouped-query attention where the family has
+it, the byte tokenizer) written as ordinary checkpoint directories and loaded with
+`probe.load_model(directory)`. Each cell is what the check returns now:
+
+- ✓: probe's result equals transformers' own on the same checkpoint;
+- refused (why): probe raises a one-line `ConfigError` saying why and what to use instead (the
+  refusal is the tested behaviour);
+- ✗ (what): a wrong result or another error.
+
+| check | what it asserts |
+| --- | --- |
+{checks}
+
+This page is generated: `python scripts/support_table.py` re-makes it, and
+`tests/test_architectures.py` runs the same checks (`probe/support.py`) and fails when a row here
+disagrees with them. A family passing here is checked on tiny random weights, float32, CPU;
+real checkpoints of the family use the same code paths. Models and sources are described in
+[models.md](models.md), captures and decoding in [capture.md](capture.md).
+
+"""
+
+
+def render(results: dict[str, dict[str, CheckResult]]) -> str:
+    checks = "\n".join(f"| `{name}` | {what} |" for name, what in CHECKS.items())
+    lines = [INTRO.format(checks=checks).rstrip("\n"), ""]
+    lines.append("| family | what it exercises | " + " | ".join(f"`{c}`" for c in CHECKS) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in CHECKS) + " |")
+    for family, row in results.items():
+        cells = " | ".join(row[c].cell().replace("|", "/") for c in CHECKS)
+        lines.append(f"| `{family}` | {FAMILIES[family].what} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "support.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        results = {}
+        for family in FAMILIES:
+            results[family] = family_results(family, root)
+            print(family, " ".join(f"{c}={r.status}" for c, r in results[family].items()), flush=True)
+    args.out.write_text(render(results))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
