@@ -16,6 +16,7 @@ ensure_offline_default()  # before anything imports transformers
 from probe import loading, vision, vlm  # noqa: E402, F401
 from probe.errors import HeadlabError  # noqa: E402
 from probe.loading import Batch, BosPolicy, LoadedModel, load_model  # noqa: E402
+from probe.wrap import wrap  # noqa: E402
 from probe.zoo import CATALOGUE, DEFAULT_MODEL, fetch  # noqa: E402
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "LoadedModel",
     "fetch",
     "load_model",
+    "wrap",
 ]
