@@ -59,7 +59,7 @@ class LoadedModel:
     name: str
     kind: Literal["language", "vision", "vision-language"]
     family: str
-    source: str  # embedded | tiny | local | gguf | hub
+    source: str  # embedded | tiny | local | gguf | hub | memory (probe.wrap)
     n_layers: int
     n_heads: int
     n_kv_heads: int
