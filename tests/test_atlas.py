@@ -25,6 +25,7 @@ from analyses.atlas import (
     role_depth,
     run_atlas,
     run_missing,
+    summary,
 )
 from analyses.atlas.export import export_atlas, read_json_export
 from analyses.registry import ANALYSES
@@ -253,7 +254,10 @@ def test_runs_of_other_weights_or_bos_are_refused_naming_which(store: Path) -> N
     result = build_atlas("m", AtlasConfig(root=str(store)), reference=model_info())
     skipped = result.tables["skipped"]
     assert list(skipped["run_id"]) == [odd.name] and "weights sha256" in skipped["reason"].iloc[0]
-    assert "skipped" in __import__("analyses.atlas", fromlist=["summary"]).summary(result)
+    text = summary(result)
+    assert "skipped" in text
+    # a tested role says how many of its heads passed the held-out check; an untested one does not
+    assert "retrieval 1 (1 held-out)" in text and "induction 1," in text
     # a named run of other weights or of another BOS policy is refused
     with pytest.raises(ConfigError, match=f"{odd.name} \\(sinks\\) cannot join"):
         build_atlas("m", AtlasConfig(root=str(store), runs=(odd.name,)), reference=model_info())
@@ -297,6 +301,13 @@ def test_a_run_with_its_validation_off_counts_as_not_tested(tmp_path: Path) -> N
     result = build_atlas("m", AtlasConfig(root=str(tmp_path)))
     assert result.tables["roles"].set_index("role").loc["retrieval", "n_validated"] == -1
     assert "validated.retrieval" not in result.tables["heads"].columns
+    # a test that had no usable held-out input measured nothing: not tested either
+    empty = retrieval_heads().assign(
+        retrieval_role="retrieval", retrieval_effect=np.nan, retrieval_validated=False
+    )
+    write(tmp_path, "retrieval", empty)
+    again = build_atlas("m", AtlasConfig(root=str(tmp_path)))
+    assert again.tables["roles"].set_index("role").loc["retrieval", "n_validated"] == -1
 
 
 def test_a_run_without_a_roles_column_is_listed_not_guessed(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ by side by relative depth.
 
 from __future__ import annotations
 
-from analyses.atlas.build import atlas_analyses, config_hash, join, role_of, select_runs
+from analyses.atlas.build import atlas_analyses, config_hash, join, select_runs
 from analyses.atlas.config import AtlasConfig
 from analyses.atlas.findings import (
     correlations,
@@ -58,7 +58,6 @@ __all__ = [
     "overlap",
     "role_depth",
     "role_names",
-    "role_of",
     "role_totals",
     "run_atlas",
     "run_missing",

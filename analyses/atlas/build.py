@@ -316,13 +316,19 @@ def join(
 
 
 def _tested(heads: pd.DataFrame, role: Role) -> bool:
-    """Whether the run tested its roles on held-out inputs: the evidence column is there and some
-    head holds a tested role (``<prefix>_role`` non-empty); a run with its validation off has the
-    columns but no role in them."""
+    """Whether the run tested its roles on held-out inputs: the evidence column is there, some head
+    holds a tested role (``<prefix>_role`` non-empty; a run with its validation off has the columns
+    but no role in them) and the test measured an effect (``<prefix>_effect`` finite somewhere)."""
     if role.evidence is None or role.evidence not in heads.columns:
         return False
-    labels = f"{role.evidence.removesuffix('_validated')}_role"
-    return labels not in heads.columns or bool(heads[labels].fillna("").astype(str).str.len().gt(0).any())
+    prefix = role.evidence.removesuffix("_validated")
+    labels, effect = f"{prefix}_role", f"{prefix}_effect"
+    if labels in heads.columns and not heads[labels].fillna("").astype(str).str.len().gt(0).any():
+        return False
+    # a test with no usable input (e.g. no held-out needle recalled unmasked) has no effect: untested
+    return effect not in heads.columns or bool(
+        np.isfinite(pd.to_numeric(heads[effect], errors="coerce")).any()
+    )
 
 
 def _bool(v: Any) -> bool:
@@ -334,16 +340,6 @@ def _bool(v: Any) -> bool:
         return False
 
 
-def role_of(name: str) -> Role:
-    """The declared role ``name`` (KeyError with the known ones if none)."""
-    for entry in registry.ANALYSES.values():
-        for role in entry.roles:
-            if role.name == name:
-                return role
-    known = ", ".join(r.name for e in registry.ANALYSES.values() for r in e.roles)
-    raise KeyError(f"no role {name!r}; the roles are: {known}")
-
-
 __all__ = [
     "KEYS",
     "Source",
@@ -352,6 +348,5 @@ __all__ = [
     "config_hash",
     "join",
     "metric_columns",
-    "role_of",
     "select_runs",
 ]

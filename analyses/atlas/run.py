@@ -13,6 +13,7 @@ from analyses.atlas import findings
 from analyses.atlas.build import join, select_runs
 from analyses.atlas.config import AtlasConfig
 from analyses.base import AnalysisResult
+from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
 ATLAS = "atlas"
@@ -36,8 +37,6 @@ def build_atlas(
     t0 = time.perf_counter()
     ref, sources, skipped = select_runs(model_name, kind, root, refs=cfg.runs, reference=reference)
     if not sources:
-        from probe.errors import ConfigError
-
         why = "; ".join(f"{r.run_id}: {r.reason}" for r in skipped.itertuples()) or "none found"
         raise ConfigError(
             f"no run of {model_name} matches the reference weights and BOS policy ({why}); rerun the analyses "
@@ -83,8 +82,13 @@ def summary(result: AnalysisResult) -> str:
         lines.append(f"  {r.analysis:<16} {r.run_id} (config {r.config_hash})")
     for r in t["skipped"].itertuples(index=False):
         lines.append(f"  skipped {r.run_id} ({r.analysis}): {r.reason}")
-    roles = ", ".join(f"{r.role} {r.n_heads}" for r in t["roles"].itertuples(index=False))
-    lines.append(f"  heads per role: {roles or '(no roles)'}")
+    roles = ", ".join(
+        f"{r.role} {r.n_heads}" + (f" ({r.n_validated} held-out)" if r.n_validated >= 0 and r.n_heads else "")
+        for r in t["roles"].itertuples(index=False)
+    )
+    lines.append(
+        f"  heads per role (passing the analysis's held-out check, where it ran one): {roles or '(no roles)'}"
+    )
     lines.append(f"  heads with two roles or more: {int((heads['n_roles'] >= 2).sum())}")
     over = t["overlap"].dropna(subset=["jaccard"])
     over = over[over["both"] > 0].sort_values("jaccard", ascending=False).head(3)
@@ -105,8 +109,6 @@ def summary(result: AnalysisResult) -> str:
 def compare(atlases: Sequence[Any], depth_bins: int = 5) -> dict[str, pd.DataFrame]:
     """Several atlases (results or runs) side by side: heads per role, shares per relative-depth bin,
     metric distributions. Keys are the models' names (a second atlas of one model is refused)."""
-    from probe.errors import ConfigError
-
     by_model: dict[str, pd.DataFrame] = {}
     for atlas in atlases:
         if atlas.model_name in by_model:
@@ -121,8 +123,6 @@ def compare(atlases: Sequence[Any], depth_bins: int = 5) -> dict[str, pd.DataFra
 
 def latest_atlas(model_name: str, root: Any = None) -> runstore.Run:
     """The newest intact atlas run of ``model_name``."""
-    from probe.errors import ConfigError
-
     for s in runstore.list_runs(root, analysis=ATLAS, model=model_name):
         if s.ok and s.model == model_name:
             return runstore.open_run(s.path)
