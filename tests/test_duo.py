@@ -310,20 +310,6 @@ def test_shipped_gates_are_found_by_model_name_or_refused_with_the_command(
     assert not list(tmp_path.glob(".*"))  # written whole, no temporary left
 
 
-def test_the_real_shipped_gates_fit_their_models() -> None:
-    from analyses.duo import gates as gates_module
-
-    files = sorted(gates_module.DATA_DIR.glob("*.gates.json"))
-    for path in files:
-        payload = json.loads(path.read_text())
-        assert path.stat().st_size < 1_000_000
-        assert path.name == f"{payload['model']}.gates.json"
-        g = np.asarray(payload["gates"])
-        assert list(g.shape) == payload["shape"] and g.min() >= 0 and g.max() <= 1
-        assert payload["trained"]["command"].startswith("headlab train duo-gates --model ")
-        assert len(payload["loss"]["distill"]) == payload["trained"]["steps"]
-
-
 def test_train_duo_gates_writes_a_file_run_duo_can_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
