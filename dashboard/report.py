@@ -22,12 +22,10 @@ PosixPath('reports/20250101-120000-census-smollm2-135m-3fa2.html')
 
 from __future__ import annotations
 
-import contextlib
 import html
 import importlib.metadata
 import importlib.resources
 import os
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from analyses.runstore import Run
 from dashboard.core.section import ReportSection, fmt, table_html
 from dashboard.registry import sections_for
 from probe.errors import HeadlabError, RunStoreError
+from probe.tempdirs import write_text_atomic
 
 DEFAULT_DIR = Path("reports")
 
@@ -211,21 +210,10 @@ def write_report(run_path: Path, out: Path | None = None) -> Path:
     name = run.path.name if runstore.RUN_ID_RE.fullmatch(run.path.name) else run.run_id
     target = _target(out, name)
     text = render_report(run)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ReportWriteError(
-                f"cannot write the report to {target}: {_why_unwritable(target, err)}; choose another "
-                "output (--out: a file, or a directory to put it in) where you may write"
-            ) from err
-        raise
-    return target
+        return write_text_atomic(target, text)
+    except OSError as err:
+        raise ReportWriteError(
+            f"cannot write the report to {target}: {_why_unwritable(target, err)}; choose another "
+            "output (--out: a file, or a directory to put it in) where you may write"
+        ) from err

@@ -213,3 +213,23 @@ def check_writable(directory: Path) -> None:
     fd, path = tempfile.mkstemp(prefix=".headlab-write-check-", dir=directory)
     os.close(fd)
     os.unlink(path)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: a hidden temporary file next to it, flushed to
+    disk, then renamed into place; on any error the temporary is removed and an earlier ``path`` is
+    kept. Errors propagate (the caller says what to do)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from probe.errors import ConfigError
+from probe.tempdirs import write_text_atomic
 
 JSON_TABLES = ("heads", "roles", "columns", "sources", "skipped")
 
@@ -31,17 +30,6 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_atlas(atlas: Any, out_dir: str | Path) -> list[Path]:
     """Write ``atlas-<model>.csv`` (the heads table) and ``atlas-<model>.json`` (heads, roles, column
     provenance, sources, skipped runs) under ``out_dir``; each file appears whole or not at all."""
@@ -55,13 +43,13 @@ def export_atlas(atlas: Any, out_dir: str | Path) -> list[Path]:
     stem = f"atlas-{atlas.model_name}".replace("/", "_")
     csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
     heads = atlas.table("heads")
-    _atomic_write(csv_path, heads.to_csv(index=False))
+    write_text_atomic(csv_path, heads.to_csv(index=False))
     record = {
         "model": atlas.model_name,
         "run_id": getattr(atlas, "run_id", None),
         **{name: _records(atlas.table(name)) for name in JSON_TABLES},
     }
-    _atomic_write(json_path, json.dumps(record, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(json_path, json.dumps(record, indent=1, allow_nan=False) + "\n")
     return [csv_path, json_path]
 
 

@@ -16,6 +16,7 @@ from analyses.manifest import to_jsonable
 from probe import duo_cache
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
+from probe.tempdirs import write_text_atomic
 
 GATES_FORMAT = "headlab-duo-gates"
 GATES_VERSION = 1
@@ -148,12 +149,7 @@ def save_gates(
         "config": to_jsonable(config),
         **(dict(extra) if extra else {}),
     }
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(out)  # whole or not at all
-    return out
+    return write_text_atomic(Path(path), json.dumps(payload, indent=1) + "\n")
 
 
 def load_gates(path: str | Path, model: LoadedModel) -> tuple[np.ndarray, dict[str, Any]]:
