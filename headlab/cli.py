@@ -383,7 +383,14 @@ def train_scene_llava_cmd(
 def train_duo_gates_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="auto (bfloat16 on CUDA, where float32 attention with gradients at 8K+ tokens runs out "
+            "of memory; float32 on CPU), float32, bfloat16 or float16",
+        ),
+    ] = "auto",
     overrides: SetOpt = None,
     out: Annotated[
         str | None,
@@ -401,9 +408,12 @@ def train_duo_gates_cmd(
     from analyses.base import config_from_overrides
     from analyses.duo import DuoConfig, save_gates, shipped_path, train_gates
     from probe import load_model
+    from probe.loading import resolve_device
 
     cfg = config_from_overrides(DuoConfig, overrides)
     target = Path(out) if out else None
+    if dtype == "auto":
+        dtype = "bfloat16" if resolve_device(device).type == "cuda" else "float32"
     m = load_model(model, device=device, dtype=dtype)
     if cfg.train_max_length > m.n_ctx:
         raise typer.BadParameter(
@@ -424,8 +434,7 @@ def train_duo_gates_cmd(
             "lengths": list(cfg.train_lengths),
             "seconds": seconds,
             "seconds_by_stage": trained.seconds,
-            "command": "headlab train duo-gates --model "
-            + m.name
+            "command": f"headlab train duo-gates --model {m.name} --device {m.device.type} --dtype {dtype}"
             + "".join(f" --set {o}" for o in overrides or []),
         },
         "loss": {

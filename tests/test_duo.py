@@ -326,7 +326,75 @@ def test_train_duo_gates_writes_a_file_run_duo_can_load(
     assert "trained 3 steps at lengths [400, 480]" in text and f"gates written: {out}" in text
     payload = json.loads(out.read_text())
     assert payload["trained"]["steps"] == 3 and len(payload["loss"]["distill"]) == 3
-    assert payload["trained"]["command"].startswith("headlab train duo-gates --model tiny-llama --set sink=4")
+    assert payload["trained"]["command"].startswith(
+        "headlab train duo-gates --model tiny-llama --device cpu --dtype float32 --set sink=4"
+    )
+    assert payload["trained"]["dtype"] == "float32"  # --dtype auto: float32 on the CPU
+
+
+def test_auto_loads_shipped_gates_with_their_loss_curve_else_trains(
+    tiny_llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from analyses.duo import gates as gates_module
+
+    monkeypatch.setattr(gates_module, "DATA_DIR", tmp_path)
+    cfg = replace(
+        tiny_config(), gates_from="auto", retrieval_score=False, random_seeds=1, measure_cache=False
+    )
+    trained = run_duo(tiny_llama, cfg)  # nothing shipped for tiny-llama: it trains
+    assert trained.notes["gates_from"] is None and len(trained.tables["loss"]) == cfg.steps
+    record = {
+        "trained": {"steps": 4, "lengths": [400], "seconds": 2.0, "device": "cuda", "dtype": "bfloat16"},
+        "loss": {
+            "step": [0, 1, 2, 3],
+            "length": [400] * 4,
+            "distill": [0.0, 0.5, 0.25, 0.125],
+            "reg": [0.05] * 4,
+        },
+    }
+    gates = np.array([[1.0, 0.25], [0.5, 0.0], [0.125, 0.75]])
+    other = replace(tiny_config(), sink=2, recent=8)  # trained with another window
+    save_gates(gates_module.shipped_path("tiny-llama"), gates, tiny_llama, other, extra=record)
+    loaded = run_duo(tiny_llama, cfg)
+    assert loaded.notes["gates_from"] == str(gates_module.shipped_path("tiny-llama"))
+    np.testing.assert_allclose(loaded.arrays["gates"], gates.astype(np.float32))
+    loss = loaded.tables["loss"]
+    assert list(loss["step"]) == [0, 1, 2, 3]
+    np.testing.assert_allclose(loss["loss"], [0.05, 0.55, 0.3, 0.175])
+    assert loss["gate_mean"].isna().all()  # not in the record: not made up
+    text = summary(loaded)
+    assert "trained 4 steps on lengths [400], 2 s on cuda" in text
+    assert "trained with sink=2, recent=8; this run's streaming heads use sink=4, recent=16" in text
+
+
+@pytest.mark.parametrize(("name", "shape"), [("smollm2-135m", [30, 3]), ("gemma3-270m", [18, 1])])
+def test_the_shipped_gates_belong_to_the_catalogue_models(name: str, shape: list[int]) -> None:
+    """Each shipped gates file names its catalogue model, that model's weights and shape, and the
+    command and settings that trained it (checked without loading the model)."""
+    from analyses.duo import gates as gates_module
+    from probe import zoo
+
+    path = gates_module.shipped_path(name)
+    payload = json.loads(path.read_text())
+    assert path.stat().st_size < 1_000_000
+    spec = zoo.CATALOGUE[name]
+    assert payload["model"] == name and payload["weight_sha256"] == spec.weight_sha256
+    g = np.asarray(payload["gates"])
+    assert list(g.shape) == payload["shape"] == shape  # [n_layers, n_kv_heads] of the model
+    assert ((g >= 0) & (g <= 1)).all() and g.std() > 0  # trained: not all at their initial 1
+    trained = payload["trained"]
+    assert trained["command"].startswith(
+        f"headlab train duo-gates --model {name} --device cuda --dtype bfloat16"
+    )
+    assert f"--set steps={trained['steps']}" in trained["command"]
+    assert len(payload["loss"]["distill"]) == trained["steps"] == len(payload["loss"]["reg"])
+    c = payload["config"]
+    settings = DuoConfig(
+        train_min_length=c["train_min_length"],
+        train_max_length=c["train_max_length"],
+        train_n_lengths=c["train_n_lengths"],
+    )
+    assert trained["lengths"] == list(settings.train_lengths)
 
 
 # ------------------------------------------------------------------------------ end to end

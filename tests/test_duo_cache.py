@@ -150,11 +150,11 @@ def test_the_cache_keeps_the_models_own_keys_at_their_absolute_positions(tiny_ll
             assert group.key is not None and group.value is not None
             heads = group.heads
             if group.recent is None:
-                assert torch.allclose(group.key, keys[:, heads], atol=1e-6)
-                assert torch.allclose(group.value, values[:, heads], atol=1e-6)
+                assert torch.allclose(group.key, keys[:, heads], atol=1e-5)
+                assert torch.allclose(group.value, values[:, heads], atol=1e-5)
             else:
-                assert torch.allclose(group.key[:, :, slots], keys[:, heads][:, :, positions], atol=1e-6)
-                assert torch.allclose(group.value[:, :, slots], values[:, heads][:, :, positions], atol=1e-6)
+                assert torch.allclose(group.key[:, :, slots], keys[:, heads][:, :, positions], atol=1e-5)
+                assert torch.allclose(group.value[:, :, slots], values[:, heads][:, :, positions], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ memory

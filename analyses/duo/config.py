@@ -20,7 +20,9 @@ class DuoConfig:
     ``steps`` contexts of ``n_passkeys`` needles at depths evenly spaced over ``[depth_min,
     depth_max]``, of lengths drawn from ``train_n_lengths`` evenly spaced lengths in
     ``[train_min_length, train_max_length]`` tokens; AdamW at ``lr`` on distillation + ``lam`` ·
-    mean|gate|. ``gates_from``: a gates file (:func:`analyses.duo.save_gates`) used instead of training.
+    mean|gate|. ``gates_from``: a gates file (:func:`analyses.duo.save_gates`) used instead of training,
+    ``"shipped"`` for the gates headlab ships for the model (``data/duo/``), or ``"auto"``: the shipped
+    gates where the model has them, else training with these settings (the run's notes say which).
     Evaluation: the needle grid ``lengths`` × ``depths`` × ``n_needles`` of the retrieval analysis
     (``protocol``, ``rouge_gate``, ``max_new_tokens`` as there), with the top ``shares`` of KV heads as
     retrieval heads chosen by Duo's gates, by the retrieval score (``retrieval_score``: computed on

@@ -22,12 +22,19 @@ GATES_FORMAT = "headlab-duo-gates"
 GATES_VERSION = 1
 SHIPPED = "shipped"
 """``gates_from="shipped"``: the gates headlab ships for the model (:func:`shipped_path`)."""
+AUTO = "auto"
+"""``gates_from="auto"``: the shipped gates where the model has them, else train (the run says which)."""
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "duo"
 
 
 def shipped_path(model_name: str) -> Path:
     """Where the shipped gates of ``model_name`` live: ``data/duo/<model>.gates.json``."""
     return DATA_DIR / f"{model_name}.gates.json"
+
+
+def has_shipped(model_name: str) -> bool:
+    """Whether headlab ships trained gates for ``model_name``."""
+    return shipped_path(model_name).is_file()
 
 
 def resolve_gates_file(gates_from: str | Path, model_name: str) -> Path:
@@ -150,6 +157,19 @@ def save_gates(
         **(dict(extra) if extra else {}),
     }
     return write_text_atomic(Path(path), json.dumps(payload, indent=1) + "\n")
+
+
+def loss_from_record(record: Mapping[str, Any]) -> pd.DataFrame:
+    """The per-step loss table of a gates file written by ``headlab train duo-gates`` (its ``loss``
+    record: step, length, distill, reg); empty for a file without one. ``gate_mean`` was not recorded."""
+    columns = ["step", "length", "distill", "reg", "loss", "gate_mean"]
+    rec = record.get("loss")
+    if not isinstance(rec, Mapping) or not rec.get("step"):
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame({k: rec[k] for k in ("step", "length", "distill", "reg")})
+    frame["loss"] = frame["distill"] + frame["reg"]
+    frame["gate_mean"] = np.nan
+    return frame[columns]
 
 
 def load_gates(path: str | Path, model: LoadedModel) -> tuple[np.ndarray, dict[str, Any]]:

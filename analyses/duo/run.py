@@ -24,7 +24,19 @@ from analyses.duo.evaluate import (
     score_heads,
     selections,
 )
-from analyses.duo.gates import agreement_table, kv_ratio, load_gates, n_retrieval, ranking, top_mask
+from analyses.duo.gates import (
+    AUTO,
+    SHIPPED,
+    agreement_table,
+    has_shipped,
+    kv_ratio,
+    load_gates,
+    loss_from_record,
+    n_retrieval,
+    ranking,
+    resolve_gates_file,
+    top_mask,
+)
 from analyses.duo.train import Trained, train_gates
 from analyses.retrieval.decoding import check_room
 from analyses.tasks import needles
@@ -149,11 +161,24 @@ def _gates(
     model: LoadedModel, cfg: DuoConfig
 ) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any], dict[str, float]]:
     """Trained or loaded gates, the loss table, notes on where they came from, timings."""
-    if cfg.gates_from is not None:
-        gates, record = load_gates(cfg.gates_from, model)
-        empty = pd.DataFrame(columns=["step", "length", "distill", "reg", "loss", "gate_mean"])
-        note = {"gates_from": str(cfg.gates_from), "gates_trained_with": record.get("config")}
-        return gates, empty, note, {"train": 0.0}
+    source = cfg.gates_from
+    if source == AUTO:
+        source = SHIPPED if has_shipped(model.name) else None
+    if source is not None:
+        gates, record = load_gates(source, model)
+        trained_with = record.get("config") or {}
+        note: dict[str, Any] = {
+            "gates_from": str(resolve_gates_file(source, model.name)),
+            "gates_trained_with": trained_with,
+            "gates_training": record.get("trained"),
+        }
+        window = (trained_with.get("sink"), trained_with.get("recent"))
+        if window != (None, None) and window != (cfg.sink, cfg.recent):
+            note["window_differs"] = (
+                f"the gates were trained with sink={window[0]}, recent={window[1]}; this run's streaming "
+                f"heads use sink={cfg.sink}, recent={cfg.recent}"
+            )
+        return gates, loss_from_record(record), note, {"train": 0.0}
     t0 = time.perf_counter()
     trained: Trained = train_gates(model, cfg)
     timings = {f"train_{k}": v for k, v in trained.seconds.items()}

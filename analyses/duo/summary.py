@@ -43,7 +43,15 @@ def summary(result: AnalysisResult) -> str:
     gates = result.tables["gates"]
     loss = result.tables["loss"]
     if notes.get("gates_from"):
-        trained = f"gates loaded from {notes['gates_from']}"
+        training = notes.get("gates_training") or {}
+        trained = f"gates loaded from {notes['gates_from']}" + (
+            f" (trained {training['steps']} steps on lengths {training.get('lengths')}, "
+            f"{training.get('seconds', 0):.0f} s on {training.get('device')})"
+            if training.get("steps")
+            else ""
+        )
+        if notes.get("window_differs"):
+            trained += f"; note: {notes['window_differs']}"
     else:
         last = loss.tail(max(1, len(loss) // 10))
         trained = (
