@@ -23,7 +23,13 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import attention_modules, native_attention, register_attention
+from probe.kernels import (
+    attention_modules,
+    native_attention,
+    register_attention,
+    soft_caps_logits,
+    uses_attention_interface,
+)
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
 from probe.moments import MomentStack, attention_moments, pattern_moments
@@ -55,6 +61,22 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 @torch.no_grad()
+def check_recomputable(model: LoadedModel) -> None:
+    """Refuse, before any forward, a model whose attention a recompute capture cannot rebuild."""
+    if model.native_model is None:
+        return  # no native module: _run_recompute names what is missing
+    if soft_caps_logits(model):
+        raise ConfigError(
+            f"{model.name} soft-caps its attention logits, which recompute mode (SDPA plus rows rebuilt from "
+            "q and k) does not reproduce; use mode='eager'"
+        )
+    if not uses_attention_interface(model):
+        raise ConfigError(
+            f"{model.name}'s attention ({model.family}) does not dispatch through transformers' attention "
+            "interface, so recompute mode cannot see it; use mode='eager'"
+        )
+
+
 def capture(
     model: LoadedModel,
     rows: Sequence[Sequence[int]],
@@ -79,6 +101,8 @@ def capture(
         raise ConfigError("batch_size and query_block must be >= 1")
     if not rows:
         raise ConfigError("no sequences to capture; give at least one")
+    if mode == "recompute":
+        check_recomputable(model)
     longest = max(len(r) for r in rows) + int(model.bos.prepend)
     model.check_context(longest)
     batch_size = min(batch_size, len(rows))
