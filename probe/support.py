@@ -36,6 +36,20 @@ CHECKS: dict[str, str] = {
         "an eager capture fires the pattern hook of every layer, and its patterns equal transformers' "
         f"eager output_attentions=True weights to {ATOL:g}"
     ),
+    "recompute": (
+        "a recompute capture (SDPA kept, rows rebuilt from q/k in query blocks of 4) gives the eager "
+        f"capture's statistics (entropy, mean distance, column importance) to {ATOL:g}, on a left-padded batch"
+    ),
+    "padding": (
+        "a prompt alone and the same prompt left-padded in a batch give the same statistics and logits "
+        f"to {ATOL:g}"
+    ),
+    "interventions": (
+        "every intervention (edit_pattern, scale_heads, uniform_attention, freeze_heads, "
+        "patch_activation, native_attention, duo_attention) leaves weights, hooks and logits "
+        "bit-identical after its block, also when the block raises; duo_attention with every gate at 1 "
+        f"gives the model's logits to {ATOL:g}"
+    ),
     "generate": f"model.generate (KV cache) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
     "generate-nocache": f"model.generate(use_cache=False) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
     "greedy-decode": f"probe.decode.greedy_decode gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
@@ -51,7 +65,7 @@ class CheckResult:
     def cell(self) -> str:
         """The result as a table cell of docs/support.md."""
         if self.status == "pass":
-            return "✓"
+            return f"✓ ({self.detail})" if self.detail else "✓"
         if self.status == "refused":
             return f"refused ({self.detail})"
         return f"✗ ({self.detail})"
@@ -120,6 +134,168 @@ def check_patterns(model: LoadedModel, ref: _Reference) -> CheckResult:
     return CheckResult("pass")
 
 
+def _stat_reducers() -> list[PatternReducer]:
+    from probe.reducers import ColumnImportance, MeanDistance, RowEntropy
+
+    return [RowEntropy(), MeanDistance(), ColumnImportance()]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference; infinite where NaN (no value) is not in the same places."""
+    if a.shape != b.shape or not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    real = ~torch.isnan(a)
+    return float((a[real] - b[real]).abs().max()) if bool(real.any()) else 0.0
+
+
+def _pair(model: LoadedModel) -> list[list[int]]:
+    """A longer prompt and the prompt itself: in one batch the second is left-padded."""
+    ids = _raw_ids(model)
+    return [ids + ids[:7], ids]
+
+
+def _stats(model: LoadedModel, rows: list[list[int]], mode: str, batch_size: int) -> list[torch.Tensor]:
+    from probe.capture import capture
+
+    reducers = _stat_reducers()
+    capture(
+        model,
+        rows,
+        reducers,
+        mode=mode,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        query_block=4,
+        progress=False,
+        plan_memory=False,
+    )
+    return [r.result() for r in reducers]
+
+
+@torch.no_grad()
+def check_recompute(model: LoadedModel, ref: _Reference) -> CheckResult:
+    rows = _pair(model)
+    eager, recompute = _stats(model, rows, "eager", 2), _stats(model, rows, "recompute", 2)
+    names = [r.name for r in _stat_reducers()]
+    worst = {n: _max_diff(a, b) for n, a, b in zip(names, eager, recompute, strict=True)}
+    bad = {n: d for n, d in worst.items() if d > ATOL}
+    if bad:
+        return CheckResult("fail", ", ".join(f"{n} differs by {d:.2g}" for n, d in bad.items()))
+    return CheckResult("pass")
+
+
+def _logits(model: LoadedModel, rows: list[list[int]]) -> torch.Tensor:
+    """probe's forward (the TransformerBridge) on a left-padded batch, positions following real tokens."""
+    assert model.bridge is not None
+    batch = model.batch_from_ids(rows)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model.bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+@torch.no_grad()
+def check_padding(model: LoadedModel, ref: _Reference) -> CheckResult:
+    rows = _pair(model)
+    alone, batched = _stats(model, rows[1:], "eager", 1), _stats(model, rows, "eager", 2)
+    problems = []
+    for reducer, a, b in zip(_stat_reducers(), alone, batched, strict=True):
+        one, two = a[0], b[1]
+        if two.dim() and two.shape != one.shape:  # [.., T_max] results: the real positions come first
+            two = two[..., : one.shape[-1]]
+        if (d := _max_diff(one, two)) > ATOL:
+            problems.append(f"{reducer.name} differs by {d:.2g}")
+    single, padded = _logits(model, rows[1:])[0], _logits(model, rows)[1]
+    n = single.shape[0]
+    if (d := _max_diff(single, padded[-n:])) > ATOL:
+        problems.append(f"logits differ by {d:.2g}")
+    return CheckResult("fail", "; ".join(problems)) if problems else CheckResult("pass")
+
+
+class _Planted(Exception):
+    """The error raised inside an intervention's block to check that leaving it restores the model."""
+
+
+def _state(
+    model: LoadedModel, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]:
+    native = model.native_model
+    assert native is not None and model.bridge is not None
+    modules = [*model.bridge.modules(), *native.modules()]
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+    params = {k: v.detach().clone() for k, v in native.state_dict().items()}
+    out = model.bridge(ids)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return logits, native(input_ids=ids).logits, params, n_hooks
+
+
+def _same(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
+    if not torch.equal(before[0], after[0]):
+        return "probe's logits changed"
+    if not torch.equal(before[1], after[1]):
+        return "the native model's logits changed"
+    if before[2].keys() != after[2].keys() or any(
+        not torch.equal(before[2][k], after[2][k]) for k in before[2]
+    ):
+        return "a weight changed"
+    if before[3] != after[3]:
+        return f"{after[3] - before[3]} hooks were left registered"
+    return ""
+
+
+@torch.no_grad()
+def check_interventions(model: LoadedModel, ref: _Reference) -> CheckResult:
+    from probe import interventions as iv
+    from probe.hooks import attn_hook
+    from probe.kernels import native_attention
+    from probe.streaming import duo_attention
+
+    ids = torch.tensor([prompt_ids(model)])  # [1, T], BOS policy applied
+    before = _state(model, ids)
+    z = iv.cache_z(model, ids, [0])
+    name = attn_hook(0, "pattern")
+    source = iv.cache_activations(model, ids, [name])[name]
+    makers: dict[str, Callable[[], Any]] = {
+        "edit_pattern": lambda: iv.edit_pattern(model, {(0, 0): lambda p: p * 0.5}),
+        "scale_heads": lambda: iv.scale_heads(model, {(0, 0): 0.0, (model.n_layers - 1, 1): 2.0}),
+        "uniform_attention": lambda: iv.uniform_attention(model, [(0, 0), (1, 1)]),
+        "freeze_heads": lambda: iv.freeze_heads(model, [(0, 1)], {0: z[0] * 0.5}),
+        "patch_activation": lambda: iv.patch_activation(model, name, source.flip(-1)),
+        "native_attention": lambda: native_attention(model, "eager"),
+        "duo_attention": lambda: duo_attention(
+            model, torch.zeros(model.n_layers, model.n_kv_heads), sink=1, recent=2, block=4
+        ),
+    }
+    bridge = model.bridge
+    assert bridge is not None
+    refused = []
+    for what, make in makers.items():
+        for raise_inside in (False, True):
+            try:
+                with make() as handle:
+                    if isinstance(handle, torch.nn.Module):  # the native model, re-wired
+                        handle(input_ids=ids)
+                    else:  # hooks on the bridge
+                        bridge(ids)
+                    if raise_inside:
+                        raise _Planted
+            except _Planted:
+                pass
+            except ConfigError:  # this intervention refuses this model: nothing ran
+                refused.append(what)
+            problem = _same(before, _state(model, ids))
+            if problem:
+                when = "after an error in its block" if raise_inside else "after its block"
+                return CheckResult("fail", f"{what}: {problem} {when}")
+    if "duo_attention" not in refused:  # with every gate at 1 it must be the model itself (its SDPA path)
+        with native_attention(model, "sdpa") as native:
+            want = native(input_ids=ids).logits.float()
+        with duo_attention(model, torch.ones(model.n_layers, model.n_kv_heads), sink=1, recent=2) as gated:
+            if (d := _max_diff(gated(input_ids=ids).logits.float(), want)) > ATOL:
+                return CheckResult(
+                    "fail", f"duo_attention with every gate at 1 changes the logits by {d:.2g}"
+                )
+    return CheckResult("pass", f"{', '.join(dict.fromkeys(refused))} refused" if refused else "")
+
+
 @torch.no_grad()
 def reference_tokens(model: LoadedModel, ref: _Reference) -> list[int]:
     ids = torch.tensor([prompt_ids(model)])
@@ -157,6 +333,9 @@ def check_greedy_decode(model: LoadedModel, ref: _Reference) -> CheckResult:
 
 _MODEL_CHECKS: dict[str, Callable[[LoadedModel, _Reference], CheckResult]] = {
     "patterns": check_patterns,
+    "recompute": check_recompute,
+    "padding": check_padding,
+    "interventions": check_interventions,
     "generate": lambda m, r: check_generate(m, r, use_cache=True),
     "generate-nocache": lambda m, r: check_generate(m, r, use_cache=False),
     "greedy-decode": check_greedy_decode,

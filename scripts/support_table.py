@@ -23,7 +23,9 @@ Which transformers architecture families probe handles, checked on tiny random-w
 it, the byte tokenizer) written as ordinary checkpoint directories and loaded with
 `probe.load_model(directory)`. Each cell is what the check returns now:
 
-- ✓: probe's result equals transformers' own on the same checkpoint;
+- ✓: probe's result equals transformers' own on the same checkpoint (or, for `recompute`,
+  `padding` and `interventions`, the equalities the check names hold; an intervention that refuses
+  the family is named in brackets);
 - refused (why): probe raises a one-line `ConfigError` saying why and what to use instead (the
   refusal is the tested behaviour);
 - ✗ (what): a wrong result or another error.
@@ -35,7 +37,14 @@ it, the byte tokenizer) written as ordinary checkpoint directories and loaded wi
 This page is generated: `python scripts/support_table.py` re-makes it, and
 `tests/test_architectures.py` runs the same checks (`probe/support.py`) and fails when a row here
 disagrees with them. A family passing here is checked on tiny random weights, float32, CPU;
-real checkpoints of the family use the same code paths. Models and sources are described in
+real checkpoints of the family use the same code paths.
+
+What the checks found and what was fixed: BLOOM's ALiBi bias is computed inside its attention
+layer, outside transformers' attention interface. `duo_attention` there gave logits off by 1.7 with
+every gate at 1 (the bias was lost) and raised an AttributeError on MPT; both now refuse BLOOM and
+MPT with a `ConfigError`, as do recompute captures (before any forward; before, a recompute capture
+failed only after the forward, finding no rows) and soft-capped models (Gemma 2) in recompute mode.
+Models and sources are described in
 [models.md](models.md), captures and decoding in [capture.md](capture.md).
 
 """

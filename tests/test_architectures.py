@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from probe.families import FAMILIES
 from probe.support import CHECKS, CheckResult, family_results
@@ -64,6 +65,22 @@ def test_refusals_are_config_errors(root: Path) -> None:
     assert bloom.n_ctx == 2048  # BLOOM's config names no context length (ALiBi)
     with pytest.raises(ConfigError, match="attention interface"):
         greedy_decode(bloom, [5, 6, 7], 2)
+    # ALiBi is computed inside BLOOM's layer: rebuilding or replacing its attention would drop it
+    from probe.capture import capture
+    from probe.reducers import RowEntropy
+    from probe.streaming import duo_attention
+
+    with pytest.raises(ConfigError, match="recompute mode cannot see it"):
+        capture(bloom, [[5, 6, 7]], [RowEntropy()], mode="recompute", progress=False)
+    gates = torch.ones(bloom.n_layers, bloom.n_kv_heads)
+    with (
+        pytest.raises(ConfigError, match="which duo_attention replaces"),
+        duo_attention(bloom, gates, sink=1, recent=2),
+    ):
+        pass
+    gemma2 = probe.load_model(str(save_checkpoint("gemma2", root / "refuse-gemma2")), device="cpu")
+    with pytest.raises(ConfigError, match="soft-caps its attention logits"):
+        capture(gemma2, [[5, 6, 7]], [RowEntropy()], mode="recompute", progress=False)
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
