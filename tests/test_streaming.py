@@ -278,7 +278,8 @@ def test_gates_at_one_reproduce_the_model(tiny_llama: LoadedModel, tiny_gemma3: 
         ones = torch.ones(model.n_layers, model.n_kv_heads)
         with torch.no_grad():
             assert torch.equal(duo_logits(model, ids, ones), own)  # the streaming branch skipped
-            assert torch.allclose(duo_logits(model, ids, ones), model.bridge(ids), atol=1e-5)  # type: ignore[misc]
+            # the bridge runs eager attention: equal up to the rounding of another kernel
+            assert torch.allclose(duo_logits(model, ids, ones), model.bridge(ids), atol=1e-4)  # type: ignore[misc]
         trained = ones.clone().requires_grad_(True)  # computed, and weighted by exactly 0
         assert torch.equal(duo_logits(model, ids, trained).detach(), own)
         close(own, reference_logits(model, ids, ["own"] * model.n_layers))
