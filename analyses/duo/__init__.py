@@ -83,9 +83,9 @@ ANALYSIS = register(
         ),
         page="dashboard.duo.page:DuoPage",
         report="dashboard.duo.report:report_sections",
-        # on two CPU cores (docs/analyses/duo.md has its time): the gates headlab ships for the model
-        # (trained on the GPU), else 5 training steps at 384-512 tokens; one share, two needle tests at
-        # 384 tokens, the retrieval score on two short tests
+        # small enough for two CPU cores: the gates headlab ships for the model (trained on the GPU),
+        # else 5 training steps at 384-512 tokens; one share, two needle tests at 384 tokens, the
+        # retrieval score on two short tests
         demo={
             "gates_from": "auto",
             "train_min_length": 384,
