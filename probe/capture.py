@@ -60,7 +60,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="seq", disable=not enabled, leave=False)
 
 
-@torch.no_grad()
 def check_recomputable(model: LoadedModel) -> None:
     """Refuse, before any forward, a model whose attention a recompute capture cannot rebuild."""
     if model.native_model is None:
@@ -77,6 +76,7 @@ def check_recomputable(model: LoadedModel) -> None:
         )
 
 
+@torch.no_grad()
 def capture(
     model: LoadedModel,
     rows: Sequence[Sequence[int]],
