@@ -23,13 +23,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import (
-    attention_modules,
-    native_attention,
-    register_attention,
-    soft_caps_logits,
-    uses_attention_interface,
-)
+from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
 from probe.moments import MomentStack, attention_moments, pattern_moments
@@ -62,18 +56,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 def check_recomputable(model: LoadedModel) -> None:
     """Refuse, before any forward, a model whose attention a recompute capture cannot rebuild."""
-    if model.native_model is None:
-        return  # no native module: _run_recompute names what is missing
-    if soft_caps_logits(model):
-        raise ConfigError(
-            f"{model.name} soft-caps its attention logits, which recompute mode (SDPA plus rows rebuilt from "
-            "q and k) does not reproduce; use mode='eager'"
-        )
-    if not uses_attention_interface(model):
-        raise ConfigError(
-            f"{model.name}'s attention ({model.family}) does not dispatch through transformers' attention "
-            "interface, so recompute mode cannot see it; use mode='eager'"
-        )
+    if model.native_model is not None:  # without one, _run_recompute names what is missing
+        check_replaceable(model, "recompute mode", "use mode='eager'")
 
 
 @torch.no_grad()

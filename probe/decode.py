@@ -23,13 +23,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.heads import by_layer
-from probe.kernels import (
-    attention_modules,
-    native_attention,
-    register_attention,
-    soft_caps_logits,
-    uses_attention_interface,
-)
+from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
 from probe.model import LoadedModel
 from probe.types import Head
 
@@ -226,16 +220,11 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
 @torch.inference_mode()
 def check_decodable(model: LoadedModel) -> None:
     """Refuse, before any step runs, a model whose decode steps the scoring function cannot see."""
-    if soft_caps_logits(model):
-        raise ConfigError(
-            f"{model.name} soft-caps its attention logits, which decode scoring (SDPA beside a score row) "
-            "does not support; use model.generate for tokens and an eager capture for patterns"
-        )
-    if not uses_attention_interface(model):
-        raise ConfigError(
-            f"{model.name}'s attention ({model.family}) does not dispatch through transformers' attention "
-            "interface, so decode scoring cannot see it; use model.generate for tokens and an eager capture"
-        )
+    check_replaceable(
+        model,
+        "decode scoring",
+        "use model.generate for tokens and an eager capture for patterns",
+    )
 
 
 def greedy_decode(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from probe.errors import CaptureError
+from probe.errors import CaptureError, ConfigError
 
 
 class NativeModel(Protocol):
@@ -103,6 +103,23 @@ def uses_attention_interface(model: NativeModel) -> bool:
         if "ALL_ATTENTION_FUNCTIONS" not in source:
             return False
     return True
+
+
+def check_replaceable(model: NativeModel, who: str, instead: str) -> None:
+    """Refuse, before any forward, a model whose attention ``who`` (a registered attention function
+    standing in for the model's own) cannot reproduce: soft-capped logits (Gemma 2), or layers that
+    compute their scores inline rather than through transformers' attention interface (BLOOM's and
+    MPT's ALiBi, whose bias would be lost). ``instead``: what to do, ending the one-line message."""
+    if soft_caps_logits(model):
+        raise ConfigError(
+            f"{model.name} soft-caps its attention logits, which {who} does not reproduce; {instead}"
+        )
+    if not uses_attention_interface(model):
+        family = getattr(model, "family", "")
+        raise ConfigError(
+            f"{family or model.name} computes attention inside its layers, not through transformers' "
+            f"attention interface, so {who} cannot stand in for it; {instead}"
+        )
 
 
 _REGISTERED: set[str] = set()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from probe.errors import ConfigError
 from probe.heads import check_int
-from probe.kernels import attention_modules, native_attention, register_attention, uses_attention_interface
+from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
 from probe.model import LoadedModel
 
 __all__ = ["DEFAULT_BLOCK", "DUO_IMPL", "duo_attention", "full_attention", "streaming_attention"]
@@ -329,14 +329,11 @@ def check_causal_model(model: LoadedModel, who: str) -> list[torch.nn.Module]:
     modules = attention_modules(model)
     if any(getattr(m, "is_causal", True) is False for m in modules):
         raise ConfigError(f"{model.name} has bidirectional attention layers; {who} needs causal ones")
-    configs = [model.native_model.config, getattr(model.native_model.config, "text_config", None)]
-    if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
-        raise ConfigError(f"{model.name} soft-caps its attention logits, which {who} does not support")
-    if not uses_attention_interface(model):  # e.g. ALiBi (BLOOM, MPT): the bias would be lost
-        raise ConfigError(
-            f"{model.name}'s attention ({model.family}) does not dispatch through transformers' attention "
-            f"interface (its position bias is computed inside the layer), which {who} replaces; use another family"
-        )
+    check_replaceable(
+        model,
+        who,
+        "use a model of a family whose duo_attention passes in docs/support.md",
+    )
     return modules
 
 
