@@ -57,6 +57,17 @@ def _base(**over: Any) -> dict[str, Any]:
     return {**_BASE, **over}
 
 
+def _falcon(**over: Any) -> dict[str, Any]:
+    """Falcon's config names (rotary positions: ALiBi off) with the common width, depth and heads."""
+    common = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+    }
+    return {**common, "alibi": False, **over}
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
@@ -174,31 +185,14 @@ FAMILIES: dict[str, Family] = {
             "falcon",
             "FalconConfig",
             "Falcon-7B style: multi-query attention (one KV head), fused qkv, parallel attention and MLP",
-            {
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "multi_query": True,
-                "new_decoder_architecture": False,
-                "parallel_attn": True,
-                "alibi": False,
-                "max_position_embeddings": 256,
-            },
+            _falcon(multi_query=True, new_decoder_architecture=False, parallel_attn=True),
             prepend_bos=False,
         ),
         Family(
             "falcon-new",
             "FalconConfig",
             "Falcon-40B style new decoder architecture: grouped fused qkv, GQA 4/2, two layer norms",
-            {
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_kv_heads": 2,
-                "new_decoder_architecture": True,
-                "alibi": False,
-                "max_position_embeddings": 256,
-            },
+            _falcon(num_kv_heads=2, new_decoder_architecture=True),
             prepend_bos=False,
         ),
         Family(

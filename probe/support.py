@@ -29,6 +29,7 @@ Status = Literal["pass", "refused", "fail"]
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 44 bytes: past every sliding window used
 NEW_TOKENS = 32
 ATOL = 1e-5
+KERNEL_ATOL = 1e-4  # two attention kernels (eager, SDPA) on the same numbers: float32 rounding
 
 CHECKS: dict[str, str] = {
     "load": "probe.load_model(directory) loads it as a local checkpoint",
@@ -46,9 +47,10 @@ CHECKS: dict[str, str] = {
     ),
     "interventions": (
         "every intervention (edit_pattern, scale_heads, uniform_attention, freeze_heads, "
-        "patch_activation, native_attention, duo_attention) leaves weights, hooks and logits "
-        "bit-identical after its block, also when the block raises; duo_attention with every gate at 1 "
-        f"gives the model's logits to {ATOL:g}"
+        "patch_activation, native_attention, duo_attention) changes the logits inside its block "
+        f"(native_attention: equal to {KERNEL_ATOL:g}) and leaves weights, hooks and logits bit-identical "
+        "after it, also when the block raises; duo_attention with every gate at 1 gives the model's "
+        f"logits to {ATOL:g}"
     ),
     "generate": f"model.generate (KV cache) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
     "generate-nocache": f"model.generate(use_cache=False) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
@@ -183,13 +185,18 @@ def check_recompute(model: LoadedModel, ref: _Reference) -> CheckResult:
     return CheckResult("pass")
 
 
-def _logits(model: LoadedModel, rows: list[list[int]]) -> torch.Tensor:
-    """probe's forward (the TransformerBridge) on a left-padded batch, positions following real tokens."""
+def _bridge_logits(model: LoadedModel, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """probe's forward (the TransformerBridge) as float32 logits."""
     assert model.bridge is not None
+    out = model.bridge(input_ids, **kwargs)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+def _logits(model: LoadedModel, rows: list[list[int]]) -> torch.Tensor:
+    """probe's forward on a left-padded batch of raw rows, positions following the real tokens."""
     batch = model.batch_from_ids(rows)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model.bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions)
-    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+    return _bridge_logits(model, batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions)
 
 
 @torch.no_grad()
@@ -222,9 +229,7 @@ def _state(
     modules = [*model.bridge.modules(), *native.modules()]
     n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
     params = {k: v.detach().clone() for k, v in native.state_dict().items()}
-    out = model.bridge(ids)
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    return logits, native(input_ids=ids).logits, params, n_hooks
+    return _bridge_logits(model, ids), native(input_ids=ids).logits.float(), params, n_hooks
 
 
 def _same(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
@@ -264,17 +269,22 @@ def check_interventions(model: LoadedModel, ref: _Reference) -> CheckResult:
             model, torch.zeros(model.n_layers, model.n_kv_heads), sink=1, recent=2, block=4
         ),
     }
-    bridge = model.bridge
-    assert bridge is not None
     refused = []
     for what, make in makers.items():
         for raise_inside in (False, True):
             try:
                 with make() as handle:
                     if isinstance(handle, torch.nn.Module):  # the native model, re-wired
-                        handle(input_ids=ids)
+                        inside, outside = handle(input_ids=ids).logits.float(), before[1]
                     else:  # hooks on the bridge
-                        bridge(ids)
+                        inside, outside = _bridge_logits(model, ids), before[0]
+                    # native_attention switches kernels: the same numbers up to their rounding;
+                    # every other one edits the attention
+                    changed = _max_diff(inside, outside) > KERNEL_ATOL
+                    if changed != (what != "native_attention"):
+                        return CheckResult(
+                            "fail", f"{what} {'changed' if changed else 'did not change'} the logits"
+                        )
                     if raise_inside:
                         raise _Planted
             except _Planted:

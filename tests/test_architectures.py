@@ -70,11 +70,11 @@ def test_refusals_are_config_errors(root: Path) -> None:
     from probe.reducers import RowEntropy
     from probe.streaming import duo_attention
 
-    with pytest.raises(ConfigError, match="recompute mode cannot see it"):
+    with pytest.raises(ConfigError, match="so recompute mode cannot stand in for it"):
         capture(bloom, [[5, 6, 7]], [RowEntropy()], mode="recompute", progress=False)
     gates = torch.ones(bloom.n_layers, bloom.n_kv_heads)
     with (
-        pytest.raises(ConfigError, match="which duo_attention replaces"),
+        pytest.raises(ConfigError, match="so duo_attention cannot stand in for it"),
         duo_attention(bloom, gates, sink=1, recent=2),
     ):
         pass
