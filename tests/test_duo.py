@@ -363,7 +363,7 @@ def test_auto_loads_shipped_gates_with_their_loss_curve_else_trains(
     np.testing.assert_allclose(loss["loss"], [0.05, 0.55, 0.3, 0.175])
     assert loss["gate_mean"].isna().all()  # not in the record: not made up
     text = summary(loaded)
-    assert "trained 4 steps on lengths [400], 2 s on cuda" in text
+    assert "trained 4 steps on lengths [400], 2 s on cuda, bfloat16)" in text
     assert "trained with sink=2, recent=8; this run's streaming heads use sink=4, recent=16" in text
 
 

@@ -165,10 +165,11 @@ def _gates(
     if source == AUTO:
         source = SHIPPED if has_shipped(model.name) else None
     if source is not None:
-        gates, record = load_gates(source, model)
+        path = resolve_gates_file(source, model.name)
+        gates, record = load_gates(path, model)
         trained_with = record.get("config") or {}
         note: dict[str, Any] = {
-            "gates_from": str(resolve_gates_file(source, model.name)),
+            "gates_from": str(path),
             "gates_trained_with": trained_with,
             "gates_training": record.get("trained"),
         }

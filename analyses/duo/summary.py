@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 
@@ -37,21 +38,31 @@ def _accuracy_lines(accuracy: pd.DataFrame) -> list[str]:
     return lines
 
 
+def loaded_gates_text(notes: dict[str, Any]) -> str:
+    """Where a run's loaded gates came from and how they were trained (from the gates file's record),
+    with a warning where the run's window differs from the training's; "" for trained gates."""
+    if not notes.get("gates_from"):
+        return ""
+    training = notes.get("gates_training") or {}
+    text = f"gates loaded from {notes['gates_from']}"
+    if training.get("steps"):
+        lengths = ", ".join(str(n) for n in training.get("lengths") or [])
+        text += (
+            f" (trained {training['steps']} steps on lengths [{lengths}], "
+            f"{training.get('seconds', 0):.0f} s on {training.get('device')}, {training.get('dtype')})"
+        )
+    if notes.get("window_differs"):
+        text += f"; note: {notes['window_differs']}"
+    return text
+
+
 def summary(result: AnalysisResult) -> str:
     cfg: DuoConfig = result.config
     notes = result.notes
     gates = result.tables["gates"]
     loss = result.tables["loss"]
     if notes.get("gates_from"):
-        training = notes.get("gates_training") or {}
-        trained = f"gates loaded from {notes['gates_from']}" + (
-            f" (trained {training['steps']} steps on lengths {training.get('lengths')}, "
-            f"{training.get('seconds', 0):.0f} s on {training.get('device')})"
-            if training.get("steps")
-            else ""
-        )
-        if notes.get("window_differs"):
-            trained += f"; note: {notes['window_differs']}"
+        trained = loaded_gates_text(notes)
     else:
         last = loss.tail(max(1, len(loss) // 10))
         trained = (

@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from analyses.base import AnalysisResult
 from analyses.duo import kv_ratio
+from analyses.duo.summary import loaded_gates_text
 from dashboard.core import common, figures
 
 Source = common.Source
@@ -130,15 +131,7 @@ def settings_line(source: Source) -> str:
     cfg = source.config
     notes = source.notes
     if notes.get("gates_from"):
-        training = notes.get("gates_training") or {}
-        trained = f"gates loaded from {notes['gates_from']}" + (
-            f" (trained {training['steps']} steps on {_list(training.get('lengths') or [])} tokens, "
-            f"{training.get('seconds', 0):.0f} s on {training.get('device')}, {training.get('dtype')})"
-            if training.get("steps")
-            else ""
-        )
-        if notes.get("window_differs"):
-            trained += f"; {notes['window_differs']}"
+        trained = loaded_gates_text(notes)
     else:
         trained = (
             f"gates trained {cfg.steps} steps (lr {cfg.lr:g}, lam {cfg.lam:g}) on {cfg.n_passkeys}-needle "
