@@ -393,6 +393,50 @@ def _file_key(onnx_file: Path) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=4)
+@functools.cache
+def int8_matmul_exact() -> bool:
+    """Whether onnxruntime's ``MatMulInteger`` on this CPU gives exact int32 products for uint8
+    activations times int8 weights, the products the INT8 CLIP graph is made of.
+
+    On x86 CPUs without VNNI instructions its kernel adds pairs of byte products in 16 bits, which
+    saturate, and the INT8 graph's embeddings come out wrong (cosine about 0.5 to the dequantised
+    model instead of about 0.97). Checked once per process on a 4 × 768 × 64 product of random bytes.
+    """
+    ort = require("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(4, 768), dtype=np.uint8)
+    b = rng.integers(-128, 128, size=(768, 64), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "int8-check",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, 768])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 64])],
+        initializer=[numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+    )
+    got = session.run(None, {"a": a})[0]
+    return bool(np.array_equal(got, a.astype(np.int32) @ b.astype(np.int32)))
+
+
+def check_int8_runtime() -> None:
+    """Refuse the INT8 reference where onnxruntime's INT8 products are not exact (:func:`int8_matmul_exact`)."""
+    if not int8_matmul_exact():
+        raise HeadlabError(
+            "onnxruntime's INT8 matrix products are not exact on this CPU (it adds byte products in 16 bits "
+            "and saturates, as on x86 CPUs without VNNI), so its INT8 graph is no reference here; use "
+            "reference='float' to check the conversion"
+        )
+
+
 def _session(key: tuple[str, int, int], reference: str, threads: int | None) -> Any:
     ort = require("onnxruntime")
     options = ort.SessionOptions()
@@ -446,6 +490,8 @@ def run_onnx(
             f"the ONNX CLIP graph takes pixel values [N, 3, 224, 224], got {pixels.shape}; "
             "make them with model.preprocess(images)"
         )
+    if reference == "int8":
+        check_int8_runtime()
     session = onnx_session(onnx_file, reference=reference, threads=threads)
     name = session.get_inputs()[0].name
     # One image per call: the graph quantises each activation with one range over the whole batch,
