@@ -11,6 +11,7 @@ See docs/capture.md (two module trees).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,16 +94,20 @@ def uses_attention_interface(model: NativeModel) -> bool:
     """Whether every attention module dispatches through transformers' attention interface, the
     only way a registered implementation (decode scoring, recompute) is reached. BLOOM's and MPT's
     ALiBi attention computes its scores inline."""
+    return all(_dispatches(type(module)) for module in attention_modules(model))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _dispatches(cls: type) -> bool:
+    """Whether ``cls.forward`` reads transformers' attention interface (read once per class: it is
+    asked at every duo_attention block, so at every gate-training step)."""
     import inspect
 
-    for module in attention_modules(model):
-        try:
-            source = inspect.getsource(type(module).forward)
-        except (OSError, TypeError):
-            return False
-        if "ALL_ATTENTION_FUNCTIONS" not in source:
-            return False
-    return True
+    try:
+        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def check_replaceable(model: NativeModel, who: str, instead: str) -> None:
