@@ -23,7 +23,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
+from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
 from probe.moments import MomentStack, attention_moments, pattern_moments
@@ -57,7 +57,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def check_recomputable(model: LoadedModel) -> None:
     """Refuse, before any forward, a model whose attention a recompute capture cannot rebuild."""
     if model.native_model is not None:  # without one, _run_recompute names what is missing
-        check_replaceable(model, "recompute mode", "use mode='eager'")
+        check_replaceable(model, "recompute mode", "use mode='eager'", softcap=True)
 
 
 @torch.no_grad()
@@ -225,8 +225,10 @@ def _rows_blocks(
     block: int,
     group: int,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (q_start, softmax rows [b, h, q, T]) in float32, ``block`` query rows at a time."""
+    """Yield (q_start, softmax rows [b, h, q, T]) in float32, ``block`` query rows at a time
+    (scores soft-capped as ``cap · tanh(s / cap)`` when the layer caps them)."""
     _b, _h, T, d = query.shape
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     k = key.float()
@@ -238,6 +240,8 @@ def _rows_blocks(
     for q0 in range(0, T, block):
         q1 = min(T, q0 + block)
         scores = torch.matmul(query[:, :, q0:q1].float(), k_t) * scale  # [b, h, q, Tk]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if attention_mask is not None:
             m = attention_mask[:, :, q0:q1, :]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
@@ -261,14 +265,9 @@ def _recompute_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     state = _RecomputeState.active
-    if kwargs.get("softcap") is not None:
-        raise CaptureError("recompute mode does not support soft-capped attention logits; use mode='eager'")
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    out = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    softcap = kwargs.get("softcap")
     if state is not None and id(module) in state.layer_of:
         layer = state.layer_of[id(module)]
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
@@ -280,6 +279,7 @@ def _recompute_attention(
                 scale=scaling,
                 pad_offsets=state.pad_offsets,
                 sliding_window=window,
+                softcap=softcap,
                 diag_offsets=state.diag_offsets,
                 block=state.query_block,
                 out=(state.stack, layer),
@@ -287,7 +287,7 @@ def _recompute_attention(
             state.seen[layer] += query.shape[2]
             return out, None
         for q0, rows in _rows_blocks(
-            module, query, key, attention_mask, scaling, state.query_block, state.group, window
+            module, query, key, attention_mask, scaling, state.query_block, state.group, window, softcap
         ):
             for r in state.reducers:
                 r.update(layer, rows, q0)

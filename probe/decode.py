@@ -1,7 +1,8 @@
 """Greedy decoding that records, at every step, where each head's attention row peaks.
 
-The prefill runs the model's fast kernel (SDPA) and keeps the KV cache; every decode step runs a
-registered attention function that computes the layer's output with SDPA and, beside it, one
+The prefill runs the model's fast kernel (SDPA, or Gemma 2's soft-capped attention in blocks of
+query rows) and keeps the KV cache; every decode step runs a registered attention function that
+computes the layer's output with the same kernel and, beside it, one
 score row ``q · K^T`` per head, whose argmax is the argmax of the attention row (no softmax and
 no ``[T, T]`` pattern needed). Positions are absolute, also under a sliding-window cache.
 ``uniform_heads`` makes heads attend uniformly while decoding (the retrieval-head masking
@@ -23,7 +24,7 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.heads import by_layer
-from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
+from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
 from probe.model import LoadedModel
 from probe.types import Head
 
@@ -86,13 +87,7 @@ def _decode_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if kwargs.get("softcap") is not None:
-        raise CaptureError("decode scoring does not support soft-capped attention logits")
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    out = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     state = _DecodeState.active
     if state is None or not (state.decoding or state.last_row) or id(module) not in state.layer_of:
         return out, None
@@ -113,6 +108,8 @@ def _decode_attention(
         q = query[:, :, -1].float().reshape(b * kvh, h // kvh, d)
         k = key.float().reshape(b * kvh, n_keys, d).transpose(1, 2)
         scores = torch.baddbmm(q.new_empty(()), q, k, beta=0.0, alpha=scale).reshape(b, h, n_keys)
+        if (cap := kwargs.get("softcap")) is not None:  # monotone: the argmax stays, the weights change
+            scores = torch.tanh(scores / cap) * cap
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         # the cache may hold only the last n_keys positions: key index i is position first + i
@@ -206,8 +203,8 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
     if len(ids) < 2:
         raise ConfigError("the prompt needs at least two tokens (a prefill and a first decode step)")
     model.check_context(len(ids) + max_new_tokens)
-    # The prefill records nothing: it runs the model's own SDPA path, exactly as transformers would.
-    with native_attention(model, "sdpa") as native:
+    # The prefill records nothing: it runs the fast kernel that computes the model's attention right.
+    with native_attention(model) as native:
         t0 = time.perf_counter()
         out = native(
             input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True, logits_to_keep=1
@@ -224,6 +221,7 @@ def check_decodable(model: LoadedModel) -> None:
         model,
         "decode scoring",
         "use model.generate for tokens and an eager capture for patterns",
+        softcap=True,
     )
 
 

@@ -78,16 +78,37 @@ def soft_caps_logits(model: NativeModel) -> bool:
     return any(getattr(c, "attn_logit_softcapping", None) is not None for c in _configs(_native(model)))
 
 
-def fast_implementation(model: NativeModel) -> str:
-    """The fastest built-in attention implementation that computes this model's attention right.
+SOFTCAP_IMPL = "headlab_softcap"
 
-    ``sdpa``, unless the model soft-caps its logits (transformers' SDPA path refuses a soft cap) or
-    its class does not support SDPA (BLOOM and MPT build an ALiBi mask that only eager reads).
+
+def fast_implementation(model: NativeModel) -> str:
+    """The fastest attention implementation that computes this model's attention right.
+
+    ``sdpa``; for a model that soft-caps its logits (SDPA cannot cap them), :data:`SOFTCAP_IMPL`:
+    eager's formula in blocks of query rows (:func:`softcapped_attention`, registered here), which
+    needs no ``[T, T]`` tensor; ``eager`` where the class does not support SDPA (BLOOM and MPT build
+    an ALiBi mask that only eager reads).
     """
     native = _native(model)
-    if soft_caps_logits(model) or not getattr(type(native), "_supports_sdpa", False):
+    if not getattr(type(native), "_supports_sdpa", False):
         return "eager"
+    if soft_caps_logits(model):
+        register_attention(SOFTCAP_IMPL, _attend_implementation)
+        return SOFTCAP_IMPL
     return "sdpa"
+
+
+def _attend_implementation(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    return attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs), None
 
 
 def uses_attention_interface(model: NativeModel) -> bool:
@@ -110,12 +131,13 @@ def _dispatches(cls: type) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in source
 
 
-def check_replaceable(model: NativeModel, who: str, instead: str) -> None:
+def check_replaceable(model: NativeModel, who: str, instead: str, *, softcap: bool = False) -> None:
     """Refuse, before any forward, a model whose attention ``who`` (a registered attention function
-    standing in for the model's own) cannot reproduce: soft-capped logits (Gemma 2), or layers that
-    compute their scores inline rather than through transformers' attention interface (BLOOM's and
-    MPT's ALiBi, whose bias would be lost). ``instead``: what to do, ending the one-line message."""
-    if soft_caps_logits(model):
+    standing in for the model's own) cannot reproduce: layers that compute their scores inline
+    rather than through transformers' attention interface (BLOOM's and MPT's ALiBi, whose bias would
+    be lost), or soft-capped logits (Gemma 2) unless ``softcap`` says ``who`` computes them (through
+    :func:`attend`). ``instead``: what to do, ending the one-line message."""
+    if soft_caps_logits(model) and not softcap:
         raise ConfigError(
             f"{model.name} soft-caps its attention logits, which {who} does not reproduce; {instead}"
         )
@@ -125,6 +147,84 @@ def check_replaceable(model: NativeModel, who: str, instead: str) -> None:
             f"{family or model.name} computes attention inside its layers, not through transformers' "
             f"attention interface, so {who} cannot stand in for it; {instead}"
         )
+
+
+SOFTCAP_BLOCK = 1024  # query rows per block of the soft-capped attention: [b, h, 1024, T] scores
+
+
+def attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The attention output ``[b, T, h, d]`` a registered implementation hands back: SDPA's, or,
+    for soft-capped logits (Gemma 2; SDPA cannot cap), transformers' eager formula computed
+    :data:`SOFTCAP_BLOCK` query rows at a time, so that no ``[T, T]`` tensor is formed."""
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return out
+    if dropout and module.training:
+        raise CaptureError("the soft-capped attention runs without dropout; call model.eval() first")
+    return softcapped_attention(
+        query, key, value, attention_mask, scaling, float(softcap), kwargs.get("sliding_window")
+    )
+
+
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float,
+    sliding_window: int | None = None,
+    block: int = SOFTCAP_BLOCK,
+) -> torch.Tensor:
+    """``softmax(cap · tanh(scale · q kᵀ / cap) + mask) v`` in the query's dtype (the softmax in
+    float32), as transformers' eager attention computes it, one block of query rows at a time.
+
+    ``attention_mask`` is SDPA's (boolean, True where visible) or an additive float mask, or None
+    for a causal one (then the ``sliding_window`` is applied here). Masked scores are set to the
+    dtype's lowest value, as eager adds it: a fully masked (padding) query averages every value.
+    """
+    b, h, T, d = query.shape
+    group = h // key.shape[1]
+    k = key.repeat_interleave(group, dim=1) if group > 1 else key
+    v = value.repeat_interleave(group, dim=1) if group > 1 else value
+    k_t = k.transpose(2, 3)
+    scale = scaling if scaling is not None else d**-0.5
+    n_keys = key.shape[2]
+    offset = n_keys - T  # > 0 only with a KV cache: query t sits at position offset + t
+    key_idx = torch.arange(n_keys, device=query.device)
+    lowest = torch.finfo(query.dtype).min
+    out = torch.empty(b, h, T, v.shape[-1], dtype=query.dtype, device=query.device)
+    for q0 in range(0, T, block):
+        q1 = min(T, q0 + block)
+        s = torch.matmul(query[:, :, q0:q1], k_t) * scale
+        s = torch.tanh(s / softcap) * softcap
+        if attention_mask is not None:
+            m = attention_mask[:, :, q0:q1, :n_keys]
+            s = s.masked_fill(~m, lowest) if m.dtype == torch.bool else s + m
+        else:
+            q_idx = torch.arange(q0, q1, device=query.device) + offset
+            allowed = key_idx[None, :] <= q_idx[:, None]
+            if sliding_window is not None:
+                allowed &= key_idx[None, :] > q_idx[:, None] - sliding_window
+            s = s.masked_fill(~allowed, lowest)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+        out[:, :, q0:q1] = torch.matmul(p, v)
+    return out.transpose(1, 2).contiguous()
 
 
 _REGISTERED: set[str] = set()
@@ -152,9 +252,12 @@ def _configs(module: torch.nn.Module) -> list[Any]:
 
 
 @contextmanager
-def native_attention(model: NativeModel, implementation: str = "sdpa") -> Iterator[torch.nn.Module]:
-    """Yield the native transformers model running attention ``implementation`` inside the block."""
+def native_attention(model: NativeModel, implementation: str | None = None) -> Iterator[torch.nn.Module]:
+    """Yield the native transformers model running attention ``implementation`` inside the block
+    (by default :func:`fast_implementation`: SDPA where it computes the model's attention right)."""
     native = _native(model)
+    if implementation is None:
+        implementation = fast_implementation(model)
     configs = _configs(native)
     modules = attention_modules(model)
     saved = [c._attn_implementation for c in configs]

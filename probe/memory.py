@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from probe.errors import ConfigError
+from probe.kernels import SOFTCAP_BLOCK, soft_caps_logits
 from probe.model import LoadedModel
 from probe.moments import HAVE_TRITON, MomentStack
 from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
@@ -261,6 +262,8 @@ def _fused_moments(model: LoadedModel, reducers: Sequence[PatternReducer]) -> bo
     """Whether a recompute capture computes its statistics with the fused (Triton) moment kernels."""
     if model.device.type != "cuda" or not all(getattr(r, "supports_moments", False) for r in reducers):
         return False
+    if soft_caps_logits(model):  # the Triton kernels do not cap: the torch moments run instead
+        return False
     return bool(HAVE_TRITON) and model.d_head in (16, 32, 64, 128, 256)
 
 
@@ -338,13 +341,22 @@ def estimate_capture(
         keys = b * H * T * d * 4
         attention = held(3 * keys, keys)  # float32 queries and keys (repeated to every query head)
         if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
-            attention += held(b * H * T * 4, b * H * T * 4)  # lse (the moments go into the MomentStack)
+            blocks, block = b * H * T * 4, b * H * T * 4  # lse (the moments go into the MomentStack)
         else:
             rows = b * H * min(query_block, T) * T * 4
-            attention += held(RECOMPUTE_ROW_COPIES * rows, rows)
-        if b > 1:
-            # a left-padded batch needs a [b, 1, T, T] boolean mask, which the CPU's SDPA kernel
-            # copies to float. A single sequence (or a GPU's fused kernel, is_causal) needs none.
+            blocks, block = RECOMPUTE_ROW_COPIES * rows, rows
+        if soft_caps_logits(model):
+            # before the statistics, the layer's output from soft-capped scores, SOFTCAP_BLOCK query
+            # rows at a time: the scores in the model's dtype, their float32 softmax and its cast back
+            capped = b * H * min(SOFTCAP_BLOCK, T) * T
+            if capped * (2 * s + 4) > blocks:
+                blocks, block = capped * (2 * s + 4), capped * 4
+        attention += held(blocks, block)
+        window = _config_int(model, "sliding_window")
+        if b > 1 or (window is not None and window < T):
+            # a left-padded batch, or a sliding window shorter than the sequence, needs a
+            # [b, 1, T, T] boolean mask, which the CPU's SDPA kernel copies to float. A single
+            # causal sequence (a GPU's fused kernel, is_causal) needs none.
             attention += held(b * T * T * (5 if on_cpu else 1), b * T * T * (4 if on_cpu else 1))
     if on_cpu:
         activations += CPU_OVERHEAD

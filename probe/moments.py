@@ -91,6 +91,7 @@ def attention_moments(
     scale: float | None = None,
     pad_offsets: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     diag_offsets: tuple[int, ...] = (),
     block: int = 256,
     use_triton: bool | None = None,
@@ -98,8 +99,10 @@ def attention_moments(
 ) -> AttentionMoments:
     """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks.
 
-    With ``out=(stack, layer)`` they are written into that layer of a :class:`MomentStack` (made with
-    the same ``diag_offsets``) and its views are returned.
+    ``softcap``: the scores are ``cap · tanh(scale · q kᵀ / cap)`` (Gemma 2); computed by the torch
+    path (the Triton kernels do not cap). With ``out=(stack, layer)`` the moments are written into
+    that layer of a :class:`MomentStack` (made with the same ``diag_offsets``) and its views are
+    returned.
     """
     b, H, _T, d = query.shape
     if H % key.shape[1]:
@@ -108,7 +111,9 @@ def attention_moments(
     pads = _pads(pad_offsets, b, query.device)
     offsets = tuple(sorted(set(diag_offsets)))
     if use_triton is None:
-        use_triton = triton_available(query)
+        use_triton = triton_available(query) and softcap is None
+    if use_triton and softcap is not None:
+        raise ValueError("the Triton moment kernels do not soft-cap scores; use use_triton=False")
     if out is not None and out[0].offsets != offsets:
         raise ValueError(
             f"the moment stack holds diagonals {list(out[0].offsets)} but {list(offsets)} were asked for; "
@@ -116,7 +121,7 @@ def attention_moments(
         )
     if use_triton:
         return _moments_triton(query, key, scale, pads, sliding_window, offsets, out)
-    moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block)
+    moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
     target = out[0].layer(out[1])
@@ -160,6 +165,13 @@ def _masks(pads: torch.Tensor, T: int, device: torch.device) -> tuple[torch.Tens
     return idx, real
 
 
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``cap · tanh(scores / cap)`` (in place), or the scores themselves without a cap."""
+    if softcap is None:
+        return scores
+    return scores.div_(softcap).tanh_().mul_(softcap)
+
+
 def _diag_from_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -168,6 +180,7 @@ def _diag_from_scores(
     pads: torch.Tensor,
     offset: int,
     window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     _b, H, T, _ = query.shape
     group = H // key.shape[1]
@@ -175,7 +188,7 @@ def _diag_from_scores(
     src = (idx - offset).clamp_min(0)
     k = key[:, :, src].float()
     k = k.repeat_interleave(group, dim=1) if group > 1 else k
-    p = torch.exp((query.float() * k).sum(-1) * scale - lse)
+    p = torch.exp(_capped((query.float() * k).sum(-1) * scale, softcap) - lse)
     ok = real[:, None, :] & (idx - offset >= 0)[None, None, :] & real[:, src][:, None, :]
     if window is not None and offset >= window:  # the key is outside every query's window
         ok = torch.zeros_like(ok)
@@ -190,6 +203,7 @@ def _moments_torch(
     window: int | None,
     offsets: tuple[int, ...],
     block: int,
+    softcap: float | None = None,
 ) -> AttentionMoments:
     b, H, T, _ = query.shape
     group = H // key.shape[1]
@@ -210,7 +224,7 @@ def _moments_torch(
             allowed = allowed & (k_idx[None, :] > q_idx[:, None] - window)
         allowed = allowed[None] & key_real[:, None, k0:q1] & key_real[:, q0:q1, None]  # [b, q, k]
         blocked = ~allowed[:, None]
-        s = torch.matmul(query[:, :, q0:q1].float(), k_t[..., k0:q1]).mul_(scale)
+        s = _capped(torch.matmul(query[:, :, q0:q1].float(), k_t[..., k0:q1]).mul_(scale), softcap)
         s.masked_fill_(blocked, float("-inf"))
         blk_lse = torch.logsumexp(s, dim=-1)  # -inf for padding queries
         finite = torch.isfinite(blk_lse)
@@ -221,7 +235,7 @@ def _moments_torch(
         entropy[:, :, q0:q1] = torch.where(finite, safe_lse - expected_s, torch.zeros_like(expected_s))
         mean_key[:, :, q0:q1] = torch.matmul(p, key_pos[k0:q1])
         colsum[..., k0:q1] += p.sum(2)
-    diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o, window) for o in offsets}
+    diagonals = {o: _diag_from_scores(query, key, scale, lse, pads, o, window, softcap) for o in offsets}
     return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 

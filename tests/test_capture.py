@@ -122,23 +122,32 @@ def test_census_on_the_real_model_finds_induction_and_previous_token_heads(smoll
     assert top["induction"] > 5 * eager["induction"].median()
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_moments_equal_the_statistics_of_explicit_rows(window: int | None) -> None:
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 1.5), (5, 1.5)])
+def test_moments_equal_the_statistics_of_explicit_rows(window: int | None, softcap: float | None) -> None:
     """Both moment paths (from q/k without a T×T tensor, and from the pattern) against explicit rows,
-    with left padding and grouped-query heads."""
+    with left padding and grouped-query heads, with and without soft-capped scores."""
     torch.manual_seed(0)
     b, H, H_kv, T, d = 2, 4, 2, 13, 16
     q, k = torch.randn(b, H, T, d), torch.randn(b, H_kv, T, d)
     pads = torch.tensor([0, 4])
     kk = k.repeat_interleave(H // H_kv, dim=1)
     s = q @ kk.transpose(-1, -2) / d**0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     t = torch.arange(T)
     allowed = (t[None, :] <= t[:, None])[None] & (t[None, None, :] >= pads[:, None, None])
     if window is not None:
         allowed = allowed & (t[None, :] > t[:, None] - window)[None]
     p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
     from_qk = attention_moments(
-        q, k, pad_offsets=pads, sliding_window=window, diag_offsets=(1, 3), block=4, use_triton=False
+        q,
+        k,
+        pad_offsets=pads,
+        sliding_window=window,
+        softcap=softcap,
+        diag_offsets=(1, 3),
+        block=4,
+        use_triton=False,
     )
     from_pattern = pattern_moments(p, pad_offsets=pads, diag_offsets=(1, 3), use_triton=False)
     for m in (from_qk, from_pattern):
@@ -192,3 +201,36 @@ def test_reducers_fed_every_layer_at_once_equal_those_fed_layer_by_layer(tiny_ll
     capture(tiny_llama, rows, [stacked, per_layer], mode="recompute", batch_size=3, progress=False)
     assert per_layer.layers == list(range(tiny_llama.n_layers))
     assert torch.allclose(stacked.result(), per_layer.result(), atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("mask", ["causal", "sdpa-bool", "eager-float"])
+def test_softcapped_attention_equals_transformers_eager(mask: str) -> None:
+    """The blockwise soft-capped kernel against transformers' eager formula (Gemma 2), with grouped
+    KV heads, a left-padded row, a sliding window and a KV cache offset; the cap binds (scores >> cap)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from probe.kernels import softcapped_attention
+
+    torch.manual_seed(3)
+    b, H, H_kv, T, n_keys, d, window, cap = 2, 4, 2, 9, 12, 8, 6, 2.0
+    q, k, v = (
+        torch.randn(b, H, T, d) * 3,
+        torch.randn(b, H_kv, n_keys, d) * 3,
+        torch.randn(b, H_kv, n_keys, d),
+    )
+    pos, key_pos = torch.arange(T) + n_keys - T, torch.arange(n_keys)
+    visible = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - window)
+    visible = visible[None, None].expand(b, 1, T, n_keys).clone()
+    if mask != "causal":
+        visible[1, :, :, :3] = False  # row 1 is left-padded by 3 keys
+    lowest = torch.finfo(torch.float32).min
+    additive = torch.zeros(b, 1, T, n_keys).masked_fill(~visible, lowest)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.head_dim, module.training = H // H_kv, d, False  # type: ignore[assignment]
+    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=d**-0.5, softcap=cap)
+    given = {"causal": None, "sdpa-bool": visible, "eager-float": additive}[mask]
+    got = softcapped_attention(q, k, v, given, d**-0.5, cap, sliding_window=window, block=4)
+    assert got.shape == want.shape == (b, T, H, d)
+    assert torch.allclose(got, want, atol=1e-6)
+    uncapped, _ = eager_attention_forward(module, q, k, v, additive, scaling=d**-0.5)
+    assert (uncapped - want).abs().max() > 0.1  # the cap changes the answer: the check could fail

@@ -107,7 +107,7 @@ def forward_rows(
     assert native is not None
     positions = (rows.mask.cumsum(-1) - 1).clamp(min=0)
     read_at = torch.as_tensor([rows.width - 1] if read is None else read, device=rows.ids.device)
-    with torch.no_grad(), native_attention(model, "sdpa"):
+    with torch.no_grad(), native_attention(model):
         embeds = embed_rows(model, rows)
         language_model = native.get_submodule(vlm.LAYOUT.language_model)
         hidden = language_model(

@@ -57,7 +57,7 @@ def _native_generate(
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if pixels is not None:
         kwargs["pixel_values"] = pixels.to(model.device, model.dtype)
-    with torch.no_grad(), native_attention(model, "sdpa") as native:
+    with torch.no_grad(), native_attention(model) as native:
         generator: Any = native
         return generator.generate(generation_config=greedy, **kwargs)
 

@@ -192,7 +192,7 @@ def _run_steps(loop: _Loop, *, t_start: float, t_train: float, progress: bool) -
         }
 
     bar = tqdm(total=config.steps, desc="train projector", disable=not progress, unit="step")
-    with native_attention(model, "sdpa"), parts.lora_hooks():
+    with native_attention(model), parts.lora_hooks():
         parts.projector.train()
         for step in range(config.steps):
             if config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s:
