@@ -10,6 +10,7 @@ import torch
 from probe.errors import CaptureError, ConfigError
 from probe.images import ImageInput
 from probe.model import LoadedModel
+from probe.vision.arch import ARCHITECTURES
 from probe.vision.hooks import ModuleHooks, _pixels, module_hooks
 
 
@@ -17,7 +18,8 @@ from probe.vision.hooks import ModuleHooks, _pixels, module_hooks
 class VisionOutput:
     """What a vision forward pass returns: the image embedding and, for classifiers, the logits."""
 
-    embedding: torch.Tensor  # [N, d_embed]: CLIP's projected embedding, else the final-norm CLS token
+    # [N, d_embed]: CLIP's projected embedding, SigLIP's pooled one, else the final-norm CLS token
+    embedding: torch.Tensor
     logits: torch.Tensor | None  # [N, n_labels] for classification checkpoints
 
 
@@ -31,6 +33,14 @@ def _run(model: LoadedModel, pixels: torch.Tensor, hooks: ModuleHooks) -> Vision
     hooks.forward(model.extra["modules"]["final_norm"], final)
     out = model.hf_model(pixel_values=pixels)
     embedding = getattr(out, "image_embeds", None)
+    if embedding is None and ARCHITECTURES[model.family].embedding == "pooler":
+        # SigLIP has no CLS token: its embedding is its attention-pooling head's output
+        embedding = getattr(out, "pooler_output", None)
+        if embedding is None:  # a tower saved without the head: the mean of the final norm's tokens
+            norm = seen.get("norm")
+            if norm is None:
+                raise CaptureError(f"the final norm of {model.name} did not run; cannot read the embedding")
+            embedding = norm.mean(1)
     if embedding is None:
         norm = seen.get("norm")
         if norm is None:

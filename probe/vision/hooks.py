@@ -90,7 +90,7 @@ def _require_vision(model: LoadedModel) -> None:
     if model.kind != "vision" or "modules" not in model.extra:
         raise ConfigError(
             f"{model.name} is a {model.kind} model; probe.vision works on vision models loaded with "
-            "probe.load_model (e.g. clip-vit-b16, tiny-vit or a ViT/DeiT/CLIP checkpoint directory)"
+            "probe.load_model (e.g. clip-vit-b16, tiny-vit or a ViT/DeiT/CLIP/SigLIP/DINOv2 checkpoint directory)"
         )
 
 

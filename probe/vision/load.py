@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from probe.checkpoints import check_checkpoint_files, force_eager, quiet_transfo
 from probe.errors import CaptureError, HeadlabError
 from probe.images import ImageSpec
 from probe.model import BosPolicy, LoadedModel
-from probe.vision.arch import ARCHITECTURES, vision_family
+from probe.vision.arch import ARCHITECTURES, VisionArch, vision_family
 
 
 def _base(hf_model: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +83,7 @@ def wrap_vision(
     licence: str = "",
     extra: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Wrap a transformers ViT/DeiT/CLIP image model: eager attention, frozen weights, geometry."""
+    """Wrap a transformers ViT/DeiT/CLIP/SigLIP/DINOv2 image model: eager attention, frozen weights, geometry."""
     if family not in ARCHITECTURES:
         raise HeadlabError(f"no vision layout for family {family!r}; known: {', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[family]
@@ -93,12 +94,15 @@ def wrap_vision(
     cfg = _attention_config(hf_model)
     image_size = int(cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0])
     patch_size = int(cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0])
-    image = image or arch.default_image(image_size, patch_size)
+    prefixes = arch.prefixes(cfg)
+    image = image or default_image(arch, cfg, image_size, patch_size)
+    # a model that resizes its position embeddings takes any multiple of its patch size
+    wanted = image.image_size if arch.interpolates_positions else image_size
     given = (image.image_size, image.patch_size, image.prefix_names)
-    if given != (image_size, patch_size, arch.prefix_names):
+    if given != (wanted, patch_size, prefixes):
         raise HeadlabError(
             f"the image spec ({image.image_size} px, patch {image.patch_size}, prefix {image.prefix_names}) "
-            f"does not match the model ({image_size} px, patch {patch_size}, prefix {arch.prefix_names})"
+            f"does not match the model ({image_size} px, patch {patch_size}, prefix {prefixes})"
         )
     n_heads = int(cfg.num_attention_heads)
     d_model = int(cfg.hidden_size)
@@ -141,13 +145,30 @@ def wrap_vision(
     return model
 
 
+def default_image(arch: VisionArch, cfg: Any, image_size: int, patch_size: int) -> ImageSpec:
+    """The family's preprocessing for a model without a processor file, with its prefix tokens."""
+    prefixes = arch.prefixes(cfg)
+    image = arch.default_image(image_size, patch_size)
+    return dataclasses.replace(image, prefix_names=prefixes, n_prefix=len(prefixes))
+
+
+def _processor_size(processor: Mapping[str, Any], default: int) -> int:
+    """The side of the images a ``preprocessor_config.json`` ends at (its crop, else its resize)."""
+    final = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
+    if isinstance(final, int):
+        return final
+    if isinstance(final, Mapping) and "height" in final:
+        return int(final["height"])
+    return default
+
+
 def _embedding_dim(hf_model: torch.nn.Module, d_model: int) -> int:
     projection = getattr(hf_model, "visual_projection", None)
     return int(projection.out_features) if isinstance(projection, torch.nn.Linear) else d_model
 
 
 def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str, ImageSpec]:
-    """Load a ViT / DeiT / CLIP(-vision) checkpoint directory: (model, family, image spec).
+    """Load a ViT / DeiT / CLIP(-vision) / SigLIP-vision / DINOv2 checkpoint directory: (model, family, image spec).
 
     A full CLIP checkpoint (``model_type: clip``) gives its image tower with projection. Every
     weight of the loaded model must come from the checkpoint (the pooler of a plain ViT, which
@@ -205,14 +226,16 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     processor = directory / "preprocessor_config.json"
     if processor.is_file():
         try:
-            image = ImageSpec.from_processor_config(
-                json.loads(processor.read_text()),
-                image_size=image_size,
-                patch_size=patch_size,
-                prefix_names=arch.prefix_names,
-            )
+            settings = json.loads(processor.read_text())
         except json.JSONDecodeError as err:
             raise HeadlabError(f"{processor} is not valid JSON ({err}); fix or delete it") from None
+        image = ImageSpec.from_processor_config(
+            settings,
+            # DINOv2 resizes its position table (518 px) to the processor's crop (224 px)
+            image_size=_processor_size(settings, image_size) if arch.interpolates_positions else image_size,
+            patch_size=patch_size,
+            prefix_names=arch.prefixes(cfg),
+        )
     else:
-        image = arch.default_image(image_size, patch_size)
+        image = default_image(arch, cfg, image_size, patch_size)
     return model, family, image

@@ -134,7 +134,7 @@ register(
     ModelSource(
         "vision-directory",
         DIRECTORY + 20,
-        "a local ViT, DeiT or CLIP checkpoint directory",
+        "a local ViT, DeiT, CLIP, SigLIP or DINOv2 checkpoint directory",
         _is_vision_dir,
         _load_dir,
     )
