@@ -42,12 +42,18 @@ from probe.loading import LoadedModel
 from probe.types import Head
 
 
-def _require_vision_model(model: LoadedModel, cfg: VitHeadsConfig) -> None:
+def require_vision_model(model: LoadedModel, cfg: VitHeadsConfig) -> None:
+    """Raise :class:`ConfigError` unless vit-heads can analyse ``model`` with ``cfg``."""
     if model.kind != "vision" or model.bridge is not None or "grid" not in model.extra:
         raise ConfigError(
             f"{model.name} is a {model.kind} model; vit-heads analyses the heads of a vision transformer: "
-            "load one with probe.load_model('clip-vit-b16') (or tiny-vit, tiny-clip-vision, a ViT/DeiT/CLIP "
-            "checkpoint directory); on the CLI: headlab run vit-heads --model clip-vit-b16"
+            "--model clip-vit-b16, tiny-vit or a ViT/DeiT/CLIP/DINOv2 checkpoint directory"
+        )
+    if model.image is None or model.image.prefix_names[:1] != ("cls",):
+        # the sink columns read the attention token 0 receives, and the norm table names it CLS
+        raise ConfigError(
+            f"{model.name} ({model.family}) has no CLS token, so vit-heads' sink columns would describe a "
+            "patch; use probe.vision.capture and gate_importance, or a ViT/DeiT/CLIP/DINOv2 model"
         )
     bad_layers = [int(x) for x in cfg.prune_layers if int(x) >= model.n_layers]
     if bad_layers:
@@ -406,7 +412,7 @@ def run_vit_heads(model: LoadedModel, config: VitHeadsConfig | None = None) -> A
     vision sinks of a vision transformer (docs/analyses/vit-heads.md)."""
     cfg = config or VitHeadsConfig()
     cfg.validate()
-    _require_vision_model(model, cfg)
+    require_vision_model(model, cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     with _timed(timings, "data"):
