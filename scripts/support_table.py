@@ -12,8 +12,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from analyses import vision_support
 from probe.families import FAMILIES
 from probe.support import CHECKS, CheckResult, family_results
+from probe.vision_families import VISION_FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 INTRO = """# Architecture support
@@ -61,6 +63,39 @@ def render(results: dict[str, dict[str, CheckResult]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+VISION_INTRO = """## Vision families
+
+The vision transformers and the LLaVA assembly, checked the same way on tiny random-weight
+checkpoints (`probe/vision_families.py`: 2 layers, width 32, 4 heads, 32-pixel images in 8-pixel
+patches; `llava` joins the `clip` tower and the `llama` family above) loaded with
+`probe.load_model(directory)`, by `probe/vision_support.py` and, for the analyses' columns,
+`analyses/vision_support.py`; `tests/test_vision_architectures.py` fails when a row here disagrees.
+
+| check | what it asserts |
+| --- | --- |
+{checks}
+
+What the checks found and what was fixed: probe loaded neither SigLIP nor DINOv2 (with or without
+registers). Both now load, with their layouts in `probe.vision.ARCHITECTURES`: SigLIP has no CLS
+token (its embedding is its attention-pooling head's output, where probe would have taken the first
+patch), DINOv2's register tokens are prefix tokens, and DINOv2's processor crop may differ from its
+position table (which it interpolates). vit-heads refuses SigLIP: its sink columns read token 0 as
+CLS.
+"""
+
+
+def render_vision(results: dict[str, dict[str, CheckResult]]) -> str:
+    checks = vision_support.CHECKS
+    rows = "\n".join(f"| `{name}` | {what} |" for name, what in checks.items())
+    lines = [VISION_INTRO.format(checks=rows).rstrip("\n"), ""]
+    lines.append("| vision family | what it exercises | " + " | ".join(f"`{c}`" for c in checks) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in checks) + " |")
+    for family, row in results.items():
+        cells = " | ".join(row[c].cell().replace("|", "/") for c in checks)
+        lines.append(f"| `{family}` | {VISION_FAMILIES[family].what} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "support.md")
@@ -70,7 +105,8 @@ def main() -> None:
         for family in FAMILIES:
             results[family] = family_results(family, root)
             print(family, " ".join(f"{c}={r.status}" for c, r in results[family].items()), flush=True)
-    args.out.write_text(render(results))
+        vision = {f: vision_support.family_results(f, Path(root) / "vision") for f in VISION_FAMILIES}
+    args.out.write_text(render(results) + "\n" + render_vision(vision))
     print(f"wrote {args.out}")
 
 
