@@ -124,6 +124,7 @@ def wrap(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     bos: BosMode = "default",
+    weight_sha256: str | None = None,
 ) -> LoadedModel:
     """Wrap a transformers causal language model already in memory as a :class:`LoadedModel`.
 
@@ -134,7 +135,9 @@ def wrap(
     one copies the weights into headlab's tree only. ``bos`` is the BOS policy of ``load_model``.
 
     The result has ``source="memory"``, ``path=None`` and ``weight_sha256`` from
-    :func:`memory_sha256` over the model's state dict as passed (not a file's sha256). The user's
+    :func:`memory_sha256` over the model's state dict as passed (not a file's sha256), unless
+    ``weight_sha256`` gives it (64 hex digits; hashing reads every weight onto the CPU, some 10-20 s
+    for an 8B model on a GPU: pass the digest a run already recorded for these weights). The user's
     model is left as it was: headlab works on a module tree of its own (eager attention, eval mode,
     no gradients) sharing the parameter storage, so the user's attention implementation, training
     mode, ``requires_grad`` flags and device are untouched; the tokenizer is copied before its pad
@@ -161,7 +164,10 @@ def wrap(
         device = next(iter(devices), torch.device("cpu"))
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype if dtype is not None else getattr(model, "dtype", None))
-    weight_sha256 = memory_sha256(model)
+    if weight_sha256 is None:
+        weight_sha256 = memory_sha256(model)
+    elif len(weight_sha256) != 64 or any(c not in "0123456789abcdef" for c in weight_sha256):
+        raise ConfigError(f"weight_sha256 must be 64 lowercase hex digits, got {weight_sha256!r}")
 
     own: Any = _own_tree(model)
     if callable(getattr(own, "set_attn_implementation", None)):

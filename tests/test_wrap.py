@@ -129,6 +129,10 @@ def test_weight_sha256(root: Path) -> None:
     half = probe.wrap(user, tok, dtype="bfloat16", name="mine")
     assert half.dtype == torch.bfloat16 and half.name == "mine" and half.weight_sha256 == first
     assert all(p.dtype == torch.float32 for p in user.parameters())
+    # a digest the caller already has is taken as given (no hashing); a malformed one is refused
+    assert probe.wrap(user, tok, weight_sha256=first).weight_sha256 == first
+    with pytest.raises(ConfigError, match="64 lowercase hex digits"):
+        probe.wrap(user, tok, weight_sha256="seed-0")
 
 
 def _refusal(model: Any, tokenizer: Any, match: str) -> None:
