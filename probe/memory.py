@@ -187,6 +187,7 @@ class MemoryEstimate:
     reducers: int
     total: int
     logits: int = 0
+    cache: int = 0  # a decode's KV cache, held from the prefill on
     mode: str = "eager"
     batch_size: int = 1
     seq_len: int = 0
@@ -200,11 +201,12 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         block = f", query_block {self.query_block}" if self.mode == "recompute" else ""
+        cache = f", KV cache {format_bytes(self.cache)}" if self.cache else ""
         return (
             f"{self.mode} capture of {self.batch_size} x {self.seq_len} tokens{block} on {self.device} "
             f"({self.dtype}): ~{format_bytes(self.total)} peak (weights {format_bytes(self.weights)}, "
             f"activations {format_bytes(self.activations)}, attention {format_bytes(self.attention)}, "
-            f"logits {format_bytes(self.logits)}, reducers {format_bytes(self.reducers)})"
+            f"logits {format_bytes(self.logits)}, reducers {format_bytes(self.reducers)}{cache})"
         )
 
 
@@ -383,6 +385,52 @@ def estimate_capture(
         batch_size=b,
         seq_len=T,
         query_block=min(query_block, T),
+        device=str(model.device),
+        dtype=str(dt).removeprefix("torch."),
+    )
+
+
+def estimate_decode(
+    model: LoadedModel, *, prompt_len: int, max_new_tokens: int, dtype: torch.dtype | None = None
+) -> MemoryEstimate:
+    """Estimate the peak memory of :func:`probe.decode.greedy_decode` (or a KV-cached ``generate``)
+    of one prompt: the weights, the KV cache of every layer at its final length, and the larger of
+    one prefill layer's tensors (as :func:`estimate_capture` counts them, plus the layer's queries,
+    keys and values) and the float32 logits of one position. Sliding-window layers are counted at
+    full length (an overestimate where the cache keeps only the window)."""
+    if prompt_len < 1 or max_new_tokens < 0:
+        raise ConfigError("prompt_len must be >= 1 and max_new_tokens >= 0")
+    dt = dtype or model.dtype
+    s = torch.empty((), dtype=dt).element_size()
+    weights = weights_bytes(model)
+    if dt != model.dtype:
+        weights = weights * s // torch.empty((), dtype=model.dtype).element_size()
+    T, total_len = prompt_len, prompt_len + max_new_tokens
+    H, L, D, d, kv = model.n_heads, model.n_layers, model.d_model, model.d_head, model.n_kv_heads
+    d_ff = _config_int(model, "intermediate_size", "n_inner", "ffn_dim") or 4 * D
+    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
+    cache = 2 * L * kv * total_len * d * s
+    activations = ACT_COPIES * T * D * s + MLP_COPIES * T * d_ff * s
+    attention = T * (H + 2 * kv) * d * s  # the layer's queries, keys and values (SDPA's are fused)
+    if soft_caps_logits(model):
+        capped = H * min(SOFTCAP_BLOCK, T) * T
+        attention += capped * (2 * s + 4)
+    window = _config_int(model, "sliding_window")
+    if window is not None and window < T:
+        attention += T * T  # the sliding window's boolean mask
+    logits = vocab * 4
+    total = weights + cache + max(activations + attention, logits)
+    return MemoryEstimate(
+        weights=int(weights),
+        activations=int(activations),
+        attention=int(attention),
+        reducers=0,
+        cache=int(cache),
+        total=int(total),
+        logits=int(logits),
+        mode="decode",
+        batch_size=1,
+        seq_len=total_len,
         device=str(model.device),
         dtype=str(dt).removeprefix("torch."),
     )

@@ -305,3 +305,25 @@ def test_capture_lowers_the_batch_to_fit_and_refuses_what_cannot_fit(
     with pytest.raises(MemoryBudgetError, match=r"not enough memory.*To fit"):
         capture(tiny_llama, rows, [RowEntropy()], batch_size=4, progress=False)
     assert capture_module._RecomputeState.active is None
+
+
+def test_decode_estimate_counts_the_kv_cache_a_prefill_keeps(tiny_llama: LoadedModel) -> None:
+    """The KV cache term equals the bytes of the cache a real prefill leaves, at the final length."""
+    from probe.decode import prefill
+
+    ids = [5 + i % 200 for i in range(40)]
+    cache = prefill(tiny_llama, ids).cache  # ids[:-1] prefilled: 39 positions
+    held = sum(
+        t.untyped_storage().nbytes()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    est = memory.estimate_decode(tiny_llama, prompt_len=39, max_new_tokens=0)
+    assert est.cache == held
+    longer = memory.estimate_decode(tiny_llama, prompt_len=39, max_new_tokens=10)
+    assert longer.cache * 39 == est.cache * 49  # linear in the final length
+    assert est.total == est.weights + est.cache + max(est.activations + est.attention, est.logits)
+    assert "KV cache" in est.describe() and est.mode == "decode"
+    with pytest.raises(ConfigError, match="prompt_len"):
+        memory.estimate_decode(tiny_llama, prompt_len=0, max_new_tokens=1)
