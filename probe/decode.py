@@ -25,6 +25,7 @@ import torch
 from probe.errors import CaptureError, ConfigError
 from probe.heads import by_layer
 from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
+from probe.memory import check_decode_fits
 from probe.model import LoadedModel
 from probe.types import Head
 
@@ -203,6 +204,7 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
     if len(ids) < 2:
         raise ConfigError("the prompt needs at least two tokens (a prefill and a first decode step)")
     model.check_context(len(ids) + max_new_tokens)
+    check_decode_fits(model, prompt_len=len(ids), max_new_tokens=max_new_tokens)
     # The prefill records nothing: it runs the fast kernel that computes the model's attention right.
     with native_attention(model) as native:
         t0 = time.perf_counter()
@@ -258,6 +260,8 @@ def greedy_decode(
             raise ConfigError("the prompt is empty; give at least one token")
         cache, prefill_seconds = None, 0.0
     model.check_context(len(ids) + max_new_tokens)
+    if whole:  # refused before the prefill when the KV cache and the prefill would not fit
+        check_decode_fits(model, prompt_len=len(ids), max_new_tokens=max_new_tokens)
     stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
     device = model.device
     tokens: list[int] = []

@@ -436,6 +436,33 @@ def estimate_decode(
     )
 
 
+def check_decode_fits(
+    model: LoadedModel, *, prompt_len: int, max_new_tokens: int, budget_fraction: float = 0.9
+) -> MemoryEstimate:
+    """Refuse, before the prefill, a decode whose :func:`estimate_decode` does not fit
+    ``budget_fraction`` of :func:`available_memory`, with a :class:`MemoryBudgetError` naming the
+    longest prompt that fits; else return the estimate."""
+    est = estimate_decode(model, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+    available = available_memory(model.device)
+    budget = int(budget_fraction * available)
+    if est.transient <= budget:
+        return est
+
+    def need(t: int) -> int:
+        return estimate_decode(model, prompt_len=t, max_new_tokens=max_new_tokens).transient
+
+    longest = _largest_fitting(need, budget, prompt_len - 1, max(1, prompt_len // 256))
+    fixes = [f"a prompt of at most {longest} tokens" if longest else "a much shorter prompt"]
+    if model.dtype == torch.float32:
+        fixes.append("the model loaded with dtype='bfloat16' (half the weights and KV cache)")
+    fixes.append("a device with more free memory")
+    raise MemoryBudgetError(
+        f"not enough memory: {est.describe()}; the decode needs ~{format_bytes(est.transient)} on top of "
+        f"the weights, but {format_bytes(available)} is available on {est.device} and the budget is "
+        f"{budget_fraction:.0%} of it ({format_bytes(budget)}). To fit, use " + "; or ".join(fixes) + "."
+    )
+
+
 # ---------------------------------------------------------------------------------------- planning
 
 

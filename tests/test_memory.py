@@ -327,3 +327,24 @@ def test_decode_estimate_counts_the_kv_cache_a_prefill_keeps(tiny_llama: LoadedM
     assert "KV cache" in est.describe() and est.mode == "decode"
     with pytest.raises(ConfigError, match="prompt_len"):
         memory.estimate_decode(tiny_llama, prompt_len=0, max_new_tokens=1)
+
+
+def test_a_decode_that_would_not_fit_is_refused_before_the_prefill(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe import decode
+
+    ids = [5 + i % 200 for i in range(64)]
+    need = memory.estimate_decode(tiny_llama, prompt_len=64, max_new_tokens=4).transient
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(need * 0.8 / 0.9))
+    ran: list[int] = []
+    monkeypatch.setattr(decode, "native_attention", lambda *a, **k: ran.append(1))  # never reached
+    with pytest.raises(MemoryBudgetError, match=r"a prompt of at most (\d+) tokens") as err:
+        decode.greedy_decode(tiny_llama, ids, 4)
+    assert "\n" not in str(err.value) and not ran
+    longest = int(str(err.value).split("a prompt of at most ")[1].split()[0])
+    assert 0 < longest < 64
+    budget = int(0.9 * memory.available_memory("cpu"))
+    assert memory.estimate_decode(tiny_llama, prompt_len=longest, max_new_tokens=4).transient <= budget
+    with pytest.raises(MemoryBudgetError):
+        decode.prefill(tiny_llama, ids, 4)
