@@ -244,6 +244,40 @@ def test_token_norms_match_a_direct_computation(tiny_llama: LoadedModel) -> None
     assert TokenNorms(3, n_kv).columns("value") == slice(1 + n_kv, 1 + 2 * n_kv)
 
 
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "qwen3"])
+def test_key_norms_are_those_of_the_keys_transformers_attends_with(family: str, tmp_path: Path) -> None:
+    """The fused-qkv bridges (Phi-3, GPT-NeoX) declare hook_rot_k but never fire it: the key norms
+    come from hook_k there (RoPE keeps norms), and equal the norms of the keys transformers' own
+    attention receives (after q/k norm and RoPE: Qwen3 reads hook_rot_k)."""
+    import probe
+    from probe.families import save_checkpoint
+    from probe.kernels import attention_modules, native_attention, register_attention
+
+    model = probe.load_model(str(save_checkpoint(family, tmp_path / family)), device="cpu")
+    want_hook = "hook_rot_k" if family == "qwen3" else "hook_k"
+    assert sinks.key_hooks(model) == [want_hook] * model.n_layers
+    rows = _rows(1, [12])
+    _, norms = measure_sinks(model, rows, batch_size=1)
+    assert norms is not None
+    layer_of = {id(m): i for i, m in enumerate(attention_modules(model))}
+    keys: dict[int, torch.Tensor] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        keys[layer_of[id(module)]] = key[0].norm(dim=-1)  # [n_kv, T]: the keys it attends with
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    register_attention(f"test_sinks_keys_{family}", record)  # registered once per name and process
+    with native_attention(model, f"test_sinks_keys_{family}") as native, torch.no_grad():
+        native(input_ids=model.batch_from_ids(rows).input_ids)
+    got = norms.result()[0]  # [L, 1 + 2 n_kv, 2]
+    cols = norms.columns("key")
+    for layer in range(model.n_layers):
+        torch.testing.assert_close(got[layer, cols, 0], keys[layer][:, 0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[layer, cols, 1], keys[layer][:, 1:].mean(-1), rtol=1e-4, atol=1e-6)
+
+
 def test_input_sets(tiny_llama: LoadedModel) -> None:
     tok = tiny_llama.tokenizer
     special = set(tok.all_special_ids)

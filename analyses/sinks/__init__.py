@@ -37,6 +37,7 @@ from analyses.sinks.inputs import (
 from analyses.sinks.reducers import (
     SinkReducer,
     TokenNorms,
+    key_hooks,
     sink_indicator,
     sink_percent,
     sink_percent_of_mean_alpha,
@@ -58,6 +59,7 @@ __all__ = [
     "SinksConfig",
     "TokenNorms",
     "input_rows",
+    "key_hooks",
     "measure_sinks",
     "non_special_ids",
     "random_token_rows",

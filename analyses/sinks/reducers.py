@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from analyses.sinks.config import QUANTITIES
 from probe.errors import CaptureError, ConfigError
-from probe.hooks import HookFn, attn_hook
+from probe.hooks import HookFn, attn_hook, hooks
 from probe.loading import LoadedModel
 from probe.reducers import BatchInfo, ColumnImportance, PatternReducer
 
@@ -77,9 +78,8 @@ class SinkReducer(ColumnImportance):
 class TokenNorms(PatternReducer):
     """L2 norms of the first real token's hidden state, keys and values against the other tokens.
 
-    Not a pattern statistic: it reads ``blocks.{l}.hook_resid_pre``, the key hook (``hook_rot_k``
-    where the bridge has it: after q/k norm and RoPE, the key the attention uses; else ``hook_k``)
-    and ``hook_v`` through :meth:`hook_points`, and takes the batch layout (padding) from the
+    Not a pattern statistic: it reads ``blocks.{l}.hook_resid_pre``, the key hook of
+    :func:`key_hooks` and ``hook_v`` through :meth:`hook_points`, and takes the batch layout (padding) from the
     :class:`BatchInfo` that the capture hands every reducer. Its pattern updates do nothing.
 
     Result: ``[n_samples, L, 1 + 2·n_kv, 2]``: column 0 the hidden state, then the keys of each KV
@@ -151,14 +151,12 @@ class TokenNorms(PatternReducer):
         """(bridge hook name, function) for every layer's hidden state, key and value."""
         if model.bridge is None:
             raise CaptureError(f"{model.name} has no TransformerBridge: its norms cannot be hooked")
-        names = model.bridge.hook_dict
+        keys = key_hooks(model)
         out: list[tuple[str, HookFn]] = []
         for layer in range(self.n_layers):
-            rot = attn_hook(layer, "rot_k")
-            key = rot if rot in names else attn_hook(layer, "k")
             for quantity, name in (
                 ("hidden", f"blocks.{layer}.hook_resid_pre"),
-                ("key", key),
+                ("key", f"blocks.{layer}.attn.{keys[layer]}"),
                 ("value", attn_hook(layer, "v")),
             ):
                 out.append((name, self._hook(layer, quantity)))
@@ -169,3 +167,37 @@ class TokenNorms(PatternReducer):
             self.record(layer, quantity, activation)
 
         return hook
+
+
+_KEY_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def key_hooks(model: LoadedModel) -> list[str]:
+    """Per layer, the attention hook that holds the key the attention uses, up to RoPE:
+    ``hook_rot_k`` where the bridge fires it (after any q/k norm and RoPE), else ``hook_k``.
+
+    A bridge of a rotary model declares ``hook_rot_k`` but fires it only where it rotates the keys
+    itself: the fused-qkv bridges (Phi-3, GPT-NeoX, Falcon) rotate them without that hook, and have
+    no q/k norm, so their ``hook_k`` holds the key before RoPE, a rotation that keeps its norm. Which
+    hooks fire is found once per bridge by a two-token forward.
+    """
+    bridge = model.bridge
+    if bridge is None:
+        raise CaptureError(f"{model.name} has no TransformerBridge: its keys cannot be hooked")
+    if bridge not in _KEY_HOOKS:
+        rotary = [layer for layer in range(model.n_layers) if attn_hook(layer, "rot_k") in bridge.hook_dict]
+        fired: set[int] = set()
+
+        def seen(layer: int) -> HookFn:
+            def hook(activation: torch.Tensor, hook: Any) -> None:
+                fired.add(layer)
+
+            return hook
+
+        if rotary:
+            ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+            with hooks(model, [(attn_hook(layer, "rot_k"), seen(layer)) for layer in rotary]):
+                bridge(ids)
+        _KEY_HOOKS[bridge] = ["hook_rot_k" if layer in fired else "hook_k" for layer in range(model.n_layers)]
+    return list(_KEY_HOOKS[bridge])

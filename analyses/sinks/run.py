@@ -14,7 +14,7 @@ import torch
 from analyses.base import AnalysisResult, heads_frame
 from analyses.sinks.config import HEAD_METRIC_LABELS, INPUT_LABELS, SEED_OFFSETS, SinksConfig
 from analyses.sinks.inputs import input_rows, token_decoder
-from analyses.sinks.reducers import SinkReducer, TokenNorms
+from analyses.sinks.reducers import SinkReducer, TokenNorms, key_hooks
 from analyses.sinks.tables import (
     Measured,
     examples_frame,
@@ -27,7 +27,7 @@ from analyses.sinks.tables import (
     summary_row,
 )
 from probe.capture import capture
-from probe.hooks import attn_hook, hooks
+from probe.hooks import hooks
 from probe.loading import LoadedModel
 from probe.reducers import PatternReducer
 
@@ -195,7 +195,7 @@ def _measure_set(
 def _notes(model: LoadedModel, cfg: SinksConfig) -> dict[str, Any]:
     key_hook = "n/a"
     if cfg.norms and model.bridge is not None:
-        key_hook = "hook_rot_k" if attn_hook(0, "rot_k") in model.bridge.hook_dict else "hook_k"
+        key_hook = ", ".join(dict.fromkeys(key_hooks(model)))
     return {
         "metric": "Sink_k^eps = mean over samples of the share of (layer, head) with alpha_k > eps "
         "(thresholded per sample); sink_1 is k = 0, the first real token",
