@@ -188,6 +188,32 @@ def test_lengths_beyond_the_model_are_refused(tiny_llama: LoadedModel) -> None:
         run_duo(tiny_llama, tiny_config(lengths=(500,)))
 
 
+@pytest.mark.parametrize(
+    ("family", "why"),
+    [
+        ("mpt", "mpt computes attention inside its layers"),  # was an AttributeError in MPT's SDPA path
+        ("gemma2", "gemma2 soft-caps its attention logits"),  # was SDPA's ValueError about softcap
+    ],
+)
+def test_families_duo_attention_refuses_are_refused_before_training(
+    family: str, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import probe
+    from analyses.duo import train
+    from probe.families import save_checkpoint
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gate training ran")
+
+    monkeypatch.setattr(train, "full_targets", no_training)
+    model = probe.load_model(str(save_checkpoint(family, tmp_path / family)), device="cpu")
+    with pytest.raises(ConfigError, match=f"{why}.*duo_attention"):
+        run_duo(
+            model,
+            tiny_config(train_min_length=240, train_max_length=248, lengths=(240,), score_lengths=(240,)),
+        )
+
+
 # ------------------------------------------------------------------------------ data and loss
 
 

@@ -43,6 +43,7 @@ from analyses.tasks import needles
 from probe.duo_cache import duo_generate, kv_tokens
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
+from probe.streaming import check_causal_model
 
 AGREEMENT_COLUMNS = ["share", "k", "overlap", "overlap_share", "chance", "jaccard", "spearman"]
 
@@ -53,6 +54,9 @@ def _check(model: LoadedModel, cfg: DuoConfig) -> None:
             f"{model.name} is not a language model with a native transformers module; DuoAttention needs a "
             "causal language model loaded with probe.load_model"
         )
+    # what duo_attention refuses (ALiBi inside the layer, soft-capped logits), refused before the
+    # training's full-model targets run that model's SDPA path, which some of them do not have
+    check_causal_model(model, "duo_attention")
     if cfg.gates_from is None and cfg.train_max_length > model.n_ctx:
         raise ConfigError(
             f"train_max_length={cfg.train_max_length} is beyond {model.name}'s context of {model.n_ctx} tokens; "
