@@ -2,8 +2,9 @@
 
 Each family is one :class:`Family`: the transformers config class and its arguments for a tiny
 model (2-3 layers, width 64, 4 heads, grouped-query attention where the family has it, the byte
-tokenizer's 259 ids), seeded weights drawn as :mod:`probe.tiny` draws them, and whether the family's
-tokenizer prepends BOS. :func:`save_checkpoint` writes an ordinary checkpoint directory
+tokenizer's 259 ids plus one id per whole word asked for), seeded weights drawn as :mod:`probe.tiny`
+draws them, and whether the family's tokenizer prepends BOS. :func:`save_checkpoint` writes an
+ordinary checkpoint directory
 (``config.json``, ``model.safetensors``, the tokenizer) that ``probe.load_model(directory)`` loads
 through the local-directory source. The checks run on these checkpoints are in :mod:`probe.support`.
 
@@ -13,6 +14,7 @@ See docs/support.md.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 
 from probe.tiny import _seeded, byte_tokenizer
 
-VOCAB = 259  # the byte tokenizer's size: 256 bytes + BOS, EOS, PAD
+VOCAB = 259  # the byte tokenizer's size without words: 256 bytes + BOS, EOS, PAD
 SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 
 
@@ -35,10 +37,10 @@ class Family:
     kwargs: dict[str, Any] = field(default_factory=dict)
     prepend_bos: bool = True  # the family's own tokenizer prepends BOS (GPT-2-style ones do not)
 
-    def config(self) -> Any:
+    def config(self, vocab_size: int = VOCAB) -> Any:
         transformers = importlib.import_module("transformers")
         cls = getattr(transformers, self.config_class)
-        return cls(**{**SPECIAL_IDS, "vocab_size": VOCAB, **self.kwargs})
+        return cls(**{**SPECIAL_IDS, "vocab_size": vocab_size, **self.kwargs})
 
 
 # The common shape of the decoder-only families named by hidden_size & co.
@@ -214,26 +216,28 @@ FAMILIES: dict[str, Family] = {
 """model_type -> the tiny model of that family."""
 
 
-def build(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """A tiny random model of ``family`` (a key of :data:`FAMILIES`) and its byte tokenizer."""
+def build(family: str, seed: int = 0, words: Sequence[str] = ()) -> tuple[torch.nn.Module, Any]:
+    """A tiny random model of ``family`` (a key of :data:`FAMILIES`) and its byte tokenizer, in which
+    each of ``words`` is one token too (with and without a leading space; the vocabulary grows)."""
     from transformers import AutoModelForCausalLM
 
     spec = FAMILIES[family]
-    cfg = spec.config()
+    tok = byte_tokenizer(prepend_bos=spec.prepend_bos, words=words)
+    cfg = spec.config(vocab_size=len(tok))
     for attr in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout"):
         if hasattr(cfg, attr):
             setattr(cfg, attr, 0.0)
-    tok = byte_tokenizer(prepend_bos=spec.prepend_bos)
     model = _seeded(seed, lambda: AutoModelForCausalLM.from_config(cfg), std=0.15)
     return model, tok
 
 
-def save_checkpoint(family: str, directory: str | Path, seed: int = 0) -> Path:
-    """Write a checkpoint directory of the tiny ``family`` model: config, safetensors weights, tokenizer."""
+def save_checkpoint(family: str, directory: str | Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
+    """Write a checkpoint directory of the tiny ``family`` model: config, safetensors weights, tokenizer
+    (``words`` as in :func:`build`)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model: Any
-    model, tok = build(family, seed)
+    model, tok = build(family, seed, words)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
