@@ -12,7 +12,7 @@ See docs/support.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,9 @@ Status = Literal["pass", "refused", "fail"]
 
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 44 bytes: past every sliding window used
 NEW_TOKENS = 32
+DECODE_ROW_STEPS = 8  # decode steps whose recorded rows are compared with transformers' eager rows
 ATOL = 1e-5
+TIE = 1e-6  # two weights of one row this close are a tie: either position is that row's argmax
 KERNEL_ATOL = 1e-4  # two attention kernels (eager, SDPA) on the same numbers: float32 rounding
 
 CHECKS: dict[str, str] = {
@@ -55,6 +57,11 @@ CHECKS: dict[str, str] = {
     "generate": f"model.generate (KV cache) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
     "generate-nocache": f"model.generate(use_cache=False) gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
     "greedy-decode": f"probe.decode.greedy_decode gives transformers' greedy tokens, {NEW_TOKENS} new tokens",
+    "decode-rows": (
+        f"at each of {DECODE_ROW_STEPS} probe.decode.greedy_decode steps, every head's recorded argmax "
+        "position and max weight are those of transformers' eager output_attentions=True row at the step's "
+        f"query (the max weight to {ATOL:g}; the argmax exactly, or a position tied with it within {TIE:g})"
+    ),
 }
 """check name -> what it asserts, in table order."""
 
@@ -341,6 +348,48 @@ def check_greedy_decode(model: LoadedModel, ref: _Reference) -> CheckResult:
     return _compare([int(t) for t in result.tokens], reference_tokens(model, ref))
 
 
+@torch.no_grad()
+def check_decode_rows(model: LoadedModel, ref: _Reference) -> CheckResult:
+    """greedy_decode's per-step argmax and max weight against transformers' eager attention rows.
+
+    Step ``s``'s query is position ``len(prompt) - 1 + s`` of prompt + generated tokens; in a causal
+    model that row depends only on the tokens up to it, so one eager forward over the prompt and
+    every generated token but the last gives every step's row.
+    """
+    from probe.decode import greedy_decode
+
+    ids = prompt_ids(model)
+    result = greedy_decode(model, ids, DECODE_ROW_STEPS, stop_ids=())  # every step, EOS or not
+    steps = len(result.tokens)
+    if steps != DECODE_ROW_STEPS or result.argmax.shape != (steps, model.n_layers, model.n_heads):
+        return CheckResult(
+            "fail",
+            f"{steps} steps, argmax {result.argmax.shape}; wanted {DECODE_ROW_STEPS} steps of every head",
+        )
+    seq = torch.tensor([ids + result.tokens[:-1]])
+    theirs = ref.eager(input_ids=seq, attention_mask=torch.ones_like(seq), output_attentions=True).attentions
+    if theirs is None or len(theirs) != model.n_layers:
+        return CheckResult("fail", "transformers returned no attention weights")
+    queries = torch.arange(steps) + len(ids) - 1  # step s's query position
+    rows = torch.stack([a[0, :, queries].float().transpose(0, 1) for a in theirs], dim=1)  # [steps, L, H, T]
+    argmax = torch.from_numpy(result.argmax)
+    if bool(((argmax < 0) | (argmax > queries[:, None, None])).any()):
+        return CheckResult("fail", "a recorded argmax lies outside the keys its query sees")
+    want_max = rows.amax(dim=-1)
+    at_ours = rows.gather(-1, argmax[..., None])[..., 0]  # the reference's weight where ours peaks
+    wrong = (at_ours < want_max - TIE).nonzero().tolist()
+    if wrong:
+        s, layer, head = wrong[0]
+        return CheckResult(
+            "fail",
+            f"{len(wrong)} argmaxes differ; first at step {s} L{layer}H{head}: position "
+            f"{int(argmax[s, layer, head])} vs {int(rows[s, layer, head].argmax())}",
+        )
+    if (d := _max_diff(torch.from_numpy(result.max_weight).float(), want_max)) > ATOL:
+        return CheckResult("fail", f"max weights differ by up to {d:.2g}")
+    return CheckResult("pass")
+
+
 _MODEL_CHECKS: dict[str, Callable[[LoadedModel, _Reference], CheckResult]] = {
     "patterns": check_patterns,
     "recompute": check_recompute,
@@ -349,6 +398,7 @@ _MODEL_CHECKS: dict[str, Callable[[LoadedModel, _Reference], CheckResult]] = {
     "generate": lambda m, r: check_generate(m, r, use_cache=True),
     "generate-nocache": lambda m, r: check_generate(m, r, use_cache=False),
     "greedy-decode": check_greedy_decode,
+    "decode-rows": check_decode_rows,
 }
 
 
@@ -363,6 +413,12 @@ def _guard(fn: Callable[[], CheckResult]) -> CheckResult:
 
 def run_checks(directory: str | Path) -> dict[str, CheckResult]:
     """Every check of :data:`CHECKS` on one checkpoint directory, in table order."""
+    return check_checkpoint(directory)[1]
+
+
+def check_checkpoint(directory: str | Path) -> tuple[LoadedModel | None, dict[str, CheckResult]]:
+    """The model probe loaded from ``directory`` (None where loading was refused or failed) and every
+    check of :data:`CHECKS` on it, in table order; the checks leave the model as it was loaded."""
     import probe
 
     directory = Path(directory)
@@ -380,7 +436,7 @@ def run_checks(directory: str | Path) -> dict[str, CheckResult]:
     results = {"load": _guard(load)}
     if "model" not in loaded:
         after = "load refused" if results["load"].status == "refused" else "load failed"
-        return {
+        return None, {
             name: CheckResult(results["load"].status, after) if name != "load" else results[name]
             for name in CHECKS
         }
@@ -388,13 +444,17 @@ def run_checks(directory: str | Path) -> dict[str, CheckResult]:
     model = loaded["model"]
     for name, check in _MODEL_CHECKS.items():
         results[name] = _guard(lambda check=check: check(model, ref))  # type: ignore[misc]
-    return results
+    return model, results
 
 
-def family_results(family: str, root: str | Path) -> dict[str, CheckResult]:
-    """Write ``family``'s tiny checkpoint under ``root`` and run every check on it."""
+def family_checkpoint(family: str, root: str | Path, words: Sequence[str] = ()) -> Path:
+    """Write ``family``'s tiny checkpoint (``words`` as whole tokens) into ``root/family``."""
     from probe.families import save_checkpoint
 
     with quiet_transformers():
-        directory = save_checkpoint(family, Path(root) / family)
-    return run_checks(directory)
+        return save_checkpoint(family, Path(root) / family, words=words)
+
+
+def family_results(family: str, root: str | Path, words: Sequence[str] = ()) -> dict[str, CheckResult]:
+    """Write ``family``'s tiny checkpoint under ``root`` and run every check on it."""
+    return run_checks(family_checkpoint(family, root, words))
