@@ -2,8 +2,9 @@
 
 Usage: python scripts/support_table.py [--out docs/support.md]
 
-Each family's tiny checkpoint is written into a temporary directory and checked with
-probe.support.run_checks, the functions tests/test_architectures.py runs.
+Each family's tiny checkpoint is written into a temporary directory, checked with the checks of
+probe.support and given to every language-model analysis (analyses.support.family_support), the
+functions tests/test_architectures.py runs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 from analyses import vision_support
+from analyses.support import SCORES, family_support, language_analyses, settings_text
 from probe.families import FAMILIES
-from probe.support import CHECKS, CheckResult, family_results
+from probe.support import CHECKS, CheckResult
 from probe.vision_families import VISION_FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +24,8 @@ INTRO = """# Architecture support
 
 Which transformers architecture families probe handles, checked on tiny random-weight checkpoints
 (`probe/families.py`: 2-3 layers, width 64, 4 heads, grouped-query attention where the family has
-it, the byte tokenizer) written as ordinary checkpoint directories and loaded with
+it, the byte tokenizer with the circuit tasks' words as whole tokens) written as ordinary checkpoint
+directories and loaded with
 `probe.load_model(directory)`. Each cell is what the check returns now:
 
 - ✓: probe's result equals transformers' own on the same checkpoint (or, for `recompute`,
@@ -46,13 +49,45 @@ layer, outside transformers' attention interface. `duo_attention` there gave log
 every gate at 1 (the bias was lost) and raised an AttributeError on MPT; both now refuse BLOOM and
 MPT with a `ConfigError`, as do recompute captures (before any forward; before, a recompute capture
 failed only after the forward, finding no rows) and soft-capped models (Gemma 2) in recompute mode.
-Models and sources are described in
+`decode-rows` found greedy_decode's recorded rows right wherever it decodes (also Gemma 2's
+soft-capped rows and the absolute positions under Gemma 3's sliding-window cache). The analyses
+below found three crashes on families whose checks pass: `sinks` raised a CaptureError on Phi-3,
+GPT-NeoX and Falcon, whose fused-qkv bridges declare `hook_rot_k` but rotate their keys without
+firing it; its key norms are now read at `hook_k` there (RoPE keeps norms, and those bridges have
+no q/k norm), tested against the keys transformers' attention receives. `duo` raised SDPA's
+ValueError on Gemma 2 and an AttributeError on MPT, whose gate training ran the full model's SDPA
+path first; it now refuses, before any forward, every model `duo_attention` refuses. Models and
+sources are described in
 [models.md](models.md), captures and decoding in [capture.md](capture.md).
 
 """
 
 
-def render(results: dict[str, dict[str, CheckResult]]) -> str:
+ANALYSES_INTRO = """## Analyses
+
+Every registered analysis of language models (all but the head atlas, which reads other runs and
+computes nothing on a model) on each family's checkpoint above, loaded once for both tables, run
+through its registry entry as `headlab run` runs it, with these settings over its config's
+defaults: the smallest that run every stage of the analysis (a random tiny model recalls no
+needle, so the retrieval heads of `retrieval` and `duo` have nothing to validate). Each cell:
+
+- ✓: it ran, and its head scores below are finite numbers, one per layer and head (a run, not a
+  check of the scores' values: on random weights they mean nothing);
+- refused (why): the analysis raises a one-line `ConfigError`;
+- ✗ (what): another error, or head scores of another shape or not finite.
+
+| analysis | settings (`--set`) | head scores |
+| --- | --- | --- |
+{settings}
+
+`analyses/support.py` runs them; `tests/test_architectures.py` runs it too and fails when a row
+here disagrees.
+"""
+
+
+def render(
+    results: dict[str, dict[str, CheckResult]], analysis_results: dict[str, dict[str, CheckResult]]
+) -> str:
     checks = "\n".join(f"| `{name}` | {what} |" for name, what in CHECKS.items())
     lines = [INTRO.format(checks=checks).rstrip("\n"), ""]
     lines.append("| family | what it exercises | " + " | ".join(f"`{c}`" for c in CHECKS) + " |")
@@ -60,6 +95,21 @@ def render(results: dict[str, dict[str, CheckResult]]) -> str:
     for family, row in results.items():
         cells = " | ".join(row[c].cell().replace("|", "/") for c in CHECKS)
         lines.append(f"| `{family}` | {FAMILIES[family].what} | {cells} |")
+    return "\n".join(lines) + "\n\n" + render_analyses(analysis_results)
+
+
+def render_analyses(results: dict[str, dict[str, CheckResult]]) -> str:
+    """The analyses section: each analysis's settings and head scores, then family × analysis."""
+    names = language_analyses()
+    settings = "\n".join(
+        f"| `{name}` | `{settings_text(name) or '(defaults)'}` | {SCORES[name][0] if name in SCORES else '?'} |"
+        for name in names
+    )
+    lines = [ANALYSES_INTRO.format(settings=settings).rstrip("\n"), ""]
+    lines.append("| family | " + " | ".join(f"`{a}`" for a in names) + " |")
+    lines.append("| --- | " + " | ".join("---" for _ in names) + " |")
+    for family, row in results.items():
+        lines.append(f"| `{family}` | " + " | ".join(row[a].cell().replace("|", "/") for a in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,11 +152,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         results = {}
+        analysis_rows = {}
         for family in FAMILIES:
-            results[family] = family_results(family, root)
-            print(family, " ".join(f"{c}={r.status}" for c, r in results[family].items()), flush=True)
+            results[family], analysis_rows[family] = family_support(family, root)
+            done = {**results[family], **analysis_rows[family]}
+            print(family, " ".join(f"{c}={r.status}" for c, r in done.items()), flush=True)
         vision = {f: vision_support.family_results(f, Path(root) / "vision") for f in VISION_FAMILIES}
-    args.out.write_text(render(results) + "\n" + render_vision(vision))
+    args.out.write_text(render(results, analysis_rows) + "\n" + render_vision(vision))
     print(f"wrote {args.out}")
 
 
