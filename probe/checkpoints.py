@@ -96,8 +96,10 @@ def load_language_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Mod
     return model, tokenizer
 
 
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+def first_line(err: BaseException, limit: int = 240) -> str:
+    """The error's first line, cut to ``limit`` characters with an ellipsis where it is longer."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def text_config(hf_config: Any) -> Any:

@@ -48,7 +48,9 @@ What the checks found and what was fixed: BLOOM's ALiBi bias is computed inside 
 layer, outside transformers' attention interface. `duo_attention` there gave logits off by 1.7 with
 every gate at 1 (the bias was lost) and raised an AttributeError on MPT; both now refuse BLOOM and
 MPT with a `ConfigError`, as do recompute captures (before any forward; before, a recompute capture
-failed only after the forward, finding no rows) and soft-capped models (Gemma 2) in recompute mode.
+failed only after the forward, finding no rows). Gemma 2 soft-caps its attention scores, which SDPA
+cannot do: recompute captures and decode scoring refused it; they now compute its attention with
+eager's formula in blocks of query rows (see [capture.md](capture.md)), and pass here.
 `decode-rows` found greedy_decode's recorded rows right wherever it decodes (also Gemma 2's
 soft-capped rows and the absolute positions under Gemma 3's sliding-window cache). The analyses
 below found three crashes on families whose checks pass: `sinks` raised a CaptureError on Phi-3,
