@@ -44,6 +44,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -540,6 +541,45 @@ HEADER = (
 )
 
 
+def run_shape(
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """Build one shape, measure its rows at every length and, with ``--reach``, its reach."""
+    from probe.memory import weights_bytes
+
+    records: list[dict[str, Any]] = []
+    shape = tiny(SHAPES[name]) if args.tiny else SHAPES[name]
+    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else shape.lengths
+    t0 = time.perf_counter()
+    model = build(f"random-{name}", shape, device, dtype, max(lengths))
+
+    weights = weights_bytes(model)
+    print(
+        f"# {name}: built and wrapped in {time.perf_counter() - t0:.1f} s, weights {fmt_bytes(weights)}",
+        flush=True,
+    )
+    warm = min(lengths[0], 1024)
+    if shape.vision:
+        vhd_rows(model, warm, args, warmup=True)
+    else:
+        length_rows(model, warm, argparse.Namespace(**{**vars(args), "repeats": 1}))  # compile, cache
+    for T in lengths:
+        raised = shape.kwargs["max_position_embeddings"] < T + 64
+        rows = vhd_rows(model, T, args) if shape.vision else length_rows(model, T, args)
+        records += print_rows(name, T, raised, rows, weights)
+    if args.reach:
+        ran = [
+            r["T"]
+            for r in records
+            if r["shape"] == name and r.get("row") in ("census", "vhd") and not r["error"]
+        ]
+        print(
+            f"# reach {name:14s} {'headlab (recompute/vhd)':24s} largest T {max(ran, default=None)} (of those run)"
+        )
+        records += reach(model, name, max(lengths), args)
+    return records
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -557,37 +597,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     print(HEADER, flush=True)
     for name in args.shapes.split(","):
-        shape = tiny(SHAPES[name]) if args.tiny else SHAPES[name]
-        lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else shape.lengths
-        t0 = time.perf_counter()
-        model = build(f"random-{name}", shape, device, dtype, max(lengths))
-        from probe.memory import weights_bytes
-
-        weights = weights_bytes(model)
-        print(
-            f"# {name}: built and wrapped in {time.perf_counter() - t0:.1f} s, weights {fmt_bytes(weights)}",
-            flush=True,
-        )
-        warm = min(lengths[0], 1024)
-        if shape.vision:
-            vhd_rows(model, warm, args, warmup=True)
-        else:
-            length_rows(model, warm, argparse.Namespace(**{**vars(args), "repeats": 1}))  # compile, cache
-        for T in lengths:
-            raised = shape.kwargs["max_position_embeddings"] < T + 64
-            rows = vhd_rows(model, T, args) if shape.vision else length_rows(model, T, args)
-            records += print_rows(name, T, raised, rows, weights)
-        if args.reach:
-            ran = [
-                r["T"]
-                for r in records
-                if r["shape"] == name and r.get("row") in ("census", "vhd") and not r["error"]
-            ]
-            print(
-                f"# reach {name:14s} {'headlab (recompute/vhd)':24s} largest T {max(ran, default=None)} (of those run)"
-            )
-            records += reach(model, name, max(lengths), args)
-        del model
+        try:
+            records += run_shape(name, args, device, dtype)
+        except Exception:  # one shape's failure is printed; the next shapes still run
+            traceback.print_exc()
+            print(f"# {name}: FAILED (above)", flush=True)
         _reset(device)
         if args.out:  # after every shape: a run cut short keeps what it measured
             args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
