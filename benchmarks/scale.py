@@ -8,7 +8,7 @@ memory do not depend on the weights' values; nothing is downloaded) and wrapped 
                  divides by; for Gemma 2 SDPA drops the soft cap: a speed reference, not the model)
 * ``census``     a recompute capture with the census's reducers (entropy, mean distance,
                  previous-token score, column importance): one forward's worth of the census
-* ``sinks``      ``analyses.sinks.measure_sinks`` in recompute mode (alpha; no token norms)
+* ``sinks``      ``analyses.sinks.measure_sinks`` in recompute mode (alpha and the token norms)
 * ``generate``   ``model.generate`` of ``--new-tokens`` greedy tokens (the decode floor)
 * ``retrieval``  ``probe.decode.greedy_decode`` recording every head's argmax at every step, then
                  the copy-paste scoring of ``analyses.retrieval`` (ratios to ``generate``)
@@ -381,13 +381,18 @@ def length_rows(model: Any, T: int, args: argparse.Namespace) -> dict[str, Measu
         repeats,
         plan.total,
     )
-    from analyses.sinks.reducers import SinkReducer
+    from analyses.sinks.reducers import SinkReducer, TokenNorms
 
     plan = estimate_capture(
-        model, batch_size=1, seq_len=T - new, reducers=[SinkReducer(0.3)], mode="recompute", query_block=qb
+        model,
+        batch_size=1,
+        seq_len=T - new,
+        reducers=[SinkReducer(0.3), TokenNorms(model.n_layers, model.n_kv_heads)],
+        mode="recompute",
+        query_block=qb,
     )
     out["sinks"] = measure(
-        lambda: measure_sinks(model, [row], mode="recompute", batch_size=1, query_block=qb, norms=False),
+        lambda: measure_sinks(model, [row], mode="recompute", batch_size=1, query_block=qb),
         device,
         repeats,
         plan.total,

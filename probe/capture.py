@@ -210,6 +210,8 @@ class _RecomputeState:
         self.group = group
         # All reducers can work from moments: no attention row is ever formed (Triton on CUDA).
         self.use_moments = all(r.supports_moments for r in reducers)
+        # reducers that also read each layer's input, key and value (``reads_native``)
+        self.native_readers = [r for r in reducers if getattr(r, "reads_native", False)]
         self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
         # every layer's moments of the current batch, handed to the reducers after the forward
@@ -270,6 +272,9 @@ def _recompute_attention(
     softcap = kwargs.get("softcap")
     if state is not None and id(module) in state.layer_of:
         layer = state.layer_of[id(module)]
+        for reader in state.native_readers:  # [b, T, n_kv, d]: the key after any q/k norm and RoPE
+            reader.record(layer, "key", key.transpose(1, 2))  # type: ignore[attr-defined]
+            reader.record(layer, "value", value.transpose(1, 2))  # type: ignore[attr-defined]
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         if state.use_moments:
             assert state.stack is not None
@@ -310,11 +315,37 @@ def recompute_attention(
     if _RecomputeState.active is not None:
         raise CaptureError("a recompute capture is already running in this process")
     _RecomputeState.active = state
+    handles = _layer_input_hooks(model, state.native_readers)
     try:
         with native_attention(model, RECOMPUTE_IMPL) as native:
             yield native
     finally:
         _RecomputeState.active = None
+        for handle in handles:
+            handle.remove()
+
+
+def _layer_input_hooks(model: LoadedModel, readers: Sequence[PatternReducer]) -> list[Any]:
+    """Pre-hooks handing each decoder layer's input (the residual stream before the layer,
+    ``[b, T, d_model]``) to ``readers`` as quantity ``"hidden"``; the decoder layer is the module
+    that holds the layer's attention module."""
+    if not readers:
+        return []
+    native = model.native_model
+    assert native is not None
+    names = {id(m): n for n, m in native.named_modules()}
+    handles = []
+    for layer, attention in enumerate(attention_modules(model)):
+        parent = names[id(attention)].rpartition(".")[0]
+        block = native.get_submodule(parent)
+
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            for reader in readers:
+                reader.record(layer, "hidden", hidden)  # type: ignore[attr-defined]
+
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def _run_recompute(

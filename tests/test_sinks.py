@@ -432,3 +432,28 @@ def test_gemma3_keeps_the_bos_sink_on_repeated_tokens() -> None:
     assert summary.loc["natural", "sink_1"] > 60 and summary.loc["random", "sink_1"] > 60
     assert summary.loc["repeated", "sink_1"] > 40
     assert math.isfinite(summary.loc["repeated", "sink_1_sem"])
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "qwen3", "gemma2"])
+def test_recompute_norms_come_from_the_same_native_forward(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In recompute mode the token norms are read from the native forward (the layers' inputs, the
+    keys and values the attention receives), equal to the eager bridge's, on a left-padded batch,
+    without any bridge forward (whose eager patterns are O(T²))."""
+    import probe
+    from probe.families import save_checkpoint
+
+    model = probe.load_model(str(save_checkpoint(family, tmp_path / family)), device="cpu")
+    rows = _rows(2, [14, 9])
+    eager_alpha, eager = measure_sinks(model, rows, batch_size=2)
+    assert model.bridge is not None
+
+    def no_bridge(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the bridge ran in a recompute capture")
+
+    monkeypatch.setattr(model.bridge, "forward", no_bridge)
+    rec_alpha, rec = measure_sinks(model, rows, batch_size=2, mode="recompute", query_block=4)
+    assert eager is not None and rec is not None
+    torch.testing.assert_close(rec.result(), eager.result(), rtol=1e-4, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(rec_alpha.alpha(), eager_alpha.alpha(), rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -78,9 +78,12 @@ class SinkReducer(ColumnImportance):
 class TokenNorms(PatternReducer):
     """L2 norms of the first real token's hidden state, keys and values against the other tokens.
 
-    Not a pattern statistic: it reads ``blocks.{l}.hook_resid_pre``, the key hook of
-    :func:`key_hooks` and ``hook_v`` through :meth:`hook_points`, and takes the batch layout (padding) from the
-    :class:`BatchInfo` that the capture hands every reducer. Its pattern updates do nothing.
+    Not a pattern statistic: in an eager capture it reads ``blocks.{l}.hook_resid_pre``, the key
+    hook of :func:`key_hooks` and ``hook_v`` through :meth:`hook_points`; in a recompute capture
+    (``reads_native``) the capture hands it each native decoder layer's input and the key and value
+    its attention receives, in the same forward (no pattern is formed). It takes the batch layout
+    (padding) from the :class:`BatchInfo` that the capture hands every reducer. Its pattern updates
+    do nothing.
 
     Result: ``[n_samples, L, 1 + 2·n_kv, 2]``: column 0 the hidden state, then the keys of each KV
     head, then the values of each; last dimension (norm of the first real token, mean norm of the
@@ -90,6 +93,7 @@ class TokenNorms(PatternReducer):
     name = "token_norms"
     supports_moments = True
     stacked_moments = True  # its moment updates do nothing: one call per batch is enough
+    reads_native = True  # a recompute capture hands it each layer's input, key and value
 
     def __init__(self, n_layers: int, n_kv_heads: int) -> None:
         super().__init__()

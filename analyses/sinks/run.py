@@ -27,6 +27,7 @@ from analyses.sinks.tables import (
     summary_row,
 )
 from probe.capture import capture
+from probe.errors import CaptureError
 from probe.hooks import hooks
 from probe.loading import LoadedModel
 from probe.reducers import PatternReducer
@@ -53,49 +54,36 @@ def measure_sinks(
     desc: str = "sinks",
 ) -> tuple[SinkReducer, TokenNorms | None]:
     """Capture ``alpha`` (a :class:`SinkReducer`) and, with ``norms``, the :class:`TokenNorms` of
-    token ``rows`` (raw ids; the BOS policy is applied by the capture). In eager mode the norms
-    come from the same forward; in recompute mode from one more bridge forward."""
+    token ``rows`` (raw ids; the BOS policy is applied by the capture), in one forward: in eager mode
+    the norms come from the bridge's hooks, in recompute mode from the native layers' inputs and the
+    keys and values their attention receives (no pattern is formed)."""
     sink = SinkReducer(eps)
     token_norms = TokenNorms(model.n_layers, model.n_kv_heads) if norms else None
     batch_size = max(1, min(batch_size, len(rows)))
-    alpha_reducers: list[PatternReducer] = [sink]
-    if token_norms is not None and mode == "eager":
-        alpha_reducers.append(token_norms)  # same forward: its hooks fire during the capture
-    if token_norms is not None:
-        with hooks(model, token_norms.hook_points(model)) as hook_set:
-            capture(
-                model,
-                rows,
-                alpha_reducers,
-                mode=mode,
-                batch_size=batch_size,
-                query_block=query_block,
-                progress=progress,
-                desc=desc,
-            )
-            if mode == "recompute":  # the native model has no hook points: one more bridge forward
-                capture(
-                    model,
-                    rows,
-                    [token_norms],
-                    mode="eager",
-                    batch_size=batch_size,
-                    query_block=query_block,
-                    progress=progress,
-                    desc=f"{desc} (norms)",
-                )
-            hook_set.check_fired()
-    else:
+    reducers: list[PatternReducer] = [sink] + ([token_norms] if token_norms is not None else [])
+
+    def run() -> None:
         capture(
             model,
             rows,
-            alpha_reducers,
+            reducers,
             mode=mode,
             batch_size=batch_size,
             query_block=query_block,
             progress=progress,
             desc=desc,
         )
+
+    if token_norms is not None and mode == "eager":
+        with hooks(model, token_norms.hook_points(model)) as hook_set:
+            run()
+            hook_set.check_fired()
+    else:
+        run()
+    if token_norms is not None:
+        silent = torch.isnan(token_norms.result()[..., 0]).any(dim=(0, 2)).nonzero().flatten().tolist()
+        if silent:
+            raise CaptureError(f"layers {silent[:5]} handed no hidden state, key or value to the token norms")
     return sink, token_norms
 
 
@@ -194,7 +182,9 @@ def _measure_set(
 
 def _notes(model: LoadedModel, cfg: SinksConfig) -> dict[str, Any]:
     key_hook = "n/a"
-    if cfg.norms and model.bridge is not None:
+    if cfg.norms and cfg.mode == "recompute":
+        key_hook = "the key the attention receives (after any q/k norm and RoPE)"
+    elif cfg.norms and model.bridge is not None:
         key_hook = ", ".join(dict.fromkeys(key_hooks(model)))
     return {
         "metric": "Sink_k^eps = mean over samples of the share of (layer, head) with alpha_k > eps "
