@@ -30,6 +30,8 @@ from probe.errors import ConfigError
 from probe.loading import LoadedModel
 from probe.reducers import ColumnImportance, DiagonalScore, KeepPatterns, MeanDistance, RowEntropy
 
+EXAMPLE_TOKENS = 256  # the example patterns kept for display: their first positions (BOS included)
+
 METRICS = ("entropy", "alpha_0", "prev_token", "mean_distance", "induction", "duplicate_token")
 METRIC_LABELS = {
     "entropy": "attention entropy (nats)",
@@ -99,10 +101,8 @@ def run_census(
         DiagonalScore(1, name="prev_token"),
         ColumnImportance(),
     )
-    keep = KeepPatterns(n_samples=cfg.n_examples, max_tokens=cfg.seq_len + bos)
-    reducers_nat = [entropy, distance, prev, alpha] + ([keep] if cfg.n_examples else [])
+    reducers_nat = [entropy, distance, prev, alpha]
     n_kept_rep = min(cfg.n_examples, cfg.n_repeated)
-    keep_rep = KeepPatterns(n_samples=n_kept_rep, max_tokens=2 * cfg.repeat_len + bos)
     stats_nat = capture(
         model,
         natural,
@@ -119,7 +119,7 @@ def run_census(
     stats_rep = capture(
         model,
         repeated,
-        [induction, duplicate] + ([keep_rep] if n_kept_rep else []),
+        [induction, duplicate],
         mode=cfg.mode,
         batch_size=cfg.batch_size,
         query_block=cfg.query_block,
@@ -163,12 +163,11 @@ def run_census(
 
     arrays: dict[str, np.ndarray] = {}
     tables: dict[str, pd.DataFrame] = {"heads": heads, "per_sample": per_sample_frame}
-    if cfg.n_examples:
-        arrays["example_patterns"] = keep.result().numpy().astype(np.float16)
-        tables["examples"] = _example_tokens(model, natural[: cfg.n_examples])
-    if n_kept_rep:
-        arrays["repeated_patterns"] = keep_rep.result().numpy().astype(np.float16)
-        tables["repeated_examples"] = _example_tokens(model, repeated[:n_kept_rep])
+    for key, rows, n in (("example", natural, cfg.n_examples), ("repeated", repeated, n_kept_rep)):
+        if n:
+            shown = [list(r[: EXAMPLE_TOKENS - bos]) for r in rows[:n]]
+            arrays[f"{key}_patterns"] = _example_patterns(model, shown).numpy().astype(np.float16)
+            tables["examples" if key == "example" else "repeated_examples"] = _example_tokens(model, shown)
     alpha_mean = torch.nanmean(alpha.result(), dim=0)  # [L, H, T]
     arrays["alpha_natural"] = alpha_mean.numpy().astype(np.float32)
     return AnalysisResult(
@@ -186,6 +185,18 @@ def run_census(
         },
         notes={"metrics": METRIC_LABELS, "bos_prepended": bool(bos)},
     )
+
+
+def _example_patterns(model: LoadedModel, rows: list[list[int]]) -> torch.Tensor:
+    """The full patterns ``[n, L, H, T, T]`` of a few short rows, from an eager capture of their own.
+
+    The statistics' captures then keep only reducers that work from moments (the fast path at long
+    context), and no ``T × T`` pattern of a long row is ever kept: a causal model's pattern over the
+    first positions of a row does not depend on the tokens after them.
+    """
+    keep = KeepPatterns(n_samples=len(rows), max_tokens=EXAMPLE_TOKENS)
+    capture(model, rows, [keep], mode="eager", batch_size=len(rows), progress=False)
+    return keep.result()
 
 
 def _example_tokens(model: LoadedModel, rows: list[list[int]]) -> pd.DataFrame:

@@ -11,7 +11,14 @@ from probe.capture import capture
 from probe.errors import CaptureError, ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
 from probe.moments import AttentionMoments, MomentStack, attention_moments, pattern_moments
-from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, PatternReducer, RowEntropy
+from probe.reducers import (
+    ColumnImportance,
+    DiagonalScore,
+    KeepPatterns,
+    MeanDistance,
+    PatternReducer,
+    RowEntropy,
+)
 
 
 def random_rows(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -105,6 +112,37 @@ def test_census_on_a_tiny_model_has_one_row_per_head(tiny_llama: LoadedModel) ->
     assert heads[["entropy", "alpha_0", "prev_token", "induction", "duplicate_token"]].notna().all().all()
     assert ((heads["alpha_0"] >= 0) & (heads["alpha_0"] <= 1)).all()
     assert result.arrays["example_patterns"].shape[:3] == (1, 3, 4)
+
+
+def test_census_of_long_rows_keeps_only_their_first_positions_patterns(
+    tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example patterns of a long census are the first 256 positions' (equal to the full rows'
+    patterns there: causal attention does not look ahead), and the statistics' captures run on the
+    moments path (no reducer that needs rows)."""
+    from analyses import census
+
+    modes: list[tuple[str, bool]] = []
+    real_capture = census.capture
+
+    def spy(model, rows, reducers, **kwargs):  # type: ignore[no-untyped-def]
+        modes.append((kwargs["mode"], all(r.supports_moments for r in reducers)))
+        return real_capture(model, rows, reducers, **kwargs)
+
+    monkeypatch.setattr(census, "capture", spy)
+    cfg = CensusConfig(n_natural=2, seq_len=300, n_repeated=2, repeat_len=150, n_examples=1, mode="recompute")
+    result = run_census(tiny_llama, cfg, progress=False)
+    kept = result.arrays["example_patterns"]
+    assert kept.shape == (1, tiny_llama.n_layers, tiny_llama.n_heads, 256, 256)
+    assert len(result.tables["examples"]) == 256
+    assert modes[:2] == [("recompute", True), ("recompute", True)]  # the statistics: moments only
+    full = KeepPatterns(n_samples=1, max_tokens=400)
+    row = [int(t) for t in result.tables["examples"]["token_id"]][1:]  # BOS is prepended again
+    natural = census.natural_token_rows(tiny_llama.tokenizer, 2, 300, 0)[0]
+    assert row == natural[:255]
+    real_capture(tiny_llama, [natural], [full], mode="eager", progress=False)
+    want = full.result()[0, :, :, :256, :256].numpy()
+    assert abs(kept[0].astype("float32") - want).max() < 1e-3  # float16 storage
 
 
 @pytest.mark.real
