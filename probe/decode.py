@@ -217,14 +217,12 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
 
 
 @torch.inference_mode()
-def check_decodable(model: LoadedModel) -> None:
-    """Refuse, before any step runs, a model whose decode steps the scoring function cannot see."""
-    check_replaceable(
-        model,
-        "decode scoring",
-        "use model.generate for tokens and an eager capture for patterns",
-        softcap=True,
-    )
+def check_decodable(
+    model: LoadedModel, instead: str = "use model.generate for tokens and an eager capture for patterns"
+) -> None:
+    """Refuse, before any step runs, a model whose decode steps the scoring function cannot see;
+    ``instead`` ends the one-line message (what the caller should do)."""
+    check_replaceable(model, "decode scoring", instead, softcap=True)
 
 
 def greedy_decode(

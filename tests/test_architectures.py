@@ -163,6 +163,10 @@ def test_refusals_are_config_errors(root: Path) -> None:
     assert bloom.n_ctx == 2048  # BLOOM's config names no context length (ALiBi)
     with pytest.raises(ConfigError, match="attention interface"):
         greedy_decode(bloom, [5, 6, 7], 2)
+    from analyses.retrieval import RetrievalConfig, run_retrieval
+
+    with pytest.raises(ConfigError, match="retrieval heads are scored on decode steps"):
+        run_retrieval(bloom, RetrievalConfig(lengths=(64,)))
     # ALiBi is computed inside BLOOM's layer: rebuilding or replacing its attention would drop it
     from probe.capture import capture
     from probe.reducers import RowEntropy

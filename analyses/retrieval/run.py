@@ -17,6 +17,7 @@ from analyses.retrieval.heldout import HeldOut, found_heads, needle_test_row, ru
 from analyses.retrieval.masking import masking_table
 from analyses.retrieval.scoring import aggregate_scores, copy_significance
 from analyses.tasks import needles
+from probe.decode import check_decodable
 from probe.errors import ConfigError
 from probe.loading import LoadedModel
 
@@ -111,6 +112,10 @@ def run_retrieval(model: LoadedModel, config: RetrievalConfig | None = None) -> 
             f"{model.name} is not a language model with a native transformers module; retrieval scoring "
             "needs a causal language model loaded with probe.load_model"
         )
+    check_decodable(
+        model,
+        "retrieval heads are scored on decode steps: use a family whose decode-rows check passes in docs/support.md",
+    )
     check_room(model, cfg, max(int(n) for n in [*cfg.lengths, cfg.heldout_tokens]))
     t_start = time.perf_counter()
     tests = _grid(model, cfg)
