@@ -280,6 +280,36 @@ def _result_bytes(reducer: PatternReducer, n_sequences: int, T: int, n_layers: i
     return n_sequences * reducer.state_bytes(1, T, n_layers, n_heads)
 
 
+def _sizes(
+    model: LoadedModel, dtype: torch.dtype | None, weights: int | None
+) -> tuple[torch.dtype, int, int, int, int]:
+    """The dtype planned for, its element size, the weights' bytes in it (``weights``: already
+    counted in the model's dtype), the MLP's width and the vocabulary."""
+    dt = dtype or model.dtype
+    s = torch.empty((), dtype=dt).element_size()
+    if weights is None:
+        weights = weights_bytes(model)
+    if dt != model.dtype:
+        weights = weights * s // torch.empty((), dtype=model.dtype).element_size()
+    d_ff = _config_int(model, "intermediate_size", "n_inner", "ffn_dim") or 4 * model.d_model
+    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
+    return dt, s, weights, d_ff, vocab
+
+
+def _capped_bytes(model: LoadedModel, b: int, T: int, s: int) -> int:
+    """A soft-capped model's attention output, SOFTCAP_BLOCK query rows at a time: the scores in the
+    model's dtype (``s`` bytes), their float32 softmax and its cast back; 0 for other models."""
+    if not soft_caps_logits(model):
+        return 0
+    return b * model.n_heads * min(SOFTCAP_BLOCK, T) * T * (2 * s + 4)
+
+
+def _window_mask(model: LoadedModel, T: int) -> bool:
+    """Whether a sliding window shorter than ``T`` makes SDPA's mask a ``[b, 1, T, T]`` tensor."""
+    window = _config_int(model, "sliding_window")
+    return window is not None and window < T
+
+
 def estimate_capture(
     model: LoadedModel,
     *,
@@ -304,16 +334,9 @@ def estimate_capture(
         raise ConfigError(f"unknown capture mode {mode!r}; choose eager or recompute")
     if batch_size < 1 or seq_len < 1 or query_block < 1:
         raise ConfigError("batch_size, seq_len and query_block must be >= 1")
-    dt = dtype or model.dtype
-    s = torch.empty((), dtype=dt).element_size()
-    if weights is None:
-        weights = weights_bytes(model)
-    if dt != model.dtype:
-        weights = weights * s // torch.empty((), dtype=model.dtype).element_size()
+    dt, s, weights, d_ff, vocab = _sizes(model, dtype, weights)
     b, T = batch_size, seq_len
     H, L, D, d = model.n_heads, model.n_layers, model.d_model, model.d_head
-    d_ff = _config_int(model, "intermediate_size", "n_inner", "ffn_dim") or 4 * D
-    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
     on_cpu = model.device.type != "cuda"
     heap = 0.0  # CPU: bytes the heap holds from the layer phase on (kept through the output phase)
     mapped = 0.0  # bytes held only while a layer runs (mmapped blocks on the CPU, any block on a GPU)
@@ -347,15 +370,11 @@ def estimate_capture(
         else:
             rows = b * H * min(query_block, T) * T * 4
             blocks, block = RECOMPUTE_ROW_COPIES * rows, rows
-        if soft_caps_logits(model):
-            # before the statistics, the layer's output from soft-capped scores, SOFTCAP_BLOCK query
-            # rows at a time: the scores in the model's dtype, their float32 softmax and its cast back
-            capped = b * H * min(SOFTCAP_BLOCK, T) * T
-            if capped * (2 * s + 4) > blocks:
-                blocks, block = capped * (2 * s + 4), capped * 4
+        # before the statistics, the layer's output from soft-capped scores (held one after the other)
+        if (capped := _capped_bytes(model, b, T, s)) > blocks:
+            blocks, block = capped, capped * 4 // (2 * s + 4)
         attention += held(blocks, block)
-        window = _config_int(model, "sliding_window")
-        if b > 1 or (window is not None and window < T):
+        if b > 1 or _window_mask(model, T):
             # a left-padded batch, or a sliding window shorter than the sequence, needs a
             # [b, 1, T, T] boolean mask, which the CPU's SDPA kernel copies to float. A single
             # causal sequence (a GPU's fused kernel, is_causal) needs none.
@@ -400,23 +419,14 @@ def estimate_decode(
     full length (an overestimate where the cache keeps only the window)."""
     if prompt_len < 1 or max_new_tokens < 0:
         raise ConfigError("prompt_len must be >= 1 and max_new_tokens >= 0")
-    dt = dtype or model.dtype
-    s = torch.empty((), dtype=dt).element_size()
-    weights = weights_bytes(model)
-    if dt != model.dtype:
-        weights = weights * s // torch.empty((), dtype=model.dtype).element_size()
+    dt, s, weights, d_ff, vocab = _sizes(model, dtype, None)
     T, total_len = prompt_len, prompt_len + max_new_tokens
     H, L, D, d, kv = model.n_heads, model.n_layers, model.d_model, model.d_head, model.n_kv_heads
-    d_ff = _config_int(model, "intermediate_size", "n_inner", "ffn_dim") or 4 * D
-    vocab = _config_int(model, "vocab_size") or len(model.tokenizer)
     cache = 2 * L * kv * total_len * d * s
     activations = ACT_COPIES * T * D * s + MLP_COPIES * T * d_ff * s
     attention = T * (H + 2 * kv) * d * s  # the layer's queries, keys and values (SDPA's are fused)
-    if soft_caps_logits(model):
-        capped = H * min(SOFTCAP_BLOCK, T) * T
-        attention += capped * (2 * s + 4)
-    window = _config_int(model, "sliding_window")
-    if window is not None and window < T:
+    attention += _capped_bytes(model, 1, T, s)
+    if _window_mask(model, T):
         attention += T * T  # the sliding window's boolean mask
     logits = vocab * 4
     total = weights + cache + max(activations + attention, logits)
