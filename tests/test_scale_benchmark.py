@@ -50,6 +50,7 @@ def test_tiny_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert all(r["error"] == "" and r["seconds"] > 0 for r in measured)
     planned = [r for r in measured if r["row"] in ("census", "sinks", "generate", "retrieval")]
     assert planned and all(r["plan"] > r["weights"] for r in planned)
+    assert all(isinstance(r["copy_hits"], int) for r in measured if r["row"] == "retrieval")
     reach = [r for r in rows if r["row"].startswith("reach")]
     assert len(reach) == 4 and all(r["largest"] == max(scale.TINY_LENGTHS) for r in reach)
     printed = capsys.readouterr().out
