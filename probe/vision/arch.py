@@ -7,7 +7,7 @@ architecture).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from probe.errors import ConfigError
@@ -108,18 +108,10 @@ ARCHITECTURES: dict[str, VisionArch] = {
         _dinov2_image,
         interpolates_positions=True,
     ),
-    "dinov2_with_registers": VisionArch(
-        "encoder.layer",
-        "attention",
-        "attention.o_proj",
-        "layernorm",
-        ("cls",),
-        _dinov2_image,
-        interpolates_positions=True,
-        registers="num_register_tokens",
-    ),
 }
 """model family -> module layout. A new ViT-like family is one entry here."""
+# DINOv2 with registers: DINOv2's layout, its register tokens between CLS and the patches
+ARCHITECTURES["dinov2_with_registers"] = replace(ARCHITECTURES["dinov2"], registers="num_register_tokens")
 MODEL_TYPES = {
     "clip": "clip",
     "clip_vision_model": "clip",
