@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from analyses import vision_support
@@ -87,16 +88,27 @@ here disagrees.
 """
 
 
+def _table(
+    lead: list[str], columns: Iterable[str], rows: Iterable[tuple[list[str], dict[str, CheckResult]]]
+) -> list[str]:
+    """A markdown table: the ``lead`` columns, then one column per check (its cell per row)."""
+    names = list(columns)
+    lines = [
+        "| " + " | ".join([*lead, *(f"`{c}`" for c in names)]) + " |",
+        "| " + " | ".join(["---"] * (len(lead) + len(names))) + " |",
+    ]
+    for first, row in rows:
+        lines.append("| " + " | ".join([*first, *(row[c].cell().replace("|", "/") for c in names)]) + " |")
+    return lines
+
+
 def render(
     results: dict[str, dict[str, CheckResult]], analysis_results: dict[str, dict[str, CheckResult]]
 ) -> str:
     checks = "\n".join(f"| `{name}` | {what} |" for name, what in CHECKS.items())
     lines = [INTRO.format(checks=checks).rstrip("\n"), ""]
-    lines.append("| family | what it exercises | " + " | ".join(f"`{c}`" for c in CHECKS) + " |")
-    lines.append("| --- | --- | " + " | ".join("---" for _ in CHECKS) + " |")
-    for family, row in results.items():
-        cells = " | ".join(row[c].cell().replace("|", "/") for c in CHECKS)
-        lines.append(f"| `{family}` | {FAMILIES[family].what} | {cells} |")
+    rows = [([f"`{f}`", FAMILIES[f].what], row) for f, row in results.items()]
+    lines += _table(["family", "what it exercises"], CHECKS, rows)
     return "\n".join(lines) + "\n\n" + render_analyses(analysis_results)
 
 
@@ -108,10 +120,7 @@ def render_analyses(results: dict[str, dict[str, CheckResult]]) -> str:
         for name in names
     )
     lines = [ANALYSES_INTRO.format(settings=settings).rstrip("\n"), ""]
-    lines.append("| family | " + " | ".join(f"`{a}`" for a in names) + " |")
-    lines.append("| --- | " + " | ".join("---" for _ in names) + " |")
-    for family, row in results.items():
-        lines.append(f"| `{family}` | " + " | ".join(row[a].cell().replace("|", "/") for a in names) + " |")
+    lines += _table(["family"], names, [([f"`{f}`"], row) for f, row in results.items()])
     return "\n".join(lines) + "\n"
 
 
@@ -140,11 +149,8 @@ def render_vision(results: dict[str, dict[str, CheckResult]]) -> str:
     checks = vision_support.CHECKS
     rows = "\n".join(f"| `{name}` | {what} |" for name, what in checks.items())
     lines = [VISION_INTRO.format(checks=rows).rstrip("\n"), ""]
-    lines.append("| vision family | what it exercises | " + " | ".join(f"`{c}`" for c in checks) + " |")
-    lines.append("| --- | --- | " + " | ".join("---" for _ in checks) + " |")
-    for family, row in results.items():
-        cells = " | ".join(row[c].cell().replace("|", "/") for c in checks)
-        lines.append(f"| `{family}` | {VISION_FAMILIES[family].what} | {cells} |")
+    cells = [([f"`{f}`", VISION_FAMILIES[f].what], row) for f, row in results.items()]
+    lines += _table(["vision family", "what it exercises"], checks, cells)
     return "\n".join(lines) + "\n"
 
 
