@@ -7,7 +7,6 @@ with a non-zero exit status.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -160,6 +159,7 @@ def _run_one(
 ) -> Path:
     """Load ``model``, run ``entry`` with ``config``, save the run and print its summary."""
     from analyses import runstore
+    from analyses.sweep.task import execute
     from probe import load_model
 
     base = runstore.check_root(root)  # before any compute: a root that cannot take the run fails now
@@ -168,9 +168,8 @@ def _run_one(
         f"under {base} are intact"
     )
     m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub)  # type: ignore[arg-type]
-    if entry.reads_run_store and not getattr(config, "root", ""):
-        config = dataclasses.replace(config, root=str(base))  # it reads the store this run is written to
-    result = entry.run(m, config)
+    # the same function a sweep's task runs; an analysis that reads runs reads the store written to
+    result = execute(entry, m, config, root=str(base))
     path = result.save(root)
     _INTERRUPTED["note"] = f"the run had been saved, complete, before the interruption: {path}"
     typer.echo(entry.summary(result))
@@ -476,6 +475,89 @@ def runs(
     typer.echo(runstore.format_runs_table(runstore.list_runs(base, analysis=analysis)))
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def sweep(
+    args: Annotated[
+        list[str],
+        typer.Argument(help="SPEC (a .toml or .yaml sweep file), or: status SPEC", show_default=False),
+    ],
+    root: RootOpt = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="a Ray cluster to run on (default: a local one, started here)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the tasks and what is done; run nothing")
+    ] = False,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="attempts after the first for a task that raises")
+    ] = 2,
+    max_in_flight: Annotated[
+        int | None, typer.Option("--max-in-flight", help="tasks handed to Ray at once (default: what fits)")
+    ] = None,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="run the tasks in a loop in this process, without Ray")
+    ] = False,
+) -> None:
+    """Run a sweep (models x analyses x settings x seeds) as Ray tasks; `sweep status SPEC` says where it stands.
+
+    Tasks whose complete run is already in the run store are skipped, so the same command resumes
+    a sweep that was stopped. Results are written to the run store by this process (docs/sweeps.md)."""
+    from analyses import runstore
+    from analyses import sweep as sweeps
+
+    if len(args) == 2 and args[0] == "status":
+        spec = sweeps.load_spec(args[1])
+        state = sweeps.status(spec, root)
+        typer.echo(f"sweep {spec.name}: {state.state}")
+        typer.echo(_sweep_table(state.tasks))
+        typer.echo(sweeps.summary(state))
+        return
+    if len(args) != 1:
+        raise typer.BadParameter("give one sweep file (headlab sweep SPEC), or: headlab sweep status SPEC")
+    spec = sweeps.load_spec(args[0])
+    if dry_run:
+        state = sweeps.status(spec, root)
+        typer.echo(_sweep_table(state.tasks))
+        left = sum(t.status not in ("done", "skipped") for t in state.tasks)
+        typer.echo(
+            f"{len(state.tasks)} tasks, {len(state.tasks) - left} done already, {left} to run (dry run)"
+        )
+        return
+    base = runstore.check_root(root)
+    _INTERRUPTED["note"] = (
+        f"the finished tasks' runs are saved under {base}; run the same command again to compute only "
+        "what is missing"
+    )
+    state = sweeps.run_sweep(
+        spec,
+        root=base,
+        address=address,
+        max_retries=max_retries,
+        max_in_flight=max_in_flight,
+        in_process=in_process,
+    )
+    typer.echo(sweeps.summary(state))
+    if any(t.status in ("failed", "refused") for t in state.tasks):
+        raise typer.Exit(1)
+
+
+def _sweep_table(tasks: list[Any]) -> str:
+    rows: list[dict[str, object]] = [
+        {
+            "#": t.index,
+            "model": t.model,
+            "analysis": t.analysis,
+            "seed": "-" if t.seed is None else t.seed,
+            "settings": " ".join(f"{k}={v}" for k, v in t.settings.items() if k != "seed") or "defaults",
+            "status": t.status,
+            "run / error": t.run_id or (t.error or "")[:120],
+        }
+        for t in tasks
+    ]
+    return _table(rows)
+
+
 @app.command()
 def atlas(
     model: Annotated[
@@ -495,6 +577,12 @@ def atlas(
     depth_bins: Annotated[
         int, typer.Option("--depth-bins", help="relative-depth bins of the comparison")
     ] = 5,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            "--sweep", help="build the atlas of every model of this sweep file, from the sweep's runs"
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     root: RootOpt = None,
@@ -511,15 +599,33 @@ def atlas(
     from analyses.atlas.export import export_atlas
     from probe import load_model
 
+    base = runstore.check_root(root)
+    per_model: dict[str, tuple[str, ...]] = {}
+    if sweep is not None:
+        if model or runs or run_missing:
+            raise typer.BadParameter(
+                "--sweep picks the models and runs; leave out --model, --runs and --run-missing"
+            )
+        from analyses import sweep as sweeps
+
+        state = sweeps.status(sweeps.load_spec(sweep), base)
+        for name in dict.fromkeys(t.model for t in state.tasks):
+            per_model[name] = sweeps.sweep_runs(state, name, _model_kind(name, base))
+        model = [name for name, chosen in per_model.items() if chosen]
+        if not model:
+            raise typer.BadParameter(
+                f"sweep {state.spec.name} has no complete run yet; run it first: headlab sweep {sweep}"
+            )
     models = list(dict.fromkeys(model or [DEFAULT_MODEL]))
     if runs and len(models) > 1:
         raise typer.BadParameter("--runs names runs of one model; build one atlas at a time with --runs")
-    base = runstore.check_root(root)
     _INTERRUPTED["note"] = f"no atlas was saved for the model being built; runs under {base} are intact"
     results = []
     for name in models:
         t0 = time.perf_counter()
-        config = AtlasConfig(runs=tuple(runs or ()), root=str(base), depth_bins=depth_bins)
+        config = AtlasConfig(
+            runs=per_model.get(name, tuple(runs or ())), root=str(base), depth_bins=depth_bins
+        )
         if run_missing:
             loaded = load_model(name, device=device, dtype=dtype)
             typer.echo(f"== {name}: running the analyses the atlas lacks")

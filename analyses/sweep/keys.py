@@ -1,0 +1,92 @@
+"""The key of a task: what makes two runs the same computation.
+
+A task's key is the sha256 of its analysis, its whole config (defaults included, so a changed
+default is a new task) with the dtype and BOS policy, its seed, the checksum of the model's
+weights and the code revision. A complete run carrying the key in its notes (``notes.task_key``)
+means the task is done; ``headlab run`` records the key too, so a sweep also skips a run made by
+hand with the same settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from analyses import runstore
+from analyses.manifest import to_jsonable
+from probe import zoo
+from probe.cache import sha256_file
+from probe.checksums import checkpoint_sha256
+
+KEY_VERSION = 1
+"""Bumped when the key's recipe changes (old keys then match nothing, so tasks are re-run)."""
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The code revision a key records: the git commit, and for a tree with uncommitted changes a
+    digest of them (``<commit>-dirty-<12 hex>``), so two different edits of one commit differ.
+    Outside a git checkout: the installed headlab version."""
+    revision = runstore.code_revision()
+    if revision is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"headlab {version('headlab')}"
+        except PackageNotFoundError:
+            return "headlab (unknown version)"
+    if not revision.endswith("-dirty"):
+        return revision
+    tree = Path(runstore.__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for args in (["diff", "HEAD", "--", "."], ["ls-files", "--others", "--exclude-standard", "--", "."]):
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(tree), *args], capture_output=True, timeout=30, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = b"?"
+        digest.update(out)
+        if args[0] == "ls-files":  # untracked files: their contents too
+            for name in out.decode(errors="replace").splitlines():
+                file = tree / name
+                digest.update(sha256_file(file).encode() if file.is_file() else b"-")
+    return f"{revision}-{digest.hexdigest()[:12]}"
+
+
+def model_fingerprint(name: str) -> str:
+    """The ``weight_sha256`` the loaded model ``name`` will report, found without loading it where
+    that is certain (a catalogue language model, a checkpoint directory with weight files, a
+    ``.gguf`` file); anything else (tiny, vision and assembled models) is loaded on the CPU once."""
+    spec = zoo.CATALOGUE.get(name)
+    if spec is not None and spec.kind == "language":
+        return spec.weight_sha256
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return sha256_file(path)
+    if path.is_dir() and [*path.glob("*.safetensors"), *path.glob("*.bin")]:
+        return checkpoint_sha256(path)
+    from probe import load_model
+
+    return load_model(name, device="cpu", dtype="float32").weight_sha256
+
+
+def task_key(
+    analysis: str, config: Any, *, seed: int | None, weight_sha256: str, dtype: str, bos: str, code: str
+) -> str:
+    """The key of one task (64 hex)."""
+    record = {
+        "v": KEY_VERSION,
+        "analysis": analysis,
+        "config": to_jsonable(config, "config"),
+        "dtype": dtype,
+        "bos": bos,
+        "seed": seed,
+        "weights": weight_sha256,
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
