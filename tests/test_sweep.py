@@ -253,9 +253,9 @@ def test_ray_sweep_equals_in_process_and_reuses_models(tmp_path: Path) -> None:
     there = sweeps.run_sweep(spec, root=tmp_path / "ray", progress=False)
     assert [t.status for t in there.tasks] == ["done"] * 8
     assert 2 <= there.models_loaded <= 4  # two workers x two models, not one load per task
-    assert len({t.worker["pid"] for t in there.tasks}) == 2 and {t.worker["pid"] for t in there.tasks} != {
-        os.getpid()
-    }
+    pids = {t.worker["pid"] for t in there.tasks}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, not this one
+    assert {t.worker["threads"] for t in there.tasks} == {1}  # one CPU per task: one torch thread
     for a, b in zip(here.tasks, there.tasks, strict=True):
         assert a.key == b.key
         ra, rb = (

@@ -26,11 +26,16 @@ KEY_VERSION = 1
 """Bumped when the key's recipe changes (old keys then match nothing, so tasks are re-run)."""
 
 
+RESULT_CODE = ("probe", "analyses", "headlab", "pyproject.toml")
+"""The parts of the tree whose uncommitted changes can change a result (not the dashboard, docs,
+notebooks or tests: editing those while a sweep runs changes no task's key)."""
+
+
 @functools.cache
 def code_fingerprint() -> str:
     """The code revision a key records: the git commit, and for a tree with uncommitted changes a
-    digest of them (``<commit>-dirty-<12 hex>``), so two different edits of one commit differ.
-    Outside a git checkout: the installed headlab version."""
+    digest of those in :data:`RESULT_CODE` (``<commit>-dirty-<12 hex>``), so two different edits of
+    one commit differ. Outside a git checkout: the installed headlab version."""
     revision = runstore.code_revision()
     if revision is None:
         from importlib.metadata import PackageNotFoundError, version
@@ -43,7 +48,10 @@ def code_fingerprint() -> str:
         return revision
     tree = Path(runstore.__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for args in (["diff", "HEAD", "--", "."], ["ls-files", "--others", "--exclude-standard", "--", "."]):
+    for args in (
+        ["diff", "HEAD", "--", *RESULT_CODE],
+        ["ls-files", "--others", "--exclude-standard", "--", *RESULT_CODE],
+    ):
         try:
             out = subprocess.run(
                 ["git", "-C", str(tree), *args], capture_output=True, timeout=30, check=False

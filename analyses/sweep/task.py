@@ -102,7 +102,7 @@ def _free_memory() -> None:
 def run_task(task: TaskSpec, key: str, keep: int = 1, root: str | None = None) -> TaskOutcome:
     """Run one task and return its outcome. A :class:`HeadlabError` (a refusal that any attempt
     would meet again) comes back as ``refusal``; any other error is raised, for Ray to retry."""
-    worker = {"host": socket.gethostname(), "pid": os.getpid()}
+    worker = {"host": socket.gethostname(), "pid": os.getpid(), "threads": _match_threads()}
     try:
         model, loaded, load_s = model_for(task, keep)
         entry = registry.get(task.analysis)
@@ -113,6 +113,18 @@ def run_task(task: TaskSpec, key: str, keep: int = 1, root: str | None = None) -
     run_s = time.perf_counter() - t0
     worker["code"] = code_fingerprint()
     return TaskOutcome(key, result=result, loaded=loaded, load_s=load_s, run_s=run_s, worker=worker)
+
+
+def _match_threads() -> int:
+    """Use as many torch threads as the task has CPUs. Ray sets ``OMP_NUM_THREADS`` to the task's
+    CPUs for each task, but torch reads it once, when first imported: a worker kept from a task of
+    another size would run with that task's threads."""
+    import torch
+
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) >= 1 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+    return torch.get_num_threads()
 
 
 def forget_models() -> None:
