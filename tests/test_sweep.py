@@ -5,6 +5,10 @@ work; a lost worker's task is run again. One Ray start serves the module."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,6 +236,47 @@ def test_atlas_of_a_sweep_joins_the_sweeps_runs(tmp_path: Path) -> None:
     again = sweeps.run_sweep(spec, root=root, in_process=True, progress=False)
     assert [t.status for t in again.tasks] == ["skipped"] * 5
     assert len(runstore.list_runs(root)) == 5
+    # `headlab atlas --sweep` builds the same atlas from the sweep's runs
+    spec_path = tmp_path / "sweep.toml"
+    shown = CliRunner().invoke(app, ["atlas", "--sweep", str(spec_path), "--root", str(root)])
+    assert shown.exit_code == 0, shown.output
+    newest = max(runstore.list_runs(root, analysis="atlas"), key=lambda s: str(s.created))
+    assert runstore.open_run(newest.path).notes["sources"] == atlas.notes["sources"]
+
+
+def test_a_killed_driver_leaves_no_half_task_and_the_same_command_resumes(tmp_path: Path) -> None:
+    spec_path = write(
+        tmp_path,
+        'name = "killed"\nmodels = ["tiny-llama"]\nseeds = 12\n[analyses.census]\n'
+        "set = { n_natural = 8, seq_len = 64, n_repeated = 2, repeat_len = 8, batch_size = 2 }\n",
+    )
+    root = tmp_path / "runs"
+    command = [
+        sys.executable,
+        "-m",
+        "headlab.cli",
+        "sweep",
+        str(spec_path),
+        "--root",
+        str(root),
+        "--in-process",
+    ]
+    driver_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len([p for p in root.glob("*") if not p.name.startswith(".")]) < 2:
+        time.sleep(0.05)
+    driver_process.send_signal(signal.SIGKILL)
+    driver_process.wait()
+    spec = sweeps.load_spec(spec_path)
+    seen = sweeps.status(spec, root)
+    finished = seen.counts()["done"]
+    assert seen.state == "interrupted" and 2 <= finished < 12, seen.counts()
+    assert seen.counts()["pending"] == 12 - finished  # the task in flight is pending again, not half done
+    marks = tmp_path / "marks"
+    resumed = sweeps.run_sweep(spec, root=root, in_process=True, task_fn=counting(marks), progress=False)
+    assert resumed.counts()["skipped"] == finished and resumed.counts()["done"] == 12 - finished
+    assert sum(attempts(marks).values()) == 12 - finished
+    assert len(runstore.list_runs(root)) == 12 and runstore.temporaries(root) == []
 
 
 def test_a_second_driver_of_the_same_sweep_is_refused(tmp_path: Path) -> None:
