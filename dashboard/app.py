@@ -2,8 +2,9 @@
 
 Background
 ----------
-One page per analysis (each in its folder, listed by :mod:`dashboard.registry`) plus a start page listing every run. The app reads
-only run directories directly under its root, and pages name runs by run id, never by path
+One page per analysis (each in its folder, listed by :mod:`dashboard.registry`) plus a start page
+listing every run and sweep. The app reads only run directories directly under its root (and the
+sweeps' manifests under its ``.sweeps``), and pages name runs by run id, never by path
 (:class:`dashboard.catalog.RunCatalog`); it listens on 127.0.0.1 unless told otherwise. Everything
 it serves (Dash's scripts, plotly.js, the stylesheet) comes from the installed packages, so it
 works offline.

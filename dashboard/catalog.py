@@ -16,6 +16,9 @@ the directory comes to resolve elsewhere, so a page load does not re-hash every 
 damaged while the dashboard runs is noticed. A run directory that is a symbolic link out of the
 root, or whose files link out of it, is damaged and never served.
 
+Entries name the sweep that made the run (:class:`dashboard.sweeps.SweepTag`); :meth:`RunCatalog.sweeps`
+reads the sweeps' manifests under ``<root>/.sweeps`` (:class:`dashboard.sweeps.SweepShelf`).
+
 :meth:`RunCatalog.version_note` says when a run was made under other package versions than those
 installed now, for the page showing it.
 
@@ -32,14 +35,15 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from analyses import runstore
 from analyses.runstore import Run
+from dashboard.sweeps import SweepOverview, SweepShelf, SweepTag, sweep_tag, time_label
 from probe.errors import RunStoreError
 
 _Signature = tuple[tuple[str, int, int], ...]
+_Verdict = tuple[_Signature, str | None, SweepTag | None]  # signature, why damaged (None: intact), sweep
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class RunEntry:
     created: str | None  # ISO 8601 (UTC) from the manifest
     n_heads: int | None
     status: str  # "ok", "damaged: <why>" or "not a run: <why>"
+    sweep: SweepTag | None = None  # the sweep that made the run (None: none, or the run is damaged)
 
     @property
     def ok(self) -> bool:
@@ -59,16 +64,11 @@ class RunEntry:
 
     @property
     def created_label(self) -> str:
-        if self.created is None:
-            return ""
-        try:
-            return datetime.fromisoformat(self.created).strftime("%Y-%m-%d %H:%M:%S UTC")
-        except ValueError:
-            return self.created
+        return time_label(self.created)
 
     @property
     def label(self) -> str:
-        """A one-line description for pickers: id, model, size, time."""
+        """A one-line description for pickers: id, model, size, time, and the sweep that made it."""
         if not self.ok:
             return f"{self.run_id} (damaged)"
         parts = [self.model or "?"]
@@ -76,6 +76,8 @@ class RunEntry:
             parts.append(f"{self.n_heads} heads")
         if self.created_label:
             parts.append(self.created_label)
+        if self.sweep is not None:
+            parts.append(f"sweep {self.sweep.label}")
         return f"{self.run_id} — {', '.join(parts)}"
 
 
@@ -132,18 +134,19 @@ class RunCatalog:
         self.root = Path(root).expanduser()
         self.max_open = max_open
         self._lock = threading.Lock()
-        # run id -> (signature, None if intact else why it is damaged)
-        self._verdicts: dict[str, tuple[_Signature, str | None]] = {}
+        # run id -> (signature, None if intact else why it is damaged, the sweep that made it)
+        self._verdicts: dict[str, _Verdict] = {}
         self._open: OrderedDict[str, tuple[_Signature, Run]] = OrderedDict()
+        self._sweeps = SweepShelf(self.root)
 
     def entries(self, analysis: str | None = None) -> list[RunEntry]:
         """Every run directory under the root (newest first), intact ones hashed once."""
         result = []
         for summary in runstore.list_runs(self.root, analysis=analysis, verify=False):
             run_id = summary.path.name
-            status = summary.status
+            status, sweep = summary.status, None
             if summary.ok:
-                why = self._verify(run_id, summary.path)
+                why, sweep = self._verify(run_id, summary.path)
                 status = "ok" if why is None else f"damaged: {why}"
             result.append(
                 RunEntry(
@@ -153,9 +156,14 @@ class RunCatalog:
                     created=summary.created,
                     n_heads=summary.n_heads,
                     status=status,
+                    sweep=sweep,
                 )
             )
         return result
+
+    def sweeps(self) -> list[SweepOverview]:
+        """Every sweep under ``<root>/.sweeps`` by name, an unreadable manifest as a one-line problem."""
+        return self._sweeps.overviews()
 
     def version_note(self, run_id: str) -> str:
         """A sentence saying which packages the run was made under in other versions than those
@@ -198,17 +206,18 @@ class RunCatalog:
             raise RunStoreError(f"run {run_id} is a {run.analysis} run, not a {analysis} run; pick another")
         return run
 
-    def _verify(self, run_id: str, path: Path) -> str | None:
+    def _verify(self, run_id: str, path: Path) -> tuple[str | None, SweepTag | None]:
+        """Why the run is damaged (None: intact), and the sweep that made it."""
         signature = _signature(path)
         with self._lock:
             cached = self._verdicts.get(run_id)
         if cached is not None and cached[0] == signature:
-            return None if cached[1] is None else _why_damaged(cached[1], run_id, path)
+            return (None if cached[1] is None else _why_damaged(cached[1], run_id, path)), cached[2]
         try:
-            self._open_checked(run_id, path)
+            run = self._open_checked(run_id, path)
         except RunStoreError as err:
-            return _why_damaged(str(err), run_id, path)
-        return None
+            return _why_damaged(str(err), run_id, path), None
+        return None, sweep_tag(run.notes)
 
     def _open_checked(self, run_id: str, path: Path) -> Run:
         signature = _signature(path)
@@ -224,11 +233,11 @@ class RunCatalog:
             run = runstore.open_run(path, verify=True, root=self.root)
         except RunStoreError as err:
             with self._lock:
-                self._verdicts[run_id] = (signature, str(err))
+                self._verdicts[run_id] = (signature, str(err), None)
                 self._open.pop(run_id, None)
             raise
         with self._lock:
-            self._verdicts[run_id] = (signature, None)
+            self._verdicts[run_id] = (signature, None, sweep_tag(run.notes))
             self._open[run_id] = (signature, run)
             self._open.move_to_end(run_id)
             while len(self._open) > self.max_open:
