@@ -135,6 +135,18 @@ def test_a_valid_setting_that_fails_validation_is_reported(tmp_path: Path) -> No
         sweeps.load_spec(write(tmp_path, 'models = ["tiny-llama"]\ndevice = "cuda"\nanalyses = ["census"]\n'))
     with pytest.raises(sweeps.SweepSpecError, match=r"give seeds with the top-level seeds"):
         sweeps.load_spec(write(tmp_path, 'models = ["tiny-llama"]\n[analyses.census]\nset = { seed = 3 }\n'))
+    with pytest.raises(
+        sweeps.SweepSpecError, match=r"name 'my sweep.v2' must be .*e.g. name = 'my-sweep-v2'"
+    ):
+        sweeps.load_spec(
+            write(tmp_path, 'name = "my sweep.v2"\nmodels = ["tiny-llama"]\nanalyses = ["census"]\n')
+        )
+    assert (
+        sweeps.load_spec(
+            write(tmp_path, 'models = ["tiny-llama"]\nanalyses = ["census"]\n', "my.sweep.toml")
+        ).name
+        == "my-sweep"
+    )
     with pytest.raises(sweeps.SweepSpecError, match=r"is not valid TOML"):
         sweeps.load_spec(write(tmp_path, "models = [\n"))
 

@@ -193,7 +193,7 @@ def read_file(path: Path) -> dict[str, Any]:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check the sweep file ``path``; every problem raises together (:class:`SweepSpecError`)."""
     file = Path(path).expanduser()
-    return check_spec(read_file(file), str(file), default_name=file.stem)
+    return check_spec(read_file(file), str(file), default_name=sanitise(file.stem, "sweep"))
 
 
 def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str = "sweep") -> SweepSpec:
@@ -205,8 +205,8 @@ def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str 
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name.strip() or sanitise(name) != name:
         problems.append(
-            f"name {name!r} must be letters, digits, '-', '_' or '.' (it names the sweep's state "
-            f"in the run store); e.g. name = {sanitise(str(name)) or 'my-sweep'!r}"
+            f"name {name!r} must be up to 48 letters, digits, '-' and '_' (it names the sweep's "
+            f"state in the run store); e.g. name = {sanitise(str(name), 'my-sweep')!r}"
         )
     dtype = _choice(data, "dtype", DTYPES, "float32", problems)
     bos = _choice(data, "bos", BOS, "default", problems)
