@@ -90,11 +90,13 @@ def fast_implementation(model: NativeModel) -> str:
     an ALiBi mask that only eager reads).
     """
     native = _native(model)
-    if not getattr(type(native), "_supports_sdpa", False):
-        return "eager"
-    if soft_caps_logits(model):
+    # the soft cap first: Gemma 2's classes declare no SDPA support (SDPA cannot cap), which must
+    # not send them to eager's [b, h, T, T] weights when the blocked formula computes them exactly
+    if soft_caps_logits(model) and uses_attention_interface(model):
         register_attention(SOFTCAP_IMPL, _attend_implementation)
         return SOFTCAP_IMPL
+    if not getattr(type(native), "_supports_sdpa", False):
+        return "eager"
     return "sdpa"
 
 

@@ -272,3 +272,34 @@ def test_softcapped_attention_equals_transformers_eager(mask: str) -> None:
     assert torch.allclose(got, want, atol=1e-6)
     uncapped, _ = eager_attention_forward(module, q, k, v, additive, scaling=d**-0.5)
     assert (uncapped - want).abs().max() > 0.1  # the cap changes the answer: the check could fail
+
+
+def test_soft_capped_models_run_the_blocked_kernel_not_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 2's classes declare no SDPA support; the fast path must still be the blocked soft-capped
+    kernel (eager's [b, h, T, T] weights OOM at 32K on an 80 GB GPU), and give eager's logits and
+    greedy tokens."""
+    import probe
+    from probe import families, kernels
+    from probe.kernels import SOFTCAP_IMPL, fast_implementation, native_attention
+
+    hf, tok = families.build("gemma2")
+    model = probe.wrap(hf, tok, name="tiny-gemma2", device="cpu", dtype="float32")
+    assert fast_implementation(model) == SOFTCAP_IMPL
+    calls = []
+    kernel = kernels.softcapped_attention
+    monkeypatch.setattr(kernels, "softcapped_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with native_attention(model) as native:
+            fast = native(input_ids=ids, use_cache=False).logits
+        assert len(calls) == model.n_layers
+        with native_attention(model, "eager") as native:
+            eager = native(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(fast, eager, atol=1e-5)
+    batch = model.batch_from_ids([ids[0].tolist()])
+    ours = model.generate(batch, max_new_tokens=8)
+    with native_attention(model, "eager") as native:
+        reference = native.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False
+        )
+    assert torch.equal(ours, reference)
