@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from analyses.sweep.state import STATE_FILE, STATUSES, SWEEPS_DIR
+from analyses.sweep.state import STATE_FILE, STATUSES, SWEEPS_DIR, driver_gone
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a sweep's name can be (``headlab sweep`` takes letters, digits, '_' and '-' only)."""
@@ -110,10 +110,19 @@ class SweepOverview:
     counts: Mapping[str, int] = field(default_factory=dict)
     models_loaded: int | None = None
     tasks: tuple[SweepTask, ...] = ()
+    driver: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.problem is None
+
+    @property
+    def shown_state(self) -> str:
+        """The state, asked again each time: ``running`` whose driver died on this host says so
+        (the manifest, and so the cached overview, cannot change after its driver is killed)."""
+        if driver_gone({"state": self.state, "driver": self.driver}):
+            return "interrupted (its driver is gone)"
+        return self.state
 
     @property
     def troubled(self) -> tuple[SweepTask, ...]:
@@ -174,6 +183,7 @@ def parse_manifest(name: str, data: object) -> SweepOverview:
         counts=counts,
         models_loaded=_int_or_none(data.get("models_loaded")),
         tasks=tasks,
+        driver=dict(data["driver"]) if isinstance(data.get("driver"), Mapping) else {},
     )
 
 

@@ -231,3 +231,29 @@ def test_a_damaged_or_misplaced_sweep_manifest_is_one_line_not_a_crash(root: Pat
     broken.write_text(json.dumps({**data, "name": "broken", "state": "running"}))
     (mended,) = [r for r in _rows(home.layout({}), "sweeps-table") if r["sweep"] == "broken"]
     assert mended["state"] == "running" and mended["done"] == "2"
+
+
+def test_a_running_sweep_whose_driver_died_is_shown_as_interrupted(root: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is now no process's
+    here = socket.gethostname()
+    task = {"index": 0, "key": "k", "model": "tiny-llama", "analysis": "census", "status": "running"}
+    for name, pid, host in (
+        ("dead", gone.pid, here),
+        ("alive", os.getpid(), here),
+        ("remote", gone.pid, "elsewhere"),
+    ):
+        _write_manifest(
+            root,
+            name,
+            {"name": name, "state": "running", "driver": {"host": host, "pid": pid}, "tasks": [task]},
+        )
+    rows = {r["sweep"]: r["state"] for r in _rows(_home(root).layout({}), "sweeps-table")}
+    assert rows["dead"] == "interrupted (its driver is gone)"
+    assert rows["alive"] == "running"
+    assert rows["remote"] == "running"  # another host's process cannot be asked

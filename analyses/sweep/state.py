@@ -27,7 +27,7 @@ from analyses.manifest import to_jsonable
 from analyses.runs import open_run
 from analyses.sweep.spec import SweepSpec, TaskSpec
 from probe.errors import RunStoreError
-from probe.tempdirs import write_text_atomic
+from probe.tempdirs import _pid_alive, write_text_atomic
 
 try:
     import fcntl
@@ -181,6 +181,19 @@ def driver_alive(directory: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def driver_gone(manifest: Mapping[str, Any]) -> bool:
+    """Whether a manifest that says ``running`` was left by a driver that no longer lives: its
+    recorded process is not alive on this host (a driver on another host cannot be asked, so it
+    is not called gone). Reads no lock, so a read-only viewer may ask."""
+    if manifest.get("state") != "running":
+        return False
+    driver = manifest.get("driver")
+    if not isinstance(driver, Mapping) or driver.get("host") != socket.gethostname():
+        return False
+    pid = driver.get("pid")
+    return isinstance(pid, int) and not isinstance(pid, bool) and not _pid_alive(pid)
 
 
 def read_manifest(root: Path, name: str) -> Mapping[str, Any] | None:

@@ -106,7 +106,7 @@ def overview_table(overviews: Sequence[SweepOverview], current: str | None) -> C
             html.Tr(
                 [
                     html.Td(name, className="mono", style=_NOWRAP),
-                    html.Td(o.state),
+                    html.Td(o.shown_state),
                     *counts,
                     html.Td(loaded, className="num"),
                     html.Td(time_label(o.updated), style=_NOWRAP),
