@@ -239,10 +239,17 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+WARM = {"each": False}
+"""``--warm``: one untimed call of every row at its own length first. The Triton kernels autotune
+once per length (their key), which the first call at a new length pays; ``--warm`` leaves it out."""
+
+
 def measure(fn: Callable[[], Any], device: torch.device, repeats: int, plan: int | None = None) -> Measured:
     """Median time of ``repeats`` calls and the peak memory of the first; an OOM is recorded."""
     times, peak = [], None
     try:
+        if WARM["each"]:
+            fn()
         for i in range(repeats):
             _reset(device)
             _sync(device)
@@ -598,6 +605,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warm", action="store_true", help="an untimed call of each row at its length first")
     parser.add_argument("--query-block", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--reach", action="store_true", help="also the largest context of each method")
@@ -605,6 +613,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, help="write the rows as JSON lines here")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    WARM["each"] = args.warm
     records: list[dict[str, Any]] = []
     print(HEADER, flush=True)
     for name in args.shapes.split(","):
