@@ -389,3 +389,36 @@ def test_a_request_the_cluster_cannot_meet_is_refused_before_any_task(tmp_path: 
     with pytest.raises(ConfigError, match=r"ask for 64 CPUs each and the Ray cluster has 2"):
         sweeps.run_sweep(spec, root=tmp_path / "runs", progress=False)
     assert runstore.list_runs(tmp_path / "runs") == []
+
+
+def test_the_code_in_a_key_changes_with_result_code_only(tmp_path: Path) -> None:
+    from analyses.sweep.keys import tree_fingerprint
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "probe" / "a.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "a.md").write_text("words\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    commit = git("rev-parse", "HEAD")
+    assert tree_fingerprint(tmp_path) == commit
+    (tmp_path / "docs" / "a.md").write_text("other words\n")  # not result code: the same key
+    (tmp_path / "notes.txt").write_text("left by a run\n")
+    assert tree_fingerprint(tmp_path) == commit
+    (tmp_path / "probe" / "a.py").write_text("x = 2\n")
+    two = tree_fingerprint(tmp_path)
+    assert two.startswith(f"{commit}-dirty-")
+    (tmp_path / "probe" / "a.py").write_text("x = 3\n")
+    three = tree_fingerprint(tmp_path)
+    assert three.startswith(f"{commit}-dirty-") and three != two  # two edits of one commit differ
+    (tmp_path / "probe" / "a.py").write_text("x = 2\n")
+    assert tree_fingerprint(tmp_path) == two
+    (tmp_path / "probe" / "new.py").write_text("y = 1\n")  # an untracked file of result code counts
+    assert tree_fingerprint(tmp_path) not in (two, commit)

@@ -33,10 +33,17 @@ notebooks or tests: editing those while a sweep runs changes no task's key)."""
 
 @functools.cache
 def code_fingerprint() -> str:
-    """The code revision a key records: the git commit, and for a tree with uncommitted changes a
-    digest of those in :data:`RESULT_CODE` (``<commit>-dirty-<12 hex>``), so two different edits of
-    one commit differ. Outside a git checkout: the installed headlab version."""
-    revision = runstore.code_revision()
+    """The code revision a key records (:func:`tree_fingerprint` of headlab's own source tree).
+    Read once per process: the code a process runs is the code it imported."""
+    return tree_fingerprint(None)
+
+
+def tree_fingerprint(tree: Path | None) -> str:
+    """The git commit of ``tree`` (None: headlab's source tree), and where :data:`RESULT_CODE` has
+    uncommitted changes a digest of them (``<commit>-dirty-<12 hex>``), so two different edits of
+    one commit differ; changes elsewhere in the tree (docs, tests, files a run leaves) do not count.
+    Outside a git checkout: the installed headlab version."""
+    revision = runstore.code_revision(tree)
     if revision is None:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -44,26 +51,28 @@ def code_fingerprint() -> str:
             return f"headlab {version('headlab')}"
         except PackageNotFoundError:
             return "headlab (unknown version)"
-    if not revision.endswith("-dirty"):
-        return revision
-    tree = Path(runstore.__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for args in (
-        ["diff", "HEAD", "--", *RESULT_CODE],
-        ["ls-files", "--others", "--exclude-standard", "--", *RESULT_CODE],
-    ):
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(tree), *args], capture_output=True, timeout=30, check=False
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = b"?"
-        digest.update(out)
-        if args[0] == "ls-files":  # untracked files: their contents too
-            for name in out.decode(errors="replace").splitlines():
-                file = tree / name
-                digest.update(sha256_file(file).encode() if file.is_file() else b"-")
-    return f"{revision}-{digest.hexdigest()[:12]}"
+    commit = revision.removesuffix("-dirty")
+    if commit == revision:
+        return commit
+    where = tree if tree is not None else Path(runstore.__file__).resolve().parent.parent
+    changed = _git(where, "diff", "HEAD", "--", *RESULT_CODE)
+    untracked = _git(where, "ls-files", "--others", "--exclude-standard", "--", *RESULT_CODE)
+    if changed == b"" and untracked == b"":
+        return commit
+    digest = hashlib.sha256(changed + b"\0" + untracked)
+    for name in untracked.decode(errors="replace").splitlines():  # untracked files: their contents too
+        file = where / name
+        digest.update(sha256_file(file).encode() if file.is_file() else b"-")
+    return f"{commit}-dirty-{digest.hexdigest()[:12]}"
+
+
+def _git(tree: Path, *args: str) -> bytes:
+    """git's output (``b"?"`` when git fails, so a failure is never taken for a clean tree)."""
+    try:
+        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return b"?"
+    return done.stdout if done.returncode == 0 else b"?"
 
 
 def model_fingerprint(name: str) -> str:
