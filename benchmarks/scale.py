@@ -244,6 +244,19 @@ WARM = {"each": False}
 once per length (their key), which the first call at a new length pays; ``--warm`` leaves it out."""
 
 
+ROWS: dict[str, set[str]] = {"only": set()}
+"""``--rows``: the language-model rows to measure (empty: all)."""
+
+
+def measure_row(
+    row: str, fn: Callable[[], Any], device: torch.device, repeats: int, plan: int | None = None
+) -> Measured:
+    """:func:`measure`, or a row marked skipped when ``--rows`` leaves it out."""
+    if ROWS["only"] and row not in ROWS["only"]:
+        return Measured(error="skipped (--rows)", plan=plan)
+    return measure(fn, device, repeats, plan)
+
+
 def measure(fn: Callable[[], Any], device: torch.device, repeats: int, plan: int | None = None) -> Measured:
     """Median time of ``repeats`` calls and the peak memory of the first; an OOM is recorded."""
     times, peak = [], None
@@ -373,19 +386,20 @@ def length_rows(model: Any, T: int, args: argparse.Namespace) -> dict[str, Measu
         with torch.inference_mode(), uncapped(model), native_attention(model, "sdpa") as native:
             native(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    out["sdpa"] = measure(sdpa, device, repeats)
+    out["sdpa"] = measure_row("sdpa", sdpa, device, repeats)
     if soft_caps_logits(model):  # the model's own numbers: the soft cap in blocks of query rows
 
         def capped() -> None:
             with torch.inference_mode(), native_attention(model) as native:
                 native(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-        out["forward"] = measure(capped, device, repeats)
+        out["forward"] = measure_row("forward", capped, device, repeats)
     reducers = census_reducers()
     plan = estimate_capture(
         model, batch_size=1, seq_len=T - new, reducers=reducers, mode="recompute", query_block=qb
     )
-    out["census"] = measure(
+    out["census"] = measure_row(
+        "census",
         lambda: capture(
             model, [row], census_reducers(), mode="recompute", batch_size=1, query_block=qb, progress=False
         ),
@@ -403,15 +417,20 @@ def length_rows(model: Any, T: int, args: argparse.Namespace) -> dict[str, Measu
         mode="recompute",
         query_block=qb,
     )
-    out["sinks"] = measure(
+    out["sinks"] = measure_row(
+        "sinks",
         lambda: measure_sinks(model, [row], mode="recompute", batch_size=1, query_block=qb),
         device,
         repeats,
         plan.total,
     )
     plan = estimate_decode(model, prompt_len=T - new, max_new_tokens=new)
-    out["generate"] = measure(
-        lambda: model.generate(model.batch_from_ids([row]), max_new_tokens=new), device, repeats, plan.total
+    out["generate"] = measure_row(
+        "generate",
+        lambda: model.generate(model.batch_from_ids([row]), max_new_tokens=new),
+        device,
+        repeats,
+        plan.total,
     )
     hits: list[int] = []
 
@@ -421,7 +440,7 @@ def length_rows(model: Any, T: int, args: argparse.Namespace) -> dict[str, Measu
         span = (len(prompt) // 2, len(prompt) // 2 + 16)
         hits.append(int(copy_paste_hits(result.argmax, result.tokens, prompt, span).sum()))
 
-    out["retrieval"] = measure(retrieval, device, repeats, plan.total)
+    out["retrieval"] = measure_row("retrieval", retrieval, device, repeats, plan.total)
     out["retrieval"].extra["copy_hits"] = hits[-1] if hits else None  # what the scoring found
     return out
 
@@ -606,6 +625,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warm", action="store_true", help="an untimed call of each row at its length first")
+    parser.add_argument(
+        "--rows", default="", help="comma-separated language-model rows to measure (default all)"
+    )
     parser.add_argument("--query-block", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--reach", action="store_true", help="also the largest context of each method")
@@ -614,6 +636,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     WARM["each"] = args.warm
+    ROWS["only"] = {r for r in args.rows.split(",") if r}
     records: list[dict[str, Any]] = []
     print(HEADER, flush=True)
     for name in args.shapes.split(","):
