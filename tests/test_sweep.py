@@ -25,7 +25,7 @@ from analyses.sweep import driver
 from analyses.sweep.keys import model_fingerprint
 from analyses.sweep.spec import TaskSpec
 from headlab.cli import app
-from probe.errors import ConfigError, RunStoreError
+from probe.errors import ConfigError, HeadlabError, RunStoreError
 from probe.tiny import TINY_BUILDERS
 
 CENSUS = "n_natural = 2, n_repeated = 2, seq_len = 16, repeat_len = 4, batch_size = 2, n_examples = 1"
@@ -422,3 +422,15 @@ def test_the_code_in_a_key_changes_with_result_code_only(tmp_path: Path) -> None
     assert tree_fingerprint(tmp_path) == two
     (tmp_path / "probe" / "new.py").write_text("y = 1\n")  # an untracked file of result code counts
     assert tree_fingerprint(tmp_path) not in (two, commit)
+
+
+def test_a_cluster_that_cannot_be_joined_is_a_one_line_error() -> None:
+    class NoCluster:
+        def init(self, **kwargs: object) -> None:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    with pytest.raises(
+        HeadlabError, match=r"could not join the Ray cluster at 10.0.0.1:6379 \(Failed"
+    ) as caught:
+        driver._connect(NoCluster(), "10.0.0.1:6379")
+    assert "\n" not in str(caught.value) and "--address auto" in str(caught.value)

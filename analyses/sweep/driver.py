@@ -257,6 +257,25 @@ def _ray() -> Any:
     return ray
 
 
+def _connect(ray: Any, address: str | None) -> None:
+    """Start a local Ray cluster (``address`` None) or join the one at ``address``; a cluster that
+    cannot be joined is a one-line error saying what to check."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if address is None:
+            raise HeadlabError(
+                f"could not start a local Ray cluster ({' '.join(str(err).split())[:200]}); see `ray status`, "
+                "or run the sweep without Ray: --in-process"
+            ) from None
+        raise HeadlabError(
+            f"could not join the Ray cluster at {address} ({' '.join(str(err).split())[:200]}); check the "
+            "address (`ray status` on the head node prints it) and that this machine has the cluster's auth "
+            "token (~/.ray/auth_token or RAY_AUTH_TOKEN, as Ray's token authentication asks); on the head "
+            "node itself --address auto finds it; without --address the sweep starts a cluster of its own"
+        ) from None
+
+
 def _slots(ray: Any, work: Sequence[Planned], max_in_flight: int | None) -> int:
     """How many tasks can run at once on the cluster; a request no node can meet is refused."""
     have = ray.cluster_resources()
@@ -296,7 +315,7 @@ def _run_on_ray(
 ) -> None:
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        _connect(ray, address)
     slots = _slots(ray, work, max_in_flight)
     remotes: dict[Resources, Any] = {}
     queue = deque(work)
