@@ -414,7 +414,7 @@ def summary(state: SweepState) -> str:
     lines = [
         f"sweep {state.spec.name}: {len(state.tasks)} tasks: "
         + ", ".join(f"{c[s]} {s}" for s in STATUSES if c[s])
-        + f"; models loaded {state.models_loaded} times",
+        + f"; models loaded {state.models_loaded} time{'' if state.models_loaded == 1 else 's'}",
         f"manifest: {sweep_dir(state.root, state.spec.name) / 'sweep.json'}",
     ]
     for task in state.tasks:
