@@ -147,6 +147,14 @@ def test_a_valid_setting_that_fails_validation_is_reported(tmp_path: Path) -> No
         ).name
         == "my-sweep"
     )
+    with pytest.raises(sweeps.SweepSpecError, match=r"seq_len=128 gives the same config as the defaults"):
+        sweeps.load_spec(
+            write(tmp_path, 'models = ["tiny-llama"]\n[analyses.census]\nlist = [{}, { seq_len = 128 }]\n')
+        )
+    with pytest.raises(sweeps.SweepSpecError, match=r"'colored-objects' is listed twice"):
+        sweeps.load_spec(
+            write(tmp_path, 'models = ["tiny-llama"]\nanalyses = ["colored-objects", "colored_objects"]\n')
+        )
     with pytest.raises(sweeps.SweepSpecError, match=r"is not valid TOML"):
         sweeps.load_spec(write(tmp_path, "models = [\n"))
 

@@ -359,6 +359,7 @@ def _analyses(
         problems.append(f'analyses {listed!r} must be a list of names (["census"]) or [analyses.NAME] tables')
         return []
     plans = []
+    seen: dict[str, str] = {}
     for name in dict.fromkeys(names):
         if name not in registry.ANALYSES:
             problems.append(f"unknown analysis {name!r}; known: {', '.join(registry.ANALYSES)}")
@@ -367,7 +368,12 @@ def _analyses(
         if not isinstance(body, Mapping):
             problems.append(f"analyses.{name} must be a table with {', '.join(ANALYSIS_KEYS)}")
             continue
-        plan = _analysis(registry.canonical(name), body, models, resources, problems)
+        own = registry.canonical(name)
+        if own in seen:
+            problems.append(f"analysis {own!r} is listed twice (as {seen[own]!r} and {name!r}); list it once")
+            continue
+        seen[own] = name
+        plan = _analysis(own, body, models, resources, problems)
         if plan is not None:
             plans.append(plan)
     return plans
@@ -397,6 +403,7 @@ def _analysis(
     has_seed = "seed" in fields
     sets = _setting_sets(body, where, problems)
     checked = []
+    configs: list[tuple[Any, str]] = []
     for settings in sets:
         wrong = False
         for key, value in settings.items():
@@ -407,14 +414,19 @@ def _analysis(
                 wrong = True
         if wrong:
             continue
+        shown = ", ".join(f"{k}={v!r}" for k, v in settings.items()) or "the defaults"
         try:
-            config_from_overrides(entry.config_cls, _typed(entry.config_cls, settings))
+            config = config_from_overrides(entry.config_cls, _typed(entry.config_cls, settings))
         except (ConfigError, TypeError, ValueError) as err:
-            shown = ", ".join(f"{k}={v!r}" for k, v in settings.items()) or "the defaults"
             problem = f"{where} with {shown}: {err}"
             if problem not in problems:
                 problems.append(problem)
             continue
+        twin = next((words for other, words in configs if other == config), None)
+        if twin is not None:  # the same task twice: one key, two runs
+            problems.append(f"{where}: {shown} gives the same config as {twin}; give each setting set once")
+            continue
+        configs.append((config, shown))
         checked.append(_typed(entry.config_cls, settings))
     own_resources = _resources(body.get("resources", {}), f"{where}.resources", problems, resources)
     if not checked:
