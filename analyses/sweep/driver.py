@@ -16,7 +16,7 @@ import dataclasses
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +76,13 @@ def plan(spec: SweepSpec) -> list[Planned]:
     return planned
 
 
+def _placeholder(task: TaskSpec) -> str:
+    """The key a task that reads the run store goes by until its own is known."""
+    return f"after-the-others-{task.index}"
+
+
 def _states(planned: Sequence[Planned]) -> list[TaskState]:
-    keys = [p.key or f"after-the-others-{p.task.index}" for p in planned]
+    keys = [p.key or _placeholder(p.task) for p in planned]
     return task_states([p.task for p in planned], keys)
 
 
@@ -99,8 +104,6 @@ def status(spec: SweepSpec, root: str | Path | None = None) -> SweepState:
     else:
         left = any(t.status in ("pending", "running") for t in state.tasks)
         state.state = "interrupted" if left else "finished"
-    if manifest is not None:
-        state.models_loaded = int(manifest.get("models_loaded", 0))
     return state
 
 
@@ -135,13 +138,12 @@ def _record(state: SweepState, task: TaskState, outcome: TaskOutcome, started: f
     task.seconds = round(time.perf_counter() - started, 3)
     task.worker = dict(outcome.worker)
     task.loaded_model = outcome.loaded
-    state.models_loaded += int(outcome.loaded)
     if outcome.refusal is not None:
         task.status, task.error, task.attempts = "refused", outcome.refusal, 1
         return
     assert outcome.result is not None
     made = outcome.result.notes.get("task_key")
-    if made != task.key and not task.key.startswith("after-the-others-"):
+    if made != task.key:
         task.status, task.attempts = "failed", 1
         task.error = (
             f"the worker computed task key {str(made)[:12]}… for what the driver planned as {task.key[:12]}…: "
@@ -152,6 +154,19 @@ def _record(state: SweepState, task: TaskState, outcome: TaskOutcome, started: f
     outcome.result.notes["sweep"] = {"name": state.spec.name, "task": task.index, "seed": task.seed}
     path = outcome.result.save(state.root)
     task.status, task.run_id, task.error = "done", path.name, None
+
+
+def _finished(
+    state: SweepState,
+    task: TaskState,
+    bar: _Progress,
+    on_result: Callable[[SweepState, TaskState], None] | None,
+) -> None:
+    """What follows every task's end: the manifest saved, the bar moved, the caller told."""
+    state.save()
+    bar.update(1)
+    if on_result is not None:
+        on_result(state, task)
 
 
 def _failed(task: TaskState, err: BaseException, attempts: int) -> None:
@@ -202,7 +217,7 @@ def run_sweep(
                 else:
                     _run_on_ray(state, work, task_fn, max_retries, max_in_flight, address, bar, on_result)
             for item in readers:
-                _run_reader(state, item, max_retries, bar, on_result)
+                _run_reader(state, item, done, bar, on_result)
         except BaseException:
             for task in state.tasks:
                 if task.status == "running":
@@ -240,10 +255,7 @@ def _run_here(
                 continue
             _record(state, task, outcome, started)
             break
-        state.save()
-        bar.update(1)
-        if on_result is not None:
-            on_result(state, task)
+        _finished(state, task, bar, on_result)
 
 
 def _ray() -> Any:
@@ -322,6 +334,7 @@ def _run_on_ray(
     flight: dict[Any, tuple[TaskState, float]] = {}
     try:
         while queue or flight:
+            submitted = bool(queue) and len(flight) < slots
             while queue and len(flight) < slots:
                 item = queue.popleft()
                 assert item.key is not None
@@ -338,8 +351,9 @@ def _run_on_ray(
                 task = state.by_key[item.key]
                 task.status = "running"
                 flight[ref] = (task, time.perf_counter())
-            state.save()
-            bar.update()
+            if submitted:  # the new tasks are running: say so (nothing changed otherwise)
+                state.save()
+                bar.update()
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=2.0)
             for ref in ready:
                 task, started = flight.pop(ref)
@@ -349,10 +363,7 @@ def _run_on_ray(
                     _failed(task, err, max_retries + 1)
                 else:
                     _record(state, task, outcome, started)
-                state.save()
-                bar.update(1)
-                if on_result is not None:
-                    on_result(state, task)
+                _finished(state, task, bar, on_result)
     except BaseException:
         for ref in flight:
             ray.cancel(ref, force=True)
@@ -362,38 +373,32 @@ def _run_on_ray(
 def _run_reader(
     state: SweepState,
     item: Planned,
-    max_retries: int,
+    done: Mapping[str, str],
     bar: _Progress,
     on_result: Callable[[SweepState, TaskState], None] | None,
 ) -> None:
     """An analysis that reads the run store (the atlas), on the driver, from this sweep's runs of
-    its model: the first run of each analysis the atlas joins (in the sweep file's order)."""
-    placeholder = f"after-the-others-{item.task.index}"
-    task = state.by_key[placeholder]
+    its model: the first run of each analysis the atlas joins (in the sweep file's order). Its key
+    depends on those runs, so it is known only now; the same atlas of the same runs (in ``done``,
+    the store as the sweep found it) is kept rather than written again."""
+    task = state.by_key[_placeholder(item.task)]
     task.status = "running"
     bar.update()
     started = time.perf_counter()
     try:
         model, loaded, _ = model_for(item.task, state.spec.worker_models)
         runs = sweep_runs(state, item.task.model, model.kind)
-        entry = registry.get(item.task.analysis)
         config = dataclasses.replace(item.task.config(), runs=runs, root=str(state.root.resolve()))
-        result = execute(entry, model, config)
-        outcome = TaskOutcome(placeholder, result=result, loaded=loaded)
+        result = execute(registry.get(item.task.analysis), model, config)
     except HeadlabError as err:
-        outcome = TaskOutcome(placeholder, refusal=str(err).splitlines()[0])
-    done = done_runs(state.root)
-    key = outcome.result.notes["task_key"] if outcome.result is not None else None
-    if key in done:  # the same atlas of the same runs exists: keep it
-        task.status, task.run_id, task.key = "skipped", done[key], key
+        _record(state, task, TaskOutcome(task.key, refusal=str(err).splitlines()[0]), started)
     else:
-        _record(state, task, outcome, started)
-        if key is not None:
-            task.key = key
-    state.save()
-    bar.update(1)
-    if on_result is not None:
-        on_result(state, task)
+        task.key = str(result.notes["task_key"])
+        if task.key in done:
+            task.status, task.run_id = "skipped", done[task.key]
+        else:
+            _record(state, task, TaskOutcome(task.key, result=result, loaded=loaded), started)
+    _finished(state, task, bar, on_result)
 
 
 def sweep_runs(state: SweepState, model: str, kind: str) -> tuple[str, ...]:

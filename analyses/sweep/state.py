@@ -97,7 +97,11 @@ class SweepState:
         self.directory = sweep_dir(root, spec.name)
         self.state = "planned"
         self.started = datetime.now(UTC).isoformat()
-        self.models_loaded = 0
+
+    @property
+    def models_loaded(self) -> int:
+        """How many of the tasks loaded their model (the others reused a worker's)."""
+        return sum(bool(t.loaded_model) for t in self.tasks)
 
     def counts(self) -> dict[str, int]:
         return {status: sum(t.status == status for t in self.tasks) for status in STATUSES}
