@@ -75,6 +75,7 @@ __all__ = [
     "code_revision",
     "format_runs_table",
     "format_version_differences",
+    "git_output",
     "list_runs",
     "open_run",
     "package_versions",
@@ -127,6 +128,24 @@ def check_root(root: StrPath | None = None) -> Path:
     return base
 
 
+def git_output(directory: Path, *args: str) -> str | None:
+    """What ``git -C directory ARGS`` prints, run read-only (no optional locks); None when git is
+    missing, fails or times out. Never raises."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
 def code_revision(source_dir: StrPath | None = None) -> str | None:
     """The git commit of the headlab source tree, ``+ "-dirty"`` when it has uncommitted changes.
 
@@ -134,21 +153,9 @@ def code_revision(source_dir: StrPath | None = None) -> str | None:
     Never raises. Git is run read-only, without taking optional locks.
     """
     directory = Path(source_dir) if source_dir is not None else _SOURCE_TREE
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 
     def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(directory), *args],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                env=env,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError, ValueError):
-            return None
-        return done.stdout if done.returncode == 0 else None
+        return git_output(directory, *args)
 
     if not directory.is_dir():
         return None

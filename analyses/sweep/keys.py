@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -55,24 +54,17 @@ def tree_fingerprint(tree: Path | None) -> str:
     if commit == revision:
         return commit
     where = tree if tree is not None else Path(runstore.__file__).resolve().parent.parent
-    changed = _git(where, "diff", "HEAD", "--", *RESULT_CODE)
-    untracked = _git(where, "ls-files", "--others", "--exclude-standard", "--", *RESULT_CODE)
-    if changed == b"" and untracked == b"":
+    changed = runstore.git_output(where, "diff", "HEAD", "--", *RESULT_CODE)
+    untracked = runstore.git_output(where, "ls-files", "--others", "--exclude-standard", "--", *RESULT_CODE)
+    if changed is None or untracked is None:  # git failed: never take that for a clean tree
+        return f"{commit}-dirty-unknown"
+    if not changed and not untracked:
         return commit
-    digest = hashlib.sha256(changed + b"\0" + untracked)
-    for name in untracked.decode(errors="replace").splitlines():  # untracked files: their contents too
+    digest = hashlib.sha256(f"{changed}\0{untracked}".encode())
+    for name in untracked.splitlines():  # untracked files: their contents too
         file = where / name
         digest.update(sha256_file(file).encode() if file.is_file() else b"-")
     return f"{commit}-dirty-{digest.hexdigest()[:12]}"
-
-
-def _git(tree: Path, *args: str) -> bytes:
-    """git's output (``b"?"`` when git fails, so a failure is never taken for a clean tree)."""
-    try:
-        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return b"?"
-    return done.stdout if done.returncode == 0 else b"?"
 
 
 def model_fingerprint(name: str) -> str:
