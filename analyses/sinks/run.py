@@ -83,7 +83,10 @@ def measure_sinks(
     if token_norms is not None:
         silent = torch.isnan(token_norms.result()[..., 0]).any(dim=(0, 2)).nonzero().flatten().tolist()
         if silent:
-            raise CaptureError(f"layers {silent[:5]} handed no hidden state, key or value to the token norms")
+            raise CaptureError(
+                f"layers {silent[:5]} handed no hidden state, key or value to the token norms, so their norms "
+                "would be missing; run with --set mode=eager (the bridge's hooks), or --set norms=false"
+            )
     return sink, token_norms
 
 
