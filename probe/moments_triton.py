@@ -20,11 +20,38 @@ except ImportError:  # pragma: no cover - depends on the torch build
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
+
+def length_key(T: int) -> int:
+    """The autotuning key of a length: T rounded up to a power of two (at least 1,024)."""
+    return max(1024, 1 << max(0, T - 1).bit_length())
+
+
 if HAVE_TRITON:
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+        for bm, bn, w, st in [
+            (64, 64, 4, 2),
+            (128, 64, 4, 2),
+            (128, 64, 8, 3),
+            (64, 128, 4, 3),
+            (128, 128, 8, 2),
+            (128, 128, 8, 3),
+        ]
     ]
+    # The autotuners key on T_KEY, the length rounded up to a power of two, not on T itself: a
+    # capture of prompts of many lengths would otherwise re-tune (and pay seconds) at every new one.
+
+    def _prune(
+        configs: list[triton.Config], nargs: dict[str, object], **kwargs: object
+    ) -> list[triton.Config]:
+        """Exact float32 products ("ieee") compile slowly in large tiles (over 30 s per kernel for
+        the six configs) and were fastest in the smallest one: tune only that one for them."""
+        precision = kwargs.get("PRECISION", nargs.get("PRECISION"))
+        if precision != "ieee":
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64][:1]
+
+    _PRUNE = {"early_config_prune": _prune}
 
     @triton.jit
     def _row_block(  # type: ignore[no-untyped-def]
@@ -180,7 +207,7 @@ if HAVE_TRITON:
             )
         return m_i, l_i, s_i, k_i
 
-    @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
+    @triton.autotune(configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW"], prune_configs_by=_PRUNE)
     @triton.jit
     def _row_moments_kernel(  # type: ignore[no-untyped-def]
         Q,
@@ -199,6 +226,7 @@ if HAVE_TRITON:
         skt,
         skd,
         T,
+        T_KEY,
         H,
         GROUP,
         WINDOW,
@@ -215,8 +243,10 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        # scores in log2 units (s2 = s·log2 e) so that exp2 can be used; converted back at the end
-        pid_m = tl.program_id(0)
+        # scores in log2 units (s2 = s·log2 e) so that exp2 can be used; converted back at the end.
+        # The last query blocks see the most keys: they are launched first, so that the light ones
+        # fill the end of the grid instead of one heavy block running alone.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -298,32 +328,35 @@ if HAVE_TRITON:
         MASKED: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        # one query block's contribution to the column sums; MASKED=False when it sees the keys whole
+        # one query block's contribution to the column sums; MASKED=False when it sees the keys whole.
+        # Computed transposed (keys as rows, queries as columns): the sum over queries is then a
+        # sum along each row, which stays within a warp, where a sum down the columns of the
+        # matrix-multiply layout crosses warps through shared memory.
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        ptrs = q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+        ptrs = q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd
         if MASKED:
-            q = tl.load(ptrs, mask=offs_m[:, None] < T, other=0.0)
+            q_t = tl.load(ptrs, mask=offs_m[None, :] < T, other=0.0)
             lse2 = tl.load(LSE_base + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
         else:
-            q = tl.load(ptrs)
+            q_t = tl.load(ptrs)
             lse2 = tl.load(LSE_base + offs_m) * 1.4426950408889634
-        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale2  # [keys, queries]
         if MASKED:
             valid = (
-                (offs_n[None, :] <= offs_m[:, None])
-                & (offs_m[:, None] >= pad)
-                & (offs_m[:, None] < T)
-                & (offs_n[None, :] >= pad)
-                & (offs_n[None, :] < T)
+                (offs_n[:, None] <= offs_m[None, :])
+                & (offs_m[None, :] >= pad)
+                & (offs_m[None, :] < T)
+                & (offs_n[:, None] >= pad)
+                & (offs_n[:, None] < T)
             )
             if HAS_WINDOW:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            p = tl.where(valid, tl.exp2(tl.where(valid, s - lse2[:, None], 0.0)), 0.0)
+                valid = valid & (offs_n[:, None] > offs_m[None, :] - WINDOW)
+            p_t = tl.where(valid, tl.exp2(tl.where(valid, s_t - lse2[None, :], 0.0)), 0.0)
         else:
-            p = tl.exp2(s - lse2[:, None])
-        return acc + tl.sum(p, 0)
+            p_t = tl.exp2(s_t - lse2[None, :])
+        return acc + tl.sum(p_t, 1)
 
-    @triton.autotune(configs=_CONFIGS, key=["T", "HEAD_DIM", "HAS_WINDOW"])
+    @triton.autotune(configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW"], prune_configs_by=_PRUNE)
     @triton.jit
     def _column_sum_kernel(  # type: ignore[no-untyped-def]
         Q,
@@ -340,6 +373,7 @@ if HAVE_TRITON:
         skt,
         skd,
         T,
+        T_KEY,
         H,
         GROUP,
         WINDOW,
@@ -360,9 +394,9 @@ if HAVE_TRITON:
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        k = tl.load(
-            K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd,
-            mask=offs_n[None, :] < T,
+        k = tl.load(  # [keys, head_dim]: the left operand of the transposed scores
+            K + b * skb + kvh * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
+            mask=offs_n[:, None] < T,
             other=0.0,
         )
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -443,7 +477,7 @@ if HAVE_TRITON:
             )
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
-    @triton.autotune(configs=_CONFIGS, key=["T"], reset_to_zero=["COL"])
+    @triton.autotune(configs=_CONFIGS, key=["T_KEY"], reset_to_zero=["COL"])
     @triton.jit
     def _pattern_moments_kernel(  # type: ignore[no-untyped-def]
         P,
@@ -456,6 +490,7 @@ if HAVE_TRITON:
         spq,
         spk,
         T,
+        T_KEY,
         H,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -501,7 +536,16 @@ if HAVE_TRITON:
         b, H, T, d = query.shape
         group = H // key.shape[1]
         has_window = window is not None and window < T
-        common = (*query.stride(), *key.stride(), T, H, group, int(window or 0), float(scale) * _LOG2E)
+        common = (
+            *query.stride(),
+            *key.stride(),
+            T,
+            length_key(T),
+            H,
+            group,
+            int(window or 0),
+            float(scale) * _LOG2E,
+        )
         # float32 models get exact float32 products (no TF32); half-precision ones use tensor cores
         meta = {
             "HEAD_DIM": d,
@@ -542,7 +586,7 @@ if HAVE_TRITON:
         def grid(cfg: dict[str, int]) -> tuple[int, int]:
             return (triton.cdiv(T, cfg["BLOCK_M"]), b * H)
 
-        _pattern_moments_kernel[grid](pattern, ent, mk, col, pads, *pattern.stride(), T, H)
+        _pattern_moments_kernel[grid](pattern, ent, mk, col, pads, *pattern.stride(), T, length_key(T), H)
 
 else:  # pragma: no cover
 

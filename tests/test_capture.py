@@ -219,6 +219,17 @@ def test_moments_written_into_a_stack_equal_the_plain_ones() -> None:
         attention_moments(q, k, diag_offsets=(2,), use_triton=False, out=(stack, 0))
 
 
+def test_the_kernels_tune_once_per_power_of_two_of_the_length() -> None:
+    """The Triton autotuners key on the length's power-of-two bucket: prompts of 5,000 and 8,000
+    tokens share one tuning, 8,193 starts the next; short ones share the smallest."""
+    from probe.moments_triton import length_key
+
+    assert length_key(5000) == length_key(8000) == length_key(8192) == 8192
+    assert length_key(8193) == 16384
+    assert length_key(1) == length_key(700) == length_key(1024) == 1024
+    assert length_key(131072) == 131072
+
+
 def test_reducers_fed_every_layer_at_once_equal_those_fed_layer_by_layer(tiny_llama: LoadedModel) -> None:
     """A recompute capture hands stacked moments to reducers that take them and per-layer views to
     the others: both give the same numbers."""
