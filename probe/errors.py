@@ -98,6 +98,11 @@ class ConfigError(HeadlabError, ValueError):
     """A config value out of range or of the wrong kind."""
 
 
+class DeviceMapError(ConfigError):
+    """A device map that cannot place the model (unknown modules, missing layers, unknown or absent
+    devices), or something that cannot run on a model spread over several devices."""
+
+
 class CaptureError(HeadlabError, RuntimeError):
     """A capture did not measure what was asked (a hook that did not fire, no attention weights)."""
 
