@@ -71,7 +71,9 @@ def check_checkpoint_files(directory: Path, *, tokenizer: bool = False) -> None:
         )
 
 
-def load_language_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+def load_language_dir(directory: Path, dtype: torch.dtype, **placement: Any) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a checkpoint directory; ``placement``: ``from_pretrained``'s
+    ``device_map`` and ``offload_folder`` (see :func:`probe.loading.placement`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,7 +86,9 @@ def load_language_dir(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Mod
             f"with tokenizer.save_pretrained({str(directory)!r})"
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=dtype, attn_implementation="eager", **placement
+        )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(
             f"could not load the checkpoint in {directory} ({first_line(err)}); it needs config.json and "

@@ -1,7 +1,8 @@
 """Checksums that identify a model's weights: of a module's state, and of a checkpoint's weight files.
 
 A loaded model records one of them as ``weight_sha256`` (see docs/models.md for which source
-records which). Imports nothing from probe but :mod:`probe.cache` (its file hash).
+records which). Imports nothing from probe but :mod:`probe.cache` (its file hash) and
+:mod:`probe.devicemap` (a model's offloaded weights).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from probe import cache
+from probe import cache, devicemap
 
 
 def state_sha256(model: torch.nn.Module) -> str:
     """sha256 over the module's state dict: each name, then the tensor as float32 bytes, by name."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in devicemap.state_items(model):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

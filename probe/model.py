@@ -3,7 +3,7 @@
 A :class:`LoadedModel` holds a language, vision or vision-language model with its head counts,
 tokenizer, BOS policy (:class:`BosPolicy`), device, dtype and provenance; :class:`Batch` is what
 ``encode`` makes of texts. :func:`probe.loading.load_model` builds one from a model source (see
-docs/models.md). This module imports only leaf modules of probe (errors, images, kernels).
+docs/models.md). This module imports only leaf modules of probe (errors, images, kernels, devicemap).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from probe import devicemap
 from probe.errors import ConfigError, ContextTooLongError
 from probe.images import ImageInput, ImageSpec
-from probe.kernels import fast_implementation, native_attention
+from probe.kernels import attention_modules, fast_implementation, native_attention
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -81,6 +82,17 @@ class LoadedModel:
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     image: ImageSpec | None = None  # vision models: token grid and preprocessing
+    # module name -> device when accelerate spread the model over several devices (then ``device``
+    # is where inputs go: the input embedding's device); None on one device
+    device_map: dict[str, str] | None = None
+
+    def layer_devices(self) -> list[torch.device]:
+        """The device each layer's attention computes on (``device`` for all without a device map)."""
+        if not self.device_map or self.native_model is None:
+            return [self.device] * self.n_layers
+        return devicemap.layer_devices(
+            self.native_model, attention_modules(self), self.device_map, self.device
+        )
 
     # ---------------------------------------------------------------- heads
     @property
@@ -210,6 +222,7 @@ class LoadedModel:
             "caveat": self.caveat,
             "licence": self.licence,
             **({"image": self.image.describe()} if self.image is not None else {}),
+            **({"device_map": dict(self.device_map)} if self.device_map else {}),
         }
 
 

@@ -38,6 +38,7 @@ class ModelRequest:
     allow_hub: bool = False
     fetch_if_missing: bool = True
     tiny_words: tuple[str, ...] = ()
+    device_map: str | dict[str, str] | None = None  # parsed (probe.devicemap.parse_device_map)
 
     @property
     def path(self) -> Path:
@@ -58,6 +59,7 @@ class ModelSource:
     description: str
     matches: Callable[[ModelRequest], bool] = field(repr=False)
     load: Callable[[ModelRequest], LoadedModel] = field(repr=False)
+    device_maps: bool = False  # whether ``load`` honours ``request.device_map`` (else it is refused)
 
 
 SOURCES: list[ModelSource] = []

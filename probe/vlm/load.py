@@ -13,6 +13,7 @@ from probe import cache, zoo
 from probe.assemblies import ASSEMBLIES, AssemblySpec
 from probe.checkpoints import check_checkpoint_files, load_language_dir, quiet_transformers
 from probe.checksums import checkpoint_sha256
+from probe.devicemap import DeviceMapSpec
 from probe.errors import HeadlabError
 from probe.images import ImageSpec
 from probe.model import BosMode, LoadedModel
@@ -65,8 +66,10 @@ def load_assembly(
     bos: BosMode = "default",
     seed: int = 0,
     fetch_if_missing: bool = True,
+    device_map: DeviceMapSpec = None,
 ) -> LoadedModel:
-    """Load assembly ``name`` (e.g. ``scene-llava``) with its trained projector.
+    """Load assembly ``name`` (e.g. ``scene-llava``) with its trained projector (spread by
+    ``device_map`` once assembled in memory, if given).
 
     ``projector``: a projector file (default: the assembly's file in ``data/``) or ``"fresh"`` for a
     projector initialised from ``seed`` (what training starts from). A missing file is an error that
@@ -136,6 +139,7 @@ def load_assembly(
         caveat="; ".join(caveats),
         licence=f"{parts['vision']['name']}: {parts['vision']['licence']}; "
         f"{parts['language']['name']}: {parts['language']['licence']}",
+        device_map=device_map,
         extra={
             "parts": parts,
             "projector": {
@@ -151,10 +155,17 @@ def load_assembly(
 
 
 def load_llava_dir(
-    directory: Path, *, device: torch.device, dtype: torch.dtype, bos: BosMode = "default"
+    directory: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    bos: BosMode = "default",
+    placement: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a local ``LlavaForConditionalGeneration`` checkpoint (config, weights, tokenizer, and
-    ``preprocessor_config.json`` if present, else CLIP's preprocessing for the tower's size)."""
+    ``preprocessor_config.json`` if present, else CLIP's preprocessing for the tower's size);
+    ``placement``: ``from_pretrained``'s device map and offload folder
+    (:func:`probe.loading.placement`)."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -162,7 +173,11 @@ def load_llava_dir(
     try:
         with quiet_transformers():
             loaded: Any = LlavaForConditionalGeneration.from_pretrained(
-                str(directory), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+                str(directory),
+                dtype=dtype if placement else torch.float32,  # placed: loaded in its dtype where it lies
+                attn_implementation="eager",
+                output_loading_info=True,
+                **(placement or {}),
             )
         model, info = loaded
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -194,6 +209,7 @@ def load_llava_dir(
         bos=bos,
         weight_sha256=checkpoint_sha256(directory, name_files_if_no_weights=True),
         path=str(directory),
+        device_map=(placement or {}).get("device_map"),
     )
 
 

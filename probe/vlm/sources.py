@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from probe import devicemap
 from probe.assemblies import ASSEMBLIES
 from probe.checksums import state_sha256 as _state_sha256
+from probe.loading import placement
 from probe.model import LoadedModel
 from probe.sources import ASSEMBLY, DIRECTORY, TINY, ModelRequest, ModelSource, register
 from probe.tiny import TINY_BUILDERS, TinyBuilder, build_tiny_clip_vision, build_tiny_llama
@@ -57,6 +59,7 @@ def _load_tiny(request: ModelRequest) -> LoadedModel:
         weight_sha256=_state_sha256(model),
         path=None,
         licence="n/a (random weights)",
+        device_map=request.device_map,
     )
 
 
@@ -67,6 +70,7 @@ def _load_assembly(request: ModelRequest) -> LoadedModel:
         dtype=request.dtype,
         bos=request.bos,
         fetch_if_missing=request.fetch_if_missing,
+        device_map=request.device_map,
     )
 
 
@@ -75,12 +79,25 @@ def _is_llava_dir(request: ModelRequest) -> bool:
 
 
 def _load_llava_dir(request: ModelRequest) -> LoadedModel:
-    return load_llava_dir(request.path, device=request.device, dtype=request.dtype, bos=request.bos)
+    from transformers import LlavaForConditionalGeneration
+
+    where = placement(request.path, request, LlavaForConditionalGeneration)
+    with devicemap.removed_on_error(where.get("offload_folder")):
+        model = load_llava_dir(
+            request.path, device=request.device, dtype=request.dtype, bos=request.bos, placement=where
+        )
+    devicemap.remove_with(model.hf_model, where.get("offload_folder"))
+    return model
 
 
 register(
     ModelSource(
-        "tiny-vision-language", TINY + 20, "a tiny random LLaVA built in memory", _is_tiny, _load_tiny
+        "tiny-vision-language",
+        TINY + 20,
+        "a tiny random LLaVA built in memory",
+        _is_tiny,
+        _load_tiny,
+        device_maps=True,
     )
 )
 register(
@@ -90,6 +107,7 @@ register(
         "a vision-language model assembled from two catalogue models and a projector trained here",
         lambda request: request.name in ASSEMBLIES,
         _load_assembly,
+        device_maps=True,
     )
 )
 register(
@@ -99,5 +117,6 @@ register(
         "a local LLaVA checkpoint directory (model_type llava)",
         _is_llava_dir,
         _load_llava_dir,
+        device_maps=True,
     )
 )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from probe import devicemap
 from probe.assemblies import IMAGE_TOKEN
 from probe.errors import ConfigError, HeadlabError
 from probe.generation import prepare_bridge_generation
@@ -87,21 +88,25 @@ def wrap_vlm(
     caveat: str = "",
     licence: str = "",
     extra: Mapping[str, Any] | None = None,
+    device_map: devicemap.DeviceMapSpec = None,
 ) -> LoadedModel:
-    """Wrap a ``LlavaForConditionalGeneration``: frozen, eager, a TransformerBridge, a native twin."""
+    """Wrap a ``LlavaForConditionalGeneration``: frozen, eager, a TransformerBridge, a native twin;
+    on ``device``, or spread over several by ``device_map`` (see docs/multi-gpu.md)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     config: Any = hf_model.config
     if getattr(config, "model_type", None) != "llava":
         raise HeadlabError(f"{name} is a {getattr(config, 'model_type', '?')!r} model, not a LLaVA")
     image = image or _image_spec(config.vision_config)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    hf_model, placed_map, device = devicemap.place(hf_model, device, dtype, device_map)
+    hf_model = hf_model.eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
     _force_eager(hf_model)
-    # A module tree of its own for the fast path (SDPA, generate), sharing every parameter and buffer.
+    # A module tree of its own for the fast path (SDPA, generate), sharing every parameter and buffer
+    # (and accelerate's hooks, with the offloaded weights they hold).
     shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
-    native_model = copy.deepcopy(hf_model, memo=dict(shared))
+    native_model = copy.deepcopy(hf_model, memo={**shared, **devicemap.shared_hooks(hf_model)})
     bridge_tokenizer = copy.deepcopy(tokenizer)
     if "name_or_path" not in bridge_tokenizer.init_kwargs:
         bridge_tokenizer.init_kwargs.update(name_or_path=name, add_bos_token=True)
@@ -165,6 +170,7 @@ def wrap_vlm(
         licence=licence,
         extra=info,
         image=image,
+        device_map=placed_map,
     )
     prepare_bridge_generation(loaded)
     return loaded
