@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from probe import devicemap
 from probe.checkpoints import model_family
-from probe.errors import ConfigError
+from probe.errors import ConfigError, DeviceMapError
 from probe.loading import _wrap_language, resolve_device, resolve_dtype, unsupported_language
 from probe.model import BosMode, LoadedModel
 
@@ -39,7 +40,7 @@ def memory_sha256(model: torch.nn.Module) -> str:
     were saved to (and from ``checkpoint_sha256`` of that directory).
     """
     digest = hashlib.sha256(_SHA_PREFIX)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in devicemap.state_items(model):  # offloaded weights read one at a time
         t = tensor.detach()
         digest.update(name.encode() + b"\0")
         digest.update(str(t.dtype).removeprefix("torch.").encode() + b"\0")
@@ -79,6 +80,8 @@ def _check_causal_lm(model: Any) -> None:
 
 def _check_materialised(model: torch.nn.Module) -> set[torch.device]:
     tensors = [*model.parameters(), *model.buffers()]
+    if devicemap.is_dispatched(model):  # offloaded weights sit on the meta device between calls
+        return {t.device for t in tensors if not t.is_meta}
     if any(t.is_meta for t in tensors):
         raise ConfigError(
             f"{type(model).__name__} has weights on the meta device (not materialised); load it with "
@@ -108,7 +111,7 @@ def _default_name(model: Any) -> str:
 def _own_tree(model: torch.nn.Module) -> torch.nn.Module:
     """A module tree of headlab's own whose parameters are new ``Parameter`` objects on the same
     storage as the user's (no weights copied) and whose buffers are the user's tensors."""
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = dict(devicemap.shared_hooks(model))  # accelerate's hooks: shared, not copied
     for p in model.parameters():
         memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=False)
     for b in model.buffers():
@@ -145,10 +148,15 @@ def wrap(
     in place afterwards changes the wrapped model's weights too (its ``weight_sha256`` then no
     longer describes them): wrap again after training.
 
+    A model accelerate spread with a device map (``from_pretrained(..., device_map=...)`` or
+    ``dispatch_model``) is wrapped where it lies, its map recorded as ``device_map`` and accelerate's
+    hooks shared with headlab's tree (see docs/multi-gpu.md); ``device`` and ``dtype`` must then be
+    left out.
+
     Refused with a one-line :class:`ConfigError`: not a causal LM (encoders, vision and
     vision-language models: use ``probe.load_model``), a tokenizer larger than the embedding, weights
-    on the meta device, weights spread over several devices without ``device``, and the families
-    that ``probe.load_model`` refuses (see docs/support.md).
+    on the meta device (not offloaded by accelerate), weights spread over several devices by hand
+    without ``device``, and the families that ``probe.load_model`` refuses (see docs/support.md).
     """
     _check_causal_lm(model)
     devices = _check_materialised(model)
@@ -156,7 +164,11 @@ def wrap(
     if problem is not None:
         raise ConfigError(problem)
     _check_vocab(model, tokenizer)
-    if device is None:
+    dispatched = devicemap.is_dispatched(model)
+    if dispatched:
+        _check_dispatched(model, device, dtype)
+        device = next(iter(devices), torch.device("cpu"))  # replaced by the map's input device
+    elif device is None:
         if len(devices) > 1:
             raise ConfigError(
                 f"the model's weights are spread over {len(devices)} devices; pass device='cuda:0' (or 'cpu')"
@@ -189,4 +201,20 @@ def wrap(
         bos=bos,
         weight_sha256=weight_sha256,
         path=None,
+        device_map=devicemap.recorded_map(model) if dispatched else None,
     )
+
+
+def _check_dispatched(model: Any, device: Any, dtype: Any) -> None:
+    """A model accelerate spread by a device map is wrapped where it lies: another device or dtype
+    would need a copy of every weight (offloaded ones included), so both are refused."""
+    if device is not None:
+        raise DeviceMapError(
+            f"the model is spread by a device map ({len(set(model.hf_device_map.values()))} devices); leave "
+            "device out (it runs where the map put it), or load it on one device to pick one"
+        )
+    if dtype is not None and resolve_dtype(dtype) != getattr(model, "dtype", None):
+        raise DeviceMapError(
+            f"the model is spread by a device map in {model.dtype}; leave dtype out, or load it with "
+            "from_pretrained(..., dtype=...) in the dtype wanted"
+        )
