@@ -26,7 +26,7 @@ from probe.hooks import HookSet, attn_hook
 from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
-from probe.moments import MomentStack, attention_moments, pattern_moments
+from probe.moments import AttentionMoments, MomentStack, attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -147,6 +147,18 @@ def capture(
     return stats
 
 
+def moved(moments: AttentionMoments, device: torch.device) -> AttentionMoments:
+    """``moments`` on ``device`` (the same object when they are there already)."""
+    if moments.entropy.device == device:
+        return moments
+    return AttentionMoments(
+        moments.entropy.to(device),
+        moments.mean_key.to(device),
+        moments.colsum.to(device),
+        {o: d.to(device) for o, d in moments.diagonals.items()},
+    )
+
+
 def _diag_offsets(reducers: Sequence[PatternReducer]) -> tuple[int, ...]:
     return tuple(sorted({o for r in reducers for o in r.diag_offsets}))
 
@@ -163,15 +175,19 @@ def _run_eager(
 
     use_moments = all(r.supports_moments for r in reducers)
     offsets = _diag_offsets(reducers)
+    home = batch.input_ids.device  # where the reducers keep their state
 
     def make(layer: int) -> Any:
         def hook(pattern: torch.Tensor, hook: Any) -> None:
+            # the statistics are computed on the layer's own device (a split model's layers live on
+            # several), then their O(b·H·T) moments go to the reducers' device
             if use_moments:  # one read of the pattern for every statistic
                 moments = pattern_moments(pattern, pad_offsets=batch.pad_offsets, diag_offsets=offsets)
+                moments = moved(moments, home)
                 for r in reducers:
                     r.update_moments(layer, moments)
             else:
-                rows = pattern.float()
+                rows = pattern.float().to(home)
                 for r in reducers:
                     r.update(layer, rows, 0)
             seen[layer] += pattern.shape[2]
@@ -214,6 +230,7 @@ class _RecomputeState:
         self.native_readers = [r for r in reducers if getattr(r, "reads_native", False)]
         self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
+        self.home = torch.device("cpu")  # the reducers' device: the batch's
         # every layer's moments of the current batch, handed to the reducers after the forward
         self.stack: MomentStack | None = None
 
@@ -291,9 +308,10 @@ def _recompute_attention(
             )
             state.seen[layer] += query.shape[2]
             return out, None
-        for q0, rows in _rows_blocks(
+        for q0, block in _rows_blocks(
             module, query, key, attention_mask, scaling, state.query_block, state.group, window, softcap
         ):
+            rows = block.to(state.home)  # rows made on the layer's device, reduced where the reducers are
             for r in state.reducers:
                 r.update(layer, rows, q0)
             state.seen[layer] += rows.shape[2]
@@ -360,11 +378,19 @@ def _run_recompute(
         state = _RecomputeState.active
         assert state is not None
         state.pad_offsets = batch.pad_offsets.to(torch.int32)
+        state.home = batch.input_ids.device
         before = dict(seen)
         if state.use_moments:
             b, T = batch.input_ids.shape
+            # each layer's moments on the device its kernels run on, gathered after the forward
             state.stack = MomentStack(
-                model.n_layers, int(b), model.n_heads, int(T), state.diag_offsets, batch.input_ids.device
+                model.n_layers,
+                int(b),
+                model.n_heads,
+                int(T),
+                state.diag_offsets,
+                batch.input_ids.device,
+                layer_devices=model.layer_devices(),
             )
         native(
             input_ids=batch.input_ids,
@@ -385,4 +411,4 @@ def _hand_over(stack: MomentStack, reducers: Sequence[PatternReducer], n_layers:
             r.update_moments(slice(None), stack.stacked())
         else:
             for layer in range(n_layers):
-                r.update_moments(layer, stack.layer(layer))
+                r.update_moments(layer, moved(stack.layer(layer), stack.device))

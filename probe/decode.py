@@ -286,9 +286,14 @@ def greedy_decode(
                         "their attention did not go through the registered decode function; load the model with "
                         "probe.load_model so that its attention modules are recognised"
                     )
-                step_argmax.append(torch.stack([state.argmax[i][0] for i in range(model.n_layers)]))
+                # each layer's row was scored on its own device; the step's rows are kept on the input's
+                step_argmax.append(
+                    torch.stack([state.argmax[i][0].to(device) for i in range(model.n_layers)])
+                )
                 step_first.append([state.first[i] for i in range(model.n_layers)])
-                step_weight.append(torch.stack([state.max_weight[i][0] for i in range(model.n_layers)]))
+                step_weight.append(
+                    torch.stack([state.max_weight[i][0].to(device) for i in range(model.n_layers)])
+                )
             tokens.append(nxt)
             return nxt in stops
 
@@ -339,5 +344,7 @@ def greedy_decode(
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the GPUs' work before reading a clock (every GPU: a split model's layers run on several)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)

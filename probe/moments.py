@@ -12,6 +12,7 @@ See docs/capture.md (attention moments).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -50,32 +51,103 @@ class AttentionMoments:
 class MomentStack:
     """The moments of every layer of one batch, written in place layer by layer.
 
-    ``entropy``, ``mean_key`` and ``colsum`` are ``[L, b, H, T]``; ``diag`` is ``[L, n_diag, b, H, T]``
-    in the order of ``offsets``. A capture hands :meth:`stacked` to its reducers once the forward is
-    done, so the per-layer work during the forward is the kernels alone.
+    Each layer's moments live on the device that layer computes on (``layer_devices``; ``device``
+    for every layer by default), so a model spread over several GPUs writes them where its kernels
+    run: one ``[n, b, H, T]`` tensor per device and statistic for that device's ``n`` layers, and
+    ``[n, n_diag, b, H, T]`` diagonals in the order of ``offsets``. A capture hands :meth:`stacked`
+    (every layer, ``[L, ...]``, gathered on ``device``) to its reducers once the forward is done, so
+    the per-layer work during the forward is the kernels alone.
     """
 
     def __init__(
-        self, n_layers: int, b: int, H: int, T: int, offsets: tuple[int, ...], device: torch.device
+        self,
+        n_layers: int,
+        b: int,
+        H: int,
+        T: int,
+        offsets: tuple[int, ...],
+        device: torch.device,
+        layer_devices: list[torch.device] | None = None,
     ) -> None:
         self.offsets = tuple(sorted(set(offsets)))
-        shape = (n_layers, b, H, T)
-        self.entropy = torch.zeros(shape, device=device)
-        self.mean_key = torch.zeros(shape, device=device)
-        self.colsum = torch.zeros(shape, device=device)
-        self.diag = torch.zeros((n_layers, max(1, len(self.offsets)), b, H, T), device=device)
+        self.device = torch.device(device)
+        devices = (
+            [self.device] * n_layers if layer_devices is None else [torch.device(d) for d in layer_devices]
+        )
+        if len(devices) != n_layers:
+            raise ValueError(f"{len(devices)} layer devices given for {n_layers} layers")
+        groups: dict[torch.device, list[int]] = {}
+        for layer, dev in enumerate(devices):
+            groups.setdefault(dev, []).append(layer)
+        self.n_layers = n_layers
+        self._parts: list[tuple[list[int], list[torch.Tensor]]] = []
+        self._where: dict[int, tuple[int, int]] = {}  # layer -> (part, row)
+        n_diag = max(1, len(self.offsets))
+        for dev, layers in groups.items():
+            shape = (len(layers), b, H, T)
+            tensors = [torch.zeros(shape, device=dev) for _ in range(3)]
+            tensors.append(torch.zeros((len(layers), n_diag, b, H, T), device=dev))
+            for row, layer in enumerate(layers):
+                self._where[layer] = (len(self._parts), row)
+            self._parts.append((layers, tensors))
 
     @staticmethod
     def bytes_needed(n_layers: int, b: int, H: int, T: int, n_offsets: int) -> int:
         return 4 * n_layers * b * H * T * (3 + max(1, n_offsets))
 
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices holding some layer's moments."""
+        return [part[1][0].device for part in self._parts]
+
+    def outputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s entropy, mean key, column sums ``[b, H, T]`` and diagonals ``[n_diag, b, H, T]``,
+        on the layer's device, for a kernel to write into."""
+        part, row = self._where[i]
+        entropy, mean_key, colsum, diag = self._parts[part][1]
+        return entropy[row], mean_key[row], colsum[row], diag[row]
+
     def layer(self, i: int) -> AttentionMoments:
-        diagonals = {o: self.diag[i, j] for j, o in enumerate(self.offsets)}
-        return AttentionMoments(self.entropy[i], self.mean_key[i], self.colsum[i], diagonals)
+        entropy, mean_key, colsum, diag = self.outputs(i)
+        diagonals = {o: diag[j] for j, o in enumerate(self.offsets)}
+        return AttentionMoments(entropy, mean_key, colsum, diagonals)
+
+    def _fields(self) -> list[torch.Tensor]:
+        """Entropy, mean key, column sums ``[L, b, H, T]`` and diagonals ``[L, n_diag, b, H, T]`` on
+        ``device``: views when one part on ``device`` holds every layer, else gathered in layer order."""
+        tensors = self._parts[0][1]
+        if len(self._parts) == 1 and tensors[0].device == self.device:
+            return tensors
+        fields = []
+        for k in range(4):
+            out = torch.empty((self.n_layers, *tensors[k].shape[1:]), device=self.device)
+            for part_layers, part_tensors in self._parts:
+                index = torch.tensor(part_layers, device=self.device)
+                out.index_copy_(0, index, part_tensors[k].to(self.device, non_blocking=True))
+            fields.append(out)
+        return fields
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self._fields()[0]
+
+    @property
+    def mean_key(self) -> torch.Tensor:
+        return self._fields()[1]
+
+    @property
+    def colsum(self) -> torch.Tensor:
+        return self._fields()[2]
+
+    @property
+    def diag(self) -> torch.Tensor:
+        return self._fields()[3]
 
     def stacked(self) -> AttentionMoments:
-        diagonals = {o: self.diag[:, j] for j, o in enumerate(self.offsets)}
-        return AttentionMoments(self.entropy, self.mean_key, self.colsum, diagonals)
+        """Every layer's moments ``[L, ...]`` on ``device`` (gathered from every device holding some)."""
+        fields = self._fields()
+        diagonals = {o: fields[3][:, j] for j, o in enumerate(self.offsets)}
+        return AttentionMoments(fields[0], fields[1], fields[2], diagonals)
 
 
 def _pads(pad_offsets: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
@@ -258,6 +330,12 @@ def _pattern_torch(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int
 # ----------------------------------------------------------------------------------- triton path
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The CUDA device ``device`` made current (kernels of a layer on another GPU of a split model
+    must launch there), or nothing off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _moments_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -275,15 +353,15 @@ def _moments_triton(
     if out is None:
         ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
         diag = torch.empty((max(1, len(in_kernel)), b, H, T), device=query.device, dtype=torch.float32)
-    else:  # written in place into the stack's layer
-        stack, layer = out
-        ent, mk, col, diag = (
-            stack.entropy[layer],
-            stack.mean_key[layer],
-            stack.colsum[layer],
-            stack.diag[layer],
-        )
-    launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
+    else:  # written in place into the stack's layer (on the layer's device)
+        ent, mk, col, diag = out[0].outputs(out[1])
+        if ent.device != query.device:
+            raise ValueError(
+                f"the moment stack keeps this layer on {ent.device} but its queries are on {query.device}; "
+                "build the MomentStack with the model's layer devices"
+            )
+    with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
+        launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
     diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
     for j, o in enumerate(offsets[4:], start=4):
         values = _diag_from_scores(query, key, scale, lse, pads, o, window)
@@ -295,7 +373,8 @@ def _pattern_triton(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[in
     b, H, T, _ = pattern.shape
     ent = torch.empty(b, H, T, device=pattern.device, dtype=torch.float32)
     mk, col = torch.empty_like(ent), torch.zeros_like(ent)
-    launch_pattern_moments(pattern, pads, (ent, mk, col))
+    with _on(pattern.device):
+        launch_pattern_moments(pattern, pads, (ent, mk, col))
     idx = torch.arange(T, device=pattern.device)
     diagonals = {}
     for o in offsets:

@@ -132,7 +132,8 @@ class TokenNorms(PatternReducer):
         info = self.info
         if info is None:
             raise CaptureError("TokenNorms saw an activation outside a batch; run it through capture")
-        norms = activation.float().norm(dim=-1)
+        # the norms on the layer's own device; only [b, T, n] of them go to this reducer's device
+        norms = activation.float().norm(dim=-1).to(self.values.device)
         if norms.dim() == 2:
             norms = norms[..., None]  # [b, T, 1]
         cols = self.columns(quantity)
