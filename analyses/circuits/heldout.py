@@ -41,6 +41,7 @@ from analyses.circuits.forward import (
     repeat_rows,
     swap_hook,
 )
+from probe.devicemap import materialised
 from probe.hooks import HookFn, attn_hook
 from probe.types import Head
 
@@ -251,10 +252,12 @@ def direct_effects(runner: Runner, reads: dict[str, Any], group: PromptSet, copi
         (grad,) = torch.autograd.grad((logits[rows, right] - logits[rows, wrong]).sum(), x)
     out = torch.zeros(x.shape[0], model.n_layers, model.n_heads, dtype=torch.float64)
     for layer in range(model.n_layers):
-        w_o = bridge.blocks[layer].attn.W_O.detach()  # [H, d_head, d_model]
-        z = reads["z"][layer].to(w_o.dtype)
+        attn = bridge.blocks[layer].attn
+        with materialised(attn):  # an offloaded layer's weights exist only inside its forward
+            w_o = attn.W_O.detach().clone()  # [H, d_head, d_model], on the layer's device
+        z = reads["z"][layer].to(w_o.device, w_o.dtype)
         contrib = torch.einsum("bhd,hdm->bhm", z, w_o)
-        out[:, layer] = torch.einsum("bhm,bm->bh", contrib.double(), grad.double()).cpu()
+        out[:, layer] = torch.einsum("bhm,bm->bh", contrib.double(), grad.to(contrib.device).double()).cpu()
     return out.numpy()
 
 
