@@ -12,18 +12,20 @@ See docs/capture.md (memory estimates).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from probe import devicemap
 from probe.errors import ConfigError
-from probe.kernels import SOFTCAP_BLOCK, soft_caps_logits
+from probe.kernels import SOFTCAP_BLOCK, attention_modules, soft_caps_logits
 from probe.model import LoadedModel
 from probe.moments import HAVE_TRITON, MomentStack
 from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
@@ -171,6 +173,22 @@ def available_memory(device: str | torch.device) -> int:
 
 
 @dataclass(frozen=True)
+class DevicePeak:
+    """One device's share of a plan for a model spread over several: the weights the device map puts
+    on it, and its peak (weights, the layer phase of the layers on it, the logits if the output head
+    is on it, and the reducers and moments it keeps)."""
+
+    device: str
+    weights: int
+    total: int
+    layers: int = 0  # layers computing on it
+
+    @property
+    def transient(self) -> int:
+        return self.total - self.weights
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Estimated peak memory (bytes) of one capture batch, by what holds it.
 
@@ -194,6 +212,9 @@ class MemoryEstimate:
     query_block: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    # a model spread by a device map: every device's share (then ``device``, ``weights`` and
+    # ``total`` are those of the device with the largest peak)
+    devices: tuple[DevicePeak, ...] = ()
 
     @property
     def transient(self) -> int:
@@ -202,8 +223,12 @@ class MemoryEstimate:
     def describe(self) -> str:
         block = f", query_block {self.query_block}" if self.mode == "recompute" else ""
         cache = f", KV cache {format_bytes(self.cache)}" if self.cache else ""
+        where = f"on {self.device}"
+        if self.devices:
+            shares = ", ".join(f"{p.device} {format_bytes(p.total)}" for p in self.devices)
+            where = f"over {len(self.devices)} devices ({shares}), largest on {self.device}"
         return (
-            f"{self.mode} capture of {self.batch_size} x {self.seq_len} tokens{block} on {self.device} "
+            f"{self.mode} capture of {self.batch_size} x {self.seq_len} tokens{block} {where} "
             f"({self.dtype}): ~{format_bytes(self.total)} peak (weights {format_bytes(self.weights)}, "
             f"activations {format_bytes(self.activations)}, attention {format_bytes(self.attention)}, "
             f"logits {format_bytes(self.logits)}, reducers {format_bytes(self.reducers)}{cache})"
@@ -321,6 +346,7 @@ def estimate_capture(
     n_sequences: int | None = None,
     dtype: torch.dtype | None = None,
     weights: int | None = None,
+    device_map: Mapping[str, str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of capturing ``batch_size`` sequences of ``seq_len`` tokens.
 
@@ -328,7 +354,11 @@ def estimate_capture(
     a CPU device, the per-sample results the reducers accumulate over the whole capture. ``dtype``
     overrides the model's dtype (to answer "would bfloat16 fit?"). ``weights`` is
     ``weights_bytes(model)`` if already known (it walks every module, which takes a few ms). See
-    docs/capture.md (memory estimates) for the model of each term.
+    docs/capture.md (memory estimates) for the model of each term. A model spread by a device map
+    (``model.device_map``, or ``device_map`` given here) is planned device by device
+    (:attr:`MemoryEstimate.devices`): each holds its weights, and the layer phase where it holds
+    layers, the logits where it holds the output head, its layers' moments, and on the input's
+    device the reducers and the gathered moments.
     """
     if mode not in ("eager", "recompute"):
         raise ConfigError(f"unknown capture mode {mode!r}; choose eager or recompute")
@@ -387,19 +417,20 @@ def estimate_capture(
     logits = (b * T if mode == "eager" else b) * vocab * 4
     peak = heap + max(mapped, logits)
     state = sum(r.state_bytes(b, T, L, H) for r in reducers)
+    if on_cpu and n_sequences is not None:
+        state += sum(_result_bytes(r, n_sequences, T, L, H) for r in reducers)
+    stack = 0
     if mode == "recompute" and reducers and all(getattr(r, "supports_moments", False) for r in reducers):
         # every layer's moments are kept until the forward ends, then handed to the reducers
         offsets = {o for r in reducers for o in r.diag_offsets}
-        state += MomentStack.bytes_needed(L, b, H, T, len(offsets))
-    if on_cpu and n_sequences is not None:
-        state += sum(_result_bytes(r, n_sequences, T, L, H) for r in reducers)
-    return MemoryEstimate(
+        stack = MomentStack.bytes_needed(L, b, H, T, len(offsets))
+    est = MemoryEstimate(
         weights=int(weights),
         activations=int(activations),
         attention=int(attention),
         logits=int(logits),
-        reducers=int(state),
-        total=int(weights + peak + state),
+        reducers=int(state + stack),
+        total=int(weights + peak + state + stack),
         mode=mode,
         batch_size=b,
         seq_len=T,
@@ -407,16 +438,81 @@ def estimate_capture(
         device=str(model.device),
         dtype=str(dt).removeprefix("torch."),
     )
+    layout = _layout(model, device_map, weights / max(1, weights_bytes(model)) if dtype else 1.0)
+    if layout is None:
+        return est
+    peaks = []
+    for dev in layout.devices:
+        n = layout.layers.get(dev, 0)
+        home = dev == layout.home
+        held_here = layout.weights.get(dev, 0) + (state if home else 0) + stack * n // max(1, L)
+        if home and len(layout.layers) > 1:
+            held_here += stack  # the moments gathered from every device for the reducers
+        phase = (heap if n else 0) + max(mapped if n else 0, logits if dev == layout.output else 0)
+        peaks.append(DevicePeak(dev, layout.weights.get(dev, 0), int(held_here + phase), n))
+    return _busiest(est, peaks)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a spread model's parts are: weights and layers per device, the output head's and the
+    input's device."""
+
+    devices: list[str]
+    weights: dict[str, int]
+    layers: dict[str, int]
+    output: str
+    home: str
+
+
+def _layout(model: LoadedModel, device_map: Mapping[str, str] | None, scale: float = 1.0) -> _Layout | None:
+    """The layout of ``device_map`` (default: the model's own map) over the model's modules, or None
+    for a model on one device; ``scale`` converts the weights' bytes to a planned dtype."""
+    dmap = device_map if device_map is not None else model.device_map
+    native = model.native_model
+    if not dmap or native is None:
+        return None
+    layer_devs = devicemap.layer_devices(native, attention_modules(model), dmap, model.device)
+    layers: dict[str, int] = {}
+    for layer_dev in layer_devs:
+        layers[str(layer_dev)] = layers.get(str(layer_dev), 0) + 1
+    weights: dict[str, int] = {}
+    for value, n_bytes in devicemap.weights_by_device(native, dmap).items():
+        where = str(devicemap.execution_device(value, dmap)) if value != "cpu" else "cpu"
+        weights[where] = weights.get(where, 0) + int(n_bytes * scale)
+    tree: Any = native
+    head = tree.get_output_embeddings() if hasattr(tree, "get_output_embeddings") else None
+    output = str(layer_devs[-1])
+    if head is not None:
+        placed = devicemap.device_for(devicemap.module_names(native, [head])[0], dmap)
+        output = str(devicemap.execution_device(placed, dmap)) if placed is not None else output
+    home = str(devicemap.input_device(native, dmap))
+    devices = list(dict.fromkeys([home, *(str(d) for d in layer_devs), output, *weights]))
+    return _Layout(devices, weights, layers, output, home)
+
+
+def _busiest(est: MemoryEstimate, peaks: list[DevicePeak]) -> MemoryEstimate:
+    """``est`` with every device's share, its device, weights and total those of the largest peak."""
+    top = max(peaks, key=lambda p: p.total)
+    return dataclasses.replace(
+        est, device=top.device, weights=top.weights, total=top.total, devices=tuple(peaks)
+    )
 
 
 def estimate_decode(
-    model: LoadedModel, *, prompt_len: int, max_new_tokens: int, dtype: torch.dtype | None = None
+    model: LoadedModel,
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    dtype: torch.dtype | None = None,
+    device_map: Mapping[str, str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`probe.decode.greedy_decode` (or a KV-cached ``generate``)
     of one prompt: the weights, the KV cache of every layer at its final length, and the larger of
     one prefill layer's tensors (as :func:`estimate_capture` counts them, plus the layer's queries,
     keys and values) and the float32 logits of one position. Sliding-window layers are counted at
-    full length (an overestimate where the cache keeps only the window)."""
+    full length (an overestimate where the cache keeps only the window). A model spread by a device
+    map is planned device by device, each holding its weights and its layers' KV cache."""
     if prompt_len < 1 or max_new_tokens < 0:
         raise ConfigError("prompt_len must be >= 1 and max_new_tokens >= 0")
     dt, s, weights, d_ff, vocab = _sizes(model, dtype, None)
@@ -430,7 +526,7 @@ def estimate_decode(
         attention += T * T  # the sliding window's boolean mask
     logits = vocab * 4
     total = weights + cache + max(activations + attention, logits)
-    return MemoryEstimate(
+    est = MemoryEstimate(
         weights=int(weights),
         activations=int(activations),
         attention=int(attention),
@@ -444,6 +540,37 @@ def estimate_decode(
         device=str(model.device),
         dtype=str(dt).removeprefix("torch."),
     )
+    layout = _layout(model, device_map, weights / max(1, weights_bytes(model)) if dtype else 1.0)
+    if layout is None:
+        return est
+    peaks = []
+    for dev in layout.devices:
+        n = layout.layers.get(dev, 0)
+        phase = max(activations + attention if n else 0, logits if dev == layout.output else 0)
+        own = layout.weights.get(dev, 0)
+        peaks.append(DevicePeak(dev, own, int(own + cache * n // max(1, L) + phase), n))
+    return _busiest(est, peaks)
+
+
+def over_budget(
+    est: MemoryEstimate, fraction: float, seen: dict[str, int] | None = None
+) -> tuple[int, str, int, int]:
+    """How far ``est`` is over its budget (``fraction`` of the available memory) on the device where
+    it is furthest over (a negative excess: it fits), with that device, what is available there and
+    its budget. Every device of a spread model counts. ``seen`` keeps each device's available memory
+    across the calls of one plan (read once)."""
+    shares = est.devices or (DevicePeak(est.device, est.weights, est.total),)
+    seen = {} if seen is None else seen
+    worst: tuple[int, str, int, int] | None = None
+    for share in shares:
+        if share.device not in seen:
+            seen[share.device] = available_memory(share.device)
+        available = seen[share.device]
+        budget = int(fraction * available)
+        row = (share.transient - budget, share.device, available, budget)
+        worst = row if worst is None or row[0] > worst[0] else worst
+    assert worst is not None
+    return worst
 
 
 def check_decode_fits(
@@ -453,24 +580,30 @@ def check_decode_fits(
     ``budget_fraction`` of :func:`available_memory`, with a :class:`MemoryBudgetError` naming the
     longest prompt that fits; else return the estimate."""
     est = estimate_decode(model, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
-    available = available_memory(model.device)
-    budget = int(budget_fraction * available)
-    if est.transient <= budget:
+    seen: dict[str, int] = {}
+    excess, device, available, budget = over_budget(est, budget_fraction, seen)
+    if excess <= 0:
         return est
 
     def need(t: int) -> int:
-        return estimate_decode(model, prompt_len=t, max_new_tokens=max_new_tokens).transient
+        alt = estimate_decode(model, prompt_len=t, max_new_tokens=max_new_tokens)
+        return over_budget(alt, budget_fraction, seen)[0]
 
-    longest = _largest_fitting(need, budget, prompt_len - 1, max(1, prompt_len // 256))
+    longest = _largest_fitting(need, 0, prompt_len - 1, max(1, prompt_len // 256))
     fixes = [f"a prompt of at most {longest} tokens" if longest else "a much shorter prompt"]
     if model.dtype == torch.float32:
         fixes.append("the model loaded with dtype='bfloat16' (half the weights and KV cache)")
-    fixes.append("a device with more free memory")
+    fixes.append("more GPUs in the device map" if est.devices else "a device with more free memory")
     raise MemoryBudgetError(
-        f"not enough memory: {est.describe()}; the decode needs ~{format_bytes(est.transient)} on top of "
-        f"the weights, but {format_bytes(available)} is available on {est.device} and the budget is "
+        f"not enough memory: {est.describe()}; the decode needs ~{format_bytes(transient_on(est, device))} on "
+        f"top of the weights, but {format_bytes(available)} is available on {device} and the budget is "
         f"{budget_fraction:.0%} of it ({format_bytes(budget)}). To fit, use " + "; or ".join(fixes) + "."
     )
+
+
+def transient_on(est: MemoryEstimate, device: str) -> int:
+    """What ``est`` needs on ``device`` beyond the weights already there."""
+    return next((p.transient for p in est.devices if p.device == device), est.transient)
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -514,9 +647,8 @@ def plan_batch_size(
         raise ConfigError("n_sequences and requested_batch must be >= 1")
     if not 0 < budget_fraction <= 1:
         raise ConfigError(f"budget_fraction must be in (0, 1] (got {budget_fraction})")
-    available = available_memory(model.device)
-    budget = int(budget_fraction * available)
     weights = weights_bytes(model)
+    seen: dict[str, int] = {}  # each device's available memory, read once
 
     def need(batch: int, **over: Any) -> MemoryEstimate:
         kwargs: dict[str, Any] = dict(
@@ -531,48 +663,57 @@ def plan_batch_size(
         kwargs.update(over)
         return estimate_capture(model, **kwargs)
 
-    best = _largest_fitting(lambda b: need(b).transient, budget, min(requested_batch, n_sequences))
+    def excess(est: MemoryEstimate) -> int:
+        return over_budget(est, budget_fraction, seen)[0]
+
+    best = _largest_fitting(lambda b: excess(need(b)), 0, min(requested_batch, n_sequences))
     if best is not None:
         return best
-    raise MemoryBudgetError(_advice(model, need(1), need, available, budget_fraction, budget))
+    worst = over_budget(need(1), budget_fraction, seen)
+    raise MemoryBudgetError(_advice(model, need(1), need, excess, worst, budget_fraction))
 
 
 def _advice(
     model: LoadedModel,
     est: MemoryEstimate,
     need: Callable[..., MemoryEstimate],
-    available: int,
+    excess: Callable[[MemoryEstimate], int],
+    worst: tuple[int, str, int, int],
     fraction: float,
-    budget: int,
 ) -> str:
+    """What to change when even one sequence does not fit; ``worst``: :func:`over_budget` of ``est``."""
+    _, device, available, budget = worst
     fixes: list[str] = []
     if est.reducers > budget // 2:
         fixes.append(
             f"fewer sequences per run, or reducers that keep less (they hold ~{format_bytes(est.reducers)})"
         )
     step = max(1, est.seq_len // 256)  # a few hundred estimates at most
-    longest = _largest_fitting(lambda t: need(1, seq_len=t).transient, budget, est.seq_len - 1, step)
+    longest = _largest_fitting(lambda t: excess(need(1, seq_len=t)), 0, est.seq_len - 1, step)
     if longest is not None:
         fixes.append(f"a shorter seq_len (at most {longest} tokens fits)")
     for q in (est.query_block, 256, 128, 64, 32):
         if est.mode == "recompute" and q >= est.query_block:
             continue
         alt = need(1, mode="recompute", query_block=q)
-        if alt.transient <= budget:
+        if excess(alt) <= 0:
             what = "a smaller query_block" if est.mode == "recompute" else "mode='recompute'"
-            fixes.append(f"{what} with query_block={q} (~{format_bytes(alt.transient)})")
+            fixes.append(f"{what} with query_block={q} (~{format_bytes(transient_on(alt, device))})")
             break
     if model.dtype == torch.float32:
         alt = need(1, dtype=torch.bfloat16)
-        verdict = "fits" if alt.transient <= budget else "still too much"
+        verdict = "fits" if excess(alt) <= 0 else "still too much"
         fixes.append(
-            f"load the model with dtype='bfloat16' (~{format_bytes(alt.transient)}: {verdict}; "
+            f"load the model with dtype='bfloat16' (~{format_bytes(transient_on(alt, device))}: {verdict}; "
             "the attention rows stay float32)"
         )
-    where = "a GPU (device='cuda')" if model.device.type != "cuda" else "a GPU"
-    fixes.append(f"{where} with more free memory, or fewer processes sharing this one")
+    if est.devices:
+        fixes.append("more GPUs in the device map (--device-map balanced spreads the layers evenly)")
+    else:
+        where = "a GPU (device='cuda')" if model.device.type != "cuda" else "a GPU"
+        fixes.append(f"{where} with more free memory, or fewer processes sharing this one")
     return (
-        f"not enough memory: {est.describe()}; the capture needs ~{format_bytes(est.transient)} on top of "
-        f"the weights, but {format_bytes(available)} is available on {est.device} and the budget is "
+        f"not enough memory: {est.describe()}; the capture needs ~{format_bytes(transient_on(est, device))} "
+        f"on top of the weights, but {format_bytes(available)} is available on {device} and the budget is "
         f"{fraction:.0%} of it ({format_bytes(budget)}). To fit, use " + "; or ".join(fixes) + "."
     )
