@@ -35,6 +35,13 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="spread the model over several GPUs: auto, balanced, or JSON {module: device} (or a .json file)",
+    ),
+]
 HubOpt = Annotated[bool, typer.Option("--allow-hub", help="allow Hugging Face hub ids (off by default)")]
 
 
@@ -92,6 +99,7 @@ def sanity(
         "The capital of France is"
     ),
     allow_hub: HubOpt = False,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Load MODEL, run one forward with a hook on every attention layer, print a summary."""
     import time
@@ -100,7 +108,7 @@ def sanity(
     from probe.sanity import sanity_check
 
     t0 = time.time()
-    m = load_model(model, device=device, dtype=dtype, allow_hub=allow_hub)
+    m = load_model(model, device=device, dtype=dtype, allow_hub=allow_hub, device_map=device_map)
     t_load = time.time() - t0
     report = sanity_check(m, prompt)
     d = m.describe()
@@ -108,6 +116,10 @@ def sanity(
         f"{m.name}: {m.family}, {m.n_layers} layers x {m.n_heads} heads ({m.n_kv_heads} KV heads), "
         f"d_head {m.d_head}, context {m.n_ctx}, {d['dtype']} on {d['device']}, loaded in {t_load:.1f} s"
     )
+    if m.device_map:
+        layers = [str(x) for x in m.layer_devices()]
+        spread = ", ".join(f"{dev}: {layers.count(dev)} layers" for dev in dict.fromkeys(layers))
+        typer.echo(f"device map: {len(m.device_map)} entries; {spread}")
     typer.echo(f"BOS policy: {d['bos']}; weights sha256 {m.weight_sha256[:16]}…; {m.caveat}")
     rows = [
         {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items() if k != "heads"}
@@ -156,6 +168,7 @@ def _run_one(
     bos: str,
     root: str | None,
     allow_hub: bool,
+    device_map: str | None = None,
 ) -> Path:
     """Load ``model``, run ``entry`` with ``config``, save the run and print its summary."""
     from analyses import runstore
@@ -167,7 +180,7 @@ def _run_one(
         f"nothing was saved for this run (a run is written only once complete); runs already saved "
         f"under {base} are intact"
     )
-    m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub)  # type: ignore[arg-type]
+    m = load_model(model, device=device, dtype=dtype, bos=bos, allow_hub=allow_hub, device_map=device_map)  # type: ignore[arg-type]
     # the same function a sweep's task runs; an analysis that reads runs reads the store written to
     result = execute(entry, m, config, root=str(base))
     path = result.save(root)
@@ -187,6 +200,7 @@ def _run_analysis(
     root: str | None,
     allow_hub: bool,
     show_config: bool,
+    device_map: str | None = None,
 ) -> None:
     import dataclasses
     import json
@@ -198,7 +212,17 @@ def _run_analysis(
     if show_config:
         typer.echo(json.dumps(dataclasses.asdict(config), indent=2))
         return
-    path = _run_one(entry, config, model, device=device, dtype=dtype, bos=bos, root=root, allow_hub=allow_hub)
+    path = _run_one(
+        entry,
+        config,
+        model,
+        device=device,
+        dtype=dtype,
+        bos=bos,
+        root=root,
+        allow_hub=allow_hub,
+        device_map=device_map,
+    )
     typer.echo(f"report:    headlab report {path.name}{f' --root {root}' if root else ''}")
 
 
@@ -216,8 +240,11 @@ def _make_run_command(entry: Analysis, name: str, *, hidden: bool = False) -> No
         root: RootOpt = None,
         allow_hub: HubOpt = False,
         show_config: Annotated[bool, typer.Option("--show-config", help="print the config and exit")] = False,
+        device_map: DeviceMapOpt = None,
     ) -> None:
-        _run_analysis(entry.name, model, device, dtype, bos, overrides, root, allow_hub, show_config)
+        _run_analysis(
+            entry.name, model, device, dtype, bos, overrides, root, allow_hub, show_config, device_map
+        )
 
     command.__doc__ = entry.help if not hidden else f"Same as `headlab run {entry.name}`."
     command.__name__ = f"run_{name.replace('-', '_')}_cmd"
