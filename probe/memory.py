@@ -638,8 +638,9 @@ def plan_batch_size(
     """The largest batch size ``<= requested_batch`` whose estimate fits the memory budget.
 
     The budget is ``budget_fraction × available_memory(model.device)``; the weights are already
-    resident, so what must fit is :attr:`MemoryEstimate.transient`. A smaller batch only means more
-    chunks: results are the same. Raises :class:`MemoryBudgetError` (a :class:`ConfigError`) when
+    resident, so what must fit is :attr:`MemoryEstimate.transient`; on a model spread by a device
+    map, each device's share against that device's memory (:func:`over_budget`). A smaller batch only
+    means more chunks: results are the same. Raises :class:`MemoryBudgetError` (a :class:`ConfigError`) when
     even one sequence does not fit; the message gives the estimate, the memory available and what
     to change.
     """
