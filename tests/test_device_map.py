@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import analyses.vhd as vh
 import probe
 from analyses.base import config_from_overrides
 from analyses.registry import ANALYSES
@@ -36,6 +37,7 @@ from probe.memory import MemoryBudgetError, estimate_capture, estimate_decode, p
 from probe.moments import MomentStack, attention_moments
 from probe.reducers import ColumnImportance, DiagonalScore, KeepPatterns, MeanDistance, RowEntropy
 from tests.test_cli import main
+from tests.test_vhd import SMALL
 
 LLAMA_MAP = {
     "model.embed_tokens": "cpu",
@@ -294,6 +296,8 @@ def test_wrap_keeps_a_dispatched_model_where_it_lies() -> None:
 
 
 def test_a_vision_language_model_spread_over_cpu_and_disk_answers_as_on_one_device() -> None:
+    """tiny-llava with its projector and a language layer on the disk: the same answers, head outputs
+    and VHD scores as on one device."""
     vlm_map = {
         "model.vision_tower": "cpu",
         "model.multi_modal_projector": "disk",
@@ -317,6 +321,9 @@ def test_a_vision_language_model_spread_over_cpu_and_disk_answers_as_on_one_devi
         answers.append(cap.outputs[1][0])
     assert answers[0] == answers[2]
     assert torch.allclose(answers[1], answers[3], atol=1e-5)
+    runs = [vh.run_vhd(model, SMALL) for model in (one, split)]  # the vision-language analysis
+    assert runs[0].tables["captions"]["text"].tolist() == runs[1].tables["captions"]["text"].tolist()
+    assert np.allclose(runs[0].arrays["vhd"], runs[1].arrays["vhd"], atol=1e-5, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------ refusals
