@@ -132,7 +132,12 @@ def test_a_valid_setting_that_fails_validation_is_reported(tmp_path: Path) -> No
             write(tmp_path, 'models = ["tiny-llama"]\n[analyses.census]\ngrid = { seq_len = [16, 2] }\n')
         )
     with pytest.raises(sweeps.SweepSpecError, match=r"needs resources.gpus > 0"):
-        sweeps.load_spec(write(tmp_path, 'models = ["tiny-llama"]\ndevice = "cuda"\nanalyses = ["census"]\n'))
+        sweeps.load_spec(
+            write(
+                tmp_path,
+                'models = ["tiny-llama"]\ndevice = "cuda"\nanalyses = ["census"]\n[resources]\ngpus = 0\n',
+            )
+        )
     with pytest.raises(sweeps.SweepSpecError, match=r"give seeds with the top-level seeds"):
         sweeps.load_spec(write(tmp_path, 'models = ["tiny-llama"]\n[analyses.census]\nset = { seed = 3 }\n'))
     with pytest.raises(

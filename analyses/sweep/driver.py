@@ -1,18 +1,20 @@
 """The sweep's driver: plan the tasks, skip the done ones, hand the rest to Ray, write what comes back.
 
-Each task is one Ray task (``ray.remote`` of :func:`analyses.sweep.task.run_task`) with its
-analysis's resource request; Ray places it, runs it in a worker process and retries it
-(``max_retries``: an error raised by the task, or a worker lost under it). The driver keeps no more
-tasks in flight than the cluster has slots for, in the sweep's order (grouped by model, so each
-worker's kept model serves the next task), and writes every result to the run store itself: the
-workers need no access to it. Analyses that read the run store (the atlas) run last, on the
-driver, from the runs of this sweep. ``in_process=True`` runs the same tasks in a loop here
-instead, without Ray.
+Each task runs on one of the sweep's Ray workers (:mod:`analyses.sweep.workers`): actors started
+with the analysis's resource request, as many as the cluster has room for, each holding its CPUs
+and GPUs for its life, so a worker's kept model stays on its own GPU and no two tasks share a GPU
+unless the file asks (``gpus = 0.5``). The driver hands the tasks out in the sweep's order
+(grouped by model, to a worker that keeps the task's model first), runs a task again
+(``max_retries``) when it raises or its worker dies under it, and writes every result to the run
+store itself: the workers need no access to it. Analyses that read the run store (the atlas) run
+last, on the driver, from the runs of this sweep. ``in_process=True`` runs the same tasks in a
+loop here instead, without Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections import deque
@@ -37,10 +39,8 @@ from analyses.sweep.state import (
     task_states,
 )
 from analyses.sweep.task import TaskOutcome, execute, model_for, run_task
+from analyses.sweep.workers import Pool, Slot, TaskFn
 from probe.errors import ConfigError, HeadlabError, MissingPackageError
-
-TaskFn = Callable[[TaskSpec, str, int, str | None], TaskOutcome]
-"""What runs one task: :func:`analyses.sweep.task.run_task` (tests wrap it to inject faults)."""
 
 
 @dataclass
@@ -186,6 +186,7 @@ def run_sweep(
     task_fn: TaskFn = run_task,
     on_result: Callable[[SweepState, TaskState], None] | None = None,
     progress: bool = True,
+    simulate_gpus: bool = False,
 ) -> SweepState:
     """Run every task of ``spec`` that is not done yet; return the sweep's final state.
 
@@ -194,7 +195,11 @@ def run_sweep(
     :class:`HeadlabError` (a refusal any attempt would meet again) is recorded at once. Ctrl-C
     (KeyboardInterrupt) cancels the tasks in flight, records the sweep as interrupted and re-raises:
     the same call later computes only what is missing. ``on_result`` is called after each task is
-    recorded."""
+    recorded.
+
+    ``simulate_gpus`` is for tests and benchmarks without GPUs (a cluster started with
+    ``ray.init(num_gpus=N)``): each task still holds its GPUs in Ray's accounting, but its model
+    runs on the CPU (:mod:`analyses.sweep.workers`). The CLI never sets it."""
     if max_retries < 0:
         raise ConfigError(f"max_retries must be >= 0, got {max_retries}")
     base = runstore.check_root(root)
@@ -215,7 +220,17 @@ def run_sweep(
                 if in_process:
                     _run_here(state, work, task_fn, max_retries, bar, on_result)
                 else:
-                    _run_on_ray(state, work, task_fn, max_retries, max_in_flight, address, bar, on_result)
+                    _run_on_ray(
+                        state,
+                        work,
+                        task_fn,
+                        max_retries,
+                        max_in_flight,
+                        address,
+                        bar,
+                        on_result,
+                        simulate_gpus,
+                    )
             for item in readers:
                 _run_reader(state, item, done, bar, on_result)
         except BaseException:
@@ -288,31 +303,73 @@ def _connect(ray: Any, address: str | None) -> None:
         ) from None
 
 
-def _slots(ray: Any, work: Sequence[Planned], max_in_flight: int | None) -> int:
-    """How many tasks can run at once on the cluster; a request no node can meet is refused."""
-    have = ray.cluster_resources()
-    cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
-    shapes = {p.task.resources for p in work}
-    for shape in shapes:
+def _shapes(work: Sequence[Planned], cpus: float, gpus: float) -> dict[int, Resources]:
+    """Each task's resources on this cluster (GPUs not given: one a task where there are GPUs); a
+    request no node can meet, or a ``cuda:N`` a task cannot see, is refused before any task."""
+    shapes = {p.task.index: p.task.resources.on_cluster(gpus > 0) for p in work}
+    for shape in set(shapes.values()):
+        who = ", ".join(sorted({p.task.analysis for p in work if shapes[p.task.index] == shape}))
         if shape.cpus > cpus:
             raise ConfigError(
-                f"tasks of {_who(work, shape)} ask for {shape.cpus:g} CPUs each and the Ray cluster has "
+                f"tasks of {who} ask for {shape.cpus:g} CPUs each and the Ray cluster has "
                 f"{cpus:g}; lower resources.cpus in the sweep file"
             )
-        if shape.gpus > gpus:
+        if (shape.gpus or 0.0) > gpus:
             raise ConfigError(
-                f"tasks of {_who(work, shape)} ask for {shape.gpus:g} GPUs each and the Ray cluster has "
+                f"tasks of {who} ask for {shape.gpus:g} GPUs each and the Ray cluster has "
                 f'{gpus:g}; set resources.gpus = 0 (and device = "cpu"), or run where there are GPUs (--address)'
             )
-    if max_in_flight is not None:
-        return max(1, max_in_flight)
-    least = min(shapes, key=lambda r: (r.gpus, r.cpus))
-    fits = int(cpus // least.cpus) if least.gpus == 0 else int(min(cpus // least.cpus, gpus // least.gpus))
-    return max(1, fits)
+    for p in work:
+        device, held = p.task.device, math.ceil(shapes[p.task.index].gpus or 0.0)
+        if device.startswith("cuda:") and int(device[5:]) >= held:
+            raise ConfigError(
+                f"device = {device!r}: a task on Ray sees only the GPUs it holds, from cuda:0 (tasks of "
+                f'{p.task.analysis} hold {held}); use device = "cuda", or --in-process to pick a GPU here'
+            )
+    return shapes
 
 
-def _who(work: Sequence[Planned], shape: Resources) -> str:
-    return ", ".join(sorted({p.task.analysis for p in work if p.task.resources == shape}))
+Queued = tuple[Planned, int, float | None]
+"""A task waiting for a worker: its plan, which attempt comes next, when its first attempt began."""
+
+
+def _dispatch(
+    pool: Pool,
+    queue: deque[Queued],
+    flight: dict[Any, tuple[Slot, Queued]],
+    shapes: Mapping[int, Resources],
+    state: SweepState,
+) -> bool:
+    """Hand queued tasks to idle workers in the sweep's order (a task whose shape has no worker
+    free waits, and those behind it of other shapes go on); idle workers of shapes no queued task
+    needs are stopped so that the others can use their resources. Whether anything was handed out."""
+    submitted = False
+    for _ in range(2):
+        wanted = {shapes[item.task.index] for item, _, _ in queue}
+        blocked: set[Resources] = set()
+        waiting: deque[Queued] = deque()
+        while queue:
+            entry = queue.popleft()
+            item, attempt, began = entry
+            shape = shapes[item.task.index]
+            slot = None if shape in blocked else pool.slot_for(shape, item.task.model)
+            if slot is None:
+                blocked.add(shape)
+                waiting.append(entry)
+                if blocked >= wanted:
+                    break
+                continue
+            assert item.key is not None
+            ref = pool.submit(slot, item.task, item.key, state.spec.worker_models)
+            flight[ref] = (slot, (item, attempt, time.perf_counter() if began is None else began))
+            state.by_key[item.key].status = "running"
+            submitted = True
+        waiting.extend(queue)
+        queue.clear()
+        queue.extend(waiting)
+        if not blocked or not pool.retire_idle(shapes[item.task.index] for item, _, _ in queue):
+            break
+    return submitted
 
 
 def _run_on_ray(
@@ -324,50 +381,58 @@ def _run_on_ray(
     address: str | None,
     bar: _Progress,
     on_result: Callable[[SweepState, TaskState], None] | None,
+    simulate_gpus: bool = False,
 ) -> None:
     ray = _ray()
     if not ray.is_initialized():
         _connect(ray, address)
-    slots = _slots(ray, work, max_in_flight)
-    remotes: dict[Resources, Any] = {}
-    queue = deque(work)
-    flight: dict[Any, tuple[TaskState, float]] = {}
+    have = ray.cluster_resources()
+    cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
+    shapes = _shapes(work, cpus, gpus)
+    pool = Pool(
+        ray,
+        task_fn,
+        cpus=cpus,
+        gpus=gpus,
+        keep=state.spec.worker_models,
+        max_actors=None if max_in_flight is None else max(1, max_in_flight),
+        simulate_gpus=simulate_gpus,
+    )
+    queue: deque[Queued] = deque((item, 1, None) for item in work)
+    flight: dict[Any, tuple[Slot, Queued]] = {}
     try:
         while queue or flight:
-            submitted = bool(queue) and len(flight) < slots
-            while queue and len(flight) < slots:
-                item = queue.popleft()
-                assert item.key is not None
-                shape = item.task.resources
-                if shape not in remotes:
-                    remotes[shape] = ray.remote(
-                        num_cpus=shape.cpus,
-                        num_gpus=shape.gpus,
-                        max_retries=max_retries,
-                        retry_exceptions=True,
-                        max_calls=0,  # keep the worker (and its kept model) for the next task, GPUs too
-                    )(task_fn)
-                ref = remotes[shape].remote(item.task, item.key, state.spec.worker_models, None)
-                task = state.by_key[item.key]
-                task.status = "running"
-                flight[ref] = (task, time.perf_counter())
-            if submitted:  # the new tasks are running: say so (nothing changed otherwise)
+            if _dispatch(pool, queue, flight, shapes, state):  # the new tasks are running: say so
                 state.save()
                 bar.update()
+            if not flight:
+                raise HeadlabError(f"no Ray worker could be started for {len(queue)} waiting task(s)")
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=2.0)
             for ref in ready:
-                task, started = flight.pop(ref)
+                slot, (item, attempt, began) = flight.pop(ref)
+                assert item.key is not None and began is not None
+                task = state.by_key[item.key]
                 try:
                     outcome = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    _failed(task, err, max_retries + 1)
+                except ray.exceptions.RayActorError as err:  # the worker died under the task
+                    pool.lost(slot)
+                    error: BaseException = err
+                except ray.exceptions.RayError as err:  # the task raised
+                    pool.finished(slot)
+                    error = err
                 else:
-                    _record(state, task, outcome, started)
+                    pool.finished(slot)
+                    _record(state, task, outcome, began)
+                    task.attempts = max(task.attempts, attempt)
+                    _finished(state, task, bar, on_result)
+                    continue
+                if attempt <= max_retries:
+                    queue.appendleft((item, attempt + 1, began))  # next, on another worker if it died
+                    continue
+                _failed(task, error, attempt)
                 _finished(state, task, bar, on_result)
-    except BaseException:
-        for ref in flight:
-            ray.cancel(ref, force=True)
-        raise
+    finally:
+        pool.close()  # the sweep is over or interrupted: the workers (and calls in flight) end
 
 
 def _run_reader(

@@ -9,7 +9,7 @@ A sweep is written in TOML (or YAML, the same keys)::
     dtype = "float32"                    # device, bos: as `headlab run`
     [resources]                          # what every task asks Ray for
     cpus = 1
-    gpus = 0
+    gpus = 1                             # default: one GPU a task where there are GPUs; 0.5 shares one
     [analyses.census]
     set = { n_natural = 4 }              # the same for every task of census
     grid = { seq_len = [64, 128] }       # every combination of these values
@@ -64,10 +64,20 @@ class SweepSpecError(HeadlabError):
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task asks Ray for: CPUs and GPUs (fractions allowed)."""
+    """What one task asks Ray for: CPUs and GPUs (fractions allowed).
+
+    ``gpus`` None (not given in the file) means one GPU a task where the Ray cluster has GPUs and
+    none where it has not; :meth:`on_cluster` settles it once the cluster is known. A device of
+    ``cuda`` settles it to 1 and ``cpu`` to 0 when the file is read."""
 
     cpus: float = 1.0
-    gpus: float = 0.0
+    gpus: float | None = None
+
+    def on_cluster(self, has_gpus: bool) -> Resources:
+        """These resources with ``gpus`` settled for a cluster with (or without) GPUs."""
+        if self.gpus is not None:
+            return self
+        return Resources(self.cpus, 1.0 if has_gpus else 0.0)
 
 
 @dataclass(frozen=True)
@@ -225,13 +235,8 @@ def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str 
     models = _models(data.get("models"), "models", problems)
     resources = _resources(data.get("resources", {}), "resources", problems)
     plans = _analyses(data, models, resources, problems)
-    if isinstance(device, str) and device.startswith("cuda"):
-        problems += [
-            f"analyses.{plan.name}: device = {device!r} needs resources.gpus > 0 (Ray hides the GPUs from a "
-            'task that asks for none); set [resources] gpus = 1, or device = "auto"'
-            for plan in plans
-            if plan.resources.gpus == 0
-        ]
+    if isinstance(device, str):
+        plans = _settle_gpus(plans, device, problems)
     if not problems and not plans:
         problems.append('no analyses; add analyses = ["census", ...] or an [analyses.NAME] table')
     if problems:
@@ -247,6 +252,31 @@ def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str 
         worker_models=int(worker_models),
         raw=to_jsonable(dict(data), "sweep"),
     )
+
+
+def _settle_gpus(plans: list[AnalysisPlan], device: str, problems: list[str]) -> list[AnalysisPlan]:
+    """The plans with the GPUs of each task settled where the device decides them: ``cuda`` asks
+    one GPU a task unless the file says otherwise, ``cpu`` none; ``auto`` is settled by the
+    cluster (:meth:`Resources.on_cluster`). A GPU device without GPUs, or GPUs held by CPU tasks,
+    is a problem."""
+    settled = []
+    for plan in plans:
+        gpus = plan.resources.gpus
+        if device.startswith("cuda") and gpus == 0:
+            problems.append(
+                f"analyses.{plan.name}: device = {device!r} needs resources.gpus > 0 (Ray hides the GPUs "
+                'from a task that asks for none); leave gpus out (one GPU a task), or device = "auto"'
+            )
+        elif device == "cpu" and gpus:
+            problems.append(
+                f"analyses.{plan.name}: device = 'cpu' with resources.gpus = {gpus:g} holds GPUs its tasks "
+                'never use; leave gpus out, or device = "auto"'
+            )
+        if gpus is None and device != "auto":
+            gpus = 1.0 if device.startswith("cuda") else 0.0
+            plan = dataclasses.replace(plan, resources=Resources(plan.resources.cpus, gpus))
+        settled.append(plan)
+    return settled
 
 
 def _is_int(value: Any) -> bool:
@@ -340,10 +370,13 @@ def _resources(value: Any, where: str, problems: list[str], base: Resources | No
     if not isinstance(cpus, number) or isinstance(cpus, bool) or cpus <= 0:
         problems.append(f"{where}.cpus {cpus!r} must be a number > 0 (CPUs per task)")
         cpus = base.cpus
-    if not isinstance(gpus, number) or isinstance(gpus, bool) or gpus < 0:
-        problems.append(f"{where}.gpus {gpus!r} must be a number >= 0 (GPUs per task; 0.5 shares one)")
+    if gpus is not None and (not isinstance(gpus, number) or isinstance(gpus, bool) or gpus < 0):
+        problems.append(
+            f"{where}.gpus {gpus!r} must be a number >= 0 (GPUs per task: 1 each by default, 0.5 puts two "
+            "tasks on one GPU)"
+        )
         gpus = base.gpus
-    return Resources(float(cpus), float(gpus))
+    return Resources(float(cpus), None if gpus is None else float(gpus))
 
 
 def _analyses(
