@@ -136,7 +136,7 @@ class _Progress:
 def _record(state: SweepState, task: TaskState, outcome: TaskOutcome, started: float) -> None:
     """Write a finished task's result to the run store (or record its refusal)."""
     task.seconds = round(time.perf_counter() - started, 3)
-    task.worker = dict(outcome.worker)
+    task.worker = {**outcome.worker, "load_s": round(outcome.load_s, 3), "run_s": round(outcome.run_s, 3)}
     task.loaded_model = outcome.loaded
     if outcome.refusal is not None:
         task.status, task.error, task.attempts = "refused", outcome.refusal, 1
