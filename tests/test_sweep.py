@@ -244,6 +244,48 @@ def test_in_process_sweep_equals_direct_runs_and_skips_a_run_made_by_hand(tmp_pa
             pd.testing.assert_frame_equal(run.table(name), direct.tables[name], check_dtype=False)
 
 
+def test_device_maps_in_a_sweep_file_are_checked_with_one_line_each(tmp_path: Path) -> None:
+    def problems(text: str) -> list[str]:
+        with pytest.raises(sweeps.SweepSpecError) as caught:
+            sweeps.load_spec(write(tmp_path, 'models = ["tiny-llama"]\nanalyses = ["census"]\n' + text))
+        return caught.value.problems
+
+    assert problems("device_map = 3\n") == [
+        "device_map 3 must be auto, balanced or a table of module = device "
+        '(e.g. device_map = { "model.layers.0" = 0, ... })'
+    ]
+    (bad,) = problems('device_map = { "model.layers.0" = "tpu" }\n')
+    assert bad.startswith("device_map: ") and "tpu" in bad
+    assert problems('device = "cuda"\ndevice_map = "balanced"\n') == [
+        "device = 'cuda' with a device_map: the map places every module; leave device out (auto)"
+    ]
+    (few,) = problems('device_map = { "model.layers.0" = 0, "model.layers.1" = 2 }\n[resources]\ngpus = 2\n')
+    assert "names cuda:2 but each task holds 2 GPU(s)" in few and "resources.gpus = 3" in few
+    spec = sweeps.load_spec(
+        write(tmp_path, 'models = ["tiny-llama"]\nanalyses = ["census"]\ndevice_map = "auto"\n')
+    )
+    assert {t.device_map for t in spec.tasks()} == {"auto"}
+
+
+def test_a_sweep_over_a_spread_model_equals_one_device(tmp_path: Path) -> None:
+    """tiny-llama with layer 1 offloaded to the disk (accelerate's hooks bring its weights in, as
+    they move activations between GPUs): the sweep's census tables equal the one-device sweep's."""
+    spread = (
+        'device_map = { "model.embed_tokens" = "cpu", "model.layers.0" = "cpu", "model.layers.1" = "disk", '
+        '"model.layers.2" = "cpu", "model.norm" = "cpu", "model.rotary_emb" = "cpu", "lm_head" = "cpu" }\n'
+    )
+    base = f'models = ["tiny-llama"]\n[analyses.census]\nset = {{ {CENSUS} }}\n'
+    runs = {}
+    for label, extra in (("one", ""), ("spread", spread)):
+        spec = sweeps.load_spec(write(tmp_path, extra + base, name=f"{label}.toml"))
+        state = sweeps.run_sweep(spec, root=tmp_path / label, in_process=True, progress=False)
+        assert [t.status for t in state.tasks] == ["done"]
+        runs[label] = runstore.open_run(tmp_path / label / str(state.tasks[0].run_id))
+    assert runs["spread"].manifest.model["device_map"]["model.layers.1"] == "disk"
+    for name in ("heads",):
+        pd.testing.assert_frame_equal(runs["spread"].table(name), runs["one"].table(name), rtol=1e-5)
+
+
 def test_atlas_of_a_sweep_joins_the_sweeps_runs(tmp_path: Path) -> None:
     spec = sweeps.load_spec(
         write(

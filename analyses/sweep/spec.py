@@ -7,6 +7,7 @@ A sweep is written in TOML (or YAML, the same keys)::
     analyses = ["census", "sinks"]       # optional when [analyses.NAME] tables name them
     seeds = [0, 1]                       # or a count: seeds = 4 means 0, 1, 2, 3
     dtype = "float32"                    # device, bos: as `headlab run`
+    # device_map = "balanced"            # spread each model over its task's GPUs (with gpus = N)
     [resources]                          # what every task asks Ray for
     cpus = 1
     gpus = 1                             # default: one GPU a task where there are GPUs; 0.5 shares one
@@ -41,7 +42,18 @@ from probe import zoo
 from probe.errors import ConfigError, HeadlabError
 from probe.tiny import TINY_BUILDERS
 
-TOP_KEYS = ("name", "models", "analyses", "seeds", "dtype", "device", "bos", "resources", "worker_models")
+TOP_KEYS = (
+    "name",
+    "models",
+    "analyses",
+    "seeds",
+    "dtype",
+    "device",
+    "device_map",
+    "bos",
+    "resources",
+    "worker_models",
+)
 ANALYSIS_KEYS = ("set", "grid", "list", "models", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -97,6 +109,7 @@ class TaskSpec:
     device: str
     bos: str
     resources: Resources
+    device_map: str | Mapping[str, str] | None = None  # ``auto``, ``balanced`` or module -> device
 
     def config(self) -> Any:
         """The analysis's typed config for this task (checked)."""
@@ -137,6 +150,7 @@ class SweepSpec:
     bos: str = "default"
     worker_models: int = 1
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    device_map: str | Mapping[str, str] | None = None
 
     def tasks(self) -> list[TaskSpec]:
         """Every task, grouped by model (so that a worker meets one model's tasks in a row) and,
@@ -159,6 +173,7 @@ class SweepSpec:
                 device=self.device,
                 bos=self.bos,
                 resources=plan.resources,
+                device_map=self.device_map,
             )
             for i, (model, plan, settings, seed) in enumerate(items)
         ]
@@ -237,6 +252,7 @@ def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str 
     plans = _analyses(data, models, resources, problems)
     if isinstance(device, str):
         plans = _settle_gpus(plans, device, problems)
+    device_map = _device_map(data.get("device_map"), device, plans, problems)
     if not problems and not plans:
         problems.append('no analyses; add analyses = ["census", ...] or an [analyses.NAME] table')
     if problems:
@@ -251,7 +267,45 @@ def check_spec(data: Mapping[str, Any], where: str = "sweep", default_name: str 
         bos=bos,
         worker_models=int(worker_models),
         raw=to_jsonable(dict(data), "sweep"),
+        device_map=device_map,
     )
+
+
+def _device_map(
+    value: Any, device: Any, plans: list[AnalysisPlan], problems: list[str]
+) -> str | dict[str, str] | None:
+    """The sweep's ``device_map`` (see docs/multi-gpu.md): ``auto``, ``balanced`` or a table of
+    module -> device, checked without a model (its modules are checked when a task loads it). A map
+    places every module, so the device stays ``auto``; a GPU it names must be one of the task's."""
+    from probe.devicemap import DeviceMapError, parse_device_map
+
+    if value is None:
+        return None
+    if not isinstance(value, (str, dict)):
+        problems.append(
+            f"device_map {value!r} must be auto, balanced or a table of module = device "
+            '(e.g. device_map = { "model.layers.0" = 0, ... })'
+        )
+        return None
+    try:
+        parsed = parse_device_map(value, check_present=False)
+    except DeviceMapError as err:
+        problems.append(f"device_map: {err}")
+        return None
+    if device != "auto":
+        problems.append(
+            f"device = {device!r} with a device_map: the map places every module; leave device out (auto)"
+        )
+    if isinstance(parsed, dict):
+        wanted = 1 + max((int(d.split(":")[1]) for d in parsed.values() if d.startswith("cuda:")), default=-1)
+        for plan in plans:
+            gpus = plan.resources.gpus
+            if wanted and gpus is not None and gpus < wanted:
+                problems.append(
+                    f"analyses.{plan.name}: the device_map names cuda:{wanted - 1} but each task holds "
+                    f"{gpus:g} GPU(s) (a task sees only its own, from cuda:0); set resources.gpus = {wanted}"
+                )
+    return parsed
 
 
 def _settle_gpus(plans: list[AnalysisPlan], device: str, problems: list[str]) -> list[AnalysisPlan]:

@@ -2,7 +2,7 @@
 runs a sweep's task inside a Ray worker and ``headlab run`` in its own process.
 
 Model reuse: a worker process keeps the last ``keep`` models it loaded (keyed by name, device,
-dtype and BOS policy) in :data:`_MODELS`, so the next task on the same model skips the load. The
+dtype, BOS policy and device map) in :data:`_MODELS`, so the next task on the same model skips the load. The
 sweep hands tasks out grouped by model and keeps no more of them in flight than there are worker
 slots, so each worker meets one model's tasks in a row. Tasks never change a model they run on:
 every intervention restores the weights bit for bit when its block ends (docs/interventions.md).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import socket
 import time
@@ -27,7 +28,7 @@ from analyses.sweep.spec import TaskSpec
 from probe.errors import HeadlabError
 from probe.loading import LoadedModel
 
-_MODELS: OrderedDict[tuple[str, str, str, str], LoadedModel] = OrderedDict()
+_MODELS: OrderedDict[tuple[str, str, str, str, str | None], LoadedModel] = OrderedDict()
 """The models this process keeps for its next tasks, oldest first."""
 
 
@@ -74,7 +75,8 @@ def model_for(task: TaskSpec, keep: int) -> tuple[LoadedModel, bool, float]:
     long that took. ``keep`` = 0 keeps nothing (a fresh load every task)."""
     from probe import load_model
 
-    slot = (task.model, task.device, task.dtype, task.bos)
+    spread = json.dumps(task.device_map, sort_keys=True) if task.device_map is not None else None
+    slot = (task.model, task.device, task.dtype, task.bos, spread)
     if slot in _MODELS:
         _MODELS.move_to_end(slot)
         return _MODELS[slot], False, 0.0
@@ -82,7 +84,14 @@ def model_for(task: TaskSpec, keep: int) -> tuple[LoadedModel, bool, float]:
         _MODELS.popitem(last=False)  # the oldest first: free it before loading the next
         _free_memory()
     t0 = time.perf_counter()
-    model = load_model(task.model, device=task.device, dtype=task.dtype, bos=task.bos)  # type: ignore[arg-type]
+    model = load_model(
+        task.model,
+        # a map places every module (on the GPUs Ray gave the worker, from cuda:0)
+        device="auto" if task.device_map is not None else task.device,
+        dtype=task.dtype,
+        bos=task.bos,  # type: ignore[arg-type]
+        device_map=task.device_map,
+    )
     if keep > 0:
         _MODELS[slot] = model
     return model, True, time.perf_counter() - t0
