@@ -294,11 +294,13 @@ def demo(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="run only this analysis (repeatable)")
     ] = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """The main job: every registered analysis with its demo settings, then one HTML report each.
 
     Analyses whose default model is another kind (a vision encoder, a LLaVA) run on that model; the
-    others on MODEL. The settings are each registration's small CPU configs (`headlab analyses`)."""
+    others on MODEL (spread by --device-map, when given). The settings are each registration's
+    small CPU configs (`headlab analyses`)."""
     from analyses.base import config_from_overrides
     from dashboard.report import write_report
 
@@ -311,7 +313,15 @@ def demo(
         typer.echo(f"== {entry.name} on {target} ({_demo_text(entry)}): {entry.help}")
         config = config_from_overrides(entry.config_cls, dict(entry.demo))
         path = _run_one(
-            entry, config, target, device=device, dtype=dtype, bos="default", root=root, allow_hub=False
+            entry,
+            config,
+            target,
+            device=device,
+            dtype=dtype,
+            bos="default",
+            root=root,
+            allow_hub=False,
+            device_map=device_map if target == model else None,  # the map is MODEL's
         )
         _INTERRUPTED["note"] = f"the run {path.name} was saved; its report was not written"
         typer.echo(f"report written: {write_report(path, Path(reports))}")
@@ -613,6 +623,10 @@ def atlas(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     root: RootOpt = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option("--device-map", help="with --run-missing: spread the model as headlab run --device-map"),
+    ] = None,
 ) -> None:
     """Build the head atlas of MODEL from its newest runs (every role of every head) and save it as a run.
 
@@ -644,6 +658,13 @@ def atlas(
                 f"sweep {state.spec.name} has no complete run yet; run it first: headlab sweep {sweep}"
             )
     models = list(dict.fromkeys(model or [DEFAULT_MODEL]))
+    if device_map is not None and not run_missing:
+        from probe.errors import ConfigError
+
+        raise ConfigError(
+            "--device-map places a model to run analyses on, and without --run-missing the atlas loads "
+            "none; give it with --run-missing, or leave it out"
+        )
     if runs and len(models) > 1:
         raise typer.BadParameter("--runs names runs of one model; build one atlas at a time with --runs")
     _INTERRUPTED["note"] = f"no atlas was saved for the model being built; runs under {base} are intact"
@@ -654,7 +675,7 @@ def atlas(
             runs=per_model.get(name, tuple(runs or ())), root=str(base), depth_bins=depth_bins
         )
         if run_missing:
-            loaded = load_model(name, device=device, dtype=dtype)
+            loaded = load_model(name, device=device, dtype=dtype, device_map=device_map)
             typer.echo(f"== {name}: running the analyses the atlas lacks")
             run_missing_fn(loaded, base, echo=typer.echo)
             result = build_atlas(loaded.name, config, kind=loaded.kind, reference=loaded.describe())

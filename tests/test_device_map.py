@@ -472,3 +472,35 @@ def test_the_command_line_takes_a_device_map(
     assert manifest["model"]["device_map"] == LLAMA_MAP
     code, _, err = main(monkeypatch, capsys, *args, "--device-map", '{"model.layers.9": "cpu"}')
     assert code == 2 and "model.layers.9" in err and err.strip().count("\n") == 0
+
+
+def test_the_main_job_and_the_atlas_take_a_device_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`headlab demo --device-map` spreads MODEL (the analyses on it record the map); `headlab atlas
+    --device-map` without --run-missing has no model to place and says so."""
+    monkeypatch.chdir(tmp_path)
+    runs = str(tmp_path / "runs")
+    code, out, err = main(
+        monkeypatch,
+        capsys,
+        *(
+            "demo",
+            "--only",
+            "sinks",
+            "--model",
+            "tiny-llama",
+            "--root",
+            runs,
+            "--reports",
+            str(tmp_path / "r"),
+        ),
+        *("--device-map", json.dumps(LLAMA_MAP)),
+    )
+    assert code == 0 and "report written" in out, err
+    manifest = json.loads(next((tmp_path / "runs").glob("*/manifest.json")).read_text())
+    assert manifest["analysis"] == "sinks" and manifest["model"]["device_map"] == LLAMA_MAP
+    code, _, err = main(
+        monkeypatch, capsys, "atlas", "--model", "tiny-llama", "--root", runs, "--device-map", "auto"
+    )
+    assert code == 2 and "give it with --run-missing" in err and err.strip().count("\n") == 0
