@@ -18,6 +18,7 @@ import typer
 from analyses import registry
 from analyses.registry import Analysis
 from probe import zoo
+from probe.errors import ConfigError
 
 app = typer.Typer(
     name="headlab",
@@ -167,7 +168,7 @@ def _run_one(
     dtype: str,
     bos: str,
     root: str | None,
-    allow_hub: bool,
+    allow_hub: bool = False,
     device_map: str | None = None,
 ) -> Path:
     """Load ``model``, run ``entry`` with ``config``, save the run and print its summary."""
@@ -312,16 +313,9 @@ def demo(
         target = model if entry.default_model == DEFAULT_MODEL else entry.default_model
         typer.echo(f"== {entry.name} on {target} ({_demo_text(entry)}): {entry.help}")
         config = config_from_overrides(entry.config_cls, dict(entry.demo))
+        spread = device_map if target == model else None  # the map is MODEL's
         path = _run_one(
-            entry,
-            config,
-            target,
-            device=device,
-            dtype=dtype,
-            bos="default",
-            root=root,
-            allow_hub=False,
-            device_map=device_map if target == model else None,  # the map is MODEL's
+            entry, config, target, device=device, dtype=dtype, bos="default", root=root, device_map=spread
         )
         _INTERRUPTED["note"] = f"the run {path.name} was saved; its report was not written"
         typer.echo(f"report written: {write_report(path, Path(reports))}")
@@ -623,10 +617,7 @@ def atlas(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     root: RootOpt = None,
-    device_map: Annotated[
-        str | None,
-        typer.Option("--device-map", help="with --run-missing: spread the model as headlab run --device-map"),
-    ] = None,
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Build the head atlas of MODEL from its newest runs (every role of every head) and save it as a run.
 
@@ -659,11 +650,9 @@ def atlas(
             )
     models = list(dict.fromkeys(model or [DEFAULT_MODEL]))
     if device_map is not None and not run_missing:
-        from probe.errors import ConfigError
-
         raise ConfigError(
-            "--device-map places a model to run analyses on, and without --run-missing the atlas loads "
-            "none; give it with --run-missing, or leave it out"
+            "--device-map places a model to run analyses on, and without --run-missing the "
+            "atlas loads none; give it with --run-missing, or leave it out"
         )
     if runs and len(models) > 1:
         raise typer.BadParameter("--runs names runs of one model; build one atlas at a time with --runs")
