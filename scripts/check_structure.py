@@ -2,7 +2,7 @@
 ``# fmt: skip`` markers, module docstrings over 30 lines, and references to files outside the
 repository. Exit status 1 when anything is found.
 
-    python scripts/check_structure.py [paths...]   # default: probe analyses dashboard
+    python scripts/check_structure.py [paths...]   # default: probe analyses dashboard headlab
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def problems(path: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    roots = [Path(a) for a in argv] or [Path("probe"), Path("analyses"), Path("dashboard")]
+    roots = [Path(a) for a in argv] or [Path(p) for p in ("probe", "analyses", "dashboard", "headlab")]
     files = sorted(p for r in roots for p in ([r] if r.is_file() else r.rglob("*.py")))
     found = [line for f in files for line in problems(f)]
     print("\n".join(found) if found else f"{len(files)} files: nothing to report")
