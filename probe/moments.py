@@ -112,42 +112,40 @@ class MomentStack:
         diagonals = {o: diag[j] for j, o in enumerate(self.offsets)}
         return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
-    def _fields(self) -> list[torch.Tensor]:
-        """Entropy, mean key, column sums ``[L, b, H, T]`` and diagonals ``[L, n_diag, b, H, T]`` on
-        ``device``: views when one part on ``device`` holds every layer, else gathered in layer order."""
-        tensors = self._parts[0][1]
-        if len(self._parts) == 1 and tensors[0].device == self.device:
-            return tensors
-        fields = []
-        for k in range(4):
-            out = torch.empty((self.n_layers, *tensors[k].shape[1:]), device=self.device)
-            for part_layers, part_tensors in self._parts:
-                index = torch.tensor(part_layers, device=self.device)
-                out.index_copy_(0, index, part_tensors[k].to(self.device, non_blocking=True))
-            fields.append(out)
-        return fields
+    def _field(self, k: int) -> torch.Tensor:
+        """Field ``k`` (entropy, mean key, column sums ``[L, b, H, T]``, diagonals ``[L, n_diag, b, H,
+        T]``) on ``device``: a view when one part on ``device`` holds every layer, else gathered in
+        layer order."""
+        first = self._parts[0][1][k]
+        if len(self._parts) == 1 and first.device == self.device:
+            return first
+        out = torch.empty((self.n_layers, *first.shape[1:]), device=self.device)
+        for part_layers, part_tensors in self._parts:
+            index = torch.tensor(part_layers, device=self.device)
+            out.index_copy_(0, index, part_tensors[k].to(self.device, non_blocking=True))
+        return out
 
     @property
     def entropy(self) -> torch.Tensor:
-        return self._fields()[0]
+        return self._field(0)
 
     @property
     def mean_key(self) -> torch.Tensor:
-        return self._fields()[1]
+        return self._field(1)
 
     @property
     def colsum(self) -> torch.Tensor:
-        return self._fields()[2]
+        return self._field(2)
 
     @property
     def diag(self) -> torch.Tensor:
-        return self._fields()[3]
+        return self._field(3)
 
     def stacked(self) -> AttentionMoments:
         """Every layer's moments ``[L, ...]`` on ``device`` (gathered from every device holding some)."""
-        fields = self._fields()
-        diagonals = {o: fields[3][:, j] for j, o in enumerate(self.offsets)}
-        return AttentionMoments(fields[0], fields[1], fields[2], diagonals)
+        entropy, mean_key, colsum, diag = (self._field(k) for k in range(4))
+        diagonals = {o: diag[:, j] for j, o in enumerate(self.offsets)}
+        return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 
 def _pads(pad_offsets: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
