@@ -211,7 +211,7 @@ def prefill(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int =
         out = native(
             input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True, logits_to_keep=1
         )
-        _sync(model.device)
+        _sync(model)
         seconds = time.perf_counter() - t0
     return Prefill(ids, _cache_of(out), seconds)
 
@@ -308,7 +308,7 @@ def greedy_decode(
             first_step = 1
             if take(0, out):
                 stopped = "eos"
-            _sync(device)
+            _sync(model)
             prefill_seconds = time.perf_counter() - t0
         state.decoding = True
         t1 = time.perf_counter()
@@ -329,7 +329,7 @@ def greedy_decode(
             if take(step, out):
                 stopped = "eos"
                 break
-        _sync(device)
+        _sync(model)
         t2 = time.perf_counter()
     n = len(tokens)
     shape = (n, model.n_layers, model.n_heads)
@@ -343,8 +343,9 @@ def greedy_decode(
     return DecodeResult(ids, tokens, argmax, max_weight, prefill_seconds, t2 - t1, stopped, logits)
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for the GPUs' work before reading a clock (every GPU: a split model's layers run on several)."""
-    if device.type == "cuda":
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(index)
+def _sync(model: LoadedModel) -> None:
+    """Wait for the model's GPU work before reading a clock: on every GPU it uses (a split model's
+    layers run on several), and on no other (synchronising a GPU starts a CUDA context there)."""
+    for device in dict.fromkeys([model.device, *model.layer_devices()]):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
