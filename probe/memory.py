@@ -438,19 +438,15 @@ def estimate_capture(
         device=str(model.device),
         dtype=str(dt).removeprefix("torch."),
     )
-    layout = _layout(model, device_map, weights / max(1, weights_bytes(model)) if dtype else 1.0)
-    if layout is None:
-        return est
-    peaks = []
-    for dev in layout.devices:
-        n = layout.layers.get(dev, 0)
+
+    def beyond_weights(layout: _Layout, dev: str, n: int) -> float:
         home = dev == layout.home
-        held_here = layout.weights.get(dev, 0) + (state if home else 0) + stack * n // max(1, L)
+        held_here = (state if home else 0) + stack * n // max(1, L)
         if home and len(layout.layers) > 1:
             held_here += stack  # the moments gathered from every device for the reducers
-        phase = (heap if n else 0) + max(mapped if n else 0, logits if dev == layout.output else 0)
-        peaks.append(DevicePeak(dev, layout.weights.get(dev, 0), int(held_here + phase), n))
-    return _busiest(est, peaks)
+        return held_here + (heap if n else 0) + max(mapped if n else 0, logits if dev == layout.output else 0)
+
+    return _per_device(est, model, device_map, dtype, weights, beyond_weights)
 
 
 @dataclass(frozen=True)
@@ -491,8 +487,25 @@ def _layout(model: LoadedModel, device_map: Mapping[str, str] | None, scale: flo
     return _Layout(devices, weights, layers, output, home)
 
 
-def _busiest(est: MemoryEstimate, peaks: list[DevicePeak]) -> MemoryEstimate:
-    """``est`` with every device's share, its device, weights and total those of the largest peak."""
+def _per_device(
+    est: MemoryEstimate,
+    model: LoadedModel,
+    device_map: Mapping[str, str] | None,
+    dtype: torch.dtype | None,
+    weights: float,
+    beyond_weights: Callable[[_Layout, str, int], float],
+) -> MemoryEstimate:
+    """``est`` as it is for a model on one device; for a spread one, with every device's share (each
+    device's weights and ``beyond_weights(layout, device, its layers)``), its device, weights and
+    total those of the largest peak. ``weights``: the weights' bytes in the planned dtype."""
+    layout = _layout(model, device_map, weights / max(1, weights_bytes(model)) if dtype else 1.0)
+    if layout is None:
+        return est
+    peaks = []
+    for dev in layout.devices:
+        n = layout.layers.get(dev, 0)
+        own = layout.weights.get(dev, 0)
+        peaks.append(DevicePeak(dev, own, int(own + beyond_weights(layout, dev, n)), n))
     top = max(peaks, key=lambda p: p.total)
     return dataclasses.replace(
         est, device=top.device, weights=top.weights, total=top.total, devices=tuple(peaks)
@@ -540,16 +553,12 @@ def estimate_decode(
         device=str(model.device),
         dtype=str(dt).removeprefix("torch."),
     )
-    layout = _layout(model, device_map, weights / max(1, weights_bytes(model)) if dtype else 1.0)
-    if layout is None:
-        return est
-    peaks = []
-    for dev in layout.devices:
-        n = layout.layers.get(dev, 0)
+
+    def beyond_weights(layout: _Layout, dev: str, n: int) -> float:
         phase = max(activations + attention if n else 0, logits if dev == layout.output else 0)
-        own = layout.weights.get(dev, 0)
-        peaks.append(DevicePeak(dev, own, int(own + cache * n // max(1, L) + phase), n))
-    return _busiest(est, peaks)
+        return cache * n // max(1, L) + phase
+
+    return _per_device(est, model, device_map, dtype, weights, beyond_weights)
 
 
 def over_budget(
