@@ -77,18 +77,20 @@ def parse_device_map(spec: DeviceMapSpec, *, check_present: bool = True) -> str 
         text = spec.strip()
         if text in ("auto", "balanced"):
             return text
+        source = "the device map"
         if not text.startswith("{"):
             path = Path(text).expanduser()
             if path.suffix != ".json" or not path.is_file():
                 raise DeviceMapError(
                     f"device map {spec!r} is neither auto, balanced, JSON nor a .json file; {_fix()}"
                 )
+            source = f"the device map file {path}"
             text = path.read_text()
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as err:
             raise DeviceMapError(
-                f"the device map is not valid JSON ({err.msg} at character {err.pos}); {_fix()}"
+                f"{source} is not valid JSON ({err.msg} at character {err.pos}); {_fix()}"
             ) from None
     if not isinstance(spec, Mapping) or not spec:
         raise DeviceMapError(f"a device map is a non-empty JSON object of module name -> device; {_fix()}")
