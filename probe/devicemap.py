@@ -398,7 +398,10 @@ def state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         with align_module_device(module, torch.device("cpu")):
             value = getattr(module, leaf)
             if value is None or value.is_meta:
-                raise DeviceMapError(f"{name} is on the meta device and no offloaded copy of it was found")
+                raise DeviceMapError(
+                    f"{name} is on the meta device and no offloaded copy of it was found; load the model "
+                    "again with its device map (its offload folder may have been removed)"
+                )
             yield name, value.detach().clone()
 
 
