@@ -89,8 +89,8 @@ class Slot:
 
 
 class Pool:
-    """The sweep's actors on a Ray cluster: at most ``limit(shape)`` of each shape, within what the
-    cluster has (``cpus``, ``gpus``) and ``max_actors`` in all."""
+    """The sweep's actors on a Ray cluster: as many as fit what the cluster has (``cpus``, ``gpus``),
+    and ``max_actors`` in all."""
 
     def __init__(
         self,
@@ -112,13 +112,6 @@ class Pool:
         self.slots: list[Slot] = []
         self._classes: dict[Resources, Any] = {}
 
-    def limit(self, shape: Resources) -> int:
-        """How many actors of ``shape`` fit the cluster at once."""
-        fits = self.cpus // shape.cpus
-        if shape.gpus:
-            fits = min(fits, self.gpus // shape.gpus)
-        return max(1, int(fits))
-
     def _free(self) -> tuple[float, float]:
         cpus = self.cpus - sum(s.shape.cpus for s in self.slots)
         gpus = self.gpus - sum(s.shape.gpus or 0.0 for s in self.slots)
@@ -126,8 +119,6 @@ class Pool:
 
     def _can_start(self, shape: Resources) -> bool:
         if self.max_actors is not None and len(self.slots) >= self.max_actors:
-            return False
-        if sum(s.shape == shape for s in self.slots) >= self.limit(shape):
             return False
         cpus, gpus = self._free()
         return shape.cpus <= cpus + 1e-9 and (shape.gpus or 0.0) <= gpus + 1e-9
