@@ -26,7 +26,7 @@ from probe.hooks import HookSet, attn_hook
 from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
-from probe.moments import AttentionMoments, MomentStack, attention_moments, pattern_moments
+from probe.moments import MomentStack, attention_moments, pattern_moments
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -147,18 +147,6 @@ def capture(
     return stats
 
 
-def moved(moments: AttentionMoments, device: torch.device) -> AttentionMoments:
-    """``moments`` on ``device`` (the same object when they are there already)."""
-    if moments.entropy.device == device:
-        return moments
-    return AttentionMoments(
-        moments.entropy.to(device),
-        moments.mean_key.to(device),
-        moments.colsum.to(device),
-        {o: d.to(device) for o, d in moments.diagonals.items()},
-    )
-
-
 def _diag_offsets(reducers: Sequence[PatternReducer]) -> tuple[int, ...]:
     return tuple(sorted({o for r in reducers for o in r.diag_offsets}))
 
@@ -183,7 +171,7 @@ def _run_eager(
             # several), then their O(b·H·T) moments go to the reducers' device
             if use_moments:  # one read of the pattern for every statistic
                 moments = pattern_moments(pattern, pad_offsets=batch.pad_offsets, diag_offsets=offsets)
-                moments = moved(moments, home)
+                moments = moments.to(home)
                 for r in reducers:
                     r.update_moments(layer, moments)
             else:
@@ -411,4 +399,4 @@ def _hand_over(stack: MomentStack, reducers: Sequence[PatternReducer], n_layers:
             r.update_moments(slice(None), stack.stacked())
         else:
             for layer in range(n_layers):
-                r.update_moments(layer, moved(stack.layer(layer), stack.device))
+                r.update_moments(layer, stack.layer(layer).to(stack.device))

@@ -42,6 +42,15 @@ class AttentionMoments:
     colsum: torch.Tensor
     diagonals: dict[int, torch.Tensor]  # offset -> p[t, t - offset] (0 where t - offset is no real key)
 
+    def to(self, device: torch.device) -> AttentionMoments:
+        """These moments on ``device`` (the same object when they are there already)."""
+        if self.entropy.device == device:
+            return self
+        diagonals = {o: d.to(device) for o, d in self.diagonals.items()}
+        return AttentionMoments(
+            self.entropy.to(device), self.mean_key.to(device), self.colsum.to(device), diagonals
+        )
+
     def diag(self, offset: int) -> torch.Tensor:
         if offset not in self.diagonals:
             raise KeyError(f"diagonal {offset} was not computed; pass it in diag_offsets")
