@@ -503,7 +503,8 @@ def _analysis(
             continue
         shown = ", ".join(f"{k}={v!r}" for k, v in settings.items()) or "the defaults"
         try:
-            config = config_from_overrides(entry.config_cls, _typed(entry.config_cls, settings))
+            typed = _typed(entry.config_cls, settings)
+            config = config_from_overrides(entry.config_cls, typed)
         except (ConfigError, TypeError, ValueError) as err:
             problem = f"{where} with {shown}: {err}"
             if problem not in problems:
@@ -514,7 +515,7 @@ def _analysis(
             problems.append(f"{where}: {shown} gives the same config as {twin}; give each setting set once")
             continue
         configs.append((config, shown))
-        checked.append(_typed(entry.config_cls, settings))
+        checked.append(typed)
     own_resources = _resources(body.get("resources", {}), f"{where}.resources", problems, resources)
     if not checked:
         return None
