@@ -290,13 +290,14 @@ def _connect(ray: Any, address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as err:
+        why = " ".join(str(err).split())[:200]
         if address is None:
             raise HeadlabError(
-                f"could not start a local Ray cluster ({' '.join(str(err).split())[:200]}); see `ray status`, "
+                f"could not start a local Ray cluster ({why}); see `ray status`, "
                 "or run the sweep without Ray: --in-process"
             ) from None
         raise HeadlabError(
-            f"could not join the Ray cluster at {address} ({' '.join(str(err).split())[:200]}); check the "
+            f"could not join the Ray cluster at {address} ({why}); check the "
             "address (`ray status` on the head node prints it) and that this machine has the cluster's auth "
             "token (~/.ray/auth_token or RAY_AUTH_TOKEN, as Ray's token authentication asks); on the head "
             "node itself --address auto finds it; without --address the sweep starts a cluster of its own"
