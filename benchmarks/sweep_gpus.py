@@ -321,11 +321,11 @@ def run_on(n: int, gpus: list[str], spec: Any, store: Path, args: Any, task_fn: 
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    run_s = [t.worker["run_s"] for t in state.tasks if t.status == "done" and "run_s" in t.worker]
     per_analysis: dict[str, list[float]] = {}
     for t in state.tasks:
         if t.status == "done" and "run_s" in t.worker:
             per_analysis.setdefault(t.analysis, []).append(t.worker["run_s"])
+    run_s = [s for times in per_analysis.values() for s in times]
     placed = sorted({g for t in state.tasks for g in t.worker.get("gpus", [])})
     return {
         "gpus": n,
