@@ -15,6 +15,7 @@ import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import torch
 
 import analyses.vhd as vh
 import probe
+import probe.capture as capture_module
 from analyses.base import config_from_overrides
 from analyses.registry import ANALYSES
 from analyses.support import SCORES, SETTINGS, TASK_WORDS, language_analyses
@@ -149,8 +151,17 @@ def test_a_recompute_capture_over_several_layer_devices_equals_one_device(
     capture(one, rows, plain, mode="recompute", progress=False)
     spread = [torch.device("cpu"), torch.device("cpu", 0), torch.device("cpu", 0)]
     monkeypatch.setattr(LoadedModel, "layer_devices", lambda self: spread)
+    made: list[MomentStack] = []
+
+    class Recorded(MomentStack):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(capture_module, "MomentStack", Recorded)
     parts = [RowEntropy(), ColumnImportance(), DiagonalScore(2)]
     capture(one, rows, parts, mode="recompute", progress=False)
+    assert made and all(len(stack.devices) == 2 for stack in made)  # the capture used the layer devices
     for a, b in zip(plain, parts, strict=True):
         assert torch.allclose(a.result(), b.result(), atol=1e-6, equal_nan=True)
 
