@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from probe.moments_triton import HAVE_TRITON, launch_moments, launch_pattern_moments
+from probe.moments_triton import HAVE_TRITON, launch_lse_moments, launch_moments, launch_pattern_moments
 
 __all__ = [
     "HAVE_TRITON",
@@ -175,8 +175,14 @@ def attention_moments(
     block: int = 256,
     use_triton: bool | None = None,
     out: tuple[MomentStack, int] | None = None,
+    lse: torch.Tensor | None = None,
 ) -> AttentionMoments:
     """Moments of ``softmax(scale · q kᵀ)`` under the causal, padding and sliding-window masks.
+
+    ``lse``: the rows' log-sum-exp ``[b, H, T]`` (natural units) of plain causal attention — no
+    padding, no window shorter than the sequence, no cap — as the forward's own attention kernel
+    returns it. The Triton path then needs one pass over the scores instead of two (the first only
+    finds this normaliser). The caller vouches for the conditions; the torch path ignores it.
 
     ``softcap``: the scores are ``cap · tanh(scale · q kᵀ / cap)`` (Gemma 2); computed by the torch
     path (the Triton kernels do not cap). With ``out=(stack, layer)`` the moments are written into
@@ -199,7 +205,7 @@ def attention_moments(
             "build the MomentStack with the same diag_offsets"
         )
     if use_triton:
-        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out)
+        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out, lse)
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
@@ -351,11 +357,12 @@ def _moments_triton(
     window: int | None,
     offsets: tuple[int, ...],
     out: tuple[MomentStack, int] | None = None,
+    given_lse: torch.Tensor | None = None,
 ) -> AttentionMoments:
     b, H, T, _d = query.shape
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
-    lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32)
+    lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32) if given_lse is None else given_lse
     in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
     if out is None:
         ent, mk, col = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
@@ -368,7 +375,10 @@ def _moments_triton(
                 "build the MomentStack with the model's layer devices"
             )
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
-        launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
+        if given_lse is None:
+            launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
+        else:
+            launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
     diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
     for j, o in enumerate(offsets[4:], start=4):
         values = _diag_from_scores(query, key, scale, lse, pads, o, window)

@@ -1,0 +1,44 @@
+"""The Triton moment kernels, run by Triton's interpreter on the CPU (tests/triton_interpreted.py).
+
+The kernels otherwise run only on a CUDA GPU (checked there by benchmarks/moments_check.py); the
+interpreter executes their index arithmetic, masks and reductions here, against the PyTorch path,
+in two tile configurations (the smallest and the largest tile). Triton is a dev dependency on
+Linux x86-64, where its wheels exist.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"),
+    reason="Triton publishes wheels for Linux x86-64 only",
+)
+@pytest.mark.parametrize("config", [0, 5])
+def test_kernels_match_the_torch_path_under_the_interpreter(config: int) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_interpreted.py"), str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "triton is not installed" not in done.stderr, (
+        "install the dev extras (make test does): pip install -e .[dev]"
+    )
+    lines = [line.split() for line in done.stdout.splitlines() if line.strip()]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    names = [" ".join(parts[:-1]) for parts in lines]
+    # every kernel was run: both two-pass cases per dtype, the one pass, the pattern kernel
+    assert len(names) == 7 and any(n.startswith("one-pass") for n in names), names
+    assert all(float(parts[-1]) < 2e-5 for parts in lines), done.stdout

@@ -1,0 +1,113 @@
+"""The Triton moment kernels run by Triton's interpreter on the CPU, against the PyTorch path.
+
+Run as a script with ``TRITON_INTERPRET=1`` set (the interpreter is chosen when the kernels are
+defined, so the variable must be set before :mod:`probe.moments_triton` is imported); used by
+tests/test_triton_kernels.py. ``argv[1]`` is the index of the tile configuration to pin (the
+autotuner cannot time configurations without a GPU). Prints one line per case, ``name worst``,
+and exits 1 if a case is off by more than the tolerance.
+
+The interpreter runs the kernels' index arithmetic, masks and reductions as written (numpy
+underneath): every mask, block boundary and grouped-head mapping is exercised. It cannot catch
+what only a GPU shows (register layouts, races, compiler bugs); benchmarks/moments_check.py does
+that on a GPU. bfloat16 is not used: the interpreter mishandles it; float16 stands for the
+half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("set TRITON_INTERPRET=1 before running this script")
+
+from probe import moments
+from probe.moments_triton import HAVE_TRITON
+
+TOL = 2e-5
+
+
+def _pin(index: int) -> None:
+    import triton.runtime.autotuner as autotuner
+
+    def prune(self: autotuner.Autotuner, kwargs: dict[str, object], *args: object) -> list[object]:
+        return [self.configs[index]]
+
+    autotuner.Autotuner.prune_configs = prune  # type: ignore[assignment,method-assign]
+
+
+def _worst(got: moments.AttentionMoments, ref: moments.AttentionMoments) -> float:
+    worst = 0.0
+    for field in ("entropy", "mean_key", "colsum"):
+        a, r = getattr(got, field), getattr(ref, field)
+        worst = max(worst, ((a - r).abs() / r.abs().clamp_min(1.0)).max().item())
+    for o in ref.diagonals:
+        worst = max(worst, (got.diag(o) - ref.diag(o)).abs().max().item())
+    return worst
+
+
+def _qk(b: int, H: int, H_kv: int, T: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(T + d)
+    q = torch.randn(b, H, T, d, generator=gen).to(dtype)
+    k = torch.randn(b, H_kv, T, d, generator=gen).to(dtype)
+    return q, k
+
+
+def _lse(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    T, d = q.shape[2], q.shape[3]
+    kk = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    t = torch.arange(T)
+    s = (q.float() @ kk.transpose(-1, -2)) * d**-0.5
+    return torch.logsumexp(s.masked_fill(~(t[None, :] <= t[:, None]), float("-inf")), -1)
+
+
+def cases() -> list[tuple[str, float]]:
+    out = []
+    offsets = (0, 1, 3, 5, 9)  # five: the fifth is read from the scores outside the kernel
+    for dtype in (torch.float32, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        # two passes: left padding, grouped heads, with and without a sliding window
+        q, k = _qk(2, 4, 2, 150, 16, dtype)
+        pads = torch.tensor([0, 23])
+        for window in (None, 40):
+            kw = {"pad_offsets": pads, "sliding_window": window, "diag_offsets": offsets}
+            got = moments.attention_moments(q, k, use_triton=True, **kw)
+            ref = moments.attention_moments(q, k, use_triton=False, **kw)
+            out.append((f"two-pass {name} window={window}", _worst(got, ref)))
+        # one pass: no padding, the normaliser given (as the forward's kernel returns it)
+        q, k = _qk(2, 4, 2, 141, 32, dtype)
+        got = moments.attention_moments(q, k, use_triton=True, diag_offsets=offsets, lse=_lse(q, k))
+        ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=offsets)
+        out.append((f"one-pass {name}", _worst(got, ref)))
+    # from a pattern: left padding
+    q, k = _qk(2, 3, 3, 97, 16, torch.float32)
+    pattern = torch.softmax(_lse_scores(q, k), -1).to(torch.float16)
+    pads = torch.tensor([0, 11])
+    got = moments.pattern_moments(pattern, pad_offsets=pads, diag_offsets=(1, 2), use_triton=True)
+    ref = moments.pattern_moments(pattern, pad_offsets=pads, diag_offsets=(1, 2), use_triton=False)
+    out.append(("pattern float16", _worst(got, ref)))
+    return out
+
+
+def _lse_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    T, d = q.shape[2], q.shape[3]
+    t = torch.arange(T)
+    s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
+    return s.masked_fill(~(t[None, :] <= t[:, None]), float("-inf"))
+
+
+def main() -> int:
+    if not HAVE_TRITON:
+        raise SystemExit("triton is not installed")
+    _pin(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    bad = 0
+    for name, worst in cases():
+        print(f"{name} {worst:.3e}")
+        bad += worst > TOL
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
