@@ -23,10 +23,17 @@ import torch
 
 from probe.errors import CaptureError, ConfigError
 from probe.hooks import HookSet, attn_hook
-from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
+from probe.kernels import (
+    attend,
+    attend_with_lse,
+    attention_modules,
+    check_replaceable,
+    native_attention,
+    register_attention,
+)
 from probe.memory import plan_batch_size
 from probe.model import Batch, LoadedModel
-from probe.moments import MomentStack, attention_moments, pattern_moments
+from probe.moments import MomentStack, attention_moments, pattern_moments, triton_available
 from probe.reducers import BatchInfo, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -218,6 +225,7 @@ class _RecomputeState:
         self.native_readers = [r for r in reducers if getattr(r, "reads_native", False)]
         self.diag_offsets = _diag_offsets(reducers)
         self.pad_offsets: torch.Tensor | None = None
+        self.padded = True  # whether the current batch holds left padding (set per batch)
         self.home = torch.device("cpu")  # the reducers' device: the batch's
         # every layer's moments of the current batch, handed to the reducers after the forward
         self.stack: MomentStack | None = None
@@ -273,7 +281,17 @@ def _recompute_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     state = _RecomputeState.active
-    out = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    lse = None
+    fused = state is not None and id(module) in state.layer_of and state.use_moments and not state.padded
+    if fused and triton_available(query):
+        # the forward's own kernel hands back each row's normaliser: the moments then take one pass
+        with_lse = attend_with_lse(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        if with_lse is not None:
+            out, lse = with_lse
+    if lse is None:
+        out = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     softcap = kwargs.get("softcap")
     if state is not None and id(module) in state.layer_of:
         layer = state.layer_of[id(module)]
@@ -293,6 +311,7 @@ def _recompute_attention(
                 diag_offsets=state.diag_offsets,
                 block=state.query_block,
                 out=(state.stack, layer),
+                lse=lse,
             )
             state.seen[layer] += query.shape[2]
             return out, None
@@ -366,6 +385,7 @@ def _run_recompute(
         state = _RecomputeState.active
         assert state is not None
         state.pad_offsets = batch.pad_offsets.to(torch.int32)
+        state.padded = bool(state.pad_offsets.any())
         state.home = batch.input_ids.device
         before = dict(seen)
         if state.use_moments:

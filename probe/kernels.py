@@ -183,6 +183,67 @@ def attend(
     )
 
 
+def attend_with_lse(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`attend`'s output, bit for bit, and the rows' log-sum-exp ``[b, h, T]`` (float32,
+    natural units) that SDPA's fused CUDA kernel computes on the way, for the one case where SDPA
+    runs such a kernel on its own causal mask: no mask tensor, no cap, no position bias, a causal
+    layer, a whole sequence (no KV cache). None otherwise, and where SDPA would pick a kernel that
+    does not hand the log-sum-exp back; the caller then runs :func:`attend`.
+
+    The kernel is the one ``scaled_dot_product_attention`` would choose for the same call
+    (``torch._fused_sdp_choice``), called through its ATen op, which returns what SDPA drops.
+    """
+    b, h, T, d = query.shape
+    window = kwargs.get("sliding_window")
+    plain = (
+        query.is_cuda
+        and attention_mask is None
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+        and T > 1
+        and key.shape[2] == T
+        and (window is None or window >= T)
+        and not (dropout and module.training)
+        and d % 8 == 0
+        and d == value.shape[-1] <= 256
+    )
+    if not plain:
+        return None
+    scale = scaling if scaling is not None else d**-0.5
+    gqa = h != key.shape[1]  # as transformers asks SDPA for grouped heads when no mask is given
+    backends = torch.nn.attention.SDPBackend
+    choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scale, enable_gqa=gqa)
+    aten = torch.ops.aten
+    if choice == backends.FLASH_ATTENTION.value:
+        out, lse = aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)[
+            :2
+        ]
+    elif choice == backends.CUDNN_ATTENTION.value:
+        out, lse = aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, True, False, scale=scale
+        )[:2]
+    elif choice == backends.EFFICIENT_ATTENTION.value:
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, True, 0.0, True, scale=scale
+        )[:2]
+    else:
+        return None
+    # lse may come padded ([b, h, ≥T]) or with a trailing unit dimension ([b, h, T, 1])
+    lse = lse.reshape(b, h, -1)[:, :, :T]
+    return out.transpose(1, 2).contiguous(), lse
+
+
 def softcapped_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -28,6 +28,7 @@ from probe.errors import ConfigError
 from probe.kernels import SOFTCAP_BLOCK, attention_modules, soft_caps_logits
 from probe.model import LoadedModel
 from probe.moments import HAVE_TRITON, MomentStack
+from probe.moments_triton import lse_programs
 from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -396,7 +397,10 @@ def estimate_capture(
         keys = b * H * T * d * 4
         attention = held(3 * keys, keys)  # float32 queries and keys (repeated to every query head)
         if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
-            blocks, block = b * H * T * 4, b * H * T * 4  # lse (the moments go into the MomentStack)
+            # lse (the moments go into the MomentStack), and the single pass's rows of partial
+            # column sums (an unpadded batch; a padded one runs two passes and needs fewer)
+            parts = lse_programs(b, H, T, model.device)
+            blocks, block = (1 + parts) * b * H * T * 4, parts * b * H * T * 4
         else:
             rows = b * H * min(query_block, T) * T * 4
             blocks, block = RECOMPUTE_ROW_COPIES * rows, rows
