@@ -26,10 +26,12 @@ from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, RowEnt
 ROWS = [list(range(3, 200)), list(range(10, 90))]
 
 
-def run(mode: str, **where: Any) -> tuple[list[torch.Tensor], torch.Tensor, probe.LoadedModel]:
+def run(
+    mode: str, batch_size: int = 2, **where: Any
+) -> tuple[list[torch.Tensor], torch.Tensor, probe.LoadedModel]:
     model = probe.load_model("tiny-llama", **where)
     reducers = [RowEntropy(), MeanDistance(), DiagonalScore(1, name="prev_token"), ColumnImportance()]
-    capture(model, ROWS, reducers, mode=mode, batch_size=2, progress=False)  # type: ignore[arg-type]
+    capture(model, ROWS, reducers, mode=mode, batch_size=batch_size, progress=False)  # type: ignore[arg-type]
     tokens = model.generate(model.batch_from_ids([ROWS[1]]), max_new_tokens=8)
     return [r.result().float().cpu() for r in reducers], tokens.cpu(), model
 
@@ -50,6 +52,40 @@ def main() -> None:
                 f"{mode:9} {label:8} layers on {layers}: max |diff| vs cpu {diff:.2e}; tokens equal: {same}"
             )
     assert worst < 1e-3, "a GPU census disagrees with the CPU's"
+    one_pass_check()
+
+
+def one_pass_check() -> None:
+    """One prompt per batch in bfloat16 (no padding, a fused SDPA kernel): each layer's moments
+    take the single pass with the normaliser SDPA hands back. Counted, and compared with the same
+    census made with two passes (the forward's own normaliser not used)."""
+    import probe.capture as capture_module
+    import probe.moments as moments
+
+    calls = [0]
+    launch, with_lse = moments.launch_lse_moments, capture_module.attend_with_lse
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        launch(*args, **kwargs)
+
+    def census() -> list[torch.Tensor]:
+        model = probe.load_model("tiny-llama", device="cuda", dtype=torch.bfloat16)
+        reducers = [RowEntropy(), MeanDistance(), DiagonalScore(1, name="prev_token"), ColumnImportance()]
+        capture(model, ROWS, reducers, mode="recompute", batch_size=1, progress=False)
+        return [r.result().float().cpu() for r in reducers]
+
+    moments.launch_lse_moments = counted  # type: ignore[assignment]
+    one = census()
+    capture_module.attend_with_lse = lambda *a, **k: None  # type: ignore[assignment]
+    two = census()
+    moments.launch_lse_moments, capture_module.attend_with_lse = launch, with_lse  # type: ignore[assignment]
+    diff = max(((a - b).abs() / b.abs().clamp_min(1.0)).max().item() for a, b in zip(one, two, strict=True))
+    print(
+        f"recompute bf16 cuda, one prompt a batch: {calls[0]} single-pass layers; one pass vs two: {diff:.2e}"
+    )
+    assert calls[0] == len(ROWS) * 3, "the unpadded census did not take the single pass"
+    assert diff < 1e-4, "the single pass disagrees with the two passes"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from probe.kernels import attend, attend_with_lse
 from probe.moments import AttentionMoments, attention_moments, pattern_moments, triton_available
 
 FIELDS = ("entropy", "mean_key", "colsum")
@@ -62,6 +63,64 @@ def compare(dtype: torch.dtype, window: int | None, T: int = 700) -> float:
     return worst
 
 
+class _Causal(torch.nn.Module):
+    """What the attention functions read off an attention module: causal, with query-head groups."""
+
+    is_causal = True
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def compare_one_pass(dtype: torch.dtype, T: int = 700) -> float:
+    """The single pass (normaliser from the forward's kernel) against the PyTorch reference, and
+    the forward's output against SDPA's, under each fused SDPA kernel that runs the shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    b, H, H_kv, d = 2, 8, 2, 64
+    q = torch.randn(b, H, T, d, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(b, H_kv, T, d, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(b, H_kv, T, d, device="cuda", generator=gen).to(dtype)
+    module = _Causal(H // H_kv).eval()
+    ref = attention_moments(q, k, use_triton=False, diag_offsets=(1, 5))
+    two_pass = attention_moments(q, k, use_triton=True, diag_offsets=(1, 5))
+    worst = 0.0
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        with sdpa_kernel([backend]):
+            try:
+                plain = attend(module, q, k, v, None)
+            except RuntimeError:
+                print(f"  one pass {dtype!s:<15} {backend.name:<20} SDPA cannot run this shape")
+                continue
+            got = attend_with_lse(module, q, k, v, None)
+        if got is None:
+            print(f"  one pass {dtype!s:<15} {backend.name:<20} no log-sum-exp handed back: two passes")
+            continue
+        out, lse = got
+        moments = attention_moments(q, k, use_triton=True, diag_offsets=(1, 5), lse=lse)
+        diffs = _worst(moments, ref)
+        same = torch.equal(out, plain)
+        lse_diff = (lse - _lse(q, k)).abs().max().item()
+        print(
+            f"  one pass {dtype!s:<15} {backend.name:<20} output {'identical' if same else 'DIFFERS'}  "
+            f"lse {lse_diff:.1e}  " + "  ".join(f"{n} {v:.1e}" for n, v in diffs.items())
+        )
+        assert same, "the forward's output with the log-sum-exp differs from SDPA's"
+        worst = max(worst, lse_diff, *diffs.values())
+    worst = max(worst, *_worst(two_pass, ref).values())
+    return worst
+
+
+def _lse(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    T, d = q.shape[2], q.shape[3]
+    kk = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    t = torch.arange(T, device=q.device)
+    s = (q.float() @ kk.transpose(-1, -2)) * d**-0.5
+    return torch.logsumexp(s.masked_fill(~(t[None, :] <= t[:, None]), float("-inf")), -1)
+
+
 def timed(fn: object, repeats: int = 5) -> tuple[float, float]:
     fn()  # type: ignore[operator]
     torch.cuda.synchronize()
@@ -83,6 +142,8 @@ def main() -> None:
             t0 = time.perf_counter()
             worst = max(worst, compare(dt, w))
             print(f"    ({time.perf_counter() - t0:.1f} s, autotuning included)")
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        worst = max(worst, compare_one_pass(dt))
     print(f"worst difference: {worst:.2e}")
     for T in (8192, 32768):
         q = torch.randn(1, 9, T, 64, device="cuda", dtype=torch.bfloat16)
@@ -112,11 +173,17 @@ SDPA_SHAPES = {  # query heads, KV heads, head width
 }
 
 
+def _one_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionMoments:
+    got = attend_with_lse(_Causal(q.shape[1] // k.shape[1]).eval(), q, k, v, None)
+    assert got is not None, "SDPA handed no log-sum-exp back for plain causal attention"
+    return attention_moments(q, k, use_triton=True, diag_offsets=(1,), lse=got[1])
+
+
 def versus_sdpa() -> None:
     """The moments (row and column kernels) of one layer next to its flash SDPA attention."""
     import torch.nn.functional as F
 
-    print("per layer, bfloat16: moments ÷ SDPA attention (causal, GQA)")
+    print("per layer, bfloat16: moments ÷ SDPA attention (causal, GQA); the one-pass time includes SDPA's")
     for name, (H, H_kv, d) in SDPA_SHAPES.items():
         for T in (8192, 32768):
             q = torch.randn(1, H, T, d, device="cuda", dtype=torch.bfloat16)
@@ -126,8 +193,11 @@ def versus_sdpa() -> None:
                 lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             )
             mom_ms, _ = timed(lambda q=q, k=k: attention_moments(q, k, use_triton=True, diag_offsets=(1,)))
+            one_ms, _ = timed(lambda q=q, k=k, v=v: _one_pass(q, k, v))
             print(
-                f"  {name:<13} T={T:<6} sdpa {sdpa_ms:7.2f} ms  moments {mom_ms:7.2f} ms  ratio {mom_ms / sdpa_ms:5.2f}"
+                f"  {name:<13} T={T:<6} sdpa {sdpa_ms:7.2f} ms  two passes {mom_ms:7.2f} ms "
+                f"({mom_ms / sdpa_ms:4.2f}×)  SDPA with lse + one pass {one_ms:7.2f} ms "
+                f"(moments {(one_ms - sdpa_ms) / sdpa_ms:4.2f}×)"
             )
     q = torch.randn(1, 32, 30000, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 8, 30000, 64, device="cuda", dtype=torch.bfloat16)
