@@ -12,6 +12,7 @@ See docs/capture.md (two module trees).
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,10 +204,10 @@ def attend_with_lse(
     The kernel is the one ``scaled_dot_product_attention`` would choose for the same call
     (``torch._fused_sdp_choice``), called through its ATen op, which returns what SDPA drops.
     """
-    b, h, T, d = query.shape
+    _b, h, T, d = query.shape
     window = kwargs.get("sliding_window")
     plain = (
-        query.is_cuda
+        query.device.type in _LSE_DEVICES
         and attention_mask is None
         and kwargs.get("softcap") is None
         and kwargs.get("position_bias") is None
@@ -222,8 +223,45 @@ def attend_with_lse(
         return None
     scale = scaling if scaling is not None else d**-0.5
     gqa = h != key.shape[1]  # as transformers asks SDPA for grouped heads when no mask is given
-    backends = torch.nn.attention.SDPBackend
     choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scale, enable_gqa=gqa)
+    if choice not in _LSE_OPS:
+        return None
+    kind = (choice, query.dtype, d, gqa, query.device.type)
+    if kind in _LSE_REFUSED:
+        return None
+    try:
+        out, lse = _fused_with_lse(choice, query, key, value, scale)
+        why = None if kind in _LSE_CHECKED else _lse_disagrees(query, key, out, lse, scale)
+    except RuntimeError as err:  # an op that refuses what SDPA itself accepted: SDPA runs instead
+        why = f"its kernel refused the call ({str(err).splitlines()[0][:200]})"
+    if why is not None:
+        _LSE_REFUSED.add(kind)
+        warnings.warn(
+            f"the log-sum-exp of SDPA's fused attention is not used: {why}; the attention "
+            "statistics are computed in two passes instead (the same numbers, slower)",
+            stacklevel=2,
+        )
+        return None
+    _LSE_CHECKED.add(kind)
+    return out.transpose(1, 2).contiguous(), lse
+
+
+_LSE_DEVICES = ("cuda",)  # where SDPA's fused kernels (and the Triton single pass) run
+_LSE_OPS = {  # the SDPA backends whose ATen op hands the log-sum-exp back
+    torch.nn.attention.SDPBackend.FLASH_ATTENTION.value,
+    torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value,
+    torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION.value,
+}
+# kinds of call (backend, dtype, head width, grouped, device type) checked once, or refused
+_LSE_CHECKED: set[tuple[Any, ...]] = set()
+_LSE_REFUSED: set[tuple[Any, ...]] = set()
+
+
+def _fused_with_lse(
+    choice: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output [b, h, T, d], lse [b, h, T])`` from the ATen op of SDPA's backend ``choice``."""
+    backends = torch.nn.attention.SDPBackend
     aten = torch.ops.aten
     if choice == backends.FLASH_ATTENTION.value:
         out, lse = aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)[
@@ -233,15 +271,31 @@ def attend_with_lse(
         out, lse = aten._scaled_dot_product_cudnn_attention(
             query, key, value, None, True, 0.0, True, False, scale=scale
         )[:2]
-    elif choice == backends.EFFICIENT_ATTENTION.value:
+    else:
         out, lse = aten._scaled_dot_product_efficient_attention(
             query, key, value, None, True, 0.0, True, scale=scale
         )[:2]
-    else:
-        return None
+    b, h, T, _d = query.shape
     # lse may come padded ([b, h, ≥T]) or with a trailing unit dimension ([b, h, T, 1])
-    lse = lse.reshape(b, h, -1)[:, :, :T]
-    return out.transpose(1, 2).contiguous(), lse
+    return out, lse.reshape(b, h, -1)[:, :, :T]
+
+
+def _lse_disagrees(
+    query: torch.Tensor, key: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> str | None:
+    """What the single pass relies on, checked once per kind of call: the output's shape, and the
+    log-sum-exp of the first and the last query row of the first head (natural units, causal)
+    against the scores' own. A reason when they disagree, else None."""
+    b, h, T, d = query.shape
+    if tuple(out.shape) != (b, h, T, d):
+        return f"its output has shape {tuple(out.shape)}, not {(b, h, T, d)}"
+    scores = (query[0, 0, [0, T - 1]].float() @ key[0, 0].float().T) * scale  # [2, T]
+    scores[0, 1:] = float("-inf")  # the first row sees only the first key
+    want = torch.logsumexp(scores, dim=-1)
+    diff = (lse[0, 0, [0, T - 1]].float() - want).abs().max().item()
+    if not diff <= 1e-3 * max(1.0, want.abs().max().item()):
+        return f"it differs from the scores' own by {diff:.2g} (units or mask not as expected)"
+    return None
 
 
 def softcapped_attention(
