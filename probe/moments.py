@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from probe.moments_triton import HAVE_TRITON, launch_lse_moments, launch_moments, launch_pattern_moments
+from probe.moments_triton import (
+    HAVE_TRITON,
+    KERNEL_ERRORS,
+    launch_lse_moments,
+    launch_moments,
+    launch_pattern_moments,
+)
 
 __all__ = [
     "HAVE_TRITON",
@@ -362,6 +369,8 @@ def _moments_triton(
     b, H, T, _d = query.shape
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
+    if _ONE_PASS_FAILED:
+        given_lse = None
     lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32) if given_lse is None else given_lse
     in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
     if out is None:
@@ -375,15 +384,29 @@ def _moments_triton(
                 "build the MomentStack with the model's layer devices"
             )
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
+        if given_lse is not None:
+            try:
+                launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
+            except torch.OutOfMemoryError:
+                raise
+            except KERNEL_ERRORS as err:  # not built on this GPU or Triton: the two passes, from now on
+                _ONE_PASS_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                warnings.warn(
+                    f"the single-pass moment kernel failed ({_ONE_PASS_FAILED[0]}); the attention "
+                    "statistics are computed in two passes instead (the same numbers, slower)",
+                    stacklevel=2,
+                )
+                given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
             launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
-        else:
-            launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
     diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
     for j, o in enumerate(offsets[4:], start=4):
         values = _diag_from_scores(query, key, scale, lse, pads, o, window)
         diagonals[o] = values if out is None else diag[j].copy_(values)
     return AttentionMoments(ent, mk, col, diagonals)
+
+
+_ONE_PASS_FAILED: list[str] = []  # why the single-pass kernel failed in this process, if it did
 
 
 def _pattern_triton(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]) -> AttentionMoments:

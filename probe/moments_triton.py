@@ -13,9 +13,17 @@ try:  # Triton ships with CUDA builds of torch; the CPU build has none and uses 
     import triton
     import triton.language as tl
 
+    try:
+        from triton.errors import TritonError as _KernelError
+    except ImportError:  # pragma: no cover - a Triton older than its common error class
+        from triton.compiler.errors import CompilationError as _KernelError
+
     HAVE_TRITON = True
+    # what a kernel that cannot be built on this GPU or Triton raises (MLIR passes raise RuntimeError)
+    KERNEL_ERRORS: tuple[type[Exception], ...] = (_KernelError, RuntimeError)
 except ImportError:  # pragma: no cover - depends on the torch build
     HAVE_TRITON = False
+    KERNEL_ERRORS = (RuntimeError,)
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453

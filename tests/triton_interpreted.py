@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
@@ -81,6 +82,22 @@ def cases() -> list[tuple[str, float]]:
         got = moments.attention_moments(q, k, use_triton=True, diag_offsets=offsets, lse=_lse(q, k))
         ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=offsets)
         out.append((f"one-pass {name}", _worst(got, ref)))
+    # a single-pass kernel that fails to build: the two passes instead, with a warning
+    q, k = _qk(1, 2, 1, 77, 16, torch.float32)
+    launch = moments.launch_lse_moments
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PassManager::run failed")
+
+    moments.launch_lse_moments = broken  # type: ignore[assignment]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = moments.attention_moments(q, k, use_triton=True, diag_offsets=(1,), lse=_lse(q, k))
+    moments.launch_lse_moments = launch  # type: ignore[assignment]
+    warned = any("two passes instead" in str(w.message) for w in caught)
+    ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=(1,))
+    out.append(("broken one-pass falls back", _worst(got, ref) if warned else 1.0))
+    moments._ONE_PASS_FAILED.clear()
     # from a pattern: left padding
     q, k = _qk(2, 3, 3, 97, 16, torch.float32)
     pattern = torch.softmax(_lse_scores(q, k), -1).to(torch.float16)
