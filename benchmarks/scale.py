@@ -356,6 +356,31 @@ def uncapped(model: Any) -> Iterator[None]:
             m.attn_logit_softcapping = cap
 
 
+@contextmanager
+def single_passes() -> Iterator[list[int]]:
+    """Count, inside the block, the layers whose moments took the single pass (the normaliser from
+    SDPA's kernel) out of all Triton moment calls: ``[single, all]``."""
+    import probe.moments as moments
+
+    counts = [0, 0]
+    one, two = moments.launch_lse_moments, moments.launch_moments
+
+    def counted_one(*args: Any, **kwargs: Any) -> None:
+        counts[0] += 1
+        counts[1] += 1
+        one(*args, **kwargs)
+
+    def counted_two(*args: Any, **kwargs: Any) -> None:
+        counts[1] += 1
+        two(*args, **kwargs)
+
+    moments.launch_lse_moments, moments.launch_moments = counted_one, counted_two  # type: ignore[assignment]
+    try:
+        yield counts
+    finally:
+        moments.launch_lse_moments, moments.launch_moments = one, two  # type: ignore[assignment]
+
+
 def census_reducers() -> list[Any]:
     from probe.reducers import ColumnImportance, DiagonalScore, MeanDistance, RowEntropy
 
@@ -398,15 +423,24 @@ def length_rows(model: Any, T: int, args: argparse.Namespace) -> dict[str, Measu
     plan = estimate_capture(
         model, batch_size=1, seq_len=T - new, reducers=reducers, mode="recompute", query_block=qb
     )
-    out["census"] = measure_row(
-        "census",
-        lambda: capture(
-            model, [row], census_reducers(), mode="recompute", batch_size=1, query_block=qb, progress=False
-        ),
-        device,
-        repeats,
-        plan.total,
-    )
+    with single_passes() as passes:
+        out["census"] = measure_row(
+            "census",
+            lambda: capture(
+                model,
+                [row],
+                census_reducers(),
+                mode="recompute",
+                batch_size=1,
+                query_block=qb,
+                progress=False,
+            ),
+            device,
+            repeats,
+            plan.total,
+        )
+    if passes[1]:
+        print(f"# census T={T}: {passes[0]} of {passes[1]} layer calls took the single pass", flush=True)
     from analyses.sinks.reducers import SinkReducer, TokenNorms
 
     plan = estimate_capture(
