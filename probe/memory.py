@@ -28,7 +28,7 @@ from probe.errors import ConfigError
 from probe.kernels import SOFTCAP_BLOCK, attention_modules, soft_caps_logits
 from probe.model import LoadedModel
 from probe.moments import HAVE_TRITON, MomentStack
-from probe.moments_triton import lse_programs
+from probe.moments_single import lse_programs
 from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
 
 Mode = Literal["eager", "recompute"]

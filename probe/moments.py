@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from probe.moments_single import launch_lse_moments
 from probe.moments_triton import (
     HAVE_TRITON,
     KERNEL_ERRORS,
-    launch_lse_moments,
     launch_moments,
     launch_pattern_moments,
 )

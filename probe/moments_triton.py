@@ -29,13 +29,6 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def lse_programs(b: int, H: int, T: int, device: torch.device) -> int:
-    """Programs per head of the single-pass kernel: about eight per multiprocessor in all, at most
-    32 (each keeps a row of T partial column sums, float32) and at most one per 64 query rows."""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(32, -(-8 * n_sm // (b * H)), -(-T // 64)))
-
-
 def length_key(T: int) -> int:
     """The autotuning key of a length: T rounded up to a power of two (at least 1,024)."""
     return max(1024, 1 << max(0, T - 1).bit_length())
@@ -492,153 +485,6 @@ if HAVE_TRITON:
             )
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
-    @triton.jit
-    def _lse_block(  # type: ignore[no-untyped-def]
-        q,
-        k_base,
-        part_base,
-        start_n,
-        offs_m,
-        offs_d,
-        lse2,
-        skt,
-        skd,
-        T,
-        scale2,
-        s_i,
-        k_i,
-        PRECISION: tl.constexpr,
-        MASKED: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        # one key block of the single pass: with the normaliser known, each probability is final at
-        # once, so the row sums and this block's column sums come from the same scores
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ptrs = k_base + offs_n[None, :] * skt + offs_d[:, None] * skd
-        if MASKED:  # noqa: SIM108 (a constexpr branch: one load is compiled)
-            k = tl.load(ptrs, mask=offs_n[None, :] < T, other=0.0)
-        else:
-            k = tl.load(ptrs)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale2
-        if MASKED:
-            valid = offs_n[None, :] <= offs_m[:, None]
-            s = tl.where(valid, s, 0.0)
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        else:
-            p = tl.exp2(s - lse2[:, None])
-        s_i += tl.sum(p * s, 1)
-        k_i += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
-        # this program's own row of partial column sums: read, add, write (no other program writes it)
-        col_ptrs = part_base + offs_n
-        if MASKED:
-            tl.store(col_ptrs, tl.load(col_ptrs, mask=offs_n < T, other=0.0) + tl.sum(p, 0), mask=offs_n < T)
-        else:
-            tl.store(col_ptrs, tl.load(col_ptrs) + tl.sum(p, 0))
-        return s_i, k_i
-
-    @triton.autotune(
-        configs=_CONFIGS, key=["T_KEY", "HEAD_DIM"], prune_configs_by=_PRUNE, reset_to_zero=["PART"]
-    )
-    @triton.jit
-    def _lse_moments_kernel(  # type: ignore[no-untyped-def]
-        Q,
-        K,
-        LSE,
-        ENT,
-        MK,
-        PART,
-        DIAG,
-        sqb,
-        sqh,
-        sqt,
-        sqd,
-        skb,
-        skh,
-        skt,
-        skd,
-        slb,
-        slh,
-        slt,
-        T,
-        T_KEY,
-        H,
-        GROUP,
-        scale2,
-        NBHT,
-        N_PROG,
-        D0,
-        D1,
-        D2,
-        D3,
-        HEAD_DIM: tl.constexpr,
-        PRECISION: tl.constexpr,
-        N_DIAG: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        # Causal attention of one unpadded sequence, its row log-sum-exp LSE (natural units) given by
-        # the forward's attention kernel. Program (p, bh) takes query blocks p, 2P-1-p, 2P+p, ... (a
-        # zig-zag, so that every program has as many keys to visit) and adds their column sums into
-        # PART[p, bh, :]; the P rows of PART are summed afterwards in a fixed order (deterministic).
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kvh = h // GROUP
-        offs_d = tl.arange(0, HEAD_DIM)
-        k_base = K + b * skb + kvh * skh
-        part_base = PART + (pid * NBHT) + bh * T
-        n_blocks = tl.cdiv(T, BLOCK_M)
-        for r in range(0, tl.cdiv(n_blocks, N_PROG)):
-            j = r * N_PROG + tl.where(r % 2 == 0, pid, N_PROG - 1 - pid)
-            if j < n_blocks:
-                m_lo = j * BLOCK_M
-                offs_m = m_lo + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < T
-                q = tl.load(
-                    Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None],
-                    other=0.0,
-                )
-                # rows past the end get an infinite normaliser: every probability of theirs is 0
-                lse2 = tl.load(LSE + b * slb + h * slh + offs_m * slt, mask=row_ok, other=float("inf"))
-                lse2 = lse2 * 1.4426950408889634
-                s_i = tl.zeros([BLOCK_M], tl.float32)
-                k_i = tl.zeros([BLOCK_M], tl.float32)
-                # key blocks wholly at or before every row need no mask; those crossing the diagonal do
-                int_hi = (m_lo // BLOCK_N) * BLOCK_N
-                hi = tl.minimum(m_lo + BLOCK_M, T)
-                for start_n in range(0, int_hi, BLOCK_N):
-                    s_i, k_i = _lse_block(
-                        q, k_base, part_base, start_n, offs_m, offs_d, lse2, skt, skd, T, scale2,
-                        s_i, k_i, PRECISION, False, BLOCK_N,
-                    )  # fmt: skip
-                for start_n in range(int_hi, hi, BLOCK_N):
-                    s_i, k_i = _lse_block(
-                        q, k_base, part_base, start_n, offs_m, offs_d, lse2, skt, skd, T, scale2,
-                        s_i, k_i, PRECISION, True, BLOCK_N,
-                    )  # fmt: skip
-                out = bh * T + offs_m
-                tl.store(ENT + out, (lse2 - s_i) * 0.6931471805599453, mask=row_ok)
-                tl.store(MK + out, k_i, mask=row_ok)
-                qf = q.to(tl.float32)
-                for jd in tl.static_range(N_DIAG):
-                    if jd == 0:
-                        o = D0
-                    elif jd == 1:
-                        o = D1
-                    elif jd == 2:
-                        o = D2
-                    else:
-                        o = D3
-                    kpos = offs_m - o
-                    ok = row_ok & (kpos >= 0)
-                    kd = tl.load(
-                        k_base + kpos[:, None] * skt + offs_d[None, :] * skd, mask=ok[:, None], other=0.0
-                    ).to(tl.float32)
-                    sd = tl.sum(qf * kd, 1) * scale2
-                    tl.store(DIAG + jd * NBHT + out, tl.where(ok, tl.exp2(sd - lse2), 0.0), mask=row_ok)
-
     @triton.autotune(configs=_CONFIGS, key=["T_KEY"], reset_to_zero=["COL"])
     @triton.jit
     def _pattern_moments_kernel(  # type: ignore[no-untyped-def]
@@ -738,50 +584,6 @@ if HAVE_TRITON:
         )
         _column_sum_kernel[grid_n](query, key, lse, col, pads, *common, **meta)
 
-    def launch_lse_moments(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        scale: float,
-        lse: torch.Tensor,
-        in_kernel: tuple[int, ...],
-        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> None:
-        """The single pass for causal, unpadded attention whose row log-sum-exp ``lse`` ``[b, H, T]``
-        the forward's kernel handed back: ``out = (entropy, mean_key, colsum, diag)`` are written."""
-        ent, mk, col, diag = out
-        b, H, T, d = query.shape
-        n_prog = lse_programs(b, H, T, query.device)
-        part = torch.zeros((n_prog, b, H, T), device=query.device, dtype=torch.float32)
-
-        def grid(cfg: dict[str, int]) -> tuple[int, int]:
-            return (n_prog, b * H)
-
-        diag_args = [*in_kernel, 0, 0, 0, 0][:4]
-        _lse_moments_kernel[grid](
-            query,
-            key,
-            lse,
-            ent,
-            mk,
-            part,
-            diag,
-            *query.stride(),
-            *key.stride(),
-            *lse.stride(),
-            T,
-            length_key(T),
-            H,
-            H // key.shape[1],
-            float(scale) * _LOG2E,
-            b * H * T,
-            n_prog,
-            *diag_args,
-            HEAD_DIM=d,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            N_DIAG=len(in_kernel),
-        )
-        torch.sum(part, dim=0, out=col)
-
     def launch_pattern_moments(
         pattern: torch.Tensor, pads: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> None:
@@ -795,16 +597,6 @@ if HAVE_TRITON:
         _pattern_moments_kernel[grid](pattern, ent, mk, col, pads, *pattern.stride(), T, length_key(T), H)
 
 else:  # pragma: no cover
-
-    def launch_lse_moments(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        scale: float,
-        lse: torch.Tensor,
-        in_kernel: tuple[int, ...],
-        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> None:
-        raise RuntimeError("Triton is not available in this torch build")
 
     def launch_moments(
         query: torch.Tensor,

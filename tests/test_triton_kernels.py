@@ -2,8 +2,9 @@
 
 The kernels otherwise run only on a CUDA GPU (checked there by benchmarks/moments_check.py); the
 interpreter executes their index arithmetic, masks and reductions here, against the PyTorch path,
-in two tile configurations (the smallest and the largest tile). Triton is a dev dependency on
-Linux x86-64, where its wheels exist.
+in two tile configurations: the first of each kernel's list (64×64 tiles; the single pass with
+queries outside) and the sixth (128×128 tiles for the two passes; the single pass with keys
+outside). Triton is a dev dependency on Linux x86-64, where its wheels exist.
 """
 
 from __future__ import annotations

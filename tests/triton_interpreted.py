@@ -2,9 +2,9 @@
 
 Run as a script with ``TRITON_INTERPRET=1`` set (the interpreter is chosen when the kernels are
 defined, so the variable must be set before :mod:`probe.moments_triton` is imported); used by
-tests/test_triton_kernels.py. ``argv[1]`` is the index of the tile configuration to pin (the
-autotuner cannot time configurations without a GPU). Prints one line per case, ``name worst``,
-and exits 1 if a case is off by more than the tolerance.
+tests/test_triton_kernels.py. ``argv[1]`` is the index, in each kernel's list, of the
+configuration to pin (the autotuner cannot time configurations without a GPU). Prints one line
+per case, ``name worst``, and exits 1 if a case is off by more than the tolerance.
 
 The interpreter runs the kernels' index arithmetic, masks and reductions as written (numpy
 underneath): every mask, block boundary and grouped-head mapping is exercised. It cannot catch
