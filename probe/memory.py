@@ -290,8 +290,6 @@ def _fused_moments(model: LoadedModel, reducers: Sequence[PatternReducer]) -> bo
     """Whether a recompute capture computes its statistics with the fused (Triton) moment kernels."""
     if model.device.type != "cuda" or not all(getattr(r, "supports_moments", False) for r in reducers):
         return False
-    if soft_caps_logits(model):  # the Triton kernels do not cap: the torch moments run instead
-        return False
     return bool(HAVE_TRITON) and model.d_head in (16, 32, 64, 128, 256)
 
 

@@ -191,8 +191,8 @@ def attention_moments(
     returns it. The Triton path then needs one pass over the scores instead of two (the first only
     finds this normaliser). The caller vouches for the conditions; the torch path ignores it.
 
-    ``softcap``: the scores are ``cap · tanh(scale · q kᵀ / cap)`` (Gemma 2); computed by the torch
-    path (the Triton kernels do not cap). With ``out=(stack, layer)`` the moments are written into
+    ``softcap``: the scores are ``cap · tanh(scale · q kᵀ / cap)`` (Gemma 2), in the two-pass Triton
+    kernels as in the torch path (a given ``lse`` is then not used). With ``out=(stack, layer)`` the moments are written into
     that layer of a :class:`MomentStack` (made with the same ``diag_offsets``) and its views are
     returned.
     """
@@ -203,16 +203,14 @@ def attention_moments(
     pads = _pads(pad_offsets, b, query.device)
     offsets = tuple(sorted(set(diag_offsets)))
     if use_triton is None:
-        use_triton = triton_available(query) and softcap is None
-    if use_triton and softcap is not None:
-        raise ValueError("the Triton moment kernels do not soft-cap scores; use use_triton=False")
+        use_triton = triton_available(query)
     if out is not None and out[0].offsets != offsets:
         raise ValueError(
             f"the moment stack holds diagonals {list(out[0].offsets)} but {list(offsets)} were asked for; "
             "build the MomentStack with the same diag_offsets"
         )
     if use_triton:
-        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out, lse)
+        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out, lse, softcap)
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
@@ -365,11 +363,12 @@ def _moments_triton(
     offsets: tuple[int, ...],
     out: tuple[MomentStack, int] | None = None,
     given_lse: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> AttentionMoments:
     b, H, T, _d = query.shape
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
-    if _ONE_PASS_FAILED:
+    if _ONE_PASS_FAILED or softcap is not None:  # the single pass does not cap
         given_lse = None
     lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32) if given_lse is None else given_lse
     in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
@@ -398,10 +397,10 @@ def _moments_triton(
                 )
                 given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
-            launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag))
+            launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag), softcap)
     diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
     for j, o in enumerate(offsets[4:], start=4):
-        values = _diag_from_scores(query, key, scale, lse, pads, o, window)
+        values = _diag_from_scores(query, key, scale, lse, pads, o, window, softcap)
         diagonals[o] = values if out is None else diag[j].copy_(values)
     return AttentionMoments(ent, mk, col, diagonals)
 

@@ -62,6 +62,12 @@ if HAVE_TRITON:
     _PRUNE = {"early_config_prune": _prune}
 
     @triton.jit
+    def _cap(s, cap2):  # type: ignore[no-untyped-def]
+        # the soft cap cap · tanh(s / cap) of scores in log2 units (cap2 = cap · log2 e), with
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp2 overflows to inf: tanh = 1)
+        return cap2 * (1.0 - 2.0 / (tl.exp2(s * (2.0 / cap2) * 1.4426950408889634) + 1.0))
+
+    @triton.jit
     def _row_block(  # type: ignore[no-untyped-def]
         q,
         k_base,
@@ -74,11 +80,13 @@ if HAVE_TRITON:
         pad,
         WINDOW,
         scale2,
+        cap2,
         m_i,
         l_i,
         s_i,
         k_i,
         HAS_WINDOW: tl.constexpr,
+        HAS_CAP: tl.constexpr,
         PRECISION: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -91,6 +99,8 @@ if HAVE_TRITON:
         else:
             k = tl.load(ptrs)
         s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        if HAS_CAP:
+            s = _cap(s, cap2)
         if MASKED:
             valid = (
                 (offs_n[None, :] <= offs_m[:, None])
@@ -126,7 +136,9 @@ if HAVE_TRITON:
         pad,
         WINDOW,
         scale2,
+        cap2,
         HAS_WINDOW: tl.constexpr,
+        HAS_CAP: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -160,11 +172,13 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 m_i,
                 l_i,
                 s_i,
                 k_i,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 True,
                 BLOCK_N,
@@ -182,11 +196,13 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 m_i,
                 l_i,
                 s_i,
                 k_i,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 False,
                 BLOCK_N,
@@ -204,18 +220,22 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 m_i,
                 l_i,
                 s_i,
                 k_i,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 True,
                 BLOCK_N,
             )
         return m_i, l_i, s_i, k_i
 
-    @triton.autotune(configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW"], prune_configs_by=_PRUNE)
+    @triton.autotune(
+        configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW", "HAS_CAP"], prune_configs_by=_PRUNE
+    )
     @triton.jit
     def _row_moments_kernel(  # type: ignore[no-untyped-def]
         Q,
@@ -239,6 +259,7 @@ if HAVE_TRITON:
         GROUP,
         WINDOW,
         scale2,
+        cap2,
         NBHT,
         D0,
         D1,
@@ -246,6 +267,7 @@ if HAVE_TRITON:
         D3,
         HEAD_DIM: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
+        HAS_CAP: tl.constexpr,
         PRECISION: tl.constexpr,
         N_DIAG: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -280,7 +302,9 @@ if HAVE_TRITON:
             pad,
             WINDOW,
             scale2,
+            cap2,
             HAS_WINDOW,
+            HAS_CAP,
             PRECISION,
             BLOCK_M,
             BLOCK_N,
@@ -314,6 +338,8 @@ if HAVE_TRITON:
                 other=0.0,
             ).to(tl.float32)
             sd = tl.sum(qf * kd, 1) * scale2
+            if HAS_CAP:
+                sd = _cap(sd, cap2)
             tl.store(DIAG + j * NBHT + out, tl.where(ok, tl.exp2(sd - lse2), 0.0), mask=offs_m < T)
 
     @triton.jit
@@ -330,8 +356,10 @@ if HAVE_TRITON:
         pad,
         WINDOW,
         scale2,
+        cap2,
         acc,
         HAS_WINDOW: tl.constexpr,
+        HAS_CAP: tl.constexpr,
         PRECISION: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -349,6 +377,8 @@ if HAVE_TRITON:
             q_t = tl.load(ptrs)
             lse2 = tl.load(LSE_base + offs_m) * 1.4426950408889634
         s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale2  # [keys, queries]
+        if HAS_CAP:
+            s_t = _cap(s_t, cap2)
         if MASKED:
             valid = (
                 (offs_n[:, None] <= offs_m[None, :])
@@ -364,7 +394,29 @@ if HAVE_TRITON:
             p_t = tl.exp2(s_t - lse2[None, :])
         return acc + tl.sum(p_t, 1)
 
-    @triton.autotune(configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW"], prune_configs_by=_PRUNE)
+    @triton.jit
+    def _column_ranges(  # type: ignore[no-untyped-def]
+        n0, pad, T, WINDOW, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        # the query blocks that see the key block at n0: [lo, hi), of which [int_lo, int_hi) need no
+        # mask (every query real, at or after every key, every key in its window)
+        lo = tl.maximum((n0 // BLOCK_M) * BLOCK_M, (pad // BLOCK_M) * BLOCK_M)
+        hi = T
+        int_lo = ((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        int_lo = tl.maximum(int_lo, ((pad + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        int_hi = (T // BLOCK_M) * BLOCK_M
+        if HAS_WINDOW:
+            hi = tl.minimum(T, n0 + BLOCK_N + WINDOW)
+            int_hi = tl.minimum(int_hi, ((n0 + WINDOW) // BLOCK_M) * BLOCK_M)
+        if n0 < pad:  # the block holds padding keys: mask every query block
+            int_hi = lo
+        int_lo = tl.minimum(tl.maximum(int_lo, lo), hi)
+        int_hi = tl.maximum(tl.minimum(int_hi, hi), int_lo)
+        return lo, int_lo, int_hi, hi
+
+    @triton.autotune(
+        configs=_CONFIGS, key=["T_KEY", "HEAD_DIM", "HAS_WINDOW", "HAS_CAP"], prune_configs_by=_PRUNE
+    )
     @triton.jit
     def _column_sum_kernel(  # type: ignore[no-untyped-def]
         Q,
@@ -386,8 +438,10 @@ if HAVE_TRITON:
         GROUP,
         WINDOW,
         scale2,
+        cap2,
         HEAD_DIM: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
+        HAS_CAP: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -408,19 +462,7 @@ if HAVE_TRITON:
             other=0.0,
         )
         acc = tl.zeros([BLOCK_N], tl.float32)
-        lo = tl.maximum((n0 // BLOCK_M) * BLOCK_M, (pad // BLOCK_M) * BLOCK_M)
-        hi = T
-        # interior query blocks need no mask: every query real, at or after every key, keys in window
-        int_lo = ((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        int_lo = tl.maximum(int_lo, ((pad + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
-        int_hi = (T // BLOCK_M) * BLOCK_M
-        if HAS_WINDOW:
-            hi = tl.minimum(T, n0 + BLOCK_N + WINDOW)
-            int_hi = tl.minimum(int_hi, ((n0 + WINDOW) // BLOCK_M) * BLOCK_M)
-        if n0 < pad:  # the block holds padding keys: mask every query block
-            int_hi = lo
-        int_lo = tl.minimum(tl.maximum(int_lo, lo), hi)
-        int_hi = tl.maximum(tl.minimum(int_hi, hi), int_lo)
+        lo, int_lo, int_hi, hi = _column_ranges(n0, pad, T, WINDOW, HAS_WINDOW, BLOCK_M, BLOCK_N)
         q_base = Q + b * sqb + h * sqh
         lse_base = LSE + bh * T
         for start_m in range(lo, int_lo, BLOCK_M):
@@ -437,8 +479,10 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 acc,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 True,
                 BLOCK_M,
@@ -457,8 +501,10 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 acc,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 False,
                 BLOCK_M,
@@ -477,8 +523,10 @@ if HAVE_TRITON:
                 pad,
                 WINDOW,
                 scale2,
+                cap2,
                 acc,
                 HAS_WINDOW,
+                HAS_CAP,
                 PRECISION,
                 True,
                 BLOCK_M,
@@ -537,9 +585,11 @@ if HAVE_TRITON:
         window: int | None,
         in_kernel: tuple[int, ...],
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        softcap: float | None = None,
     ) -> None:
         """Run the row and column kernels: ``out = (lse, entropy, mean_key, colsum, diag)`` are written,
-        ``diag[j]`` the diagonal ``in_kernel[j]`` (at most four)."""
+        ``diag[j]`` the diagonal ``in_kernel[j]`` (at most four); scores soft-capped as
+        ``cap · tanh(s / cap)`` with ``softcap``."""
         lse, ent, mk, col, diag = out
         b, H, T, d = query.shape
         group = H // key.shape[1]
@@ -553,11 +603,13 @@ if HAVE_TRITON:
             group,
             int(window or 0),
             float(scale) * _LOG2E,
+            float(softcap or 1.0) * _LOG2E,
         )
         # float32 models get exact float32 products (no TF32); half-precision ones use tensor cores
         meta = {
             "HEAD_DIM": d,
             "HAS_WINDOW": has_window,
+            "HAS_CAP": softcap is not None,
             "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
         }
 
@@ -606,6 +658,7 @@ else:  # pragma: no cover
         window: int | None,
         in_kernel: tuple[int, ...],
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        softcap: float | None = None,
     ) -> None:
         raise RuntimeError("Triton is not available in this torch build")
 

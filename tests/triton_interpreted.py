@@ -72,11 +72,11 @@ def cases() -> list[tuple[str, float]]:
         # two passes: left padding, grouped heads, with and without a sliding window
         q, k = _qk(2, 4, 2, 150, 16, dtype)
         pads = torch.tensor([0, 23])
-        for window in (None, 40):
-            kw = {"pad_offsets": pads, "sliding_window": window, "diag_offsets": offsets}
-            got = moments.attention_moments(q, k, use_triton=True, **kw)
-            ref = moments.attention_moments(q, k, use_triton=False, **kw)
-            out.append((f"two-pass {name} window={window}", _worst(got, ref)))
+        for window, cap in ((None, None), (40, None), (40, 2.0)):
+            kw = {"pad_offsets": pads, "sliding_window": window, "diag_offsets": offsets, "softcap": cap}
+            got = moments.attention_moments(q, k, use_triton=True, **kw)  # type: ignore[arg-type]
+            ref = moments.attention_moments(q, k, use_triton=False, **kw)  # type: ignore[arg-type]
+            out.append((f"two-pass {name} window={window} cap={cap}", _worst(got, ref)))
         # one pass: no padding, the normaliser given (as the forward's kernel returns it)
         q, k = _qk(2, 4, 2, 141, 32, dtype)
         got = moments.attention_moments(q, k, use_triton=True, diag_offsets=offsets, lse=_lse(q, k))
