@@ -1,8 +1,8 @@
 """Check the Triton attention-moment kernels against the PyTorch implementation (needs a CUDA GPU).
 
 Random queries/keys with left padding, grouped-query heads, a sliding window and a soft cap, in
-float32 and bfloat16, through both entry points (from q/k and from a pattern); prints the largest relative
-differences and the time and peak memory of both paths per layer at long contexts.
+float32 and bfloat16, through both entry points (from q/k and from a pattern); prints the largest
+relative differences and the time and peak memory of both paths per layer at long contexts.
 
     python benchmarks/moments_check.py
 

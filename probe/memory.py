@@ -397,7 +397,7 @@ def estimate_capture(
         if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
             # lse (the moments go into the MomentStack), and the single pass's rows of partial
             # column sums (an unpadded batch; a padded one runs two passes and needs fewer)
-            parts = lse_programs(b, H, T, model.device)
+            parts = 0 if soft_caps_logits(model) else lse_programs(b, H, T, model.device)
             blocks, block = (1 + parts) * b * H * T * 4, parts * b * H * T * 4
         else:
             rows = b * H * min(query_block, T) * T * 4
