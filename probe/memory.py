@@ -28,7 +28,7 @@ from probe.errors import ConfigError
 from probe.kernels import SOFTCAP_BLOCK, attention_modules, soft_caps_logits
 from probe.model import LoadedModel
 from probe.moments import HAVE_TRITON, MomentStack
-from probe.moments_single import lse_programs
+from probe.moments_triton import programs_per_head
 from probe.reducers import ColumnImportance, KeepPatterns, PatternReducer
 
 Mode = Literal["eager", "recompute"]
@@ -397,7 +397,7 @@ def estimate_capture(
         if _fused_moments(model, reducers):  # Triton: scores never leave the GPU's registers
             # lse (the moments go into the MomentStack), and the single pass's rows of partial
             # column sums (an unpadded batch; a padded one runs two passes and needs fewer)
-            parts = 0 if soft_caps_logits(model) else lse_programs(b, H, T, model.device)
+            parts = 0 if soft_caps_logits(model) else programs_per_head(b, H, T, model.device)
             blocks, block = (1 + parts) * b * H * T * 4, parts * b * H * T * 4
         else:
             rows = b * H * min(query_block, T) * T * 4

@@ -202,15 +202,25 @@ def attention_moments(
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     pads = _pads(pad_offsets, b, query.device)
     offsets = tuple(sorted(set(diag_offsets)))
-    if use_triton is None:
-        use_triton = triton_available(query)
+    auto = use_triton is None
+    if auto:
+        use_triton = triton_available(query) and "moments" not in KERNEL_FAILED
     if out is not None and out[0].offsets != offsets:
         raise ValueError(
             f"the moment stack holds diagonals {list(out[0].offsets)} but {list(offsets)} were asked for; "
             "build the MomentStack with the same diag_offsets"
         )
     if use_triton:
-        return _moments_triton(query, key, scale, pads, sliding_window, offsets, out, lse, softcap)
+        try:
+            return _moments_triton(
+                query, key, scale, pads, sliding_window, offsets, out, lse, softcap, strict=not auto
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except KERNEL_ERRORS as err:
+            if not auto:  # asked for the kernels by name: their failure is the answer
+                raise
+            _kernel_failed("moments", err)
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
@@ -235,11 +245,35 @@ def pattern_moments(
     b = pattern.shape[0]
     pads = _pads(pad_offsets, b, pattern.device)
     offsets = tuple(sorted(set(diag_offsets)))
-    if use_triton is None:
-        use_triton = HAVE_TRITON and pattern.is_cuda
+    auto = use_triton is None
+    if auto:
+        use_triton = HAVE_TRITON and pattern.is_cuda and "pattern" not in KERNEL_FAILED
     if use_triton:
-        return _pattern_triton(pattern, pads, offsets)
+        try:
+            return _pattern_triton(pattern, pads, offsets)
+        except torch.OutOfMemoryError:
+            raise
+        except KERNEL_ERRORS as err:
+            if not auto:
+                raise
+            _kernel_failed("pattern", err)
     return _pattern_torch(pattern, pads, offsets)
+
+
+KERNEL_FAILED: dict[str, str] = {}
+"""Triton kernels ("moments": the two passes, "single": the single pass, "pattern") that failed to
+build or run in this process, with why; the automatic choice does not try them again."""
+
+
+def _kernel_failed(which: str, err: Exception) -> None:
+    """Record that a Triton kernel failed and warn once: the slower path computes the same numbers."""
+    KERNEL_FAILED[which] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    instead = "in two passes" if which == "single" else "by the PyTorch path"
+    warnings.warn(
+        f"the Triton {which} kernel failed ({KERNEL_FAILED[which]}); the attention statistics are "
+        f"computed {instead} instead (the same numbers, slower)",
+        stacklevel=3,
+    )
 
 
 def triton_available(tensor: torch.Tensor) -> bool:
@@ -364,11 +398,12 @@ def _moments_triton(
     out: tuple[MomentStack, int] | None = None,
     given_lse: torch.Tensor | None = None,
     softcap: float | None = None,
+    strict: bool = False,
 ) -> AttentionMoments:
     b, H, T, _d = query.shape
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
-    if _ONE_PASS_FAILED or softcap is not None:  # the single pass does not cap
+    if softcap is not None or ("single" in KERNEL_FAILED and not strict):  # the single pass does not cap
         given_lse = None
     lse = torch.empty(b, H, T, device=query.device, dtype=torch.float32) if given_lse is None else given_lse
     in_kernel = offsets[:4]  # up to four diagonals ride along in the row kernel
@@ -389,12 +424,9 @@ def _moments_triton(
             except torch.OutOfMemoryError:
                 raise
             except KERNEL_ERRORS as err:  # not built on this GPU or Triton: the two passes, from now on
-                _ONE_PASS_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-                warnings.warn(
-                    f"the single-pass moment kernel failed ({_ONE_PASS_FAILED[0]}); the attention "
-                    "statistics are computed in two passes instead (the same numbers, slower)",
-                    stacklevel=2,
-                )
+                if strict:
+                    raise
+                _kernel_failed("single", err)
                 given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
             launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag), softcap)
@@ -403,9 +435,6 @@ def _moments_triton(
         values = _diag_from_scores(query, key, scale, lse, pads, o, window, softcap)
         diagonals[o] = values if out is None else diag[j].copy_(values)
     return AttentionMoments(ent, mk, col, diagonals)
-
-
-_ONE_PASS_FAILED: list[str] = []  # why the single-pass kernel failed in this process, if it did
 
 
 def _pattern_triton(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]) -> AttentionMoments:

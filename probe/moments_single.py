@@ -25,17 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from probe.moments_triton import _LOG2E, _PRUNE, HAVE_TRITON, length_key
-
-MAX_PROGRAMS = 32  # programs per head at most: each writes a row of T partial column sums
-
-
-def lse_programs(b: int, H: int, T: int, device: torch.device) -> int:
-    """Programs per head of the single-pass kernel: about eight per multiprocessor in all, at most
-    :data:`MAX_PROGRAMS` and at most one per 64 query rows."""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(MAX_PROGRAMS, -(-8 * n_sm // (b * H)), -(-T // 64)))
-
+from probe.moments_triton import _LOG2E, _PRUNE, HAVE_TRITON, length_key, programs_per_head
 
 if HAVE_TRITON:
     import triton
@@ -471,7 +461,7 @@ if HAVE_TRITON:
         the forward's kernel handed back: ``out = (entropy, mean_key, colsum, diag)`` are written."""
         ent, mk, col, diag = out
         b, H, T, d = query.shape
-        n_prog = lse_programs(b, H, T, query.device)
+        n_prog = programs_per_head(b, H, T, query.device)
         part = torch.zeros((n_prog, b, H, T), device=query.device, dtype=torch.float32)
         ent.zero_()
         mk.zero_()

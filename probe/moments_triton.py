@@ -29,6 +29,17 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+MAX_PROGRAMS = 32  # programs per head at most of the zig-zag kernels: each writes a row of T partial sums
+
+
+def programs_per_head(b: int, H: int, T: int, device: torch.device) -> int:
+    """Programs per head of the kernels that sum columns over query blocks in a zig-zag (the single
+    pass, the pattern kernel): about eight per multiprocessor in all, at most
+    :data:`MAX_PROGRAMS` and at most one per 64 query rows."""
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(MAX_PROGRAMS, -(-8 * n_sm // (b * H)), -(-T // 64)))
+
+
 def length_key(T: int) -> int:
     """The autotuning key of a length: T rounded up to a power of two (at least 1,024)."""
     return max(1024, 1 << max(0, T - 1).bit_length())
@@ -533,13 +544,13 @@ if HAVE_TRITON:
             )
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
-    @triton.autotune(configs=_CONFIGS, key=["T_KEY"], reset_to_zero=["COL"])
+    @triton.autotune(configs=_CONFIGS, key=["T_KEY"], reset_to_zero=["PART"])
     @triton.jit
     def _pattern_moments_kernel(  # type: ignore[no-untyped-def]
         P,
         ENT,
         MK,
-        COL,
+        PART,
         PADS,
         spb,
         sph,
@@ -548,34 +559,43 @@ if HAVE_TRITON:
         T,
         T_KEY,
         H,
+        NBHT,
+        N_PROG,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        # reads each visible pattern entry once: row entropy, row mean key, column sums (atomics)
-        pid_m = tl.program_id(0)
+        # reads each visible pattern entry once: row entropy, row mean key, and column sums into
+        # this program's own row of PART (query blocks in a zig-zag, as the single pass; no atomics)
+        pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         pad = tl.load(PADS + b)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_real = (offs_m >= pad) & (offs_m < T)
-        ent = tl.zeros([BLOCK_M], tl.float32)
-        ek = tl.zeros([BLOCK_M], tl.float32)
-        lo = (pad // BLOCK_N) * BLOCK_N
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
         base = P + b * spb + h * sph
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & row_real[:, None]
-            p = tl.load(base + offs_m[:, None] * spq + offs_n[None, :] * spk, mask=valid, other=0.0).to(
-                tl.float32
-            )
-            ent += tl.sum(tl.where(p > 0, -p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
-            ek += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
-            tl.atomic_add(COL + bh * T + offs_n, tl.sum(p, 0), mask=offs_n < T)
-        out = bh * T + offs_m
-        tl.store(ENT + out, ent, mask=offs_m < T)
-        tl.store(MK + out, ek, mask=offs_m < T)
+        part_base = PART + pid * NBHT + bh * T
+        n_blocks = tl.cdiv(T, BLOCK_M)
+        for r in range(0, tl.cdiv(n_blocks, N_PROG)):
+            j = r * N_PROG + tl.where(r % 2 == 0, pid, N_PROG - 1 - pid)
+            if j < n_blocks:
+                offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_real = (offs_m >= pad) & (offs_m < T)
+                ent = tl.zeros([BLOCK_M], tl.float32)
+                ek = tl.zeros([BLOCK_M], tl.float32)
+                for start_n in range((pad // BLOCK_N) * BLOCK_N, tl.minimum((j + 1) * BLOCK_M, T), BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    valid = (
+                        (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= pad) & row_real[:, None]
+                    )
+                    ptrs = base + offs_m[:, None] * spq + offs_n[None, :] * spk
+                    p = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+                    ent += tl.sum(tl.where(p > 0, -p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
+                    ek += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
+                    col_ptrs = part_base + offs_n
+                    col = tl.load(col_ptrs, mask=offs_n < T, other=0.0)
+                    tl.store(col_ptrs, col + tl.sum(p, 0), mask=offs_n < T)
+                out = bh * T + offs_m
+                tl.store(ENT + out, ent, mask=offs_m < T)
+                tl.store(MK + out, ek, mask=offs_m < T)
 
     def launch_moments(
         query: torch.Tensor,
@@ -639,14 +659,19 @@ if HAVE_TRITON:
     def launch_pattern_moments(
         pattern: torch.Tensor, pads: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> None:
-        """Run the pattern kernel: ``out = (entropy, mean_key, colsum)`` are written (colsum added to)."""
+        """Run the pattern kernel: ``out = (entropy, mean_key, colsum)`` are written."""
         ent, mk, col = out
         b, H, T, _ = pattern.shape
+        n_prog = programs_per_head(b, H, T, pattern.device)
+        part = torch.zeros((n_prog, b, H, T), device=pattern.device, dtype=torch.float32)
 
         def grid(cfg: dict[str, int]) -> tuple[int, int]:
-            return (triton.cdiv(T, cfg["BLOCK_M"]), b * H)
+            return (n_prog, b * H)
 
-        _pattern_moments_kernel[grid](pattern, ent, mk, col, pads, *pattern.stride(), T, length_key(T), H)
+        _pattern_moments_kernel[grid](
+            pattern, ent, mk, part, pads, *pattern.stride(), T, length_key(T), H, b * H * T, n_prog
+        )
+        torch.sum(part, dim=0, out=col)
 
 else:  # pragma: no cover
 

@@ -82,22 +82,7 @@ def cases() -> list[tuple[str, float]]:
         got = moments.attention_moments(q, k, use_triton=True, diag_offsets=offsets, lse=_lse(q, k))
         ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=offsets)
         out.append((f"one-pass {name}", _worst(got, ref)))
-    # a single-pass kernel that fails to build: the two passes instead, with a warning
-    q, k = _qk(1, 2, 1, 77, 16, torch.float32)
-    launch = moments.launch_lse_moments
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("PassManager::run failed")
-
-    moments.launch_lse_moments = broken  # type: ignore[assignment]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = moments.attention_moments(q, k, use_triton=True, diag_offsets=(1,), lse=_lse(q, k))
-    moments.launch_lse_moments = launch  # type: ignore[assignment]
-    warned = any("two passes instead" in str(w.message) for w in caught)
-    ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=(1,))
-    out.append(("broken one-pass falls back", _worst(got, ref) if warned else 1.0))
-    moments._ONE_PASS_FAILED.clear()
+    out.extend(_failures())
     # from a pattern: left padding
     q, k = _qk(2, 3, 3, 97, 16, torch.float32)
     pattern = torch.softmax(_lse_scores(q, k), -1).to(torch.float16)
@@ -105,6 +90,41 @@ def cases() -> list[tuple[str, float]]:
     got = moments.pattern_moments(pattern, pad_offsets=pads, diag_offsets=(1, 2), use_triton=True)
     ref = moments.pattern_moments(pattern, pad_offsets=pads, diag_offsets=(1, 2), use_triton=False)
     out.append(("pattern float16", _worst(got, ref)))
+    return out
+
+
+def _failures() -> list[tuple[str, float]]:
+    """Kernels that fail to build: chosen automatically, the slower path runs instead, with a
+    warning; asked for by name (use_triton=True), the failure is raised."""
+    out = []
+    q, k = _qk(1, 2, 1, 77, 16, torch.float32)
+    ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=(1,))
+    available = moments.triton_available
+    moments.triton_available = lambda tensor: True  # type: ignore[assignment]  # CPU tensors here
+    for name, which in (("launch_lse_moments", "single"), ("launch_moments", "moments")):
+        launch = getattr(moments, name)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("PassManager::run failed")
+
+        setattr(moments, name, broken)
+        lse = _lse(q, k) if which == "single" else None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = moments.attention_moments(q, k, diag_offsets=(1,), lse=lse)
+            warned = any("the same numbers, slower" in str(w.message) for w in caught)
+            moments.KERNEL_FAILED.clear()
+            try:
+                moments.attention_moments(q, k, use_triton=True, diag_offsets=(1,), lse=lse)
+                raised = False
+            except RuntimeError:
+                raised = True
+            out.append((f"broken {which} kernel falls back", _worst(got, ref) if warned and raised else 1.0))
+        finally:
+            setattr(moments, name, launch)
+            moments.KERNEL_FAILED.clear()
+    moments.triton_available = available  # type: ignore[assignment]
     return out
 
 
