@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from probe.moments_triton import (
     KERNEL_ERRORS,
     launch_moments,
     launch_pattern_moments,
+    length_key,
 )
 
 __all__ = [
@@ -204,7 +206,8 @@ def attention_moments(
     offsets = tuple(sorted(set(diag_offsets)))
     auto = use_triton is None
     if auto:
-        use_triton = triton_available(query) and "moments" not in KERNEL_FAILED
+        failed = "moments" in KERNEL_FAILED or (softcap is not None and "capped" in KERNEL_FAILED)
+        use_triton = triton_available(query) and not failed
     if out is not None and out[0].offsets != offsets:
         raise ValueError(
             f"the moment stack holds diagonals {list(out[0].offsets)} but {list(offsets)} were asked for; "
@@ -220,7 +223,7 @@ def attention_moments(
         except KERNEL_ERRORS as err:
             if not auto:  # asked for the kernels by name: their failure is the answer
                 raise
-            _kernel_failed("moments", err)
+            _kernel_failed("moments" if softcap is None else "capped", err)
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
@@ -247,10 +250,10 @@ def pattern_moments(
     offsets = tuple(sorted(set(diag_offsets)))
     auto = use_triton is None
     if auto:
-        use_triton = HAVE_TRITON and pattern.is_cuda and "pattern" not in KERNEL_FAILED
+        use_triton = cuda_triton(pattern) and "pattern" not in KERNEL_FAILED
     if use_triton:
         try:
-            return _pattern_triton(pattern, pads, offsets)
+            return _pattern_triton(pattern, pads, offsets, strict=not auto)
         except torch.OutOfMemoryError:
             raise
         except KERNEL_ERRORS as err:
@@ -261,8 +264,46 @@ def pattern_moments(
 
 
 KERNEL_FAILED: dict[str, str] = {}
-"""Triton kernels ("moments": the two passes, "single": the single pass, "pattern") that failed to
-build or run in this process, with why; the automatic choice does not try them again."""
+"""Triton kernels ("moments": the two passes, "capped": the two passes with a soft cap, "single":
+the single pass, "pattern") that failed to build, run or pass their first-use check in this
+process, with why; the automatic choice does not try them again."""
+
+
+class KernelDisagrees(RuntimeError):
+    """A Triton kernel's first result of a kind disagrees with its reference (see :func:`_check_once`)."""
+
+
+CHECK_TOL = 1e-3  # largest relative difference (to at least 1) a kernel's first result may show
+PATTERN_CHECK_MAX_T = 4096  # longer patterns are not checked (the reference forms [T, T] in float32)
+_CHECKED: set[tuple[object, ...]] = set()
+
+
+def _check_once(
+    kind: tuple[object, ...], got: AttentionMoments, reference: Callable[[], AttentionMoments], what: str
+) -> None:
+    """The first result of each kind of call (kernel, dtype, head width, length bucket, device) is
+    compared, on one head group of one sequence, with a reference already trusted: a kernel that
+    builds but computes wrongly on this GPU (which Triton's interpreter, used by the tests, cannot
+    show) raises :class:`KernelDisagrees` instead of giving wrong numbers."""
+    if kind in _CHECKED:
+        return
+    ref = reference()
+    worst = 0.0
+    for field in ("entropy", "mean_key", "colsum"):
+        a, r = getattr(got, field), getattr(ref, field)
+        worst = max(worst, ((a - r).abs() / r.abs().clamp_min(1.0)).max().item())
+    if not worst <= CHECK_TOL:
+        raise KernelDisagrees(f"its first result differs from {what} by {worst:.2g}")
+    _CHECKED.add(kind)
+
+
+def _two_passes(query: torch.Tensor, key: torch.Tensor, scale: float, pads: torch.Tensor) -> AttentionMoments:
+    """The two-pass kernels' moments (no window, no cap, no diagonal): the single pass's reference."""
+    b, H, T, _ = query.shape
+    lse, ent, mk, col = (torch.empty(b, H, T, device=query.device, dtype=torch.float32) for _ in range(4))
+    diag = torch.empty((1, b, H, T), device=query.device, dtype=torch.float32)
+    launch_moments(query, key, scale, pads, None, (), (lse, ent, mk, col, diag))
+    return AttentionMoments(ent, mk, col, {})
 
 
 def _kernel_failed(which: str, err: Exception) -> None:
@@ -274,6 +315,11 @@ def _kernel_failed(which: str, err: Exception) -> None:
         f"computed {instead} instead (the same numbers, slower)",
         stacklevel=3,
     )
+
+
+def cuda_triton(tensor: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on ``tensor``'s device."""
+    return HAVE_TRITON and tensor.is_cuda
 
 
 def triton_available(tensor: torch.Tensor) -> bool:
@@ -417,10 +463,18 @@ def _moments_triton(
                 f"the moment stack keeps this layer on {ent.device} but its queries are on {query.device}; "
                 "build the MomentStack with the model's layer devices"
             )
+    g = H // key.shape[1]  # the first KV head's query heads of the first sequence: the first-use check
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
         if given_lse is not None:
             try:
                 launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
+                if not strict:
+                    _check_once(
+                        ("single", query.dtype, _d, length_key(T), str(query.device)),
+                        AttentionMoments(ent[:1, :g], mk[:1, :g], col[:1, :g], {}),
+                        lambda: _two_passes(query[:1, :g], key[:1, :1], scale, pads[:1]),
+                        "the two-pass kernels",
+                    )
             except torch.OutOfMemoryError:
                 raise
             except KERNEL_ERRORS as err:  # not built on this GPU or Triton: the two passes, from now on
@@ -430,6 +484,22 @@ def _moments_triton(
                 given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
             launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag), softcap)
+            if softcap is not None and not strict:
+                _check_once(
+                    (
+                        "capped",
+                        query.dtype,
+                        _d,
+                        length_key(T),
+                        window is not None and window < T,
+                        str(query.device),
+                    ),
+                    AttentionMoments(ent[:1, :g], mk[:1, :g], col[:1, :g], {}),
+                    lambda: _moments_torch(
+                        query[:1, :g], key[:1, :1], scale, pads[:1], window, (), 1024, softcap
+                    ),
+                    "the PyTorch path",
+                )
     diagonals = {o: diag[j] for j, o in enumerate(in_kernel)}
     for j, o in enumerate(offsets[4:], start=4):
         values = _diag_from_scores(query, key, scale, lse, pads, o, window, softcap)
@@ -437,12 +507,21 @@ def _moments_triton(
     return AttentionMoments(ent, mk, col, diagonals)
 
 
-def _pattern_triton(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]) -> AttentionMoments:
+def _pattern_triton(
+    pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...], strict: bool = False
+) -> AttentionMoments:
     b, H, T, _ = pattern.shape
     ent = torch.empty(b, H, T, device=pattern.device, dtype=torch.float32)
     mk, col = torch.empty_like(ent), torch.zeros_like(ent)
     with _on(pattern.device):
         launch_pattern_moments(pattern, pads, (ent, mk, col))
+    if not strict and T <= PATTERN_CHECK_MAX_T:  # the reference forms [T, T] in float32
+        _check_once(
+            ("pattern", pattern.dtype, length_key(T), str(pattern.device)),
+            AttentionMoments(ent[:1, :1], mk[:1, :1], col[:1, :1], {}),
+            lambda: _pattern_torch(pattern[:1, :1], pads[:1], ()),
+            "the PyTorch path",
+        )
     idx = torch.arange(T, device=pattern.device)
     diagonals = {}
     for o in offsets:

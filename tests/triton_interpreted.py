@@ -94,38 +94,93 @@ def cases() -> list[tuple[str, float]]:
 
 
 def _failures() -> list[tuple[str, float]]:
-    """Kernels that fail to build: chosen automatically, the slower path runs instead, with a
-    warning; asked for by name (use_triton=True), the failure is raised."""
+    """Kernels chosen automatically that fail to build, or build but compute wrongly (caught by
+    their first-use check): the slower path runs instead, with a warning, and gives the reference's
+    numbers; asked for by name (use_triton=True), a kernel that fails to build raises."""
     out = []
     q, k = _qk(1, 2, 1, 77, 16, torch.float32)
+    pattern = torch.softmax(_lse_scores(q[:, :1], k), -1)
+    lse = _lse(q, k)
     ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=(1,))
-    available = moments.triton_available
-    moments.triton_available = lambda tensor: True  # type: ignore[assignment]  # CPU tensors here
-    for name, which in (("launch_lse_moments", "single"), ("launch_moments", "moments")):
-        launch = getattr(moments, name)
+    capped_ref = moments.attention_moments(q, k, use_triton=False, diag_offsets=(1,), softcap=2.0)
+    pattern_ref = moments.pattern_moments(pattern, use_triton=False)
 
-        def broken(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("PassManager::run failed")
+    def plain() -> moments.AttentionMoments:
+        return moments.attention_moments(q, k, diag_offsets=(1,))
 
-        setattr(moments, name, broken)
-        lse = _lse(q, k) if which == "single" else None
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                got = moments.attention_moments(q, k, diag_offsets=(1,), lse=lse)
-            warned = any("the same numbers, slower" in str(w.message) for w in caught)
-            moments.KERNEL_FAILED.clear()
-            try:
-                moments.attention_moments(q, k, use_triton=True, diag_offsets=(1,), lse=lse)
-                raised = False
-            except RuntimeError:
-                raised = True
-            out.append((f"broken {which} kernel falls back", _worst(got, ref) if warned and raised else 1.0))
-        finally:
-            setattr(moments, name, launch)
-            moments.KERNEL_FAILED.clear()
-    moments.triton_available = available  # type: ignore[assignment]
+    def single() -> moments.AttentionMoments:
+        return moments.attention_moments(q, k, diag_offsets=(1,), lse=lse)
+
+    def capped() -> moments.AttentionMoments:
+        return moments.attention_moments(q, k, diag_offsets=(1,), softcap=2.0)
+
+    def from_pattern() -> moments.AttentionMoments:
+        return moments.pattern_moments(pattern)
+
+    cases = [
+        ("single", "launch_lse_moments", single, ref),
+        ("moments", "launch_moments", plain, ref),
+        ("capped", "launch_moments", capped, capped_ref),
+        ("pattern", "launch_pattern_moments", from_pattern, pattern_ref),
+    ]
+    saved = moments.triton_available, moments.cuda_triton
+    moments.triton_available = moments.cuda_triton = lambda tensor: True  # type: ignore[assignment]  # CPU here
+    try:
+        for which, name, run, reference in cases:
+            # the two uncapped passes are the trusted reference (checked on GPUs): no first-use check
+            for how in ("raises",) if which == "moments" else ("raises", "wrong"):
+                if how == "raises" and which in ("capped", "pattern"):
+                    continue  # the same handler as "moments"
+                out.append((f"{how} {which} kernel falls back", _fallback(name, how, run, reference)))
+        out.append(("asked-for kernel raises", _explicit_raises(q, k)))
+        # correct kernels pass their first-use checks without a word
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            worst = max(_worst(run(), reference) for _, _, run, reference in cases)
+        out.append(("first-use checks pass", worst))
+    finally:
+        moments.triton_available, moments.cuda_triton = saved  # type: ignore[assignment]
     return out
+
+
+def _explicit_raises(q: torch.Tensor, k: torch.Tensor) -> float:
+    """0 when a failing kernel asked for by name raises (and nothing is recorded), else 1."""
+    launch = moments.launch_moments
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PassManager::run failed")
+
+    moments.launch_moments = broken  # type: ignore[assignment]
+    try:
+        moments.attention_moments(q, k, use_triton=True)
+        return 1.0
+    except RuntimeError:
+        return 0.0 if not moments.KERNEL_FAILED else 1.0
+    finally:
+        moments.launch_moments = launch  # type: ignore[assignment]
+
+
+def _fallback(name: str, how: str, run: object, reference: moments.AttentionMoments) -> float:
+    launch = getattr(moments, name)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        if how == "raises":
+            raise RuntimeError("PassManager::run failed")
+        launch(*args, **kwargs)
+        outs = args[-2] if name == "launch_moments" else args[-1]
+        outs[2 if name == "launch_pattern_moments" else -2].add_(1.0)  # type: ignore[index]
+
+    setattr(moments, name, broken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run()  # type: ignore[operator]
+        warned = any("the same numbers, slower" in str(w.message) for w in caught)
+        return _worst(got, reference) if warned else 1.0
+    finally:
+        setattr(moments, name, launch)
+        moments.KERNEL_FAILED.clear()
+        moments._CHECKED.clear()
 
 
 def _lse_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
