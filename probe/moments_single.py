@@ -31,6 +31,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from probe.moments_triton import _query_block
+
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "KEYS_OUTER": keys_outer}, num_warps=w, num_stages=st)
         for keys_outer, bm, bn, w, st in [
@@ -129,11 +131,6 @@ if HAVE_TRITON:
         kf = offs_n[None, :].to(tl.float32)
         tl.store(mk_ptrs, tl.load(mk_ptrs, mask=row_ok, other=0.0) + tl.sum(p * kf, 1), mask=row_ok)
         return acc + p
-
-    @triton.jit
-    def _query_block(pid, r, N_PROG):  # type: ignore[no-untyped-def]
-        # the program's query block of round r: p, 2P-1-p, 2P+p, ...
-        return r * N_PROG + tl.where(r % 2 == 0, pid, N_PROG - 1 - pid)
 
     @triton.jit
     def _diagonals(  # type: ignore[no-untyped-def]

@@ -544,6 +544,11 @@ if HAVE_TRITON:
             )
         tl.store(COL + bh * T + offs_n, acc, mask=offs_n < T)
 
+    @triton.jit
+    def _query_block(pid, r, N_PROG):  # type: ignore[no-untyped-def]
+        # the program's query block of round r: p, 2P-1-p, 2P+p, ... (a zig-zag: equal work)
+        return r * N_PROG + tl.where(r % 2 == 0, pid, N_PROG - 1 - pid)
+
     @triton.autotune(configs=_CONFIGS, key=["T_KEY"], reset_to_zero=["PART"])
     @triton.jit
     def _pattern_moments_kernel(  # type: ignore[no-untyped-def]
@@ -575,7 +580,7 @@ if HAVE_TRITON:
         part_base = PART + pid * NBHT + bh * T
         n_blocks = tl.cdiv(T, BLOCK_M)
         for r in range(0, tl.cdiv(n_blocks, N_PROG)):
-            j = r * N_PROG + tl.where(r % 2 == 0, pid, N_PROG - 1 - pid)
+            j = _query_block(pid, r, N_PROG)
             if j < n_blocks:
                 offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_real = (offs_m >= pad) & (offs_m < T)
