@@ -21,18 +21,6 @@ import torch
 from probe.kernels import attend, attend_with_lse
 from probe.moments import AttentionMoments, attention_moments, pattern_moments, triton_available
 
-FIELDS = ("entropy", "mean_key", "colsum")
-
-
-def _worst(a: AttentionMoments, r: AttentionMoments) -> dict[str, float]:
-    out = {
-        f: ((getattr(a, f) - getattr(r, f)).abs() / getattr(r, f).abs().clamp_min(1.0)).max().item()
-        for f in FIELDS
-    }
-    for o in r.diagonals:
-        out[f"diag{o}"] = (a.diag(o) - r.diag(o)).abs().max().item()
-    return out
-
 
 def compare(dtype: torch.dtype, window: int | None, T: int = 700, softcap: float | None = None) -> float:
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -41,8 +29,8 @@ def compare(dtype: torch.dtype, window: int | None, T: int = 700, softcap: float
     k = torch.randn(b, H_kv, T, d, device="cuda", generator=gen).to(dtype)
     pads = torch.tensor([0, 37], device="cuda")
     kw = {"pad_offsets": pads, "sliding_window": window, "diag_offsets": (1, 5), "softcap": softcap}
-    diffs = _worst(
-        attention_moments(q, k, use_triton=True, **kw), attention_moments(q, k, use_triton=False, **kw)
+    diffs = attention_moments(q, k, use_triton=True, **kw).differences(
+        attention_moments(q, k, use_triton=False, **kw)
     )
     print(
         f"  q/k     {dtype!s:<15} window={window!s:<5} cap={softcap!s:<5} "
@@ -56,8 +44,8 @@ def compare(dtype: torch.dtype, window: int | None, T: int = 700, softcap: float
         s = s.masked_fill(~(t[None, :] <= t[:, None]), float("-inf"))
         p = torch.softmax(s, -1).to(dtype)
         kw2 = {"pad_offsets": pads, "diag_offsets": (1, 5)}
-        pdiffs = _worst(
-            pattern_moments(p, use_triton=True, **kw2), pattern_moments(p, use_triton=False, **kw2)
+        pdiffs = pattern_moments(p, use_triton=True, **kw2).differences(
+            pattern_moments(p, use_triton=False, **kw2)
         )
         print(f"  pattern {dtype!s:<15}              " + "  ".join(f"{n} {v:.1e}" for n, v in pdiffs.items()))
         worst = max(worst, *pdiffs.values())
@@ -101,7 +89,7 @@ def compare_one_pass(dtype: torch.dtype, T: int = 700) -> float:
             continue
         out, lse = got
         moments = attention_moments(q, k, use_triton=True, diag_offsets=(1, 5), lse=lse)
-        diffs = _worst(moments, ref)
+        diffs = moments.differences(ref)
         same = torch.equal(out, plain)
         lse_diff = (lse - _lse(q, k)).abs().max().item()
         print(
@@ -110,7 +98,7 @@ def compare_one_pass(dtype: torch.dtype, T: int = 700) -> float:
         )
         assert same, "the forward's output with the log-sum-exp differs from SDPA's"
         worst = max(worst, lse_diff, *diffs.values())
-    worst = max(worst, *_worst(two_pass, ref).values())
+    worst = max(worst, *two_pass.differences(ref).values())
     return worst
 
 

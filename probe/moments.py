@@ -61,6 +61,20 @@ class AttentionMoments:
             self.entropy.to(device), self.mean_key.to(device), self.colsum.to(device), diagonals
         )
 
+    def differences(self, reference: AttentionMoments) -> dict[str, float]:
+        """The largest difference from ``reference`` of each field: entropy, mean key and column
+        sums relative to ``max(1, |reference|)``; each of the reference's diagonals (``diag{o}``),
+        absolute (they are probabilities)."""
+        out = {
+            f: ((getattr(self, f) - getattr(reference, f)).abs() / getattr(reference, f).abs().clamp_min(1.0))
+            .max()
+            .item()
+            for f in ("entropy", "mean_key", "colsum")
+        }
+        for o in reference.diagonals:
+            out[f"diag{o}"] = (self.diag(o) - reference.diag(o)).abs().max().item()
+        return out
+
     def diag(self, offset: int) -> torch.Tensor:
         if offset not in self.diagonals:
             raise KeyError(f"diagonal {offset} was not computed; pass it in diag_offsets")
@@ -288,11 +302,7 @@ def _check_once(
     show) raises :class:`KernelDisagrees` instead of giving wrong numbers."""
     if kind in _CHECKED:
         return
-    ref = reference()
-    worst = 0.0
-    for field in ("entropy", "mean_key", "colsum"):
-        a, r = getattr(got, field), getattr(ref, field)
-        worst = max(worst, ((a - r).abs() / r.abs().clamp_min(1.0)).max().item())
+    worst = max(got.differences(reference()).values())
     if not worst <= CHECK_TOL:
         raise KernelDisagrees(f"its first result differs from {what} by {worst:.2g}")
     _CHECKED.add(kind)
