@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ from probe.moments_triton import (
     launch_pattern_moments,
     length_key,
 )
+
+_T = TypeVar("_T")
 
 __all__ = [
     "HAVE_TRITON",
@@ -229,16 +232,15 @@ def attention_moments(
             "build the MomentStack with the same diag_offsets"
         )
     if use_triton:
-        try:
-            return _moments_triton(
+        got = _guarded(
+            "moments" if softcap is None else "capped",
+            not auto,
+            lambda: _moments_triton(
                 query, key, scale, pads, sliding_window, offsets, out, lse, softcap, strict=not auto
-            )
-        except torch.OutOfMemoryError:
-            raise
-        except KERNEL_ERRORS as err:
-            if not auto:  # asked for the kernels by name: their failure is the answer
-                raise
-            _kernel_failed("moments" if softcap is None else "capped", err)
+            ),
+        )
+        if got is not None:
+            return got
     moments = _moments_torch(query, key, scale, pads, sliding_window, offsets, block, softcap)
     if out is None:
         return moments
@@ -267,14 +269,9 @@ def pattern_moments(
     if auto:
         use_triton = cuda_triton(pattern) and "pattern" not in KERNEL_FAILED
     if use_triton:
-        try:
-            return _pattern_triton(pattern, pads, offsets, strict=not auto)
-        except torch.OutOfMemoryError:
-            raise
-        except KERNEL_ERRORS as err:
-            if not auto:
-                raise
-            _kernel_failed("pattern", err)
+        got = _guarded("pattern", not auto, lambda: _pattern_triton(pattern, pads, offsets, strict=not auto))
+        if got is not None:
+            return got
     return _pattern_torch(pattern, pads, offsets)
 
 
@@ -319,15 +316,26 @@ def _two_passes(query: torch.Tensor, key: torch.Tensor, scale: float, pads: torc
     return AttentionMoments(ent, mk, col, {})
 
 
-def _kernel_failed(which: str, err: Exception) -> None:
-    """Record that a Triton kernel failed and warn once: the slower path computes the same numbers."""
-    KERNEL_FAILED[which] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-    instead = "in two passes" if which == "single" else "by the PyTorch path"
-    warnings.warn(
-        f"the Triton {which} kernel failed ({KERNEL_FAILED[which]}); the attention statistics are "
-        f"computed {instead} instead (the same numbers, slower)",
-        stacklevel=3,
-    )
+def _guarded(which: str, strict: bool, run: Callable[[], _T]) -> _T | None:
+    """``run()``, or None when the Triton kernel ``which`` it runs fails to build or launch, or its
+    first-use check disagrees: recorded in :data:`KERNEL_FAILED` with a warning (once), so that the
+    caller takes the slower path, which computes the same numbers. Out of memory is no kernel
+    failure; and with ``strict`` (kernels asked for by name) the failure is the answer: raised."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        raise
+    except KERNEL_ERRORS as err:
+        if strict:
+            raise
+        KERNEL_FAILED[which] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        instead = "in two passes" if which == "single" else "by the PyTorch path"
+        warnings.warn(
+            f"the Triton {which} kernel failed ({KERNEL_FAILED[which]}); the attention statistics are "
+            f"computed {instead} instead (the same numbers, slower)",
+            stacklevel=2,
+        )
+        return None
 
 
 def cuda_triton(tensor: torch.Tensor) -> bool:
@@ -336,7 +344,8 @@ def cuda_triton(tensor: torch.Tensor) -> bool:
 
 
 def triton_available(tensor: torch.Tensor) -> bool:
-    return HAVE_TRITON and tensor.is_cuda and tensor.shape[-1] in (16, 32, 64, 128, 256)
+    """Whether the moment kernels can run on queries ``tensor`` (on CUDA, a supported head width)."""
+    return cuda_triton(tensor) and tensor.shape[-1] in (16, 32, 64, 128, 256)
 
 
 # ------------------------------------------------------------------------------------ torch path
@@ -479,7 +488,8 @@ def _moments_triton(
     g = H // key.shape[1]  # the first KV head's query heads of the first sequence: the first-use check
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
         if given_lse is not None:
-            try:
+
+            def single() -> bool:
                 launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
                 if not strict:
                     _check_once(
@@ -488,12 +498,9 @@ def _moments_triton(
                         lambda: _two_passes(query[:1, :g], key[:1, :1], scale, pads[:1]),
                         "the two-pass kernels",
                     )
-            except torch.OutOfMemoryError:
-                raise
-            except KERNEL_ERRORS as err:  # not built on this GPU or Triton: the two passes, from now on
-                if strict:
-                    raise
-                _kernel_failed("single", err)
+                return True
+
+            if _guarded("single", strict, single) is None:  # the two passes, from now on
                 given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
             launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag), softcap)
