@@ -212,9 +212,11 @@ def attention_moments(
     finds this normaliser). The caller vouches for the conditions; the torch path ignores it.
 
     ``softcap``: the scores are ``cap · tanh(scale · q kᵀ / cap)`` (Gemma 2), in the two-pass Triton
-    kernels as in the torch path (a given ``lse`` is then not used). With ``out=(stack, layer)`` the moments are written into
-    that layer of a :class:`MomentStack` (made with the same ``diag_offsets``) and its views are
-    returned.
+    kernels as in the torch path (a given ``lse`` is then not used). With ``out=(stack, layer)`` the
+    moments are written into that layer of a :class:`MomentStack` (made with the same
+    ``diag_offsets``) and its views are returned. ``use_triton=None`` chooses the Triton kernels on
+    CUDA and falls back, with a warning, where one fails (see :data:`KERNEL_FAILED`); ``True``
+    insists, and a failing kernel raises.
     """
     b, H, _T, d = query.shape
     if H % key.shape[1]:
