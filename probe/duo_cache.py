@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from probe.decode import stop_token_ids
 from probe.errors import CaptureError, ConfigError
 from probe.heads import check_int
-from probe.kernels import attention_modules, native_attention
+from probe.kernels import attention_modules, native_attention, softcapped_attention
 from probe.model import LoadedModel
 from probe.streaming import check_causal_model, full_attention, streaming_attention
 
@@ -63,6 +63,16 @@ def _slots(positions: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     return torch.where(positions < sink, positions, sink + (positions - sink) % recent)
 
 
+def _every_key(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, softcap: float | None
+) -> torch.Tensor:
+    """One decode step's attention ``[B, H, 1, d_v]`` to every kept key (their order is free)."""
+    if softcap is None:
+        gqa = query.shape[1] != key.shape[1]
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
+    return softcapped_attention(query, key, value, None, scaling, float(softcap)).transpose(1, 2)
+
+
 class _Group:
     """KV heads of one layer that keep the same keys: all of them (``recent`` None), or a sinks + ring buffer.
 
@@ -93,9 +103,16 @@ class _Group:
         return self.key, self.value
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int, scaling: float | None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        start: int,
+        scaling: float | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """Store the new keys at ``[start, start + T)`` and return the heads' attention ``[B, n·g, T, d_v]``."""
+        """Store the new keys at ``[start, start + T)`` and return the heads' attention ``[B, n·g, T, d_v]``
+        (``softcap``: soft-capped logits, as the model's eager attention caps them)."""
         if self.kv is not None and self.queries is not None:
             if self.kv.device != key.device:
                 self.kv, self.queries = self.kv.to(key.device), self.queries.to(key.device)
@@ -106,23 +123,20 @@ class _Group:
         t, end = key.shape[2], start + key.shape[2]
         if end > self.slots and self.recent is None:
             raise CaptureError(f"the KV cache holds {self.slots} positions; position {end - 1} does not fit")
-        gqa = query.shape[1] != key.shape[1]
         if self.recent is None:  # every key, in order
             k_buf[:, :, start:end] = key
             v_buf[:, :, start:end] = value
             if t == 1:
-                return F.scaled_dot_product_attention(
-                    query, k_buf[:, :, :end], v_buf[:, :, :end], scale=scaling, enable_gqa=gqa
-                )
-            return full_attention(query, k_buf[:, :, :end], v_buf[:, :, :end], scaling=scaling)
+                return _every_key(query, k_buf[:, :, :end], v_buf[:, :, :end], scaling, softcap)
+            return full_attention(
+                query, k_buf[:, :, :end], v_buf[:, :, :end], scaling=scaling, softcap=softcap
+            )
         if t == 1:  # a decode step: every kept key is visible once the new one is in
             slot = _slot(start, self.sink, self.recent)
             k_buf[:, :, slot] = key[:, :, 0]
             v_buf[:, :, slot] = value[:, :, 0]
             seen = min(end, self.slots)
-            return F.scaled_dot_product_attention(
-                query, k_buf[:, :, :seen], v_buf[:, :, :seen], scale=scaling, enable_gqa=gqa
-            )
+            return _every_key(query, k_buf[:, :, :seen], v_buf[:, :, :seen], scaling, softcap)
         # A chunk: the kept keys in position order, then the chunk's. With the gap between the sinks
         # and the ring closed up, the window relation is unchanged (every dropped key lies before the
         # window of every query in the chunk), so streaming attention over this sequence is exact.
@@ -132,7 +146,9 @@ class _Group:
         index = _slots(kept, sink, recent).to(device)
         keys = torch.cat([k_buf.index_select(2, index), key], dim=2)
         values = torch.cat([v_buf.index_select(2, index), value], dim=2)
-        out = streaming_attention(query, keys, values, sink=sink, recent=recent, scaling=scaling)
+        out = streaming_attention(
+            query, keys, values, sink=sink, recent=recent, scaling=scaling, softcap=softcap
+        )
         new = torch.arange(start, end, device=device)
         new = new[(new < sink) | (new >= end - recent)]  # the chunk's sinks and its last `recent`
         slots, offsets = _slots(new, sink, recent), new - start
@@ -166,14 +182,20 @@ class _Layer:
         self.window = window
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int, scaling: float | None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        start: int,
+        scaling: float | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         if len(self.groups) == 1:
-            return self.groups[0].attend(query, key, value, start, scaling)
+            return self.groups[0].attend(query, key, value, start, scaling, softcap)
         b, h, t = query.shape[:3]
         out = query.new_empty(b, h, t, value.shape[3])
         for group in self.groups:
-            part = group.attend(query, key, value, start, scaling)
+            part = group.attend(query, key, value, start, scaling, softcap)
             assert group.queries is not None
             out.index_copy_(1, group.queries, part.to(out.dtype))
         return out
@@ -280,8 +302,6 @@ def _duo_cache_attention(
             "select it only through duo_generate"
         )
     cache, layer = entry
-    if kwargs.get("softcap") is not None:
-        raise ConfigError("duo_generate does not support soft-capped attention logits (Gemma 2)")
     window = kwargs.get("sliding_window")
     if window is not None and window != cache.layers[layer].window:
         raise CaptureError(
@@ -289,7 +309,7 @@ def _duo_cache_attention(
             "its module declared; this architecture is not supported by duo_generate"
         )
     cache.visited.add(layer)
-    out = cache.layers[layer].attend(query, key, value, cache.position, scaling)
+    out = cache.layers[layer].attend(query, key, value, cache.position, scaling, kwargs.get("softcap"))
     return out.transpose(1, 2), None  # [B, T, H, d_v], as transformers' attention functions return
 
 

@@ -298,6 +298,17 @@ def _lse_disagrees(
     return None
 
 
+def capped_softmax(scores: torch.Tensor, softcap: float, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities of scaled ``scores`` as transformers' eager attention makes them for
+    soft-capped logits: ``cap · tanh(s / cap)`` in the scores' dtype, masked scores set to the
+    dtype's lowest value (``allowed`` boolean, True where visible) or an additive float mask added,
+    the softmax in float32, cast back to the scores' dtype."""
+    s = torch.tanh(scores / softcap) * softcap
+    lowest = torch.finfo(scores.dtype).min
+    s = s.masked_fill(~allowed, lowest) if allowed.dtype == torch.bool else s + allowed
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def softcapped_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -324,23 +335,18 @@ def softcapped_attention(
     n_keys = key.shape[2]
     offset = n_keys - T  # > 0 only with a KV cache: query t sits at position offset + t
     key_idx = torch.arange(n_keys, device=query.device)
-    lowest = torch.finfo(query.dtype).min
     out = torch.empty(b, h, T, v.shape[-1], dtype=query.dtype, device=query.device)
     for q0 in range(0, T, block):
         q1 = min(T, q0 + block)
         s = torch.matmul(query[:, :, q0:q1], k_t) * scale
-        s = torch.tanh(s / softcap) * softcap
         if attention_mask is not None:
-            m = attention_mask[:, :, q0:q1, :n_keys]
-            s = s.masked_fill(~m, lowest) if m.dtype == torch.bool else s + m
+            allowed = attention_mask[:, :, q0:q1, :n_keys]
         else:
             q_idx = torch.arange(q0, q1, device=query.device) + offset
             allowed = key_idx[None, :] <= q_idx[:, None]
             if sliding_window is not None:
                 allowed &= key_idx[None, :] > q_idx[:, None] - sliding_window
-            s = s.masked_fill(~allowed, lowest)
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-        out[:, :, q0:q1] = torch.matmul(p, v)
+        out[:, :, q0:q1] = torch.matmul(capped_softmax(s, softcap, allowed), v)
     return out.transpose(1, 2).contiguous()
 
 

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 
 from probe.errors import ConfigError
 from probe.heads import check_int
-from probe.kernels import attention_modules, check_replaceable, native_attention, register_attention
+from probe.kernels import (
+    attend,
+    attention_modules,
+    capped_softmax,
+    check_replaceable,
+    native_attention,
+    register_attention,
+    softcapped_attention,
+)
 from probe.model import LoadedModel
 
 __all__ = ["DEFAULT_BLOCK", "DUO_IMPL", "duo_attention", "full_attention", "streaming_attention"]
@@ -90,17 +98,23 @@ def full_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     dropout: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention ``[B, H, T_q, d_v]`` of the last ``T_q`` of ``T_k`` positions, by SDPA.
 
     query ``[B, H, T_q, d]``, key/value ``[B, H_kv, T_k, d]`` (``H`` a multiple of ``H_kv``: query
     head ``h`` reads KV head ``h // (H / H_kv)``). With ``sliding_window`` ``W`` the query at ``t``
-    sees keys ``(t - W, t]``, as transformers' sliding-window layers do.
+    sees keys ``(t - W, t]``, as transformers' sliding-window layers do. With ``softcap`` the
+    logits are soft-capped as transformers' eager attention does (Gemma 2), by
+    :func:`probe.kernels.softcapped_attention` (SDPA cannot cap; no dropout then).
     """
     h, hkv, tq, tk = _check_qkv(query, key, value)
     if sliding_window is not None and check_int(sliding_window, "sliding_window") < 1:
         raise ConfigError(f"sliding_window must be a positive int or None, got {sliding_window}")
     window = sliding_window if sliding_window is not None and sliding_window < tk else None
+    if softcap is not None:
+        _check_no_dropout(dropout)
+        return softcapped_attention(query, key, value, None, scaling, float(softcap), window).transpose(1, 2)
     if window is None and tq == tk:
         return F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=h != hkv
@@ -113,6 +127,14 @@ def full_attention(
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=h != hkv
     )
+
+
+def _check_no_dropout(dropout: float) -> None:
+    if dropout:
+        raise ConfigError(
+            f"soft-capped attention runs without dropout, got dropout={dropout}; call model.eval() "
+            "or set the model's attention_dropout to 0"
+        )
 
 
 def _block_keys(
@@ -150,6 +172,7 @@ def streaming_attention(
     scaling: float | None = None,
     block: int = DEFAULT_BLOCK,
     dropout: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Streaming attention ``[B, H, T_q, d_v]``: the query at ``t`` sees keys ``[0, sink) ∪ [t - recent + 1, t]``.
 
@@ -160,12 +183,15 @@ def streaming_attention(
     along the query axis, so repeated keys are never built. Memory is ``O(T·(sink + recent +
     block))`` per head, never ``T_q × T_k``. Differentiable; any dtype SDPA takes; ``sink=0`` is a
     plain sliding window of ``recent`` keys. When every query sees its whole prefix anyway
-    (``T_k <= sink + recent``) it is :func:`full_attention`.
+    (``T_k <= sink + recent``) it is :func:`full_attention`. ``softcap``: soft-capped logits, as
+    transformers' eager attention computes them (:func:`probe.kernels.capped_softmax`; no dropout).
     """
     sink, recent, block = _check_window(sink, recent, block, min_sink=0)
     h, hkv, tq, tk = _check_qkv(query, key, value)
+    if softcap is not None:
+        _check_no_dropout(dropout)
     if tk <= sink + recent:
-        return full_attention(query, key, value, scaling=scaling, dropout=dropout)
+        return full_attention(query, key, value, scaling=scaling, dropout=dropout, softcap=softcap)
     b, d, dv, g = query.shape[0], query.shape[3], value.shape[3], h // hkv
     blk = min(block, tq)
     n_blocks = math.ceil(tq / blk)
@@ -179,9 +205,15 @@ def streaming_attention(
         return picked.permute(2, 0, 1, 3, 4).reshape(n_blocks, b * hkv, n_keys, width)
 
     mask = allowed[:, None, None].expand(n_blocks, 1, g, blk, n_keys).reshape(n_blocks, 1, g * blk, n_keys)
-    out = F.scaled_dot_product_attention(
-        q, gather(key, d), gather(value, dv), attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            q, gather(key, d), gather(value, dv), attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
+    else:
+        scores = torch.matmul(q, gather(key, d).transpose(-1, -2)) * (
+            scaling if scaling is not None else d**-0.5
+        )
+        out = torch.matmul(capped_softmax(scores, float(softcap), mask), gather(value, dv))
     out = out.view(n_blocks, b, hkv, g, blk, dv).permute(1, 2, 3, 0, 4, 5)
     return out.reshape(b, h, n_blocks * blk, dv)[:, :, :tq]
 
@@ -262,17 +294,12 @@ def _duo_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention: the model's own SDPA attention, mixed per KV head with streaming."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if kwargs.get("softcap") is not None:
-        raise ConfigError(
-            "duo_attention does not support soft-capped attention logits (Gemma 2); run it on a model "
-            "whose attention is not soft-capped (Llama, Qwen, Mistral, Gemma 3)"
-        )
-    full, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )  # [B, T_q, H, d_v]
+    """The registered attention: the model's own attention (SDPA, or the soft-capped formula of
+    :func:`probe.kernels.attend`), mixed per KV head with streaming."""
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        _check_no_dropout(dropout)
+    full = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     entry = _ACTIVE.get(id(module))
     if entry is None:
         return full, None
@@ -289,6 +316,7 @@ def _duo_attention_forward(
         scaling=scaling,
         block=state.block,
         dropout=dropout,
+        softcap=softcap,
     ).transpose(1, 2)
     group = query.shape[1] // key.shape[1]
     gate = state.gates[layer].to(device=full.device, dtype=full.dtype).repeat_interleave(group)
@@ -320,7 +348,8 @@ def _check_gates(model: LoadedModel, gates: object) -> torch.Tensor:
 
 def check_causal_model(model: LoadedModel, who: str) -> list[torch.nn.Module]:
     """The attention modules of ``model`` if ``who`` (a function's name, for the message) can run on
-    it: a causal language model with a native module and no attention-logit soft-capping."""
+    it: a causal language model with a native module whose attention goes through transformers'
+    attention interface (soft-capped logits are reproduced)."""
     if model.kind != "language" or model.native_model is None:
         raise ConfigError(
             f"{model.name} is a {model.kind} model without a native causal language model; {who} "
@@ -333,6 +362,7 @@ def check_causal_model(model: LoadedModel, who: str) -> list[torch.nn.Module]:
         model,
         who,
         "use a model of a family whose duo_attention passes in docs/support.md",
+        softcap=True,
     )
     return modules
 
@@ -357,7 +387,8 @@ def duo_attention(
     so an optimiser may update it inside the block). The full branch is the layer's own SDPA
     attention (causal; on a sliding-window layer its window); the streaming branch sees the first
     ``sink`` and the last ``recent`` keys (:func:`streaming_attention`). A KV head's gate applies to
-    all its query heads. Padded batches and soft-capped logits are refused. Arguments are checked
+    all its query heads; soft-capped logits (Gemma 2) are capped in both branches as transformers'
+    eager attention caps them. Padded batches are refused. Arguments are checked
     before anything changes; the model's attention implementation is restored on exit.
     """
     sink, recent, block = _check_window(sink, recent, block, min_sink=1)

@@ -302,8 +302,8 @@ def check_interventions(model: LoadedModel, ref: _Reference) -> CheckResult:
             if problem:
                 when = "after an error in its block" if raise_inside else "after its block"
                 return CheckResult("fail", f"{what}: {problem} {when}")
-    if "duo_attention" not in refused:  # with every gate at 1 it must be the model itself (its SDPA path)
-        with native_attention(model, "sdpa") as native:
+    if "duo_attention" not in refused:  # with every gate at 1 it must be the model itself (its fast path)
+        with native_attention(model) as native:
             want = native(input_ids=ids).logits.float()
         with duo_attention(model, torch.ones(model.n_layers, model.n_kv_heads), sink=1, recent=2) as gated:
             if (d := _max_diff(gated(input_ids=ids).logits.float(), want)) > ATOL:

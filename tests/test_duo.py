@@ -192,7 +192,6 @@ def test_lengths_beyond_the_model_are_refused(tiny_llama: LoadedModel) -> None:
     ("family", "why"),
     [
         ("mpt", "mpt computes attention inside its layers"),  # was an AttributeError in MPT's SDPA path
-        ("gemma2", "gemma2 soft-caps its attention logits"),  # was SDPA's ValueError about softcap
     ],
 )
 def test_families_duo_attention_refuses_are_refused_before_training(

@@ -13,7 +13,7 @@ from probe.errors import ConfigError
 from probe.kernels import native_attention
 from probe.loading import LoadedModel
 from probe.streaming import duo_attention
-from tests.test_streaming import TEXT, close, tiny_gemma3  # noqa: F401  (tiny_gemma3 is a fixture)
+from tests.test_streaming import TEXT, close, tiny_gemma2, tiny_gemma3  # noqa: F401  (fixtures)
 
 SINK, RECENT = 3, 5
 NEW = 10
@@ -52,7 +52,7 @@ def _all(model: LoadedModel, value: bool) -> torch.Tensor:
 # ------------------------------------------------------------------------------ exactness
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3", "tiny_gemma2"])
 @pytest.mark.parametrize("chunk", [None, 4, 17])
 def test_all_retrieval_heads_decode_as_the_model_generates(
     name: str, chunk: int | None, request: pytest.FixtureRequest
@@ -93,6 +93,11 @@ MASKS = {
     "tiny_gemma3": [
         [[True, False], [False, False], [False, True]],
         [[False, False], [True, True], [True, False]],
+        [[False, False], [False, False], [False, False]],
+    ],
+    # Gemma 2: the same layers, logits soft-capped in every branch of the cut cache
+    "tiny_gemma2": [
+        [[True, False], [False, False], [False, True]],
         [[False, False], [False, False], [False, False]],
     ],
 }

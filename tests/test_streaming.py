@@ -38,12 +38,20 @@ def window_mask(t_q: int, t_k: int, window: int | None, device: Any = "cpu") -> 
 
 
 def masked_softmax(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention with the whole score matrix and repeated KV heads, in float64."""
+    """Attention with the whole score matrix and repeated KV heads, in float64 (``softcap``: the
+    scores are ``cap · tanh(s / cap)``)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
     scores = q.double() @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
@@ -83,6 +91,37 @@ def test_streaming_attention_is_a_masked_softmax(
     if sink + recent < t_k:  # the streaming window really drops keys here
         causal = masked_softmax(q, k, v, window_mask(t_q, t_k, None), scale=0.3)
         assert (out.double() - causal).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("t_k", "t_q", "sink", "recent", "block", "h", "hkv"), CASES)
+def test_soft_capped_streaming_attention_is_a_capped_masked_softmax(
+    t_k: int, t_q: int, sink: int, recent: int, block: int, h: int, hkv: int
+) -> None:
+    q, k, v = qkv(2, h, hkv, t_q, t_k)
+    kw = {"sink": sink, "recent": recent, "block": block, "scaling": 0.3}
+    out = st.streaming_attention(q, k, v, softcap=0.5, **kw)
+    want = masked_softmax(q, k, v, streaming_mask(t_q, t_k, sink, recent), scale=0.3, softcap=0.5)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    # the cap binds: scores reach about 3, capped at 0.5
+    assert (out - st.streaming_attention(q, k, v, **kw)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("t_k", "t_q", "window"), [(15, 15, None), (15, 15, 4), (15, 3, 4), (15, 1, 20)])
+def test_soft_capped_full_attention_is_a_capped_masked_softmax(
+    t_k: int, t_q: int, window: int | None
+) -> None:
+    q, k, v = qkv(2, 4, 2, t_q, t_k)
+    out = st.full_attention(q, k, v, sliding_window=window, scaling=0.5, softcap=0.7)
+    want = masked_softmax(q, k, v, window_mask(t_q, t_k, window), scale=0.5, softcap=0.7)
+    assert out.shape == (2, 4, t_q, 8)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_capped_attention_refuses_dropout() -> None:
+    q, k, v = qkv(1, 4, 2, 12, 12)
+    for run in (st.full_attention, lambda *a, **kw: st.streaming_attention(*a, sink=1, recent=3, **kw)):
+        with pytest.raises(ConfigError, match="soft-capped attention runs without dropout"):
+            run(q, k, v, dropout=0.1, softcap=1.0)
 
 
 def test_with_the_whole_prefix_in_view_streaming_is_full_causal_attention() -> None:
@@ -185,7 +224,7 @@ def test_bad_kernel_arguments_are_refused() -> None:
 # ------------------------------------------------------------------------------ reference forwards
 
 REFERENCE = "headlab_test_masked_softmax"
-_MODES: dict[int, str] = {}  # layer -> "own" (causal, the layer's window) or "stream"
+_MODES: dict[int | str, Any] = {}  # layer -> "own" (causal, the layer's window) or "stream"; "cap" -> bool
 
 
 def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -195,13 +234,19 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         mask = streaming_mask(t_q, t_k, SINK, RECENT, query.device)
     else:
         mask = window_mask(t_q, t_k, getattr(module, "sliding_window", None), query.device)
-    return masked_softmax(query, key, value, mask, scale=scaling).to(query.dtype).transpose(1, 2), None
+    softcap = kwargs.get("softcap") if _MODES["cap"] else None
+    out = masked_softmax(query, key, value, mask, scale=scaling, softcap=softcap)
+    return out.to(query.dtype).transpose(1, 2), None
 
 
-def reference_logits(model: LoadedModel, ids: torch.Tensor, modes: list[str]) -> torch.Tensor:
+def reference_logits(
+    model: LoadedModel, ids: torch.Tensor, modes: list[str], softcap: bool = True
+) -> torch.Tensor:
+    """The logits with each layer's attention ``modes`` (its soft cap applied unless ``softcap`` is False)."""
     register_attention(REFERENCE, _reference_attention)
     _MODES.clear()
     _MODES.update(enumerate(modes))
+    _MODES["cap"] = softcap
     with torch.no_grad(), native_attention(model, REFERENCE) as native:
         return native(input_ids=ids, use_cache=False).logits
 
@@ -229,15 +274,18 @@ def _renormalised_to(mask: torch.Tensor):  # type: ignore[no-untyped-def]
     return edit
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """A random Gemma 3: 3 layers (sliding window 6, sliding, full), 4 heads over 2 KV heads."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def _tiny_gemma(tmp_path_factory: pytest.TempPathFactory, version: int) -> LoadedModel:
+    """A random Gemma ``version`` (2 or 3): 3 layers (sliding window 6, sliding, full), 4 heads over
+    2 KV heads; Gemma 2 soft-caps its attention logits at 1 (binding: its scores reach about 4)."""
+    import transformers
 
     from probe.tiny import byte_tokenizer
 
     tok = byte_tokenizer(prepend_bos=True)
-    cfg = Gemma3TextConfig(
+    extra: dict[str, Any] = (
+        {"attn_logit_softcapping": 1.0, "final_logit_softcapping": None} if version == 2 else {}
+    )
+    cfg = getattr(transformers, "Gemma2Config" if version == 2 else "Gemma3TextConfig")(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -252,16 +300,28 @@ def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
+        **extra,
     )
+    model_class = transformers.Gemma2ForCausalLM if version == 2 else transformers.Gemma3ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        model = Gemma3ForCausalLM(cfg).eval()
+        model = model_class(cfg).eval()
         for name, p in model.named_parameters():
             torch.nn.init.normal_(p, mean=float("norm" in name), std=0.15 if p.dim() >= 2 else 0.05)
-    directory = Path(tmp_path_factory.mktemp("gemma3"))
+    directory = Path(tmp_path_factory.mktemp(f"gemma{version}"))
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return probe.load_model(str(directory), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return _tiny_gemma(tmp_path_factory, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return _tiny_gemma(tmp_path_factory, 2)
 
 
 def _ids(model: LoadedModel) -> torch.Tensor:
@@ -271,8 +331,10 @@ def _ids(model: LoadedModel) -> torch.Tensor:
 # ------------------------------------------------------------------------------ duo_attention
 
 
-def test_gates_at_one_reproduce_the_model(tiny_llama: LoadedModel, tiny_gemma3: LoadedModel) -> None:
-    for model in (tiny_llama, tiny_gemma3):
+def test_gates_at_one_reproduce_the_model(
+    tiny_llama: LoadedModel, tiny_gemma3: LoadedModel, tiny_gemma2: LoadedModel
+) -> None:
+    for model in (tiny_llama, tiny_gemma3, tiny_gemma2):
         ids = _ids(model)
         own = sdpa_logits(model, ids)
         ones = torch.ones(model.n_layers, model.n_kv_heads)
@@ -286,7 +348,7 @@ def test_gates_at_one_reproduce_the_model(tiny_llama: LoadedModel, tiny_gemma3: 
 
 
 def test_gates_at_zero_are_pure_streaming_attention(
-    tiny_llama: LoadedModel, tiny_gemma3: LoadedModel
+    tiny_llama: LoadedModel, tiny_gemma3: LoadedModel, tiny_gemma2: LoadedModel
 ) -> None:
     ids = _ids(tiny_llama)
     t = ids.shape[1]
@@ -305,17 +367,27 @@ def test_gates_at_zero_are_pure_streaming_attention(
         zeros = duo_logits(tiny_gemma3, ids, torch.zeros(3, 2))
     close(zeros, reference_logits(tiny_gemma3, ids, ["stream"] * 3))
     assert (zeros - sdpa_logits(tiny_gemma3, ids)).abs().max() > 0.1
+    # Gemma 2: both branches soft-cap the scores as the model's eager attention does
+    ids = _ids(tiny_gemma2)
+    with torch.no_grad():
+        zeros = duo_logits(tiny_gemma2, ids, torch.zeros(3, 2))
+        uncapped = reference_logits(tiny_gemma2, ids, ["stream"] * 3, softcap=False)
+    close(zeros, reference_logits(tiny_gemma2, ids, ["stream"] * 3))
+    assert (zeros - sdpa_logits(tiny_gemma2, ids)).abs().max() > 0.1
+    assert (zeros - uncapped).abs().max() > 0.1  # the cap matters here
 
 
-def test_each_layer_takes_the_branch_its_gates_choose(tiny_gemma3: LoadedModel) -> None:
-    ids = _ids(tiny_gemma3)
+@pytest.mark.parametrize("name", ["tiny_gemma3", "tiny_gemma2"])
+def test_each_layer_takes_the_branch_its_gates_choose(name: str, request: pytest.FixtureRequest) -> None:
+    model: LoadedModel = request.getfixturevalue(name)
+    ids = _ids(model)
     for gates, modes in [
         ([[0, 0], [1, 1], [1, 1]], ["stream", "own", "own"]),  # a sliding layer streams
         ([[1, 1], [1, 1], [0, 0]], ["own", "own", "stream"]),  # the full layer streams
     ]:
         with torch.no_grad():
-            got = duo_logits(tiny_gemma3, ids, torch.tensor(gates, dtype=torch.float32))
-        close(got, reference_logits(tiny_gemma3, ids, modes))
+            got = duo_logits(model, ids, torch.tensor(gates, dtype=torch.float32))
+        close(got, reference_logits(model, ids, modes))
 
 
 def _attention_outputs(
@@ -333,7 +405,7 @@ def _attention_outputs(
     return seen[0]
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3", "tiny_gemma2"])
 def test_a_mixed_gate_mixes_its_kv_heads_outputs_linearly(name: str, request: pytest.FixtureRequest) -> None:
     model: LoadedModel = request.getfixturevalue(name)
     ids, layer, d = _ids(model), 1, model.d_head

@@ -54,8 +54,8 @@ def _check(model: LoadedModel, cfg: DuoConfig) -> None:
             f"{model.name} is not a language model with a native transformers module; DuoAttention needs a "
             "causal language model loaded with probe.load_model"
         )
-    # what duo_attention refuses (ALiBi inside the layer, soft-capped logits), refused before the
-    # training's full-model targets run that model's SDPA path, which some of them do not have
+    # what duo_attention refuses (ALiBi computed inside the layer), refused before the training's
+    # full-model targets run that model's own attention, which duo_attention cannot stand in for
     check_causal_model(model, "duo_attention")
     if cfg.gates_from is None and cfg.train_max_length > model.n_ctx:
         raise ConfigError(

@@ -35,8 +35,9 @@ def final_hidden(native: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def full_targets(model: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    """The full model's final hidden states (its own SDPA attention, no gates)."""
-    with native_attention(model, "sdpa") as native:
+    """The full model's final hidden states (its own attention, no gates: SDPA, or the soft-capped
+    formula for a model that caps its logits)."""
+    with native_attention(model) as native:
         return final_hidden(native, ids)
 
 
