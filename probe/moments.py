@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from probe import moments_triton
+from probe import moments_single, moments_triton
 from probe.moments_single import launch_lse_moments
 from probe.moments_triton import (
     HAVE_TRITON,
@@ -340,6 +340,25 @@ def _guarded(which: str, strict: bool, run: Callable[[], _T]) -> _T | None:
         return None
 
 
+def _narrowing(run: Callable[[], None]) -> None:
+    """``run()`` (the single pass), and when it fails with every loop order tuned, once more with
+    the orders already measured on GPUs (:func:`probe.moments_single.narrow`), with a warning."""
+    try:
+        run()
+    except torch.OutOfMemoryError:
+        raise
+    except KERNEL_ERRORS as err:
+        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        if not moments_single.narrow(why):
+            raise
+        warnings.warn(
+            f"the single pass's newest loop order failed ({why}); it is tuned over the other orders "
+            "from now on (the same numbers)",
+            stacklevel=4,
+        )
+        run()
+
+
 def cuda_triton(tensor: torch.Tensor) -> bool:
     """Whether Triton kernels can run on ``tensor``'s device."""
     return HAVE_TRITON and tensor.is_cuda
@@ -491,7 +510,7 @@ def _moments_triton(
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
         if given_lse is not None:
 
-            def single() -> bool:
+            def checked() -> None:
                 launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
                 if not strict:
                     _check_once(
@@ -500,6 +519,9 @@ def _moments_triton(
                         lambda: _two_passes(query[:1, :g], key[:1, :1], scale, pads[:1]),
                         "the two-pass kernels",
                     )
+
+            def single() -> bool:
+                _narrowing(checked)
                 return True
 
             if _guarded("single", strict, single) is None:  # the two passes, from now on

@@ -11,14 +11,21 @@ Causal attention of unpadded sequences only. Checked against the PyTorch path of
 Column sums cross query blocks. Program ``(p, bh)`` of the ``P`` programs of a head takes query
 blocks ``p, 2P-1-p, 2P+p, ...`` (a zig-zag, so that every program has as many keys to visit) and
 writes its column sums into its own row ``PART[p, bh, :]``; the ``P`` rows are then summed in a
-fixed order, so the result does not depend on scheduling (no atomics). Two loop orders, both
-tried by the autotuner (``KEYS_OUTER`` in the configuration):
+fixed order, so the result does not depend on scheduling (no atomics). Three loop orders, all
+tried by the autotuner (``ORDER`` in the configuration):
 
-* query blocks outside, key blocks inside: a query block's row sums stay in registers, and each
-  tile adds its column sums (a sum over the tile's rows, across warps) into ``PART``;
-* key blocks outside, the program's query blocks inside: the tiles of one key block add up in
-  registers and are summed over rows once per key block; the row sums are added, tile by tile,
-  into the program's own rows of the entropy and mean-key outputs, and finished at the end.
+* ``ROWS_OUTER``, query blocks outside, key blocks inside: a query block's row sums stay in
+  registers, and each tile adds its column sums (a sum over the tile's rows, across warps) into
+  ``PART``;
+* ``KEYS_OUTER``, key blocks outside, the program's query blocks inside: the tiles of one key block
+  add up in registers and are summed over rows once per key block; the row sums are added, tile by
+  tile, into the program's own rows of the entropy and mean-key outputs, and finished at the end;
+* ``TRANSPOSED``, query blocks outside, each tile made transposed (keys as rows): a tile's column
+  sums are sums along its rows, inside a warp, added into ``PART``; its row statistics add up
+  element by element in two tile-sized accumulators, summed over keys once per query block.
+
+The third is the newest: a launch with every order that fails (or whose first result disagrees
+with the two passes) is retried once with the first two only (:func:`narrow`).
 """
 
 from __future__ import annotations
@@ -27,26 +34,57 @@ import torch
 
 from probe.moments_triton import _LOG2E, _PRUNE, HAVE_TRITON, length_key, programs_per_head
 
+ROWS_OUTER, KEYS_OUTER, TRANSPOSED = 0, 1, 2  # the loop orders (ORDER in a configuration)
+
+NARROWED: list[str] = []
+"""Why the single pass fell back, in this process, to the loop orders already measured on GPUs
+(``_MEASURED``); empty while every order is tuned."""
+
+
+def narrow(why: str) -> bool:
+    """Tune only the measured loop orders from now on, after the kernel with every order failed
+    (``why``); False when that was done already, so that the caller gives up instead."""
+    if NARROWED:
+        return False
+    NARROWED.append(why)
+    return True
+
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from probe.moments_triton import _query_block
 
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "KEYS_OUTER": keys_outer}, num_warps=w, num_stages=st)
-        for keys_outer, bm, bn, w, st in [
-            (0, 64, 64, 4, 2),
-            (0, 128, 64, 4, 2),
-            (0, 128, 64, 8, 3),
-            (0, 64, 128, 4, 3),
-            (0, 128, 128, 8, 2),
-            (1, 64, 64, 4, 2),
-            (1, 128, 64, 4, 2),
-            (1, 128, 64, 8, 3),
-            (1, 64, 128, 4, 3),
+    def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ORDER": order}, num_warps=w, num_stages=st)
+            for order, bm, bn, w, st in rows
         ]
-    ]
+
+    # the orders measured on GPUs (docs/scale.md)
+    _MEASURED = _configs(
+        [
+            (ROWS_OUTER, 64, 64, 4, 2),
+            (ROWS_OUTER, 128, 64, 4, 2),
+            (ROWS_OUTER, 128, 64, 8, 3),
+            (ROWS_OUTER, 64, 128, 4, 3),
+            (ROWS_OUTER, 128, 128, 8, 2),
+            (KEYS_OUTER, 64, 64, 4, 2),
+            (KEYS_OUTER, 128, 64, 4, 2),
+            (KEYS_OUTER, 128, 64, 8, 3),
+            (KEYS_OUTER, 64, 128, 4, 3),
+        ]
+    )
+    # two [BLOCK_N, BLOCK_M] float32 accumulators live in registers: tiles of 8,192 at most
+    _CONFIGS = _MEASURED + _configs(
+        [
+            (TRANSPOSED, 64, 64, 4, 2),
+            (TRANSPOSED, 64, 64, 4, 3),
+            (TRANSPOSED, 128, 64, 8, 2),
+            (TRANSPOSED, 64, 128, 8, 3),
+        ]
+    )
 
     @triton.jit
     def _tile(  # type: ignore[no-untyped-def]
@@ -247,6 +285,176 @@ if HAVE_TRITON:
         return s_i, k_i
 
     @triton.jit
+    def _transposed_block(  # type: ignore[no-untyped-def]
+        q_t,
+        k_base,
+        part_base,
+        start_n,
+        offs_m,
+        offs_d,
+        lse2,
+        skt,
+        skd,
+        T,
+        scale2,
+        acc_s,
+        acc_k,
+        PRECISION: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # transposed tile, keys as rows: the column sums are sums along a row (inside a warp), the
+        # row statistics add up element by element and are summed over keys once per query block
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :] * skd
+        if MASKED:  # noqa: SIM108 (a constexpr branch: one load is compiled)
+            k = tl.load(ptrs, mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(ptrs)
+        s = tl.dot(k, q_t, input_precision=PRECISION)
+        if MASKED:
+            valid = offs_n[:, None] <= offs_m[None, :]
+            s = tl.where(valid, s, 0.0)
+            p = tl.where(valid, tl.exp2(s * scale2 - lse2[None, :]), 0.0)
+        else:
+            p = tl.exp2(s * scale2 - lse2[None, :])
+        acc_s += p * s
+        acc_k += p * offs_n[:, None].to(tl.float32)
+        col_ptrs = part_base + offs_n
+        if MASKED:
+            tl.store(col_ptrs, tl.load(col_ptrs, mask=offs_n < T, other=0.0) + tl.sum(p, 1), mask=offs_n < T)
+        else:
+            tl.store(col_ptrs, tl.load(col_ptrs) + tl.sum(p, 1))
+        return acc_s, acc_k
+
+    @triton.jit
+    def _transposed_outer(  # type: ignore[no-untyped-def]
+        q,
+        k_base,
+        part_base,
+        m_lo,
+        offs_m,
+        lse2,
+        skt,
+        skd,
+        T,
+        scale2,
+        HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # queries outside, tiles transposed: every key block of one query block (unmasked, then
+        # those crossing the diagonal); the row sums are reduced over keys at the end
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_t = tl.trans(q)
+        acc_s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_k = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        int_hi = (m_lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(m_lo + BLOCK_M, T)
+        for start_n in range(0, int_hi, BLOCK_N):
+            acc_s, acc_k = _transposed_block(
+                q_t,
+                k_base,
+                part_base,
+                start_n,
+                offs_m,
+                offs_d,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                acc_s,
+                acc_k,
+                PRECISION,
+                False,
+                BLOCK_N,
+            )
+        for start_n in range(int_hi, hi, BLOCK_N):
+            acc_s, acc_k = _transposed_block(
+                q_t,
+                k_base,
+                part_base,
+                start_n,
+                offs_m,
+                offs_d,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                acc_s,
+                acc_k,
+                PRECISION,
+                True,
+                BLOCK_N,
+            )
+        return tl.sum(acc_s, 0), tl.sum(acc_k, 0)
+
+    @triton.jit
+    def _row_sums(  # type: ignore[no-untyped-def]
+        q,
+        k_base,
+        part_base,
+        ent_ptrs,
+        mk_ptrs,
+        row_ok,
+        m_lo,
+        offs_m,
+        lse2,
+        skt,
+        skd,
+        T,
+        scale2,
+        HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ORDER: tl.constexpr,
+    ):
+        # one query block's raw row sums (of p·s and p·key) in the configuration's loop order
+        # (ORDER compared with literals: Triton does not read Python globals)
+        if ORDER == 1:  # KEYS_OUTER: added up already, in ENT and MK
+            s_i = tl.load(ent_ptrs, mask=row_ok, other=0.0)
+            k_i = tl.load(mk_ptrs, mask=row_ok, other=0.0)
+        elif ORDER == 2:  # TRANSPOSED
+            s_i, k_i = _transposed_outer(
+                q,
+                k_base,
+                part_base,
+                m_lo,
+                offs_m,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                HEAD_DIM,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+            )
+        else:  # ROWS_OUTER
+            s_i, k_i = _rows_outer(
+                q,
+                k_base,
+                part_base,
+                m_lo,
+                offs_m,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                HEAD_DIM,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+            )
+        return s_i, k_i
+
+    @triton.jit
     def _keys_outer(  # type: ignore[no-untyped-def]
         q_base,
         k_base,
@@ -318,14 +526,8 @@ if HAVE_TRITON:
                         )
             tl.store(part_base + offs_n, tl.sum(acc, 0), mask=offs_n < T)
 
-    @triton.autotune(
-        configs=_CONFIGS,
-        key=["T_KEY", "HEAD_DIM"],
-        prune_configs_by=_PRUNE,
-        reset_to_zero=["ENT", "MK", "PART"],
-    )
     @triton.jit
-    def _lse_moments_kernel(  # type: ignore[no-untyped-def]
+    def _lse_moments_body(  # type: ignore[no-untyped-def]
         Q,
         K,
         LSE,
@@ -360,7 +562,7 @@ if HAVE_TRITON:
         N_DIAG: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        KEYS_OUTER: tl.constexpr,
+        ORDER: tl.constexpr,
     ):
         # ENT, MK and PART come zeroed. LSE in natural units; scores in log2 units (exp2).
         pid = tl.program_id(0)
@@ -373,7 +575,7 @@ if HAVE_TRITON:
         part_base = PART + (pid * NBHT) + bh * T
         n_blocks = tl.cdiv(T, BLOCK_M)
         rounds = tl.cdiv(n_blocks, N_PROG)
-        if KEYS_OUTER:
+        if ORDER == 1:  # KEYS_OUTER
             _keys_outer(
                 q_base,
                 k_base,
@@ -404,26 +606,26 @@ if HAVE_TRITON:
                     q_base, lse_base, j * BLOCK_M, sqt, sqd, slt, T, HEAD_DIM, BLOCK_M
                 )
                 out = bh * T + offs_m
-                if KEYS_OUTER:
-                    s_i = tl.load(ENT + out, mask=row_ok, other=0.0)
-                    k_i = tl.load(MK + out, mask=row_ok, other=0.0)
-                else:
-                    s_i, k_i = _rows_outer(
-                        q,
-                        k_base,
-                        part_base,
-                        j * BLOCK_M,
-                        offs_m,
-                        lse2,
-                        skt,
-                        skd,
-                        T,
-                        scale2,
-                        HEAD_DIM,
-                        PRECISION,
-                        BLOCK_M,
-                        BLOCK_N,
-                    )
+                s_i, k_i = _row_sums(
+                    q,
+                    k_base,
+                    part_base,
+                    ENT + out,
+                    MK + out,
+                    row_ok,
+                    j * BLOCK_M,
+                    offs_m,
+                    lse2,
+                    skt,
+                    skd,
+                    T,
+                    scale2,
+                    HEAD_DIM,
+                    PRECISION,
+                    BLOCK_M,
+                    BLOCK_N,
+                    ORDER,
+                )
                 # entropy = lse - sum p s (the row sums to 1); natural units
                 tl.store(ENT + out, (lse2 - s_i * scale2) * 0.6931471805599453, mask=row_ok)
                 tl.store(MK + out, k_i, mask=row_ok)
@@ -446,6 +648,17 @@ if HAVE_TRITON:
                     N_DIAG,
                 )
 
+    def _tuned(configs: list[triton.Config]):  # type: ignore[no-untyped-def]
+        return triton.autotune(
+            configs=configs,
+            key=["T_KEY", "HEAD_DIM"],
+            prune_configs_by=_PRUNE,
+            reset_to_zero=["ENT", "MK", "PART"],
+        )(_lse_moments_body)
+
+    _lse_moments_kernel = _tuned(_CONFIGS)
+    _lse_moments_measured = _tuned(_MEASURED)
+
     def launch_lse_moments(
         query: torch.Tensor,
         key: torch.Tensor,
@@ -467,7 +680,8 @@ if HAVE_TRITON:
             return (n_prog, b * H)
 
         diag_args = [*in_kernel, 0, 0, 0, 0][:4]
-        _lse_moments_kernel[grid](
+        kernel = _lse_moments_measured if NARROWED else _lse_moments_kernel
+        kernel[grid](
             query,
             key,
             lse,

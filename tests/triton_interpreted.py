@@ -3,7 +3,8 @@
 Run as a script with ``TRITON_INTERPRET=1`` set (the interpreter is chosen when the kernels are
 defined, so the variable must be set before :mod:`probe.moments_triton` is imported); used by
 tests/test_triton_kernels.py. ``argv[1]`` is the index, in each kernel's list, of the
-configuration to pin (the autotuner cannot time configurations without a GPU). Prints one line
+configuration to pin, modulo the list's length (the autotuner cannot time configurations without a
+GPU). Prints one line
 per case, ``name worst``, and exits 1 if a case is off by more than the tolerance.
 
 The interpreter runs the kernels' index arithmetic, masks and reductions as written (numpy
@@ -24,7 +25,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("set TRITON_INTERPRET=1 before running this script")
 
-from probe import moments
+from probe import moments, moments_single
 from probe.moments_triton import HAVE_TRITON
 
 TOL = 2e-5
@@ -34,7 +35,7 @@ def _pin(index: int) -> None:
     import triton.runtime.autotuner as autotuner
 
     def prune(self: autotuner.Autotuner, kwargs: dict[str, object], *args: object) -> list[object]:
-        return [self.configs[index]]
+        return [self.configs[index % len(self.configs)]]
 
     autotuner.Autotuner.prune_configs = prune  # type: ignore[assignment,method-assign]
 
@@ -127,6 +128,7 @@ def _failures() -> list[tuple[str, float]]:
                     continue  # the same handler as "moments"
                 out.append((f"{how} {which} kernel falls back", _fallback(name, how, run, reference)))
         out.append(("asked-for kernel raises", _explicit_raises(q, k)))
+        out.append(("newest order failing narrows the single pass", _narrows(single, ref)))
         # correct kernels pass their first-use checks without a word
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -173,8 +175,36 @@ def _fallback(name: str, how: str, run: object, reference: moments.AttentionMome
         return _worst(got, reference) if warned else 1.0
     finally:
         setattr(moments, name, launch)
-        moments.KERNEL_FAILED.clear()
-        moments._CHECKED.clear()
+        _reset()
+
+
+def _reset() -> None:
+    moments.KERNEL_FAILED.clear()
+    moments._CHECKED.clear()
+    moments_single.NARROWED.clear()
+
+
+def _narrows(run: object, reference: moments.AttentionMoments) -> float:
+    """The worst difference when the single pass with every loop order fails to build and the
+    measured orders alone work: retried with those, with a warning, still one pass (1.0 if not)."""
+    launch = moments.launch_lse_moments
+
+    def newest_fails(*args: object, **kwargs: object) -> None:
+        if not moments_single.NARROWED:
+            raise RuntimeError("PassManager::run failed")
+        launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    moments.launch_lse_moments = newest_fails  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run()  # type: ignore[operator]
+        said = " ".join(str(w.message) for w in caught)
+        ok = "newest loop order failed" in said and "slower" not in said and not moments.KERNEL_FAILED
+        return _worst(got, reference) if ok and moments_single.NARROWED else 1.0
+    finally:
+        moments.launch_lse_moments = launch  # type: ignore[assignment]
+        _reset()
 
 
 def _lse_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
