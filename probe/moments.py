@@ -288,7 +288,6 @@ class KernelDisagrees(RuntimeError):
 
 
 CHECK_TOL = 1e-3  # largest relative difference (to at least 1) a kernel's first result may show
-PATTERN_CHECK_MAX_T = 4096  # longer patterns are not checked (the reference forms [T, T] in float32)
 _CHECKED: set[tuple[object, ...]] = set()
 
 
@@ -452,19 +451,33 @@ def _moments_torch(
     return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 
+PATTERN_BLOCK_ELEMENTS = 1 << 25  # float32 elements of the rows the PyTorch path forms at a time
+
+
 def _pattern_torch(pattern: torch.Tensor, pads: torch.Tensor, offsets: tuple[int, ...]) -> AttentionMoments:
+    """The PyTorch path of :func:`pattern_moments`, over blocks of query rows (float32 copies of
+    at most :data:`PATTERN_BLOCK_ELEMENTS` at a time, so a long pattern needs no [T, T] copy)."""
     b, H, T, _ = pattern.shape
     idx, real = _masks(pads, T, pattern.device)
-    visible = (idx[None, :] <= idx[:, None])[None] & real[:, None, :] & real[:, :, None]  # [b, q, k]
-    p = torch.where(visible[:, None], pattern.float(), torch.zeros((), device=pattern.device))
-    entropy = torch.special.entr(p).sum(-1)
-    mean_key = torch.matmul(p, idx.float())
-    colsum = p.sum(2)
-    diagonals = {}
-    for o in offsets:
-        src = (idx - o).clamp_min(0)
-        picked = p.gather(3, src.view(1, 1, T, 1).expand(b, H, T, 1))[..., 0]
-        diagonals[o] = torch.where((idx - o >= 0)[None, None, :], picked, torch.zeros_like(picked))
+    rows = max(1, PATTERN_BLOCK_ELEMENTS // max(1, b * H * T))
+    entropy, mean_key = (torch.empty(b, H, T, device=pattern.device, dtype=torch.float32) for _ in range(2))
+    colsum = torch.zeros(b, H, T, device=pattern.device, dtype=torch.float32)
+    diagonals = {o: torch.empty(b, H, T, device=pattern.device, dtype=torch.float32) for o in offsets}
+    zero = torch.zeros((), device=pattern.device)
+    for lo in range(0, T, rows):
+        hi = min(T, lo + rows)
+        q_idx = idx[lo:hi]
+        visible = (
+            (idx[None, :] <= q_idx[:, None])[None] & real[:, None, :] & real[:, lo:hi, None]
+        )  # [b, q, k]
+        p = torch.where(visible[:, None], pattern[:, :, lo:hi].float(), zero)
+        entropy[..., lo:hi] = torch.special.entr(p).sum(-1)
+        mean_key[..., lo:hi] = torch.matmul(p, idx.float())
+        colsum += p.sum(2)
+        for o in offsets:
+            src = (q_idx - o).clamp_min(0)
+            picked = p.gather(3, src.view(1, 1, hi - lo, 1).expand(b, H, hi - lo, 1))[..., 0]
+            diagonals[o][..., lo:hi] = torch.where((q_idx - o >= 0)[None, None, :], picked, zero)
     return AttentionMoments(entropy, mean_key, colsum, diagonals)
 
 
@@ -559,7 +572,7 @@ def _pattern_triton(
     mk, col = torch.empty_like(ent), torch.zeros_like(ent)
     with _on(pattern.device):
         launch_pattern_moments(pattern, pads, (ent, mk, col))
-    if not strict and T <= PATTERN_CHECK_MAX_T:  # the reference forms [T, T] in float32
+    if not strict:  # the reference forms rows in blocks: any length is checked
         _check_once(
             ("pattern", pattern.dtype, length_key(T), str(pattern.device)),
             AttentionMoments(ent[:1, :1], mk[:1, :1], col[:1, :1], {}),

@@ -7,6 +7,7 @@ import torch
 
 from analyses.census import CensusConfig, run_census
 from probe import capture as capture_module
+from probe import moments
 from probe.capture import capture
 from probe.errors import CaptureError, ConfigError, ContextTooLongError
 from probe.loading import LoadedModel
@@ -160,10 +161,18 @@ def test_census_on_the_real_model_finds_induction_and_previous_token_heads(smoll
     assert top["induction"] > 5 * eager["induction"].median()
 
 
-@pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 1.5), (5, 1.5)])
-def test_moments_equal_the_statistics_of_explicit_rows(window: int | None, softcap: float | None) -> None:
+@pytest.mark.parametrize(
+    ("window", "softcap", "pattern_rows"),
+    [(None, None, None), (5, None, None), (None, 1.5, None), (5, 1.5, None), (5, None, 3)],
+)
+def test_moments_equal_the_statistics_of_explicit_rows(
+    window: int | None, softcap: float | None, pattern_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both moment paths (from q/k without a T×T tensor, and from the pattern) against explicit rows,
-    with left padding and grouped-query heads, with and without soft-capped scores."""
+    with left padding and grouped-query heads, with and without soft-capped scores; the pattern's
+    PyTorch path also in blocks of ``pattern_rows`` query rows (the last one short)."""
+    if pattern_rows is not None:
+        monkeypatch.setattr(moments, "PATTERN_BLOCK_ELEMENTS", pattern_rows * 2 * 4 * 13)
     torch.manual_seed(0)
     b, H, H_kv, T, d = 2, 4, 2, 13, 16
     q, k = torch.randn(b, H, T, d), torch.randn(b, H_kv, T, d)
