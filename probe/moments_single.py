@@ -221,70 +221,6 @@ if HAVE_TRITON:
         return offs_m, row_ok, q, lse2
 
     @triton.jit
-    def _rows_outer(  # type: ignore[no-untyped-def]
-        q,
-        k_base,
-        part_base,
-        m_lo,
-        offs_m,
-        lse2,
-        skt,
-        skd,
-        T,
-        scale2,
-        HEAD_DIM: tl.constexpr,
-        PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        # queries outside: every key block of one query block; key blocks wholly at or before every
-        # row need no mask, those crossing the diagonal do
-        offs_d = tl.arange(0, HEAD_DIM)
-        s_i = tl.zeros([BLOCK_M], tl.float32)
-        k_i = tl.zeros([BLOCK_M], tl.float32)
-        int_hi = (m_lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m_lo + BLOCK_M, T)
-        for start_n in range(0, int_hi, BLOCK_N):
-            s_i, k_i = _rows_block(
-                q,
-                k_base,
-                part_base,
-                start_n,
-                offs_m,
-                offs_d,
-                lse2,
-                skt,
-                skd,
-                T,
-                scale2,
-                s_i,
-                k_i,
-                PRECISION,
-                False,
-                BLOCK_N,
-            )
-        for start_n in range(int_hi, hi, BLOCK_N):
-            s_i, k_i = _rows_block(
-                q,
-                k_base,
-                part_base,
-                start_n,
-                offs_m,
-                offs_d,
-                lse2,
-                skt,
-                skd,
-                T,
-                scale2,
-                s_i,
-                k_i,
-                PRECISION,
-                True,
-                BLOCK_N,
-            )
-        return s_i, k_i
-
-    @triton.jit
     def _transposed_block(  # type: ignore[no-untyped-def]
         q_t,
         k_base,
@@ -328,7 +264,67 @@ if HAVE_TRITON:
         return acc_s, acc_k
 
     @triton.jit
-    def _transposed_outer(  # type: ignore[no-untyped-def]
+    def _queries_block(  # type: ignore[no-untyped-def]
+        q_op,
+        k_base,
+        part_base,
+        start_n,
+        offs_m,
+        offs_d,
+        lse2,
+        skt,
+        skd,
+        T,
+        scale2,
+        acc_s,
+        acc_k,
+        PRECISION: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
+    ):
+        if TRANSPOSED:
+            acc_s, acc_k = _transposed_block(
+                q_op,
+                k_base,
+                part_base,
+                start_n,
+                offs_m,
+                offs_d,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                acc_s,
+                acc_k,
+                PRECISION,
+                MASKED,
+                BLOCK_N,
+            )
+        else:
+            acc_s, acc_k = _rows_block(
+                q_op,
+                k_base,
+                part_base,
+                start_n,
+                offs_m,
+                offs_d,
+                lse2,
+                skt,
+                skd,
+                T,
+                scale2,
+                acc_s,
+                acc_k,
+                PRECISION,
+                MASKED,
+                BLOCK_N,
+            )
+        return acc_s, acc_k
+
+    @triton.jit
+    def _queries_outer(  # type: ignore[no-untyped-def]
         q,
         k_base,
         part_base,
@@ -343,18 +339,25 @@ if HAVE_TRITON:
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
     ):
-        # queries outside, tiles transposed: every key block of one query block (unmasked, then
-        # those crossing the diagonal); the row sums are reduced over keys at the end
+        # queries outside: every key block of one query block; key blocks wholly at or before every
+        # row need no mask, those crossing the diagonal do. The row sums accumulate per row, or
+        # (transposed) per tile element, summed over keys at the end
         offs_d = tl.arange(0, HEAD_DIM)
-        q_t = tl.trans(q)
-        acc_s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        acc_k = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        if TRANSPOSED:
+            q_op = tl.trans(q)
+            acc_s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            acc_k = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            q_op = q
+            acc_s = tl.zeros([BLOCK_M], tl.float32)
+            acc_k = tl.zeros([BLOCK_M], tl.float32)
         int_hi = (m_lo // BLOCK_N) * BLOCK_N
         hi = tl.minimum(m_lo + BLOCK_M, T)
         for start_n in range(0, int_hi, BLOCK_N):
-            acc_s, acc_k = _transposed_block(
-                q_t,
+            acc_s, acc_k = _queries_block(
+                q_op,
                 k_base,
                 part_base,
                 start_n,
@@ -370,10 +373,11 @@ if HAVE_TRITON:
                 PRECISION,
                 False,
                 BLOCK_N,
+                TRANSPOSED,
             )
         for start_n in range(int_hi, hi, BLOCK_N):
-            acc_s, acc_k = _transposed_block(
-                q_t,
+            acc_s, acc_k = _queries_block(
+                q_op,
                 k_base,
                 part_base,
                 start_n,
@@ -389,8 +393,12 @@ if HAVE_TRITON:
                 PRECISION,
                 True,
                 BLOCK_N,
+                TRANSPOSED,
             )
-        return tl.sum(acc_s, 0), tl.sum(acc_k, 0)
+        if TRANSPOSED:
+            acc_s = tl.sum(acc_s, 0)
+            acc_k = tl.sum(acc_k, 0)
+        return acc_s, acc_k
 
     @triton.jit
     def _row_sums(  # type: ignore[no-untyped-def]
@@ -418,8 +426,8 @@ if HAVE_TRITON:
         if ORDER == 1:  # KEYS_OUTER: added up already, in ENT and MK
             s_i = tl.load(ent_ptrs, mask=row_ok, other=0.0)
             k_i = tl.load(mk_ptrs, mask=row_ok, other=0.0)
-        elif ORDER == 2:  # TRANSPOSED
-            s_i, k_i = _transposed_outer(
+        else:  # ROWS_OUTER or TRANSPOSED
+            s_i, k_i = _queries_outer(
                 q,
                 k_base,
                 part_base,
@@ -434,23 +442,7 @@ if HAVE_TRITON:
                 PRECISION,
                 BLOCK_M,
                 BLOCK_N,
-            )
-        else:  # ROWS_OUTER
-            s_i, k_i = _rows_outer(
-                q,
-                k_base,
-                part_base,
-                m_lo,
-                offs_m,
-                lse2,
-                skt,
-                skd,
-                T,
-                scale2,
-                HEAD_DIM,
-                PRECISION,
-                BLOCK_M,
-                BLOCK_N,
+                ORDER == 2,
             )
         return s_i, k_i
 
