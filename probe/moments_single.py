@@ -96,21 +96,29 @@ if HAVE_TRITON:
         scale2,
         PRECISION: tl.constexpr,
         MASKED: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
     ):
         # the probabilities of one tile and its raw scores (the scale rides in the exponent's
-        # multiply-add); MASKED for tiles that cross the diagonal
-        s = tl.dot(q, k, input_precision=PRECISION)
-        if MASKED:
-            valid = offs_n[None, :] <= offs_m[:, None]
-            s = tl.where(valid, s, 0.0)
-            p = tl.where(valid, tl.exp2(s * scale2 - lse2[:, None]), 0.0)
+        # multiply-add), queries as rows ([BLOCK_M] q, [d, BLOCK_N] k) or, TRANSPOSED, keys as rows
+        # ([BLOCK_N, d] k, [d, BLOCK_M] q); MASKED for tiles that cross the diagonal
+        if TRANSPOSED:
+            s = tl.dot(k, q, input_precision=PRECISION)
+            valid = offs_n[:, None] <= offs_m[None, :]
+            norm = lse2[None, :]
         else:
-            p = tl.exp2(s * scale2 - lse2[:, None])
+            s = tl.dot(q, k, input_precision=PRECISION)
+            valid = offs_n[None, :] <= offs_m[:, None]
+            norm = lse2[:, None]
+        if MASKED:
+            s = tl.where(valid, s, 0.0)
+            p = tl.where(valid, tl.exp2(s * scale2 - norm), 0.0)
+        else:
+            p = tl.exp2(s * scale2 - norm)
         return p, s
 
     @triton.jit
-    def _rows_block(  # type: ignore[no-untyped-def]
-        q,
+    def _queries_block(  # type: ignore[no-untyped-def]
+        q_op,
         k_base,
         part_base,
         start_n,
@@ -121,29 +129,43 @@ if HAVE_TRITON:
         skd,
         T,
         scale2,
-        s_i,
-        k_i,
+        acc_s,
+        acc_k,
         PRECISION: tl.constexpr,
         MASKED: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
     ):
-        # queries outside: one key block; the row sums in registers, the column sums into PART
+        # queries outside: one key block. Row sums in registers: per row, or (TRANSPOSED) per tile
+        # element, summed over keys by the caller; the tile's column sums into PART, a sum across
+        # warps, or (TRANSPOSED) along the tile's rows, inside a warp
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        ptrs = k_base + offs_n[None, :] * skt + offs_d[:, None] * skd
+        if TRANSPOSED:
+            ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :] * skd
+            key_ok = offs_n[:, None] < T
+        else:
+            ptrs = k_base + offs_n[None, :] * skt + offs_d[:, None] * skd
+            key_ok = offs_n[None, :] < T
         if MASKED:  # noqa: SIM108 (a constexpr branch: one load is compiled)
-            k = tl.load(ptrs, mask=offs_n[None, :] < T, other=0.0)
+            k = tl.load(ptrs, mask=key_ok, other=0.0)
         else:
             k = tl.load(ptrs)
-        p, s = _tile(q, k, offs_m, offs_n, lse2, scale2, PRECISION, MASKED)
-        s_i += tl.sum(p * s, 1)
-        k_i += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
+        p, s = _tile(q_op, k, offs_m, offs_n, lse2, scale2, PRECISION, MASKED, TRANSPOSED)
+        if TRANSPOSED:
+            acc_s += p * s
+            acc_k += p * offs_n[:, None].to(tl.float32)
+            cols = tl.sum(p, 1)
+        else:
+            acc_s += tl.sum(p * s, 1)
+            acc_k += tl.sum(p * offs_n[None, :].to(tl.float32), 1)
+            cols = tl.sum(p, 0)
         # this program's own row of partial column sums: read, add, write (no other program writes it)
         col_ptrs = part_base + offs_n
         if MASKED:
-            tl.store(col_ptrs, tl.load(col_ptrs, mask=offs_n < T, other=0.0) + tl.sum(p, 0), mask=offs_n < T)
+            tl.store(col_ptrs, tl.load(col_ptrs, mask=offs_n < T, other=0.0) + cols, mask=offs_n < T)
         else:
-            tl.store(col_ptrs, tl.load(col_ptrs) + tl.sum(p, 0))
-        return s_i, k_i
+            tl.store(col_ptrs, tl.load(col_ptrs) + cols)
+        return acc_s, acc_k
 
     @triton.jit
     def _keys_block(  # type: ignore[no-untyped-def]
@@ -162,7 +184,7 @@ if HAVE_TRITON:
     ):
         # keys outside: one query block; the tile adds into the key block's accumulator, its row
         # sums into this program's own rows of ENT and MK (raw: finished after the last key block)
-        p, s = _tile(q, k, offs_m, offs_n, lse2, scale2, PRECISION, MASKED)
+        p, s = _tile(q, k, offs_m, offs_n, lse2, scale2, PRECISION, MASKED, False)
         ent_ptrs = ent_base + offs_m
         mk_ptrs = mk_base + offs_m
         tl.store(ent_ptrs, tl.load(ent_ptrs, mask=row_ok, other=0.0) + tl.sum(p * s, 1), mask=row_ok)
@@ -219,109 +241,6 @@ if HAVE_TRITON:
         q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(lse_base + offs_m * slt, mask=row_ok, other=float("inf")) * 1.4426950408889634
         return offs_m, row_ok, q, lse2
-
-    @triton.jit
-    def _transposed_block(  # type: ignore[no-untyped-def]
-        q_t,
-        k_base,
-        part_base,
-        start_n,
-        offs_m,
-        offs_d,
-        lse2,
-        skt,
-        skd,
-        T,
-        scale2,
-        acc_s,
-        acc_k,
-        PRECISION: tl.constexpr,
-        MASKED: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        # transposed tile, keys as rows: the column sums are sums along a row (inside a warp), the
-        # row statistics add up element by element and are summed over keys once per query block
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ptrs = k_base + offs_n[:, None] * skt + offs_d[None, :] * skd
-        if MASKED:  # noqa: SIM108 (a constexpr branch: one load is compiled)
-            k = tl.load(ptrs, mask=offs_n[:, None] < T, other=0.0)
-        else:
-            k = tl.load(ptrs)
-        s = tl.dot(k, q_t, input_precision=PRECISION)
-        if MASKED:
-            valid = offs_n[:, None] <= offs_m[None, :]
-            s = tl.where(valid, s, 0.0)
-            p = tl.where(valid, tl.exp2(s * scale2 - lse2[None, :]), 0.0)
-        else:
-            p = tl.exp2(s * scale2 - lse2[None, :])
-        acc_s += p * s
-        acc_k += p * offs_n[:, None].to(tl.float32)
-        col_ptrs = part_base + offs_n
-        if MASKED:
-            tl.store(col_ptrs, tl.load(col_ptrs, mask=offs_n < T, other=0.0) + tl.sum(p, 1), mask=offs_n < T)
-        else:
-            tl.store(col_ptrs, tl.load(col_ptrs) + tl.sum(p, 1))
-        return acc_s, acc_k
-
-    @triton.jit
-    def _queries_block(  # type: ignore[no-untyped-def]
-        q_op,
-        k_base,
-        part_base,
-        start_n,
-        offs_m,
-        offs_d,
-        lse2,
-        skt,
-        skd,
-        T,
-        scale2,
-        acc_s,
-        acc_k,
-        PRECISION: tl.constexpr,
-        MASKED: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        TRANSPOSED: tl.constexpr,
-    ):
-        if TRANSPOSED:
-            acc_s, acc_k = _transposed_block(
-                q_op,
-                k_base,
-                part_base,
-                start_n,
-                offs_m,
-                offs_d,
-                lse2,
-                skt,
-                skd,
-                T,
-                scale2,
-                acc_s,
-                acc_k,
-                PRECISION,
-                MASKED,
-                BLOCK_N,
-            )
-        else:
-            acc_s, acc_k = _rows_block(
-                q_op,
-                k_base,
-                part_base,
-                start_n,
-                offs_m,
-                offs_d,
-                lse2,
-                skt,
-                skd,
-                T,
-                scale2,
-                acc_s,
-                acc_k,
-                PRECISION,
-                MASKED,
-                BLOCK_N,
-            )
-        return acc_s, acc_k
 
     @triton.jit
     def _queries_outer(  # type: ignore[no-untyped-def]
