@@ -317,19 +317,29 @@ def _two_passes(query: torch.Tensor, key: torch.Tensor, scale: float, pads: torc
     return AttentionMoments(ent, mk, col, {})
 
 
-def _guarded(which: str, strict: bool, run: Callable[[], _T]) -> _T | None:
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+def _guarded(
+    which: str, strict: bool, run: Callable[[], _T], narrow: Callable[[str], bool] | None = None
+) -> _T | None:
     """``run()``, or None when the Triton kernel ``which`` it runs fails to build or launch, or its
     first-use check disagrees: recorded in :data:`KERNEL_FAILED` with a warning (once), so that the
     caller takes the slower path, which computes the same numbers. Out of memory is no kernel
-    failure; and with ``strict`` (kernels asked for by name) the failure is the answer: raised."""
+    failure; with ``strict`` (kernels asked for by name) the failure is the answer: raised. A kernel
+    with a ``narrow`` (drop its newest configurations, say why; False when nothing is left to drop)
+    is first run once more over the configurations that remain."""
     try:
         return run()
     except torch.OutOfMemoryError:
         raise
     except KERNEL_ERRORS as err:
+        if narrow is not None and narrow(_why(err)):
+            return _guarded(which, strict, run)
         if strict:
             raise
-        KERNEL_FAILED[which] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        KERNEL_FAILED[which] = _why(err)
         instead = "in two passes" if which == "single" else "by the PyTorch path"
         warnings.warn(
             f"the Triton {which} kernel failed ({KERNEL_FAILED[which]}); the attention statistics are "
@@ -337,25 +347,6 @@ def _guarded(which: str, strict: bool, run: Callable[[], _T]) -> _T | None:
             stacklevel=2,
         )
         return None
-
-
-def _narrowing(run: Callable[[], None]) -> None:
-    """``run()`` (the single pass), and when it fails with every loop order tuned, once more with
-    the orders already measured on GPUs (:func:`probe.moments_single.narrow`), with a warning."""
-    try:
-        run()
-    except torch.OutOfMemoryError:
-        raise
-    except KERNEL_ERRORS as err:
-        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-        if not moments_single.narrow(why):
-            raise
-        warnings.warn(
-            f"the single pass's newest loop order failed ({why}); it is tuned over the other orders "
-            "from now on (the same numbers)",
-            stacklevel=4,
-        )
-        run()
 
 
 def cuda_triton(tensor: torch.Tensor) -> bool:
@@ -523,7 +514,7 @@ def _moments_triton(
     with _on(query.device):  # Triton launches on the current CUDA device: the layer's own
         if given_lse is not None:
 
-            def checked() -> None:
+            def single() -> bool:
                 launch_lse_moments(query, key, scale, lse, in_kernel, (ent, mk, col, diag))
                 if not strict:
                     _check_once(
@@ -532,12 +523,11 @@ def _moments_triton(
                         lambda: _two_passes(query[:1, :g], key[:1, :1], scale, pads[:1]),
                         "the two-pass kernels",
                     )
-
-            def single() -> bool:
-                _narrowing(checked)
                 return True
 
-            if _guarded("single", strict, single) is None:  # the two passes, from now on
+            if (
+                _guarded("single", strict, single, moments_single.narrow) is None
+            ):  # the two passes, from now on
                 given_lse, lse = None, torch.empty_like(lse)
         if given_lse is None:
             launch_moments(query, key, scale, pads, window, in_kernel, (lse, ent, mk, col, diag), softcap)

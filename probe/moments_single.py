@@ -30,6 +30,8 @@ with the two passes) is retried once with the first two only (:func:`narrow`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from probe.moments_triton import _LOG2E, _PRUNE, HAVE_TRITON, length_key, programs_per_head
@@ -42,11 +44,16 @@ NARROWED: list[str] = []
 
 
 def narrow(why: str) -> bool:
-    """Tune only the measured loop orders from now on, after the kernel with every order failed
-    (``why``); False when that was done already, so that the caller gives up instead."""
+    """Tune only the measured loop orders from now on, with a warning, after the kernel with every
+    order failed (``why``); False when that was done already, so that the caller gives up instead."""
     if NARROWED:
         return False
     NARROWED.append(why)
+    warnings.warn(
+        f"the single pass's newest loop order failed ({why}); it is tuned over the other orders from "
+        "now on (the same numbers)",
+        stacklevel=4,
+    )
     return True
 
 
