@@ -188,10 +188,10 @@ def streaming_attention(
     """
     sink, recent, block = _check_window(sink, recent, block, min_sink=0)
     h, hkv, tq, tk = _check_qkv(query, key, value)
-    if softcap is not None:
-        _check_no_dropout(dropout)
     if tk <= sink + recent:
         return full_attention(query, key, value, scaling=scaling, dropout=dropout, softcap=softcap)
+    if softcap is not None:
+        _check_no_dropout(dropout)
     b, d, dv, g = query.shape[0], query.shape[3], value.shape[3], h // hkv
     blk = min(block, tq)
     n_blocks = math.ceil(tq / blk)
@@ -296,9 +296,7 @@ def _duo_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The registered attention: the model's own attention (SDPA, or the soft-capped formula of
     :func:`probe.kernels.attend`), mixed per KV head with streaming."""
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        _check_no_dropout(dropout)
+    softcap = kwargs.get("softcap")  # the streaming branch refuses dropout with it, as attend does
     full = attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     entry = _ACTIVE.get(id(module))
     if entry is None:

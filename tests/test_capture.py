@@ -171,10 +171,10 @@ def test_moments_equal_the_statistics_of_explicit_rows(
     """Both moment paths (from q/k without a T×T tensor, and from the pattern) against explicit rows,
     with left padding and grouped-query heads, with and without soft-capped scores; the pattern's
     PyTorch path also in blocks of ``pattern_rows`` query rows (the last one short)."""
-    if pattern_rows is not None:
-        monkeypatch.setattr(moments, "PATTERN_BLOCK_ELEMENTS", pattern_rows * 2 * 4 * 13)
     torch.manual_seed(0)
     b, H, H_kv, T, d = 2, 4, 2, 13, 16
+    if pattern_rows is not None:
+        monkeypatch.setattr(moments, "PATTERN_BLOCK_ELEMENTS", pattern_rows * b * H * T)
     q, k = torch.randn(b, H, T, d), torch.randn(b, H_kv, T, d)
     pads = torch.tensor([0, 4])
     kk = k.repeat_interleave(H // H_kv, dim=1)
