@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from probe import _offline, devicemap, sources, zoo
+from probe import _offline, bridge_adapters, devicemap, sources, zoo
 from probe.checkpoints import (
     TOKENIZER_FILES,
     check_checkpoint_files,
@@ -127,9 +127,7 @@ def _wrap_language(
 ) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
-    problem = unsupported_language(hf_model.config)
-    if problem is not None:
-        raise ConfigError(problem)
+    bridge_adapters.register()
     # on one device, or spread by a device map (accelerate's hooks move weights and inputs)
     hf_model, placed_map, device = devicemap.place(hf_model, device, dtype, device_map)
     hf_model = hf_model.eval()
@@ -206,17 +204,6 @@ def _context_length(cfg: Any, tokenizer: Any) -> int:
     if isinstance(limit, int) and 0 < limit < 1_000_000:
         return limit
     return ALIBI_DEFAULT_CONTEXT
-
-
-def unsupported_language(hf_config: Any) -> str | None:
-    """Why probe cannot wrap a language model of this config (one line with what to do), or None."""
-    cfg = text_config(hf_config)
-    if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "new_decoder_architecture", False):
-        return (
-            "Falcon's new decoder architecture (fused qkv grouped by KV head) is split wrongly by the "
-            "TransformerBridge; use a multi-query (Falcon-7B-style) checkpoint or another family"
-        )
-    return None
 
 
 def _looks_like_path(name: str) -> bool:

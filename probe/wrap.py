@@ -22,7 +22,7 @@ import torch
 from probe import devicemap
 from probe.checkpoints import model_family
 from probe.errors import ConfigError, DeviceMapError
-from probe.loading import _wrap_language, resolve_device, resolve_dtype, unsupported_language
+from probe.loading import _wrap_language, resolve_device, resolve_dtype
 from probe.model import BosMode, LoadedModel
 
 __all__ = ["memory_sha256", "wrap"]
@@ -160,9 +160,6 @@ def wrap(
     """
     _check_causal_lm(model)
     devices = _check_materialised(model)
-    problem = unsupported_language(model.config)
-    if problem is not None:
-        raise ConfigError(problem)
     _check_vocab(model, tokenizer)
     dispatched = devicemap.is_dispatched(model)
     if dispatched:

@@ -157,8 +157,6 @@ def test_refusals_are_config_errors(root: Path) -> None:
     from probe.errors import ConfigError
     from probe.families import save_checkpoint
 
-    with pytest.raises(ConfigError, match="new decoder architecture"):
-        probe.load_model(str(save_checkpoint("falcon-new", root / "refuse-falcon-new")), device="cpu")
     bloom = probe.load_model(str(save_checkpoint("bloom", root / "refuse-bloom")), device="cpu")
     assert bloom.n_ctx == 2048  # BLOOM's config names no context length (ALiBi)
     with pytest.raises(ConfigError, match="attention interface"):
@@ -215,3 +213,24 @@ def test_support_table_is_current(
         assert rows[family] == want, (
             f"docs/support.md row {family} is stale; run python scripts/support_table.py"
         )
+
+
+def test_falcon_new_decoder_architecture_is_split_by_kv_group(root: Path) -> None:
+    """Falcon-40B's fused qkv runs over each KV group's queries, then its key and value: the bridge's
+    projections must equal transformers' own split, and the bridge's forward transformers' logits."""
+    import probe
+    from probe.families import save_checkpoint
+
+    model = probe.load_model(str(save_checkpoint("falcon-new", root / "falcon-new-split")), device="cpu")
+    assert (model.n_heads, model.n_kv_heads) == (4, 2)
+    hf_attn = model.hf_model.transformer.h[0].self_attention
+    bridge_attn = model.bridge.blocks[0].attn
+    x = torch.randn(1, 5, model.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grouped = hf_attn.query_key_value(x).view(1, 5, 2, -1, model.d_head)  # [.., kv, 4/2 + 2, d]
+        want = (grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :])
+        got = [bridge_attn.q(x), bridge_attn.k(x), bridge_attn.v(x)]
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w.flatten(-2), rtol=0, atol=1e-6)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+        torch.testing.assert_close(model.bridge(ids), model.hf_model(ids).logits, rtol=0, atol=1e-5)
