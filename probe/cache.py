@@ -31,7 +31,7 @@ MARKER = "headlab-model.json"
 STAMP = ".headlab-verified.json"
 RACY_NS = 2_000_000_000  # files changed less than this before a check are hashed again next time
 TEMP_GLOB = ".*.tmp-*"  # the temporary directories atomic_dir makes beside its targets
-TURN_SUFFIX = ".writer-turn"  # the lock file of writer_turn, beside its target
+TURN_SUFFIX = ".writer-turn"  # the lock file of writer_turn (see lock_path)
 _NOT_LISTED = {MARKER, STAMP, tempdirs.LOCK_NAME}  # never part of a model: not in its marker
 
 
@@ -210,19 +210,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def lock_path(target: Path) -> Path:
+    """The lock file of :func:`writer_turn` for ``target``."""
+    return target.parent.parent / f".{target.parent.name}.locks" / f"{target.name}{TURN_SUFFIX}"
+
+
 @contextmanager
 def writer_turn(target: Path) -> Iterator[None]:
     """Hold, among the processes sharing this cache, the one right to check and (re)write ``target``.
 
     A second fetch of the same model (another notebook, another GPU's worker) waits here and then
     finds the model converted, instead of converting it again and renaming the first one's directory
-    away under a process reading it. The lock is a hidden file beside ``target``, flocked and left in
-    place (removing it would let a third process lock a file no longer named). A cache where the lock
-    cannot be made (read-only) is used without one: nobody can write it then.
+    away under a process reading it. The lock is a file named after ``target`` in a hidden directory
+    beside ``target``'s parent (``models/x`` -> ``.models.locks/x``), so the models directory holds
+    nothing but models; it is flocked and left in place (removing it would let a third process lock
+    a file no longer named). A cache where the lock cannot be made (read-only) is used without one:
+    nobody can write it then.
     """
-    path = target.parent / f".{target.name}{TURN_SUFFIX}"
+    path = lock_path(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         yield
