@@ -12,6 +12,7 @@ See docs/models.md (the model cache).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -211,8 +212,39 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file of :func:`writer_turn` for ``target``."""
-    return target.parent.parent / f".{target.parent.name}.locks" / f"{target.name}{TURN_SUFFIX}"
+    """The lock file of :func:`writer_turn` for ``target``: hidden, beside it, there only while held."""
+    return target.parent / f".{target.name}{TURN_SUFFIX}"
+
+
+def _take_turn(path: Path, target: Path) -> int | None:
+    """An fd of ``path`` holding its exclusive flock, or None where it cannot be created (read-only).
+
+    A holder removes the file before it lets go, so a lock taken on a file no longer at ``path`` (a
+    waiter that opened it before) is dropped and taken again on the file that is there now."""
+    warned = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # the parent was removed meanwhile: make it again
+        except OSError:
+            return None
+        if tempdirs.fcntl is None:
+            return fd
+        try:
+            tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX | tempdirs.fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not warned:
+                print(f"waiting for another process writing {target} …", file=sys.stderr, flush=True)
+                warned = True
+            tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed it after we opened it: take the one there now
 
 
 @contextmanager
@@ -221,29 +253,21 @@ def writer_turn(target: Path) -> Iterator[None]:
 
     A second fetch of the same model (another notebook, another GPU's worker) waits here and then
     finds the model converted, instead of converting it again and renaming the first one's directory
-    away under a process reading it. The lock is a file named after ``target`` in a hidden directory
-    beside ``target``'s parent (``models/x`` -> ``.models.locks/x``), so the models directory holds
-    nothing but models; it is flocked and left in place (removing it would let a third process lock
-    a file no longer named). A cache where the lock cannot be made (read-only) is used without one:
-    nobody can write it then.
+    away under a process reading it. The lock is a hidden file beside ``target``
+    (:func:`lock_path`), flocked while held and removed before it is let go, so nothing stays behind.
+    A cache where it cannot be created (read-only) is used without one: nobody can write it then.
     """
     path = lock_path(target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
+    fd = _take_turn(path, target)
+    if fd is None:
         yield
         return
     try:
-        if tempdirs.fcntl is not None:
-            try:
-                tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX | tempdirs.fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another process writing {target} …", file=sys.stderr, flush=True)
-                tempdirs.fcntl.flock(fd, tempdirs.fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the flock
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # still holding the flock: a waiter on this file retakes the next one
+        os.close(fd)
 
 
 def write_marker(directory: Path, info: dict[str, Any], skip: Callable[[Path], bool] | None = None) -> None:

