@@ -217,8 +217,8 @@ class DuoCache:
         self.position = 0
         self.layers: list[_Layer] = []
         self.visited: set[int] = set()
-        for layer, module in enumerate(attention_modules(model)):
-            window = getattr(module, "sliding_window", None)
+        for layer in range(model.n_layers):
+            window = model.layer_window(layer)
             ret = [h for h in range(model.n_kv_heads) if bool(retrieval[layer, h])]
             stream = [h for h in range(model.n_kv_heads) if not bool(retrieval[layer, h])]
             groups = []
@@ -268,8 +268,8 @@ def kv_tokens(model: LoadedModel, retrieval: torch.Tensor, sink: int, recent: in
     is :func:`kv_ratio` when no layer has a window.
     """
     duo = full = 0
-    for layer, module in enumerate(attention_modules(model)):
-        window = getattr(module, "sliding_window", None)
+    for layer in range(model.n_layers):
+        window = model.layer_window(layer)
         own = n if window is None else min(n, int(window))
         n_ret = int(retrieval[layer].sum())
         duo += n_ret * own + (model.n_kv_heads - n_ret) * min(n, sink + recent)
@@ -306,7 +306,7 @@ def _duo_cache_attention(
     if window is not None and window != cache.layers[layer].window:
         raise CaptureError(
             f"layer {layer} attends with a sliding window of {window} keys, not the {cache.layers[layer].window} "
-            "its module declared; this architecture is not supported by duo_generate"
+            "its config declared; this architecture is not supported by duo_generate"
         )
     cache.visited.add(layer)
     out = cache.layers[layer].attend(query, key, value, cache.position, scaling, kwargs.get("softcap"))

@@ -92,8 +92,8 @@ FAMILIES: dict[str, Family] = {
         Family(
             "mistral",
             "MistralConfig",
-            "Mistral: RoPE, GQA 4/2, no sliding window",
-            _base(sliding_window=None),
+            "Mistral 7B v0.1: RoPE, GQA 4/2, a sliding window of 8 on every layer (no layer_types)",
+            _base(sliding_window=8),
         ),
         Family(
             "mixtral",

@@ -302,9 +302,9 @@ def allowed_keys(
     q = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
     k = torch.arange(t_k, device=device)[None, :]
     allowed = k <= q
-    layer_types = model.layer_types or []
-    if model.sliding_window and layer < len(layer_types) and layer_types[layer] == "sliding_attention":
-        allowed = allowed & (k > q - model.sliding_window)
+    window = model.layer_window(layer)
+    if window:
+        allowed = allowed & (k > q - window)
     allowed = allowed[None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.to(device=device).bool()[:, None, :]

@@ -152,8 +152,7 @@ def _wrap_language(
     d_head = int(getattr(cfg, "head_dim", None) or d_model // n_heads)
     n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
     n_ctx = _context_length(cfg, tokenizer)
-    layer_types = list(cfg.layer_types) if getattr(cfg, "layer_types", None) else None
-    sliding = getattr(cfg, "sliding_window", None)
+    layer_types, sliding = attention_layout(cfg, n_layers)
     loaded = LoadedModel(
         name=name,
         kind="language",
@@ -177,13 +176,30 @@ def _wrap_language(
         caveat=caveat,
         licence=licence,
         layer_types=layer_types,
-        sliding_window=int(sliding)
-        if sliding and layer_types and "sliding_attention" in layer_types
-        else None,
+        sliding_window=sliding,
         device_map=placed_map,
     )
     prepare_bridge_generation(loaded)
     return loaded
+
+
+def attention_layout(cfg: Any, n_layers: int) -> tuple[list[str] | None, int | None]:
+    """Each layer's attention type and the sliding window of the sliding ones (None: none slides).
+
+    A config naming ``layer_types`` (Gemma 2/3, Qwen2) says which layers slide. A config with a
+    ``sliding_window`` but no ``layer_types`` (Mistral 7B v0.1, Mixtral, Phi-3 mini 4K, StarCoder2)
+    gives every layer that window: transformers passes it to every layer's attention and builds the
+    sliding mask for all of them.
+    """
+    window = getattr(cfg, "sliding_window", None)
+    window = int(window) if isinstance(window, int) and window > 0 else None
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        types = list(types)
+        return types, window if "sliding_attention" in types else None
+    if window is not None:
+        return ["sliding_attention"] * n_layers, window
+    return None, None
 
 
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")

@@ -330,7 +330,7 @@ def _capped_bytes(model: LoadedModel, b: int, T: int, s: int) -> int:
 
 def _window_mask(model: LoadedModel, T: int) -> bool:
     """Whether a sliding window shorter than ``T`` makes SDPA's mask a ``[b, 1, T, T]`` tensor."""
-    window = _config_int(model, "sliding_window")
+    window = model.sliding_window
     return window is not None and window < T
 
 

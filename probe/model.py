@@ -94,6 +94,14 @@ class LoadedModel:
             self.native_model, attention_modules(self), self.device_map, self.device
         )
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window (keys a query sees, itself included) of ``layer``, or None where it
+        attends to the whole prefix."""
+        types = self.layer_types or []
+        if self.sliding_window and layer < len(types) and types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
     # ---------------------------------------------------------------- heads
     @property
     def group_size(self) -> int:

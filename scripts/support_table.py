@@ -59,8 +59,12 @@ GPT-NeoX and Falcon, whose fused-qkv bridges declare `hook_rot_k` but rotate the
 firing it; its key norms are now read at `hook_k` there (RoPE keeps norms, and those bridges have
 no q/k norm), tested against the keys transformers' attention receives. `duo` raised SDPA's
 ValueError on Gemma 2 and an AttributeError on MPT, whose gate training ran the full model's SDPA
-path first; it now refuses, before any forward, every model `duo_attention` refuses. Models and
-sources are described in
+path first; it now refuses, before any forward, every model `duo_attention` refuses. Later checks found
+more: Falcon's new decoder architecture failed to load (the TransformerBridge cut
+its KV-grouped qkv as all queries, all keys, all values, with one KV head); Mistral 7B v0.1's
+config-wide sliding window (no `layer_types`) made `duo` raise a CaptureError, and pattern edits and
+the memory plan ignored it.
+Models and sources are described in
 [models.md](models.md), captures and decoding in [capture.md](capture.md).
 
 """

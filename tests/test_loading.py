@@ -296,3 +296,22 @@ def test_the_language_core_imports_nothing_of_the_image_packages() -> None:
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not {m for m in imported if m.startswith(("probe.vision", "probe.vlm"))}, name
         assert not (names & {"vision", "vlm"}), name
+
+
+def test_the_sliding_layers_come_from_layer_types_or_a_config_wide_window() -> None:
+    """Mistral 7B v0.1, Mixtral and Phi-3 mini 4K name a window and no layer_types: transformers
+    slides every layer. A ``layer_types`` list is authoritative (Qwen2-MoE's window of 0 is none)."""
+    from transformers import MistralConfig, Qwen2Config, Qwen2MoeConfig
+
+    from probe.loading import attention_layout
+
+    assert attention_layout(MistralConfig(sliding_window=4096, num_hidden_layers=3), 3) == (
+        ["sliding_attention"] * 3,
+        4096,
+    )
+    assert attention_layout(MistralConfig(sliding_window=None, num_hidden_layers=3), 3) == (None, None)
+    qwen = Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    types, window = attention_layout(qwen, 3)
+    assert window == 16 and types == ["full_attention", "sliding_attention", "sliding_attention"]
+    moe = Qwen2MoeConfig(num_hidden_layers=2, sliding_window=0)
+    assert attention_layout(moe, 2) == (["full_attention"] * 2, None)
