@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probe import rope
 from probe.errors import CaptureError, ConfigError
 from probe.heads import by_layer
 from probe.kernels import attend, attention_modules, check_replaceable, native_attention, register_attention
@@ -311,6 +312,7 @@ def greedy_decode(
             _sync(model)
             prefill_seconds = time.perf_counter() - t0
         state.decoding = True
+        switch = rope.switch_length(native)
         t1 = time.perf_counter()
         for step in range(first_step, max_new_tokens):
             if stopped == "eos":  # step 0 of a whole-prompt prefill was a stop token
@@ -319,12 +321,15 @@ def greedy_decode(
             state.argmax.clear()
             state.max_weight.clear()
             current = tokens[-1] if step > 0 else ids[-1]
-            out = native(
-                input_ids=torch.tensor([[current]], device=device),
-                use_cache=True,
-                position_ids=torch.tensor([[state.position]], device=device),
-                **{cache_arg: cache},
-            )
+            if rope.needs_recompute(switch, cached=state.position, total=state.position + 1):
+                out = _recompute_step(native, state, torch.tensor([ids + tokens], device=device))
+            else:
+                out = native(
+                    input_ids=torch.tensor([[current]], device=device),
+                    use_cache=True,
+                    position_ids=torch.tensor([[state.position]], device=device),
+                    **{cache_arg: cache},
+                )
             cache = _cache_of(out)
             if take(step, out):
                 stopped = "eos"
@@ -341,6 +346,17 @@ def greedy_decode(
         argmax, max_weight = np.full(shape, -1, dtype=np.int64), np.zeros(shape, dtype=np.float32)
     logits = np.stack(step_logits) if keep_logits else None
     return DecodeResult(ids, tokens, argmax, max_weight, prefill_seconds, t2 - t1, stopped, logits)
+
+
+def _recompute_step(native: torch.nn.Module, state: _DecodeState, seq: torch.Tensor) -> Any:
+    """A decode step where a LongRoPE model crosses to its long factors: the whole sequence ``seq``
+    ``[1, T]`` again, as ``generate`` does, its last row scored as the step's (its cache replaces
+    the old one)."""
+    state.decoding, state.last_row = False, True
+    try:
+        return native(input_ids=seq, use_cache=True, logits_to_keep=1)
+    finally:
+        state.decoding, state.last_row = True, False
 
 
 def _sync(model: LoadedModel) -> None:

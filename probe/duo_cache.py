@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from probe import rope
 from probe.decode import stop_token_ids
 from probe.errors import CaptureError, ConfigError
 from probe.heads import check_int
@@ -489,6 +490,9 @@ def duo_generate(
     _check_model(model)
     mask = _check_retrieval(model, retrieval)
     ids = _check_prompt(model, prompt_ids, max_new_tokens)
+    rope.check_consistent(
+        model.native_model, [len(ids)], max_new_tokens, "duo_generate", prefill_chunk=prefill_chunk
+    )
     stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
     cache = DuoCache(model, mask, sink, recent, capacity=len(ids) + max_new_tokens - 1)
     device = model.device

@@ -142,6 +142,22 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
         Family("phi3", "Phi3Config", "Phi-3: fused qkv projection, GQA 4/2", _base()),
+        Family(
+            "phi3-longrope",
+            "Phi3Config",
+            "Phi-3 128K / Phi-3.5: LongRoPE, short factors up to 32 tokens and long ones beyond "
+            "(generation and the padded pair cross the switch)",
+            _base(
+                original_max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 32,
+                    "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0],
+                    "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0],
+                },
+            ),
+        ),
         Family("olmo2", "Olmo2Config", "OLMo 2: RMSNorm on whole q and k projections, GQA 4/2", _base()),
         Family(
             "granite",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from probe import _offline, bridge_adapters, devicemap, sources, zoo
+from probe import _offline, bridge_adapters, devicemap, rope, sources, zoo
 from probe.checkpoints import (
     TOKENIZER_FILES,
     check_checkpoint_files,
@@ -145,6 +145,8 @@ def _wrap_language(
     bridge = TransformerBridge.boot_transformers(
         path or name, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
     )
+    for tree in (hf_model, native_model):  # LongRoPE: each sequence rotated by its own length
+        rope.install(tree)
     cfg = text_config(hf_model.config)
     n_heads = int(cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)

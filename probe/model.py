@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from probe import devicemap
+from probe import devicemap, rope
 from probe.errors import ConfigError, ContextTooLongError
 from probe.images import ImageInput, ImageSpec
 from probe.kernels import attention_modules, fast_implementation, native_attention
@@ -191,6 +191,9 @@ class LoadedModel:
         else:
             batch = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         self.check_context(int(batch.input_ids.shape[1]) + max_new_tokens)
+        rope.check_consistent(
+            self.native_model, [int(n) for n in batch.lengths.tolist()], max_new_tokens, "generate"
+        )
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with native_attention(self, fast_implementation(self)) as native:

@@ -352,9 +352,9 @@ def check_greedy_decode(model: LoadedModel, ref: _Reference) -> CheckResult:
 def check_decode_rows(model: LoadedModel, ref: _Reference) -> CheckResult:
     """greedy_decode's per-step argmax and max weight against transformers' eager attention rows.
 
-    Step ``s``'s query is position ``len(prompt) - 1 + s`` of prompt + generated tokens; in a causal
-    model that row depends only on the tokens up to it, so one eager forward over the prompt and
-    every generated token but the last gives every step's row.
+    Step ``s``'s query is position ``len(prompt) - 1 + s`` of prompt + generated tokens: its row is
+    the last row of one eager forward over the tokens up to it (one forward per step: a LongRoPE
+    model rotates a sequence by its length, so a longer forward would give other rows).
     """
     from probe.decode import greedy_decode
 
@@ -366,12 +366,16 @@ def check_decode_rows(model: LoadedModel, ref: _Reference) -> CheckResult:
             "fail",
             f"{steps} steps, argmax {result.argmax.shape}; wanted {DECODE_ROW_STEPS} steps of every head",
         )
-    seq = torch.tensor([ids + result.tokens[:-1]])
-    theirs = ref.eager(input_ids=seq, attention_mask=torch.ones_like(seq), output_attentions=True).attentions
-    if theirs is None or len(theirs) != model.n_layers:
-        return CheckResult("fail", "transformers returned no attention weights")
     queries = torch.arange(steps) + len(ids) - 1  # step s's query position
-    rows = torch.stack([a[0, :, queries].float().transpose(0, 1) for a in theirs], dim=1)  # [steps, L, H, T]
+    rows = torch.full((steps, model.n_layers, model.n_heads, int(queries[-1]) + 1), 0.0)  # [steps, L, H, T]
+    for s in range(steps):
+        seq = torch.tensor([ids + result.tokens[:s]])
+        theirs = ref.eager(
+            input_ids=seq, attention_mask=torch.ones_like(seq), output_attentions=True
+        ).attentions
+        if theirs is None or len(theirs) != model.n_layers:
+            return CheckResult("fail", "transformers returned no attention weights")
+        rows[s, :, :, : seq.shape[1]] = torch.stack([a[0, :, -1].float() for a in theirs])
     argmax = torch.from_numpy(result.argmax)
     if bool(((argmax < 0) | (argmax > queries[:, None, None])).any()):
         return CheckResult("fail", "a recorded argmax lies outside the keys its query sees")

@@ -63,7 +63,9 @@ path first; it now refuses, before any forward, every model `duo_attention` refu
 more: Falcon's new decoder architecture failed to load (the TransformerBridge cut
 its KV-grouped qkv as all queries, all keys, all values, with one KV head); Mistral 7B v0.1's
 config-wide sliding window (no `layer_types`) made `duo` raise a CaptureError, and pattern edits and
-the memory plan ignored it.
+the memory plan ignored it; LongRoPE (`phi3-longrope`) failed `padding` (a short prompt padded
+beside a long one was rotated with the long factors), `greedy-decode` (no recompute where the
+generation crosses the switch, as `generate` does) and `decode-rows` (see [models.md](models.md)).
 Models and sources are described in
 [models.md](models.md), captures and decoding in [capture.md](capture.md).
 
