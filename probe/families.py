@@ -200,6 +200,14 @@ FAMILIES: dict[str, Family] = {
             prepend_bos=False,
         ),
         Family(
+            "gptj",
+            "GPTJConfig",
+            "GPT-J: interleaved partial RoPE (rotary_dim 8 of 16), parallel attention and MLP; its bridge's "
+            "hook_pattern is not used by the forward",
+            {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "rotary_dim": 8},
+            prepend_bos=False,
+        ),
+        Family(
             "falcon",
             "FalconConfig",
             "Falcon-7B style: multi-query attention (one KV head), fused qkv, parallel attention and MLP",

@@ -63,6 +63,40 @@ def _bridge_points(model: LoadedModel) -> Mapping[str, Any]:
     return model.bridge.hook_dict
 
 
+_PATTERN_POINT = re.compile(r"attn\.hook_pattern$")
+
+
+def _check_pattern_edits(model: LoadedModel, who: str) -> None:
+    """Refuse ``who`` on a bridge whose attention-pattern hook reports the pattern without computing
+    the output from it (GPT-J's and OPT's: they hand on transformers' attention weights, used by
+    nothing after the hook), where an edit would silently change nothing. Asked once per model: a
+    forward of six tokens with layer 0's pattern halved must change the logits."""
+    bridge: Any = model.bridge
+    live = getattr(bridge, "_headlab_pattern_live", None)
+    if live is None:
+        live = _pattern_edits_act(model)
+        object.__setattr__(bridge, "_headlab_pattern_live", live)
+    if not live:
+        raise ConfigError(
+            f"{model.family or model.name}'s TransformerBridge reports attention patterns at hook_pattern but "
+            f"computes the attention output without them, so {who} would change nothing; edit the heads' "
+            "outputs instead (scale_heads, freeze_heads, or patch_activation at blocks.L.attn.hook_z)"
+        )
+
+
+@torch.no_grad()
+def _pattern_edits_act(model: LoadedModel) -> bool:
+    bridge: Any = model.bridge
+    ids = (torch.arange(3, 9, device=model.device) % len(model.tokenizer))[None]
+    base = bridge(ids)
+
+    def halve(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
+        return pattern * 0.5
+
+    edited = bridge.run_with_hooks(ids, fwd_hooks=[(attn_hook(0, "pattern"), halve)])
+    return not torch.equal(edited, base)
+
+
 def _check_positions(positions: Positions | None, what: str) -> Positions | None:
     """Check the kind of ``positions`` now; their range is checked against each input's length."""
     if positions is None:
@@ -222,6 +256,7 @@ def edit_pattern(
     move attention to a chosen key) without touching any weight.
     """
     _bridge_points(model)
+    _check_pattern_edits(model, "edit_pattern")
     grouped: dict[int, list[tuple[int, PatternEdit]]] = {}
     for head, fn in edits.items():
         layer, index = _check_head(model, head)
@@ -330,6 +365,7 @@ def uniform_attention(
     heads; the bridge run on ``input_ids`` alone attends to padding.
     """
     _bridge_points(model)
+    _check_pattern_edits(model, "uniform_attention")
     grouped = _by_layer(model, heads)
     rows_wanted = _check_positions(query_positions, "query_positions")
     if attention_mask is not None and (
@@ -446,6 +482,8 @@ def patch_activation(
     Everything outside the chosen positions and heads keeps the running input's values.
     """
     _check_name(model, name)
+    if _PATTERN_POINT.search(name):
+        _check_pattern_edits(model, f"patching {name}")
     if not isinstance(source, torch.Tensor):
         raise ConfigError(f"source must be a tensor cached from {name}, got {type(source).__name__}")
     seq_axis, head_axis, checked = _axes(model, name, heads)

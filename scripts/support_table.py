@@ -65,7 +65,9 @@ its KV-grouped qkv as all queries, all keys, all values, with one KV head); Mist
 config-wide sliding window (no `layer_types`) made `duo` raise a CaptureError, and pattern edits and
 the memory plan ignored it; LongRoPE (`phi3-longrope`) failed `padding` (a short prompt padded
 beside a long one was rotated with the long factors), `greedy-decode` (no recompute where the
-generation crosses the switch, as `generate` does) and `decode-rows` (see [models.md](models.md)).
+generation crosses the switch, as `generate` does) and `decode-rows` (see [models.md](models.md));
+on GPT-J, `edit_pattern` and `uniform_attention` changed nothing (its bridge's `hook_pattern` is
+not used by the forward): they now refuse there.
 Models and sources are described in
 [models.md](models.md), captures and decoding in [capture.md](capture.md).
 

@@ -476,3 +476,29 @@ def test_allowed_keys_follow_causality_windows_padding_and_a_kv_cache(tiny_llama
     assert padded[0].sum(-1).tolist() == [0, 0, 1, 2] and torch.equal(padded[1], causal[0])
     decode = iv.allowed_keys(tiny_llama, 0, 1, 5)  # one new query after 4 cached keys
     assert decode[0].tolist() == [[True] * 5]
+
+
+def test_pattern_edits_are_refused_where_the_bridge_does_not_use_the_pattern(
+    tmp_path: Any, tiny_llama: LoadedModel
+) -> None:
+    """GPT-J's bridge fires hook_pattern with transformers' weights but computes its output without
+    them: an edit there would silently change nothing, so it is refused; head outputs still act."""
+    from probe.families import save_checkpoint
+    from probe.hooks import attn_hook
+
+    gptj = probe.load_model(str(save_checkpoint("gptj", tmp_path / "gptj")), device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    name = attn_hook(0, "pattern")
+    source = iv.cache_activations(gptj, ids, [name])[name]
+    for make in (
+        lambda: iv.edit_pattern(gptj, {(0, 0): lambda p: p * 0.5}),
+        lambda: iv.uniform_attention(gptj, [(0, 0)]),
+        lambda: iv.patch_activation(gptj, name, source.flip(-1)),
+    ):
+        with pytest.raises(ConfigError, match="computes the attention output without them"), make():
+            pass
+    with torch.no_grad(), iv.scale_heads(gptj, {(0, 0): 0.0}):
+        scaled = _run(gptj, ids)
+    assert not torch.equal(scaled, _run(gptj, ids))
+    with iv.edit_pattern(tiny_llama, {(0, 0): lambda p: p * 0.5}):  # a bridge that uses it: allowed
+        pass
