@@ -10,7 +10,7 @@ VISION_MODEL ?= clip-vit-b16
 BIN := $(VENV)/bin
 export PYTHON VENV
 
-.PHONY: install demo test lint typecheck pytest browser clean-venv lock
+.PHONY: install demo test test-all lint typecheck pytest browser clean-venv lock
 
 install:
 	bash scripts/install.sh
@@ -32,9 +32,15 @@ browser:
 pytest: install browser
 	$(BIN)/headlab fetch $(MODEL)
 	$(BIN)/headlab fetch $(VISION_MODEL)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
+
+# the tests marked slow (minutes on a CPU, each covered piecewise by faster ones) only with test-all
+PYTEST_MARKS ?= not slow
 
 test: lint typecheck pytest
+
+test-all:
+	$(MAKE) test PYTEST_MARKS=
 
 lock:
 	bash scripts/lock.sh

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SLOW = {"02_sinks_act.ipynb", "04_circuits.ipynb"}  # minutes on a CPU: `make test-all` runs them
 KERNEL_NAME = "headlab-test"
 TIMEOUT_S = 900
 
@@ -53,7 +54,11 @@ def _errors(nb: object) -> list[str]:
 
 @pytest.mark.real
 @pytest.mark.timeout(TIMEOUT_S)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook_executes_without_error(
     path: Path, kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
