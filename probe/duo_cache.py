@@ -491,7 +491,12 @@ def duo_generate(
     mask = _check_retrieval(model, retrieval)
     ids = _check_prompt(model, prompt_ids, max_new_tokens)
     rope.check_consistent(
-        model.native_model, [len(ids)], max_new_tokens, "duo_generate", prefill_chunk=prefill_chunk
+        model.native_model,
+        [len(ids)],
+        max_new_tokens,
+        "duo_generate",
+        recomputes=False,
+        prefill_chunk=prefill_chunk,
     )
     stops = stop_token_ids(model.tokenizer) if stop_ids is None else {int(t) for t in stop_ids}
     cache = DuoCache(model, mask, sink, recent, capacity=len(ids) + max_new_tokens - 1)

@@ -192,7 +192,11 @@ class LoadedModel:
             batch = self.encode([prompts] if isinstance(prompts, str) else list(prompts))
         self.check_context(int(batch.input_ids.shape[1]) + max_new_tokens)
         rope.check_consistent(
-            self.native_model, [int(n) for n in batch.lengths.tolist()], max_new_tokens, "generate"
+            self.native_model,
+            [int(n) for n in batch.lengths.tolist()],
+            max_new_tokens,
+            "generate",
+            recomputes=True,
         )
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

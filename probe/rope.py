@@ -95,20 +95,23 @@ def check_consistent(
     max_new_tokens: int,
     who: str,
     *,
+    recomputes: bool,
     prefill_chunk: int | None = None,
 ) -> None:
-    """Refuse, before any forward, a generation whose LongRoPE rotation would not be each sequence's
-    own: ``who`` cannot recompute its cache where a sequence crosses the switch (a cut cache), or
-    rows of one batch crossing it at different steps (``generate`` recomputes the whole batch at the
-    first one only), or a chunked prefill whose early chunks end below the switch of a prompt above it.
+    """Refuse, before any forward, a generation by ``who`` whose LongRoPE rotation would not be each
+    sequence's own: a sequence crossing the switch where ``who`` cannot recompute its cache
+    (``recomputes`` false: a cut cache), rows of one batch crossing it at different steps
+    (``generate`` recomputes the whole batch at the first one only), or a chunked prefill whose early
+    chunks end below the switch of a prompt above it.
     """
     from probe.errors import ConfigError
 
     limit = None if model is None else switch_length(model)
     if limit is None:
         return
-    crossing = {n for n in lengths if n <= limit < n + max_new_tokens - 1}
-    if who == "duo_generate" and crossing:
+    # the last step feeds the token before the last new one: n + max_new_tokens - 1 tokens in all
+    crossing = {n for n in lengths if needs_recompute(limit, cached=n, total=n + max_new_tokens - 1)}
+    if crossing and not recomputes:
         raise ConfigError(
             f"this LongRoPE model switches to its long factors past {limit} tokens and a prompt of "
             f"{min(crossing)} plus {max_new_tokens} new tokens crosses it, where {who}'s cut cache cannot be "
