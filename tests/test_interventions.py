@@ -481,24 +481,42 @@ def test_allowed_keys_follow_causality_windows_padding_and_a_kv_cache(tiny_llama
 def test_pattern_edits_are_refused_where_the_bridge_does_not_use_the_pattern(
     tmp_path: Any, tiny_llama: LoadedModel
 ) -> None:
-    """GPT-J's bridge fires hook_pattern with transformers' weights but computes its output without
-    them: an edit there would silently change nothing, so it is refused; head outputs still act."""
+    """GPT-J's and OPT's bridges fire hook_pattern with transformers' weights but compute their output
+    without them: an edit there would silently change nothing, so it is refused; head outputs still act."""
+    from transformers import OPTConfig, OPTForCausalLM
+
     from probe.families import save_checkpoint
     from probe.hooks import attn_hook
+    from probe.tiny import byte_tokenizer
 
     gptj = probe.load_model(str(save_checkpoint("gptj", tmp_path / "gptj")), device="cpu")
+    tok = byte_tokenizer(prepend_bos=False)
+    opt_config = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+        pad_token_id=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    opt = probe.wrap(OPTForCausalLM(opt_config).eval(), tok)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     name = attn_hook(0, "pattern")
-    source = iv.cache_activations(gptj, ids, [name])[name]
-    for make in (
-        lambda: iv.edit_pattern(gptj, {(0, 0): lambda p: p * 0.5}),
-        lambda: iv.uniform_attention(gptj, [(0, 0)]),
-        lambda: iv.patch_activation(gptj, name, source.flip(-1)),
-    ):
-        with pytest.raises(ConfigError, match="computes the attention output without them"), make():
+    for model in (gptj, opt):
+        source = iv.cache_activations(model, ids, [name])[name]
+        refused = pytest.raises(ConfigError, match="computes the attention output without them")
+        with refused, iv.edit_pattern(model, {(0, 0): lambda p: p * 0.5}):
             pass
-    with torch.no_grad(), iv.scale_heads(gptj, {(0, 0): 0.0}):
-        scaled = _run(gptj, ids)
-    assert not torch.equal(scaled, _run(gptj, ids))
+        with refused, iv.uniform_attention(model, [(0, 0)]):
+            pass
+        with refused, iv.patch_activation(model, name, source.flip(-1)):
+            pass
+        with torch.no_grad(), iv.scale_heads(model, {(0, 0): 0.0}):
+            scaled = _run(model, ids)
+        assert not torch.equal(scaled, _run(model, ids))
     with iv.edit_pattern(tiny_llama, {(0, 0): lambda p: p * 0.5}):  # a bridge that uses it: allowed
         pass
